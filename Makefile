@@ -1,0 +1,46 @@
+# Two commands set everything up on a fresh machine: `make book` and `make test`.
+# Each creates .venv if it is missing and installs what it needs into it.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qcourse-env
+KERNEL_STAMP := $(VENV)/.qcourse-kernels
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: all book test lint clean venv
+
+all: test
+
+venv: $(KERNEL_STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+# Rebuild the compiled kernels whenever their sources change (an editable install does not).
+$(KERNEL_STAMP): $(STAMP) $(wildcard qcourse/*.pyx qcourse/*.pxd qcourse/*.h)
+	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+book: venv
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	@echo "The book is in _build/html/index.html"
+
+test: venv
+	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf _build build .pytest_cache .hypothesis .ruff_cache qcourse/_kernels.c qcourse/*.so \
+	       qcourse.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

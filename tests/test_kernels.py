@@ -1,0 +1,160 @@
+"""qcourse.kernels: the compiled int8 matmul against its NumPy reference, and its input checks."""
+
+import importlib.machinery
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import qcourse
+from qcourse import _kernels, kernels
+from qcourse.kernels import matmul_int8, matmul_int8_reference, max_k_s8s8
+
+KERNELS = [matmul_int8, matmul_int8_reference]
+
+
+def exact_product(a, b):
+    """Independent oracle: Python integers, no NumPy arithmetic."""
+    a_list, b_list = a.tolist(), b.tolist()
+    n = b.shape[1]
+    return np.array(
+        [[sum(x * b_list[k][j] for k, x in enumerate(row)) for j in range(n)] for row in a_list],
+        dtype=np.int64,
+    )
+
+
+def test_k_bound_is_derived_from_int32():
+    k = max_k_s8s8()
+    assert k == 131071 == 2**17 - 1
+    assert 128 * 128 * k <= np.iinfo(np.int32).max < 128 * 128 * (k + 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 1), (3, 5, 2), (17, 33, 9), (64, 64, 64),
+                                   (1, 300, 5), (5, 300, 1), (31, 1, 29)])
+def test_random_shapes_match_reference_and_python_ints(shape):
+    m, k, n = shape
+    rng = np.random.default_rng(sum(shape))
+    a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    expected = exact_product(a, b)
+    for f in KERNELS:
+        out = f(a, b)
+        assert out.dtype == np.int32 and out.shape == (m, n)
+        np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("fill_a, fill_b", [(-128, -128), (127, 127), (-128, 127), (127, -128)])
+def test_extremes(fill_a, fill_b):
+    a = np.full((3, 257), fill_a, dtype=np.int8)
+    b = np.full((257, 4), fill_b, dtype=np.int8)
+    for f in KERNELS:
+        np.testing.assert_array_equal(f(a, b), np.full((3, 4), fill_a * fill_b * 257))
+
+
+def test_k_at_the_overflow_bound_is_exact():
+    k = max_k_s8s8()
+    a = np.full((2, k), -128, dtype=np.int8)
+    b = np.full((k, 3), -128, dtype=np.int8)
+    b[:, 1] = 127
+    b[::2, 2] = 127  # alternating column
+    expected = np.array([16384 * k, -16256 * k, -16256 * ((k + 1) // 2) + 16384 * (k // 2)])
+    for f in KERNELS:
+        out = f(a, b)
+        np.testing.assert_array_equal(out, np.tile(expected, (2, 1)))
+    assert out.max() == 16384 * k == np.iinfo(np.int32).max - 16383
+
+
+def test_k_past_the_bound_is_refused_not_wrapped():
+    k = max_k_s8s8() + 1
+    a = np.full((1, k), -128, dtype=np.int8)
+    b = np.full((k, 1), -128, dtype=np.int8)
+    for f in KERNELS:
+        with pytest.raises(ValueError, match=r"K=131072 is too large.*131071"):
+            f(a, b)
+
+
+def test_non_contiguous_and_fortran_inputs():
+    rng = np.random.default_rng(7)
+    big = rng.integers(-128, 128, size=(40, 60), dtype=np.int8)
+    a = big[::2, ::3]            # strided view
+    b = np.asfortranarray(rng.integers(-128, 128, size=(20, 11), dtype=np.int8))
+    expected = exact_product(a, b)
+    for f in KERNELS:
+        np.testing.assert_array_equal(f(a, b), expected)
+        np.testing.assert_array_equal(f(a, b.T.T), expected)
+
+
+def Z(shape, dtype=np.int8):
+    return np.zeros(shape, dtype)
+
+
+@pytest.mark.parametrize(
+    "a, b, exc, pattern",
+    [
+        (Z((2, 3), np.int16), Z((3, 2)), TypeError, r"a must have dtype int8, got int16"),
+        (Z((2, 3)), Z((3, 2), np.uint8), TypeError, r"b must have dtype int8, got uint8"),
+        (Z((2, 3)), Z((3, 2), np.float32), TypeError, r"b must have dtype int8"),
+        ([[1, 2]], Z((2, 1)), TypeError, r"a must be a numpy.ndarray.*list"),
+        (Z(3), Z((3, 2)), ValueError, r"a must be 2-D.*1-D"),
+        (Z((2, 3)), Z((1, 3, 2)), ValueError, r"b must be 2-D.*3-D"),
+        (Z((2, 3)), Z((4, 2)), ValueError, r"inner dimensions differ"),
+        (Z((0, 3)), Z((3, 2)), ValueError, r"a must not be empty"),
+        (Z((2, 0)), Z((0, 2)), ValueError, r"a must not be empty"),
+    ],
+)
+def test_bad_inputs_get_clear_errors(a, b, exc, pattern):
+    for f in KERNELS:
+        with pytest.raises(exc, match=pattern):
+            f(a, b)
+
+
+def test_the_compiled_extension_is_what_runs(monkeypatch):
+    # The module is a compiled extension, not a Python file ...
+    assert isinstance(_kernels.__loader__, importlib.machinery.ExtensionFileLoader)
+    assert _kernels.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    # ... and matmul_int8 computes its result by calling it: swap the loop out, the answer changes.
+    calls = []
+
+    def fake_loop(a, b, out):
+        calls.append((a.shape, b.shape))
+        out[...] = 42
+
+    monkeypatch.setattr(kernels._kernels, "matmul_s8s8_ikj", fake_loop)
+    a = np.ones((2, 3), np.int8)
+    assert (matmul_int8(a, a.T) == 42).all()
+    assert calls == [((2, 3), (3, 2))]
+
+
+def test_the_kernel_releases_the_gil(monkeypatch):
+    # With a long switch interval the interpreter does not preempt a thread that runs bytecode, so
+    # the main thread's counter can move while the compiled loop runs only if the loop has given
+    # the GIL up.  Holding the GIL gives exactly 0 here.  Counts progress, not time.
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, size=(256, 2048), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(2048, 256), dtype=np.int8)
+    real_loop, ticks, seen, result = _kernels.matmul_s8s8_ikj, [0], [], {}
+
+    def observed_loop(*args):
+        before = ticks[0]
+        real_loop(*args)
+        seen.append(ticks[0] - before)
+
+    monkeypatch.setattr(kernels._kernels, "matmul_s8s8_ikj", observed_loop)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)
+    try:
+        t = threading.Thread(target=lambda: result.setdefault("c", matmul_int8(a, b)))
+        t.start()
+        while t.is_alive():
+            ticks[0] += 1
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert len(seen) == 1 and seen[0] > 1000, f"main thread advanced {seen} times during the loop"
+    np.testing.assert_array_equal(result["c"], matmul_int8_reference(a, b))
+
+
+def test_top_level_exports():
+    for name in kernels.__all__:
+        assert getattr(qcourse, name) is getattr(kernels, name)

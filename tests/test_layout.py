@@ -1,0 +1,80 @@
+"""The repository keeps its shape: one stem per concept, explicit exports, lint-clean code."""
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qcourse
+
+ROOT = Path(__file__).resolve().parent.parent
+# Modules that serve several chapters rather than being one chapter's library.
+SHARED_MODULES = {"__init__", "datasets", "nn", "bench"}
+
+
+def chapter_stems() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "book").glob("*.md") if p.stem != "intro")
+
+
+def library_modules() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "qcourse").glob("*.py") if p.stem not in SHARED_MODULES)
+
+
+def shared_modules() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "qcourse").glob("*.py") if p.stem in SHARED_MODULES
+                  and p.stem != "__init__")
+
+
+@pytest.mark.parametrize("stem", chapter_stems())
+def test_each_chapter_has_module_tests_and_exercises(stem):
+    for path in (f"qcourse/{stem}.py", f"tests/test_{stem}.py", f"notebooks/{stem}.ipynb"):
+        assert (ROOT / path).is_file(), f"book/{stem}.md has no {path}"
+
+
+@pytest.mark.parametrize("stem", library_modules())
+def test_each_module_has_its_tests(stem):
+    test_file = f"tests/test_{stem}.py"
+    assert (ROOT / test_file).is_file(), f"qcourse/{stem}.py has no {test_file}"
+
+
+@pytest.mark.parametrize("stem", library_modules() + shared_modules())
+def test_module_declares_all_and_the_package_exports_it(stem):
+    module = importlib.import_module(f"qcourse.{stem}")
+    assert hasattr(module, "__all__"), f"qcourse.{stem} has no __all__"
+    for name in module.__all__:
+        assert hasattr(module, name), f"qcourse.{stem}.__all__ names a missing {name}"
+    if stem in SHARED_MODULES:
+        return
+    tree = ast.parse((ROOT / "qcourse/__init__.py").read_text())
+    imported = {
+        alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module == f"qcourse.{stem}"
+        for alias in node.names
+    }
+    assert imported == set(module.__all__), f"qcourse/__init__.py imports {imported} from {stem}"
+    for name in module.__all__:
+        assert getattr(qcourse, name) is getattr(module, name)
+
+
+def test_top_level_all_is_complete():
+    assert sorted(qcourse.__all__) == sorted(set(qcourse.__all__))
+    for name in qcourse.__all__:
+        assert hasattr(qcourse, name)
+
+
+def test_ruff_is_clean():
+    ruff = Path(sys.executable).with_name("ruff")
+    proc = subprocess.run([str(ruff), "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_top_level_layout():
+    for name in ("book", "notebooks", "qcourse", "tests", "_config.yml", "_toc.yml",
+                 "requirements.txt", "pyproject.toml", "Makefile", "README.md", ".ci/run"):
+        assert (ROOT / name).exists(), f"{name} is missing"
+    reqs = (ROOT / "requirements.txt").read_text()
+    assert "jupyter-book==1.0.4.post1" in reqs
