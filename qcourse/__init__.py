@@ -5,13 +5,39 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
-from qcourse.kernels import INT32_MAX, matmul_int8, matmul_int8_reference, max_k_s8s8
+from qcourse.kernels import (
+    INT32_MAX,
+    LADDER,
+    PackedB,
+    available_paths,
+    best_path,
+    matmul_int8,
+    matmul_int8_bt,
+    matmul_int8_ikj,
+    matmul_int8_naive,
+    matmul_int8_packed,
+    matmul_int8_reference,
+    matmul_int8_u8s8,
+    max_k_s8s8,
+    prepack,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # kernels
     "INT32_MAX",
+    "LADDER",
+    "PackedB",
+    "available_paths",
+    "best_path",
     "matmul_int8",
+    "matmul_int8_bt",
+    "matmul_int8_ikj",
+    "matmul_int8_naive",
+    "matmul_int8_packed",
     "matmul_int8_reference",
+    "matmul_int8_u8s8",
     "max_k_s8s8",
+    "prepack",
 ]

@@ -2,15 +2,61 @@
 """Typed int8 loops, and nothing else.
 
 Every function here trusts its caller: shapes, dtypes, contiguity and the int32 overflow bound
-are checked in ``qcourse/kernels.py``, which allocates the output and carries the documentation.
-The loops run without the GIL.
+are checked in ``qcourse/kernels.py``, which allocates the outputs and carries the documentation.
+All loops run without the GIL.  Loops that need particular instructions live in ``_qgemm.h``,
+compiled once per instruction set and chosen at run time.
 """
 
-from libc.stdint cimport int8_t, int32_t
+from libc.stdint cimport int8_t, int32_t, uint8_t, uint32_t
+
+
+cdef extern from "_qgemm.h" nogil:
+    int QC_PATH_PORTABLE
+    int QC_PATH_AVX2
+    int QC_PATH_VNNI512
+    int QC_NR
+    int qc_path_supported(int path)
+    int qc_best_path()
+    void qc_u8s8(int path, const uint8_t *au, const int8_t *bt, const int32_t *colsum,
+                 int32_t *c, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
+    void qc_pack_b(const int8_t *b, Py_ssize_t k, Py_ssize_t n, int8_t *packed, int32_t *colsum)
+    int qc_gemm_packed(int path, const int8_t *a, uint8_t *au_scratch, const int8_t *bp,
+                       const int32_t *colsum, int32_t *c, Py_ssize_t m, Py_ssize_t n,
+                       Py_ssize_t k)
+
+
+PATH_PORTABLE = QC_PATH_PORTABLE
+PATH_AVX2 = QC_PATH_AVX2
+PATH_VNNI512 = QC_PATH_VNNI512
+PANEL_WIDTH = QC_NR
+
+
+def path_supported(int path):
+    """True if this CPU can run the given path (CPUID, checked at run time)."""
+    return bool(qc_path_supported(path))
+
+
+def best_path():
+    """The fastest path this CPU supports."""
+    return qc_best_path()
+
+
+def matmul_s8s8_naive(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, ::1] out):
+    """Rung 1: out[i, j] = sum_k a[i, k] * b[k, j], the textbook i-j-k order (b read down a column)."""
+    cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = b.shape[1]
+    cdef Py_ssize_t i, j, k
+    cdef int32_t acc
+    with nogil:
+        for i in range(m):
+            for j in range(n):
+                acc = 0
+                for k in range(kk):
+                    acc = acc + a[i, k] * b[k, j]
+                out[i, j] = acc
 
 
 def matmul_s8s8_ikj(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, ::1] out):
-    """out[i, j] = sum_k a[i, k] * b[k, j]; out must be zero on entry (C-contiguous, int32)."""
+    """Rung 2: i-k-j order, b read along its rows; out must be zero on entry."""
     cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = b.shape[1]
     cdef Py_ssize_t i, k, j
     cdef int32_t aik
@@ -20,3 +66,41 @@ def matmul_s8s8_ikj(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, :
                 aik = a[i, k]
                 for j in range(n):
                     out[i, j] += aik * b[k, j]
+
+
+def matmul_s8s8_bt(const int8_t[:, ::1] a, const int8_t[:, ::1] bt, int32_t[:, ::1] out):
+    """Rung 3: out[i, j] = a[i, :] . bt[j, :] with bt = b transposed, both rows contiguous."""
+    cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = bt.shape[0]
+    cdef Py_ssize_t i, j, k
+    cdef int32_t acc
+    with nogil:
+        for i in range(m):
+            for j in range(n):
+                acc = 0
+                for k in range(kk):
+                    acc = acc + a[i, k] * bt[j, k]
+                out[i, j] = acc
+
+
+def matmul_u8s8(int path, const uint8_t[:, ::1] au, const int8_t[:, ::1] bt,
+                const int32_t[::1] colsum, int32_t[:, ::1] out):
+    """Rung 4: out = (a + 128) . bt^T - 128 * colsum, with au = a + 128 given as uint8."""
+    cdef Py_ssize_t m = au.shape[0], kk = au.shape[1], n = bt.shape[0]
+    with nogil:
+        qc_u8s8(path, &au[0, 0], &bt[0, 0], &colsum[0], &out[0, 0], m, n, kk)
+
+
+def pack_b(const int8_t[:, ::1] b, int8_t[::1] packed, int32_t[::1] colsum):
+    """Pack b (k x n) into 16-column panels of k-quads, and sum its columns."""
+    with nogil:
+        qc_pack_b(&b[0, 0], b.shape[0], b.shape[1], &packed[0], &colsum[0])
+
+
+def gemm_packed(int path, const int8_t[:, ::1] a, uint8_t[::1] au_scratch,
+                const int8_t[::1] packed, const int32_t[::1] colsum, int32_t[:, ::1] out):
+    """Rung 5: out = a . b from b packed by pack_b; returns the path that ran."""
+    cdef int ran
+    with nogil:
+        ran = qc_gemm_packed(path, &a[0, 0], &au_scratch[0], &packed[0], &colsum[0],
+                             &out[0, 0], a.shape[0], out.shape[1], a.shape[1])
+    return ran

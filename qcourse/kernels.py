@@ -8,15 +8,27 @@ the output and is the only place a learner calls.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from qcourse import _kernels
 
 __all__ = [
     "INT32_MAX",
-    "max_k_s8s8",
+    "LADDER",
+    "PackedB",
+    "available_paths",
+    "best_path",
     "matmul_int8",
+    "matmul_int8_bt",
+    "matmul_int8_ikj",
+    "matmul_int8_naive",
+    "matmul_int8_packed",
     "matmul_int8_reference",
+    "matmul_int8_u8s8",
+    "max_k_s8s8",
+    "prepack",
 ]
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -84,7 +96,159 @@ def matmul_int8_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a.astype(np.int64) @ b.astype(np.int64)).astype(np.int32)
 
 
-def matmul_int8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _new_output(a: np.ndarray, n: int) -> np.ndarray:
+    return np.zeros((a.shape[0], n), dtype=np.int32)
+
+
+# --- Instruction-set paths ------------------------------------------------------------------------
+
+_PATHS = {
+    "portable": _kernels.PATH_PORTABLE,
+    "avx2": _kernels.PATH_AVX2,
+    "vnni512": _kernels.PATH_VNNI512,
+}
+_PATH_NAMES = {v: k for k, v in _PATHS.items()}
+
+
+def available_paths() -> list[str]:
+    """The instruction-set paths this CPU can run, slowest first (``"portable"`` is always there).
+
+    ``"avx2"`` uses 256-bit ``vpmaddwd``; ``"vnni512"`` uses AVX-512 VNNI ``vpdpbusd``.  Detected
+    at run time from CPUID: the package is compiled without ``-march`` and runs on any CPU.
+    """
+    return [name for name, code in _PATHS.items() if _kernels.path_supported(code)]
+
+
+def best_path() -> str:
+    """The fastest path in :func:`available_paths`; what :func:`matmul_int8` uses by default."""
+    return _PATH_NAMES[_kernels.best_path()]
+
+
+def _path_code(path: str | None) -> int:
+    if path is None:
+        return _kernels.best_path()
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {sorted(_PATHS)} or None, got {path!r}")
+    if not _kernels.path_supported(_PATHS[path]):
+        raise ValueError(
+            f"path={path!r} needs instructions this CPU lacks; available: {available_paths()}"
+        )
+    return _PATHS[path]
+
+
+# --- The ladder ----------------------------------------------------------------------------------
+
+def matmul_int8_naive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r"""Rung 1 of the kernels chapter: the textbook triple loop, in i-j-k order.
+
+    :math:`C_{ij} = \sum_k A_{ik} B_{kj}` with the innermost loop walking down a column of B,
+    one cache line per element.  Exact; same checks as :func:`matmul_int8_reference`.
+    """
+    a, b = _check_operands(a, b)
+    out = _new_output(a, b.shape[1])
+    _kernels.matmul_s8s8_naive(np.ascontiguousarray(a), np.ascontiguousarray(b), out)
+    return out
+
+
+def matmul_int8_ikj(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r"""Rung 2: the same sum in i-k-j order, so the inner loop walks along a row of B and of C.
+
+    :math:`C_{i,:} \mathrel{+}= A_{ik} B_{k,:}`: contiguous access, which the compiler vectorizes.
+    """
+    a, b = _check_operands(a, b)
+    out = _new_output(a, b.shape[1])
+    _kernels.matmul_s8s8_ikj(np.ascontiguousarray(a), np.ascontiguousarray(b), out)
+    return out
+
+
+def matmul_int8_bt(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r"""Rung 3: B transposed once, then every output is a dot product of two contiguous rows.
+
+    :math:`C_{ij} = A_{i,:} \cdot (B^T)_{j,:}`.
+    """
+    a, b = _check_operands(a, b)
+    out = _new_output(a, b.shape[1])
+    _kernels.matmul_s8s8_bt(np.ascontiguousarray(a), np.ascontiguousarray(b.T), out)
+    return out
+
+
+def matmul_int8_u8s8(a: np.ndarray, b: np.ndarray, *, path: str | None = None) -> np.ndarray:
+    r"""Rung 4: the unsigned x signed form that dot-product instructions want.
+
+    .. math:: C_{ij} = \sum_k (A_{ik} + 128) B_{kj} \; - \; 128 \sum_k B_{kj}
+
+    The shifted activations :math:`A + 128` lie in [0, 255] and fit uint8; x86's ``vpdpbusd``
+    multiplies exactly uint8 by int8.  The column sums of B are computed once.  The same C loop is
+    compiled for each instruction set (``path``) and left to the compiler's vectorizer.
+    """
+    a, b = _check_operands(a, b)
+    code = _path_code(path)
+    au = (a.astype(np.int16) + 128).astype(np.uint8)
+    colsum = b.sum(axis=0, dtype=np.int32)
+    out = _new_output(a, b.shape[1])
+    _kernels.matmul_u8s8(code, au, np.ascontiguousarray(b.T), colsum, out)
+    return out
+
+
+@dataclass(frozen=True)
+class PackedB:
+    r"""B packed once for :func:`matmul_int8_packed`: keep it and reuse it for every call.
+
+    ``data`` holds B in panels of 16 columns; inside a panel, each group of four consecutive k
+    values of the 16 columns is one 64-byte block (one AVX-512 register).  ``colsum`` is
+    :math:`\sum_k B_{kj}`, needed by the u8 x s8 correction.
+    """
+
+    k: int
+    n: int
+    data: np.ndarray
+    colsum: np.ndarray
+
+
+def prepack(b: np.ndarray) -> PackedB:
+    """Pack an int8 (K, N) matrix for :func:`matmul_int8_packed` (the weights of a layer, once)."""
+    if not isinstance(b, np.ndarray):
+        raise TypeError(f"b must be a numpy.ndarray of dtype int8, got {type(b).__name__}")
+    _, b = _check_operands(np.zeros((1, b.shape[0] if b.ndim == 2 else 1), np.int8), b)
+    k, n = b.shape
+    panels, quads = -(-n // _kernels.PANEL_WIDTH), -(-k // 4)
+    data = np.empty(panels * quads * 64, dtype=np.int8)
+    colsum = np.empty(n, dtype=np.int32)
+    _kernels.pack_b(np.ascontiguousarray(b), data, colsum)
+    return PackedB(k=k, n=n, data=data, colsum=colsum)
+
+
+def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *,
+                       path: str | None = None) -> np.ndarray:
+    r"""Rung 5: B packed into register-sized blocks, output computed in register tiles.
+
+    Each micro-tile of C (6 rows x 64 columns on the VNNI path) stays in registers for the whole
+    k loop; every 64-byte load of packed B feeds 6 ``vpdpbusd`` instructions.  ``b`` may be a
+    :class:`PackedB` from :func:`prepack` (pack once, multiply many times).  ``path`` forces an
+    instruction set (see :func:`available_paths`); every path gives the identical exact result.
+    """
+    packed = b if isinstance(b, PackedB) else prepack(b)
+    probe = np.zeros((packed.k, 1), np.int8)
+    a, _ = _check_operands(a, probe)
+    code = _path_code(path)
+    a = np.ascontiguousarray(a)
+    out = _new_output(a, packed.n)
+    scratch = np.empty(a.shape[0] * 4 * (-(-packed.k // 4)), dtype=np.uint8)
+    _kernels.gemm_packed(code, a, scratch, packed.data, packed.colsum, out)
+    return out
+
+
+LADDER = {
+    "naive (i-j-k)": matmul_int8_naive,
+    "loop order (i-k-j)": matmul_int8_ikj,
+    "transposed B": matmul_int8_bt,
+    "u8 x s8": matmul_int8_u8s8,
+    "packed, register-tiled": matmul_int8_packed,
+}
+"""The kernels chapter's ladder, slowest first; every rung has the signature ``f(a, b)``."""
+
+
+def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None) -> np.ndarray:
     r"""Exact int8 x int8 -> int32 matrix product, run by the compiled extension without the GIL.
 
     .. math:: C_{ij} = \sum_{k=0}^{K-1} A_{ik} B_{kj}
@@ -92,12 +256,16 @@ def matmul_int8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Each product of two int8 values fits in 16 bits and the sum is accumulated in int32, as a
     hardware MAC unit does.  K is limited to :func:`max_k_s8s8` (131071) so that the int32
     accumulator can never overflow; a larger K raises ``ValueError`` rather than wrapping.
-    Non-contiguous inputs are copied to C order first.  See the kernels chapter.
+    Non-contiguous inputs are copied to C order first.  Uses the fastest kernel of the ladder for
+    this CPU (:func:`best_path`); ``b`` may be pre-packed with :func:`prepack`.  See the kernels
+    chapter.
 
     Parameters
     ----------
     a : numpy.ndarray, int8, shape (M, K)
-    b : numpy.ndarray, int8, shape (K, N)
+    b : numpy.ndarray, int8, shape (K, N), or PackedB
+    path : {"portable", "avx2", "vnni512"}, optional
+        Force an instruction-set path; default: the best this CPU supports.
 
     Returns
     -------
@@ -108,11 +276,7 @@ def matmul_int8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     TypeError
         if ``a`` or ``b`` is not an int8 ndarray.
     ValueError
-        if either is not 2-D or is empty, the inner dimensions differ, or K exceeds the bound.
+        if either is not 2-D or is empty, the inner dimensions differ, K exceeds the bound, or
+        ``path`` is unknown or not supported by this CPU.
     """
-    a, b = _check_operands(a, b)
-    a = np.ascontiguousarray(a)
-    b = np.ascontiguousarray(b)
-    out = np.zeros((a.shape[0], b.shape[1]), dtype=np.int32)
-    _kernels.matmul_s8s8_ikj(a, b, out)
-    return out
+    return matmul_int8_packed(a, b, path=path)

@@ -9,9 +9,34 @@ import pytest
 
 import qcourse
 from qcourse import _kernels, kernels
-from qcourse.kernels import matmul_int8, matmul_int8_reference, max_k_s8s8
+from qcourse.kernels import (
+    LADDER,
+    available_paths,
+    best_path,
+    matmul_int8,
+    matmul_int8_packed,
+    matmul_int8_reference,
+    matmul_int8_u8s8,
+    max_k_s8s8,
+    prepack,
+)
 
-KERNELS = [matmul_int8, matmul_int8_reference]
+
+def _with_path(f, path):
+    def run(a, b):
+        return f(a, b, path=path)
+
+    run.__name__ = f"{f.__name__}[{path}]"
+    return run
+
+
+# Every rung of the ladder, every instruction-set path this CPU has, the prepacked form, and the
+# reference: all must give the identical exact result.
+KERNELS = [matmul_int8, matmul_int8_reference, *LADDER.values()]
+KERNELS += [_with_path(f, p) for f in (matmul_int8_u8s8, matmul_int8_packed)
+            for p in available_paths()]
+KERNELS += [lambda a, b: matmul_int8(a, prepack(b))]
+FAST_KERNELS = [f for f in KERNELS if f is not LADDER["naive (i-j-k)"]]
 
 
 def exact_product(a, b):
@@ -31,7 +56,8 @@ def test_k_bound_is_derived_from_int32():
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 1), (3, 5, 2), (17, 33, 9), (64, 64, 64),
-                                   (1, 300, 5), (5, 300, 1), (31, 1, 29)])
+                                   (1, 300, 5), (5, 300, 1), (31, 1, 29), (7, 3, 65), (13, 129, 97),
+                                   (6, 4, 64), (12, 8, 128), (1, 1000, 1)])
 def test_random_shapes_match_reference_and_python_ints(shape):
     m, k, n = shape
     rng = np.random.default_rng(sum(shape))
@@ -59,7 +85,7 @@ def test_k_at_the_overflow_bound_is_exact():
     b[:, 1] = 127
     b[::2, 2] = 127  # alternating column
     expected = np.array([16384 * k, -16256 * k, -16256 * ((k + 1) // 2) + 16384 * (k // 2)])
-    for f in KERNELS:
+    for f in FAST_KERNELS:
         out = f(a, b)
         np.testing.assert_array_equal(out, np.tile(expected, (2, 1)))
     assert out.max() == 16384 * k == np.iinfo(np.int32).max - 16383
@@ -116,14 +142,14 @@ def test_the_compiled_extension_is_what_runs(monkeypatch):
     # ... and matmul_int8 computes its result by calling it: swap the loop out, the answer changes.
     calls = []
 
-    def fake_loop(a, b, out):
-        calls.append((a.shape, b.shape))
+    def fake_loop(path, a, scratch, packed, colsum, out):
+        calls.append(path)
         out[...] = 42
 
-    monkeypatch.setattr(kernels._kernels, "matmul_s8s8_ikj", fake_loop)
+    monkeypatch.setattr(kernels._kernels, "gemm_packed", fake_loop)
     a = np.ones((2, 3), np.int8)
     assert (matmul_int8(a, a.T) == 42).all()
-    assert calls == [((2, 3), (3, 2))]
+    assert len(calls) == 1
 
 
 def test_the_kernel_releases_the_gil(monkeypatch):
@@ -133,14 +159,14 @@ def test_the_kernel_releases_the_gil(monkeypatch):
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, size=(256, 2048), dtype=np.int8)
     b = rng.integers(-128, 128, size=(2048, 256), dtype=np.int8)
-    real_loop, ticks, seen, result = _kernels.matmul_s8s8_ikj, [0], [], {}
+    real_loop, ticks, seen, result = _kernels.gemm_packed, [0], [], {}
 
     def observed_loop(*args):
         before = ticks[0]
         real_loop(*args)
         seen.append(ticks[0] - before)
 
-    monkeypatch.setattr(kernels._kernels, "matmul_s8s8_ikj", observed_loop)
+    monkeypatch.setattr(kernels._kernels, "gemm_packed", observed_loop)
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.5)
     try:
@@ -153,6 +179,33 @@ def test_the_kernel_releases_the_gil(monkeypatch):
         sys.setswitchinterval(old)
     assert len(seen) == 1 and seen[0] > 1000, f"main thread advanced {seen} times during the loop"
     np.testing.assert_array_equal(result["c"], matmul_int8_reference(a, b))
+
+
+def test_paths_are_detected_and_can_be_forced():
+    paths = available_paths()
+    assert paths[0] == "portable" and best_path() == paths[-1]
+    a = np.ones((2, 3), np.int8)
+    with pytest.raises(ValueError, match=r"path must be one of .*'sse9'"):
+        matmul_int8(a, a.T, path="sse9")
+    for path in set(kernels._PATHS) - set(paths):  # only on CPUs without them
+        with pytest.raises(ValueError, match="needs instructions this CPU lacks"):
+            matmul_int8(a, a.T, path=path)
+
+
+def test_packed_b_is_reusable_and_checked():
+    rng = np.random.default_rng(3)
+    b = rng.integers(-128, 128, size=(37, 21), dtype=np.int8)
+    packed = prepack(b)
+    np.testing.assert_array_equal(packed.colsum, b.sum(axis=0))
+    for m in (1, 5, 6, 7, 40):
+        a = rng.integers(-128, 128, size=(m, 37), dtype=np.int8)
+        np.testing.assert_array_equal(matmul_int8(a, packed), exact_product(a, b))
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        matmul_int8(np.ones((2, 36), np.int8), packed)
+    with pytest.raises(TypeError, match="b must have dtype int8"):
+        prepack(b.astype(np.int32))
+    with pytest.raises(ValueError, match="b must be 2-D"):
+        prepack(b[0])
 
 
 def test_top_level_exports():
