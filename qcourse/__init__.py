@@ -11,6 +11,7 @@ from qcourse.kernels import (
     PackedB,
     available_paths,
     best_path,
+    get_num_threads,
     matmul_int8,
     matmul_int8_bt,
     matmul_int8_ikj,
@@ -20,6 +21,7 @@ from qcourse.kernels import (
     matmul_int8_u8s8,
     max_k_s8s8,
     prepack,
+    set_num_threads,
 )
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "PackedB",
     "available_paths",
     "best_path",
+    "get_num_threads",
     "matmul_int8",
     "matmul_int8_bt",
     "matmul_int8_ikj",
@@ -40,4 +43,5 @@ __all__ = [
     "matmul_int8_u8s8",
     "max_k_s8s8",
     "prepack",
+    "set_num_threads",
 ]

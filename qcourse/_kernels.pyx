@@ -20,15 +20,34 @@ cdef extern from "_qgemm.h" nogil:
     void qc_u8s8(int path, const uint8_t *au, const int8_t *bt, const int32_t *colsum,
                  int32_t *c, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
     void qc_pack_b(const int8_t *b, Py_ssize_t k, Py_ssize_t n, int8_t *packed, int32_t *colsum)
-    int qc_gemm_packed(int path, const int8_t *a, uint8_t *au_scratch, const int8_t *bp,
+    Py_ssize_t qc_packed_b_size(Py_ssize_t k, Py_ssize_t n)
+    Py_ssize_t qc_packed_a_size(Py_ssize_t m, Py_ssize_t k)
+    Py_ssize_t qc_groups(Py_ssize_t n)
+    int QC_NG
+    int qc_gemm_packed(int path, const int8_t *a, uint8_t *apack_scratch, const int8_t *bp,
                        const int32_t *colsum, int32_t *c, Py_ssize_t m, Py_ssize_t n,
-                       Py_ssize_t k)
+                       Py_ssize_t k, int threads)
 
 
 PATH_PORTABLE = QC_PATH_PORTABLE
 PATH_AVX2 = QC_PATH_AVX2
 PATH_VNNI512 = QC_PATH_VNNI512
 PANEL_WIDTH = QC_NR
+GROUP_WIDTH = QC_NR * QC_NG
+
+
+def packed_b_size(Py_ssize_t k, Py_ssize_t n):
+    """Bytes of B (k x n) packed by pack_b; its colsum needs padded_columns(n) entries."""
+    return qc_packed_b_size(k, n)
+
+
+def padded_columns(Py_ssize_t n):
+    return qc_groups(n) * QC_NR * QC_NG
+
+
+def packed_a_size(Py_ssize_t m, Py_ssize_t k):
+    """Bytes of scratch gemm_packed needs for A (m x k) on the VNNI path."""
+    return qc_packed_a_size(m, k)
 
 
 def path_supported(int path):
@@ -91,16 +110,17 @@ def matmul_u8s8(int path, const uint8_t[:, ::1] au, const int8_t[:, ::1] bt,
 
 
 def pack_b(const int8_t[:, ::1] b, int8_t[::1] packed, int32_t[::1] colsum):
-    """Pack b (k x n) into 16-column panels of k-quads, and sum its columns."""
+    """Pack b (k x n) into groups of 64 columns of k-quads, and sum its columns."""
     with nogil:
         qc_pack_b(&b[0, 0], b.shape[0], b.shape[1], &packed[0], &colsum[0])
 
 
-def gemm_packed(int path, const int8_t[:, ::1] a, uint8_t[::1] au_scratch,
-                const int8_t[::1] packed, const int32_t[::1] colsum, int32_t[:, ::1] out):
+def gemm_packed(int path, const int8_t[:, ::1] a, uint8_t[::1] apack_scratch,
+                const int8_t[::1] packed, const int32_t[::1] colsum, int32_t[:, ::1] out,
+                int threads):
     """Rung 5: out = a . b from b packed by pack_b; returns the path that ran."""
     cdef int ran
     with nogil:
-        ran = qc_gemm_packed(path, &a[0, 0], &au_scratch[0], &packed[0], &colsum[0],
-                             &out[0, 0], a.shape[0], out.shape[1], a.shape[1])
+        ran = qc_gemm_packed(path, &a[0, 0], &apack_scratch[0], &packed[0], &colsum[0],
+                             &out[0, 0], a.shape[0], out.shape[1], a.shape[1], threads)
     return ran

@@ -120,46 +120,80 @@ static void qc_u8s8(int path, const uint8_t *au, const int8_t *bt, const int32_t
 
 /* ---------------------------------------------------------------------------------------------
  * Packing.
+ *
+ * B (k x n) is packed once, in groups of QC_NG = 4 panels of 16 columns (64 columns). Inside a
+ * group the k dimension runs in quads; for each quad the group's 4 panels are stored one after the
+ * other, 64 bytes each, so the micro-kernel reads one sequential stream of 256 bytes per quad:
+ *   block(p, q) = packed + ((p / 4) * kq + q) * 256 + (p % 4) * 64
+ *   block(p, q)[c * 4 + t] = B[4q + t, 16p + c]            (0 outside B)
+ * n is padded to a multiple of 64 columns and k to a multiple of 4 with zeros.
+ *
+ * A is packed per call into tiles of QC_MR = 6 rows, quad-interleaved the same way, as uint8
+ * (A + 128) for the VNNI path: apack + (tile * kq + q) * 24 + r * 4 + t = A[6 tile + r, 4q + t].
  * ------------------------------------------------------------------------------------------- */
+#define QC_NG 4
+#define QC_MR 6
 static inline ptrdiff_t qc_quads(ptrdiff_t k) { return (k + 3) / 4; }
-static inline ptrdiff_t qc_panels(ptrdiff_t n) { return (n + QC_NR - 1) / QC_NR; }
+static inline ptrdiff_t qc_groups(ptrdiff_t n) { return (n + QC_NG * QC_NR - 1) / (QC_NG * QC_NR); }
+static inline ptrdiff_t qc_packed_b_size(ptrdiff_t k, ptrdiff_t n) {
+    return qc_groups(n) * qc_quads(k) * QC_NG * 64;
+}
+static inline ptrdiff_t qc_row_tiles(ptrdiff_t m) { return (m + QC_MR - 1) / QC_MR; }
+static inline ptrdiff_t qc_packed_a_size(ptrdiff_t m, ptrdiff_t k) {
+    return qc_row_tiles(m) * qc_quads(k) * QC_MR * 4;
+}
+static inline const int8_t *qc_block(const int8_t *bp, ptrdiff_t p, ptrdiff_t q, ptrdiff_t kq) {
+    return bp + ((p / QC_NG) * kq + q) * (QC_NG * 64) + (p % QC_NG) * 64;
+}
 
-/* B (k x n, row-major int8) -> packed panels (see above) and colsum[j] = sum_k B[k, j]. */
+/* B (k x n, row-major int8) -> packed (qc_packed_b_size bytes) and colsum[j] = sum_k B[k, j]
+ * for j < n, 0 for the padding up to a multiple of 64 columns. */
 static void qc_pack_b(const int8_t *b, ptrdiff_t k, ptrdiff_t n, int8_t *packed, int32_t *colsum) {
-    ptrdiff_t kq = qc_quads(k), np = qc_panels(n);
-    memset(packed, 0, (size_t)(np * kq * 64));
-    for (ptrdiff_t j = 0; j < n; j++) colsum[j] = 0;
+    ptrdiff_t kq = qc_quads(k), npad = qc_groups(n) * QC_NG * QC_NR;
+    memset(packed, 0, (size_t)qc_packed_b_size(k, n));
+    for (ptrdiff_t j = 0; j < npad; j++) colsum[j] = 0;
     for (ptrdiff_t kk = 0; kk < k; kk++) {
         const int8_t *row = b + kk * n;
         ptrdiff_t q = kk / 4, t = kk % 4;
         for (ptrdiff_t j = 0; j < n; j++) {
-            ptrdiff_t p = j / QC_NR, cc = j % QC_NR;
-            packed[(p * kq + q) * 64 + cc * 4 + t] = row[j];
+            ((int8_t *)qc_block(packed, j / QC_NR, q, kq))[(j % QC_NR) * 4 + t] = row[j];
             colsum[j] += row[j];
         }
     }
 }
 
+/* A (m x k int8, row stride lda) -> apack as uint8 A + 128 (padding: 128, times B's zero pad). */
+static void qc_pack_a_u8(const int8_t *a, ptrdiff_t lda, ptrdiff_t m, ptrdiff_t k,
+                         uint8_t *apack) {
+    ptrdiff_t kq = qc_quads(k), tiles = qc_row_tiles(m);
+    memset(apack, 128, (size_t)qc_packed_a_size(m, k));
+    for (ptrdiff_t i = 0; i < m; i++) {
+        uint8_t *dst = apack + (i / QC_MR) * kq * QC_MR * 4 + (i % QC_MR) * 4;
+        const int8_t *src = a + i * lda;
+        for (ptrdiff_t kk = 0; kk < k; kk++)
+            dst[(kk / 4) * QC_MR * 4 + (kk % 4)] = (uint8_t)(src[kk] + 128);
+    }
+    (void)tiles;
+}
+
 /* ---------------------------------------------------------------------------------------------
- * Rung: packed, register-tiled GEMM. C (m x n) = A (m x k) . B, with B packed by qc_pack_b.
- * A micro-tile of MR rows x NV panels of output stays in registers for the whole k loop; B is
- * read in the order it was packed, 64 bytes at a time.
+ * Rung: packed, register-tiled GEMM. C (m x n, row stride ldc) = A (m x k) . B, B packed.
+ * Work is split over groups of 64 output columns: `threads` OpenMP threads take groups in turn.
  * ------------------------------------------------------------------------------------------- */
 
-/* Portable: scalar, same blocking and layout, s8 x s8 directly (no +128 needed). */
-static void qc_gemm_packed_portable(const int8_t *a, ptrdiff_t lda, const int8_t *bp,
-                                    int32_t *c, ptrdiff_t ldc, ptrdiff_t m, ptrdiff_t n,
-                                    ptrdiff_t k) {
-    ptrdiff_t kq = qc_quads(k), np = qc_panels(n);
+/* Portable: scalar, same layout, s8 x s8 directly (no +128 needed), modulo-2^32 accumulation. */
+static void qc_gemm_portable_group(const int8_t *a, ptrdiff_t lda, const int8_t *bp, int32_t *c,
+                                   ptrdiff_t ldc, ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,
+                                   ptrdiff_t g) {
+    ptrdiff_t kq = qc_quads(k);
     for (ptrdiff_t i = 0; i < m; i++) {
         const int8_t *ar = a + i * lda;
-        for (ptrdiff_t p = 0; p < np; p++) {
+        for (ptrdiff_t p = g * QC_NG; p < (g + 1) * QC_NG && p * QC_NR < n; p++) {
             uint32_t acc[QC_NR] = {0};
-            const int8_t *panel = bp + p * kq * 64;
             for (ptrdiff_t q = 0; q < kq; q++) {
                 int32_t av[4] = {0, 0, 0, 0};
                 for (int t = 0; t < 4 && 4 * q + t < k; t++) av[t] = ar[4 * q + t];
-                const int8_t *bq = panel + q * 64;
+                const int8_t *bq = qc_block(bp, p, q, kq);
                 for (int cc = 0; cc < QC_NR; cc++)
                     acc[cc] += (uint32_t)(av[0] * bq[cc * 4] + av[1] * bq[cc * 4 + 1] +
                                           av[2] * bq[cc * 4 + 2] + av[3] * bq[cc * 4 + 3]);
@@ -171,27 +205,27 @@ static void qc_gemm_packed_portable(const int8_t *a, ptrdiff_t lda, const int8_t
 }
 
 #if QC_X86
-/* AVX2: a quad of A widened to four int16, broadcast; 16 bytes of a B quad (4 columns x 4 k)
+/* AVX2: a quad of A widened to four int16, broadcast; 16 bytes of a B block (4 columns x 4 k)
  * widened to 16 int16; vpmaddwd sums adjacent pairs into int32, giving two partial sums per
  * column, added together when the tile is stored. Exact for s8 x s8: |pair sum| <= 2 * 16384. */
 #define QC_AVX2_MR 2
-__attribute__((target("avx2"))) static void qc_gemm_packed_avx2(const int8_t *a, ptrdiff_t lda,
-                                                                const int8_t *bp, int32_t *c,
-                                                                ptrdiff_t ldc, ptrdiff_t m,
-                                                                ptrdiff_t n, ptrdiff_t k) {
-    ptrdiff_t kq = qc_quads(k), np = qc_panels(n);
+__attribute__((target("avx2"))) static void qc_gemm_avx2_group(const int8_t *a, ptrdiff_t lda,
+                                                               const int8_t *bp, int32_t *c,
+                                                               ptrdiff_t ldc, ptrdiff_t m,
+                                                               ptrdiff_t n, ptrdiff_t k,
+                                                               ptrdiff_t g) {
+    ptrdiff_t kq = qc_quads(k);
     for (ptrdiff_t i0 = 0; i0 < m; i0 += QC_AVX2_MR) {
         int mr = (int)(m - i0 < QC_AVX2_MR ? m - i0 : QC_AVX2_MR);
-        for (ptrdiff_t p = 0; p < np; p++) {
+        for (ptrdiff_t p = g * QC_NG; p < (g + 1) * QC_NG && p * QC_NR < n; p++) {
             __m256i acc[QC_AVX2_MR][4];
             for (int r = 0; r < QC_AVX2_MR; r++)
                 for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_si256();
-            const int8_t *panel = bp + p * kq * 64;
             for (ptrdiff_t q = 0; q < kq; q++) {
+                const int8_t *blk = qc_block(bp, p, q, kq);
                 __m256i bw[4];
                 for (int v = 0; v < 4; v++)
-                    bw[v] = _mm256_cvtepi8_epi16(
-                        _mm_loadu_si128((const __m128i *)(panel + q * 64 + v * 16)));
+                    bw[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + v * 16)));
                 for (int r = 0; r < mr; r++) {
                     const int8_t *ar = a + (i0 + r) * lda + 4 * q;
                     int16_t w[4] = {0, 0, 0, 0};
@@ -215,87 +249,133 @@ __attribute__((target("avx2"))) static void qc_gemm_packed_avx2(const int8_t *a,
     }
 }
 
-/* AVX-512 VNNI: A is given as au = A + 128 (uint8), rows padded to 4 * kq bytes. One vpdpbusd
- * multiplies 16 lanes x 4 (u8 x s8) and adds them into 16 int32 accumulators. A micro-tile is
- * MR rows x NV panels (NV * 16 columns); the result is corrected by - 128 * colsum. */
-#define QC_VNNI_MR 6
-#define QC_VNNI_NV 4
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void qc_vnni_tile(
-    const uint8_t *au, ptrdiff_t lda, const int8_t *bp, ptrdiff_t kq, ptrdiff_t q0, ptrdiff_t q1,
-    int mr, int nv, __m512i acc[QC_VNNI_MR][QC_VNNI_NV]) {
-    for (ptrdiff_t q = q0; q < q1; q++) {
-        __m512i bv[QC_VNNI_NV];
-        for (int v = 0; v < QC_VNNI_NV; v++)
-            if (v < nv) bv[v] = _mm512_loadu_si512((const void *)(bp + (v * kq + q) * 64));
-        for (int r = 0; r < QC_VNNI_MR; r++) {
-            if (r >= mr) break;
-            int32_t quad;
-            memcpy(&quad, au + r * lda + 4 * q, 4);
-            __m512i av = _mm512_set1_epi32(quad);
-            for (int v = 0; v < QC_VNNI_NV; v++)
-                if (v < nv) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, bv[v]);
-        }
+/* AVX-512 VNNI micro-kernel: a 6 x 64 tile of C in 24 zmm registers for the whole k loop. Per
+ * quad of k: 4 loads of B (256 bytes, one stream), 6 broadcasts of A, 24 vpdpbusd, each of which
+ * multiplies 16 lanes x 4 (u8 x s8) and adds them into int32. Then C = acc - 128 * colsum. */
+#define QC_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define QC_BCAST(r) (memcpy(&quad, ap + 4 * (r), 4), _mm512_set1_epi32(quad))
+/* acc += u8(a) . s8(b) per 4-byte group. Written as inline assembly with the accumulator as a
+ * read-write register operand: GCC 12 copies the accumulator around the intrinsic
+ * _mm512_dpbusd_epi32 and, with 24 of them live, spills them to the stack on every iteration. */
+#define QC_DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
+#define QC_ROW(r)                                                                                 \
+    x = QC_BCAST(r);                                                                              \
+    QC_DPBUSD(c##r##0, x, b0);                                                                    \
+    QC_DPBUSD(c##r##1, x, b1);                                                                    \
+    QC_DPBUSD(c##r##2, x, b2);                                                                    \
+    QC_DPBUSD(c##r##3, x, b3);
+#define QC_STORE_ROW(r)                                                                           \
+    _mm512_storeu_si512((void *)(out + (r) * ldo + 0), _mm512_sub_epi32(c##r##0, k0));            \
+    _mm512_storeu_si512((void *)(out + (r) * ldo + 16), _mm512_sub_epi32(c##r##1, k1));           \
+    _mm512_storeu_si512((void *)(out + (r) * ldo + 32), _mm512_sub_epi32(c##r##2, k2));           \
+    _mm512_storeu_si512((void *)(out + (r) * ldo + 48), _mm512_sub_epi32(c##r##3, k3));
+
+#define QC_LOAD_ROW(r)                                                                            \
+    c##r##0 = _mm512_loadu_si512((const void *)(out + (r) * ldo + 0));                            \
+    c##r##1 = _mm512_loadu_si512((const void *)(out + (r) * ldo + 16));                           \
+    c##r##2 = _mm512_loadu_si512((const void *)(out + (r) * ldo + 32));                           \
+    c##r##3 = _mm512_loadu_si512((const void *)(out + (r) * ldo + 48));
+
+/* One 6 x 64 tile over kq quads of k. first: start from zero (else add to what out holds);
+ * colsum != NULL: this is the last block of k, so subtract 128 * colsum before storing. */
+QC_VNNI_TARGET static void qc_vnni_6x64(const uint8_t *ap, const int8_t *bp, ptrdiff_t kq,
+                                        int first, const int32_t *colsum, int32_t *out,
+                                        ptrdiff_t ldo) {
+    __m512i c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+    __m512i c30, c31, c32, c33, c40, c41, c42, c43, c50, c51, c52, c53;
+    if (first) {
+        __m512i z = _mm512_setzero_si512();
+        c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = c20 = c21 = c22 = c23 = z;
+        c30 = c31 = c32 = c33 = c40 = c41 = c42 = c43 = c50 = c51 = c52 = c53 = z;
+    } else {
+        QC_LOAD_ROW(0) QC_LOAD_ROW(1) QC_LOAD_ROW(2) QC_LOAD_ROW(3) QC_LOAD_ROW(4) QC_LOAD_ROW(5)
     }
+    __m512i b0, b1, b2, b3, x;
+    int32_t quad;
+    for (ptrdiff_t q = 0; q < kq; q++) {
+        b0 = _mm512_loadu_si512((const void *)(bp + 0));
+        b1 = _mm512_loadu_si512((const void *)(bp + 64));
+        b2 = _mm512_loadu_si512((const void *)(bp + 128));
+        b3 = _mm512_loadu_si512((const void *)(bp + 192));
+        QC_ROW(0) QC_ROW(1) QC_ROW(2) QC_ROW(3) QC_ROW(4) QC_ROW(5)
+        ap += QC_MR * 4;
+        bp += QC_NG * 64;
+    }
+    __m512i k0, k1, k2, k3;
+    if (colsum) { /* 128 * colsum, modulo 2^32 like the accumulators */
+        k0 = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(colsum + 0)), 7);
+        k1 = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(colsum + 16)), 7);
+        k2 = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(colsum + 32)), 7);
+        k3 = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(colsum + 48)), 7);
+    } else {
+        k0 = k1 = k2 = k3 = _mm512_setzero_si512();
+    }
+    QC_STORE_ROW(0) QC_STORE_ROW(1) QC_STORE_ROW(2) QC_STORE_ROW(3) QC_STORE_ROW(4)
+    QC_STORE_ROW(5)
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void qc_gemm_packed_vnni512(
-    const uint8_t *au, ptrdiff_t lda, const int8_t *bp, const int32_t *colsum, int32_t *c,
-    ptrdiff_t ldc, ptrdiff_t m, ptrdiff_t n, ptrdiff_t k) {
-    ptrdiff_t kq = qc_quads(k), np = qc_panels(n);
-    for (ptrdiff_t p0 = 0; p0 < np; p0 += QC_VNNI_NV) {
-        int nv = (int)(np - p0 < QC_VNNI_NV ? np - p0 : QC_VNNI_NV);
-        const int8_t *bgroup = bp + p0 * kq * 64;
-        for (ptrdiff_t i0 = 0; i0 < m; i0 += QC_VNNI_MR) {
-            int mr = (int)(m - i0 < QC_VNNI_MR ? m - i0 : QC_VNNI_MR);
-            __m512i acc[QC_VNNI_MR][QC_VNNI_NV];
-            for (int r = 0; r < QC_VNNI_MR; r++)
-                for (int v = 0; v < QC_VNNI_NV; v++) acc[r][v] = _mm512_setzero_si512();
-            if (mr == QC_VNNI_MR && nv == QC_VNNI_NV)
-                qc_vnni_tile(au + i0 * lda, lda, bgroup, kq, 0, kq, QC_VNNI_MR, QC_VNNI_NV, acc);
-            else
-                qc_vnni_tile(au + i0 * lda, lda, bgroup, kq, 0, kq, mr, nv, acc);
-            for (int v = 0; v < nv; v++) {
-                ptrdiff_t j0 = (p0 + v) * QC_NR;
-                ptrdiff_t width = n - j0 < QC_NR ? n - j0 : QC_NR;
-                __mmask16 mask = (__mmask16)((1u << width) - 1u);
-                __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, colsum + j0), 7);
-                for (int r = 0; r < mr; r++)
-                    _mm512_mask_storeu_epi32(c + (i0 + r) * ldc + j0, mask,
-                                             _mm512_sub_epi32(acc[r][v], corr));
-            }
-        }
+/* Quads of k per cache block: QC_KCQ * 256 bytes of B (16 KiB) stay in L1 while every full row
+ * tile of the column group runs over them. */
+#ifndef QC_KCQ
+#define QC_KCQ 64
+#endif
+
+QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t *bp,
+                                              const int32_t *colsum, int32_t *c, ptrdiff_t ldc,
+                                              ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,
+                                              ptrdiff_t g) {
+    ptrdiff_t kq = qc_quads(k), j0 = g * QC_NG * QC_NR;
+    ptrdiff_t width = n - j0 < QC_NG * QC_NR ? n - j0 : QC_NG * QC_NR;
+    const int8_t *bgroup = bp + g * kq * QC_NG * 64;
+    ptrdiff_t full_tiles = width == QC_NG * QC_NR ? m / QC_MR : 0;
+    /* Full tiles: blocked over k, accumulating in C. */
+    for (ptrdiff_t q0 = 0; q0 < kq; q0 += QC_KCQ) {
+        ptrdiff_t len = kq - q0 < QC_KCQ ? kq - q0 : QC_KCQ;
+        const int32_t *corr = q0 + len == kq ? colsum + j0 : NULL;
+        for (ptrdiff_t tile = 0; tile < full_tiles; tile++)
+            qc_vnni_6x64(apack + (tile * kq + q0) * QC_MR * 4, bgroup + q0 * QC_NG * 64, len,
+                         q0 == 0, corr, c + tile * QC_MR * ldc + j0, ldc);
+    }
+    /* Edge tiles (fewer rows or columns): whole k at once into a local tile, then copied. */
+    int32_t edge[QC_MR * QC_NG * QC_NR];
+    for (ptrdiff_t tile = full_tiles; tile * QC_MR < m; tile++) {
+        ptrdiff_t i0 = tile * QC_MR, rows = m - i0 < QC_MR ? m - i0 : QC_MR;
+        qc_vnni_6x64(apack + tile * kq * QC_MR * 4, bgroup, kq, 1, colsum + j0, edge,
+                     QC_NG * QC_NR);
+        for (ptrdiff_t r = 0; r < rows; r++)
+            memcpy(c + (i0 + r) * ldc + j0, edge + r * QC_NG * QC_NR,
+                   (size_t)width * sizeof(int32_t));
     }
 }
 #endif
 
-/* A (m x k int8) -> au (m x 4*kq uint8) = A + 128, padding with 128 (times a zero B value). */
-static void qc_pack_a_u8(const int8_t *a, ptrdiff_t m, ptrdiff_t k, uint8_t *au) {
-    ptrdiff_t kp = 4 * qc_quads(k);
-    for (ptrdiff_t i = 0; i < m; i++) {
-        for (ptrdiff_t t = 0; t < k; t++) au[i * kp + t] = (uint8_t)(a[i * k + t] + 128);
-        for (ptrdiff_t t = k; t < kp; t++) au[i * kp + t] = 128;
-    }
-}
-
-/* Dispatch. a is m x k int8 row-major; for the VNNI path the caller supplies au from qc_pack_a_u8
- * (scratch of m * 4 * kq bytes). Returns the path used. */
-static int qc_gemm_packed(int path, const int8_t *a, uint8_t *au_scratch, const int8_t *bp,
+/* Dispatch. a: m x k int8 row-major. apack_scratch: qc_packed_a_size(m, k) bytes, used by the
+ * VNNI path. bp/colsum from qc_pack_b. threads: OpenMP threads over column groups (<= 1: none).
+ * Returns the path used. */
+static int qc_gemm_packed(int path, const int8_t *a, uint8_t *apack_scratch, const int8_t *bp,
                           const int32_t *colsum, int32_t *c, ptrdiff_t m, ptrdiff_t n,
-                          ptrdiff_t k) {
+                          ptrdiff_t k, int threads) {
+    ptrdiff_t groups = qc_groups(n);
+    if (threads < 1) threads = 1;
+    if (threads > groups) threads = (int)groups;
 #if QC_X86
     if (path == QC_PATH_VNNI512) {
-        qc_pack_a_u8(a, m, k, au_scratch);
-        qc_gemm_packed_vnni512(au_scratch, 4 * qc_quads(k), bp, colsum, c, n, m, n, k);
+        qc_pack_a_u8(a, k, m, k, apack_scratch);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (ptrdiff_t g = 0; g < groups; g++)
+            qc_gemm_vnni_group(apack_scratch, bp, colsum, c, n, m, n, k, g);
         return path;
     }
     if (path == QC_PATH_AVX2) {
-        qc_gemm_packed_avx2(a, k, bp, c, n, m, n, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (ptrdiff_t g = 0; g < groups; g++) qc_gemm_avx2_group(a, k, bp, c, n, m, n, k, g);
         return path;
     }
 #endif
-    (void)au_scratch;
+    (void)apack_scratch;
     (void)colsum;
-    qc_gemm_packed_portable(a, k, bp, c, n, m, n, k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (ptrdiff_t g = 0; g < groups; g++) qc_gemm_portable_group(a, k, bp, c, n, m, n, k, g);
     return QC_PATH_PORTABLE;
 }
 

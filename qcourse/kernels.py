@@ -8,6 +8,7 @@ the output and is the only place a learner calls.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ __all__ = [
     "PackedB",
     "available_paths",
     "best_path",
+    "get_num_threads",
     "matmul_int8",
     "matmul_int8_bt",
     "matmul_int8_ikj",
@@ -29,6 +31,7 @@ __all__ = [
     "matmul_int8_u8s8",
     "max_k_s8s8",
     "prepack",
+    "set_num_threads",
 ]
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -194,9 +197,10 @@ def matmul_int8_u8s8(a: np.ndarray, b: np.ndarray, *, path: str | None = None) -
 class PackedB:
     r"""B packed once for :func:`matmul_int8_packed`: keep it and reuse it for every call.
 
-    ``data`` holds B in panels of 16 columns; inside a panel, each group of four consecutive k
-    values of the 16 columns is one 64-byte block (one AVX-512 register).  ``colsum`` is
-    :math:`\sum_k B_{kj}`, needed by the u8 x s8 correction.
+    ``data`` holds B in groups of 64 columns; inside a group, for each run of four consecutive k
+    values, four 64-byte blocks (one AVX-512 register each: 16 columns x 4 k).  ``colsum`` is
+    :math:`\sum_k B_{kj}` (padded with zeros to a multiple of 64), needed by the u8 x s8
+    correction.
     """
 
     k: int
@@ -211,30 +215,53 @@ def prepack(b: np.ndarray) -> PackedB:
         raise TypeError(f"b must be a numpy.ndarray of dtype int8, got {type(b).__name__}")
     _, b = _check_operands(np.zeros((1, b.shape[0] if b.ndim == 2 else 1), np.int8), b)
     k, n = b.shape
-    panels, quads = -(-n // _kernels.PANEL_WIDTH), -(-k // 4)
-    data = np.empty(panels * quads * 64, dtype=np.int8)
-    colsum = np.empty(n, dtype=np.int32)
+    data = np.empty(_kernels.packed_b_size(k, n), dtype=np.int8)
+    colsum = np.empty(_kernels.padded_columns(n), dtype=np.int32)
     _kernels.pack_b(np.ascontiguousarray(b), data, colsum)
     return PackedB(k=k, n=n, data=data, colsum=colsum)
 
 
-def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *,
-                       path: str | None = None) -> np.ndarray:
+_threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))
+
+
+def get_num_threads() -> int:
+    """Threads :func:`matmul_int8` uses by default (initially: the CPUs this process may use)."""
+    return _threads
+
+
+def set_num_threads(threads: int) -> None:
+    """Set the default thread count of the packed kernel (OpenMP, over groups of 64 columns)."""
+    global _threads
+    _threads = _check_threads(threads)
+
+
+def _check_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    return int(threads)
+
+
+def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
+                       threads: int | None = None) -> np.ndarray:
     r"""Rung 5: B packed into register-sized blocks, output computed in register tiles.
 
-    Each micro-tile of C (6 rows x 64 columns on the VNNI path) stays in registers for the whole
-    k loop; every 64-byte load of packed B feeds 6 ``vpdpbusd`` instructions.  ``b`` may be a
-    :class:`PackedB` from :func:`prepack` (pack once, multiply many times).  ``path`` forces an
-    instruction set (see :func:`available_paths`); every path gives the identical exact result.
+    Each micro-tile of C (6 rows x 64 columns on the VNNI path, 24 registers) stays in registers
+    for the whole k loop; per group of four k values it reads 256 bytes of packed B and six
+    4-byte pieces of A, and issues 24 ``vpdpbusd``.  ``b`` may be a :class:`PackedB` from
+    :func:`prepack` (pack once, multiply many times).  ``path`` forces an instruction set (see
+    :func:`available_paths`); every path gives the identical exact result.  ``threads`` splits the
+    columns between OpenMP threads (default :func:`get_num_threads`).
     """
     packed = b if isinstance(b, PackedB) else prepack(b)
     probe = np.zeros((packed.k, 1), np.int8)
     a, _ = _check_operands(a, probe)
     code = _path_code(path)
+    threads = _threads if threads is None else _check_threads(threads)
     a = np.ascontiguousarray(a)
     out = _new_output(a, packed.n)
-    scratch = np.empty(a.shape[0] * 4 * (-(-packed.k // 4)), dtype=np.uint8)
-    _kernels.gemm_packed(code, a, scratch, packed.data, packed.colsum, out)
+    scratch = np.empty(_kernels.packed_a_size(a.shape[0], packed.k), dtype=np.uint8)
+    _kernels.gemm_packed(code, a, scratch, packed.data, packed.colsum, out, threads)
     return out
 
 
@@ -248,7 +275,8 @@ LADDER = {
 """The kernels chapter's ladder, slowest first; every rung has the signature ``f(a, b)``."""
 
 
-def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None) -> np.ndarray:
+def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
+                threads: int | None = None) -> np.ndarray:
     r"""Exact int8 x int8 -> int32 matrix product, run by the compiled extension without the GIL.
 
     .. math:: C_{ij} = \sum_{k=0}^{K-1} A_{ik} B_{kj}
@@ -266,6 +294,8 @@ def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = No
     b : numpy.ndarray, int8, shape (K, N), or PackedB
     path : {"portable", "avx2", "vnni512"}, optional
         Force an instruction-set path; default: the best this CPU supports.
+    threads : int, optional
+        OpenMP threads; default :func:`get_num_threads`.
 
     Returns
     -------
@@ -277,6 +307,6 @@ def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = No
         if ``a`` or ``b`` is not an int8 ndarray.
     ValueError
         if either is not 2-D or is empty, the inner dimensions differ, K exceeds the bound, or
-        ``path`` is unknown or not supported by this CPU.
+        ``path`` is unknown or not supported by this CPU, or ``threads`` is not positive.
     """
-    return matmul_int8_packed(a, b, path=path)
+    return matmul_int8_packed(a, b, path=path, threads=threads)
