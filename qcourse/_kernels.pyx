@@ -24,6 +24,18 @@ cdef extern from "_qgemm.h" nogil:
     Py_ssize_t qc_packed_a_size(Py_ssize_t m, Py_ssize_t k)
     Py_ssize_t qc_groups(Py_ssize_t n)
     int QC_NG
+    ctypedef struct qc_requant:
+        const int32_t *colterm
+        const int32_t *rowsum
+        const int32_t *rowcoef
+        const float *mult
+        int32_t zp
+        int32_t qmin
+        int32_t qmax
+        uint8_t *y
+    int qc_gemm_packed_requant(int path, const int8_t *a, uint8_t *apack_scratch,
+                               const int8_t *bp, const int32_t *colsum, const qc_requant *rq,
+                               Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int threads)
     int qc_gemm_packed(int path, const int8_t *a, uint8_t *apack_scratch, const int8_t *bp,
                        const int32_t *colsum, int32_t *c, Py_ssize_t m, Py_ssize_t n,
                        Py_ssize_t k, int threads)
@@ -123,4 +135,30 @@ def gemm_packed(int path, const int8_t[:, ::1] a, uint8_t[::1] apack_scratch,
     with nogil:
         ran = qc_gemm_packed(path, &a[0, 0], &apack_scratch[0], &packed[0], &colsum[0],
                              &out[0, 0], a.shape[0], out.shape[1], a.shape[1], threads)
+    return ran
+
+
+def gemm_packed_requant(int path, const int8_t[:, ::1] a, uint8_t[::1] apack_scratch,
+                        const int8_t[::1] packed, const int32_t[::1] colsum,
+                        const int32_t[::1] colterm, const int32_t[::1] rowsum,
+                        const int32_t[::1] rowcoef, const float[::1] mult,
+                        int zero_point, int qmin, int qmax, uint8_t[:, ::1] y, int threads):
+    """Rung 6: the packed GEMM with requantization to 8 bits fused into the write-out.
+
+    rowsum and rowcoef may be empty (no per-row term).  Returns the path that ran."""
+    cdef qc_requant rq
+    cdef int ran
+    rq.colterm = &colterm[0]
+    rq.rowsum = &rowsum[0] if rowsum.shape[0] > 0 else NULL
+    rq.rowcoef = &rowcoef[0] if rowcoef.shape[0] > 0 else NULL
+    rq.mult = &mult[0]
+    rq.zp = zero_point
+    rq.qmin = qmin
+    rq.qmax = qmax
+    rq.y = &y[0, 0]
+    with nogil:
+        ran = qc_gemm_packed_requant(path, &a[0, 0], &apack_scratch[0], &packed[0], &colsum[0],
+                                     &rq, a.shape[0], y.shape[1], a.shape[1], threads)
+    if ran < 0:
+        raise MemoryError("could not allocate the per-thread int32 tile")
     return ran

@@ -22,6 +22,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -179,6 +180,8 @@ static void qc_pack_a_u8(const int8_t *a, ptrdiff_t lda, ptrdiff_t m, ptrdiff_t 
 /* ---------------------------------------------------------------------------------------------
  * Rung: packed, register-tiled GEMM. C (m x n, row stride ldc) = A (m x k) . B, B packed.
  * Work is split over groups of 64 output columns: `threads` OpenMP threads take groups in turn.
+ * A group function computes columns [64 g, 64 g + 64) and writes them at c (which points at the
+ * group's first column), row stride ldc.
  * ------------------------------------------------------------------------------------------- */
 
 /* Portable: scalar, same layout, s8 x s8 directly (no +128 needed), modulo-2^32 accumulation. */
@@ -199,7 +202,8 @@ static void qc_gemm_portable_group(const int8_t *a, ptrdiff_t lda, const int8_t 
                                           av[2] * bq[cc * 4 + 2] + av[3] * bq[cc * 4 + 3]);
             }
             ptrdiff_t width = n - p * QC_NR < QC_NR ? n - p * QC_NR : QC_NR;
-            for (ptrdiff_t cc = 0; cc < width; cc++) c[i * ldc + p * QC_NR + cc] = (int32_t)acc[cc];
+            for (ptrdiff_t cc = 0; cc < width; cc++)
+                c[i * ldc + (p - g * QC_NG) * QC_NR + cc] = (int32_t)acc[cc];
         }
     }
 }
@@ -242,7 +246,7 @@ __attribute__((target("avx2"))) static void qc_gemm_avx2_group(const int8_t *a, 
                 int32_t part[32];
                 for (int v = 0; v < 4; v++) _mm256_storeu_si256((__m256i *)(part + 8 * v), acc[r][v]);
                 for (ptrdiff_t cc = 0; cc < width; cc++)
-                    c[(i0 + r) * ldc + p * QC_NR + cc] =
+                    c[(i0 + r) * ldc + (p - g * QC_NG) * QC_NR + cc] =
                         (int32_t)((uint32_t)part[2 * cc] + (uint32_t)part[2 * cc + 1]);
             }
         }
@@ -334,7 +338,7 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t
         const int32_t *corr = q0 + len == kq ? colsum + j0 : NULL;
         for (ptrdiff_t tile = 0; tile < full_tiles; tile++)
             qc_vnni_6x64(apack + (tile * kq + q0) * QC_MR * 4, bgroup + q0 * QC_NG * 64, len,
-                         q0 == 0, corr, c + tile * QC_MR * ldc + j0, ldc);
+                         q0 == 0, corr, c + tile * QC_MR * ldc, ldc);
     }
     /* Edge tiles (fewer rows or columns): whole k at once into a local tile, then copied. */
     int32_t edge[QC_MR * QC_NG * QC_NR];
@@ -343,40 +347,121 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t
         qc_vnni_6x64(apack + tile * kq * QC_MR * 4, bgroup, kq, 1, colsum + j0, edge,
                      QC_NG * QC_NR);
         for (ptrdiff_t r = 0; r < rows; r++)
-            memcpy(c + (i0 + r) * ldc + j0, edge + r * QC_NG * QC_NR,
+            memcpy(c + (i0 + r) * ldc, edge + r * QC_NG * QC_NR,
                    (size_t)width * sizeof(int32_t));
     }
 }
 #endif
 
-/* Dispatch. a: m x k int8 row-major. apack_scratch: qc_packed_a_size(m, k) bytes, used by the
- * VNNI path. bp/colsum from qc_pack_b. threads: OpenMP threads over column groups (<= 1: none).
- * Returns the path used. */
+/* ---------------------------------------------------------------------------------------------
+ * Requantization epilogue, fused into the GEMM: int32 accumulators -> 8-bit outputs.
+ *   v   = (int32)(acc[i, j] + colterm[j] + rowsum[i] * rowcoef[j])     (modulo 2^32)
+ *   y   = clamp(round_half_even((float)v * mult[j]), qmin - zp, qmax - zp) + zp
+ * in float32, as ONNX Runtime's requantization does. Clamping before rounding gives the same
+ * result as after (the bounds are integers); rounding uses the 1.5 * 2^23 trick, exact here
+ * because |value| <= 2^16 after the clamp. Output bytes: int8 or uint8 (two's complement low byte
+ * of the clamped value either way).
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    const int32_t *colterm; /* n entries */
+    const int32_t *rowsum;  /* m entries, or NULL */
+    const int32_t *rowcoef; /* n entries, or NULL */
+    const float *mult;      /* n entries */
+    int32_t zp, qmin, qmax;
+    uint8_t *y;             /* m x n bytes, row stride n */
+} qc_requant;
+
+static inline float qc_round_half_even(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic; /* two IEEE additions; the build never uses -ffast-math */
+}
+
+static void qc_requant_tile(const qc_requant *rq, const int32_t *acc, ptrdiff_t ldacc,
+                            ptrdiff_t i0, ptrdiff_t rows, ptrdiff_t j0, ptrdiff_t width,
+                            ptrdiff_t n) {
+    float lo = (float)(rq->qmin - rq->zp), hi = (float)(rq->qmax - rq->zp);
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        uint32_t rs = rq->rowsum ? (uint32_t)rq->rowsum[i0 + r] : 0u;
+        uint8_t *yr = rq->y + (i0 + r) * n + j0;
+        const int32_t *ar = acc + r * ldacc;
+        for (ptrdiff_t j = 0; j < width; j++) {
+            uint32_t v = (uint32_t)ar[j] + (uint32_t)rq->colterm[j0 + j];
+            if (rq->rowcoef) v += rs * (uint32_t)rq->rowcoef[j0 + j];
+            float f = (float)(int32_t)v * rq->mult[j0 + j];
+            f = f < lo ? lo : (f > hi ? hi : f);
+            yr[j] = (uint8_t)((int32_t)qc_round_half_even(f) + rq->zp);
+        }
+    }
+}
+
+/* One column group of C, on the given path, into c (pointing at the group's first column). */
+static void qc_gemm_group(int path, const int8_t *a, const uint8_t *apack, const int8_t *bp,
+                          const int32_t *colsum, int32_t *c, ptrdiff_t ldc, ptrdiff_t m,
+                          ptrdiff_t n, ptrdiff_t k, ptrdiff_t g) {
+#if QC_X86
+    if (path == QC_PATH_VNNI512) {
+        qc_gemm_vnni_group(apack, bp, colsum, c, ldc, m, n, k, g);
+        return;
+    }
+    if (path == QC_PATH_AVX2) {
+        qc_gemm_avx2_group(a, k, bp, c, ldc, m, n, k, g);
+        return;
+    }
+#endif
+    (void)apack;
+    (void)colsum;
+    qc_gemm_portable_group(a, k, bp, c, ldc, m, n, k, g);
+}
+
+static int qc_clamp_threads(int threads, ptrdiff_t groups) {
+    if (threads < 1) threads = 1;
+    if (threads > groups) threads = (int)groups;
+    return threads;
+}
+
+/* C (m x n int32) = A (m x k int8, row-major) . B (packed by qc_pack_b). apack_scratch:
+ * qc_packed_a_size(m, k) bytes, used by the VNNI path. threads: OpenMP threads over column
+ * groups. Returns the path used. */
 static int qc_gemm_packed(int path, const int8_t *a, uint8_t *apack_scratch, const int8_t *bp,
                           const int32_t *colsum, int32_t *c, ptrdiff_t m, ptrdiff_t n,
                           ptrdiff_t k, int threads) {
     ptrdiff_t groups = qc_groups(n);
-    if (threads < 1) threads = 1;
-    if (threads > groups) threads = (int)groups;
-#if QC_X86
-    if (path == QC_PATH_VNNI512) {
-        qc_pack_a_u8(a, k, m, k, apack_scratch);
+    threads = qc_clamp_threads(threads, groups);
+    if (path == QC_PATH_VNNI512) qc_pack_a_u8(a, k, m, k, apack_scratch);
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (ptrdiff_t g = 0; g < groups; g++)
-            qc_gemm_vnni_group(apack_scratch, bp, colsum, c, n, m, n, k, g);
-        return path;
+    for (ptrdiff_t g = 0; g < groups; g++)
+        qc_gemm_group(path, a, apack_scratch, bp, colsum, c + g * QC_NG * QC_NR, n, m, n, k, g);
+    return path;
+}
+
+/* The same GEMM with requantization fused into the write-out: each column group is computed
+ * into a 64-column int32 scratch (L2-resident) and converted to 8 bits from there; the int32
+ * result matrix never exists. Returns the path used, or -1 if memory ran out. */
+static int qc_gemm_packed_requant(int path, const int8_t *a, uint8_t *apack_scratch,
+                                  const int8_t *bp, const int32_t *colsum, const qc_requant *rq,
+                                  ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, int threads) {
+    ptrdiff_t groups = qc_groups(n);
+    int failed = 0;
+    threads = qc_clamp_threads(threads, groups);
+    if (path == QC_PATH_VNNI512) qc_pack_a_u8(a, k, m, k, apack_scratch);
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t *tile = (int32_t *)malloc((size_t)m * QC_NG * QC_NR * sizeof(int32_t));
+        if (!tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t g = 0; g < groups; g++) {
+            if (!tile) continue;
+            ptrdiff_t j0 = g * QC_NG * QC_NR;
+            ptrdiff_t width = n - j0 < QC_NG * QC_NR ? n - j0 : QC_NG * QC_NR;
+            qc_gemm_group(path, a, apack_scratch, bp, colsum, tile, QC_NG * QC_NR, m, n, k, g);
+            qc_requant_tile(rq, tile, QC_NG * QC_NR, 0, m, j0, width, n);
+        }
+        free(tile);
     }
-    if (path == QC_PATH_AVX2) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (ptrdiff_t g = 0; g < groups; g++) qc_gemm_avx2_group(a, k, bp, c, n, m, n, k, g);
-        return path;
-    }
-#endif
-    (void)apack_scratch;
-    (void)colsum;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (ptrdiff_t g = 0; g < groups; g++) qc_gemm_portable_group(a, k, bp, c, n, m, n, k, g);
-    return QC_PATH_PORTABLE;
+    return failed ? -1 : path;
 }
 
 #endif /* QCOURSE_QGEMM_H */

@@ -16,6 +16,8 @@ from qcourse.kernels import (
     matmul_int8,
     matmul_int8_packed,
     matmul_int8_reference,
+    matmul_int8_requant,
+    matmul_int8_requant_reference,
     matmul_int8_u8s8,
     max_k_s8s8,
     prepack,
@@ -155,7 +157,9 @@ def test_the_compiled_extension_is_what_runs(monkeypatch):
 def test_the_kernel_releases_the_gil(monkeypatch):
     # With a long switch interval the interpreter does not preempt a thread that runs bytecode, so
     # the main thread's counter can move while the compiled loop runs only if the loop has given
-    # the GIL up.  Holding the GIL gives exactly 0 here.  Counts progress, not time.
+    # the GIL up.  Holding the GIL gives exactly 0 here.  Counts progress, not time.  One OpenMP
+    # thread, so that a core is free for the main thread; the slow portable path, so that the loop
+    # lasts long enough (tens of ms) for the main thread to be scheduled on a busy machine.
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, size=(256, 2048), dtype=np.int8)
     b = rng.integers(-128, 128, size=(2048, 256), dtype=np.int8)
@@ -170,7 +174,7 @@ def test_the_kernel_releases_the_gil(monkeypatch):
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.5)
     try:
-        t = threading.Thread(target=lambda: result.setdefault("c", matmul_int8(a, b)))
+        t = threading.Thread(target=lambda: result.setdefault("c", matmul_int8(a, b, path="portable", threads=1)))
         t.start()
         while t.is_alive():
             ticks[0] += 1
@@ -212,3 +216,92 @@ def test_packed_b_is_reusable_and_checked():
 def test_top_level_exports():
     for name in kernels.__all__:
         assert getattr(qcourse, name) is getattr(kernels, name)
+
+
+# --- Rung 6: GEMM with requantization fused ------------------------------------------------------
+
+def _requant_case(seed):
+    rng = np.random.default_rng(seed)
+    m, k, n = (int(x) for x in rng.integers(1, 90, 3))
+    a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    per_column = seed % 2 == 0
+    mult = rng.uniform(1e-4, 2e-2, n) if per_column else float(rng.uniform(1e-4, 2e-2))
+    out_dtype = np.int8 if seed % 3 else np.uint8
+    zp = int(rng.integers(-20, 20)) if out_dtype == np.int8 else int(rng.integers(0, 256))
+    kw = dict(bias=rng.integers(-20000, 20000, n).astype(np.int32),
+              a_zero_point=int(rng.integers(-128, 128)),
+              b_zero_point=rng.integers(-128, 128, n) if seed % 4 == 0 else 0,
+              out_dtype=out_dtype)
+    return a, b, mult, zp, kw
+
+
+def _python_requant(a, b, mult, zp, bias, a_zero_point, b_zero_point, out_dtype):
+    """Independent oracle: exact integers, then the float32 product with Python's round()."""
+    info = np.iinfo(out_dtype)
+    n = b.shape[1]
+    mult32 = np.broadcast_to(np.float32(mult) if np.isscalar(mult) else
+                             np.asarray(mult, np.float32), (n,))
+    zb = np.broadcast_to(np.asarray(b_zero_point), (n,))
+    out = np.empty((a.shape[0], n), np.int64)
+    for i in range(a.shape[0]):
+        for j in range(n):
+            v = sum((int(x) - a_zero_point) * (int(y) - int(zb[j])) for x, y in
+                    zip(a[i], b[:, j], strict=True)) + int(bias[j])
+            f = float(np.float32(np.float32(v) * mult32[j]))   # one float32 rounding
+            out[i, j] = min(max(round(f) + zp, info.min), info.max)  # round(): half to even
+    return out.astype(out_dtype)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fused_requant_matches_reference_on_every_path(seed):
+    a, b, mult, zp, kw = _requant_case(seed)
+    expected = matmul_int8_requant_reference(a, b, mult, zp, **kw)
+    if a.size * b.shape[1] < 40000:
+        np.testing.assert_array_equal(expected, _python_requant(a, b, mult, zp, **kw))
+    for path in available_paths():
+        got = matmul_int8_requant(a, b, mult, zp, path=path, **kw)
+        assert got.dtype == kw["out_dtype"]
+        np.testing.assert_array_equal(got, expected, err_msg=path)
+    np.testing.assert_array_equal(matmul_int8_requant(a, prepack(b), mult, zp, threads=1, **kw),
+                                  expected)
+
+
+def test_fused_requant_ties_round_half_to_even_and_clamps():
+    # Every int8 value times 0.5: each odd one lands exactly on a tie.
+    v = np.arange(-128, 128)
+    a = v.astype(np.int8)[:, None]
+    b = np.ones((1, 1), np.int8)
+    for path in available_paths():
+        y = matmul_int8_requant(a, b, 0.5, 0, path=path)[:, 0].astype(int)
+        np.testing.assert_array_equal(y, np.rint(v * 0.5))  # np.rint: half to even
+        assert y[v == 3] == 2 and y[v == 5] == 2 and y[v == -3] == -2 and y[v == 1] == 0
+    # saturation at the int8 ends, and a fused clamp (ReLU-like: qmin at the zero point)
+    y = matmul_int8_requant(np.array([[-100], [5], [100]], np.int8), b, 2.0, 3)
+    np.testing.assert_array_equal(y[:, 0], [-128, 13, 127])
+    y = matmul_int8_requant(np.array([[-100], [5], [100]], np.int8), b, 1.0, 3, qmin=3, qmax=9)
+    np.testing.assert_array_equal(y[:, 0], [3, 8, 9])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(multiplier=0.0), ValueError, "multiplier must be finite and > 0"),
+        (dict(multiplier=float("nan")), ValueError, "multiplier must be finite and > 0"),
+        (dict(multiplier=1e-50), ValueError, "underflows to 0 in float32"),
+        (dict(output_zero_point=200), ValueError, r"output_zero_point must lie in \[-128, 127\]"),
+        (dict(out_dtype=np.int16), TypeError, "out_dtype must be int8 or uint8"),
+        (dict(qmin=10, qmax=5), ValueError, "qmin <= qmax"),
+        (dict(a_zero_point=128), ValueError, "a_zero_point must lie in"),
+        (dict(b_zero_point=-129), ValueError, "b_zero_point must be integers"),
+        (dict(bias=np.zeros(3, np.int64)), TypeError, "bias must be an int32 array of shape"),
+        (dict(bias=np.zeros(2, np.int32)), TypeError, "bias must be an int32 array of shape"),
+    ],
+)
+def test_fused_requant_bad_arguments(kwargs, exc, pattern):
+    args = dict(multiplier=0.01)
+    args.update(kwargs)
+    a = np.ones((2, 4), np.int8)
+    b = np.ones((4, 3), np.int8)
+    with pytest.raises(exc, match=pattern):
+        matmul_int8_requant(a, b, **args)
