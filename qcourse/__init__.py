@@ -5,6 +5,28 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
+from qcourse.floats import (
+    BF16,
+    ENERGY_45NM_PJ,
+    ENERGY_SOURCE,
+    FORMATS,
+    FP8_E4M3FN,
+    FP8_E5M2,
+    FP16,
+    FP32,
+    FP64,
+    FloatFormat,
+    FloatParts,
+    bit_string,
+    breakdown,
+    decode,
+    double_rounding_inputs,
+    encode,
+    encode_via,
+    enumerate_format,
+    fields,
+    ulp,
+)
 from qcourse.kernels import (
     INT32_MAX,
     LADDER,
@@ -29,6 +51,27 @@ from qcourse.kernels import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # floats
+    "BF16",
+    "ENERGY_45NM_PJ",
+    "ENERGY_SOURCE",
+    "FORMATS",
+    "FP8_E4M3FN",
+    "FP8_E5M2",
+    "FP16",
+    "FP32",
+    "FP64",
+    "FloatFormat",
+    "FloatParts",
+    "bit_string",
+    "breakdown",
+    "decode",
+    "double_rounding_inputs",
+    "encode",
+    "encode_via",
+    "enumerate_format",
+    "fields",
+    "ulp",
     # kernels
     "INT32_MAX",
     "LADDER",
