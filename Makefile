@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
-	touch $@
+	touch $@ $(KERNEL_STAMP)
 
 # Rebuild the compiled kernels whenever their sources change (an editable install does not).
 $(KERNEL_STAMP): $(STAMP) $(wildcard qcourse/*.pyx qcourse/*.pxd qcourse/*.h)

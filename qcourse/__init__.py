@@ -5,6 +5,33 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
+from qcourse.affine import (
+    ErrorBreakdown,
+    QParams,
+    choose_qparams,
+    clip_sweep,
+    codebook_dequantize,
+    codebook_effective_bits,
+    codebook_quantize,
+    dequantize,
+    dequantize_linear,
+    effective_bits,
+    error_breakdown,
+    error_explorer,
+    explorer_qparams,
+    fake_quantize,
+    grid_occupancy,
+    kmeans_codebook,
+    pack_int,
+    plot_quantization,
+    qparams_from_range,
+    qrange,
+    quantize,
+    quantize_linear,
+    sqnr_db,
+    storage_dtype,
+    unpack_int,
+)
 from qcourse.floats import (
     BF16,
     ENERGY_45NM_PJ,
@@ -51,6 +78,32 @@ from qcourse.kernels import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # affine
+    "ErrorBreakdown",
+    "QParams",
+    "choose_qparams",
+    "clip_sweep",
+    "codebook_dequantize",
+    "codebook_effective_bits",
+    "codebook_quantize",
+    "dequantize",
+    "dequantize_linear",
+    "effective_bits",
+    "error_breakdown",
+    "error_explorer",
+    "explorer_qparams",
+    "fake_quantize",
+    "grid_occupancy",
+    "kmeans_codebook",
+    "pack_int",
+    "plot_quantization",
+    "qparams_from_range",
+    "qrange",
+    "quantize",
+    "quantize_linear",
+    "sqnr_db",
+    "storage_dtype",
+    "unpack_int",
     # floats
     "BF16",
     "ENERGY_45NM_PJ",

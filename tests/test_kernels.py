@@ -174,7 +174,8 @@ def test_the_kernel_releases_the_gil(monkeypatch):
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.5)
     try:
-        t = threading.Thread(target=lambda: result.setdefault("c", matmul_int8(a, b, path="portable", threads=1)))
+        t = threading.Thread(target=lambda: result.setdefault(
+            "c", matmul_int8(a, b, path="portable", threads=1)))
         t.start()
         while t.is_alive():
             ticks[0] += 1
