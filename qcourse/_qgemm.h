@@ -323,6 +323,10 @@ QC_VNNI_TARGET static void qc_vnni_6x64(const uint8_t *ap, const int8_t *bp, ptr
 #ifndef QC_KCQ
 #define QC_KCQ 64
 #endif
+/* Row tiles per chunk: 32 x 6 rows; A chunk 32 x QC_KCQ x 24 bytes, C chunk 192 x 256 bytes. */
+#ifndef QC_MCT
+#define QC_MCT 32
+#endif
 
 QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t *bp,
                                               const int32_t *colsum, int32_t *c, ptrdiff_t ldc,
@@ -332,13 +336,17 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t
     ptrdiff_t width = n - j0 < QC_NG * QC_NR ? n - j0 : QC_NG * QC_NR;
     const int8_t *bgroup = bp + g * kq * QC_NG * 64;
     ptrdiff_t full_tiles = width == QC_NG * QC_NR ? m / QC_MR : 0;
-    /* Full tiles: blocked over k, accumulating in C. */
-    for (ptrdiff_t q0 = 0; q0 < kq; q0 += QC_KCQ) {
-        ptrdiff_t len = kq - q0 < QC_KCQ ? kq - q0 : QC_KCQ;
-        const int32_t *corr = q0 + len == kq ? colsum + j0 : NULL;
-        for (ptrdiff_t tile = 0; tile < full_tiles; tile++)
-            qc_vnni_6x64(apack + (tile * kq + q0) * QC_MR * 4, bgroup + q0 * QC_NG * 64, len,
-                         q0 == 0, corr, c + tile * QC_MR * ldc, ldc);
+    /* Full tiles: in chunks of QC_MCT row tiles (their A and C blocks stay in L2), blocked over
+     * k (the B block stays in L1), accumulating in C between k blocks. */
+    for (ptrdiff_t t0 = 0; t0 < full_tiles; t0 += QC_MCT) {
+        ptrdiff_t t1 = t0 + QC_MCT < full_tiles ? t0 + QC_MCT : full_tiles;
+        for (ptrdiff_t q0 = 0; q0 < kq; q0 += QC_KCQ) {
+            ptrdiff_t len = kq - q0 < QC_KCQ ? kq - q0 : QC_KCQ;
+            const int32_t *corr = q0 + len == kq ? colsum + j0 : NULL;
+            for (ptrdiff_t tile = t0; tile < t1; tile++)
+                qc_vnni_6x64(apack + (tile * kq + q0) * QC_MR * 4, bgroup + q0 * QC_NG * 64,
+                             len, q0 == 0, corr, c + tile * QC_MR * ldc, ldc);
+        }
     }
     /* Edge tiles (fewer rows or columns): whole k at once into a local tile, then copied. */
     int32_t edge[QC_MR * QC_NG * QC_NR];
