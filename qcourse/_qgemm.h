@@ -178,6 +178,78 @@ static void qc_pack_a_u8(const int8_t *a, ptrdiff_t lda, ptrdiff_t m, ptrdiff_t 
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Requantization epilogue, fused into the GEMM: int32 accumulators -> 8-bit outputs.
+ *   v   = (int32)(acc[i, j] + colterm[j] + rowsum[i] * rowcoef[j])     (modulo 2^32)
+ *   y   = clamp(round_half_even((float)v * mult[j]), qmin - zp, qmax - zp) + zp
+ * in float32, as ONNX Runtime's requantization does. Clamping before rounding gives the same
+ * result as after (the bounds are integers); rounding uses the 1.5 * 2^23 trick, exact here
+ * because |value| <= 2^16 after the clamp. Output bytes: int8 or uint8 (two's complement low byte
+ * of the clamped value either way).
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    const int32_t *colterm; /* n entries */
+    const int32_t *rowsum;  /* m entries, or NULL */
+    const int32_t *rowcoef; /* n entries, or NULL */
+    const float *mult;      /* n entries */
+    int32_t zp, qmin, qmax;
+    uint8_t *y;             /* m x n bytes, row stride n */
+} qc_requant;
+
+static inline float qc_round_half_even(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic; /* two IEEE additions; the build never uses -ffast-math */
+}
+
+/* Rows [i0, i0 + rows) of columns [j0, j0 + width) from the int32 tile acc (row stride ldacc).
+ * Copied into restrict-qualified locals so that the compiler can vectorize the loop. */
+#define QC_REQUANT_BODY                                                                           \
+    const int32_t *restrict colterm = rq->colterm + j0;                                           \
+    const float *restrict mult = rq->mult + j0;                                                   \
+    const int32_t *restrict rowcoef = rq->rowcoef ? rq->rowcoef + j0 : NULL;                      \
+    const int32_t zp = rq->zp;                                                                    \
+    const float lo = (float)(rq->qmin - zp), hi = (float)(rq->qmax - zp);                         \
+    for (ptrdiff_t r = 0; r < rows; r++) {                                                        \
+        uint8_t *restrict yr = rq->y + (i0 + r) * n + j0;                                         \
+        const int32_t *restrict ar = acc + r * ldacc;                                             \
+        const uint32_t rs = rq->rowsum ? (uint32_t)rq->rowsum[i0 + r] : 0u;                       \
+        for (ptrdiff_t j = 0; j < width; j++) {                                                   \
+            uint32_t v = (uint32_t)ar[j] + (uint32_t)colterm[j];                                  \
+            if (rowcoef) v += rs * (uint32_t)rowcoef[j];                                          \
+            float f = (float)(int32_t)v * mult[j];                                                \
+            f = f < lo ? lo : (f > hi ? hi : f);                                                  \
+            yr[j] = (uint8_t)((int32_t)qc_round_half_even(f) + zp);                               \
+        }                                                                                         \
+    }
+
+static void qc_requant_rows_portable(const qc_requant *rq, const int32_t *acc, ptrdiff_t ldacc,
+                                     ptrdiff_t i0, ptrdiff_t rows, ptrdiff_t j0, ptrdiff_t width,
+                                     ptrdiff_t n) {
+    QC_REQUANT_BODY
+}
+#if QC_X86
+__attribute__((target("avx2"))) static void qc_requant_rows_avx2(
+    const qc_requant *rq, const int32_t *acc, ptrdiff_t ldacc, ptrdiff_t i0, ptrdiff_t rows,
+    ptrdiff_t j0, ptrdiff_t width, ptrdiff_t n) {
+    QC_REQUANT_BODY
+}
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void qc_requant_rows_512(
+    const qc_requant *rq, const int32_t *acc, ptrdiff_t ldacc, ptrdiff_t i0, ptrdiff_t rows,
+    ptrdiff_t j0, ptrdiff_t width, ptrdiff_t n) {
+    QC_REQUANT_BODY
+}
+#endif
+
+static void qc_requant_rows(int path, const qc_requant *rq, const int32_t *acc, ptrdiff_t ldacc,
+                            ptrdiff_t i0, ptrdiff_t rows, ptrdiff_t j0, ptrdiff_t width,
+                            ptrdiff_t n) {
+#if QC_X86
+    if (path == QC_PATH_VNNI512) { qc_requant_rows_512(rq, acc, ldacc, i0, rows, j0, width, n); return; }
+    if (path == QC_PATH_AVX2) { qc_requant_rows_avx2(rq, acc, ldacc, i0, rows, j0, width, n); return; }
+#endif
+    qc_requant_rows_portable(rq, acc, ldacc, i0, rows, j0, width, n);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Rung: packed, register-tiled GEMM. C (m x n, row stride ldc) = A (m x k) . B, B packed.
  * Work is split over groups of 64 output columns: `threads` OpenMP threads take groups in turn.
  * A group function computes columns [64 g, 64 g + 64) and writes them at c (which points at the
@@ -328,10 +400,15 @@ QC_VNNI_TARGET static void qc_vnni_6x64(const uint8_t *ap, const int8_t *bp, ptr
 #define QC_MCT 32
 #endif
 
+/* One group of 64 columns. Without rq: C into c (the group's first column, row stride ldc).
+ * With rq (fused requantization): each chunk of QC_MCT row tiles is computed into chunkbuf
+ * (QC_MCT * QC_MR x 64 int32, L2-resident) and converted to 8 bits as soon as its last k block
+ * is done; c is not used. */
 QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t *bp,
                                               const int32_t *colsum, int32_t *c, ptrdiff_t ldc,
                                               ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,
-                                              ptrdiff_t g) {
+                                              ptrdiff_t g, const qc_requant *rq,
+                                              int32_t *chunkbuf) {
     ptrdiff_t kq = qc_quads(k), j0 = g * QC_NG * QC_NR;
     ptrdiff_t width = n - j0 < QC_NG * QC_NR ? n - j0 : QC_NG * QC_NR;
     const int8_t *bgroup = bp + g * kq * QC_NG * 64;
@@ -340,13 +417,19 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t
      * k (the B block stays in L1), accumulating in C between k blocks. */
     for (ptrdiff_t t0 = 0; t0 < full_tiles; t0 += QC_MCT) {
         ptrdiff_t t1 = t0 + QC_MCT < full_tiles ? t0 + QC_MCT : full_tiles;
+        ptrdiff_t ldd = rq ? QC_NG * QC_NR : ldc;
         for (ptrdiff_t q0 = 0; q0 < kq; q0 += QC_KCQ) {
             ptrdiff_t len = kq - q0 < QC_KCQ ? kq - q0 : QC_KCQ;
             const int32_t *corr = q0 + len == kq ? colsum + j0 : NULL;
             for (ptrdiff_t tile = t0; tile < t1; tile++)
                 qc_vnni_6x64(apack + (tile * kq + q0) * QC_MR * 4, bgroup + q0 * QC_NG * 64,
-                             len, q0 == 0, corr, c + tile * QC_MR * ldc, ldc);
+                             len, q0 == 0, corr,
+                             rq ? chunkbuf + (tile - t0) * QC_MR * ldd : c + tile * QC_MR * ldd,
+                             ldd);
         }
+        if (rq)
+            qc_requant_rows_512(rq, chunkbuf, QC_NG * QC_NR, t0 * QC_MR, (t1 - t0) * QC_MR, j0,
+                                width, n);
     }
     /* Edge tiles (fewer rows or columns): whole k at once into a local tile, then copied. */
     int32_t edge[QC_MR * QC_NG * QC_NR];
@@ -354,53 +437,16 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const uint8_t *apack, const int8_t
         ptrdiff_t i0 = tile * QC_MR, rows = m - i0 < QC_MR ? m - i0 : QC_MR;
         qc_vnni_6x64(apack + tile * kq * QC_MR * 4, bgroup, kq, 1, colsum + j0, edge,
                      QC_NG * QC_NR);
-        for (ptrdiff_t r = 0; r < rows; r++)
-            memcpy(c + (i0 + r) * ldc, edge + r * QC_NG * QC_NR,
-                   (size_t)width * sizeof(int32_t));
-    }
-}
-#endif
-
-/* ---------------------------------------------------------------------------------------------
- * Requantization epilogue, fused into the GEMM: int32 accumulators -> 8-bit outputs.
- *   v   = (int32)(acc[i, j] + colterm[j] + rowsum[i] * rowcoef[j])     (modulo 2^32)
- *   y   = clamp(round_half_even((float)v * mult[j]), qmin - zp, qmax - zp) + zp
- * in float32, as ONNX Runtime's requantization does. Clamping before rounding gives the same
- * result as after (the bounds are integers); rounding uses the 1.5 * 2^23 trick, exact here
- * because |value| <= 2^16 after the clamp. Output bytes: int8 or uint8 (two's complement low byte
- * of the clamped value either way).
- * ------------------------------------------------------------------------------------------- */
-typedef struct {
-    const int32_t *colterm; /* n entries */
-    const int32_t *rowsum;  /* m entries, or NULL */
-    const int32_t *rowcoef; /* n entries, or NULL */
-    const float *mult;      /* n entries */
-    int32_t zp, qmin, qmax;
-    uint8_t *y;             /* m x n bytes, row stride n */
-} qc_requant;
-
-static inline float qc_round_half_even(float v) {
-    const float magic = 12582912.0f; /* 1.5 * 2^23 */
-    return (v + magic) - magic; /* two IEEE additions; the build never uses -ffast-math */
-}
-
-static void qc_requant_tile(const qc_requant *rq, const int32_t *acc, ptrdiff_t ldacc,
-                            ptrdiff_t i0, ptrdiff_t rows, ptrdiff_t j0, ptrdiff_t width,
-                            ptrdiff_t n) {
-    float lo = (float)(rq->qmin - rq->zp), hi = (float)(rq->qmax - rq->zp);
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        uint32_t rs = rq->rowsum ? (uint32_t)rq->rowsum[i0 + r] : 0u;
-        uint8_t *yr = rq->y + (i0 + r) * n + j0;
-        const int32_t *ar = acc + r * ldacc;
-        for (ptrdiff_t j = 0; j < width; j++) {
-            uint32_t v = (uint32_t)ar[j] + (uint32_t)rq->colterm[j0 + j];
-            if (rq->rowcoef) v += rs * (uint32_t)rq->rowcoef[j0 + j];
-            float f = (float)(int32_t)v * rq->mult[j0 + j];
-            f = f < lo ? lo : (f > hi ? hi : f);
-            yr[j] = (uint8_t)((int32_t)qc_round_half_even(f) + rq->zp);
+        if (rq) {
+            qc_requant_rows_512(rq, edge, QC_NG * QC_NR, i0, rows, j0, width, n);
+        } else {
+            for (ptrdiff_t r = 0; r < rows; r++)
+                memcpy(c + (i0 + r) * ldc, edge + r * QC_NG * QC_NR,
+                       (size_t)width * sizeof(int32_t));
         }
     }
 }
+#endif
 
 /* One column group of C, on the given path, into c (pointing at the group's first column). */
 static void qc_gemm_group(int path, const int8_t *a, const uint8_t *apack, const int8_t *bp,
@@ -408,7 +454,7 @@ static void qc_gemm_group(int path, const int8_t *a, const uint8_t *apack, const
                           ptrdiff_t n, ptrdiff_t k, ptrdiff_t g) {
 #if QC_X86
     if (path == QC_PATH_VNNI512) {
-        qc_gemm_vnni_group(apack, bp, colsum, c, ldc, m, n, k, g);
+        qc_gemm_vnni_group(apack, bp, colsum, c, ldc, m, n, k, g, NULL, NULL);
         return;
     }
     if (path == QC_PATH_AVX2) {
@@ -442,9 +488,10 @@ static int qc_gemm_packed(int path, const int8_t *a, uint8_t *apack_scratch, con
     return path;
 }
 
-/* The same GEMM with requantization fused into the write-out: each column group is computed
- * into a 64-column int32 scratch (L2-resident) and converted to 8 bits from there; the int32
- * result matrix never exists. Returns the path used, or -1 if memory ran out. */
+/* The same GEMM with requantization fused into the write-out; the int32 result matrix never
+ * exists. VNNI path: per thread, one L2-sized chunk buffer; each chunk of rows is converted to 8
+ * bits as soon as it is complete. Other paths: per thread, one m x 64 int32 tile per column group.
+ * Returns the path used, or -1 if memory ran out. */
 static int qc_gemm_packed_requant(int path, const int8_t *a, uint8_t *apack_scratch,
                                   const int8_t *bp, const int32_t *colsum, const qc_requant *rq,
                                   ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, int threads) {
@@ -452,9 +499,10 @@ static int qc_gemm_packed_requant(int path, const int8_t *a, uint8_t *apack_scra
     int failed = 0;
     threads = qc_clamp_threads(threads, groups);
     if (path == QC_PATH_VNNI512) qc_pack_a_u8(a, k, m, k, apack_scratch);
+    size_t rows = path == QC_PATH_VNNI512 ? (size_t)(QC_MCT * QC_MR) : (size_t)m;
 #pragma omp parallel num_threads(threads)
     {
-        int32_t *tile = (int32_t *)malloc((size_t)m * QC_NG * QC_NR * sizeof(int32_t));
+        int32_t *tile = (int32_t *)malloc(rows * QC_NG * QC_NR * sizeof(int32_t));
         if (!tile) {
 #pragma omp atomic write
             failed = 1;
@@ -464,8 +512,14 @@ static int qc_gemm_packed_requant(int path, const int8_t *a, uint8_t *apack_scra
             if (!tile) continue;
             ptrdiff_t j0 = g * QC_NG * QC_NR;
             ptrdiff_t width = n - j0 < QC_NG * QC_NR ? n - j0 : QC_NG * QC_NR;
+#if QC_X86
+            if (path == QC_PATH_VNNI512) {
+                qc_gemm_vnni_group(apack_scratch, bp, colsum, NULL, 0, m, n, k, g, rq, tile);
+                continue;
+            }
+#endif
             qc_gemm_group(path, a, apack_scratch, bp, colsum, tile, QC_NG * QC_NR, m, n, k, g);
-            qc_requant_tile(rq, tile, QC_NG * QC_NR, 0, m, j0, width, n);
+            qc_requant_rows(path, rq, tile, QC_NG * QC_NR, 0, m, j0, width, n);
         }
         free(tile);
     }
