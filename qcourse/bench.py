@@ -49,7 +49,9 @@ def _torch_int_mm():
     def run(a, b):
         return torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
-    run.__name__ = f"torch._int_mm (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    run.__name__ = (f"torch._int_mm (torch {torch.__version__}, {threads} "
+                    f"thread{'s' if threads != 1 else ''})")
     return run
 
 

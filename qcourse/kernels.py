@@ -236,7 +236,10 @@ _threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity
 
 
 def get_num_threads() -> int:
-    """Threads :func:`matmul_int8` uses by default (initially: the CPUs this process may use)."""
+    """Most threads :func:`matmul_int8` uses by default (initially: the CPUs this process may use).
+
+    A product smaller than ``MIN_OPS_PER_THREAD`` operations per thread uses fewer.
+    """
     return _threads
 
 
@@ -244,6 +247,18 @@ def set_num_threads(threads: int) -> None:
     """Set the default thread count of the packed kernel (OpenMP, over groups of 64 columns)."""
     global _threads
     _threads = _check_threads(threads)
+
+
+# Work per extra thread before the default thread count uses it: about a millisecond of the VNNI
+# kernel.  An OpenMP loop ends in a barrier that waits for every thread; on a machine whose other
+# cores are busy, a thread can wait a whole scheduler time slice (milliseconds) to run at all, so
+# splitting a sub-millisecond product can make it hundreds of times slower.  An explicit
+# ``threads=`` argument is always obeyed.
+MIN_OPS_PER_THREAD = 2**28
+
+
+def _default_threads(m: int, n: int, k: int) -> int:
+    return max(1, min(_threads, (2 * m * n * k) // MIN_OPS_PER_THREAD))
 
 
 def _check_threads(threads) -> int:
@@ -267,7 +282,8 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     probe = np.zeros((packed.k, 1), np.int8)
     a, _ = _check_operands(a, probe)
     code = _path_code(path)
-    threads = _threads if threads is None else _check_threads(threads)
+    threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
+               else _check_threads(threads))
     a = np.ascontiguousarray(a)
     out = _new_output(a, packed.n)
     scratch = _aligned_empty(_kernels.packed_a_size(a.shape[0], packed.k), np.uint8)
@@ -361,7 +377,8 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
     a, _ = _check_operands(a, np.zeros((packed.k, 1), np.int8))
     a = np.ascontiguousarray(a)
     code = _path_code(path)
-    threads = _threads if threads is None else _check_threads(threads)
+    threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
+               else _check_threads(threads))
     out_dtype, qmin, qmax, zp, mult, colterm, rowsum, rowcoef = _requant_terms(
         a, packed, multiplier, output_zero_point, bias, a_zero_point, b_zero_point, out_dtype,
         qmin, qmax)

@@ -306,3 +306,21 @@ def test_fused_requant_bad_arguments(kwargs, exc, pattern):
     b = np.ones((4, 3), np.int8)
     with pytest.raises(exc, match=pattern):
         matmul_int8_requant(a, b, **args)
+
+
+def test_threads_argument():
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, size=(70, 90), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(90, 200), dtype=np.int8)
+    expected = exact_product(a, b)
+    for threads in (1, 2, 3, 8):
+        for path in available_paths():
+            np.testing.assert_array_equal(matmul_int8(a, b, threads=threads, path=path), expected)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            matmul_int8(a, b, threads=bad)
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            kernels.set_num_threads(bad)
+    # small products stay on one thread by default; large ones may use every allowed thread
+    assert kernels._default_threads(8, 8, 8) == 1
+    assert kernels._default_threads(4096, 4096, 4096) == kernels.get_num_threads()
