@@ -32,6 +32,27 @@ from qcourse.affine import (
     storage_dtype,
     unpack_int,
 )
+from qcourse.calibration import (
+    EntropyObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    Observer,
+    ObserverResult,
+    PercentileObserver,
+    StaticDynamicReport,
+    StreamingHistogram,
+    calibrate,
+    compare_observers,
+    compare_static_dynamic,
+    dynamic_fake_quant_hook,
+    dynamic_qparams,
+    fake_quant_hook,
+    histogram_mse,
+    histogram_percentile,
+    kl_divergence,
+    kl_threshold_search,
+)
 from qcourse.floats import (
     BF16,
     ENERGY_45NM_PJ,
@@ -78,6 +99,26 @@ from qcourse.kernels import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # calibration
+    "EntropyObserver",
+    "MSEObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "ObserverResult",
+    "PercentileObserver",
+    "StaticDynamicReport",
+    "StreamingHistogram",
+    "calibrate",
+    "compare_observers",
+    "compare_static_dynamic",
+    "dynamic_fake_quant_hook",
+    "dynamic_qparams",
+    "fake_quant_hook",
+    "histogram_mse",
+    "histogram_percentile",
+    "kl_divergence",
+    "kl_threshold_search",
     # affine
     "ErrorBreakdown",
     "QParams",
