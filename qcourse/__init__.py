@@ -53,6 +53,25 @@ from qcourse.calibration import (
     kl_divergence,
     kl_threshold_search,
 )
+from qcourse.fixed_point import (
+    ROUNDING_MODES,
+    accumulator_bits,
+    fixed_add,
+    fixed_mul,
+    fixed_range,
+    from_fixed,
+    max_k,
+    min_accumulator_bits,
+    multiplier_to_real,
+    multiply_by_quantized_multiplier,
+    power_of_two_exponent,
+    product_range,
+    quantize_multiplier,
+    round_shift,
+    rounding_divide_by_pot,
+    srdhm,
+    to_fixed,
+)
 from qcourse.floats import (
     BF16,
     ENERGY_45NM_PJ,
@@ -99,6 +118,24 @@ from qcourse.kernels import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # fixed_point
+    "ROUNDING_MODES",
+    "accumulator_bits",
+    "fixed_add",
+    "fixed_mul",
+    "fixed_range",
+    "from_fixed",
+    "max_k",
+    "min_accumulator_bits",
+    "multiplier_to_real",
+    "multiply_by_quantized_multiplier",
+    "power_of_two_exponent",
+    "product_range",
+    "quantize_multiplier",
+    "round_shift",
+    "rounding_divide_by_pot",
+    "srdhm",
+    "to_fixed",
     # calibration
     "EntropyObserver",
     "MSEObserver",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcourse import _kernels
+from qcourse.fixed_point import max_k
 
 __all__ = [
     "INT32_MAX",
@@ -49,7 +50,7 @@ def max_k_s8s8() -> int:
     :math:`K \le 2^{17} - 1 = 131071`.  At K = 131072 an all-(-128) row times an all-(-128)
     column gives exactly :math:`2^{31}`, one more than int32 can hold.
     """
-    return INT32_MAX // (128 * 128)
+    return max_k(32, 8, 8)
 
 
 def _check_operands(a, b) -> tuple[np.ndarray, np.ndarray]:
