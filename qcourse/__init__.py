@@ -94,6 +94,24 @@ from qcourse.floats import (
     fields,
     ulp,
 )
+from qcourse.int_matmul import (
+    ACTIVATIONS,
+    REQUANTIZATIONS,
+    QuantizedLinear,
+    activation_range,
+    float_multiplier,
+    fold_zero_points,
+    linear_float,
+    matmul_integer,
+    matmul_integer_reference,
+    qlinear_matmul,
+    qlinear_matmul_reference,
+    quantize_bias,
+    requantization_disagreements,
+    requantize_fixed_point,
+    requantize_float,
+    zero_point_terms,
+)
 from qcourse.kernels import (
     INT32_MAX,
     LADDER,
@@ -118,6 +136,23 @@ from qcourse.kernels import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # int_matmul
+    "ACTIVATIONS",
+    "REQUANTIZATIONS",
+    "QuantizedLinear",
+    "activation_range",
+    "float_multiplier",
+    "fold_zero_points",
+    "linear_float",
+    "matmul_integer",
+    "matmul_integer_reference",
+    "qlinear_matmul",
+    "qlinear_matmul_reference",
+    "quantize_bias",
+    "requantization_disagreements",
+    "requantize_fixed_point",
+    "requantize_float",
+    "zero_point_terms",
     # fixed_point
     "ROUNDING_MODES",
     "accumulator_bits",

@@ -357,11 +357,16 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
         y_{ij} = \mathrm{clamp}\big(\mathrm{rhe}(\mathrm{f32}(v_{ij}) \cdot m_j) + z_y,\,
                  q_{\min}, q_{\max}\big)
 
-    with the float32 multiplier :math:`m_j = S_A S_{B,j} / S_y`, rhe = round half to even, and
-    the int32 sum taken modulo :math:`2^{32}`: the float requantization convention of ONNX
-    Runtime and PyTorch (the int_matmul chapter derives it; ``qcourse.int_matmul`` reproduces the
-    ONNX operators).  The zero-point terms are folded into per-column constants (and, when B has
-    a zero point, one per-row sum of A).  ``qmin``/``qmax`` narrow the output range: a fused ReLU
+    with a float32 multiplier :math:`m_j`, rhe = round half to even, and the int32 sum taken
+    modulo :math:`2^{32}`: the requantization of ONNX Runtime's QLinearMatMul and QLinearConv
+    (``qcourse.int_matmul.qlinear_matmul`` reproduces them on top of this kernel).  ``multiplier``
+    is rounded to float32 once; to match ONNX Runtime bit for bit pass its value
+    :math:`\mathrm{fl}(\mathrm{fl}(S_A S_{B,j}) / S_y)` computed in float32
+    (``qcourse.int_matmul.float_multiplier``), which is not always the correctly rounded
+    :math:`S_A S_{B,j} / S_y`.  PyTorch's FBGEMM, x86 and oneDNN engines add a float bias before
+    rounding instead of an int32 one, so they can differ by one step (the int_matmul chapter).
+    The zero-point terms are folded into per-column constants (and, when B has a zero point, one
+    per-row sum of A).  ``qmin``/``qmax`` narrow the output range: a fused ReLU
     is ``qmin=output_zero_point``.  Each 64-column group is computed into a small int32 tile and
     converted from there; the int32 result matrix is never written.
 
