@@ -17,9 +17,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qcourse.kernels import LADDER, available_paths, best_path, matmul_int8, prepack
+from qcourse.kernels import (
+    LADDER,
+    available_paths,
+    best_path,
+    get_num_threads,
+    matmul_int8,
+    prepack,
+    set_num_threads,
+)
 
-__all__ = ["Result", "competitors", "format_table", "machine_description", "run_benchmark"]
+__all__ = ["Result", "competitors", "format_table", "machine_description", "run_benchmark",
+           "thread_limit"]
 
 Result = dict  # one row: {"size", "kernel", "seconds", "gops", "vs_numpy_f32", "exact"}
 
@@ -40,6 +49,44 @@ def machine_description() -> str:
             f"(default {best_path()})")
 
 
+class thread_limit:
+    """Context manager: every contender (qcourse, NumPy's BLAS, PyTorch) uses ``threads`` threads.
+
+    NumPy's BLAS is limited through ``threadpoolctl`` when it is installed (otherwise it keeps its
+    own default, and the caption says so); ONNX Runtime sessions read :func:`get_num_threads`.
+    """
+
+    def __init__(self, threads: int):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = threads
+
+    def __enter__(self):
+        self._saved = [get_num_threads()]
+        set_num_threads(self.threads)
+        self._blas = None
+        try:
+            from threadpoolctl import threadpool_limits
+            self._blas = threadpool_limits(limits=self.threads, user_api="blas")
+        except ImportError:
+            pass
+        try:
+            import torch
+            self._saved.append(torch.get_num_threads())
+            torch.set_num_threads(self.threads)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        set_num_threads(self._saved[0])
+        if self._blas is not None:
+            self._blas.unregister()
+        if len(self._saved) > 1:
+            import torch
+            torch.set_num_threads(self._saved[1])
+
+
 def _torch_int_mm():
     try:
         import torch
@@ -49,9 +96,7 @@ def _torch_int_mm():
     def run(a, b):
         return torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
-    threads = torch.get_num_threads()
-    run.__name__ = (f"torch._int_mm (torch {torch.__version__}, {threads} "
-                    f"thread{'s' if threads != 1 else ''})")
+    run.__name__ = f"torch._int_mm (torch {torch.__version__})"
     return run
 
 
@@ -61,10 +106,10 @@ def _ort_matmul_integer():
         from onnx import TensorProto, helper
     except ImportError:
         return None
-    cache: dict[tuple[int, int], object] = {}
+    cache: dict[tuple[int, int, int], object] = {}
 
     def session(k, n):
-        if (k, n) not in cache:
+        if (k, n, get_num_threads()) not in cache:
             graph = helper.make_graph(
                 [helper.make_node("MatMulInteger", ["A", "B", "a_zp"], ["Y"])], "mmi",
                 [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, k]),
@@ -73,17 +118,17 @@ def _ort_matmul_integer():
                 initializer=[helper.make_tensor("a_zp", TensorProto.UINT8, [], [128])])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
             opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
-            cache[(k, n)] = ort.InferenceSession(model.SerializeToString(), opts,
-                                                 providers=["CPUExecutionProvider"])
-        return cache[(k, n)]
+            opts.intra_op_num_threads = get_num_threads()
+            cache[(k, n, get_num_threads())] = ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return cache[(k, n, get_num_threads())]
 
     def run(a, b):
         # u8 x s8 with a zero point of 128: (a + 128) - 128 = a, the form ORT's kernels want.
         au = (a.astype(np.int16) + 128).astype(np.uint8)
         return session(*b.shape).run(None, {"A": au, "B": b})[0]
 
-    run.__name__ = f"ONNX Runtime MatMulInteger u8s8 ({ort.__version__}, 1 thread)"
+    run.__name__ = f"ONNX Runtime MatMulInteger u8s8 ({ort.__version__})"
     return run
 
 
@@ -184,11 +229,16 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--include-slow", action="store_true", help="time the naive rung too")
     parser.add_argument("--no-outside", action="store_true", help="skip PyTorch / ONNX Runtime")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="thread counts to run, every contender pinned to each in turn")
     args = parser.parse_args(argv)
     print(machine_description())
-    rows = run_benchmark(args.sizes, args.repeat, include_slow=args.include_slow,
-                         outside=not args.no_outside)
-    print(format_table(rows))
+    for threads in args.threads:
+        with thread_limit(threads):
+            rows = run_benchmark(args.sizes, args.repeat, include_slow=args.include_slow,
+                                 outside=not args.no_outside)
+        print(f"\n{threads} thread{'s' if threads > 1 else ''} per contender:\n")
+        print(format_table(rows))
 
 
 if __name__ == "__main__":

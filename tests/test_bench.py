@@ -51,3 +51,14 @@ def test_cli_prints_machine_and_table(capsys):
     bench.main(["--sizes", "16", "--repeat", "1", "--no-outside"])
     out = capsys.readouterr().out
     assert "qcourse paths:" in out and "| 16 | NumPy float32 matmul |" in out
+
+
+def test_thread_limit_pins_and_restores():
+    before = bench.get_num_threads()
+    with bench.thread_limit(1):
+        assert bench.get_num_threads() == 1
+        rows = bench.run_benchmark(sizes=[16], repeat=1, outside=False)
+        assert all(r["exact"] in (True, None) for r in rows)
+    assert bench.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        bench.thread_limit(0)
