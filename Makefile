@@ -44,3 +44,21 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# Instructors (see book/grading.md): the student release of every exercise notebook, grading a
+# folder of submissions, a drill with known scores, and the self-study pages.
+COURSE      ?= _build/course
+SUBMISSIONS ?= submissions
+.PHONY: release grade drill self-study
+
+release: venv
+	$(BIN)/python -m qcourse.grading release --course $(COURSE)
+
+grade: venv
+	$(BIN)/python -m qcourse.grading grade $(SUBMISSIONS) --course $(COURSE) -v
+
+drill: venv
+	$(BIN)/python -m qcourse.grading drill --course _build/drill
+
+self-study: venv
+	$(BIN)/python -m qcourse.grading self-study notebooks/*.ipynb --out book/exercises

@@ -1,15 +1,11 @@
 """The HTML book builds with warnings as errors, executes its chapters, and shows their outputs."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from book_build import built_book_html
 from notebook_runner import ROOT, chapters
-
-JB = Path(sys.executable).with_name("jupyter-book")
 
 
 def toc_files() -> list[str]:
@@ -30,12 +26,9 @@ def test_every_chapter_is_in_the_toc_and_every_toc_entry_exists():
 
 
 @pytest.fixture(scope="module")
-def built_book(tmp_path_factory):
-    out = tmp_path_factory.mktemp("book")
-    cmd = [str(JB), "build", str(ROOT), "-W", "-n", "--keep-going", "--path-output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
-    assert proc.returncode == 0, f"book build failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    html = out / "_build" / "html"
+def built_book():
+    # One build per set of sources, shared with the browser tests (tests/book_build.py).
+    html = built_book_html()
     assert (html / "index.html").is_file()
     return html
 

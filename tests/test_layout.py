@@ -12,11 +12,15 @@ import qcourse
 
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that serve several chapters rather than being one chapter's library.
-SHARED_MODULES = {"__init__", "datasets", "nn", "bench"}
+SHARED_MODULES = {"__init__", "datasets", "nn", "bench", "grading"}
+
+
+# Pages of the book that are not chapters with a module and exercises.
+NON_CHAPTER_PAGES = {"intro", "references", "grading"}
 
 
 def chapter_stems() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "book").glob("*.md") if p.stem != "intro")
+    return sorted(p.stem for p in (ROOT / "book").glob("*.md") if p.stem not in NON_CHAPTER_PAGES)
 
 
 def library_modules() -> list[str]:

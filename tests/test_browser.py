@@ -1,0 +1,353 @@
+"""The HTML book as a reader sees it: every page opened in headless Chromium, with no network.
+
+The book is built with ``jupyter-book build -W -n`` (once for all the test files that need it,
+and again only when its sources change: see ``book_build.py``) and served from 127.0.0.1 by a
+thread. Each page is opened with every request routed through ``browser_support.Guard``: a
+request to any other host fails the test, and so does a failed request, an HTTP error or a
+console error. On each page the test then checks what a reader would see: the math typeset by
+the book's own MathJax (no TeX source left in the text), every image loaded, every saved widget
+view rendered by the book's own widget manager; and it saves screenshots in
+``_build/screenshots/``. Separate tests follow every link from the table of contents, search
+the book, and check the launch and download buttons and the bibliography.
+"""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+import nbformat
+import pytest
+import yaml
+from book_build import built_book_html
+from browser_support import ROOT, Guard, StaticServer, launch, screenshot_path, sync_playwright
+from notebook_runner import chapters
+
+from qcourse.floats import FORMATS, encode
+
+pytestmark = pytest.mark.slow
+
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [c["file"] for c in part["chapters"]]
+    return files
+
+
+def chapter_stems() -> list[str]:
+    """The chapters (MyST notebooks) that the table of contents lists."""
+    listed = set(toc_files())
+    return [p.stem for p in chapters() if f"book/{p.stem}" in listed]
+
+
+@pytest.fixture(scope="module")
+def built_book() -> Path:
+    return built_book_html()
+
+
+@pytest.fixture(scope="module")
+def server(built_book):
+    with StaticServer(built_book) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    guard = Guard()
+    guard.attach(page)
+    page.guard = guard
+    yield page
+    context.close()
+
+
+# --------------------------------------------------------------------------------------------
+# What the browser reports about a page, collected in one script once the page has settled.
+
+SETTLE = """
+async () => {
+  if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
+    await window.MathJax.startup.promise;
+  }
+  const images = Array.from(document.images);
+  for (const img of images) { img.loading = "eager"; }
+  await Promise.all(images.map((img) => img.decode().catch(() => null)));
+}
+"""
+
+WIDGETS_RENDERED = r"""
+(mime) => {
+  const views = document.querySelectorAll(`script[type="${mime.view}"]`);
+  return Array.from(views).every((script) => {
+    const area = script.previousElementSibling;
+    return area && area.classList.contains("widget-subarea") &&
+           area.querySelector(".jupyter-widgets") !== null;
+  });
+}
+"""
+
+REPORT = r"""
+(mime) => {
+  const article = document.querySelector("article") || document.body;
+  const mathNodes = Array.from(article.querySelectorAll(".math"));
+  const untypeset = mathNodes.filter((m) => m.querySelector("mjx-container") === null)
+                             .map((m) => m.textContent.trim().slice(0, 80));
+  const skip = "pre, code, script, style, mjx-container, .highlight, .output";
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT, {
+    acceptNode: (n) => n.parentElement.closest(skip) ? NodeFilter.FILTER_REJECT
+                                                       : NodeFilter.FILTER_ACCEPT});
+  let text = "";
+  while (walker.nextNode()) { text += walker.currentNode.textContent + " "; }
+  const rawTex = (text.match(/\$\$|\\\(|\\\)|\\\[|\\\]|\\begin\{/g) || []);
+  const views = Array.from(document.querySelectorAll(`script[type="${mime.view}"]`));
+  const rendered = views.filter((script) => {
+    const area = script.previousElementSibling;
+    if (!area || !area.classList.contains("widget-subarea")) { return false; }
+    const box = area.getBoundingClientRect();
+    return area.querySelector(".jupyter-widgets") !== null && box.width > 0 && box.height > 0;
+  });
+  return {
+    title: (document.querySelector("h1") || {textContent: ""}).textContent.trim(),
+    mathNodes: mathNodes.length,
+    mjx: article.querySelectorAll("mjx-container").length,
+    mathErrors: article.querySelectorAll("mjx-merror, [data-mjx-error]").length,
+    untypeset: untypeset.slice(0, 5),
+    rawTex: rawTex.slice(0, 5),
+    images: Array.from(document.images).map((i) => ({src: i.getAttribute("src"),
+                                                     ok: i.complete && i.naturalWidth > 0})),
+    views: views.length,
+    renderedViews: rendered.length,
+    widgetState: document.querySelectorAll(`script[type="${mime.state}"]`).length,
+  };
+}
+"""
+MIME = {"view": "application/vnd.jupyter.widget-view+json",
+        "state": "application/vnd.jupyter.widget-state+json"}
+
+
+def open_page(page, url: str) -> dict:
+    page.goto(url, wait_until="load")
+    page.evaluate(SETTLE)
+    page.wait_for_function(WIDGETS_RENDERED, arg=MIME, timeout=30_000)
+    page.wait_for_load_state("networkidle")
+    return page.evaluate(REPORT, MIME)
+
+
+@pytest.mark.parametrize("entry", toc_files())
+def test_page_renders_offline_with_math_figures_and_widgets(server, page, entry):
+    report = open_page(page, server.url + f"{entry}.html")
+    stem = Path(entry).name
+    page.screenshot(path=screenshot_path(f"book_{stem}"))
+    display_math = page.locator("article div.math")
+    if display_math.count():
+        display_math.first.evaluate("(el) => el.scrollIntoView({block: 'start'})")
+        page.evaluate("() => window.scrollBy(0, -250)")
+        page.screenshot(path=screenshot_path(f"book_{stem}_math"))
+    assert not page.guard.problems(), f"{entry}:\n{page.guard.problems()}"
+    assert report["title"], f"{entry} has no title"
+
+    source = (ROOT / f"{entry}.md").read_text()
+    if re.search(r"\$[^$\n]+\$|\{math\}|```\{math\}", source):
+        assert report["mathNodes"] > 0, f"{entry} has math in its source but none on the page"
+    assert report["mjx"] >= report["mathNodes"], f"{entry}: math not typeset: {report}"
+    assert not report["untypeset"], f"{entry}: math left untypeset: {report['untypeset']}"
+    assert report["mathErrors"] == 0, f"{entry}: MathJax reported {report['mathErrors']} errors"
+    assert not report["rawTex"], f"{entry}: TeX source left in the text: {report['rawTex']}"
+
+    broken = [img["src"] for img in report["images"] if not img["ok"]]
+    assert not broken, f"{entry}: images that did not load: {broken}"
+    if "```{code-cell}" in source and "plt." in source:
+        figures = [i for i in report["images"] if "_images/" in (i["src"] or "")]
+        assert figures, f"{entry} plots with matplotlib but shows no figure"
+
+    if re.search(r"^import ipywidgets|^from ipywidgets", source, re.MULTILINE):
+        assert report["widgetState"] == 1, f"{entry} makes widgets but stored no widget state"
+        assert report["views"] > 0, f"{entry} makes widgets but shows no widget view"
+    assert report["renderedViews"] == report["views"], (
+        f"{entry}: {report['views'] - report['renderedViews']} of {report['views']} widget "
+        "views did not render")
+
+
+def test_bit_explorer_static_view(server, page):
+    """The floats chapter's widget renders as the reader's static copy: screenshot for README."""
+    if "floats" not in chapter_stems():
+        pytest.skip("no floats chapter")
+    open_page(page, server.url + "book/floats.html")
+    widget = page.locator(".widget-subarea .jupyter-widgets.widget-vbox").first
+    widget.scroll_into_view_if_needed()
+    fmt_name = widget.locator("select").input_value()
+    value = widget.locator("input[type=text]").input_value()
+    fmt = FORMATS[fmt_name]
+    bits = int(encode(float(value), fmt))
+    toggles = widget.locator(".widget-toggle-button")
+    assert toggles.count() == fmt.total_bits, f"{fmt_name} needs one toggle button per bit"
+    shown = "".join(toggles.all_inner_texts())
+    assert shown == format(bits, f"0{fmt.total_bits}b"), f"{value} in {fmt_name}: bits {shown}"
+    assert f"0x{bits:X}" in widget.inner_text(), f"{value} in {fmt_name} is 0x{bits:X}"
+    widget.screenshot(path=screenshot_path("book_bit_explorer"))
+    assert not page.guard.problems(), page.guard.problems()
+
+
+def test_guard_catches_a_request_off_the_machine(server, page):
+    """The fence works: a page that asks for a CDN script is caught (the test can fail)."""
+    page.goto(server.url + "book/intro.html", wait_until="load")
+    page.evaluate("""() => new Promise((resolve) => {
+        const s = document.createElement("script");
+        s.src = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js";
+        s.onerror = s.onload = resolve;
+        document.head.appendChild(s);
+    })""")
+    assert page.guard.blocked == ["https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"]
+
+
+def test_guard_catches_console_errors_and_missing_files(server, page):
+    page.goto(server.url + "book/intro.html", wait_until="load")
+    page.evaluate("""() => new Promise((resolve) => {
+        console.error("deliberate");
+        const img = document.createElement("img");
+        img.src = "../_static/no-such-image.png";
+        img.onerror = img.onload = resolve;
+        document.body.appendChild(img);
+    })""")
+    problems = page.guard.problems()
+    assert "deliberate" in problems and "no-such-image.png: HTTP 404" in problems
+
+
+# --------------------------------------------------------------------------------------------
+# Links, search, buttons, bibliography.
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+        self.refresh: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"):
+            self.ids.add(attrs["id"])
+        if tag == "a" and attrs.get("href"):
+            self.hrefs.append(attrs["href"])
+        if tag == "meta" and (attrs.get("http-equiv") or "").lower() == "refresh":
+            self.refresh = (attrs.get("content") or "").partition("url=")[2] or None
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_every_page_is_reachable_from_the_toc_and_no_internal_link_is_broken(built_book):
+    index = _parse(built_book / "index.html")
+    root = toc_files()[0]
+    assert index.refresh == f"{root}.html", "index.html does not lead to the first page"
+    pages: dict[str, _Links] = {}
+    queue = [f"{root}.html"]
+    broken = []
+    while queue:
+        rel = queue.pop()
+        if rel in pages:
+            continue
+        pages[rel] = _parse(built_book / rel)
+        for href in pages[rel].hrefs:
+            parts = urlsplit(href)
+            if parts.scheme or parts.netloc or href.startswith(("mailto:", "javascript:")):
+                continue
+            target = unquote(parts.path)
+            target_rel = (Path(urljoin("/" + rel, target)).as_posix().lstrip("/") if target
+                          else rel)
+            path = built_book / target_rel
+            if not path.exists():
+                broken.append(f"{rel}: {href} (no {target_rel})")
+                continue
+            if target_rel.endswith(".html") and not target_rel.startswith("_"):
+                queue.append(target_rel)
+    for rel, links in pages.items():
+        for href in links.hrefs:
+            parts = urlsplit(href)
+            if parts.scheme or parts.netloc or not parts.fragment:
+                continue
+            target = unquote(parts.path)
+            target_rel = (Path(urljoin("/" + rel, target)).as_posix().lstrip("/") if target
+                          else rel)
+            if target_rel in pages and parts.fragment not in pages[target_rel].ids:
+                broken.append(f"{rel}: {href} (no id {parts.fragment!r} in {target_rel})")
+    assert not broken, "broken internal links:\n" + "\n".join(broken)
+    unreachable = [f"{e}.html" for e in toc_files() if f"{e}.html" not in pages]
+    assert not unreachable, f"pages not reachable from the table of contents: {unreachable}"
+
+
+def test_search_finds_a_chapter_by_a_word_in_it(server, page):
+    if "floats" not in chapter_stems():
+        pytest.skip("no floats chapter")
+    page.goto(server.url + "search.html?q=subnormal", wait_until="load")
+    results = page.locator("#search-results ul.search li a")
+    results.first.wait_for(timeout=30_000)
+    hrefs = results.evaluate_all("(els) => els.map((e) => e.getAttribute('href'))")
+    assert any("book/floats.html" in h for h in hrefs), f"search for 'subnormal': {hrefs}"
+    page.goto(server.url + "search.html?q=qzxjvwkq", wait_until="load")
+    page.locator("#search-results p.search-summary").wait_for(timeout=30_000)
+    assert page.locator("#search-results ul.search li").count() == 0
+    assert not page.guard.problems(), page.guard.problems()
+
+
+@pytest.mark.parametrize("stem", chapter_stems())
+def test_chapter_has_binder_and_notebook_download_buttons(built_book, stem):
+    html = built_book / "book" / f"{stem}.html"
+    hrefs = _parse(html).hrefs
+    repo = urlsplit(CONFIG["repository"]["url"]).path.strip("/")
+    binder = CONFIG["launch_buttons"]["binderhub_url"].rstrip("/")
+    branch = CONFIG["repository"]["branch"]
+    prefix = {"jupyterlab": "lab/tree", "classic": "tree"}[
+        CONFIG["launch_buttons"].get("notebook_interface", "classic")]
+    expected = f"{binder}/v2/gh/{repo}/{branch}?urlpath={prefix}/book/{stem}.md"
+    assert expected in hrefs, f"no Binder button {expected} in {html.name}"
+    download = f"../_sources/book/{stem}.ipynb"
+    assert download in hrefs, f"no .ipynb download button in {html.name}"
+    nb = nbformat.read(built_book / "_sources" / "book" / f"{stem}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.execution_count for c in code), "the download is not executed"
+    assert any(c.outputs for c in code)
+
+
+def test_bibliography_lists_every_source(built_book):
+    assert "book/references" in toc_files(), "add book/references to _toc.yml"
+    bib = (ROOT / "book" / "references.bib").read_text()
+    keys = re.findall(r"^@\w+\{([^,]+),", bib, re.MULTILINE)
+    page = (built_book / "book" / "references.html").read_text()
+    entries = re.findall(r'role="doc-biblioentry"', page)
+    assert len(entries) == len(keys) > 0, f"{len(entries)} entries on the page, {len(keys)} in bib"
+    for name in ("Jacob", "Horowitz", "Micikevicius", "Goto", "Williams", "Alpaydin"):
+        assert name in page, f"{name} is missing from the bibliography"
+
+
+def test_readme_screenshots_exist_and_are_small():
+    readme = (ROOT / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme)
+    assert len(images) >= 2, "the README shows the book and the bit explorer"
+    for rel in images:
+        path = ROOT / rel
+        assert path.is_file(), f"README shows {rel}, which does not exist"
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), f"{rel} is not a PNG"
+        assert len(data) < 300_000, f"{rel} is {len(data)} bytes; keep README images < 300 KB"
