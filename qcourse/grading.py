@@ -27,9 +27,11 @@ student code: the student's cells run in their own process, and the tests reach 
 functions and values only through a narrow channel that carries plain data (numbers, strings,
 tuples, lists, dicts, NumPy arrays, qcourse objects) and nothing else. Other defences: every
 submission is rebuilt from the release before grading (deleted, duplicated or edited test cells
-and tampered metadata are undone), each submission runs in its own scratch course outside the
-course directory with a per-cell timeout, large outputs are truncated, files outside the
-submission's own folder are watched, and feedback never shows hidden-test source. See the
+and tampered metadata are undone); each submission runs in its own scratch course outside the
+course directory, which holds no source notebook (so no solution to find), with a per-cell
+timeout; large outputs are truncated; writes outside the submission's own folder score zero and
+the course's own files are checked, and restored, after every submission; processes a
+submission leaves behind are killed; and feedback never shows hidden-test source. See the
 grading chapter for the threat model and its limits.
 """
 
@@ -1640,9 +1642,9 @@ def _grade_one(task: dict) -> dict:
     result: dict[str, Any] = {"student": student, "stem": stem}
     try:
         (scratch / "nbgrader_config.py").write_text(task["config"])
-        src_dir = scratch / "source" / stem
-        src_dir.mkdir(parents=True)
-        (src_dir / f"{stem}.ipynb").write_text(json.dumps(task["source"]))
+        # nbgrader restores the tests from its gradebook; the source notebook (solutions and
+        # hidden tests) stays out of reach of the submission's code, which runs two levels below
+        (scratch / "source" / stem).mkdir(parents=True)
         sub_dir = scratch / "submitted" / student / stem
         sub_dir.mkdir(parents=True)
         (sub_dir / f"{stem}.ipynb").write_text(json.dumps(task["canonical"]))
@@ -2425,8 +2427,8 @@ def drill_submissions(source: dict, release_nb: dict) -> list[DrillCase]:
     raises, an infinite loop, huge output, deleted and duplicated cells, edited tests and
     metadata, a redefined ``AssertionError``, an IPython hook that empties every later cell,
     objects that compare equal to anything, solution cells retagged as graded cells, writes
-    outside the submission's folder, a file that is not JSON, code that kills its kernel, and
-    code that kills the grading process.
+    outside the submission's folder, code that looks for the solutions there, a file that is not
+    JSON, code that kills its kernel, and code that kills the grading process.
     """
     exs = exercises(source)
     points = {e.test_id: e.points for e in exs}
@@ -2593,6 +2595,22 @@ def drill_submissions(source: dict, release_nb: dict) -> list[DrillCase]:
     cases.append(DrillCase(
         "writes-outside", "solved, but writes into the course above its own folder",
         _with_cells(release_nb, after_imports(solved(), writes)), zero))
+    steal = textwrap.dedent("""\
+        import json
+        import pathlib
+
+        for _nb in pathlib.Path("../../..").glob("source/*/*.ipynb"):
+            for _cell in json.loads(_nb.read_text())["cells"]:
+                if _cell["metadata"].get("nbgrader", {}).get("grade_id") == GRADE_ID:
+                    exec("".join(_cell["source"]))
+        """)
+    cells = copy.deepcopy(rel_cells)
+    for cell in cells:
+        if _is_solution(cell):
+            cell["source"] = steal.replace("GRADE_ID", repr(_grade_id(cell)))
+    cases.append(DrillCase(
+        "reads-solutions", "every solution cell looks for the course's source notebook above its "
+        "folder and runs the solution it finds there", _with_cells(release_nb, cells), zero))
     cases.append(DrillCase("not-json", "a file that is not JSON", "{\"cells\": [oops", zero))
     cases.append(DrillCase(
         "kills-kernel", f"solved, but exercise {ex_a.number}'s cell ends its own process",

@@ -216,7 +216,7 @@ def test_partly_solved_submission_scores_exactly_its_cells(graded, stem):
 GENERIC = ["raises", "infinite-loop", "huge-output", "deleted-cells", "duplicated-cells",
            "edited-tests", "retagged-cells", "redefined-assert", "silenced-tests",
            "anything-objects",
-           "writes-outside", "not-json", "kills-kernel", "kills-grader"]
+           "writes-outside", "reads-solutions", "not-json", "kills-kernel", "kills-grader"]
 HOSTILE = [(case, HOSTILE_STEM) for case in GENERIC] + [
     (case, "floats") for case in ("wrong-hidden", "patched-qcourse", "patched-numpy",
                                   "writes-course")]
