@@ -26,6 +26,25 @@ SOURCES = ["_config.yml", "_toc.yml", "requirements.txt", "pyproject.toml", "boo
            "qcourse/data/*"]
 
 
+def toc_entries(toc: dict | None = None) -> list[str]:
+    """Every page of ``_toc.yml`` in reading order: the root, each chapter, then its sections."""
+    if toc is None:
+        import yaml
+
+        toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries: list[dict]) -> None:
+        for entry in entries:
+            files.append(entry["file"])
+            walk(entry.get("sections", []))
+
+    for part in toc.get("parts", []):
+        walk(part["chapters"])
+    walk(toc.get("chapters", []))
+    return files
+
+
 def source_key() -> str:
     digest = hashlib.sha256()
     digest.update(sys.version.encode())

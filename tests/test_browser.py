@@ -13,6 +13,7 @@ the book, and check the launch and download buttons and the bibliography.
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,10 +22,11 @@ from urllib.parse import unquote, urljoin, urlsplit
 import nbformat
 import pytest
 import yaml
-from book_build import built_book_html
+from book_build import built_book_html, toc_entries
 from browser_support import ROOT, Guard, StaticServer, launch, screenshot_path, sync_playwright
 from notebook_runner import chapters
 
+from qcourse import grading
 from qcourse.floats import FORMATS, encode
 
 pytestmark = pytest.mark.slow
@@ -33,17 +35,25 @@ CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 
 
 def toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-    for part in toc.get("parts", []):
-        files += [c["file"] for c in part["chapters"]]
-    return files
+    """Every page of the table of contents: chapters and their sections (the self-study pages)."""
+    return toc_entries()
 
 
 def chapter_stems() -> list[str]:
     """The chapters (MyST notebooks) that the table of contents lists."""
     listed = set(toc_files())
     return [p.stem for p in chapters() if f"book/{p.stem}" in listed]
+
+
+def self_study_stems() -> list[str]:
+    """The self-study editions of the exercise notebooks that the table of contents lists."""
+    return [e.removeprefix("book/exercises/") for e in toc_files()
+            if e.startswith("book/exercises/")]
+
+
+# Chapters without a Binder button: the instructor's chapter needs notebooks/, which the Binder
+# image leaves out (postBuild; book/_ext/qcourse_html.py drops the button).
+NO_BINDER = {"grading"}
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +214,35 @@ def test_bit_explorer_static_view(server, page):
     assert not page.guard.problems(), page.guard.problems()
 
 
+def test_self_study_solution_is_hidden_until_its_toggle_is_clicked(server, page):
+    """On a self-study page a solution's code is folded away; one click on its toggle shows it."""
+    stems = self_study_stems()
+    if not stems:
+        pytest.skip("no self-study pages in the table of contents")
+    stem = "floats" if "floats" in stems else stems[0]
+    notebook = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())
+    solution = next(c for c in notebook["cells"] if grading._is_solution(c))
+    first_line = next(line for line in grading.cell_source(solution).splitlines()
+                      if line.strip() and "### " not in line).strip()
+
+    open_page(page, server.url + f"book/exercises/{stem}.html")
+    cell = page.locator("article div.cell.tag_hide-input").first
+    code = cell.locator("div.cell_input pre")
+    cell.scroll_into_view_if_needed()
+    article = page.locator("article")
+    assert not code.is_visible(), "the solution is shown before its toggle is clicked"
+    assert first_line not in article.inner_text(), f"{first_line!r} is readable before the click"
+    page.screenshot(path=screenshot_path(f"book_self_study_{stem}_folded"))
+
+    cell.locator("summary").click()
+    code.wait_for(state="visible", timeout=10_000)
+    assert first_line in code.inner_text()
+    assert first_line in article.inner_text()
+    page.wait_for_timeout(600)  # only for the screenshot: the toggle fades the code in
+    page.screenshot(path=screenshot_path(f"book_self_study_{stem}_unfolded"))
+    assert not page.guard.problems(), page.guard.problems()
+
+
 def test_guard_catches_a_request_off_the_machine(server, page):
     """The fence works: a page that asks for a CDN script is caught (the test can fail)."""
     page.goto(server.url + "book/intro.html", wait_until="load")
@@ -320,7 +359,10 @@ def test_chapter_has_binder_and_notebook_download_buttons(built_book, stem):
     prefix = {"jupyterlab": "lab/tree", "classic": "tree"}[
         CONFIG["launch_buttons"].get("notebook_interface", "classic")]
     expected = f"{binder}/v2/gh/{repo}/{branch}?urlpath={prefix}/book/{stem}.md"
-    assert expected in hrefs, f"no Binder button {expected} in {html.name}"
+    if stem in NO_BINDER:
+        assert not [h for h in hrefs if h.startswith(binder)], f"{html.name} has a Binder button"
+    else:
+        assert expected in hrefs, f"no Binder button {expected} in {html.name}"
     download = f"../_sources/book/{stem}.ipynb"
     assert download in hrefs, f"no .ipynb download button in {html.name}"
     nb = nbformat.read(built_book / "_sources" / "book" / f"{stem}.ipynb", as_version=4)

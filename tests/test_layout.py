@@ -20,6 +20,7 @@ NON_CHAPTER_PAGES = {"intro", "references", "grading"}
 
 
 def chapter_stems() -> list[str]:
+    # book/*.md only: the self-study pages in book/exercises/ are not chapters (see below).
     return sorted(p.stem for p in (ROOT / "book").glob("*.md") if p.stem not in NON_CHAPTER_PAGES)
 
 
@@ -36,6 +37,16 @@ def shared_modules() -> list[str]:
 def test_each_chapter_has_module_tests_and_exercises(stem):
     for path in (f"qcourse/{stem}.py", f"tests/test_{stem}.py", f"notebooks/{stem}.ipynb"):
         assert (ROOT / path).is_file(), f"book/{stem}.md has no {path}"
+
+
+def test_each_exercise_notebook_has_one_self_study_page_and_a_chapter():
+    """notebooks/STEM.ipynb <-> book/exercises/STEM.md (`make self-study`) <-> book/STEM.md"""
+    notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+    pages = sorted(p.stem for p in (ROOT / "book" / "exercises").glob("*.md"))
+    assert pages == notebooks, (
+        f"book/exercises/ has {pages}, notebooks/ has {notebooks}: run `make self-study`")
+    for stem in notebooks:
+        assert stem in chapter_stems(), f"notebooks/{stem}.ipynb has no chapter book/{stem}.md"
 
 
 @pytest.mark.parametrize("stem", library_modules())
