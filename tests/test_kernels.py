@@ -102,6 +102,65 @@ def test_k_past_the_bound_is_refused_not_wrapped():
             f(a, b)
 
 
+# The VNNI kernel's blocking: row tiles of 6, chunks of QC_MCT tiles (16 x 6 = 96 rows), blocks of
+# QC_KCQ quads (64 x 4 = 256 values of k), a k % 4 tail read from scratch, 64-column groups. Each
+# shape straddles one or more of those edges (one past, one short), with every tile height 1..6.
+@pytest.mark.parametrize("shape", [(95, 257, 63), (96, 256, 64), (97, 255, 65), (193, 513, 129),
+                                   (101, 1027, 70), (2, 259, 200), (11, 4, 1), (190, 1, 3)])
+def test_vnni_blocking_edges(shape):
+    m, k, n = shape
+    rng = np.random.default_rng(m * k + n)
+    a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    expected = matmul_int8_reference(a, b)
+    packed = prepack(b)
+    for path in available_paths():
+        for rows in range(1, 7):  # every tile height, at the start and at the end of A
+            np.testing.assert_array_equal(matmul_int8(a[:rows], packed, path=path),
+                                          expected[:rows], err_msg=f"{path} {rows}")
+            np.testing.assert_array_equal(matmul_int8(a[m - rows:], packed, path=path),
+                                          expected[m - rows:], err_msg=f"{path} last {rows}")
+        for threads in (1, 2, 3):
+            np.testing.assert_array_equal(matmul_int8(a, packed, path=path, threads=threads),
+                                          expected, err_msg=f"{path} threads={threads}")
+        mult = rng.uniform(1e-4, 1e-3, n)
+        zb = rng.integers(-128, 128, n)
+        np.testing.assert_array_equal(
+            matmul_int8_requant(a, packed, mult, 3, a_zero_point=-5, b_zero_point=zb, path=path),
+            matmul_int8_requant_reference(a, b, mult, 3, a_zero_point=-5, b_zero_point=zb),
+            err_msg=path)
+
+
+def test_a_is_read_in_place_up_to_its_last_byte():
+    # The VNNI kernel broadcasts A straight from the caller's memory. A is placed at the very end
+    # of a buffer whose following bytes differ: a read past any row's end (or of the last row)
+    # would change the result or fault.
+    rng = np.random.default_rng(11)
+    for k in (1, 2, 3, 4, 5, 7, 8, 63, 65):
+        buf = rng.integers(-128, 128, size=7 * k + 64, dtype=np.int8)
+        a = buf[:7 * k].reshape(7, k)
+        b = rng.integers(-128, 128, size=(k, 70), dtype=np.int8)
+        expected = matmul_int8_reference(a, b)
+        for path in available_paths():
+            np.testing.assert_array_equal(matmul_int8(a, b, path=path), expected)
+            buf[7 * k:] = -buf[7 * k:] - 1  # flip everything after A
+            np.testing.assert_array_equal(matmul_int8(a, b, path=path), expected)
+
+
+def test_packed_b_holds_b_plus_128_unsigned():
+    b = np.array([[-128, -1, 0, 127]], np.int8)
+    packed = prepack(b)
+    assert packed.data.dtype == np.uint8 and packed.data.size == 256  # one quad, one group
+    np.testing.assert_array_equal(packed.data[[0, 4, 8, 12]], [0, 127, 128, 255])
+    assert not packed.data[np.setdiff1d(np.arange(256), [0, 4, 8, 12])].any()  # padding is 0
+
+
+@pytest.mark.skipif("vnni512" not in available_paths(), reason="this CPU has no AVX-512 VNNI")
+def test_vnni_peak_loop_counts_its_work():
+    assert _kernels.vnni_peak_loop(1000, 1) == 1000 * 16 * 64
+    assert _kernels.vnni_peak_loop(10, 2) == 2 * 10 * 16 * 64
+
+
 def test_non_contiguous_and_fortran_inputs():
     rng = np.random.default_rng(7)
     big = rng.integers(-128, 128, size=(40, 60), dtype=np.int8)
