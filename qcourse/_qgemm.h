@@ -398,24 +398,32 @@ __attribute__((target("avx2"))) static void qc_gemm_avx2_group(const int8_t *a, 
             c##r##0 = c##r##1 = c##r##2 = c##r##3 = _mm512_setzero_si512();                       \
         }                                                                                         \
     }
+#define QC_STORE4(STORE, r)                                                                       \
+    STORE((void *)(out + (r) * ldo + 0), _mm512_sub_epi32(c##r##0, corr));                        \
+    STORE((void *)(out + (r) * ldo + 16), _mm512_sub_epi32(c##r##1, corr));                       \
+    STORE((void *)(out + (r) * ldo + 32), _mm512_sub_epi32(c##r##2, corr));                       \
+    STORE((void *)(out + (r) * ldo + 48), _mm512_sub_epi32(c##r##3, corr));
 #define QC_STORE_ROW(r)                                                                           \
     if (R > r) {                                                                                  \
         __m512i corr = rowsum ? _mm512_set1_epi32((int32_t)((uint32_t)rowsum[r] << 7))           \
                               : _mm512_setzero_si512();                                           \
-        _mm512_storeu_si512((void *)(out + (r) * ldo + 0), _mm512_sub_epi32(c##r##0, corr));      \
-        _mm512_storeu_si512((void *)(out + (r) * ldo + 16), _mm512_sub_epi32(c##r##1, corr));     \
-        _mm512_storeu_si512((void *)(out + (r) * ldo + 32), _mm512_sub_epi32(c##r##2, corr));     \
-        _mm512_storeu_si512((void *)(out + (r) * ldo + 48), _mm512_sub_epi32(c##r##3, corr));     \
+        if (stream) {                                                                             \
+            QC_STORE4(_mm512_stream_si512, r)                                                     \
+        } else {                                                                                  \
+            QC_STORE4(_mm512_storeu_si512, r)                                                     \
+        }                                                                                         \
     }
 
 /* R rows of A from a (row stride lda) times nq quads of packed B from bp, then, if tail is not
  * NULL, one more quad whose A values come from tail (4 bytes per row). in: partial sums to
  * continue from (row stride ldi), or NULL to start from zero. rowsum: NULL, or (last block of k)
- * rowsum(A) of the R rows, for the correction. out: the R x 64 result, row stride ldo. */
+ * rowsum(A) of the R rows, for the correction. out: the R x 64 result, row stride ldo; stream:
+ * store it with non-temporal stores (out 64-byte aligned), which write C to memory without first
+ * reading its cache lines in, for outputs too large to stay in the cache anyway. */
 static inline __attribute__((always_inline)) QC_VNNI_TARGET void qc_vnni_tile(
     const int R, const int8_t *a, ptrdiff_t lda, const uint8_t *bp, ptrdiff_t nq,
     const int8_t *tail, const int32_t *in, ptrdiff_t ldi, const int32_t *rowsum, int32_t *out,
-    ptrdiff_t ldo) {
+    ptrdiff_t ldo, int stream) {
     __m512i c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
     __m512i c30, c31, c32, c33, c40, c41, c42, c43, c50, c51, c52, c53;
     __m512i b0, b1, b2, b3;
@@ -441,14 +449,15 @@ static inline __attribute__((always_inline)) QC_VNNI_TARGET void qc_vnni_tile(
 QC_VNNI_TARGET static void qc_vnni_tile_rows(int rows, const int8_t *a, ptrdiff_t lda,
                                              const uint8_t *bp, ptrdiff_t nq, const int8_t *tail,
                                              const int32_t *in, ptrdiff_t ldi,
-                                             const int32_t *rowsum, int32_t *out, ptrdiff_t ldo) {
+                                             const int32_t *rowsum, int32_t *out, ptrdiff_t ldo,
+                                             int stream) {
     switch (rows) {
-    case 6: qc_vnni_tile(6, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo); break;
-    case 5: qc_vnni_tile(5, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo); break;
-    case 4: qc_vnni_tile(4, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo); break;
-    case 3: qc_vnni_tile(3, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo); break;
-    case 2: qc_vnni_tile(2, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo); break;
-    default: qc_vnni_tile(1, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo); break;
+    case 6: qc_vnni_tile(6, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo, stream); break;
+    case 5: qc_vnni_tile(5, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo, stream); break;
+    case 4: qc_vnni_tile(4, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo, stream); break;
+    case 3: qc_vnni_tile(3, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo, stream); break;
+    case 2: qc_vnni_tile(2, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo, stream); break;
+    default: qc_vnni_tile(1, a, lda, bp, nq, tail, in, ldi, rowsum, out, ldo, stream); break;
     }
 }
 
@@ -506,6 +515,9 @@ QC_VNNI_TARGET static void qc_rowsum_vnni(const int8_t *a, ptrdiff_t lda, ptrdif
 #ifndef QC_MCT
 #define QC_MCT 16
 #endif
+#ifndef QC_STREAM_MIN_BYTES
+#define QC_STREAM_MIN_BYTES (2 << 20)
+#endif
 #define QC_CHUNK_BUF_BYTES ((size_t)QC_MCT * QC_MR * QC_NG * QC_NR * sizeof(int32_t))
 
 /* One group of 64 columns. buf: QC_CHUNK_BUF_BYTES of the thread's own memory. Without rq: C into
@@ -520,10 +532,10 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const int8_t *a, ptrdiff_t lda, co
     ptrdiff_t width = n - j0 < width_max ? n - j0 : width_max;
     const uint8_t *bgroup = bp + g * kq * QC_NG * 64;
     ptrdiff_t tiles = qc_row_tiles(m);
-#ifndef QC_DIRECT
-#define QC_DIRECT 1
-#endif
-    int direct = QC_DIRECT && !rq && width == width_max; /* last block of k: straight into C */
+    int direct = !rq && width == width_max; /* last block of k: straight into C */
+    /* non-temporal stores for a C larger than the L2 cache, when its rows are 64-byte aligned */
+    int stream = direct && m * n * (ptrdiff_t)sizeof(int32_t) >= QC_STREAM_MIN_BYTES &&
+                 ((uintptr_t)c & 63) == 0 && ldc % 16 == 0;
     for (ptrdiff_t t0 = 0; t0 < tiles; t0 += QC_MCT) {
         ptrdiff_t t1 = t0 + QC_MCT < tiles ? t0 + QC_MCT : tiles;
         for (ptrdiff_t q0 = 0; q0 < kq; q0 += QC_KCQ) {
@@ -537,7 +549,7 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const int8_t *a, ptrdiff_t lda, co
                 qc_vnni_tile_rows(rows, a + i0 * lda + q0 * 4, lda, bgroup + q0 * QC_NG * 64,
                                   has_tail ? len - 1 : len, has_tail ? tail + i0 * 4 : NULL,
                                   q0 == 0 ? NULL : partial, width_max, last ? rowsum + i0 : NULL,
-                                  out, direct && last ? ldc : width_max);
+                                  out, direct && last ? ldc : width_max, stream && last);
             }
         }
         ptrdiff_t i0 = t0 * QC_MR, rows = (t1 - t0) * QC_MR < m - i0 ? (t1 - t0) * QC_MR : m - i0;
@@ -548,6 +560,7 @@ QC_VNNI_TARGET static void qc_gemm_vnni_group(const int8_t *a, ptrdiff_t lda, co
                 memcpy(c + (i0 + r) * ldc, buf + r * width_max, (size_t)width * sizeof(int32_t));
         }
     }
+    if (stream) _mm_sfence(); /* order the non-temporal stores before the caller reads C */
 }
 #endif
 

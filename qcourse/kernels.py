@@ -295,7 +295,8 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
                else _check_threads(threads))
     a = np.ascontiguousarray(a)
-    out = _new_output(a, packed.n)
+    # every entry is written; 64-byte aligned, so that a large C can be stored non-temporally
+    out = _aligned_empty(a.shape[0] * packed.n, np.int32).reshape(a.shape[0], packed.n)
     _kernels.gemm_packed(code, a, _scratch(a.shape[0], packed.n), packed.data, packed.colsum, out,
                          threads)
     return out

@@ -131,6 +131,18 @@ def test_vnni_blocking_edges(shape):
             err_msg=path)
 
 
+def test_large_outputs_stored_non_temporally_are_exact():
+    # C of 4 MiB or more with 64-byte aligned rows is written with streaming stores; 1000 columns
+    # (not a multiple of 16) is not. Both against the float64 product (exact for these sizes).
+    rng = np.random.default_rng(12)
+    for m, k, n in ((1030, 40, 1024), (1100, 37, 1000)):
+        a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+        b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+        expected = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int32)
+        for threads in (1, 2):
+            np.testing.assert_array_equal(matmul_int8(a, b, threads=threads), expected)
+
+
 def test_a_is_read_in_place_up_to_its_last_byte():
     # The VNNI kernel broadcasts A straight from the caller's memory. A is placed at the very end
     # of a buffer whose following bytes differ: a read past any row's end (or of the last row)
