@@ -117,28 +117,47 @@ _PATHS = {
 _PATH_NAMES = {v: k for k, v in _PATHS.items()}
 
 
+def _max_path() -> str | None:
+    """``QCOURSE_MAX_PATH``: pretend the CPU has no path above this one (e.g. ``avx2``: no VNNI)."""
+    value = os.environ.get("QCOURSE_MAX_PATH")
+    if value and value not in _PATHS:
+        raise ValueError(f"QCOURSE_MAX_PATH must be one of {list(_PATHS)}, got {value!r}")
+    return value or None
+
+
+_MAX_PATH = _max_path()
+
+
 def available_paths() -> list[str]:
     """The instruction-set paths this CPU can run, slowest first (``"portable"`` is always there).
 
     ``"avx2"`` uses 256-bit ``vpmaddwd``; ``"vnni512"`` uses AVX-512 VNNI ``vpdpbusd``.  Detected
-    at run time from CPUID: the package is compiled without ``-march`` and runs on any CPU.
+    at run time from CPUID: the package is compiled without ``-march`` and runs on any CPU.  The
+    environment variable ``QCOURSE_MAX_PATH`` (read at import) hides the paths above the one it
+    names, which simulates an older CPU: ``QCOURSE_MAX_PATH=avx2`` runs everything as on a CPU
+    without AVX-512 VNNI.
     """
-    return [name for name, code in _PATHS.items() if _kernels.path_supported(code)]
+    names = list(_PATHS)
+    allowed = names[: names.index(_MAX_PATH) + 1] if _MAX_PATH else names
+    return [name for name in allowed if _kernels.path_supported(_PATHS[name])]
 
 
 def best_path() -> str:
     """The fastest path in :func:`available_paths`; what :func:`matmul_int8` uses by default."""
-    return _PATH_NAMES[_kernels.best_path()]
+    return available_paths()[-1]
 
 
 def _path_code(path: str | None) -> int:
     if path is None:
-        return _kernels.best_path()
+        return _PATHS[best_path()]
     if path not in _PATHS:
         raise ValueError(f"path must be one of {sorted(_PATHS)} or None, got {path!r}")
-    if not _kernels.path_supported(_PATHS[path]):
+    if path not in available_paths():
+        hidden = (f" (QCOURSE_MAX_PATH={_MAX_PATH} hides the paths above it)" if _MAX_PATH
+                  else "")
         raise ValueError(
             f"path={path!r} needs instructions this CPU lacks; available: {available_paths()}"
+            f"{hidden}"
         )
     return _PATHS[path]
 

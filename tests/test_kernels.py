@@ -1,8 +1,11 @@
 """qcourse.kernels: the compiled int8 matmul against its NumPy reference, and its input checks."""
 
 import importlib.machinery
+import os
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,6 +263,9 @@ def test_the_kernel_releases_the_gil(monkeypatch):
 def test_paths_are_detected_and_can_be_forced():
     paths = available_paths()
     assert paths[0] == "portable" and best_path() == paths[-1]
+    simulated = os.environ.get("QCOURSE_MAX_PATH")
+    if simulated:  # run by test_a_cpu_without_the_faster_paths_simulated: the cap holds
+        assert best_path() == simulated and paths == list(kernels._PATHS)[: len(paths)]
     a = np.ones((2, 3), np.int8)
     with pytest.raises(ValueError, match=r"path must be one of .*'sse9'"):
         matmul_int8(a, a.T, path="sse9")
@@ -395,3 +401,35 @@ def test_threads_argument():
     # small products stay on one thread by default; large ones may use every allowed thread
     assert kernels._default_threads(8, 8, 8) == 1
     assert kernels._default_threads(4096, 4096, 4096) == kernels.get_num_threads()
+
+
+# --- A CPU without VNNI (or without AVX2), simulated ------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_path", ["avx2", "portable"])
+def test_a_cpu_without_the_faster_paths_simulated(max_path):
+    # QCOURSE_MAX_PATH hides the paths above the one it names, as if the CPU lacked them: the
+    # whole kernel and integer-matmul suites then run on the default path of such a CPU.
+    if max_path not in available_paths():
+        pytest.skip(f"this CPU has no {max_path} path to cap at")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, QCOURSE_MAX_PATH=max_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "tests/test_kernels.py", "tests/test_int_matmul.py", "-k", "not simulated"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1]
+    probe = subprocess.run(
+        [sys.executable, "-c", "import qcourse; print(qcourse.best_path())"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == max_path
+
+
+def test_an_unknown_simulated_path_is_refused():
+    env = dict(os.environ, QCOURSE_MAX_PATH="sse9")
+    proc = subprocess.run([sys.executable, "-c", "import qcourse"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "QCOURSE_MAX_PATH must be one of ['portable', 'avx2', 'vnni512'], got 'sse9'" in (
+        proc.stderr)
