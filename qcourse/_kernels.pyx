@@ -19,24 +19,28 @@ cdef extern from "_qgemm.h" nogil:
     int qc_best_path()
     void qc_u8s8(int path, const uint8_t *au, const int8_t *bt, const int32_t *colsum,
                  int32_t *c, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
-    void qc_pack_b(const int8_t *b, Py_ssize_t k, Py_ssize_t n, int8_t *packed, int32_t *colsum)
+    void qc_pack_b(const int8_t *b, Py_ssize_t k, Py_ssize_t n, uint8_t *packed, int32_t *colsum)
     Py_ssize_t qc_packed_b_size(Py_ssize_t k, Py_ssize_t n)
-    Py_ssize_t qc_packed_a_size(Py_ssize_t m, Py_ssize_t k)
+    Py_ssize_t qc_scratch_size(Py_ssize_t m, Py_ssize_t k)
     Py_ssize_t qc_groups(Py_ssize_t n)
     int QC_NG
-    ctypedef struct qc_requant:
-        const int32_t *colterm
-        const int32_t *rowsum
-        const int32_t *rowcoef
+    int QC_MR
+    uint32_t qc_vnni_peak(Py_ssize_t iters, int threads)
+    int QC_PEAK_MACS_PER_ITER
+    ctypedef struct qc_requant_args:
+        const int32_t *bias
+        const int32_t *zb
+        int32_t za
         const float *mult
+        Py_ssize_t mult_len
         int32_t zp
         int32_t qmin
         int32_t qmax
         uint8_t *y
-    int qc_gemm_packed_requant(int path, const int8_t *a, uint8_t *apack_scratch,
-                               const int8_t *bp, const int32_t *colsum, const qc_requant *rq,
-                               Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int threads)
-    int qc_gemm_packed(int path, const int8_t *a, uint8_t *apack_scratch, const int8_t *bp,
+    int qc_gemm_packed_requant(int path, const int8_t *a, int32_t *scratch, const uint8_t *bp,
+                               const int32_t *colsum, const qc_requant_args *args, Py_ssize_t m,
+                               Py_ssize_t n, Py_ssize_t k, int threads)
+    int qc_gemm_packed(int path, const int8_t *a, int32_t *scratch, const uint8_t *bp,
                        const int32_t *colsum, int32_t *c, Py_ssize_t m, Py_ssize_t n,
                        Py_ssize_t k, int threads)
 
@@ -46,6 +50,7 @@ PATH_AVX2 = QC_PATH_AVX2
 PATH_VNNI512 = QC_PATH_VNNI512
 PANEL_WIDTH = QC_NR
 GROUP_WIDTH = QC_NR * QC_NG
+TILE_ROWS = QC_MR
 
 
 def packed_b_size(Py_ssize_t k, Py_ssize_t n):
@@ -57,9 +62,16 @@ def padded_columns(Py_ssize_t n):
     return qc_groups(n) * QC_NR * QC_NG
 
 
-def packed_a_size(Py_ssize_t m, Py_ssize_t k):
-    """Bytes of scratch gemm_packed needs for A (m x k) on the VNNI path."""
-    return qc_packed_a_size(m, k)
+def scratch_size(Py_ssize_t m, Py_ssize_t n):
+    """int32 entries of scratch gemm_packed needs for an (m x k) . (k x n) product."""
+    return qc_scratch_size(m, n)
+
+
+def vnni_peak_loop(Py_ssize_t iters, int threads):
+    """iters x 16 register-only vpdpbusd on each of `threads` threads (for timing the peak)."""
+    with nogil:
+        qc_vnni_peak(iters, threads)
+    return iters * QC_PEAK_MACS_PER_ITER * threads
 
 
 def path_supported(int path):
@@ -121,44 +133,48 @@ def matmul_u8s8(int path, const uint8_t[:, ::1] au, const int8_t[:, ::1] bt,
         qc_u8s8(path, &au[0, 0], &bt[0, 0], &colsum[0], &out[0, 0], m, n, kk)
 
 
-def pack_b(const int8_t[:, ::1] b, int8_t[::1] packed, int32_t[::1] colsum):
-    """Pack b (k x n) into groups of 64 columns of k-quads, and sum its columns."""
+def pack_b(const int8_t[:, ::1] b, uint8_t[::1] packed, int32_t[::1] colsum):
+    """Pack b (k x n) as b + 128 into groups of 64 columns of k-quads, and sum its columns."""
     with nogil:
         qc_pack_b(&b[0, 0], b.shape[0], b.shape[1], &packed[0], &colsum[0])
 
 
-def gemm_packed(int path, const int8_t[:, ::1] a, uint8_t[::1] apack_scratch,
-                const int8_t[::1] packed, const int32_t[::1] colsum, int32_t[:, ::1] out,
+def gemm_packed(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
+                const uint8_t[::1] packed, const int32_t[::1] colsum, int32_t[:, ::1] out,
                 int threads):
     """Rung 5: out = a . b from b packed by pack_b; returns the path that ran."""
     cdef int ran
     with nogil:
-        ran = qc_gemm_packed(path, &a[0, 0], &apack_scratch[0], &packed[0], &colsum[0],
-                             &out[0, 0], a.shape[0], out.shape[1], a.shape[1], threads)
+        ran = qc_gemm_packed(path, &a[0, 0], &scratch[0], &packed[0], &colsum[0], &out[0, 0],
+                             a.shape[0], out.shape[1], a.shape[1], threads)
+    if ran < 0:
+        raise MemoryError("could not allocate the per-thread int32 buffer")
     return ran
 
 
-def gemm_packed_requant(int path, const int8_t[:, ::1] a, uint8_t[::1] apack_scratch,
-                        const int8_t[::1] packed, const int32_t[::1] colsum,
-                        const int32_t[::1] colterm, const int32_t[::1] rowsum,
-                        const int32_t[::1] rowcoef, const float[::1] mult,
-                        int zero_point, int qmin, int qmax, uint8_t[:, ::1] y, int threads):
+def gemm_packed_requant(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
+                        const uint8_t[::1] packed, const int32_t[::1] colsum,
+                        const int32_t[::1] bias, int a_zero_point, const int32_t[::1] b_zero_point,
+                        const float[::1] mult, int zero_point, int qmin, int qmax,
+                        uint8_t[:, ::1] y, int threads):
     """Rung 6: the packed GEMM with requantization to 8 bits fused into the write-out.
 
-    rowsum and rowcoef may be empty (no per-row term).  Returns the path that ran."""
-    cdef qc_requant rq
+    bias and b_zero_point may be empty (none, zero); mult has 1 or n entries.  Returns the path
+    that ran."""
+    cdef qc_requant_args args
     cdef int ran
-    rq.colterm = &colterm[0]
-    rq.rowsum = &rowsum[0] if rowsum.shape[0] > 0 else NULL
-    rq.rowcoef = &rowcoef[0] if rowcoef.shape[0] > 0 else NULL
-    rq.mult = &mult[0]
-    rq.zp = zero_point
-    rq.qmin = qmin
-    rq.qmax = qmax
-    rq.y = &y[0, 0]
+    args.bias = &bias[0] if bias.shape[0] > 0 else NULL
+    args.zb = &b_zero_point[0] if b_zero_point.shape[0] > 0 else NULL
+    args.za = a_zero_point
+    args.mult = &mult[0]
+    args.mult_len = mult.shape[0]
+    args.zp = zero_point
+    args.qmin = qmin
+    args.qmax = qmax
+    args.y = &y[0, 0]
     with nogil:
-        ran = qc_gemm_packed_requant(path, &a[0, 0], &apack_scratch[0], &packed[0], &colsum[0],
-                                     &rq, a.shape[0], y.shape[1], a.shape[1], threads)
+        ran = qc_gemm_packed_requant(path, &a[0, 0], &scratch[0], &packed[0], &colsum[0], &args,
+                                     a.shape[0], y.shape[1], a.shape[1], threads)
     if ran < 0:
-        raise MemoryError("could not allocate the per-thread int32 tile")
+        raise MemoryError("could not allocate the per-thread int32 buffer")
     return ran

@@ -1,9 +1,11 @@
 """Benchmark the int8 kernel ladder against NumPy, PyTorch and ONNX Runtime, in one run.
 
-Run ``python -m qcourse.bench`` (``--help`` for options).  Every result is checked against the
-exact reference before it is timed; the time of a kernel is the median of ``repeat`` runs, and the
-table reports GOP/s (2 * M * N * K operations: one multiply and one add per MAC) and the ratio to
-NumPy float32 matmul measured in the same run.  See the kernels chapter.
+Run ``python -m qcourse.bench`` (``--help`` for options).  Every result is checked before it is
+timed (integer results exactly against the reference, 8-bit outputs against qcourse's fused
+kernel); the time of a kernel is the median of ``repeat`` runs, and the table reports GOP/s
+(2 * M * N * K operations: one multiply and one add per MAC), the share of the CPU's measured
+int8 peak, and ratios to NumPy float32 matmul and to the fastest outside int8 kernel measured in
+the same run.  See the kernels chapter.
 """
 
 from __future__ import annotations
@@ -13,24 +15,32 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
+from qcourse import _kernels
 from qcourse.kernels import (
     LADDER,
     available_paths,
     best_path,
     get_num_threads,
     matmul_int8,
+    matmul_int8_requant,
     prepack,
     set_num_threads,
 )
 
-__all__ = ["Result", "competitors", "format_table", "machine_description", "run_benchmark",
-           "thread_limit"]
+__all__ = ["Result", "competitors", "format_table", "machine_description", "peak_gops",
+           "run_benchmark", "thread_limit"]
 
-Result = dict  # one row: {"size", "kernel", "seconds", "gops", "vs_numpy_f32", "exact"}
+Result = dict  # one row: {"threads", "m", "k", "n", "shape", "size", "kernel", "seconds", "gops",
+#                          "pct_peak", "vs_numpy_f32", "vs_best_outside", "exact"}
+
+# The multiplier of the fused (int8-output) contenders: small enough that most outputs are not
+# saturated for random int8 inputs with K up to 4096.
+_REQUANT_MULTIPLIER = 2.0**-14
 
 
 def machine_description() -> str:
@@ -47,6 +57,31 @@ def machine_description() -> str:
     return (f"{model}, {os.cpu_count()} logical cores, Python {platform.python_version()}, "
             f"NumPy {np.__version__}; qcourse paths: {', '.join(available_paths())} "
             f"(default {best_path()})")
+
+
+def peak_gops(threads: int = 1, seconds: float = 0.02, rounds: int = 5) -> float | None:
+    """The int8 peak of ``threads`` cores, measured: GOP/s of register-only ``vpdpbusd``.
+
+    Runs 16 independent ``vpdpbusd`` per loop iteration (64 multiply-adds each, no memory
+    traffic) on every thread for about ``seconds``, ``rounds`` times, and returns the best rate.
+    This is the ceiling of an int8 GEMM on this CPU at the clock it actually runs (a virtual
+    machine's /proc/cpuinfo may report a nominal clock far from it).  ``None`` without VNNI.
+    """
+    if "vnni512" not in available_paths():
+        return None
+    iters = 1 << 16
+    while True:  # calibrate: grow until one round lasts about `seconds`
+        t0 = time.perf_counter()
+        _kernels.vnni_peak_loop(iters, threads)
+        if time.perf_counter() - t0 >= seconds / 4 or iters >= 1 << 30:
+            break
+        iters *= 4
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        macs = _kernels.vnni_peak_loop(iters, threads)
+        best = max(best, 2 * macs / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 class thread_limit:
@@ -87,17 +122,63 @@ class thread_limit:
             torch.set_num_threads(self._saved[1])
 
 
+# Outside systems.  Each factory returns None when the system is missing, else a function
+# prepare(a, b) -> thunk: everything a real program does once (converting inputs, packing the
+# weights, building a session) happens in prepare; the thunk is what is timed.  A thunk returns
+# int32 (the exact product) or, for the int8-output kernels, an int8 array.
+
 def _torch_int_mm():
     try:
         import torch
     except ImportError:
         return None
 
-    def run(a, b):
-        return torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    def prepare(a, b):
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        return lambda: torch._int_mm(ta, tb).numpy()
 
-    run.__name__ = f"torch._int_mm (torch {torch.__version__})"
-    return run
+    prepare.__name__ = f"torch._int_mm (torch {torch.__version__})"
+    return prepare
+
+
+def _torch_quantized_linear(engine: str):
+    """PyTorch's quantized Linear on one of its CPU engines: int8 in, int8 out (requantized)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if engine not in torch.backends.quantized.supported_engines:
+        return None
+
+    def on_engine(f):
+        """Run f() with the engine selected and PyTorch's deprecation warning silenced."""
+        previous = torch.backends.quantized.engine
+        with warnings.catch_warnings():
+            # PyTorch 2.13 deprecates its quantized tensor types (it still runs them)
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            torch.backends.quantized.engine = engine
+            try:
+                return f()
+            finally:
+                torch.backends.quantized.engine = previous
+
+    def prepare(a, b):
+        # activations as quint8 with zero point 128 (= a + 128), weights qint8 (N, K)
+        x = on_engine(lambda: torch._make_per_tensor_quantized_tensor(
+            torch.from_numpy((a.astype(np.int16) + 128).astype(np.uint8)), 1.0, 128))
+        w = on_engine(lambda: torch._make_per_tensor_quantized_tensor(
+            torch.from_numpy(b.T.copy()), 1.0, 0))
+        packed = on_engine(lambda: torch.ops.quantized.linear_prepack(w, None))
+
+        def run():
+            y = on_engine(lambda: torch.ops.quantized.linear(x, packed, 1 / _REQUANT_MULTIPLIER,
+                                                              128))
+            return (y.int_repr().numpy().astype(np.int16) - 128).astype(np.int8)
+
+        return run
+
+    prepare.__name__ = f"torch quantized linear, {engine} (int8 out)"
+    return prepare
 
 
 def _ort_matmul_integer():
@@ -106,36 +187,39 @@ def _ort_matmul_integer():
         from onnx import TensorProto, helper
     except ImportError:
         return None
-    cache: dict[tuple[int, int, int], object] = {}
 
-    def session(k, n):
-        if (k, n, get_num_threads()) not in cache:
-            graph = helper.make_graph(
-                [helper.make_node("MatMulInteger", ["A", "B", "a_zp"], ["Y"])], "mmi",
-                [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, k]),
-                 helper.make_tensor_value_info("B", TensorProto.INT8, [k, n])],
-                [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, n])],
-                initializer=[helper.make_tensor("a_zp", TensorProto.UINT8, [], [128])])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = get_num_threads()
-            cache[(k, n, get_num_threads())] = ort.InferenceSession(
-                model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return cache[(k, n, get_num_threads())]
-
-    def run(a, b):
-        # u8 x s8 with a zero point of 128: (a + 128) - 128 = a, the form ORT's kernels want.
+    def prepare(a, b):
+        k, n = b.shape
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["A", "B", "a_zp"], ["Y"])], "mmi",
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, k])],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, n])],
+            initializer=[helper.make_tensor("a_zp", TensorProto.UINT8, [], [128]),
+                         helper.make_tensor("B", TensorProto.INT8, [k, n], b.tobytes(),
+                                            raw=True)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = get_num_threads()
+        session = ort.InferenceSession(model.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        # u8 x s8 with a zero point of 128: (a + 128) - 128 = a, the form ORT's kernels want;
+        # B is a constant of the model, so ORT packs it once, like prepack.
         au = (a.astype(np.int16) + 128).astype(np.uint8)
-        return session(*b.shape).run(None, {"A": au, "B": b})[0]
+        return lambda: session.run(None, {"A": au})[0]
 
-    run.__name__ = f"ONNX Runtime MatMulInteger u8s8 ({ort.__version__})"
-    return run
+    prepare.__name__ = f"ONNX Runtime MatMulInteger u8s8 ({ort.__version__})"
+    return prepare
 
 
 def competitors() -> dict[str, Callable]:
-    """Outside systems to compare with, where installed: name -> f(a, b) returning int32."""
+    """Outside systems to compare with, where installed: name -> prepare(a, b) -> thunk.
+
+    The thunk returns the int32 product, or int8 outputs for the quantized-linear kernels (their
+    names end in "(int8 out)"), requantized with multiplier ``_REQUANT_MULTIPLIER``.
+    """
     found = {}
-    for factory in (_torch_int_mm, _ort_matmul_integer):
+    for factory in (_torch_int_mm, lambda: _torch_quantized_linear("onednn"),
+                    lambda: _torch_quantized_linear("x86"), _ort_matmul_integer):
         f = factory()
         if f is not None:
             found[f.__name__] = f
@@ -151,93 +235,159 @@ def _median_seconds(f: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def _contenders(a: np.ndarray, b: np.ndarray, include_slow: bool,
-                outside: bool) -> dict[str, Callable[[], np.ndarray]]:
-    n = a.shape[0]
+def _contenders(a: np.ndarray, b: np.ndarray, include_slow: bool, outside: bool,
+                rungs: bool) -> dict[str, Callable[[], np.ndarray]]:
+    (m, k), n = a.shape, b.shape[1]
+    ops = 2 * m * n * k
     af, bf = a.astype(np.float32), b.astype(np.float32)
-    ai, bi = a.astype(np.int32), b.astype(np.int32)
     packed = prepack(b)
     kernels: dict[str, Callable[[], np.ndarray]] = {"NumPy float32 matmul": lambda: af @ bf}
-    if n <= 512:
+    if rungs and ops <= 2 * 512**3:
+        ai, bi = a.astype(np.int32), b.astype(np.int32)
         kernels["NumPy int32 matmul"] = lambda: ai @ bi
-    for name, f in LADDER.items():
-        if name.startswith("naive") and n > 256 and not include_slow:
+    for name, f in LADDER.items() if rungs else ():
+        slow = name.startswith("naive") and ops > 2 * 256**3
+        slow = slow or (not name.startswith("packed") and ops > 2 * 1024**3)
+        if slow and not include_slow:
             continue
         kernels[f"qcourse {name}"] = lambda f=f: f(a, b)
     kernels[f"qcourse matmul_int8 (prepacked B, {best_path()})"] = lambda: matmul_int8(a, packed)
+    kernels["qcourse matmul_int8_requant (prepacked, int8 out)"] = (
+        lambda: matmul_int8_requant(a, packed, _REQUANT_MULTIPLIER))
     if outside:
-        for name, f in competitors().items():
-            kernels[name] = lambda f=f: f(a, b)
+        for name, prepare in competitors().items():
+            try:
+                kernels[name] = prepare(a, b)
+            except RuntimeError as err:  # e.g. a shape an engine does not take
+                print(f"skipping {name} at {m}x{k}x{n}: {err}")
     return kernels
 
 
+def _shapes(sizes, linear, linear_kn) -> list[tuple[int, int, int]]:
+    shapes = []
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"sizes must be positive integers, got {n!r}")
+        shapes.append((int(n), int(n), int(n)))
+    k, n = linear_kn
+    for m in linear:
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"linear must be positive integers (rows M), got {m!r}")
+        shapes.append((int(m), int(k), int(n)))
+    return shapes
+
+
 def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
-                  include_slow: bool = False, outside: bool = True) -> list[Result]:
-    """Time every kernel on square int8 matrices of each size; return one row per (size, kernel).
+                  include_slow: bool = False, outside: bool = True, linear=(),
+                  linear_kn=(4096, 4096), peak: float | None = None,
+                  rungs: bool = True) -> list[Result]:
+    """Time every kernel on random int8 matrices of each shape; one row per (shape, kernel).
+
+    Runs with the thread counts in force (see :class:`thread_limit`).
 
     Parameters
     ----------
     sizes : iterable of int
-        Square sizes M = N = K.
+        Square shapes M = N = K.
     repeat : int
         Timed runs per kernel (after one untimed warm-up that also checks the result).
     include_slow : bool
-        Also time the naive rung at sizes above 256 (it is two orders of magnitude slower).
+        Also time the naive rung above 256 and the rungs below "packed" above 1024 (they are one
+        to two orders of magnitude slower).
     outside : bool
         Include PyTorch and ONNX Runtime when they are installed.
+    linear : iterable of int
+        Rows M of linear-layer shapes M x K x N, with (K, N) = ``linear_kn``: a batch of M
+        activations times a K x N weight matrix (M = 1 is a matrix-vector product).
+    peak : float, optional
+        The CPU's int8 peak in GOP/s for these threads (default: :func:`peak_gops`, measured).
+    rungs : bool
+        Include the ladder's rungs and NumPy's int32 product (else only NumPy float32, the
+        prepacked and fused qcourse kernels, and the outside systems).
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    shapes = _shapes(sizes, linear, linear_kn)
+    threads = get_num_threads()
+    if peak is None:
+        peak = peak_gops(threads)
     rows: list[Result] = []
     rng = np.random.default_rng(seed)
-    for n in sizes:
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"sizes must be positive integers, got {n!r}")
-        n = int(n)
-        a = rng.integers(-128, 128, size=(n, n), dtype=np.int8)
-        b = rng.integers(-128, 128, size=(n, n), dtype=np.int8)
-        expected = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.int32)
-        kernels = _contenders(a, b, include_slow, outside)
-        base = None
+    for m, k, n in shapes:
+        a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+        b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+        # float64 BLAS is exact here: every partial sum is an integer below 2**31 < 2**53
+        expected = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int32)
+        # what the fused kernels must return: the requantization of matmul_int8_requant_reference
+        expected_q = np.clip(np.rint(expected.astype(np.float32)
+                                     * np.float32(_REQUANT_MULTIPLIER)), -128, 127).astype(np.int8)
+        kernels = _contenders(a, b, include_slow, outside, rungs)
+        shape_rows = []
         for name, f in kernels.items():
             result = f()
-            exact = None if "float32" in name else bool(np.array_equal(result, expected))
+            if "float32" in name:
+                exact = None
+            elif result.dtype == np.int8:  # an int8-output (requantized) kernel
+                diff = np.abs(result.astype(np.int16) - expected_q)
+                exact = True if not diff.any() else ("±1" if diff.max() <= 1 else False)
+            else:
+                exact = bool(np.array_equal(result, expected))
             if exact is False:
-                raise AssertionError(f"{name} gave a wrong result at size {n}")
+                raise AssertionError(f"{name} gave a wrong result at {m}x{k}x{n}")
             seconds = _median_seconds(f, repeat)
-            gops = 2.0 * n**3 / seconds / 1e9
-            if base is None:
-                base = gops
-            rows.append({"size": n, "kernel": name, "seconds": seconds, "gops": gops,
-                         "vs_numpy_f32": gops / base, "exact": exact})
+            gops = 2.0 * m * n * k / seconds / 1e9
+            shape_rows.append({
+                "threads": threads, "m": m, "k": k, "n": n, "shape": f"{m}×{k}×{n}",
+                "size": n if m == k == n else None, "kernel": name, "seconds": seconds,
+                "gops": gops, "pct_peak": 100 * gops / peak if peak else None, "exact": exact})
+        base = shape_rows[0]["gops"]
+        best_outside = max((r["gops"] for r in shape_rows
+                            if r["kernel"].startswith(("torch", "ONNX"))), default=None)
+        for r in shape_rows:
+            r["vs_numpy_f32"] = r["gops"] / base
+            r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
+        rows += shape_rows
     return rows
 
 
 def format_table(rows: list[Result]) -> str:
     """A Markdown table of :func:`run_benchmark`'s rows."""
-    lines = ["| size | kernel | GOP/s | vs NumPy float32 | exact |", "|---:|:---|---:|---:|:---:|"]
+    lines = ["| threads | M×K×N | kernel | GOP/s | % of peak | vs NumPy float32 "
+             "| vs best outside | exact |",
+             "|---:|:---|:---|---:|---:|---:|---:|:---:|"]
     for r in rows:
-        exact = {None: "(float)", True: "yes", False: "NO"}[r["exact"]]
-        lines.append(f"| {r['size']} | {r['kernel']} | {r['gops']:.1f} | "
-                     f"{r['vs_numpy_f32']:.2f}x | {exact} |")
+        exact = {None: "(float)", True: "yes", "±1": "±1 step"}.get(r["exact"], "NO")
+        pct = "–" if r["pct_peak"] is None else f"{r['pct_peak']:.0f}%"
+        vs_out = "–" if r["vs_best_outside"] is None else f"{r['vs_best_outside']:.2f}x"
+        lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | {r['gops']:.1f} | "
+                     f"{pct} | {r['vs_numpy_f32']:.2f}x | {vs_out} | {exact} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qcourse.bench", description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024, 2048],
+                        help="square sizes M = K = N")
+    parser.add_argument("--linear", type=int, nargs="*", default=[1, 32, 128],
+                        help="rows M of linear-layer shapes M x K x N (see --linear-kn)")
+    parser.add_argument("--linear-kn", type=int, nargs=2, default=[4096, 4096],
+                        metavar=("K", "N"), help="the weight matrix of the linear shapes")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--include-slow", action="store_true", help="time the naive rung too")
+    parser.add_argument("--include-slow", action="store_true", help="time the slow rungs too")
     parser.add_argument("--no-outside", action="store_true", help="skip PyTorch / ONNX Runtime")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="thread counts to run, every contender pinned to each in turn")
     args = parser.parse_args(argv)
     print(machine_description())
     for threads in args.threads:
         with thread_limit(threads):
+            peak = peak_gops(threads)
             rows = run_benchmark(args.sizes, args.repeat, include_slow=args.include_slow,
-                                 outside=not args.no_outside)
-        print(f"\n{threads} thread{'s' if threads > 1 else ''} per contender:\n")
+                                 outside=not args.no_outside, linear=args.linear,
+                                 linear_kn=tuple(args.linear_kn), peak=peak)
+        peak_text = (f"measured int8 peak {peak:.0f} GOP/s (register-only vpdpbusd)" if peak
+                     else "no VNNI: no peak measured")
+        print(f"\n{threads} thread{'s' if threads > 1 else ''} per contender; {peak_text}:\n")
         print(format_table(rows))
 
 

@@ -8,6 +8,7 @@ the output and is the only place a learner calls.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -116,28 +117,47 @@ _PATHS = {
 _PATH_NAMES = {v: k for k, v in _PATHS.items()}
 
 
+def _max_path() -> str | None:
+    """``QCOURSE_MAX_PATH``: pretend the CPU has no path above this one (e.g. ``avx2``: no VNNI)."""
+    value = os.environ.get("QCOURSE_MAX_PATH")
+    if value and value not in _PATHS:
+        raise ValueError(f"QCOURSE_MAX_PATH must be one of {list(_PATHS)}, got {value!r}")
+    return value or None
+
+
+_MAX_PATH = _max_path()
+
+
 def available_paths() -> list[str]:
     """The instruction-set paths this CPU can run, slowest first (``"portable"`` is always there).
 
     ``"avx2"`` uses 256-bit ``vpmaddwd``; ``"vnni512"`` uses AVX-512 VNNI ``vpdpbusd``.  Detected
-    at run time from CPUID: the package is compiled without ``-march`` and runs on any CPU.
+    at run time from CPUID: the package is compiled without ``-march`` and runs on any CPU.  The
+    environment variable ``QCOURSE_MAX_PATH`` (read at import) hides the paths above the one it
+    names, which simulates an older CPU: ``QCOURSE_MAX_PATH=avx2`` runs everything as on a CPU
+    without AVX-512 VNNI.
     """
-    return [name for name, code in _PATHS.items() if _kernels.path_supported(code)]
+    names = list(_PATHS)
+    allowed = names[: names.index(_MAX_PATH) + 1] if _MAX_PATH else names
+    return [name for name in allowed if _kernels.path_supported(_PATHS[name])]
 
 
 def best_path() -> str:
     """The fastest path in :func:`available_paths`; what :func:`matmul_int8` uses by default."""
-    return _PATH_NAMES[_kernels.best_path()]
+    return available_paths()[-1]
 
 
 def _path_code(path: str | None) -> int:
     if path is None:
-        return _kernels.best_path()
+        return _PATHS[best_path()]
     if path not in _PATHS:
         raise ValueError(f"path must be one of {sorted(_PATHS)} or None, got {path!r}")
-    if not _kernels.path_supported(_PATHS[path]):
+    if path not in available_paths():
+        hidden = (f" (QCOURSE_MAX_PATH={_MAX_PATH} hides the paths above it)" if _MAX_PATH
+                  else "")
         raise ValueError(
             f"path={path!r} needs instructions this CPU lacks; available: {available_paths()}"
+            f"{hidden}"
         )
     return _PATHS[path]
 
@@ -200,10 +220,12 @@ def matmul_int8_u8s8(a: np.ndarray, b: np.ndarray, *, path: str | None = None) -
 class PackedB:
     r"""B packed once for :func:`matmul_int8_packed`: keep it and reuse it for every call.
 
-    ``data`` holds B in groups of 64 columns; inside a group, for each run of four consecutive k
-    values, four 64-byte blocks (one AVX-512 register each: 16 columns x 4 k).  ``colsum`` is
-    :math:`\sum_k B_{kj}` (padded with zeros to a multiple of 64), needed by the u8 x s8
-    correction.
+    ``data`` holds :math:`B + 128` as uint8 in groups of 64 columns; inside a group, for each run
+    of four consecutive k values, four 64-byte blocks (one AVX-512 register each: 16 columns x 4
+    k); padding is 0.  ``vpdpbusd`` multiplies unsigned by signed bytes, and the unsigned operand
+    is the one held in a register, so B (loaded once per tile) is the one shifted to uint8.
+    ``colsum`` is :math:`\sum_k B_{kj}` (padded with zeros to a multiple of 64), used to fold
+    the input zero point into the requantization.
     """
 
     k: int
@@ -220,13 +242,18 @@ def _aligned_empty(size: int, dtype, alignment: int = 64) -> np.ndarray:
     return raw[offset:offset + size * itemsize].view(dtype)
 
 
+def _scratch(m: int, n: int) -> np.ndarray:
+    """Per-call scratch of the packed kernel: rowsum(A), the k % 4 tail of A, per-column terms."""
+    return np.empty(_kernels.scratch_size(m, n), dtype=np.int32)
+
+
 def prepack(b: np.ndarray) -> PackedB:
     """Pack an int8 (K, N) matrix for :func:`matmul_int8_packed` (the weights of a layer, once)."""
     if not isinstance(b, np.ndarray):
         raise TypeError(f"b must be a numpy.ndarray of dtype int8, got {type(b).__name__}")
     _, b = _check_operands(np.zeros((1, b.shape[0] if b.ndim == 2 else 1), np.int8), b)
     k, n = b.shape
-    data = _aligned_empty(_kernels.packed_b_size(k, n), np.int8)
+    data = _aligned_empty(_kernels.packed_b_size(k, n), np.uint8)
     colsum = np.empty(_kernels.padded_columns(n), dtype=np.int32)
     _kernels.pack_b(np.ascontiguousarray(b), data, colsum)
     return PackedB(k=k, n=n, data=data, colsum=colsum)
@@ -273,8 +300,9 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     r"""Rung 5: B packed into register-sized blocks, output computed in register tiles.
 
     Each micro-tile of C (6 rows x 64 columns on the VNNI path, 24 registers) stays in registers
-    for the whole k loop; per group of four k values it reads 256 bytes of packed B and six
-    4-byte pieces of A, and issues 24 ``vpdpbusd``.  ``b`` may be a :class:`PackedB` from
+    for the whole k loop; per group of four k values it reads 256 bytes of packed B and issues 24
+    ``vpdpbusd``, each of which broadcasts four bytes of a row of A straight from A's memory (A
+    is not copied).  ``b`` may be a :class:`PackedB` from
     :func:`prepack` (pack once, multiply many times).  ``path`` forces an instruction set (see
     :func:`available_paths`); every path gives the identical exact result.  ``threads`` splits the
     columns between OpenMP threads (default :func:`get_num_threads`).
@@ -286,62 +314,70 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
                else _check_threads(threads))
     a = np.ascontiguousarray(a)
-    out = _new_output(a, packed.n)
-    scratch = _aligned_empty(_kernels.packed_a_size(a.shape[0], packed.k), np.uint8)
-    _kernels.gemm_packed(code, a, scratch, packed.data, packed.colsum, out, threads)
+    # every entry is written; 64-byte aligned, so that a large C can be stored non-temporally
+    out = _aligned_empty(a.shape[0] * packed.n, np.int32).reshape(a.shape[0], packed.n)
+    _kernels.gemm_packed(code, a, _scratch(a.shape[0], packed.n), packed.data, packed.colsum, out,
+                         threads)
     return out
 
 
-def _requant_terms(a, packed: PackedB, multiplier, output_zero_point, bias, a_zero_point,
-                   b_zero_point, out_dtype, qmin, qmax):
-    """Validate the requantization arguments and fold the zero points into per-column terms."""
-    n, k = packed.n, packed.k
+_NO_INT32 = np.zeros(0, np.int32)
+
+
+def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_point,
+                  b_zero_point, out_dtype, qmin, qmax):
+    """Validate the requantization arguments; return them as the compiled kernel takes them.
+
+    Scalars (the common case) are checked without building arrays: this runs on every call.
+    Returns ``(out_dtype, qmin, qmax, zp, mult, bias, za, zb)`` with ``mult`` float32 of 1 or N
+    entries and ``bias``/``zb`` int32 of N entries or empty (none / zero).
+    """
+    n = packed.n
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
         raise TypeError(f"out_dtype must be int8 or uint8, got {out_dtype}")
-    info = np.iinfo(out_dtype)
-    qmin = int(info.min) if qmin is None else int(qmin)
-    qmax = int(info.max) if qmax is None else int(qmax)
-    if not info.min <= qmin <= qmax <= info.max:
-        raise ValueError(f"need {info.min} <= qmin <= qmax <= {info.max} for {out_dtype}, "
+    lo, hi = (-128, 127) if out_dtype == np.dtype(np.int8) else (0, 255)
+    qmin = lo if qmin is None else int(qmin)
+    qmax = hi if qmax is None else int(qmax)
+    if not lo <= qmin <= qmax <= hi:
+        raise ValueError(f"need {lo} <= qmin <= qmax <= {hi} for {out_dtype}, "
                          f"got qmin={qmin}, qmax={qmax}")
     zp = int(output_zero_point)
-    if not info.min <= zp <= info.max:
-        raise ValueError(f"output_zero_point must lie in [{info.min}, {info.max}] for "
-                         f"{out_dtype}, got {zp}")
-    mult = np.broadcast_to(np.asarray(multiplier, dtype=np.float64), (n,))
-    if not (np.all(np.isfinite(mult)) and np.all(mult > 0)):
-        raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
-    mult = np.ascontiguousarray(mult, dtype=np.float32)
+    if not lo <= zp <= hi:
+        raise ValueError(f"output_zero_point must lie in [{lo}, {hi}] for {out_dtype}, got {zp}")
+    if isinstance(multiplier, (float, int, np.floating, np.integer)):
+        m = float(multiplier)
+        if not (math.isfinite(m) and m > 0):
+            raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
+        mult = np.array([m], dtype=np.float32)
+    else:
+        m64 = np.broadcast_to(np.asarray(multiplier, dtype=np.float64), (n,))
+        if not (np.all(np.isfinite(m64)) and np.all(m64 > 0)):
+            raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
+        mult = np.ascontiguousarray(m64, dtype=np.float32)
     if not np.all(mult > 0):
         raise ValueError("multiplier underflows to 0 in float32")
     za = int(a_zero_point)
     if not -128 <= za <= 127:
         raise ValueError(f"a_zero_point must lie in [-128, 127] for int8 a, got {za}")
-    zb = np.broadcast_to(np.asarray(0 if b_zero_point is None else b_zero_point), (n,))
-    if zb.dtype.kind not in "iu" or zb.min() < -128 or zb.max() > 127:
-        raise ValueError("b_zero_point must be integers in [-128, 127], a scalar or one per column")
-    zb = zb.astype(np.int64)
+    if b_zero_point is None or (isinstance(b_zero_point, (int, np.integer))
+                                and not isinstance(b_zero_point, bool) and b_zero_point == 0):
+        zb = _NO_INT32
+    else:
+        zb = np.broadcast_to(np.asarray(b_zero_point), (n,))
+        if zb.dtype.kind not in "iu" or zb.min() < -128 or zb.max() > 127:
+            raise ValueError("b_zero_point must be integers in [-128, 127], a scalar or one per "
+                             "column")
+        zb = np.ascontiguousarray(zb, dtype=np.int32) if np.any(zb != 0) else _NO_INT32
     if bias is None:
-        bias64 = np.zeros(n, np.int64)
+        bias = _NO_INT32
     else:
         bias = np.asarray(bias)
         if bias.dtype != np.int32 or bias.shape != (n,):
             raise TypeError(f"bias must be an int32 array of shape ({n},), got "
                             f"{bias.dtype} {bias.shape}")
-        bias64 = bias.astype(np.int64)
-    colsum = packed.colsum[:n].astype(np.int64)
-    # sum_k (a - za)(b - zb) = sum ab - za colsum_j - zb_j rowsum_i + K za zb_j
-    colterm = bias64 - za * colsum + k * za * zb
-    colterm = np.zeros(packed.colsum.shape, np.int64) + np.pad(colterm, (0, len(packed.colsum) - n))
-    colterm = (colterm & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
-    if np.any(zb != 0):
-        rowsum = a.sum(axis=1, dtype=np.int64).astype(np.int32)
-        rowcoef = np.pad((-zb).astype(np.int32), (0, len(packed.colsum) - n))
-    else:
-        rowsum = rowcoef = np.zeros(0, np.int32)
-    mult = np.pad(mult, (0, len(packed.colsum) - n), constant_values=1.0)
-    return out_dtype, qmin, qmax, zp, mult, colterm, rowsum, rowcoef
+        bias = np.ascontiguousarray(bias)
+    return out_dtype, qmin, qmax, zp, mult, bias, za, zb
 
 
 def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
@@ -385,13 +421,12 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
                else _check_threads(threads))
-    out_dtype, qmin, qmax, zp, mult, colterm, rowsum, rowcoef = _requant_terms(
-        a, packed, multiplier, output_zero_point, bias, a_zero_point, b_zero_point, out_dtype,
+    out_dtype, qmin, qmax, zp, mult, bias, za, zb = _requant_args(
+        packed, multiplier, output_zero_point, bias, a_zero_point, b_zero_point, out_dtype,
         qmin, qmax)
     y = np.empty((a.shape[0], packed.n), dtype=np.uint8)
-    scratch = np.empty(_kernels.packed_a_size(a.shape[0], packed.k), dtype=np.uint8)
-    _kernels.gemm_packed_requant(code, a, scratch, packed.data, packed.colsum, colterm, rowsum,
-                                 rowcoef, mult, zp, qmin, qmax, y, threads)
+    _kernels.gemm_packed_requant(code, a, _scratch(a.shape[0], packed.n), packed.data,
+                                 packed.colsum, bias, za, zb, mult, zp, qmin, qmax, y, threads)
     return y.view(out_dtype)
 
 
@@ -401,17 +436,16 @@ def matmul_int8_requant_reference(a: np.ndarray, b: np.ndarray, multiplier,
                                   qmin: int | None = None, qmax: int | None = None) -> np.ndarray:
     """NumPy reference of :func:`matmul_int8_requant`: same arguments, same result, bit for bit."""
     a, b = _check_operands(a, b)
-    packed = prepack(b)
-    out_dtype, qmin, qmax, zp, mult, _, _, _ = _requant_terms(
-        a, packed, multiplier, output_zero_point, bias, a_zero_point, b_zero_point, out_dtype,
+    out_dtype, qmin, qmax, zp, mult, bias, za, zb = _requant_args(
+        prepack(b), multiplier, output_zero_point, bias, a_zero_point, b_zero_point, out_dtype,
         qmin, qmax)
     n = b.shape[1]
-    zb = np.broadcast_to(np.asarray(0 if b_zero_point is None else b_zero_point), (n,))
-    acc = (a.astype(np.int64) - int(a_zero_point)) @ (b.astype(np.int64) - zb.astype(np.int64))
-    if bias is not None:
-        acc = acc + np.asarray(bias, np.int64)
+    zb = zb.astype(np.int64) if zb.size else np.zeros(n, np.int64)
+    acc = (a.astype(np.int64) - za) @ (b.astype(np.int64) - zb)
+    if bias.size:
+        acc = acc + bias.astype(np.int64)
     v = ((acc & 0xFFFFFFFF).astype(np.uint32).view(np.int32)).astype(np.float32)
-    f = v * mult[:n]                                   # float32 x float32, one rounding
+    f = v * np.broadcast_to(mult, (n,))                # float32 x float32, one rounding
     q = np.rint(np.clip(f, np.float32(qmin - zp), np.float32(qmax - zp))) + zp
     return q.astype(np.int32).astype(out_dtype)
 

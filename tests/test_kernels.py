@@ -1,8 +1,11 @@
 """qcourse.kernels: the compiled int8 matmul against its NumPy reference, and its input checks."""
 
 import importlib.machinery
+import os
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +105,77 @@ def test_k_past_the_bound_is_refused_not_wrapped():
             f(a, b)
 
 
+# The VNNI kernel's blocking: row tiles of 6, chunks of QC_MCT tiles (16 x 6 = 96 rows), blocks of
+# QC_KCQ quads (64 x 4 = 256 values of k), a k % 4 tail read from scratch, 64-column groups. Each
+# shape straddles one or more of those edges (one past, one short), with every tile height 1..6.
+@pytest.mark.parametrize("shape", [(95, 257, 63), (96, 256, 64), (97, 255, 65), (193, 513, 129),
+                                   (101, 1027, 70), (2, 259, 200), (11, 4, 1), (190, 1, 3)])
+def test_vnni_blocking_edges(shape):
+    m, k, n = shape
+    rng = np.random.default_rng(m * k + n)
+    a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    expected = matmul_int8_reference(a, b)
+    packed = prepack(b)
+    for path in available_paths():
+        for rows in range(1, 7):  # every tile height, at the start and at the end of A
+            np.testing.assert_array_equal(matmul_int8(a[:rows], packed, path=path),
+                                          expected[:rows], err_msg=f"{path} {rows}")
+            np.testing.assert_array_equal(matmul_int8(a[m - rows:], packed, path=path),
+                                          expected[m - rows:], err_msg=f"{path} last {rows}")
+        for threads in (1, 2, 3):
+            np.testing.assert_array_equal(matmul_int8(a, packed, path=path, threads=threads),
+                                          expected, err_msg=f"{path} threads={threads}")
+        mult = rng.uniform(1e-4, 1e-3, n)
+        zb = rng.integers(-128, 128, n)
+        np.testing.assert_array_equal(
+            matmul_int8_requant(a, packed, mult, 3, a_zero_point=-5, b_zero_point=zb, path=path),
+            matmul_int8_requant_reference(a, b, mult, 3, a_zero_point=-5, b_zero_point=zb),
+            err_msg=path)
+
+
+def test_large_outputs_stored_non_temporally_are_exact():
+    # C of 4 MiB or more with 64-byte aligned rows is written with streaming stores; 1000 columns
+    # (not a multiple of 16) is not. Both against the float64 product (exact for these sizes).
+    rng = np.random.default_rng(12)
+    for m, k, n in ((1030, 40, 1024), (1100, 37, 1000)):
+        a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+        b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+        expected = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int32)
+        for threads in (1, 2):
+            np.testing.assert_array_equal(matmul_int8(a, b, threads=threads), expected)
+
+
+def test_a_is_read_in_place_up_to_its_last_byte():
+    # The VNNI kernel broadcasts A straight from the caller's memory. A is placed at the very end
+    # of a buffer whose following bytes differ: a read past any row's end (or of the last row)
+    # would change the result or fault.
+    rng = np.random.default_rng(11)
+    for k in (1, 2, 3, 4, 5, 7, 8, 63, 65):
+        buf = rng.integers(-128, 128, size=7 * k + 64, dtype=np.int8)
+        a = buf[:7 * k].reshape(7, k)
+        b = rng.integers(-128, 128, size=(k, 70), dtype=np.int8)
+        expected = matmul_int8_reference(a, b)
+        for path in available_paths():
+            np.testing.assert_array_equal(matmul_int8(a, b, path=path), expected)
+            buf[7 * k:] = -buf[7 * k:] - 1  # flip everything after A
+            np.testing.assert_array_equal(matmul_int8(a, b, path=path), expected)
+
+
+def test_packed_b_holds_b_plus_128_unsigned():
+    b = np.array([[-128, -1, 0, 127]], np.int8)
+    packed = prepack(b)
+    assert packed.data.dtype == np.uint8 and packed.data.size == 256  # one quad, one group
+    np.testing.assert_array_equal(packed.data[[0, 4, 8, 12]], [0, 127, 128, 255])
+    assert not packed.data[np.setdiff1d(np.arange(256), [0, 4, 8, 12])].any()  # padding is 0
+
+
+@pytest.mark.skipif("vnni512" not in available_paths(), reason="this CPU has no AVX-512 VNNI")
+def test_vnni_peak_loop_counts_its_work():
+    assert _kernels.vnni_peak_loop(1000, 1) == 1000 * 16 * 64
+    assert _kernels.vnni_peak_loop(10, 2) == 2 * 10 * 16 * 64
+
+
 def test_non_contiguous_and_fortran_inputs():
     rng = np.random.default_rng(7)
     big = rng.integers(-128, 128, size=(40, 60), dtype=np.int8)
@@ -189,6 +263,9 @@ def test_the_kernel_releases_the_gil(monkeypatch):
 def test_paths_are_detected_and_can_be_forced():
     paths = available_paths()
     assert paths[0] == "portable" and best_path() == paths[-1]
+    simulated = os.environ.get("QCOURSE_MAX_PATH")
+    if simulated:  # run by test_a_cpu_without_the_faster_paths_simulated: the cap holds
+        assert best_path() == simulated and paths == list(kernels._PATHS)[: len(paths)]
     a = np.ones((2, 3), np.int8)
     with pytest.raises(ValueError, match=r"path must be one of .*'sse9'"):
         matmul_int8(a, a.T, path="sse9")
@@ -324,3 +401,35 @@ def test_threads_argument():
     # small products stay on one thread by default; large ones may use every allowed thread
     assert kernels._default_threads(8, 8, 8) == 1
     assert kernels._default_threads(4096, 4096, 4096) == kernels.get_num_threads()
+
+
+# --- A CPU without VNNI (or without AVX2), simulated ------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_path", ["avx2", "portable"])
+def test_a_cpu_without_the_faster_paths_simulated(max_path):
+    # QCOURSE_MAX_PATH hides the paths above the one it names, as if the CPU lacked them: the
+    # whole kernel and integer-matmul suites then run on the default path of such a CPU.
+    if max_path not in available_paths():
+        pytest.skip(f"this CPU has no {max_path} path to cap at")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, QCOURSE_MAX_PATH=max_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "tests/test_kernels.py", "tests/test_int_matmul.py", "-k", "not simulated"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1]
+    probe = subprocess.run(
+        [sys.executable, "-c", "import qcourse; print(qcourse.best_path())"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == max_path
+
+
+def test_an_unknown_simulated_path_is_refused():
+    env = dict(os.environ, QCOURSE_MAX_PATH="sse9")
+    proc = subprocess.run([sys.executable, "-c", "import qcourse"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "QCOURSE_MAX_PATH must be one of ['portable', 'avx2', 'vnni512'], got 'sse9'" in (
+        proc.stderr)
