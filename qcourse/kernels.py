@@ -54,31 +54,39 @@ def max_k_s8s8() -> int:
     return max_k(32, 8, 8)
 
 
-def _check_operands(a, b) -> tuple[np.ndarray, np.ndarray]:
-    arrays = []
-    for name, x in (("a", a), ("b", b)):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray of dtype int8, got {type(x).__name__}")
-        if x.dtype != np.int8:
-            raise TypeError(f"{name} must have dtype int8, got {x.dtype}")
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (rows, columns), got {x.ndim}-D shape {x.shape}")
-        if x.size == 0:
-            raise ValueError(f"{name} must not be empty, got shape {x.shape}")
-        arrays.append(x)
-    a, b = arrays
-    if a.shape[1] != b.shape[0]:
+_MAX_K = max_k_s8s8()
+
+
+def _check_matrix(name: str, x) -> None:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of dtype int8, got {type(x).__name__}")
+    if x.dtype != np.int8:
+        raise TypeError(f"{name} must have dtype int8, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, columns), got {x.ndim}-D shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
+
+
+def _check_inner(a_shape: tuple, b_shape: tuple) -> None:
+    if a_shape[1] != b_shape[0]:
         raise ValueError(
-            f"inner dimensions differ: a has shape {a.shape} (K={a.shape[1]}) but b has shape "
-            f"{b.shape} (K={b.shape[0]}); a.shape[1] must equal b.shape[0]"
+            f"inner dimensions differ: a has shape {a_shape} (K={a_shape[1]}) but b has shape "
+            f"{b_shape} (K={b_shape[0]}); a.shape[1] must equal b.shape[0]"
         )
-    k = a.shape[1]
-    if k > max_k_s8s8():
+    k = a_shape[1]
+    if k > _MAX_K:
         raise ValueError(
-            f"K={k} is too large: an int8 x int8 sum of more than {max_k_s8s8()} products can "
+            f"K={k} is too large: an int8 x int8 sum of more than {_MAX_K} products can "
             f"overflow the int32 accumulator ((-128)*(-128)*K > 2**31 - 1); split K into chunks "
             f"and add the int32 partial sums in int64"
         )
+
+
+def _check_operands(a, b) -> tuple[np.ndarray, np.ndarray]:
+    _check_matrix("a", a)
+    _check_matrix("b", b)
+    _check_inner(a.shape, b.shape)
     return a, b
 
 
@@ -308,14 +316,17 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     columns between OpenMP threads (default :func:`get_num_threads`).
     """
     packed = b if isinstance(b, PackedB) else prepack(b)
-    probe = np.zeros((packed.k, 1), np.int8)
-    a, _ = _check_operands(a, probe)
+    _check_matrix("a", a)
+    _check_inner(a.shape, (packed.k, packed.n))
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
                else _check_threads(threads))
     a = np.ascontiguousarray(a)
-    # every entry is written; 64-byte aligned, so that a large C can be stored non-temporally
-    out = _aligned_empty(a.shape[0] * packed.n, np.int32).reshape(a.shape[0], packed.n)
+    # every entry is written; a C of 2 MiB or more 64-byte aligned, so that the kernel can store
+    # it non-temporally (the alignment costs microseconds, which only a large product hides)
+    m = a.shape[0]
+    out = (_aligned_empty(m * packed.n, np.int32).reshape(m, packed.n) if m * packed.n >= 2**19
+           else np.empty((m, packed.n), dtype=np.int32))
     _kernels.gemm_packed(code, a, _scratch(a.shape[0], packed.n), packed.data, packed.colsum, out,
                          threads)
     return out
@@ -350,13 +361,15 @@ def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_p
         if not (math.isfinite(m) and m > 0):
             raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
         mult = np.array([m], dtype=np.float32)
+        if not mult[0] > 0:
+            raise ValueError("multiplier underflows to 0 in float32")
     else:
         m64 = np.broadcast_to(np.asarray(multiplier, dtype=np.float64), (n,))
         if not (np.all(np.isfinite(m64)) and np.all(m64 > 0)):
             raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
         mult = np.ascontiguousarray(m64, dtype=np.float32)
-    if not np.all(mult > 0):
-        raise ValueError("multiplier underflows to 0 in float32")
+        if not np.all(mult > 0):
+            raise ValueError("multiplier underflows to 0 in float32")
     za = int(a_zero_point)
     if not -128 <= za <= 127:
         raise ValueError(f"a_zero_point must lie in [-128, 127] for int8 a, got {za}")
@@ -416,7 +429,8 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
     out_dtype : numpy.int8 or numpy.uint8
     """
     packed = b if isinstance(b, PackedB) else prepack(b)
-    a, _ = _check_operands(a, np.zeros((packed.k, 1), np.int8))
+    _check_matrix("a", a)
+    _check_inner(a.shape, (packed.k, packed.n))
     a = np.ascontiguousarray(a)
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
