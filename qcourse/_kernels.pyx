@@ -25,7 +25,7 @@ cdef extern from "_qgemm.h" nogil:
     Py_ssize_t qc_groups(Py_ssize_t n)
     int QC_NG
     int QC_MR
-    uint32_t qc_vnni_peak(Py_ssize_t iters, int threads)
+    double qc_vnni_peak(Py_ssize_t iters, int threads)
     int QC_PEAK_MACS_PER_ITER
     ctypedef struct qc_requant_args:
         const int32_t *bias
@@ -68,10 +68,13 @@ def scratch_size(Py_ssize_t m, Py_ssize_t n):
 
 
 def vnni_peak_loop(Py_ssize_t iters, int threads):
-    """iters x 16 register-only vpdpbusd on each of `threads` threads (for timing the peak)."""
+    """iters x 16 register-only vpdpbusd on each of `threads` threads, each timing its own loop.
+
+    Returns (MACs done in all, MACs per second summed over the threads)."""
+    cdef double rate
     with nogil:
-        qc_vnni_peak(iters, threads)
-    return iters * QC_PEAK_MACS_PER_ITER * threads
+        rate = qc_vnni_peak(iters, threads)
+    return iters * QC_PEAK_MACS_PER_ITER * threads, rate
 
 
 def path_supported(int path):

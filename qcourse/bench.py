@@ -63,7 +63,8 @@ def peak_gops(threads: int = 1, seconds: float = 0.02, rounds: int = 5) -> float
     """The int8 peak of ``threads`` cores, measured: GOP/s of register-only ``vpdpbusd``.
 
     Runs 16 independent ``vpdpbusd`` per loop iteration (64 multiply-adds each, no memory
-    traffic) on every thread for about ``seconds``, ``rounds`` times, and returns the best rate.
+    traffic) on every thread for about ``seconds``, ``rounds`` times, and returns the best rate
+    (each thread times its own loop; the rates are summed).
     This is the ceiling of an int8 GEMM on this CPU at the clock it actually runs (a virtual
     machine's /proc/cpuinfo may report a nominal clock far from it).  ``None`` without VNNI.
     """
@@ -78,9 +79,8 @@ def peak_gops(threads: int = 1, seconds: float = 0.02, rounds: int = 5) -> float
         iters *= 4
     best = 0.0
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        macs = _kernels.vnni_peak_loop(iters, threads)
-        best = max(best, 2 * macs / (time.perf_counter() - t0) / 1e9)
+        _, macs_per_second = _kernels.vnni_peak_loop(iters, threads)
+        best = max(best, 2 * macs_per_second / 1e9)
     return best
 
 
