@@ -285,12 +285,13 @@ def set_num_threads(threads: int) -> None:
     _threads = _check_threads(threads)
 
 
-# Work per extra thread before the default thread count uses it: about a millisecond of the VNNI
-# kernel.  An OpenMP loop ends in a barrier that waits for every thread; on a machine whose other
-# cores are busy, a thread can wait a whole scheduler time slice (milliseconds) to run at all, so
-# splitting a sub-millisecond product can make it hundreds of times slower.  An explicit
-# ``threads=`` argument is always obeyed.
-MIN_OPS_PER_THREAD = 2**28
+# Work per extra thread before the default thread count uses it: about 0.15 ms of the VNNI
+# kernel (2**26 operations; a 512^3 product gets two threads, 256^3 one).  On an idle machine even
+# 256^3 runs 1.8 times as fast on two threads; but an OpenMP loop ends in a barrier that waits for
+# every thread, and on a machine whose other cores are busy a thread can wait a whole scheduler
+# time slice (milliseconds) to run at all, which would make a tiny product many times slower.
+# An explicit ``threads=`` argument is always obeyed.
+MIN_OPS_PER_THREAD = 2**26
 
 
 def _default_threads(m: int, n: int, k: int) -> int:
