@@ -285,13 +285,14 @@ def set_num_threads(threads: int) -> None:
     _threads = _check_threads(threads)
 
 
-# Work per extra thread before the default thread count uses it: about 0.15 ms of the VNNI
-# kernel (2**26 operations; a 512^3 product gets two threads, 256^3 one).  On an idle machine even
-# 256^3 runs 1.8 times as fast on two threads; but an OpenMP loop ends in a barrier that waits for
-# every thread, and on a machine whose other cores are busy a thread can wait a whole scheduler
-# time slice (milliseconds) to run at all, which would make a tiny product many times slower.
-# An explicit ``threads=`` argument is always obeyed.
-MIN_OPS_PER_THREAD = 2**26
+# Work per extra thread before the default thread count uses it: 2**24 operations, about 40 us of
+# the VNNI kernel.  On an idle two-core Zen 4, two threads were slower than one at 128^3, even at
+# 192^3, 1.6 times as fast at 256^3, and 2.7 times at a 1 x 4096 x 4096 matrix-vector product
+# (each core streams half of the weights through its own L2).  An OpenMP loop ends in a barrier
+# that waits for every thread, and on a machine whose other cores are busy a thread can wait a
+# whole scheduler time slice (milliseconds) to run at all, so much smaller products stay on one
+# thread.  An explicit ``threads=`` argument is always obeyed.
+MIN_OPS_PER_THREAD = 2**24
 
 
 def _default_threads(m: int, n: int, k: int) -> int:
