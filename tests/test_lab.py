@@ -283,6 +283,11 @@ def test_chapter_runs_and_the_bit_explorer_answers(lab, page):
         ".join('') === want",
         arg=[".jp-OutputArea-output .jupyter-widgets.widget-vbox .widget-toggle-button",
              expected], timeout=30_000)
+    # the buttons and the description below them are separate widget messages: wait for both
+    page.wait_for_function(
+        "([sel, want]) => document.querySelector(sel).innerText.includes(want)",
+        arg=[".jp-OutputArea-output .jupyter-widgets.widget-vbox", f"0x{bits:X}"],
+        timeout=30_000)
     assert f"0x{bits:X}" in widget.inner_text(), f"{new_value} in {fmt_name} is 0x{bits:X}"
 
     # Click the sign bit: the value box follows.
