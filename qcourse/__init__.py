@@ -132,6 +132,21 @@ from qcourse.kernels import (
     prepack,
     set_num_threads,
 )
+from qcourse.lowbit import (
+    FP8_FORMATS,
+    Int4Weight,
+    format_sqnr,
+    fp8_dequantize,
+    fp8_fake_quantize,
+    fp8_quantize,
+    fp8_scale,
+    int4_group_accumulators,
+    int4_group_accumulators_reference,
+    int4_linear_int8,
+    int4_linear_reference,
+    int4_weight_only,
+    quantize_int4_groupwise,
+)
 from qcourse.mixed_precision import (
     FLOAT_BITS,
     HAWQ_RESNET50,
@@ -205,6 +220,20 @@ from qcourse.qat import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # lowbit
+    "FP8_FORMATS",
+    "Int4Weight",
+    "format_sqnr",
+    "fp8_dequantize",
+    "fp8_fake_quantize",
+    "fp8_quantize",
+    "fp8_scale",
+    "int4_group_accumulators",
+    "int4_group_accumulators_reference",
+    "int4_linear_int8",
+    "int4_linear_reference",
+    "int4_weight_only",
+    "quantize_int4_groupwise",
     # mixed_precision
     "FLOAT_BITS",
     "HAWQ_RESNET50",
