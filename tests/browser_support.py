@@ -9,6 +9,7 @@ there were none.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -111,6 +112,30 @@ class Guard:
         lines += [f"failed request: {u}" for u in self.failed]
         lines += [f"console error: {m}" for m in self.console_errors]
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def chromium_browser():
+    """One headless Chromium for a test module (the ``browser`` fixtures)."""
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+@contextlib.contextmanager
+def guarded_page(browser, width: int, height: int, timeout_ms: int):
+    """A fresh page in its own context, its requests fenced by a ``Guard`` (``page.guard``)."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(timeout_ms)
+    guard = Guard()
+    guard.attach(page)
+    page.guard = guard
+    try:
+        yield page
+    finally:
+        context.close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -23,7 +23,7 @@ import nbformat
 import pytest
 import yaml
 from book_build import built_book_html, toc_entries
-from browser_support import ROOT, Guard, StaticServer, launch, screenshot_path, sync_playwright
+from browser_support import ROOT, StaticServer, chromium_browser, guarded_page, screenshot_path
 from notebook_runner import chapters
 
 from qcourse import grading
@@ -69,22 +69,14 @@ def server(built_book):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
+    with chromium_browser() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    guard = Guard()
-    guard.attach(page)
-    page.guard = guard
-    yield page
-    context.close()
+    with guarded_page(browser, 1280, 900, 30_000) as page:
+        yield page
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser_support import ROOT, Guard, launch, screenshot_path, sync_playwright
+from browser_support import ROOT, chromium_browser, guarded_page, screenshot_path
 
 from qcourse.floats import FORMATS, encode
 from qcourse.grading import PUBLIC_PASS_MESSAGE
@@ -148,22 +148,14 @@ def _kernels(base: str, token: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
+    with chromium_browser() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    guard = Guard()
-    guard.attach(page)
-    page.guard = guard
-    yield page
-    context.close()
+    with guarded_page(browser, 1400, 1000, 60_000) as page:
+        yield page
 
 
 # JavaScript run in the page, through the JupyterLab application object (exposed with
