@@ -36,10 +36,12 @@ __all__ = [
     "Sequential",
     "accuracy",
     "capture_activations",
+    "make_optimizer",
     "predict",
     "softmax",
     "softmax_cross_entropy",
     "train",
+    "train_epoch",
 ]
 
 
@@ -488,6 +490,36 @@ def _num_outputs(model: Module) -> int | None:
     return None
 
 
+def make_optimizer(params, optimizer: str, lr: float, weight_decay: float = 0.0):
+    """``Adam`` (``optimizer="adam"``) or ``SGD`` with momentum (``"sgd"``) over ``params``."""
+    if optimizer == "adam":
+        return Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+
+
+def train_epoch(model: Module, X: np.ndarray, y: np.ndarray, order: np.ndarray,
+                batch_size: int, opt) -> tuple[float, float]:
+    """One pass over ``(X, y)`` in the given ``order``, in batches of ``batch_size``.
+
+    For each batch: forward, :func:`softmax_cross_entropy`, ``model.backward``, ``opt.step()``.
+    Returns the epoch's mean loss and training accuracy, both measured on the fly (each batch
+    before its step).  The loop of :func:`train` and of ``qcourse.qat.qat_finetune``.
+    """
+    n = len(order)
+    total_loss, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        logits = model(X[idx])
+        loss, grad = softmax_cross_entropy(logits, y[idx])
+        model.backward(grad)
+        opt.step()
+        total_loss += loss * idx.size
+        correct += int(np.sum(np.argmax(logits, axis=1) == y[idx]))
+    return total_loss / n, correct / n
+
+
 def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_size: int = 32,
           lr: float = 1e-2, seed: int = 0, progress: bool = True, *,
           optimizer: str = "adam", weight_decay: float = 0.0) -> dict[str, list[float]]:
@@ -509,30 +541,16 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
     batch_size = _check_int(batch_size, "batch_size")
     lr = _check_positive(lr, "lr")
     seed = _check_int(seed, "seed", minimum=0)
-    if optimizer == "adam":
-        opt = Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     rng = np.random.default_rng(seed)
     n = X.shape[0]
     history: dict[str, list[float]] = {"loss": [], "train_accuracy": []}
     bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
     for _ in bar:
-        order = rng.permutation(n)
-        total_loss, correct = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            logits = model(X[idx])
-            loss, grad = softmax_cross_entropy(logits, y[idx])
-            model.backward(grad)
-            opt.step()
-            total_loss += loss * idx.size
-            correct += int(np.sum(np.argmax(logits, axis=1) == y[idx]))
-        history["loss"].append(total_loss / n)
-        history["train_accuracy"].append(correct / n)
-        bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", acc=f"{correct / n:.3f}")
+        loss, acc = train_epoch(model, X, y, rng.permutation(n), batch_size, opt)
+        history["loss"].append(loss)
+        history["train_accuracy"].append(acc)
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
     bar.close()
     return history
 

@@ -47,7 +47,13 @@ from tqdm.auto import tqdm
 
 from qcourse.affine import QParams, choose_qparams, qrange
 from qcourse.calibration import MovingAverageMinMaxObserver
-from qcourse.nn import SGD, Adam, Linear, Sequential, accuracy, softmax_cross_entropy
+from qcourse.nn import (
+    Linear,
+    Sequential,
+    accuracy,
+    make_optimizer,
+    train_epoch,
+)
 
 __all__ = [
     "FakeQuantLinear",
@@ -776,12 +782,7 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     n_out = [m for m in qmodel if isinstance(m, Linear)][-1].out_features
     if y.size and (y.min() < 0 or y.max() >= n_out):
         raise ValueError(f"y must hold labels in [0, {n_out}), got {int(y.min())}..{int(y.max())}")
-    if optimizer == "adam":
-        opt = Adam(qmodel.parameters(), lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = SGD(qmodel.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    opt = make_optimizer(qmodel.parameters(), optimizer, lr, weight_decay)
     history: dict[str, list[float]] = {"loss": [], "train_accuracy": []}
     if X_val is not None:
         history["val_accuracy"] = [accuracy(qmodel, X_val, y_val)]
@@ -791,19 +792,10 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
                disable=not progress)
     for _ in bar:
         set_qat_training(qmodel, True)
-        order = rng.permutation(n)
-        total_loss, correct = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            logits = qmodel(X[idx])
-            loss, grad = softmax_cross_entropy(logits, y[idx])
-            qmodel.backward(grad)
-            opt.step()
-            total_loss += loss * idx.size
-            correct += int(np.sum(np.argmax(logits, axis=1) == y[idx]))
+        loss, acc = train_epoch(qmodel, X, y, rng.permutation(n), batch_size, opt)
         set_qat_training(qmodel, False)
-        history["loss"].append(total_loss / n)
-        history["train_accuracy"].append(correct / n)
+        history["loss"].append(loss)
+        history["train_accuracy"].append(acc)
         postfix = {"loss": f"{history['loss'][-1]:.4f}"}
         if X_val is not None:
             history["val_accuracy"].append(accuracy(qmodel, X_val, y_val))
