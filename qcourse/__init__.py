@@ -162,7 +162,7 @@ from qcourse.mixed_precision import (
     allocate_bits_exhaustive,
     allocate_bits_greedy,
     bops,
-    evaluate,
+    evaluate_model,
     exact_hessian_trace,
     fake_quantize_weight,
     hawq_omega,
@@ -178,9 +178,9 @@ from qcourse.mixed_precision import (
     mixed_precision_shares,
     model_size_bits,
     pareto_front,
-    quantized,
     scaled_size_bops,
     spearman,
+    temporarily_quantized,
 )
 from qcourse.ptq import (
     INCEPTION_V3_RELU6_TABLE,
@@ -249,7 +249,7 @@ __all__ = [
     "allocate_bits_exhaustive",
     "allocate_bits_greedy",
     "bops",
-    "evaluate",
+    "evaluate_model",
     "exact_hessian_trace",
     "fake_quantize_weight",
     "hawq_omega",
@@ -265,7 +265,7 @@ __all__ = [
     "mixed_precision_shares",
     "model_size_bits",
     "pareto_front",
-    "quantized",
+    "temporarily_quantized",
     "scaled_size_bops",
     "spearman",
     # qat

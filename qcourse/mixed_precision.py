@@ -53,7 +53,7 @@ __all__ = [
     "allocate_bits_exhaustive",
     "allocate_bits_greedy",
     "bops",
-    "evaluate",
+    "evaluate_model",
     "exact_hessian_trace",
     "fake_quantize_weight",
     "hawq_omega",
@@ -69,7 +69,7 @@ __all__ = [
     "mixed_precision_shares",
     "model_size_bits",
     "pareto_front",
-    "quantized",
+    "temporarily_quantized",
     "scaled_size_bops",
     "spearman",
 ]
@@ -273,8 +273,8 @@ def fake_quantize_weight(weight, bits: int, *, per_channel: bool = True) -> np.n
 
 
 @contextmanager
-def quantized(model, w_bits, a_bits=None, *, X_cal=None, per_channel: bool = True
-              ) -> Iterator[Sequential]:
+def temporarily_quantized(model, w_bits, a_bits=None, *, X_cal=None,
+                          per_channel: bool = True) -> Iterator[Sequential]:
     """Temporarily quantize ``model``: weights of each Linear layer, and optionally its input.
 
     ``w_bits`` is one bit width for every Linear layer or a mapping ``{layer: bits}``; layers
@@ -331,7 +331,7 @@ class Evaluation(NamedTuple):
     accuracy: float
 
 
-def evaluate(model, X, y) -> Evaluation:
+def evaluate_model(model, X, y) -> Evaluation:
     """Loss and accuracy of ``model`` on ``(X, y)`` in one forward pass (hooks included).  See
     the mixed_precision chapter."""
     _check_model(model)
@@ -380,11 +380,11 @@ def layer_sensitivity(model, X, y, bits: int = 4, *, layers=None,
             if n not in names:
                 raise ValueError(f"layers names {n!r}, which is not a Linear layer of the model "
                                  f"{names}")
-    base = evaluate(model, X, y)
+    base = evaluate_model(model, X, y)
     out = {}
     for n in layers:
-        with quantized(model, {n: bits}, per_channel=per_channel):
-            ev = evaluate(model, X, y)
+        with temporarily_quantized(model, {n: bits}, per_channel=per_channel):
+            ev = evaluate_model(model, X, y)
         out[n] = LayerSensitivity(n, bits, ev.loss, ev.accuracy, ev.loss - base.loss,
                                   ev.accuracy - base.accuracy)
     return out

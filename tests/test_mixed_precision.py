@@ -31,7 +31,7 @@ from qcourse.mixed_precision import (
     allocate_bits_exhaustive,
     allocate_bits_greedy,
     bops,
-    evaluate,
+    evaluate_model,
     exact_hessian_trace,
     fake_quantize_weight,
     hawq_omega,
@@ -47,9 +47,9 @@ from qcourse.mixed_precision import (
     mixed_precision_shares,
     model_size_bits,
     pareto_front,
-    quantized,
     scaled_size_bops,
     spearman,
+    temporarily_quantized,
 )
 from qcourse.nn import MLP, Linear, ReLU, Sequential, softmax_cross_entropy, train
 
@@ -408,7 +408,7 @@ def test_hawq_omega_golden_and_monotone():
 def test_quantized_swaps_weights_and_restores_them_exactly():
     model, X, y = tiny_problem(13, sizes=(5, 6, 4, 3))
     saved = model.state_dict()
-    with quantized(model, {"fc1": 2, "fc3": 4}) as m:
+    with temporarily_quantized(model, {"fc1": 2, "fc3": 4}) as m:
         assert m is model
         q1 = fake_quantize_weight(saved["fc1.weight"], 2)
         q3 = fake_quantize_weight(saved["fc3.weight"], 4)
@@ -417,7 +417,7 @@ def test_quantized_swaps_weights_and_restores_them_exactly():
         np.testing.assert_array_equal(model["fc3"].weight, q3)
     for k, v in saved.items():
         assert np.array_equal(model.state_dict()[k], v)
-    with pytest.raises(RuntimeError, match="inside"), quantized(model, 2):
+    with pytest.raises(RuntimeError, match="inside"), temporarily_quantized(model, 2):
         assert not np.array_equal(model["fc2"].weight, saved["fc2.weight"])
         raise RuntimeError("inside")
     for k, v in saved.items():
@@ -428,7 +428,7 @@ def test_quantized_activations_use_the_float_range_and_remove_their_hooks():
     model, X, y = tiny_problem(14, sizes=(5, 6, 4, 3))
     X_cal = X[:20]
     before = model(X)
-    with quantized(model, None, {"fc2": 3}, X_cal=X_cal):
+    with temporarily_quantized(model, None, {"fc2": 3}, X_cal=X_cal):
         out = model(X)
         assert len(model["fc2"]._forward_pre_hooks) == 1
         assert not model["fc1"]._forward_pre_hooks and not model["fc3"]._forward_pre_hooks
@@ -449,28 +449,28 @@ def test_quantized_activations_use_the_float_range_and_remove_their_hooks():
 def test_quantized_rejects_bad_input():
     model, X, y = tiny_problem(15)
     with pytest.raises(ValueError, match="not Linear layers"):
-        with quantized(model, {"act1": 4}):
+        with temporarily_quantized(model, {"act1": 4}):
             pass
     with pytest.raises(ValueError, match="X_cal"):
-        with quantized(model, 8, 8):
+        with temporarily_quantized(model, 8, 8):
             pass
     with pytest.raises(ValueError, match="between 2 and 16"):
-        with quantized(model, 1):
+        with temporarily_quantized(model, 1):
             pass
     with pytest.raises(TypeError, match="Sequential"):
-        with quantized(Linear(2, 2), 4):
+        with temporarily_quantized(Linear(2, 2), 4):
             pass
 
 
 def test_layer_sensitivity_is_the_one_at_a_time_difference():
     model, X, y = tiny_problem(16, sizes=(5, 8, 6, 3), n=80)
     saved = model.state_dict()
-    base = evaluate(model, X, y)
+    base = evaluate_model(model, X, y)
     sens = layer_sensitivity(model, X, y, 2)
     assert list(sens) == linear_layers(model)
     for name, s in sens.items():
-        with quantized(model, {name: 2}):
-            ev = evaluate(model, X, y)
+        with temporarily_quantized(model, {name: 2}):
+            ev = evaluate_model(model, X, y)
         assert s.layer == name and s.bits == 2
         assert s.loss == ev.loss and s.accuracy == ev.accuracy
         assert s.delta_loss == pytest.approx(ev.loss - base.loss)
@@ -490,8 +490,8 @@ def test_all_configurations_equals_quantizing_each_configuration():
         assert sweep.bits.shape == (27, 3) and sweep.layers == ["fc1", "fc2", "fc3"]
         for row in range(27):
             bits = dict(zip(sweep.layers, (int(b) for b in sweep.bits[row]), strict=True))
-            with quantized(model, bits, bits if a_bits else None, X_cal=X[:30]):
-                ev = evaluate(model, X, y)
+            with temporarily_quantized(model, bits, bits if a_bits else None, X_cal=X[:30]):
+                ev = evaluate_model(model, X, y)
             assert sweep.loss[row] == ev.loss and sweep.accuracy[row] == ev.accuracy
             assert sweep.size_bits[row] == model_size_bits(layer_info(model), bits)
             assert sweep.index(bits) == row
@@ -819,7 +819,7 @@ def test_the_chapters_sensitivity_claims_hold_on_other_seeds(seed):
     model, traces = chapter_run(seed)
     names = linear_layers(model)
     grad_norm = math.sqrt(sum(np.sum(layer_loss_grad(model, n, X, y)[1] ** 2) for n in names))
-    assert evaluate(model, Xt, yt).accuracy > 0.95 and grad_norm < 1e-2
+    assert evaluate_model(model, Xt, yt).accuracy > 0.95 and grad_norm < 1e-2
     sens = {b: layer_sensitivity(model, Xt, yt, b) for b in (8, 4, 2)}
     one = 1 / len(yt)
     assert max(abs(s.delta_accuracy) for s in sens[8].values()) <= 2 * one + 1e-12
@@ -846,7 +846,7 @@ def test_the_chapters_allocation_claims_hold_on_other_seeds(seed):
     omega = {n: {b: hawq_omega(traces[n].trace, model[n].weight, b) for b in (2, 4, 8)}
              for n in names}
     sweep48 = all_configurations(model, Xt, yt, (4, 8), a_bits="same", X_cal=X[:512])
-    assert evaluate(model, Xt, yt).accuracy - sweep48.accuracy.min() <= 0.02
+    assert evaluate_model(model, Xt, yt).accuracy - sweep48.accuracy.min() <= 0.02
     sweep = all_configurations(model, Xt, yt, (2, 4, 8))
     avg = sweep.size_bits / total
     for budget in (3.0, 3.5, 4.0):
