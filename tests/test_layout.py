@@ -24,13 +24,19 @@ def chapter_stems() -> list[str]:
     return sorted(p.stem for p in (ROOT / "book").glob("*.md") if p.stem not in NON_CHAPTER_PAGES)
 
 
+def _top_level_modules() -> list[str]:
+    """qcourse's modules and subpackages by name (a package is a folder with __init__.py)."""
+    files = [p.stem for p in (ROOT / "qcourse").glob("*.py")]
+    packages = [p.parent.name for p in (ROOT / "qcourse").glob("*/__init__.py")]
+    return files + packages
+
+
 def library_modules() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "qcourse").glob("*.py") if p.stem not in SHARED_MODULES)
+    return sorted(s for s in _top_level_modules() if s not in SHARED_MODULES)
 
 
 def shared_modules() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "qcourse").glob("*.py") if p.stem in SHARED_MODULES
-                  and p.stem != "__init__")
+    return sorted(s for s in _top_level_modules() if s in SHARED_MODULES and s != "__init__")
 
 
 @pytest.mark.parametrize("stem", chapter_stems())

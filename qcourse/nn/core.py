@@ -1,17 +1,6 @@
-r"""A tiny NumPy neural network with the forward and backward passes written out.
+"""The float network's pieces: modules, layers, losses, optimizers and the training loop.
 
-This is the float model that the calibration, ptq, qat and mixed_precision chapters quantize.
-It is small on purpose: a :class:`Linear` layer computes :math:`y = x W^T + b` with ``weight``
-of shape (out, in) (the layout of PyTorch and of the int_matmul chapter), :class:`ReLU` and
-:class:`ReLU6` clamp, a :class:`Sequential` chains named layers, and :func:`train` fits the
-model with softmax cross-entropy and Adam (or SGD with momentum).
-
-Every layer can carry *forward hooks*, the mechanism the quantization chapters use to look at
-activations (:func:`capture_activations`, for calibration) and to change them (a hook that
-returns a fake-quantized copy of a layer's output, for post-training quantization).  Gradients
-flow through a hook as if it were the identity: the straight-through rule.
-
-Everything is float32 by default; pass ``dtype=np.float64`` to build a model for gradient checks.
+Re-exported by :mod:`qcourse.nn` (see its docstring for the conventions).
 """
 
 from __future__ import annotations
