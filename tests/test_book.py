@@ -189,7 +189,7 @@ def test_self_study_page_folds_solutions_and_shows_no_hidden_test(built_book, no
     lines = {line.strip() for line in text.splitlines()}
     secrets = grading.secret_lines(source)
 
-    n_solutions = sum(grading._is_solution(c) for c in source["cells"])
+    n_solutions = sum(grading.is_solution(c) for c in source["cells"])
     assert page.count('class="cell tag_hide-input') == n_solutions
     assert page.count("hide above-input") == n_solutions, "a solution is not behind a toggle"
     missing = sorted(secrets["solution"] - lines)
