@@ -110,7 +110,8 @@ def test_k_past_the_bound_is_refused_not_wrapped():
 # The kernels' blocking, read from the extension: row tiles of TILE_ROWS (6 on the VNNI path, 2
 # on AVX2), chunks of CHUNK_ROWS rows (16 tiles), blocks of K_BLOCK values of k (1024 quads: 4096),
 # a k % 4 tail read from scratch, groups of GROUP_WIDTH (64) columns, threads over groups.
-TILE, CHUNK, KB, GW = _kernels.TILE_ROWS, _kernels.CHUNK_ROWS, _kernels.K_BLOCK, _kernels.GROUP_WIDTH
+TILE, CHUNK = _kernels.TILE_ROWS, _kernels.CHUNK_ROWS
+KB, GW = _kernels.K_BLOCK, _kernels.GROUP_WIDTH
 
 
 def _exact(a, b):
@@ -135,8 +136,9 @@ def _check_every_path(a, b, expected, *, heights=range(1, 7), threads=(1, 2, 3))
 # Each shape straddles one or more of those edges (one short, exact, one past): rows around a
 # chunk and two chunks, columns around one and two groups (threads then get unequal shares),
 # k around the 4-value quad.
-@pytest.mark.parametrize("shape", [(CHUNK - 1, 257, GW - 1), (CHUNK, 256, GW), (CHUNK + 1, 255, GW + 1),
-                                   (2 * CHUNK + 1, 513, 2 * GW + 1), (101, 1027, 70),
+@pytest.mark.parametrize("shape", [(CHUNK - 1, 257, GW - 1), (CHUNK, 256, GW),
+                                   (CHUNK + 1, 255, GW + 1), (2 * CHUNK + 1, 513, 2 * GW + 1),
+                                   (101, 1027, 70),
                                    (2, 259, 200), (11, 4, 1), (190, 1, 3)])
 def test_vnni_blocking_edges(shape):
     m, k, n = shape
