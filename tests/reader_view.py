@@ -139,7 +139,18 @@ def problems(report: dict, guard_problems: str, folder: Path, page_rel: str) -> 
 def read_page(page, url: str, folder: Path, page_rel: str) -> tuple[dict, list[str]]:
     """Open ``url`` (the page ``page_rel`` of the built ``folder``); its report and problems."""
     page.goto(url, wait_until="load")
-    page.evaluate(SETTLE)
-    page.wait_for_load_state("networkidle")
+    for _ in range(3):  # a page that redirects (index.html) replaces its document once
+        try:
+            page.evaluate(SETTLE)
+            break
+        except Exception as exc:  # Playwright's Error: "Execution context was destroyed"
+            if "context was destroyed" not in str(exc):
+                raise
+            page.wait_for_load_state("load")
+    try:
+        page.wait_for_load_state("networkidle", timeout=30_000)
+    except Exception as exc:  # Playwright's TimeoutError: judge the page as it stands
+        if "Timeout" not in str(exc):
+            raise
     report = page.evaluate(REPORT)
     return report, problems(report, page.guard.problems(), folder, page_rel)
