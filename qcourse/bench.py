@@ -402,10 +402,10 @@ def unquiet_signs(rows: list[Result], peaks_before: dict[int, float | None],
              and (r["shape"], r["kernel"]) in one
              and r["gops"] < slower * one[r["shape"], r["kernel"]]]
     if slow2:
+        first = slow2[0]
         signs.append(f"{len(slow2)} qcourse kernel(s) ran slower on two threads than on one "
-                     f"(e.g. {slow2[0]['kernel']} at {slow2[0]['shape']}: "
-                     f"{slow2[0]['gops']:.0f} against {one[slow2[0]['shape'], slow2[0]['kernel']]:.0f}"
-                     f" GOP/s)")
+                     f"(e.g. {first['kernel']} at {first['shape']}: {first['gops']:.0f} against "
+                     f"{one[first['shape'], first['kernel']]:.0f} GOP/s)")
     return signs
 
 

@@ -51,7 +51,8 @@ REPORT = r"""
     while (walker.nextNode()) { text += walker.currentNode.textContent; }
     return text;
   };
-  const blocks = Array.from(article.querySelectorAll("p, li, dd, td, th, h1, h2, h3, h4, figcaption"))
+  const blockTags = "p, li, dd, td, th, h1, h2, h3, h4, figcaption";
+  const blocks = Array.from(article.querySelectorAll(blockTags))
     .filter((el) => !el.closest("pre, .highlight, .cell_input"))
     .map((el) => textOf(el));
   const math = Array.from(article.querySelectorAll(".math"));
