@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-MIN_TEXT_PX = 7.0  # the smallest figure text, in CSS pixels as displayed, that is still read
+MIN_TEXT_PX = 6.0  # the smallest figure text, in CSS pixels as displayed, that is still read
 FIGURE_KEY = "qcourse-figure"
 
 SETTLE = """
