@@ -10,7 +10,8 @@ reader would notice, or an empty list. It looks for
 - a NumPy scalar's repr in the prose (``np.int64(29)``, ``np.float64(...)``), which is how a
   glued NumPy number prints;
 - TeX left as source: ``$``, ``$$``, ``\\(``, ``\\[``, ``\\begin{`` in the text outside code and
-  typeset math, and math that MathJax did not typeset or reported an error in;
+  typeset math, math that MathJax did not typeset or reported an error in, and a TeX command
+  that MathJax drew as text (``\\_`` inside ``\\text{}``);
 - an image without pixels (not found, or not decodable);
 - in a figure made by a cell, an axis with numbers and no label, a legend drawn over data, or
   text smaller than ``MIN_TEXT_PX`` as displayed: read from the figure's PNG, where the book
@@ -62,6 +63,9 @@ REPORT = r"""
     untypeset: math.filter((m) => m.querySelector("mjx-container") === null)
                    .map((m) => m.textContent.trim().slice(0, 80)),
     mathErrors: article.querySelectorAll("mjx-merror, [data-mjx-error]").length,
+    // typeset math that still shows a TeX command as text (e.g. \_ inside \text{})
+    mathTexLeft: Array.from(article.querySelectorAll("mjx-assistive-mml mtext"))
+      .map((t) => t.textContent).filter((t) => t.includes("\\")).slice(0, 5),
     tables: article.querySelectorAll("table").length,
     images: Array.from(document.images).map((i) => ({
       src: i.getAttribute("src"), ok: i.complete && i.naturalWidth > 0,
@@ -122,6 +126,7 @@ def problems(report: dict, guard_problems: str, folder: Path, page_rel: str) -> 
         if RAW_TEX.search(text):
             out.append(f"TeX source left in the text: {snippet!r}")
     out += [f"math not typeset: {m!r}" for m in report["untypeset"]]
+    out += [f"a TeX command shown as text in typeset math: {t!r}" for t in report["mathTexLeft"]]
     if report["mathErrors"]:
         out.append(f"MathJax reported {report['mathErrors']} errors")
     for image in report["images"]:

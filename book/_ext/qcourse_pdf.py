@@ -119,8 +119,12 @@ def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml") -> Path
         for i, name in enumerate(pages):
             page.goto(base + f"{name}.html", wait_until="load")
             page.add_style_tag(content=PRINT_CSS)
-            page.evaluate(SETTLE)
-            page.wait_for_load_state("networkidle")
+            page.evaluate(SETTLE)  # MathJax typeset, every image decoded
+            try:  # and nothing else still loading (widgets); a busy page is printed as it stands
+                page.wait_for_load_state("networkidle", timeout=20_000)
+            except Exception as exc:  # Playwright's TimeoutError
+                if "Timeout" not in str(exc):
+                    raise
             part = Path(tmp) / f"{i:03d}.pdf"
             page.pdf(path=str(part), format="A4", print_background=True,
                      margin={"top": "15mm", "bottom": "15mm", "left": "12mm", "right": "12mm"})
