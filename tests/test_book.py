@@ -102,7 +102,7 @@ def test_stale_check_catches_an_edited_a_missing_and_an_extra_page(tmp_path):
     assert stale_self_study_pages(notebooks, pages) == []
     first, second = notebooks[0].stem, notebooks[1].stem
     edited = pages / f"{first}.md"
-    edited.write_text(edited.read_text().replace(":tags: [hide-input]", ":tags: []", 1))
+    edited.write_text(edited.read_text().replace("tags: [hide-input]", "tags: []", 1))
     (pages / f"{second}.md").unlink()
     (pages / "old_chapter.md").write_text("# gone\n")
     problems = "\n".join(stale_self_study_pages(notebooks, pages))
