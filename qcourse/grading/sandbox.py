@@ -67,13 +67,18 @@ class Limits:
 
 
 def _read_only_roots() -> list[Path]:
-    """What student code needs to read: Python, the environment, qcourse itself."""
+    """What student code needs to read: Python, the environment, qcourse itself, and any
+    package folder a ``.pth`` file added to ``sys.path`` (outside ``/usr``, bound whole)."""
     import qcourse
 
     roots = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(),
              Path(qcourse.__file__).resolve().parent]
+    roots += [Path(p).resolve() for p in sys.path
+              if p and Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
     kept: list[Path] = []
     for root in sorted(set(roots), key=lambda p: len(p.parts)):
+        if root.parts[1:2] in (("usr",), ("etc",)):
+            continue
         if not any(root == k or k in root.parents for k in kept):
             kept.append(root)
     return kept
@@ -144,6 +149,23 @@ class Sandbox:
             args += ["--setenv", key, value]
         return args
 
+    def _identity(self) -> list[str]:
+        """Root: no user namespace (``_drop_privileges`` changes the user inside). Any other
+        user: a user namespace of its own, where the code is ``uid`` and may not make another;
+        ``RLIMIT_NPROC`` then counts only the processes of that namespace (Linux 5.14 and
+        later), so a fork bomb meets its limit without counting the grader's own processes."""
+        if os.geteuid() == 0:
+            return []
+        return ["--unshare-user", "--uid", str(self.uid), "--gid", str(self.uid),
+                "--disable-userns"]
+
+    def _drop_privileges(self) -> list[str]:
+        """As root, become ``uid`` (rlimits do not bind root) with no way back."""
+        if os.geteuid() != 0:
+            return []
+        return [shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={self.uid}",
+                f"--regid={self.uid}", "--clear-groups", "--no-new-privs", "--"]
+
     def wrap(self, argv: list[str]) -> list[str]:
         """``argv`` as a command that runs inside the sandbox."""
         bwrap = shutil.which("bwrap")
@@ -151,11 +173,11 @@ class Sandbox:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         limits = self.limits
         return [
-            bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+            bwrap, *self._identity(), "--unshare-ipc", "--unshare-pid", "--unshare-net",
+            "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+            "--hostname", "sandbox",
             *self._file_system(), *self._environment(), "--chdir", str(self.workdir), "--",
-            shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={self.uid}",
-            f"--regid={self.uid}", "--clear-groups", "--no-new-privs", "--",
+            *self._drop_privileges(),
             shutil.which("prlimit") or "/usr/bin/prlimit", f"--cpu={limits.cpu_seconds}",
             f"--as={limits.memory_bytes}", f"--nproc={limits.processes}",
             f"--fsize={limits.file_bytes}", f"--nofile={limits.open_files}", "--", *argv]
