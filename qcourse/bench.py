@@ -488,7 +488,8 @@ def _int4_layers(rng, k: int, n: int, count: int, group_size: int):
 
 def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 11008),
                        group_size: int = 32, repeat: int = 5, seed: int = 0,
-                       outside: bool = True, bandwidth: float | None = None) -> list[Result]:
+                       outside: bool = True, bandwidth: float | None = None,
+                       skip: tuple[str, ...] = ()) -> list[Result]:
     """Time int4-weight layers: qcourse's :func:`~qcourse.kernels.matmul_w4a8` against ONNX
     Runtime's MatMulNBits and PyTorch's int4 CPU kernels (where installed), NumPy float32 on the
     dequantized weights and qcourse's int8 GEMM on the same shape.
@@ -499,7 +500,8 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
     product (within :data:`INT4_TOLERANCE` of the largest output; our int8 GEMM exactly).  Rows
     add ``gbs`` (weight bytes read per second) and ``pct_bw`` (of ``bandwidth``, default
     :func:`read_bandwidth_gbs` for the threads in force); ``vs_best_outside`` is relative to
-    the fastest outside int4 kernel.
+    the fastest outside int4 kernel.  ``skip``: outside kernels whose names contain any of these
+    strings are left out (e.g. ``("float32, torch",)`` for PyTorch's slow float32 variants).
     """
     from qcourse.kernels import matmul_w4a8, prepack_int4, quantize_rows_int8
 
@@ -537,6 +539,8 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
             sum(p.data.nbytes for p in int8_packed))
         if outside:
             for name, prepare in int4_competitors().items():
+                if any(part in name for part in skip):
+                    continue
                 try:
                     made = [prepare(x, c, s, group_size) for c, s in layers]
                 except RuntimeError as err:
