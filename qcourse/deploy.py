@@ -39,7 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from qcourse.affine import quantize_linear
-from qcourse.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
+from qcourse.fixed_point import (
+    multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_half_up,
+    quantize_multiplier,
+)
 from qcourse.int_matmul import (
     double_multiplier,
     float_multiplier,
@@ -115,8 +119,9 @@ RUNTIME_ARITHMETIC = {
         "dense": "qcourse.int_matmul.requantize_fixed_point_half_up: SRDHM then a rounding "
                  "shift, both ties up (ruy)",
         "conv": "qcourse.int_matmul.requantize_fixed_point_half_up (ruy, after im2col)",
-        "depthwise": "qcourse.fixed_point.multiply_by_quantized_multiplier, rounding='single' "
-                     "for channels in whole blocks of 8, rounding='double' for the rest",
+        "depthwise": "qcourse.fixed_point.multiply_by_quantized_multiplier_half_up for the "
+                     "channels in whole blocks of 8, multiply_by_quantized_multiplier "
+                     "(gemmlowp's double rounding) for the rest",
     },
     "tflite-reference": {
         "input": "qcourse.deploy.quantize_divide_half_away: x / s in float32, round half away "
@@ -653,13 +658,12 @@ def _requantize(layer, acc: np.ndarray, input_scale, runtime: str) -> np.ndarray
         return requantize_fixed_point(acc, mult, shift, zy, lo, hi)
     if kind in ("dense", "conv"):
         return requantize_fixed_point_half_up(acc, mult, shift, zy, lo, hi)
-    # Depthwise: optimized_ops::Quantize, NEON (vqdmulh + vrshl = one rounding, ties up) for
-    # whole blocks of 8 channels, MultiplyByQuantizedMultiplier for the remaining channels.
-    blocks = (layer.out_channels // 8) * 8
-    single = np.arange(layer.out_channels) < blocks
+    # Depthwise: optimized_ops::Quantize -- a (NEON_2_SSE-emulated) SIMD loop over whole blocks
+    # of 8 channels, which measures as SRDHM + rounding shift, both ties up; the remaining
+    # channels go through the scalar MultiplyByQuantizedMultiplier (gemmlowp's rounding).
+    in_blocks = np.arange(layer.out_channels) < (layer.out_channels // 8) * 8
     a = acc.astype(np.int64)
-    y = np.where(single,
-                 multiply_by_quantized_multiplier(a, mult, shift, rounding="single"),
+    y = np.where(in_blocks, multiply_by_quantized_multiplier_half_up(a, mult, shift),
                  multiply_by_quantized_multiplier(a, mult, shift, rounding="double"))
     return np.clip(y.astype(np.int64) + zy, lo, hi).astype(np.int8)
 
@@ -686,14 +690,28 @@ def _forward(model: DeployModel, x_q: np.ndarray, runtime: str) -> list[np.ndarr
 def predict_codes(model: DeployModel, X, runtime: str, *, all_layers: bool = False):
     """qcourse's prediction of the int8 codes ``runtime`` outputs for float32 images ``X``.
 
-    ``X`` has shape (N,) + ``model.input_shape`` (NCHW for images); the result is the last
+    ``X`` has shape (N,) + ``model.input_shape`` (NCHW for images), float32 -- or int8 codes, which
+    skip the input quantization (for models exported with ``float_input=False``); the result is
+    the last
     layer's codes, shape (N,) + ``model.output_shape`` (NCHW for a convolution), int8 -- or, with
     ``all_layers=True``, the list of every layer's codes.  Every step is integer arithmetic or
     one of the named float steps of :data:`RUNTIME_ARITHMETIC`.  See the deploy chapter.
     """
     _check_runtime(runtime)
-    codes = _forward(model, quantize_input(model, X, runtime), runtime)
+    if isinstance(X, np.ndarray) and X.dtype == np.int8:
+        x_q = _check_codes(model, X)
+    else:
+        x_q = quantize_input(model, X, runtime)
+    codes = _forward(model, x_q, runtime)
     return codes if all_layers else codes[-1]
+
+
+def _check_codes(model: DeployModel, X: np.ndarray) -> np.ndarray:
+    if X.ndim != 1 + len(model.input_shape) or X.shape[1:] != model.input_shape \
+            or X.shape[0] == 0:
+        raise ValueError(f"X (int8 codes) must have shape {('N',) + model.input_shape}, got "
+                         f"{X.shape}")
+    return X
 
 
 # --------------------------------------------------------------------------- .tflite export
@@ -781,7 +799,7 @@ class _TFLiteGraph:
         return bytes(builder.Output())
 
 
-def to_tflite(model: DeployModel) -> bytes:
+def to_tflite(model: DeployModel, *, float_input: bool = True) -> bytes:
     """The model as a ``.tflite`` flatbuffer (bytes): float32 in (NHWC or (N, features)), the
     last layer's int8 codes out.
 
@@ -792,7 +810,8 @@ def to_tflite(model: DeployModel) -> bytes:
     0 for convolutions and fully-connected layers, 3 for depthwise filters, which LiteRT stores
     as (1, kh, kw, C)), biases int32 at scale :math:`S_x S_W`.  A Dense after a Flatten of a
     (C, H, W) tensor gets its input columns permuted from NCHW to LiteRT's NHWC order.  The batch
-    dimension is dynamic (``shape_signature`` -1).  See the deploy chapter.
+    dimension is dynamic (``shape_signature`` -1).  With ``float_input=False`` the model takes the
+    int8 input codes directly (no ``QUANTIZE``).  See the deploy chapter.
     """
     if not isinstance(model, DeployModel):
         raise TypeError(f"model must be a DeployModel, got {type(model).__name__}")
@@ -805,10 +824,12 @@ def to_tflite(model: DeployModel) -> bytes:
     def nhwc(shape):
         return (shape[1], shape[2], shape[0]) if len(shape) == 3 else shape
 
-    x_f = g.tensor("images", (1, *nhwc(model.input_shape)), TT.FLOAT32)
     x = g.tensor("images_int8", (1, *nhwc(model.input_shape)), TT.INT8, model.input_scale,
                  model.input_zero_point)
-    g.op(BO.QUANTIZE, [x_f], [x])
+    x_f = x
+    if float_input:
+        x_f = g.tensor("images", (1, *nhwc(model.input_shape)), TT.FLOAT32)
+        g.op(BO.QUANTIZE, [x_f], [x])
     shape = model.input_shape
     flattened_from = None
     for i, layer in enumerate(model.layers):
@@ -920,8 +941,9 @@ def run_tflite(model_bytes: bytes, X, runtime: str = "tflite-xnnpack", *,
     if not isinstance(model_bytes, (bytes, bytearray)):
         raise TypeError(f"model_bytes must be bytes (a .tflite file's content), got "
                         f"{type(model_bytes).__name__}")
-    if not isinstance(X, np.ndarray) or X.dtype != np.float32:
-        raise TypeError("X must be a float32 numpy.ndarray")
+    if not isinstance(X, np.ndarray) or X.dtype not in (np.float32, np.int8):
+        raise TypeError("X must be a float32 numpy.ndarray (or int8 codes for a model exported "
+                        "with float_input=False)")
     xin = np.ascontiguousarray(_to_nhwc(X))
     it = _interpreter(bytes(model_bytes), runtime, xin.shape)
     inp = it.get_input_details()[0]
@@ -956,7 +978,7 @@ def _onnx():
     return onnx, TensorProto, helper, numpy_helper
 
 
-def to_onnx(model: DeployModel, form: str = "qoperator"):
+def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = True):
     r"""The model as an ONNX ``ModelProto`` (opset 21): float32 images in, int8 codes out.
 
     ``form="qoperator"``: integer operators throughout -- ``QuantizeLinear`` for the input,
@@ -971,8 +993,8 @@ def to_onnx(model: DeployModel, form: str = "qoperator"):
     :math:`S_x S_W`) and ``QuantizeLinear`` nodes; ONNX Runtime's graph optimizer fuses each
     group back into an integer kernel (the tests check that no float ``Conv``/``Gemm`` survives).
     An activation narrower than the output grid becomes an int8 ``Clip`` after the
-    ``QuantizeLinear``.  Input (N, C, H, W) or (N, features), batch dynamic.  See the deploy
-    chapter.
+    ``QuantizeLinear``.  Input (N, C, H, W) or (N, features), batch dynamic; int8 codes instead
+    of float32 with ``float_input=False``.  See the deploy chapter.
     """
     if not isinstance(model, DeployModel):
         raise TypeError(f"model must be a DeployModel, got {type(model).__name__}")
@@ -990,7 +1012,10 @@ def to_onnx(model: DeployModel, form: str = "qoperator"):
                 const(f"{prefix}_zero_point", np.int8(zp)))
 
     x_s, x_z = qparams("images", model.input_scale, model.input_zero_point)
-    nodes.append(helper.make_node("QuantizeLinear", ["images", x_s, x_z], ["x0"]))
+    if float_input:
+        nodes.append(helper.make_node("QuantizeLinear", ["images", x_s, x_z], ["x0"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["images"], ["x0"]))
     x = "x0"
     for i, layer in enumerate(model.layers):
         s_in, z_in = model.input_qparams(i)
@@ -1070,7 +1095,8 @@ def to_onnx(model: DeployModel, form: str = "qoperator"):
     out_shape = ["N", *model.output_shape]
     graph = helper.make_graph(
         nodes, f"{model.name}_{form}",
-        [helper.make_tensor_value_info("images", TP.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("images", TP.FLOAT if float_input else TP.INT8,
+                                       in_shape)],
         [helper.make_tensor_value_info(x, TP.INT8, out_shape)], initializer=inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _ONNX_OPSET)],
                           producer_name="qcourse.deploy")
@@ -1097,8 +1123,8 @@ def run_onnx(onnx_model, X, *, optimized_model_path=None) -> np.ndarray:
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
     sess = ort.InferenceSession(bytes(data), so, providers=["CPUExecutionProvider"])
-    if not isinstance(X, np.ndarray) or X.dtype != np.float32:
-        raise TypeError("X must be a float32 numpy.ndarray")
+    if not isinstance(X, np.ndarray) or X.dtype not in (np.float32, np.int8):
+        raise TypeError("X must be a float32 numpy.ndarray (int8 for float_input=False)")
     return sess.run(None, {sess.get_inputs()[0].name: X})[0]
 
 
