@@ -40,8 +40,6 @@ import numpy as np
 
 from qcourse.affine import quantize_linear
 from qcourse.fixed_point import (
-    multiply_by_quantized_multiplier,
-    multiply_by_quantized_multiplier_half_up,
     quantize_multiplier,
 )
 from qcourse.int_matmul import (
@@ -57,12 +55,14 @@ __all__ = [
     "LITERT_RESOLVERS",
     "RUNTIMES",
     "RUNTIME_ARITHMETIC",
+    "CONVENTIONS",
     "Conv2D",
     "Dense",
     "DeployModel",
     "ExportError",
     "Flatten",
     "MaxPool2D",
+    "adversarial_images",
     "agreement",
     "course_model",
     "from_integer_model",
@@ -72,6 +72,8 @@ __all__ = [
     "quantize_reciprocal_rne",
     "quantize_divide_half_away",
     "quantize_litert_builtin",
+    "random_dense_model",
+    "requantize_layer",
     "run_onnx",
     "run_runtime",
     "run_tflite",
@@ -639,33 +641,69 @@ def _tflite_multiplier(layer, input_scale) -> np.ndarray:
     return double_multiplier(input_scale, sw, layer.output_scale)
 
 
-def _requantize(layer, acc: np.ndarray, input_scale, runtime: str) -> np.ndarray:
-    """Requantize channel-last accumulators (..., out) as ``runtime`` does for this layer."""
+#: The requantization conventions found in the runtimes, by what they compute (see
+#: :func:`requantize_layer`).
+CONVENTIONS = ("float32_rne", "gemmlowp_double", "single_half_up", "half_up_twice",
+               "double_half_away")
+
+
+def requantize_layer(layer, acc, input_scale, convention: str, clamp=None) -> np.ndarray:
+    r"""Requantize a layer's channel-last int32 accumulators ``acc`` (..., out) by ``convention``.
+
+    * ``"float32_rne"``: :func:`qcourse.int_matmul.requantize_float` with the float32 multiplier
+      :math:`\mathrm{fl}(\mathrm{fl}(S_x S_W) / S_y)` (ONNX Runtime, XNNPACK);
+    * ``"gemmlowp_double"``: :func:`qcourse.int_matmul.requantize_fixed_point` (SRDHM, then
+      RDBPOT: ties up, then away from zero; LiteRT's reference convolutions);
+    * ``"single_half_up"``: the same with ``rounding="single"`` (the ``TFLITE_SINGLE_ROUNDING``
+      build, ruy's portable C++ path);
+    * ``"half_up_twice"``: :func:`qcourse.int_matmul.requantize_fixed_point_half_up` (ruy's x86
+      kernels: LiteRT's built-in fully-connected and convolution);
+    * ``"double_half_away"``: :func:`qcourse.int_matmul.requantize_double_half_away` (LiteRT's
+      reference fully-connected).
+
+    The fixed-point ones use the ``(multiplier, shift)`` LiteRT's kernel preparation computes
+    (:func:`qcourse.fixed_point.quantize_multiplier` of the real multiplier: per tensor for a
+    fully-connected layer the float32 product :math:`S_x S_W` divided in double, otherwise all
+    in double).  ``clamp`` overrides ``layer.clamp``.  Returns int8 codes.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}; got "
+                         f"{convention!r}")
     zy = layer.output_zero_point
-    lo, hi = layer.clamp
+    lo, hi = layer.clamp if clamp is None else clamp
     sw = np.broadcast_to(layer.weight_scale, (layer.out_channels,))
-    if runtime in ("onnx", "tflite-xnnpack"):
-        if runtime == "tflite-xnnpack":
-            lo, hi = xnnpack_clamp(layer)
+    if convention == "float32_rne":
         m = float_multiplier(np.float32(input_scale), sw, layer.output_scale)
         return requantize_float(acc, m, zy, lo, hi)
-    kind = layer.kind
-    if runtime == "tflite-reference" and kind == "dense":
-        return requantize_double_half_away(acc, double_multiplier(input_scale, sw,
-                                                                  layer.output_scale), zy, lo, hi)
+    if convention == "double_half_away":
+        return requantize_double_half_away(
+            acc, double_multiplier(input_scale, sw, layer.output_scale), zy, lo, hi)
     mult, shift = quantize_multiplier(_tflite_multiplier(layer, input_scale))
-    if runtime == "tflite-reference":
-        return requantize_fixed_point(acc, mult, shift, zy, lo, hi)
-    if kind in ("dense", "conv"):
+    if convention == "half_up_twice":
         return requantize_fixed_point_half_up(acc, mult, shift, zy, lo, hi)
+    return requantize_fixed_point(acc, mult, shift, zy, lo, hi,
+                                  rounding="double" if convention == "gemmlowp_double"
+                                  else "single")
+
+
+def _requantize(layer, acc: np.ndarray, input_scale, runtime: str) -> np.ndarray:
+    """Requantize channel-last accumulators (..., out) as ``runtime`` does for this layer."""
+    kind = layer.kind
+    if runtime == "onnx":
+        return requantize_layer(layer, acc, input_scale, "float32_rne")
+    if runtime == "tflite-xnnpack":
+        return requantize_layer(layer, acc, input_scale, "float32_rne", xnnpack_clamp(layer))
+    if runtime == "tflite-reference":
+        return requantize_layer(layer, acc, input_scale,
+                                "double_half_away" if kind == "dense" else "gemmlowp_double")
+    if kind in ("dense", "conv"):
+        return requantize_layer(layer, acc, input_scale, "half_up_twice")
     # Depthwise: optimized_ops::Quantize -- a (NEON_2_SSE-emulated) SIMD loop over whole blocks
     # of 8 channels, which measures as SRDHM + rounding shift, both ties up; the remaining
     # channels go through the scalar MultiplyByQuantizedMultiplier (gemmlowp's rounding).
     in_blocks = np.arange(layer.out_channels) < (layer.out_channels // 8) * 8
-    a = acc.astype(np.int64)
-    y = np.where(in_blocks, multiply_by_quantized_multiplier_half_up(a, mult, shift),
-                 multiply_by_quantized_multiplier(a, mult, shift, rounding="double"))
-    return np.clip(y.astype(np.int64) + zy, lo, hi).astype(np.int8)
+    return np.where(in_blocks, requantize_layer(layer, acc, input_scale, "half_up_twice"),
+                    requantize_layer(layer, acc, input_scale, "gemmlowp_double"))
 
 
 def _forward(model: DeployModel, x_q: np.ndarray, runtime: str) -> list[np.ndarray]:
@@ -1200,6 +1238,76 @@ def course_model():
     """
     model, X, y = _course_model_cached()
     return model, X.copy(), y.copy()
+
+
+# --------------------------------------------------------------------------- test inputs
+
+
+def _relu_clamps(zero_point: int, scale) -> list[tuple[int, int]]:
+    """The clamps of NONE, RELU and RELU6 on an int8 output grid (LiteRT's computation)."""
+    lo = max(_INT8_MIN, zero_point)
+    six = zero_point + int(_round_half_away(np.float64(np.float32(6.0) / np.float32(scale))))
+    clamps = [(_INT8_MIN, _INT8_MAX), (lo, _INT8_MAX)]
+    if min(_INT8_MAX, six) > lo:
+        clamps.append((lo, min(_INT8_MAX, six)))
+    return clamps
+
+
+def random_dense_model(seed: int, *, tie_heavy: bool = False):
+    r"""A random one-layer :class:`Dense` model and int8 input codes for it (the deploy chapter's
+    and the tests' probe of how a runtime requantizes).
+
+    Random shapes (1..32 outputs, 1..47 inputs, batch 1..8), per-tensor or per-channel weight
+    scales, a random output zero point and fused activation (none, ReLU, ReLU6).  With
+    ``tie_heavy=True`` the scales are chosen so that many outputs are exact ties: input and
+    output scales are powers of two and the weight scales :math:`2^{-k}(1 + j/4)`, so
+    :math:`M = (4 + j) / 2^{e+2}`; weights and bias are multiples of :math:`2^p` with
+    :math:`p` near :math:`e + 1`, so :math:`v M` has one or two fraction bits and lands on
+    :math:`\tfrac12` for a large share of the outputs.  Returns ``(model, x_codes)``.
+    """
+    rng = np.random.default_rng(_int(seed, "seed", 0))
+    out_f, in_f, batch = (int(rng.integers(1, 33)), int(rng.integers(1, 48)),
+                          int(rng.integers(1, 9)))
+    n = out_f if out_f > 1 and rng.integers(0, 2) else 1
+    zx = int(rng.integers(-100, 100))
+    if tie_heavy:
+        d_max = int(rng.choice([1, 3, 8, 27, 100]))
+        x = np.clip(zx + rng.integers(-d_max, d_max + 1, (batch, in_f)), _INT8_MIN, _INT8_MAX)
+        e = int(rng.integers(0, 7))
+        p = int(rng.integers(max(0, e - 2), min(e + 2, 7)))
+        w_max = max(1, 127 >> p)
+        w = rng.integers(-w_max, w_max + 1, (out_f, in_f)) << p
+        a, c = int(rng.integers(0, 6)), int(rng.integers(0, 4))
+        sx, sy = 2.0**-a, 2.0**-c
+        sw = 2.0 ** -(e + c - a) * (1 + rng.integers(0, 4, n) / 4)
+        bias = rng.integers(-64, 65, out_f) << p
+    else:
+        sx, sy = rng.uniform(0.002, 0.1), rng.uniform(0.01, 1.0)
+        sw = rng.uniform(1e-4, 0.02, n)
+        w = rng.integers(-127, 128, (out_f, in_f))
+        x = rng.integers(_INT8_MIN, _INT8_MAX + 1, (batch, in_f))
+        bias = rng.integers(-20000, 20000, out_f)
+    zy = int(rng.integers(-100, 100))
+    clamps = _relu_clamps(zy, sy)
+    layer = Dense(w, bias, sw, sy, zy, clamps[int(rng.integers(0, len(clamps)))])
+    return DeployModel((in_f,), sx, zx, (layer,), name="random_dense"), x.astype(np.int8)
+
+
+def adversarial_images(model: DeployModel, n: int, seed: int) -> np.ndarray:
+    r"""``3 n`` float32 images for ``model``'s input: ``n`` random (uniform on -2..20), ``n``
+    exact ties of the input grid (:math:`x / S = k + 1/2` in exact arithmetic, rounded to
+    float32), and ``n`` ties mixed with saturating values (:math:`\pm 3 \cdot 10^3`,
+    :math:`\pm 10^4`, :math:`\pm 10^9`: far beyond the int8 grid, and beyond int32 after the
+    division for the largest)."""
+    n = _int(n, "n", 1)
+    rng = np.random.default_rng(_int(seed, "seed", 0))
+    shape = (n,) + model.input_shape
+    s = np.float64(model.input_scale)
+    ties = ((rng.integers(-140, 140, shape) + 0.5) * s).astype(np.float32)
+    rand = rng.uniform(-2, 20, shape).astype(np.float32)
+    sat = rng.choice(np.array([-1e4, 1e4, 3e3, -3e3, 1e9, -1e9], np.float32), shape)
+    mix = np.where(rng.random(shape) < 0.3, sat, ties).astype(np.float32)
+    return np.concatenate([rand, ties, mix])
 
 
 # --------------------------------------------------------------------------- command line

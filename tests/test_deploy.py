@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from qcourse import deploy as d
+from qcourse.affine import QParams
 from qcourse.fixed_point import (
     multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_half_up,
@@ -25,12 +26,9 @@ from qcourse.fixed_point import (
     srdhm,
 )
 from qcourse.int_matmul import (
+    activation_range,
     double_multiplier,
-    float_multiplier,
     requantize_double_half_away,
-    requantize_fixed_point,
-    requantize_fixed_point_half_up,
-    requantize_float,
 )
 
 litert = pytest.importorskip("ai_edge_litert.interpreter",
@@ -107,54 +105,13 @@ def _tie_scales(rng, n_channels):
     return sx, sw, sy
 
 
-def _random_fc(rng, tie: bool):
-    """A one-layer model and int8 inputs.  Tie-heavy ones (``tie=True``) have power-of-two input
-    and output scales, weight scales with three significant bits and small accumulators, so that
-    v * M is a short binary fraction that lands exactly on .5 for many outputs."""
-    out_f, in_f, batch = int(rng.integers(1, 33)), int(rng.integers(1, 48)), int(rng.integers(1, 9))
-    per_channel = out_f > 1 and bool(rng.integers(0, 2))
-    n = out_f if per_channel else 1
-    zx = int(rng.integers(-100, 100))
-    if tie:
-        # M = (4 + j) / 2**(e + 2); weights and bias multiples of 2**p, so v * M has at most
-        # e + 2 - p fraction bits: with p = e + 1 about every other output is a tie.
-        d_max = int(rng.choice([1, 3, 8, 27, 100]))
-        x = np.clip(zx + rng.integers(-d_max, d_max + 1, (batch, in_f)), -128, 127)
-        e = int(rng.integers(0, 7))
-        p = int(rng.integers(max(0, e - 2), min(e + 2, 7)))
-        w_max = max(1, 127 >> p)
-        w = rng.integers(-w_max, w_max + 1, (out_f, in_f)) << p
-        a, c = int(rng.integers(0, 6)), int(rng.integers(0, 4))
-        sx, sy = 2.0**-a, 2.0**-c
-        sw = 2.0 ** -(e + c - a) * (1 + rng.integers(0, 4, n) / 4)
-        bias = rng.integers(-64, 65, out_f) << p
-    else:
-        sx, sy = rng.uniform(0.002, 0.1), rng.uniform(0.01, 1.0)
-        sw = rng.uniform(1e-4, 0.02, n)
-        w = rng.integers(-127, 128, (out_f, in_f))
-        x = rng.integers(-128, 128, (batch, in_f))
-        bias = rng.integers(-20000, 20000, out_f)
-    zy = int(rng.integers(-100, 100))
-    act = ("none", "relu", "relu6")[int(rng.integers(0, 3))]
-    lo = max(-128, zy)
-    six = float(np.float32(6.0) / np.float32(sy))
-    clamp = {"none": (-128, 127), "relu": (lo, 127),
-             "relu6": (lo, min(127, zy + int(d._round_half_away(np.float64(six)))))}[act]
-    if clamp[1] <= clamp[0]:
-        clamp = (-128, 127)
-    layer = d.Dense(w, bias, sw, sy, zy, clamp)
-    model = d.DeployModel((in_f,), sx, zx, (layer,))
-    return model, x.astype(np.int8)
-
-
 @lru_cache(maxsize=1)
 def _fc_results(n_models=300):
     """Run n_models one-layer FULLY_CONNECTED models (half of them tie-heavy) under every
     runtime; keep outputs, predictions and the exact ties."""
-    rng = np.random.default_rng(2024)
     rows = []
     for i in range(n_models):
-        model, x = _random_fc(rng, tie=i % 2 == 0)
+        model, x = d.random_dense_model(2024 + i, tie_heavy=i % 2 == 0)
         layer = model.layers[0]
         acc = layer.accumulate(x, model.input_zero_point)
         real = double_multiplier(model.input_scale, np.broadcast_to(layer.weight_scale,
@@ -185,38 +142,22 @@ def test_the_three_litert_paths_really_differ_and_wrong_conventions_fail():
     """The comparison can fail: each LiteRT path disagrees with the other paths' arithmetic."""
     rows = _fc_results()
 
-    def mismatches(rt, requant):
+    def mismatches(rt, convention):
         n = 0
         for model, _, acc, _, got, _ in rows:
-            layer = model.layers[0]
-            sw = np.broadcast_to(layer.weight_scale, (layer.out_channels,))
-            lo, hi = layer.clamp
-            zy = layer.output_zero_point
-            mult, shift = quantize_multiplier(d._tflite_multiplier(layer, model.input_scale))
-            y = {"float": lambda: requantize_float(acc, float_multiplier(model.input_scale, sw,
-                                                                         layer.output_scale),
-                                                   zy, lo, hi),
-                 "gemmlowp": lambda: requantize_fixed_point(acc, mult, shift, zy, lo, hi),
-                 "single": lambda: requantize_fixed_point(acc, mult, shift, zy, lo, hi,
-                                                          rounding="single"),
-                 "half_up": lambda: requantize_fixed_point_half_up(acc, mult, shift, zy, lo, hi),
-                 "double": lambda: requantize_double_half_away(
-                     acc, double_multiplier(model.input_scale, sw, layer.output_scale), zy, lo,
-                     hi)}[requant]()
-            if rt == "tflite-xnnpack" and requant == "float":
-                continue
+            y = d.requantize_layer(model.layers[0], acc, model.input_scale, convention)
             n += int(np.count_nonzero(got[rt] != y))
         return n
 
-    assert mismatches("tflite-builtin", "half_up") == 0
-    for wrong in ("float", "gemmlowp", "single", "double"):
-        assert mismatches("tflite-builtin", wrong) > 0, wrong
-    assert mismatches("tflite-reference", "double") == 0
-    for wrong in ("float", "gemmlowp", "single", "half_up"):
-        assert mismatches("tflite-reference", wrong) > 0, wrong
-    for wrong in ("gemmlowp", "single", "half_up", "double"):
+    right = {"onnx": "float32_rne", "tflite-builtin": "half_up_twice",
+             "tflite-reference": "double_half_away"}
+    for rt, conv in right.items():
+        assert mismatches(rt, conv) == 0, (rt, conv)
+        for wrong in d.CONVENTIONS:
+            if wrong != conv:
+                assert mismatches(rt, wrong) > 0, (rt, wrong)
+    for wrong in ("gemmlowp_double", "single_half_up", "half_up_twice", "double_half_away"):
         assert mismatches("tflite-xnnpack", wrong) > 0, wrong
-    assert mismatches("onnx", "gemmlowp") > 0
 
 
 def test_the_issue_example_minus_8750():
@@ -235,6 +176,12 @@ def test_the_issue_example_minus_8750():
 # --------------------------------------------------------------------------- convolutions
 
 
+def _clamp(kind, scale, zero_point):
+    """NONE / RELU / RELU6 (kind 0, 1, 2) as the clamp qcourse.int_matmul computes."""
+    qp = QParams(scale=np.float64(scale), zero_point=np.int64(zero_point), qmin=-128, qmax=127)
+    return activation_range(("none", "relu", "relu6")[int(kind)], qp)
+
+
 def _random_conv(rng, depthwise, tie):
     c = int(rng.integers(1, 20))
     h = int(rng.integers(3, 9))
@@ -246,9 +193,7 @@ def _random_conv(rng, depthwise, tie):
         sx, sy, sw = rng.uniform(0.01, 0.1), rng.uniform(0.02, 0.3), rng.uniform(0.002, 0.02,
                                                                                     c_out)
     zy = int(rng.integers(-30, 30))
-    six = float(np.float32(6.0) / np.float32(sy))
-    relu6 = (max(-128, zy), min(127, zy + int(d._round_half_away(np.float64(six)))))
-    clamp = [(-128, 127), (max(-128, zy), 127), relu6][int(rng.integers(0, 3))]
+    clamp = _clamp(rng.integers(0, 3), sy, zy)
     padding = [(0, 0, 0, 0), (1, 1, 1, 1), (0, 0, 1, 1), (1, 0, 1, 0)][int(rng.integers(0, 4))]
     w = rng.integers(-127, 128, (c_out, 1 if depthwise else c, k, k))
     layer = d.Conv2D(w, rng.integers(-5000, 5000, c_out), sw, sy, zy, clamp,
@@ -300,8 +245,7 @@ def _cnn(rng):
     """A small MobileNet-style integer CNN: conv 3x3 s2 (ReLU6), depthwise 3x3 (ReLU6),
     pointwise 1x1 (ReLU6), max pool, flatten, dense."""
     def relu6(zy, sy):
-        six = float(np.float32(6.0) / np.float32(sy))
-        return (max(-128, zy), min(127, zy + int(d._round_half_away(np.float64(six)))))
+        return _clamp(2, sy, zy)
 
     s = [np.float32(v) for v in (6 / 255, 6 / 255, 6 / 255, 0.08)]
     layers = (
@@ -321,23 +265,11 @@ def _cnn(rng):
     return d.DeployModel((1, 8, 8), 16 / 255, -128, layers, name="test_cnn")
 
 
-def _adversarial_images(model, rng, n=64):
-    """Random, tie and saturating float32 images for ``model``'s input grid."""
-    shape = (n,) + model.input_shape
-    s = np.float64(model.input_scale)
-    k = rng.integers(-140, 140, shape)
-    ties = ((k + 0.5) * s).astype(np.float32)                  # x / s = k + 1/2
-    rand = rng.uniform(-2, 20, shape).astype(np.float32)
-    sat = rng.choice(np.array([-1e4, 1e4, 3e3, -3e3, 1e9, -1e9], np.float32), shape)
-    mix = np.where(rng.random(shape) < 0.3, sat, ties).astype(np.float32)
-    return np.concatenate([rand, ties, mix])
-
-
 @pytest.mark.parametrize("form", ["qoperator", "qdq"])
 def test_small_cnn_every_runtime_float_images(form):
     rng = np.random.default_rng(11)
     model = _cnn(rng)
-    X = _adversarial_images(model, rng)
+    X = d.adversarial_images(model, 21, 11)
     for rt in d.RUNTIMES if form == "qoperator" else ("onnx",):
         got = _run(model, X, rt, form)
         pred = d.predict_codes(model, X, rt)
@@ -348,7 +280,7 @@ def test_qdq_graph_is_fused_into_integer_kernels(tmp_path):
     """ONNX Runtime must run the QDQ form on integer kernels: no float Conv/Gemm survives."""
     onnx = pytest.importorskip("onnx")
     model = _cnn(np.random.default_rng(11))
-    X = _adversarial_images(model, np.random.default_rng(1), 4)
+    X = d.adversarial_images(model, 4, 1)
     path = tmp_path / "optimized.onnx"
     d.run_onnx(d.to_onnx(model, "qdq"), X, optimized_model_path=path)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
@@ -358,8 +290,7 @@ def test_qdq_graph_is_fused_into_integer_kernels(tmp_path):
 
 def test_course_model_test_set_random_and_adversarial_all_runtimes():
     model, X_test, _ = d.course_model()
-    rng = np.random.default_rng(5)
-    X = np.concatenate([X_test, _adversarial_images(model, rng, 200)])
+    X = np.concatenate([X_test, d.adversarial_images(model, 200, 5)])
     for rt in d.RUNTIMES:
         got = d.run_runtime(model, X, rt)
         pred = d.predict_codes(model, X, rt)
@@ -442,7 +373,7 @@ def test_command_export_and_run_predict_the_runtimes(tmp_path):
     onnx_bytes = (tmp_path / "out" / "model.onnx").read_bytes()
     tfl_bytes = (tmp_path / "out" / "model.tflite").read_bytes()
     model, X_test, _ = d.course_model()
-    X = np.concatenate([X_test[:50], _adversarial_images(model, np.random.default_rng(2), 20)])
+    X = np.concatenate([X_test[:50], d.adversarial_images(model, 20, 2)])
     np.save(tmp_path / "X.npy", X)
     for rt in d.RUNTIMES:
         out = tmp_path / f"{rt}.npy"
