@@ -1088,7 +1088,9 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
             "strides": list(layer.stride), "group": layer.groups,
             "pads": [layer.padding[0], layer.padding[1], layer.padding[2], layer.padding[3]],
             "kernel_shape": list(layer.weight.shape[2:])}
-        raw = f"{y}_raw"
+        lo, hi = layer.clamp
+        clip = (lo, hi) != (_INT8_MIN, _INT8_MAX)
+        raw = f"{y}_raw" if clip else y
         if form == "qoperator":
             if dense and not np.any(layer.bias):
                 wt = const(f"layer{i}_weight_t", np.ascontiguousarray(layer.weight.T))
@@ -1122,12 +1124,9 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
                 nodes.append(helper.make_node("Conv", [f"{y}_xf", f"{y}_wf", f"{y}_bf"],
                                               [f"{y}_f"], **conv_attrs))
             nodes.append(helper.make_node("QuantizeLinear", [f"{y}_f", out_s, out_z], [raw]))
-        lo, hi = layer.clamp
-        if (lo, hi) != (_INT8_MIN, _INT8_MAX):
+        if clip:
             nodes.append(helper.make_node("Clip", [raw, const(f"layer{i}_lo", np.int8(lo)),
                                                    const(f"layer{i}_hi", np.int8(hi))], [y]))
-        else:
-            nodes.append(helper.make_node("Identity", [raw], [y]))
         x = y
     in_shape = ["N", *model.input_shape]
     out_shape = ["N", *model.output_shape]
@@ -1317,7 +1316,8 @@ def _layout_text(model: DeployModel) -> str:
     if len(model.input_shape) == 1:
         f = model.input_shape[0]
         return (f"model.onnx and model.tflite both take float32 of shape (N, {f}) (one row of "
-                f"{f} pixel values per image, 0..16, row-major 8x8) and return int8 codes of "
+                f"{f} pixel values per image, each the 0..16 intensity divided by 16, row-major "
+                f"8x8) and return int8 codes of "
                 f"shape (N, {model.output_shape[0]}).")
     c, h, w = model.input_shape
     return (f"model.onnx takes float32 NCHW images of shape (N, {c}, {h}, {w}); model.tflite "
