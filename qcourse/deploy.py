@@ -1101,8 +1101,8 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
                 src = x
                 if dense:
                     axes = const(f"layer{i}_axes", np.array([2, 3], np.int64))
-                    nodes.append(helper.make_node("Unsqueeze", [x, axes], [f"{y}_4d"]))
-                    src = f"{y}_4d"
+                    nodes.append(helper.make_node("Unsqueeze", [x, axes], [f"{y}_in4d"]))
+                    src = f"{y}_in4d"
                 nodes.append(helper.make_node(
                     "QLinearConv", [src, in_s, in_z, w, w_s, w_z, out_s, out_z, bias],
                     [f"{raw}_4d" if dense else raw], **conv_attrs))
