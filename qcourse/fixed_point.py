@@ -14,10 +14,13 @@ three parts:
   ``M = S_w * S_x / S_y``) is stored as a 31-bit integer ``multiplier`` and a power-of-two
   ``shift`` with ``M ~ multiplier * 2**(shift - 31)`` (:func:`quantize_multiplier`), and applied
   to int32 accumulators with integers only (:func:`srdhm`, :func:`rounding_divide_by_pot`,
-  :func:`multiply_by_quantized_multiplier`), bit for bit as TensorFlow Lite's reference kernels do
-  (``tensorflow/lite/kernels/internal/quantization_util.cc`` and ``common.cc``, and gemmlowp's
-  ``fixedpoint/fixedpoint.h``), in both of TFLite's builds: the default double rounding and the
-  ``TFLITE_SINGLE_ROUNDING`` single rounding.
+  :func:`multiply_by_quantized_multiplier`), bit for bit as gemmlowp's routines compute it as
+  TensorFlow Lite's source transcribes them (``tensorflow/lite/kernels/internal/
+  quantization_util.cc`` and ``common.cc``, and gemmlowp's ``fixedpoint/fixedpoint.h``), in both
+  of TFLite's builds: the default double rounding and the ``TFLITE_SINGLE_ROUNDING`` single
+  rounding.  LiteRT's kernels do not all use it: :func:`rounding_divide_by_pot_half_up` and
+  :func:`multiply_by_quantized_multiplier_half_up` are the rounding of its built-in kernels on
+  ruy (see the deploy chapter).
 
 Everything is vectorized over NumPy arrays and also accepts Python scalars: array in, array out;
 scalars in, a Python ``int`` (or ``float``) out.  Nothing ever wraps around silently: overflow
@@ -746,7 +749,7 @@ def rounding_divide_by_pot(x, exponent):
 
 
 def multiply_by_quantized_multiplier(x, multiplier, shift, *, rounding="double"):
-    r"""Rescale int32 values by :math:`\text{multiplier} \cdot 2^{s - 31}` exactly as TFLite does.
+    r"""Rescale int32 values by :math:`\text{multiplier} \cdot 2^{s-31}` as TFLite's source does.
 
     This is TFLite's ``MultiplyByQuantizedMultiplier(int32 x, int32 multiplier, int shift)``
     (``tensorflow/lite/kernels/internal/common.cc``) in its two builds.

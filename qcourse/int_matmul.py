@@ -18,7 +18,9 @@ a clamp.  The module has four parts:
 * **requantization in the two conventions used in practice**: :func:`requantize_float` (a float32
   multiplier and round half to even, as ONNX Runtime and PyTorch do; :func:`float_multiplier`
   computes the multiplier the way ONNX Runtime does) and :func:`requantize_fixed_point` (a 31-bit
-  integer multiplier and a shift, as TensorFlow Lite does, through :mod:`qcourse.fixed_point`);
+  integer multiplier and a shift, as TensorFlow Lite's ``MultiplyByQuantizedMultiplier`` does,
+  through :mod:`qcourse.fixed_point`; LiteRT's kernels round in more ways, named at the end of
+  this module and compared in the deploy chapter);
 * **the ONNX operators** :func:`matmul_integer` (``MatMulInteger``) and :func:`qlinear_matmul`
   (``QLinearMatMul``), bit for bit as ONNX Runtime's CPU kernels compute them, each with a plain
   NumPy twin (:func:`matmul_integer_reference`, :func:`qlinear_matmul_reference`); the fast
@@ -534,7 +536,7 @@ def requantize_float(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarr
 
 def requantize_fixed_point(acc, multiplier, shift, output_zero_point, qmin, qmax, *,
                            rounding="double") -> np.ndarray:
-    r"""Requantize int32 accumulators with integers only, as TensorFlow Lite does.
+    r"""Requantize int32 accumulators with integers only, as TFLite's source does (gemmlowp).
 
     .. math::
         q_y = \operatorname{clamp}\big(\operatorname{MBQM}(v, M_0, s) + Z_y,\ q_{\min},
@@ -546,9 +548,12 @@ def requantize_fixed_point(acc, multiplier, shift, output_zero_point, qmin, qmax
     roundings (``rounding="double"``, TFLite's default build: SRDHM then a rounding divide by a
     power of two) or one (``"single"``, the ``TFLITE_SINGLE_ROUNDING`` build).  The offset, the
     clamp and their order are those of TFLite's reference integer kernels (e.g.
-    ``tensorflow/lite/kernels/internal/reference/integer_ops/fully_connected.h``: ``acc =
+    ``tensorflow/lite/kernels/internal/reference/integer_ops/conv.h``: ``acc =
     MultiplyByQuantizedMultiplier(acc, output_multiplier, output_shift); acc += output_offset;
-    acc = max(acc, output_activation_min); acc = min(acc, output_activation_max)``).
+    acc = max(acc, output_activation_min); acc = min(acc, output_activation_max)``); LiteRT's
+    reference fully-connected kernel rounds in double instead
+    (:func:`requantize_double_half_away`), its built-in kernels on ruy half up twice
+    (:func:`requantize_fixed_point_half_up`).
     ``multiplier`` and ``shift`` come from :func:`qcourse.fixed_point.quantize_multiplier`;
     per-channel arrays broadcast against ``acc``.  See the int_matmul chapter.
 
@@ -941,7 +946,8 @@ class QuantizedLinear:
       on the compiled GEMM with fused requantization
       (:func:`qcourse.kernels.matmul_int8_requant`), :meth:`reference` in NumPy;
     * ``"tflite_double"`` / ``"tflite_single"``: :func:`requantize_fixed_point` with the
-      multipliers of :attr:`fixed_point_params`, TFLite's integer ``FullyConnected``.
+      multipliers of :attr:`fixed_point_params`: gemmlowp's ``MultiplyByQuantizedMultiplier``
+      in TFLite's two builds (what LiteRT's own kernels compute: the deploy chapter).
 
     Build one from float weights with :meth:`from_float`.  See the int_matmul chapter.
     """
