@@ -38,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qcourse.affine import quantize_linear
+from qcourse.affine import QParams, quantize_linear
 from qcourse.fixed_point import (
     quantize_multiplier,
 )
 from qcourse.int_matmul import (
+    activation_range,
     double_multiplier,
     float_multiplier,
     requantize_double_half_away,
@@ -601,19 +602,19 @@ def _check_runtime(runtime) -> str:
 
 def tflite_fused_activation(layer) -> str:
     """The fused activation ("NONE", "RELU", "RELU6") whose clamp LiteRT computes as
-    ``layer.clamp`` (``CalculateActivationRangeQuantized``), or ExportError if none does."""
-    zp, s = layer.output_zero_point, layer.output_scale
-    lo, hi = layer.clamp
-    if (lo, hi) == (_INT8_MIN, _INT8_MAX):
-        return "NONE"
-    relu_lo = max(_INT8_MIN, zp)
-    if lo == relu_lo and hi == _INT8_MAX:
-        return "RELU"
-    six = float(np.float32(6.0) / np.float32(s))
-    if lo == relu_lo and hi == min(_INT8_MAX, zp + int(_round_half_away(np.float64(six)))):
-        return "RELU6"
+    ``layer.clamp`` (``CalculateActivationRangeQuantized``, which
+    :func:`qcourse.int_matmul.activation_range` reproduces), or ExportError if none does."""
+    qp = QParams(scale=np.float64(layer.output_scale),
+                 zero_point=np.int64(layer.output_zero_point), qmin=_INT8_MIN, qmax=_INT8_MAX)
+    for act, name in (("none", "NONE"), ("relu", "RELU"), ("relu6", "RELU6")):
+        try:
+            if activation_range(act, qp) == tuple(layer.clamp):
+                return name
+        except ValueError:   # ReLU6 on a grid that does not reach 0..6
+            continue
     raise ExportError(f"the clamp {layer.clamp} is no fused activation LiteRT can express for "
-                      f"output scale {s} and zero point {zp} (NONE, RELU or RELU6)")
+                      f"output scale {layer.output_scale} and zero point "
+                      f"{layer.output_zero_point} (NONE, RELU or RELU6)")
 
 
 def xnnpack_clamp(layer) -> tuple[int, int]:
@@ -1244,11 +1245,16 @@ def course_model():
 
 def _relu_clamps(zero_point: int, scale) -> list[tuple[int, int]]:
     """The clamps of NONE, RELU and RELU6 on an int8 output grid (LiteRT's computation)."""
-    lo = max(_INT8_MIN, zero_point)
-    six = zero_point + int(_round_half_away(np.float64(np.float32(6.0) / np.float32(scale))))
-    clamps = [(_INT8_MIN, _INT8_MAX), (lo, _INT8_MAX)]
-    if min(_INT8_MAX, six) > lo:
-        clamps.append((lo, min(_INT8_MAX, six)))
+    qp = QParams(scale=np.float64(np.float32(scale)), zero_point=np.int64(zero_point),
+                 qmin=_INT8_MIN, qmax=_INT8_MAX)
+    clamps = []
+    for act in ("none", "relu", "relu6"):
+        try:
+            lo, hi = activation_range(act, qp)
+        except ValueError:   # ReLU6 on a grid that does not reach 0..6
+            continue
+        if lo < hi:
+            clamps.append((lo, hi))
     return clamps
 
 

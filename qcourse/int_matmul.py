@@ -830,7 +830,10 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:
-    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+    """C's ``round`` on float64 values, exactly (``floor(|v| + 0.5)`` would round
+    0.49999999999999994 up)."""
+    whole = np.trunc(v)
+    return whole + np.sign(v) * (np.abs(v - whole) >= 0.5)  # v - whole is exact
 
 
 def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int]:
@@ -1210,13 +1213,6 @@ def double_multiplier(input_scale, weight_scale, output_scale) -> np.ndarray:
     return sx * sw / sy
 
 
-def _round_half_away_exact(v: np.ndarray) -> np.ndarray:
-    """C's ``round`` on float64 values, exactly (no ``floor(v + 0.5)`` rounding error)."""
-    whole = np.trunc(v)
-    frac = v - whole  # exact
-    return whole + np.sign(v) * (np.abs(frac) >= 0.5)
-
-
 def requantize_double_half_away(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarray:
     r"""Requantize with one rounding of :math:`v \cdot M` in double, ties away from zero.
 
@@ -1244,7 +1240,7 @@ def requantize_double_half_away(acc, multiplier, output_zero_point, qmin, qmax) 
         raise ValueError("multiplier must be finite and > 0")
     lo, hi = _check_range(qmin, qmax)
     zp = _check_output_zero_point(output_zero_point, lo, hi)
-    r = _round_half_away_exact(a.astype(np.float64) * m)
+    r = _round_half_away(a.astype(np.float64) * m)
     if np.any((r < _INT32_MIN) | (r > _INT32_MAX)):
         raise ValueError("acc * multiplier does not fit int32 (the C cast would be undefined)")
     return np.clip(r.astype(np.int64) + zp, lo, hi).astype(storage_dtype(lo, hi))
