@@ -406,3 +406,18 @@ def test_command_help_states_the_layouts_and_rejects_bad_inputs(tmp_path):
                 str(tmp_path / "y.npy"))
     assert proc.returncode == 2 and "cannot read" in proc.stderr
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_xnnpack_relu6_clamp_rounds_a_tie_to_even():
+    """6 / S = 2.5 exactly in float32: LiteRT's kernels clamp ReLU6 at code 3 (round half away),
+    XNNPACK at 2 (lrintf) -- and qcourse predicts both."""
+    s = np.float32(6 / 2.5)
+    assert np.float32(6.0) / s == np.float32(2.5)
+    layer = d.Dense(np.array([[1]]), None, 1.0, s, 0, (0, 3))
+    assert d.tflite_fused_activation(layer) == "RELU6" and d.xnnpack_clamp(layer) == (0, 2)
+    model = d.DeployModel((1,), 1.0, 0, (layer,))
+    x = np.array([[100], [5], [7], [-9]], np.int8)
+    got = {rt: _run(model, x, rt).ravel().tolist() for rt in d.RUNTIMES}
+    assert got["tflite-xnnpack"] == [2, 2, 2, 0] and got["tflite-builtin"] == [3, 2, 3, 0]
+    for rt in d.RUNTIMES:
+        assert got[rt] == d.predict_codes(model, x, rt).ravel().tolist(), rt
