@@ -33,7 +33,7 @@ from qcourse.kernels import (
 )
 
 __all__ = ["Result", "competitors", "format_table", "machine_description", "peak_gops",
-           "run_benchmark", "thread_limit"]
+           "run_benchmark", "thread_limit", "unquiet_signs"]
 
 Result = dict  # one row: {"threads", "m", "k", "n", "shape", "size", "kernel", "seconds", "gops",
 #                          "pct_peak", "vs_numpy_f32", "vs_best_outside", "exact"}
@@ -357,11 +357,56 @@ def format_table(rows: list[Result]) -> str:
              "|---:|:---|:---|---:|---:|---:|---:|:---:|"]
     for r in rows:
         exact = {None: "(float)", True: "yes", "±1": "±1 step"}.get(r["exact"], "NO")
-        pct = "–" if r["pct_peak"] is None else f"{r['pct_peak']:.0f}%"
+        if r["pct_peak"] is None:
+            pct = "–"
+        elif r["pct_peak"] > 100:  # impossible: the peak was measured at another clock
+            pct = "over the peak (busy)"
+        else:
+            pct = f"{r['pct_peak']:.0f}%"
         vs_out = "–" if r["vs_best_outside"] is None else f"{r['vs_best_outside']:.2f}x"
         lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | {r['gops']:.1f} | "
                      f"{pct} | {r['vs_numpy_f32']:.2f}x | {vs_out} | {exact} |")
     return "\n".join(lines)
+
+
+def unquiet_signs(rows: list[Result], peaks_before: dict[int, float | None],
+                  peaks_after: dict[int, float | None], moved: float = 0.15,
+                  slower: float = 0.9) -> list[str]:
+    """Signs that the machine was busy while ``rows`` were measured, as sentences (or none).
+
+    A benchmark measured on a machine that other work is using says more about that work than
+    about the kernels. Three signs give it away, each impossible on an idle machine:
+
+    - the peak (``peak_gops``, per thread count) measured again after the benchmark moved by
+      more than ``moved`` (15 %) from the peak measured before it: the clock or the share of the
+      core changed in between;
+    - a row reached more than 100 % of the peak measured for its thread count;
+    - a qcourse kernel ran slower with two threads than with one (below ``slower`` = 0.9 times
+      the one-thread speed) on a square product of at least 512: its threads share nothing but
+      the read-only inputs, so only a core taken by other work can do that.
+    """
+    signs = []
+    for threads, before in sorted(peaks_before.items()):
+        after = peaks_after.get(threads)
+        if before and after and abs(after - before) > moved * before:
+            signs.append(f"the {threads}-thread peak moved from {before:.0f} to {after:.0f} "
+                         f"GOP/s between the start and the end of the benchmark")
+    over = [r for r in rows if r.get("pct_peak") is not None and r["pct_peak"] > 100]
+    if over:
+        signs.append(f"{len(over)} measurement(s) exceeded the peak measured for their thread "
+                     f"count (e.g. {over[0]['kernel']} at {over[0]['shape']}, "
+                     f"{over[0]['threads']} thread(s))")
+    one = {(r["shape"], r["kernel"]): r["gops"] for r in rows if r["threads"] == 1}
+    slow2 = [r for r in rows if r["threads"] == 2 and r["kernel"].startswith("qcourse")
+             and r["m"] == r["k"] == r["n"] and r["m"] >= 512
+             and (r["shape"], r["kernel"]) in one
+             and r["gops"] < slower * one[r["shape"], r["kernel"]]]
+    if slow2:
+        first = slow2[0]
+        signs.append(f"{len(slow2)} qcourse kernel(s) ran slower on two threads than on one "
+                     f"(e.g. {first['kernel']} at {first['shape']}: {first['gops']:.0f} against "
+                     f"{one[first['shape'], first['kernel']]:.0f} GOP/s)")
+    return signs
 
 
 def main(argv=None) -> None:
@@ -379,16 +424,23 @@ def main(argv=None) -> None:
                         help="thread counts to run, every contender pinned to each in turn")
     args = parser.parse_args(argv)
     print(machine_description())
+    all_rows, before, after = [], {}, {}
     for threads in args.threads:
         with thread_limit(threads):
-            peak = peak_gops(threads)
+            before[threads] = peak = peak_gops(threads)
             rows = run_benchmark(args.sizes, args.repeat, include_slow=args.include_slow,
                                  outside=not args.no_outside, linear=args.linear,
                                  linear_kn=tuple(args.linear_kn), peak=peak)
+            after[threads] = peak_gops(threads)
+        all_rows += rows
         peak_text = (f"measured int8 peak {peak:.0f} GOP/s (register-only vpdpbusd)" if peak
                      else "no VNNI: no peak measured")
         print(f"\n{threads} thread{'s' if threads > 1 else ''} per contender; {peak_text}:\n")
         print(format_table(rows))
+    signs = unquiet_signs(all_rows, before, after)
+    if signs:
+        print("\nThe machine was not quiet during this run; measure again when it is idle:")
+        print("\n".join(f"- {sign}" for sign in signs))
 
 
 if __name__ == "__main__":

@@ -111,3 +111,25 @@ def test_thread_limit_pins_and_restores():
     assert bench.get_num_threads() == before
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         bench.thread_limit(0)
+
+
+def _row(threads, m, kernel, gops, peak):
+    return {"threads": threads, "m": m, "k": m, "n": m, "shape": f"{m}×{m}×{m}", "size": m,
+            "kernel": kernel, "seconds": 1.0, "gops": gops,
+            "pct_peak": None if peak is None else 100 * gops / peak,
+            "vs_numpy_f32": 1.0, "vs_best_outside": None, "exact": True}
+
+
+def test_unquiet_signs_are_silent_on_a_quiet_run_and_name_each_sign():
+    quiet = [_row(1, 1024, "qcourse matmul_int8", 80, 100),
+             _row(2, 1024, "qcourse matmul_int8", 150, 200)]
+    assert bench.unquiet_signs(quiet, {1: 100, 2: 200}, {1: 104, 2: 195}) == []
+    busy = [_row(1, 1024, "qcourse matmul_int8", 120, 100),   # over the peak
+            _row(2, 1024, "qcourse matmul_int8", 90, 200)]    # two threads slower than one
+    signs = "\n".join(bench.unquiet_signs(busy, {1: 100, 2: 200}, {1: 100, 2: 120}))
+    assert "the 2-thread peak moved from 200 to 120 GOP/s" in signs
+    assert "1 measurement(s) exceeded the peak" in signs
+    assert "ran slower on two threads than on one" in signs
+    # an impossible share of the peak is never printed as a number
+    table = bench.format_table(busy)
+    assert "120%" not in table and "over the peak (busy)" in table
