@@ -5,6 +5,7 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
+from qcourse import deploy as deploy  # a module, used as qcourse.deploy.<name>
 from qcourse.affine import (
     ErrorBreakdown,
     QParams,
@@ -230,6 +231,8 @@ from qcourse.qat import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # modules used by their own name
+    "deploy",
     # lowbit
     "FP8_FORMATS",
     "Int4Weight",
