@@ -14,6 +14,7 @@ script makes ``DEST``, a virtual environment on a system interpreter of the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -45,6 +46,21 @@ def base_interpreter() -> Path:
                      f"{', '.join(map(str, candidates))}); install Debian's {version}")
 
 
+def copy_scripts(dest: Path) -> None:
+    """This environment's console scripts (``alembic``, which nbgrader runs by name,
+    ``nbgrader``, ``jupyter``...), each starting ``DEST``'s Python instead."""
+    ours = {f"#!{Path(sys.executable).absolute()}", f"#!{Path(sys.executable).resolve()}"}
+    for script in sorted((Path(sys.prefix) / "bin").iterdir()):
+        target = dest / "bin" / script.name
+        if target.exists() or not script.is_file():
+            continue
+        with contextlib.suppress(UnicodeDecodeError, OSError):
+            first, _, rest = script.read_text().partition("\n")
+            if first.strip() in ours:
+                target.write_text(f"#!{dest / 'bin' / 'python'}\n{rest}")
+                target.chmod(0o755)
+
+
 def make(dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
@@ -57,6 +73,7 @@ def make(dest: Path) -> None:
     for name in ("share", "etc"):
         if (Path(sys.prefix) / name).is_dir():
             (dest / name).symlink_to(Path(sys.prefix).resolve() / name)
+    copy_scripts(dest)
     check = subprocess.run(
         [str(dest / "bin" / "python"), "-c",
          "import jupyterhub, jupyterlab, nbgrader, qcourse; print(qcourse.__file__)"],

@@ -1,7 +1,7 @@
 """nbgrader in an instructor's server on the course Hub (nbgrader/hub/jupyterhub_config.py).
 
-The formgrader and the nbgrader commands work on the course directory ``~/qcourse``, made by
-``qcourse-course release --course ~/qcourse``; its own config (the repository's
+The formgrader and the nbgrader commands work on the course directory ``~/course``, made by
+``qcourse-course release --course ~/course``; its own config (the repository's
 ``nbgrader/nbgrader_config.py``, copied there: late rule, limits, feedback) is loaded too.
 """
 
@@ -9,7 +9,7 @@ import os
 
 c = get_config()  # noqa: F821 - provided by nbgrader when it loads this file
 
-COURSE = os.path.expanduser(os.environ.get("QCOURSE_COURSE_DIR", "~/qcourse"))
+COURSE = os.path.expanduser(os.environ.get("QCOURSE_COURSE_DIR", "~/course"))
 c.CourseDirectory.course_id = "qcourse"
 c.CourseDirectory.root = COURSE
 c.Exchange.root = os.environ.get("QCOURSE_EXCHANGE", "/srv/nbgrader/exchange")
