@@ -24,6 +24,7 @@ import csv
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -171,8 +172,10 @@ def _live_the_exchange(accounts: LocalAccounts, teach: HubUser, ada: HubUser, be
     want = {ada.name: full - late_penalty(full, late_seconds, 10.0),
             ben.name: sum(cases["partial"].expected.values())}
     assert 0 < want[ben.name] < full and want[ada.name] == pytest.approx(0.9 * full)
+    assert rows[ada.name]["score"] == full and rows[ada.name]["seconds_late"] > 0
+    assert rows[ben.name]["late_penalty"] == 0, rows[ben.name]
     for name, score in want.items():
-        assert rows[name]["score"] == pytest.approx(score), (name, rows[name], report)
+        assert rows[name]["final_score"] == pytest.approx(score), (name, rows[name], report)
 
     # the grade CSV for Canvas: one row per rostered student, the final score in STEM's column
     out = accounts.home("teach") / "canvas.csv"
@@ -193,7 +196,8 @@ def _live_the_exchange(accounts: LocalAccounts, teach: HubUser, ada: HubUser, be
         assert len(folder) == 1, folder  # one timestamp: the submission that was graded
         html = student.get(f"api/contents/{folder[0]['path']}/{STEM}.html",
                            params={"type": "file", "format": "text"}).json()["content"]
-        assert f"Score: {want[student.name]:g}" in html.replace(".0 ", " ") or \
-            f"{want[student.name]:g} / {full:g}" in html, student.name
+        shown = re.findall(r"Score:\s*([\d.]+)\s*/\s*([\d.]+)", html)
+        assert shown and float(shown[0][1]) == full, (student.name, shown)
+        assert float(shown[0][0]) == pytest.approx(want[student.name]), shown  # penalty off
         assert hidden not in html
 

@@ -3,8 +3,10 @@
 A Hub starts each user's server as that user, so the users need a Python interpreter they can
 execute and read. The course's environment (``.venv``) may be built on an interpreter that
 other accounts cannot reach (on the course machines it lives in root's home, mode 0700). This
-script makes ``DEST``, a virtual environment on a system interpreter of the same version
-(``/usr/bin/python3.X``, or this one where others can already run it), whose
+script makes ``DEST``, a virtual environment on this interpreter where others can already run
+it, or else on a copy of its installation in ``DEST-base`` (a system Python of the same minor
+version is not enough: Debian's 3.11.2 mis-parses the possessive quantifiers of soupsieve's
+CSS grammar, which nbgrader's feedback uses), whose
 ``site-packages`` points at this environment's (a ``.pth`` file) and whose ``share/`` and
 ``etc/`` are this environment's (JupyterLab's assets, the server extensions' switches).
 ``make hub`` runs it; ``nbgrader/hub/jupyterhub_config.py`` starts user servers with it.
@@ -34,16 +36,55 @@ def reachable_by_others(path: Path) -> bool:
     return bool(os.stat(path).st_mode & stat.S_IXOTH)
 
 
-def base_interpreter() -> Path:
-    """An interpreter of this Python's version that other accounts can run."""
+def base_interpreter(spare: Path) -> Path:
+    """This very interpreter (same micro version: the packages' compiled regular expressions and
+    extensions were made for it), where other accounts can run it; else a copy in ``spare``."""
+    if reachable_by_others(Path(sys._base_executable)):
+        return Path(sys._base_executable).resolve()
+    return copy_interpreter(spare)
+
+
+def copy_interpreter(dest: Path) -> Path:
+    """Copy this Python's own installation (interpreter, shared library, standard library; no
+    site-packages or tests) to ``dest``; returns the interpreter. A shared ``libpython`` found
+    through an absolute RUNPATH is looked for next to the copy instead (``$ORIGIN/../lib``,
+    written over the old path, which is longer)."""
+    base = Path(sys.base_prefix).resolve()
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    candidates = [Path(sys._base_executable), Path("/usr/bin") / version,
-                  Path("/usr/local/bin") / version]
-    for candidate in candidates:
-        if candidate.is_file() and reachable_by_others(candidate):
-            return candidate.resolve()
-    raise SystemExit(f"no {version} that other accounts can run (tried "
-                     f"{', '.join(map(str, candidates))}); install Debian's {version}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "bin").mkdir(parents=True)
+    shutil.copytree(base / "lib" / version, dest / "lib" / version, symlinks=True,
+                    ignore=shutil.ignore_patterns("site-packages", "test", "__pycache__",
+                                                  "idlelib", "turtledemo"))
+    (dest / "lib" / version / "site-packages").mkdir()
+    for lib in (base / "lib").glob("libpython*.so*"):
+        shutil.copy2(lib, dest / "lib" / lib.name, follow_symlinks=False)
+    binary = Path(sys._base_executable).resolve()
+    code = binary.read_bytes()
+    old, new = str(base / "lib").encode(), b"$ORIGIN/../lib"
+    if old in code and len(new) <= len(old):
+        code = code.replace(old + b"\0", new + b"\0" * (len(old) - len(new) + 1))
+    interpreter = dest / "bin" / version
+    interpreter.write_bytes(code)
+    interpreter.chmod(0o755)
+    for folder in [dest, *dest.rglob("*")]:
+        if folder.is_dir():
+            folder.chmod(0o755)
+    return interpreter
+
+
+def check_as_another_user(python: Path) -> None:
+    """As root, run ``python`` as ``nobody``: the accounts must be able to start it."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return
+    check = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c",
+         "import jupyterhub, jupyterlab, nbgrader, qcourse, soupsieve; "
+         "soupsieve.compile('img:not([alt])')"],
+        capture_output=True, text=True, cwd="/")
+    if check.returncode != 0:
+        raise SystemExit(f"{python} does not run for other accounts:\n{check.stderr[-2000:]}")
 
 
 def copy_scripts(dest: Path) -> None:
@@ -64,8 +105,8 @@ def copy_scripts(dest: Path) -> None:
 def make(dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
-    subprocess.run([str(base_interpreter()), "-m", "venv", "--without-pip", str(dest)],
-                   check=True)
+    interpreter = base_interpreter(dest.parent / f"{dest.name}-base")
+    subprocess.run([str(interpreter), "-m", "venv", "--without-pip", str(dest)], check=True)
     purelib = Path(sysconfig.get_paths()["purelib"]).resolve()
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     (dest / "lib" / version / "site-packages" / "qcourse-environment.pth").write_text(
@@ -80,7 +121,8 @@ def make(dest: Path) -> None:
         capture_output=True, text=True)
     if check.returncode != 0:
         raise SystemExit(f"{dest} cannot import the course's packages:\n{check.stderr}")
-    print(f"{dest}/bin/python: {base_interpreter()} with the packages of {purelib}")
+    check_as_another_user(dest / "bin" / "python")
+    print(f"{dest}/bin/python: {interpreter} with the packages of {purelib}")
 
 
 if __name__ == "__main__":

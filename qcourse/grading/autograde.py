@@ -32,7 +32,7 @@ from .notebook import cell_source, exercises, grade_id, is_solution, read_json, 
 from .processes import ProtectedFiles, lock_course
 from .sandbox import BASE_UID, SANDBOX_ADVICE
 from .sandbox import probe as probe_sandbox
-from .submissions import Submission, canonical_submission, find_submissions
+from .submissions import EXCHANGE_FILES, Submission, canonical_submission, find_submissions
 from .worker import WorkerSlot
 
 # What the parent keeps of a task and does not send to the worker.
@@ -72,6 +72,10 @@ def _prepare_tasks(course: Path, manifest: dict, subs: list[Submission], templat
         copy_to.parent.mkdir(parents=True, exist_ok=True)
         copy_to.write_bytes(sub.data)
         protected.add(copy_to)
+        if sub.path.parent.name == sub.stem:  # nbgrader's layout: what its exchange wrote
+            for name in EXCHANGE_FILES:
+                if (sub.path.parent / name).is_file() and sub.path.parent != copy_to.parent:
+                    shutil.copyfile(sub.path.parent / name, copy_to.parent / name)
         release_src = {grade_id(c): cell_source(c) for c in releases[sub.stem]["cells"]}
         unanswered = [grade_id(c) for c in canonical["cells"] if is_solution(c)
                       and cell_source(c) == release_src.get(grade_id(c))]
@@ -163,8 +167,8 @@ class _Scheduler:
         result.seconds_split = float(reply.get("seconds_split") or 0.0)
         merge(self.course, result, task, reply)
         self.db_state = ProtectedFiles.stat_of(self.db_path)
-        self.protected.add(self.course / "autograded" / task["student"] / task["stem"]
-                           / f"{task['stem']}.ipynb")
+        for name in (f"{task['stem']}.ipynb", "timestamp.txt"):
+            self.protected.add(self.course / "autograded" / task["student"] / task["stem"] / name)
         self.results[task["student"], task["stem"]] = result
         self.log(f"graded {task['student']}/{task['stem']}: {result.score:g}/"
                  f"{result.max_score:g} ({result.status}; nbgrader "

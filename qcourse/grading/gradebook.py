@@ -14,13 +14,14 @@ import copy
 import csv
 import dataclasses
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from .course import COURSE_ID
 from .notebook import exercises, grade_id, is_test, write_json_atomic
-from .submissions import note_cell
+from .submissions import EXCHANGE_FILES, note_cell
 
 
 @dataclasses.dataclass
@@ -213,6 +214,14 @@ def merge(course: Path, result: SubmissionResult, task: dict, reply: dict) -> No
         blank = copy.deepcopy(task["canonical"])
         blank["cells"].insert(0, note_cell(result.notes or ["This submission was not graded."]))
         write_json_atomic(target, blank)
+    # as nbgrader's autograde does: generate_feedback carries them to the feedback folder,
+    # where release_feedback needs them
+    for name in EXCHANGE_FILES:
+        kept = course / "submitted" / student / stem / name
+        if kept.is_file():
+            shutil.copyfile(kept, target.parent / name)
+        else:
+            (target.parent / name).unlink(missing_ok=True)
     comments = {}
     for ex in exercises(task["source"]):
         cell = next(c for c in result.cells if c.grade_id == ex.test_id)

@@ -17,6 +17,10 @@ STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 _MAX_SUBMISSION_BYTES = 50 * 2**20
 
 
+# What nbgrader's exchange puts beside a submitted notebook (and its feedback needs back).
+EXCHANGE_FILES = ("timestamp.txt", "submission_secret.txt")
+
+
 @dataclasses.dataclass
 class Submission:
     """One notebook handed in: who, which assignment, the file and its bytes."""
