@@ -187,11 +187,14 @@ class HubUser:
     def server(self) -> str:
         return f"{self.hub.url}/user/{self.name}"
 
-    def start_server(self, timeout: float = 300) -> None:
+    def start_server(self) -> None:
+        """Ask the Hub for this user's server (``wait_server`` waits until it answers)."""
         reply = self.api.post(f"{self.hub.url}/hub/api/users/{self.name}/server", timeout=60)
         if reply.status_code not in (201, 202, 400):  # 400: already running
             raise RuntimeError(f"starting {self.name}'s server: HTTP {reply.status_code} "
                                f"{reply.text}")
+
+    def wait_server(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while True:
             info = self.api.get(f"{self.hub.url}/hub/api/users/{self.name}", timeout=30).json()

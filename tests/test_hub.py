@@ -113,21 +113,27 @@ def test_a_class_on_the_hub(scratch, accounts):
     course = accounts.home("teach") / "course"  # not ~/qcourse: it would shadow the package
 
     # the instructor's terminal: the course, the roster, a class with no grace period
+    started = time.monotonic()
     terminal(accounts, "teach", "release", "--course", str(course), "--stems", STEM)
     terminal(accounts, "teach", "roster", str(roster), "--course", str(course))
     with open(course / "nbgrader_config.py", "a") as config:
         config.write("\nc.PercentPerDayPenalty.grace_minutes = 0.0  # this class: no grace\n")
 
+    print(f"release: {time.monotonic() - started:.0f} s")
     state = scratch / "hub-state"
     state.mkdir(mode=0o700)
     hub = Hub(state, {"QCOURSE_INSTRUCTORS": teach, "QCOURSE_ROSTER": str(roster),
                       "QCOURSE_EXCHANGE": str(exchange)},
               ["--JupyterHub.authenticator_class=dummy", "--DummyAuthenticator.password=pw"])
     try:
+        started = time.monotonic()
         hub.wait_ready()
         users = {name: HubUser(hub, name, "pw") for name in (teach, ada, ben)}
-        for user in users.values():
+        for user in users.values():  # all three start at once, as a class would
             user.start_server()
+        for user in users.values():
+            user.wait_server()
+        print(f"servers ready: {time.monotonic() - started:.0f} s")
         _live_the_exchange(accounts, users[teach], users[ada], users[ben], course)
     finally:
         left = hub.stop()
@@ -157,8 +163,10 @@ def _live_the_exchange(accounts: LocalAccounts, teach: HubUser, ada: HubUser, be
     hand_in(ada, cases["solution"].content)  # after the due date
 
     formgrader(teach, "collect")
+    started = time.monotonic()
     report = terminal(accounts, "teach", "grade", str(course / "submitted"), "--course",
                       str(course), "--jobs", "2")
+    print(f"grading: {time.monotonic() - started:.0f} s")
     formgrader(teach, "release_feedback")
 
     rows = {s["student"]: s for s in
