@@ -342,7 +342,8 @@ class LLMInt8Linear(Module):
         raise NotImplementedError("LLMInt8Linear is for inference only")
 
     def __repr__(self) -> str:
-        return f"LLMInt8Linear({self.in_features} -> {self.out_features}, threshold={self.threshold})"
+        return (f"LLMInt8Linear({self.in_features} -> {self.out_features}, "
+                f"threshold={self.threshold})")
 
 
 def llm_int8_lm(model: TransformerLM, threshold: float = 6.0) -> TransformerLM:

@@ -228,7 +228,8 @@ def test_linear_inputs_are_what_each_layer_sees():
     assert [n for n, _ in model.named_linears()] == list(got)
     blk = model.blocks[1]
     model(ids)
-    assert np.array_equal(got["blocks.1.mlp.fc2"], blk.mlp.act(blk.mlp.fc1(got["blocks.1.mlp.fc1"])))
+    fc2_in = blk.mlp.act(blk.mlp.fc1(got["blocks.1.mlp.fc1"]))
+    assert np.array_equal(got["blocks.1.mlp.fc2"], fc2_in)
     assert got["blocks.0.attn.qkv"].shape == (18, 8) and got["blocks.0.mlp.fc2"].shape == (18, 16)
     assert all(not m._forward_pre_hooks for _, m in model.named_linears())
     with pytest.raises(ValueError, match="linear layers are"):

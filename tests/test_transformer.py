@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import qcourse.kernels as K
-import qcourse.transformer as T
 from qcourse.affine import QParams, choose_qparams, quantize, sqnr_db
 from qcourse.datasets import load_pydoc_text
 from qcourse.nn import (

@@ -2,7 +2,7 @@
 
     python -m qcourse.data.make_lm                  # train as shipped, write qcourse/data/lm.npz
     python -m qcourse.data.make_lm --out /tmp/lm.npz --check
-                                                    # retrain elsewhere and compare with the shipped file
+                              # retrain into another file and compare it with the shipped one
     python -m qcourse.data.make_lm --steps 20 --out /tmp/short.npz   # a short run
 
 Training is deterministic (``qcourse.nn.train_reference_lm``: seeded weights and batches, one BLAS

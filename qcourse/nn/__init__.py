@@ -40,15 +40,15 @@ from qcourse.nn.core import (
     train_epoch,
 )
 from qcourse.nn.lm import (
+    GELU,
     CausalSelfAttention,
     Embedding,
     FeedForward,
-    GELU,
     KVCache,
+    LayerNorm,
     LMConfig,
     LMEvaluation,
     LMTraining,
-    LayerNorm,
     TrainedLM,
     TransformerBlock,
     TransformerLM,

@@ -493,8 +493,9 @@ class TransformerLM(Module):
     :math:`1/\sqrt{2L}`).
     """
 
-    def __init__(self, config: LMConfig = LMConfig(), *, seed=0, dtype=np.float32):
+    def __init__(self, config: LMConfig | None = None, *, seed=0, dtype=np.float32):
         super().__init__()
+        config = LMConfig() if config is None else config
         if not isinstance(config, LMConfig):
             raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
         for name, value in config._asdict().items():
@@ -932,8 +933,9 @@ class TrainedLM(NamedTuple):
 
     ``history`` holds arrays: ``train_loss`` (one per step, nats), ``probe_steps``,
     ``probe_heldout_bpb``, ``heldout_bpb`` (one entry: the whole held-out text, stored weights)
-    and, per linear layer name, ``absmax/<name>`` of shape (n_probes, in_features).  ``meta`` holds the Python version and the SHA-256 of the text the
-    model was trained on (:func:`qcourse.datasets.pydoc_text_digest`).
+    and, per linear layer name, ``absmax/<name>`` of shape (n_probes, in_features).  ``meta``
+    holds the Python and NumPy versions and the SHA-256 of the text the model was trained on
+    (:func:`qcourse.datasets.pydoc_text_digest`).
     """
 
     model: TransformerLM
@@ -948,7 +950,8 @@ def _round_weights(model: TransformerLM) -> None:
         p[...] = p.astype(np.float16).astype(p.dtype)
 
 
-def train_reference_lm(training: LMTraining = LMTraining(), *, progress: bool = True) -> TrainedLM:
+def train_reference_lm(training: LMTraining | None = None, *,
+                       progress: bool = True) -> TrainedLM:
     """Train the course's language model on the training text, as the shipped file was made.
 
     Builds ``TransformerLM(training.config, seed=training.seed)``, runs :func:`train_lm` on
@@ -960,6 +963,7 @@ def train_reference_lm(training: LMTraining = LMTraining(), *, progress: bool = 
     """
     from qcourse.datasets import load_pydoc_text, pydoc_text_digest
 
+    training = LMTraining() if training is None else training
     if not isinstance(training, LMTraining):
         raise TypeError(f"training must be an LMTraining, got {type(training).__name__}")
     model = TransformerLM(training.config, seed=training.seed)
@@ -1047,7 +1051,10 @@ def load_lm(path=None) -> TrainedLM:
     import json
 
     src = shipped_lm_path() if path is None else path
-    opener = src.open("rb") if hasattr(src, "open") and not isinstance(src, str) else open(src, "rb")
+    if hasattr(src, "open") and not isinstance(src, str):
+        opener = src.open("rb")
+    else:
+        opener = open(src, "rb")
     with opener as fh, np.load(fh, allow_pickle=False) as data:
         settings = json.loads(str(data["settings"]))
         meta = json.loads(str(data["meta"]))
