@@ -692,13 +692,15 @@ class KVCache:
 
 
 def generate(model: TransformerLM, prompt: bytes, n: int, *, temperature: float = 0.0,
-             seed: int = 0, cache=None) -> bytes:
+             seed: int = 0, cache=None, use_cache: bool = True) -> bytes:
     """Continue ``prompt`` by ``n`` bytes, one at a time through a KV cache.
 
     ``temperature=0`` picks the most likely byte (greedy); otherwise bytes are drawn from
     :math:`\\mathrm{softmax}(z/\\tau)` with ``np.random.default_rng(seed)``.  ``cache`` (default: a
-    new float :class:`KVCache`) may be a quantized cache.  Prompt plus continuation must fit in
-    the context (``model.config.max_len``).  Returns the continuation only.
+    new float :class:`KVCache`) may be a quantized cache.  ``use_cache=False`` instead runs the
+    whole sequence through the model again for every new byte (what the cache saves; the result
+    is the same up to float rounding).  Prompt plus continuation must fit in the context
+    (``model.config.max_len``).  Returns the continuation only.
     """
     if not isinstance(model, TransformerLM):
         raise TypeError(f"model must be a TransformerLM, got {type(model).__name__}")
@@ -711,12 +713,17 @@ def generate(model: TransformerLM, prompt: bytes, n: int, *, temperature: float 
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if cache is not None and not use_cache:
+        raise ValueError("cache= needs use_cache=True")
     rng = _rng(seed)
-    cache = KVCache(model.config.n_layers) if cache is None else cache
-    if cache.length(0) != 0:
-        raise ValueError("cache must be empty")
-    logits = model.forward_cached(np.frombuffer(bytes(prompt), np.uint8)[None, :].astype(np.int64),
-                                  cache)[0, -1]
+    ids = np.frombuffer(bytes(prompt), np.uint8)[None, :].astype(np.int64)
+    if use_cache:
+        cache = KVCache(model.config.n_layers) if cache is None else cache
+        if cache.length(0) != 0:
+            raise ValueError("cache must be empty")
+        logits = model.forward_cached(ids, cache)[0, -1]
+    else:
+        logits = model(ids)[0, -1]
     out = bytearray()
     for i in range(n):
         if temperature == 0:
@@ -725,8 +732,13 @@ def generate(model: TransformerLM, prompt: bytes, n: int, *, temperature: float 
             p = _softmax_last(logits.astype(np.float64) / temperature)
             nxt = int(rng.choice(VOCAB, p=p))
         out.append(nxt)
-        if i + 1 < n:
+        if i + 1 == n:
+            break
+        if use_cache:
             logits = model.forward_cached(np.array([[nxt]], dtype=np.int64), cache)[0, -1]
+        else:
+            ids = np.concatenate([ids, [[nxt]]], axis=1)
+            logits = model(ids)[0, -1]
     return bytes(out)
 
 
