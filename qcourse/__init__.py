@@ -5,6 +5,8 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
+# The language-model chapters are exported as modules (qcourse.transformer.quantize_per_token ...).
+from qcourse import kv_cache, transformer
 from qcourse.affine import (
     ErrorBreakdown,
     QParams,
@@ -220,6 +222,9 @@ from qcourse.qat import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # modules
+    "kv_cache",
+    "transformer",
     # lowbit
     "FP8_FORMATS",
     "Int4Weight",

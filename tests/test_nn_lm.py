@@ -160,6 +160,9 @@ def test_generate_greedy_and_sampled_are_deterministic():
     ids = np.frombuffer(b"The " + a, np.uint8).astype(np.int64)[None, :]
     logits = model(ids[:, :-1])
     assert bytes(np.argmax(logits[0, 3:], axis=-1).astype(np.uint8)) == a
+    assert generate(model, b"The ", 20, use_cache=False) == a
+    with pytest.raises(ValueError, match="cache= needs use_cache=True"):
+        generate(model, b"The ", 2, cache=KVCache(2), use_cache=False)
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
