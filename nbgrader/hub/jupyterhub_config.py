@@ -17,8 +17,8 @@ Each server is JupyterLab with nbgrader's extensions, configured by role: the fo
 ``JUPYTER_CONFIG_PATH``, after ``nbgrader/hub/common`` (no news feed, no update check: the
 servers make no request off the machine). Students get the assignment list (fetch, submit,
 fetch feedback) and no formgrader; instructors get the formgrader, over the course directory
-``~/course``
-(``qcourse-course release --course ~/course``). Both use the exchange ``QCOURSE_EXCHANGE``
+``~/course`` (``qcourse-course release --course ~/course``). Both use the exchange
+``QCOURSE_EXCHANGE``
 (default ``/srv/nbgrader/exchange``, mode 0777 as nbgrader's documentation asks). The Hub's own
 state (its database, cookie secret, the proxy's PID file) goes to ``QCOURSE_HUB_STATE``
 (default ``/srv/qcourse-hub``).
