@@ -437,7 +437,7 @@ def _tolerance(x, scale):
     return 1e-9 * (np.max(np.abs(x)) + scale)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=_tensors, config=_configs)
 def test_error_is_at_most_half_a_step_inside_the_range(x, config):
     bits, signed, symmetric, narrow = config
@@ -446,7 +446,7 @@ def test_error_is_at_most_half_a_step_inside_the_range(x, config):
     assert np.all(err <= float(qp.scale) / 2 + _tolerance(x, float(qp.scale)))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(x=_tensors, bits=st.integers(2, 8), symmetric=st.booleans())
 def test_error_bound_per_channel_and_per_group(x, bits, symmetric):
     qc = choose_qparams(x, bits=bits, symmetric=symmetric, axis=-1)
@@ -458,7 +458,7 @@ def test_error_bound_per_channel_and_per_group(x, bits, symmetric):
     assert np.all(err <= step / 2 + _tolerance(x, qg.scale.max()))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=_tensors, config=_configs, factor=st.floats(1.0, 100.0))
 def test_values_outside_the_range_saturate(x, config, factor):
     bits, signed, symmetric, narrow = config
@@ -472,7 +472,7 @@ def test_values_outside_the_range_saturate(x, config, factor):
     np.testing.assert_array_equal(q[5:], qp.qmin)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=_tensors, config=_configs)
 def test_quantize_is_monotonic(x, config):
     bits, signed, symmetric, narrow = config
@@ -483,7 +483,7 @@ def test_quantize_is_monotonic(x, config):
     assert np.all(np.diff(q) >= 0)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=_tensors, config=_configs)
 def test_zero_is_exactly_representable(x, config):
     bits, signed, symmetric, narrow = config
@@ -494,14 +494,14 @@ def test_zero_is_exactly_representable(x, config):
     assert fake_quantize(np.zeros(3), qp).tolist() == [0.0, 0.0, 0.0]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(x=_tensors, bits=st.integers(2, 8))
 def test_zero_is_exact_per_channel(x, bits):
     qp = choose_qparams(x, bits=bits, axis=0)
     np.testing.assert_array_equal(fake_quantize(np.zeros_like(x), qp), 0.0)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(data=st.data(), bits=st.sampled_from([2, 4]), signed=st.booleans(),
        n=st.integers(0, 40))
 def test_packing_round_trips(data, bits, signed, n):

@@ -515,7 +515,7 @@ def nearest_ties_away(v: Fraction) -> int:
     return n if v >= 0 else -n
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(int32s, int32s)
 def test_srdhm_is_the_product_rounded_with_ties_up(a, b):
     expected = INT32_MAX if a == b == INT32_MIN else nearest_ties_up(Fraction(a * b, 2**31))
@@ -523,7 +523,7 @@ def test_srdhm_is_the_product_rounded_with_ties_up(a, b):
     assert srdhm(b, a) == srdhm(a, b)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(int32s, st.integers(0, 31))
 def test_rdbpot_is_division_rounded_with_ties_away_from_zero(x, e):
     assert rounding_divide_by_pot(x, e) == nearest_ties_away(Fraction(x, 2**e))
@@ -531,7 +531,7 @@ def test_rdbpot_is_division_rounded_with_ties_away_from_zero(x, e):
         assert rounding_divide_by_pot(-x, e) == -rounding_divide_by_pot(x, e)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(int32s, multipliers, st.integers(-31, 30))
 def test_single_rounding_is_correct_rounding_with_ties_up(x, m, s):
     exact = Fraction(x * m) * Fraction(2) ** (s - 31)
@@ -543,7 +543,7 @@ def test_single_rounding_is_correct_rounding_with_ties_up(x, m, s):
     assert multiply_by_quantized_multiplier(x, m, s, rounding="single") == expected
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(int32s, multipliers, st.integers(-31, 30))
 def test_double_rounding_is_within_one_of_exact_and_of_single(x, m, s):
     if x * 2 ** max(s, 0) > INT32_MAX or x * 2 ** max(s, 0) < INT32_MIN:
@@ -559,7 +559,7 @@ def test_double_rounding_is_within_one_of_exact_and_of_single(x, m, s):
         assert abs(d - single) <= 1
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.floats(min_value=2.0**-31, max_value=2.0**30 * 0.999, allow_nan=False))
 def test_quantize_multiplier_error_is_at_most_2_to_the_minus_31(real):
     m, s = quantize_multiplier(real)
@@ -606,14 +606,14 @@ def test_rounding_modes_on_the_named_ties():
         assert round_shift(quarters, 2, mode).tolist() == expected, mode
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.integers(-(2**62) + 1, 2**62 - 1), st.integers(0, 62),
        st.sampled_from(DETERMINISTIC_MODES))
 def test_round_shift_matches_the_reference_rounding(x, shift, mode):
     assert round_shift(x, shift, mode) == reference_round(Fraction(x, 2**shift), mode)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.floats(-300, 300, allow_nan=False), st.integers(0, 8), st.integers(0, 16),
        st.sampled_from(DETERMINISTIC_MODES))
 def test_to_fixed_rounds_then_saturates(x, m, n, mode):
@@ -626,7 +626,7 @@ def test_to_fixed_rounds_then_saturates(x, m, n, mode):
         assert abs(r - x) <= 2.0 ** (-n - 1)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.integers(0, 6), st.integers(0, 6), st.data())
 def test_fixed_add_saturates_raises_or_wraps(m, n, data):
     qmin, qmax = fixed_range(m, n)
@@ -645,7 +645,7 @@ def test_fixed_add_saturates_raises_or_wraps(m, n, data):
             fixed_add(a, b, m, n, overflow="raise")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.integers(0, 6), st.integers(0, 12), st.sampled_from(DETERMINISTIC_MODES), st.data())
 def test_fixed_mul_rounds_the_exact_product(m, n, mode, data):
     qmin, qmax = fixed_range(m, n)
@@ -735,7 +735,7 @@ def test_mac_widths_for_int8():
     assert accumulator_bits(8, 8, 1) == 16 and accumulator_bits(8, 8, 2**17 - 1) == 33
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.integers(1, 16), st.integers(1, 16), st.integers(1, 2**20), st.booleans(),
        st.booleans())
 def test_the_textbook_bound_always_suffices_and_is_at_most_one_bit_loose(a, b, k, sa, sb):

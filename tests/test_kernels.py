@@ -170,14 +170,6 @@ def test_packed_b_holds_b_plus_128_unsigned():
     assert not packed.data[np.setdiff1d(np.arange(256), [0, 4, 8, 12])].any()  # padding is 0
 
 
-@pytest.mark.skipif("vnni512" not in available_paths(), reason="this CPU has no AVX-512 VNNI")
-def test_vnni_peak_loop_counts_its_work():
-    macs, rate = _kernels.vnni_peak_loop(100000, 1)
-    assert macs == 100000 * 16 * 64 and rate > 0
-    macs2, rate2 = _kernels.vnni_peak_loop(100000, 2)
-    assert macs2 == 2 * macs and rate2 > 0
-
-
 def test_non_contiguous_and_fortran_inputs():
     rng = np.random.default_rng(7)
     big = rng.integers(-128, 128, size=(40, 60), dtype=np.int8)

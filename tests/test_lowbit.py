@@ -170,7 +170,7 @@ def _layer(seed, m, n, k, g):
     return x, w4
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(m=st.integers(1, 6), n=st.integers(1, 9), k=st.integers(1, 70), g=st.integers(1, 80),
        seed=st.integers(0, 2**16))
 def test_kernel_accumulators_equal_the_reference_exactly(m, n, k, g, seed):

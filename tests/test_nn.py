@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import numeric_gradient
 
 from qcourse import datasets
 from qcourse.datasets import load_digits, load_digits_raw
@@ -109,22 +110,6 @@ def test_load_digits_rejects_bad_arguments(kwargs, exc, match):
 # --------------------------------------------------------------------------- gradients
 
 
-def _numeric_grad(f, x, eps=1e-6):
-    """Central differences of the scalar function f() with respect to the array x (in place)."""
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        fp = f()
-        x[i] = old - eps
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
-
-
 def _assert_close(analytic, numeric, tol=1e-6):
     scale = max(1.0, np.abs(numeric).max())
     err = np.abs(analytic - numeric).max() / scale
@@ -138,7 +123,7 @@ def test_softmax_cross_entropy_value_and_gradient():
     loss, grad = softmax_cross_entropy(z, y)
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     assert loss == pytest.approx(-np.mean(np.log(p[np.arange(5), y])), rel=1e-12)
-    numeric = _numeric_grad(lambda: softmax_cross_entropy(z, y)[0], z)
+    numeric = numeric_gradient(lambda: softmax_cross_entropy(z, y)[0], z)
     _assert_close(grad, numeric)
 
 
@@ -162,7 +147,7 @@ def test_layer_input_gradient(layer_cls):
     w = rng.normal(size=layer(x).shape)  # loss = sum(w * layer(x)), so dL/dy = w
     layer(x)
     analytic = layer.backward(w)
-    numeric = _numeric_grad(lambda: float(np.sum(w * layer.forward(x))), x)
+    numeric = numeric_gradient(lambda: float(np.sum(w * layer.forward(x))), x)
     _assert_close(analytic, numeric)
 
 
@@ -183,11 +168,11 @@ def test_mlp_parameter_and_input_gradients(activation):
     _, g = softmax_cross_entropy(model(x), y)
     grad_x = model.backward(g)
     for (p, grad), (name, _) in zip(model.parameters(), model.named_parameters(), strict=True):
-        numeric = _numeric_grad(loss, p)
+        numeric = numeric_gradient(loss, p)
         scale = max(1.0, np.abs(numeric).max())
         err = np.abs(grad - numeric).max() / scale
         assert err < 1e-6, f"{name}: relative gradient error {err:.3g}"
-    _assert_close(grad_x, _numeric_grad(loss, x))
+    _assert_close(grad_x, numeric_gradient(loss, x))
     if activation == "relu6":
         pre = model["fc1"](x)
         assert (pre > 6).any(), "test setup: the upper clamp of ReLU6 was never active"
@@ -200,7 +185,7 @@ def test_relu6_clamps_and_relu_does_not():
     assert ReLU6()(x).dtype == np.float32
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(
     hnp.arrays(np.float64, (3, 4), elements=st.floats(-50, 50)),
     st.floats(-100, 100),
@@ -251,16 +236,8 @@ def test_adam_matches_the_recursion():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits("train"), load_digits("test")
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    (Xtr, ytr), _ = digits
-    model = MLP(seed=0)
-    history = train(model, Xtr, ytr, epochs=10, batch_size=32, lr=1e-2, seed=0, progress=False)
-    return model, history
+def trained(trained_mlp):
+    return trained_mlp((64, 128, 64, 10), epochs=10)
 
 
 def test_training_reaches_a_real_accuracy(trained, digits):

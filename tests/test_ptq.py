@@ -143,7 +143,7 @@ def test_reference_model_bad_arguments(kwargs, error):
 # --------------------------------------------------------------------------- weights
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(rows=st.integers(1, 12), cols=st.integers(1, 12), bits=st.integers(2, 8),
        per_channel=st.booleans(), symmetric=st.booleans(), seed=st.integers(0, 2**32 - 1),
        spread=st.floats(-4, 4))
@@ -363,7 +363,7 @@ def test_integer_model_matches_the_independent_reference(ref, static8):
     np.testing.assert_array_equal(integer.predict(ref.X_test), np.argmax(codes[-1], axis=1))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(seed=st.integers(0, 2**32 - 1), hidden=st.integers(1, 40), bits=st.integers(2, 8),
        act_bits=st.integers(2, 8), per_channel=st.booleans(), symmetric=st.booleans(),
        activation=st.sampled_from(["relu", "relu6"]), depth=st.integers(1, 3))
@@ -621,7 +621,7 @@ def test_model_size_counts_packed_bytes(ref):
 # --------------------------------------------------------------------------- folding
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(seed=st.integers(0, 2**32 - 1), out_f=st.integers(1, 9), in_f=st.integers(1, 9),
        with_bias=st.booleans())
 def test_fold_batch_norm_equals_linear_then_batch_norm(seed, out_f, in_f, with_bias):

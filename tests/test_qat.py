@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import derivative, numeric_gradient
 
 from qcourse.affine import QParams, choose_qparams, fake_quantize, qparams_from_range, qrange
-from qcourse.nn import MLP, Linear, ReLU, Sequential, capture_activations, predict, train
+from qcourse.nn import MLP, Linear, ReLU, Sequential, capture_activations, predict
 from qcourse.qat import (
     FakeQuantLinear,
     PTQvsQAT,
@@ -135,7 +136,7 @@ def test_forward_agrees_with_affine_fake_quantize(seed):
         assert np.mean(differ[spread]) < 0.01
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(seed=st.integers(0, 2**31 - 1), per_channel=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]))
 def test_forward_properties(seed, per_channel, dtype):
@@ -193,10 +194,9 @@ def test_ste_is_the_derivative_of_identity_and_clamp_by_finite_differences():
     rng = np.random.default_rng(3)
     x = rng.uniform(-2.0, 2.0, 2000)
     x = x[(np.abs(x - lo) > 1e-3) & (np.abs(x - hi) > 1e-3)]
-    h = 1e-6
     ones = np.ones_like(x)
-    d_clamp = (np.clip(x + h, lo, hi) - np.clip(x - h, lo, hi)) / (2 * h)
-    d_ident = ((x + h) - (x - h)) / (2 * h)
+    d_clamp = derivative(lambda t: np.clip(t, lo, hi), x)
+    d_ident = derivative(lambda t: t, x)
     np.testing.assert_allclose(ste_backward(ones, x, qp, clipped=True), d_clamp, atol=1e-6)
     np.testing.assert_allclose(ste_backward(ones, x, qp, clipped=False), d_ident, atol=1e-6)
 
@@ -250,8 +250,7 @@ def test_lsq_scale_grad_is_the_derivative_of_the_surrogate_by_finite_differences
         def loss(s, c=c, inside=inside, edge=edge):
             return float(np.sum(r * s * np.where(inside, x / s + c, edge)))
 
-        h = 1e-7
-        fd = (loss(s0 + h) - loss(s0 - h)) / (2 * h)
+        fd = derivative(loss, s0, h=1e-7)
         got = float(lsq_scale_grad(r, x, _qp(s0, 0, qmin, qmax)))
         assert got == pytest.approx(fd, rel=1e-6, abs=1e-6)
 
@@ -285,13 +284,7 @@ def test_layer_input_and_bias_gradients_by_finite_differences():
         layer, x, r = _layer_and_data(bits=3, per_channel=per_channel)
         layer(x)
         gx = layer.backward(r)
-        h = 1e-6
-        fd_x = np.zeros_like(x)
-        for idx in np.ndindex(*x.shape):
-            xp, xm = x.copy(), x.copy()
-            xp[idx] += h
-            xm[idx] -= h
-            fd_x[idx] = (np.sum(r * layer(xp)) - np.sum(r * layer(xm))) / (2 * h)
+        fd_x = numeric_gradient(lambda f=layer, x=x, r=r: np.sum(r * f(x)), x)
         np.testing.assert_allclose(gx, fd_x, rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose(layer.grad_bias, r.sum(axis=0), rtol=1e-12)
 
@@ -307,16 +300,7 @@ def test_layer_weight_gradient_is_the_ste_of_the_quantized_weights_gradient():
     plain = Linear(6, 4, dtype=np.float64)
     plain.weight[...] = w_hat
     plain.bias[...] = layer.bias
-    h = 1e-6
-    fd = np.zeros_like(w_hat)
-    for idx in np.ndindex(*w_hat.shape):
-        keep = plain.weight[idx]
-        plain.weight[idx] = keep + h
-        up = np.sum(r * plain(x))
-        plain.weight[idx] = keep - h
-        down = np.sum(r * plain(x))
-        plain.weight[idx] = keep
-        fd[idx] = (up - down) / (2 * h)
+    fd = numeric_gradient(lambda: np.sum(r * plain(x)), plain.weight)
     mask = ste_mask(layer.weight, layer.weight_qparams())
     assert 0 < mask.sum() < mask.size
     np.testing.assert_allclose(layer.grad_weight, np.where(mask, fd, 0), rtol=1e-6, atol=1e-9)
@@ -353,9 +337,8 @@ def test_layer_lsq_scale_gradients_by_finite_differences_on_the_surrogate():
         x_hat = sa * np.where(in_a, x / sa + ca, edge_a)
         return np.sum(r * (x_hat @ w_hat.T + b))
 
-    h = 1e-7
-    fd_w = (loss(s_w + h, s_a) - loss(s_w - h, s_a)) / (2 * h)
-    fd_a = (loss(s_w, s_a + h) - loss(s_w, s_a - h)) / (2 * h)
+    fd_w = derivative(lambda s: loss(s, s_a), s_w, h=1e-7)
+    fd_a = derivative(lambda s: loss(s_w, s), s_a, h=1e-7)
     g_w = lsq_grad_scale(w.size, 3)
     g_a = lsq_grad_scale(6, 3)
     assert float(layer.grad_weight_scale) == pytest.approx(g_w * fd_w, rel=1e-6)
@@ -396,13 +379,7 @@ def test_network_input_gradient_by_finite_differences():
     r = rng.standard_normal((3, 3))
     qmodel(x)
     gx = qmodel.backward(r)
-    h = 1e-6
-    fd = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[idx] += h
-        xm[idx] -= h
-        fd[idx] = (np.sum(r * qmodel(xp)) - np.sum(r * qmodel(xm))) / (2 * h)
+    fd = numeric_gradient(lambda: np.sum(r * qmodel(x)), x)
     np.testing.assert_allclose(gx, fd, rtol=1e-5, atol=1e-8)
 
 
@@ -475,13 +452,9 @@ def test_layer_works_inside_sequential_with_hooks():
 
 
 @pytest.fixture(scope="module")
-def digits_model():
-    from qcourse.datasets import load_digits
-
-    X, y = load_digits("train", seed=0)
-    Xt, yt = load_digits("test", seed=0)
-    model = MLP((64, 32, 10), seed=0)
-    train(model, X, y, epochs=15, lr=1e-2, progress=False)
+def digits_model(digits, trained_mlp):
+    (X, y), (Xt, yt) = digits
+    model, _ = trained_mlp((64, 32, 10), epochs=15)
     return model, X, y, Xt, yt
 
 
@@ -631,7 +604,7 @@ def test_grad_scale_balances_the_step_size_over_seeds(seed):
 # --------------------------------------------------------------------------- PyTorch oracle
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(seed=st.integers(0, 2**31 - 1), per_channel=st.booleans())
 def test_forward_and_mask_match_pytorch(seed, per_channel):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
