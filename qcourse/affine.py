@@ -47,6 +47,7 @@ __all__ = [
     "qrange",
     "quantize",
     "quantize_linear",
+    "quantize_weight",
     "sqnr_db",
     "storage_dtype",
     "unpack_int",
@@ -308,6 +309,13 @@ class QParams:
     def levels(self) -> int:
         """Number of integer levels, ``qmax - qmin + 1``."""
         return self.qmax - self.qmin + 1
+
+    def with_float32_scale(self) -> QParams:
+        """The same parameters with the scale rounded to float32, as a model file stores it
+        (so that a simulation and the integer model it predicts share bit-identical scales)."""
+        scale32 = self.scale.astype(np.float32).astype(np.float64)
+        return QParams(scale=scale32, zero_point=self.zero_point, qmin=self.qmin,
+                       qmax=self.qmax, axis=self.axis, group_size=self.group_size)
 
     def representable_range(self) -> tuple[np.ndarray, np.ndarray]:
         r"""The real interval the grid spans: :math:`[s(q_{\min} - z),\ s(q_{\max} - z)]`.
@@ -597,6 +605,43 @@ def fake_quantize(x, qparams: QParams) -> np.ndarray:
     out_dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64)
     q = quantize(arr, qparams)
     return _dequantize64(q, qparams).astype(out_dtype)
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+
+def quantize_weight(weight, *, bits: int = 8, per_channel: bool = True,
+                    symmetric: bool = True) -> tuple[np.ndarray, QParams]:
+    r"""Min-max quantization of a weight matrix (out, in) to signed ``bits``-bit integers.
+
+    Symmetric (the default, as TFLite and ONNX Runtime quantize weights): zero point 0 on the
+    narrow grid :math:`[-(2^{b-1}-1), 2^{b-1}-1]` (int8: -127..127; int4: -7..7; int2: -1..1,
+    a ternary weight), scale :math:`s = \max|W| / (2^{b-1} - 1)`.  Asymmetric: the full grid
+    :math:`[-2^{b-1}, 2^{b-1}-1]` over :math:`[\min W, \max W]` with a zero point.
+    ``per_channel=True`` takes one range per output row (``axis=0``): a row of small weights is
+    no longer rounded on the grid of the row with the largest weight.  The scale is rounded to
+    float32, as a model file stores it, before the weights are rounded: what this function
+    returns is what a deployed model holds.  The course's one weight quantizer (the ptq,
+    mixed_precision and later chapters use it).  See the ptq chapter.
+
+    Returns
+    -------
+    (numpy.ndarray, QParams)
+        The integer codes (int8 storage for ``bits`` <= 8, int16 above) and their parameters.
+    """
+    bits = _check_int(bits, "bits", minimum=2, maximum=16)
+    per_channel = _check_bool(per_channel, "per_channel")
+    symmetric = _check_bool(symmetric, "symmetric")
+    w = np.asarray(weight)
+    if w.dtype.kind != "f":
+        raise TypeError(f"weight must be a float array, got dtype {w.dtype}")
+    if w.ndim != 2 or w.size == 0:
+        raise ValueError(f"weight must be a non-empty 2-D (out, in) array, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight contains NaN or Inf; expected finite values")
+    qp = choose_qparams(w, bits=bits, signed=True, symmetric=symmetric, narrow_range=symmetric,
+                        axis=0 if per_channel else None).with_float32_scale()
+    return quantize(w, qp), qp
 
 
 # --- the ONNX operators ------------------------------------------------------------------------

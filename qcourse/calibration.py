@@ -26,11 +26,12 @@ it on every batch at run time (:func:`dynamic_qparams`, :func:`compare_static_dy
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._deprecated import moved_names
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -46,12 +47,9 @@ __all__ = [
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "Observer",
-    "ObserverResult",
     "PercentileObserver",
     "StaticDynamicReport",
     "StreamingHistogram",
-    "calibrate",
-    "compare_observers",
     "compare_static_dynamic",
     "dynamic_fake_quant_hook",
     "dynamic_qparams",
@@ -728,37 +726,7 @@ class EntropyObserver(Observer):
         return self._clip_to_seen(-t, t)
 
 
-# --------------------------------------------------------------------------- using observers
-
-
-def calibrate(model, layer: str, X, observer: Observer, *, batch_size: int = 128,
-              where: str = "output") -> Observer:
-    """Feed the ``where`` (``"input"`` or ``"output"``) activations of ``model[layer]`` to
-    ``observer``, one batch of ``batch_size`` rows of ``X`` at a time; returns the observer.
-
-    This is static calibration: the model runs in float on representative data, a forward hook
-    hands each batch's activations to the observer, and the hook is removed afterwards.  See
-    the calibration chapter.
-    """
-    from qcourse.nn import Sequential
-
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    if not isinstance(observer, Observer):
-        raise TypeError(f"observer must be a qcourse.calibration.Observer, got "
-                        f"{type(observer).__name__}")
-    if where not in ("input", "output"):
-        raise ValueError(f"where must be 'input' or 'output', got {where!r}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    X = _check_batch(X, "X").astype(np.float32)
-
-    def hook(module, inp, out):
-        observer.update(out if where == "output" else inp)
-
-    with model[layer].register_forward_hook(hook):
-        for s in range(0, X.shape[0], batch_size):
-            model(X[s:s + batch_size])
-    return observer
+# ------------------------------------------------------------------ static and dynamic ranges
 
 
 def fake_quant_hook(qparams: QParams) -> Callable:
@@ -873,54 +841,7 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
     )
 
 
-@dataclass(frozen=True)
-class ObserverResult:
-    """One row of :func:`compare_observers`."""
-
-    name: str
-    rmin: float
-    rmax: float
-    qparams: QParams
-    mse: float
-    sqnr_db: float
-    clipped_fraction: float
-    accuracy: float
-
-
-def compare_observers(model, layer: str, observers: Mapping[str, Observer] | Iterable,
-                      X_calib, X_eval, y_eval, *, batch_size: int = 128) -> list[ObserverResult]:
-    """Calibrate each observer on ``model[layer]``'s output over ``X_calib``, then measure it.
-
-    For each ``(name, observer)`` (fresh observers; they are updated here): the range and
-    qparams from the layer's output on ``X_calib``, fed in batches of ``batch_size`` rows
-    exactly as :func:`calibrate` does (the float model runs once and every observer sees the
-    same batches); the MSE, SQNR and clipped fraction of the layer's output on ``X_eval`` when
-    fake-quantized with them (:func:`qcourse.affine.error_breakdown`); and the model's
-    accuracy on ``(X_eval, y_eval)`` with that layer's output fake-quantized
-    (:func:`fake_quant_hook`) and every other layer in float.  See the calibration chapter.
-    """
-    from qcourse.nn import accuracy, capture_activations
-
-    items = list(observers.items() if isinstance(observers, Mapping) else observers)
-    for name, obs in items:
-        if not isinstance(obs, Observer):
-            raise TypeError(f"observer {name!r} must be a qcourse.calibration.Observer, got "
-                            f"{type(obs).__name__}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    X_calib = _check_batch(X_calib, "X_calib").astype(np.float32)
-    X_eval = _check_batch(X_eval, "X_eval").astype(np.float32)
-    cal = capture_activations(model, X_calib, layers=[layer], batch_size=batch_size)[layer].output
-    acts = capture_activations(model, X_eval, layers=[layer])[layer].output
-    rows = []
-    for name, obs in items:
-        for s in range(0, cal.shape[0], batch_size):
-            obs.update(cal[s:s + batch_size])
-        qp = obs.qparams()
-        rmin, rmax = obs.range()
-        eb = error_breakdown(acts, qp)
-        with model[layer].register_forward_hook(fake_quant_hook(qp)):
-            acc = accuracy(model, X_eval, y_eval)
-        rows.append(ObserverResult(name=str(name), rmin=float(rmin), rmax=float(rmax),
-                                   qparams=qp, mse=eb.total_mse, sqnr_db=eb.sqnr_db,
-                                   clipped_fraction=eb.clipped_fraction, accuracy=acc))
-    return rows
+__getattr__ = moved_names(__name__, {
+    "calibrate": "qcourse.nn.calibrate",
+    "compare_observers": "qcourse.nn.compare_observers",
+})

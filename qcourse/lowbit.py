@@ -19,7 +19,6 @@ bit patterns from :mod:`qcourse.floats`, the GEMM from :mod:`qcourse.kernels`.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from qcourse.affine import (
 )
 from qcourse.floats import FP8_E4M3FN, FP8_E5M2, FloatFormat, decode, encode
 from qcourse.kernels import matmul_int8
-from qcourse.nn import Linear, Sequential
+from qcourse.nn import Linear, Sequential, copy_model
 
 __all__ = [
     "FP8_FORMATS", "Int4Weight", "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize",
@@ -348,7 +347,7 @@ def int4_weight_only(model, group_size: int, *, scale_dtype=np.float16) -> Seque
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
     g = _check_group_size(group_size)
-    out = copy.deepcopy(model)
+    out = copy_model(model)
     found = False
     for _, layer in out.named_modules():
         if isinstance(layer, Linear):

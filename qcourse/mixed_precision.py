@@ -30,13 +30,27 @@ from __future__ import annotations
 import itertools
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import numpy as np
 
-from qcourse.affine import choose_qparams, fake_quantize, qparams_from_range
-from qcourse.nn import Linear, Module, ReLU, ReLU6, Sequential, softmax, softmax_cross_entropy
+from qcourse import nn
+from qcourse._deprecated import moved_names
+from qcourse.affine import fake_quantize, qparams_from_range, quantize_weight
+from qcourse.nn import (
+    Evaluation,
+    Linear,
+    Module,
+    ReLU,
+    ReLU6,
+    Sequential,
+    capture_activations,
+    evaluate,
+    softmax,
+    softmax_cross_entropy,
+    swapped_weights,
+)
 
 __all__ = [
     "FLOAT_BITS",
@@ -44,16 +58,13 @@ __all__ = [
     "HAWQ_SOURCE",
     "Allocation",
     "ConfigSweep",
-    "Evaluation",
     "HawqRow",
     "HutchinsonEstimate",
-    "LayerInfo",
     "LayerSensitivity",
     "all_configurations",
     "allocate_bits_exhaustive",
     "allocate_bits_greedy",
     "bops",
-    "evaluate_model",
     "exact_hessian_trace",
     "fake_quantize_weight",
     "hawq_omega",
@@ -62,10 +73,8 @@ __all__ = [
     "hvp",
     "layer_gradient",
     "layer_hessian_trace",
-    "layer_info",
     "layer_loss_grad",
     "layer_sensitivity",
-    "linear_layers",
     "mixed_precision_shares",
     "model_size_bits",
     "pareto_front",
@@ -131,7 +140,7 @@ def _check_layer(model: Sequential, layer) -> int:
     if not isinstance(model[layer], Linear):
         raise ValueError(
             f"layer {layer!r} is a {type(model[layer]).__name__}; only Linear layers have "
-            f"weights to quantize (Linear layers: {linear_layers(model)})"
+            f"weights to quantize (Linear layers: {nn.linear_layers(model)})"
         )
     return model.names.index(layer)
 
@@ -171,40 +180,6 @@ def _check_direction(v, shape: tuple[int, ...], name: str = "v") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- layers and bits
-
-
-def linear_layers(model) -> list[str]:
-    """Names of the :class:`~qcourse.nn.Linear` layers of ``model``, in order: the layers whose
-    weights get a bit width.  See the mixed_precision chapter."""
-    _check_model(model)
-    return [name for name, layer in model.named_modules() if isinstance(layer, Linear)]
-
-
-class LayerInfo(NamedTuple):
-    """What the accounting needs to know about one Linear layer.
-
-    ``weights`` is the number of weights (``in_features * out_features``), ``bias`` the number
-    of biases, ``macs`` the multiply-accumulates per example (also ``in_features *
-    out_features``: each weight is used once per example).
-    """
-
-    name: str
-    in_features: int
-    out_features: int
-    weights: int
-    bias: int
-    macs: int
-
-
-def layer_info(model) -> list[LayerInfo]:
-    """One :class:`LayerInfo` per Linear layer of ``model``, in order.  See the mixed_precision
-    chapter."""
-    out = []
-    for name in linear_layers(model):
-        lin = model[name]
-        n = lin.in_features * lin.out_features
-        out.append(LayerInfo(name, lin.in_features, lin.out_features, n, lin.out_features, n))
-    return out
 
 
 def _bits_value(value, name: str, *, allow_float: bool, low: int) -> int:
@@ -251,25 +226,16 @@ def fake_quantize_weight(weight, bits: int, *, per_channel: bool = True) -> np.n
         -(2^{b-1} - 1), 2^{b-1} - 1\big)
 
     with one scale per output channel ``c`` (row of the ``(out, in)`` weight) when
-    ``per_channel`` is true, one for the whole tensor otherwise; ``round`` is round half to
-    even.  The grid is the narrow, symmetric one (int8: -127..127, int4: -7..7, int2: -1..1,
-    i.e. ternary weights), the weight quantizer of HAWQ-V3 (symmetric, per channel).  Weights
-    must be finite.  The result has the dtype of ``weight``.  See the mixed_precision chapter
-    (and the affine chapter for the grid).
+    ``per_channel`` is true, one for the whole tensor otherwise, rounded to float32 as a model
+    file stores it; ``round`` is round half to even.  The grid is the narrow, symmetric one
+    (int8: -127..127, int4: -7..7, int2: -1..1, i.e. ternary weights), the weight quantizer of
+    HAWQ-V3 (symmetric, per channel): :func:`qcourse.affine.quantize_weight`, the course's one
+    weight quantizer, followed by dequantization.  Weights must be finite; ``bits`` is 2 to 16.
+    The result has the dtype of ``weight``.  See the mixed_precision chapter (and the affine
+    chapter for the grid).
     """
-    w = np.asarray(weight)
-    if w.dtype.kind != "f":
-        raise TypeError(f"weight must be a floating array, got dtype {w.dtype}")
-    if w.ndim != 2 or w.size == 0:
-        raise ValueError(f"weight must be a non-empty 2-D (out, in) array, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight contains NaN or Inf; expected finite values")
-    bits = _bits_value(bits, "bits", allow_float=False, low=2)
-    if not isinstance(per_channel, (bool, np.bool_)):
-        raise TypeError(f"per_channel must be True or False, got {type(per_channel).__name__}")
-    qp = choose_qparams(w, bits=bits, signed=True, symmetric=True, narrow_range=True,
-                        axis=0 if per_channel else None)
-    return fake_quantize(w, qp)
+    _, qp = quantize_weight(weight, bits=bits, per_channel=per_channel)
+    return fake_quantize(weight, qp)
 
 
 @contextmanager
@@ -279,7 +245,8 @@ def temporarily_quantized(model, w_bits, a_bits=None, *, X_cal=None,
 
     ``w_bits`` is one bit width for every Linear layer or a mapping ``{layer: bits}``; layers
     missing from the mapping, or given ``None`` or 32, stay float.  Weights are replaced in
-    place by :func:`fake_quantize_weight` and restored exactly when the block ends (even on error).
+    place by :func:`fake_quantize_weight` and restored exactly when the block ends, even on error
+    (:func:`qcourse.nn.swapped_weights`).
 
     ``a_bits`` (same forms; default ``None``: activations stay float) quantizes the *input* of
     each Linear layer, the activation its integer kernel would read: an unsigned asymmetric
@@ -288,7 +255,7 @@ def temporarily_quantized(model, w_bits, a_bits=None, *, X_cal=None,
     ``a_bits=w_bits`` each layer runs at W\\ *b*\\ A\\ *b*, the HAWQ convention.  See the
     mixed_precision chapter.
     """
-    names = linear_layers(model)
+    names = nn.linear_layers(model)
     wmap = _bits_map(w_bits, names, "w_bits")
     amap = None if a_bits is None else _bits_map(a_bits, names, "a_bits")
     act_qparams = {}
@@ -299,46 +266,25 @@ def temporarily_quantized(model, w_bits, a_bits=None, *, X_cal=None,
             raise TypeError("X_cal must be a 2-D floating numpy.ndarray of calibration inputs")
         if X_cal.shape[0] == 0 or not np.all(np.isfinite(X_cal)):
             raise ValueError("X_cal must be non-empty and finite")
-        from qcourse.nn import capture_activations
-
         wanted = [n for n in names if amap[n] != FLOAT_BITS]
         acts = capture_activations(model, X_cal, layers=wanted)
         for n in wanted:
             x = acts[n].input
             act_qparams[n] = qparams_from_range(float(x.min()), float(x.max()), bits=amap[n],
                                                 signed=False, symmetric=False)
-    saved = {n: model[n].weight.copy() for n in names if wmap[n] != FLOAT_BITS}
-    handles = []
-    try:
-        for n in saved:
-            model[n].weight[...] = fake_quantize_weight(saved[n], wmap[n], per_channel=per_channel)
+    quantized = {n: fake_quantize_weight(model[n].weight, wmap[n], per_channel=per_channel)
+                 for n in names if wmap[n] != FLOAT_BITS}
+    with swapped_weights(model, quantized), ExitStack() as hooks:
         for n, qp in act_qparams.items():
-            def pre_hook(module, x, qp=qp):
-                return fake_quantize(x, qp)
-            handles.append(model[n].register_forward_pre_hook(pre_hook))
+            hooks.enter_context(model[n].register_forward_pre_hook(_fake_quant_input(qp)))
         yield model
-    finally:
-        for h in handles:
-            h.remove()
-        for n, w in saved.items():
-            model[n].weight[...] = w
 
 
-class Evaluation(NamedTuple):
-    """Mean softmax cross-entropy ``loss`` and ``accuracy`` (fraction correct) on a data set."""
-
-    loss: float
-    accuracy: float
-
-
-def evaluate_model(model, X, y) -> Evaluation:
-    """Loss and accuracy of ``model`` on ``(X, y)`` in one forward pass (hooks included).  See
-    the mixed_precision chapter."""
-    _check_model(model)
-    X, y = _check_data(X, y, model)
-    logits = model(X)
-    loss, _ = softmax_cross_entropy(logits.astype(np.float64), y)
-    return Evaluation(loss, float(np.mean(np.argmax(logits, axis=1) == y)))
+def _fake_quant_input(qp):
+    """A forward pre-hook that fake-quantizes a layer's input with the fixed ``qp``."""
+    def pre_hook(module, x):
+        return fake_quantize(x, qp)
+    return pre_hook
 
 
 class LayerSensitivity(NamedTuple):
@@ -369,7 +315,7 @@ def layer_sensitivity(model, X, y, bits: int = 4, *, layers=None,
     "quantization sensitivity testing" way of ranking layers; :func:`hawq_omega` predicts the
     same ranking from curvature.  See the mixed_precision chapter.
     """
-    names = linear_layers(model)
+    names = nn.linear_layers(model)
     X, y = _check_data(X, y, model)
     bits = _bits_value(bits, "bits", allow_float=False, low=2)
     if layers is None:
@@ -380,11 +326,11 @@ def layer_sensitivity(model, X, y, bits: int = 4, *, layers=None,
             if n not in names:
                 raise ValueError(f"layers names {n!r}, which is not a Linear layer of the model "
                                  f"{names}")
-    base = evaluate_model(model, X, y)
+    base = evaluate(model, X, y)
     out = {}
     for n in layers:
         with temporarily_quantized(model, {n: bits}, per_channel=per_channel):
-            ev = evaluate_model(model, X, y)
+            ev = evaluate(model, X, y)
         out[n] = LayerSensitivity(n, bits, ev.loss, ev.accuracy, ev.loss - base.loss,
                                   ev.accuracy - base.accuracy)
     return out
@@ -702,10 +648,10 @@ def hawq_omega(trace, weight, bits: int, *, per_channel: bool = True) -> float:
 # --------------------------------------------------------------------------- accounting
 
 
-def _check_infos(infos) -> list[LayerInfo]:
+def _check_infos(infos) -> list[nn.LayerInfo]:
     infos = list(infos)
-    if not infos or not all(isinstance(i, LayerInfo) for i in infos):
-        raise TypeError("infos must be a non-empty list of LayerInfo (from layer_info(model))")
+    if not infos or not all(isinstance(i, nn.LayerInfo) for i in infos):
+        raise TypeError("infos must be a non-empty list of LayerInfo (from qcourse.nn.layer_info)")
     return infos
 
 
@@ -891,7 +837,7 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
     weight width (W\\ *b*\\ A\\ *b*, calibrated on ``X_cal``); ``None`` keeps activations float.
     See the mixed_precision chapter.
     """
-    names = linear_layers(model)
+    names = nn.linear_layers(model)
     X, y = _check_data(X, y, model)
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=2)
                                for b in choices)))
@@ -901,51 +847,52 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
                          f"max_configs={max_configs}")
     if a_bits not in (None, "same"):
         raise ValueError(f"a_bits must be None or 'same', got {a_bits!r}")
-    infos = layer_info(model)
+    infos = nn.layer_info(model)
     configs = np.array(list(itertools.product(choices, repeat=len(names))), dtype=np.int64)
     # Quantize each (layer, bits) once; every configuration is then a choice among copies.
-    qweights = {(n, b): (model[n].weight if b == FLOAT_BITS
+    qweights = {(n, b): (model[n].weight.copy() if b == FLOAT_BITS
                          else fake_quantize_weight(model[n].weight, b, per_channel=per_channel))
                 for n in names for b in choices}
     act_qp = {}
     if a_bits == "same":
         if not isinstance(X_cal, np.ndarray) or X_cal.dtype.kind != "f" or X_cal.ndim != 2:
             raise TypeError("a_bits='same' needs X_cal, a 2-D floating numpy.ndarray")
-        from qcourse.nn import capture_activations
-
         acts = capture_activations(model, X_cal, layers=names)
         for n in names:
             lo, hi = float(acts[n].input.min()), float(acts[n].input.max())
             for b in choices:
                 if b != FLOAT_BITS:
                     act_qp[n, b] = qparams_from_range(lo, hi, bits=b, signed=False)
-    saved = {n: model[n].weight.copy() for n in names}
     current = dict.fromkeys(names, FLOAT_BITS)
-    handles = []
     sizes, losses, accs = [], [], []
-    try:
+
+    def at_bits(n, b):
+        """A with block in which layer n holds its b-bit weights (and quantizes its input)."""
+        current[n] = b
+        return swapped_weights(model, {n: qweights[n, b]})
+
+    def input_hook(n):
+        def pre_hook(module, x):
+            b = current[n]
+            return None if (n, b) not in act_qp else fake_quantize(x, act_qp[n, b])
+        return pre_hook
+
+    def record(logits):
+        ev = Evaluation.from_logits(logits, y)
+        sizes.append(model_size_bits(infos, dict(current)))
+        losses.append(ev.loss)
+        accs.append(ev.accuracy)
+
+    with ExitStack() as hooks:
         for n in names:
-            def pre_hook(module, x, n=n):
-                b = current[n]
-                return None if (n, b) not in act_qp else fake_quantize(x, act_qp[n, b])
-            handles.append(model[n].register_forward_pre_hook(pre_hook))
-
-        def use(n, b):
-            current[n] = b
-            model[n].weight[...] = qweights[n, b] if b != FLOAT_BITS else saved[n]
-
-        def record(logits):
-            loss, _ = softmax_cross_entropy(logits.astype(np.float64), y)
-            sizes.append(model_size_bits(infos, dict(current)))
-            losses.append(loss)
-            accs.append(float(np.mean(np.argmax(logits, axis=1) == y)))
-
+            hooks.enter_context(model[n].register_forward_pre_hook(input_hook(n)))
         if model._forward_hooks or model._forward_pre_hooks:
             # hooks on the model itself: run it whole, configuration by configuration
             for row in configs:
-                for n, b in zip(names, row, strict=True):
-                    use(n, int(b))
-                record(model(X))
+                with ExitStack() as swaps:
+                    for n, b in zip(names, row, strict=True):
+                        swaps.enter_context(at_bits(n, int(b)))
+                    record(model(X))
         else:
             # Depth first over the layers, in the order of itertools.product: the activations
             # entering layer k are computed once per choice of the layers before it and shared
@@ -964,15 +911,10 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
                     record(x)
                     return
                 for b in choices:
-                    use(names[k], b)
-                    descend(k + 1, run(starts[k], starts[k + 1], x))
+                    with at_bits(names[k], b):
+                        descend(k + 1, run(starts[k], starts[k + 1], x))
 
             descend(0, run(0, starts[0], X))
-    finally:
-        for h in handles:
-            h.remove()
-        for n, w in saved.items():
-            model[n].weight[...] = w
     return ConfigSweep(names, configs, np.array(sizes, dtype=np.int64), np.array(losses),
                        np.array(accs))
 
@@ -1122,3 +1064,11 @@ def mixed_precision_shares(size: float, bops_: float, base_size: float, base_bop
     f = (FLOAT_BITS * size / base_size - low) / (high - low)
     g = (FLOAT_BITS**2 * bops_ / base_bops - low**2) / (high**2 - low**2)
     return float(f), float(g)
+
+
+__getattr__ = moved_names(__name__, {
+    "LayerInfo": "qcourse.nn.LayerInfo",
+    "evaluate_model": "qcourse.nn.evaluate",
+    "layer_info": "qcourse.nn.layer_info",
+    "linear_layers": "qcourse.nn.linear_layers",
+})

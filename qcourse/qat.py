@@ -36,7 +36,6 @@ the *rounded* code: a value passes the gradient iff :math:`q_{\min} \le \lfloor 
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from collections.abc import Mapping
@@ -51,6 +50,8 @@ from qcourse.nn import (
     Linear,
     Sequential,
     accuracy,
+    copy_model,
+    linear_layers,
     make_optimizer,
     train_epoch,
 )
@@ -711,7 +712,7 @@ def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = Tr
     if any(isinstance(m, FakeQuantLinear) for _, m in named):
         raise ValueError("model already contains FakeQuantLinear layers; prepare_qat takes the "
                          "float model")
-    linear_names = [n for n, m in named if isinstance(m, Linear)]
+    linear_names = linear_layers(model)
     if not linear_names:
         raise ValueError("model has no Linear layer to quantize")
     w_bits = _per_layer(bits, linear_names, "bits", allow_none=False)
@@ -728,9 +729,7 @@ def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = Tr
                 module, bits=w_bits[name], act_bits=a_bits[name], per_channel=per_channel,
                 ste=ste, lsq=lsq, averaging_constant=averaging_constant)
         else:
-            module = copy.deepcopy(module)
-            module._forward_hooks.clear()
-            module._forward_pre_hooks.clear()
+            module = copy_model(module)
         layers.append((name, module))
     config = {"bits": w_bits, "act_bits": a_bits, "per_channel": per_channel, "ste": ste,
               "lsq": lsq}

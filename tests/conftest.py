@@ -35,10 +35,10 @@ def digits():
 @functools.cache
 def _trained_mlp(sizes: tuple[int, ...], epochs: int, lr: float, seed: int):
     from qcourse.datasets import load_digits
-    from qcourse.nn import MLP, train
+    from qcourse.nn import make_mlp, train
 
     X, y = load_digits("train")
-    model = MLP(sizes, seed=seed)
+    model = make_mlp(sizes, seed=seed)
     history = train(model, X, y, epochs=epochs, lr=lr, seed=seed, progress=False)
     return model.state_dict(), history
 
@@ -48,11 +48,11 @@ def trained_mlp():
     """``trained_mlp(sizes, epochs, lr=1e-2, seed=0)``: an MLP trained on the digits' training
     split (cached per worker; each call returns a fresh model, which the test may change) and
     its training history."""
-    from qcourse.nn import MLP
+    from qcourse.nn import make_mlp
 
     def make(sizes, epochs: int, lr: float = 1e-2, seed: int = 0):
         state, history = _trained_mlp(tuple(sizes), epochs, lr, seed)
-        model = MLP(tuple(sizes), seed=seed)
+        model = make_mlp(tuple(sizes), seed=seed)
         model.load_state_dict(state)
         return model, {k: list(v) for k, v in history.items()}
 

@@ -37,6 +37,7 @@ from qcourse.affine import (
     qrange,
     quantize,
     quantize_linear,
+    quantize_weight,
     sqnr_db,
     storage_dtype,
     unpack_int,
@@ -1205,3 +1206,71 @@ def test_onnx_reference_implementation_agrees():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     ref = ReferenceEvaluator(model).run(None, {"x": x, "s": s, "z": z})[0]
     np.testing.assert_array_equal(quantize_linear(x, s, z, axis=-1), ref)
+
+
+# --- the weight quantizer (ptq, mixed_precision) ----------------------------------------------
+
+
+@settings(max_examples=60)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), bits=st.integers(2, 8),
+       per_channel=st.booleans(), symmetric=st.booleans(), seed=st.integers(0, 2**32 - 1),
+       spread=st.floats(-4, 4))
+def test_quantize_weight_error_is_half_a_step(rows, cols, bits, per_channel, symmetric, seed,
+                                              spread):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-1, 1, (rows, 1)) * spread))
+    w = w.astype(np.float32)
+    q, qp = quantize_weight(w, bits=bits, per_channel=per_channel, symmetric=symmetric)
+    assert q.dtype == np.int8
+    assert qp.granularity == ("per-channel" if per_channel else "per-tensor")
+    half = 2 ** (bits - 1)
+    if symmetric:
+        assert (qp.qmin, qp.qmax) == (-(half - 1), half - 1)
+        assert np.all(qp.zero_point == 0)
+    else:
+        assert (qp.qmin, qp.qmax) == (-half, half - 1)
+    assert np.all((q >= qp.qmin) & (q <= qp.qmax))
+    # the scale is a float32 number
+    np.testing.assert_array_equal(qp.scale, qp.scale.astype(np.float32).astype(np.float64))
+    scale = np.broadcast_to(qp.scale, (rows,))[:, None]
+    zp = np.broadcast_to(qp.zero_point, (rows,))[:, None]
+    err = np.abs(scale * (q.astype(np.float64) - zp) - w.astype(np.float64))
+    assert np.all(err <= scale * (0.5 + 1e-5))
+
+
+def test_quantize_weight_uses_the_whole_grid_per_row():
+    w = np.array([[0.01, -0.02, 0.005], [3.0, -1.0, 2.0]], np.float32)
+    q_pc, qp_pc = quantize_weight(w, bits=4, per_channel=True)
+    q_pt, _ = quantize_weight(w, bits=4, per_channel=False)
+    assert np.abs(q_pc).max(axis=1).tolist() == [7, 7]     # each row reaches its top code
+    assert np.all(q_pt[0] == 0)                            # per tensor, the small row vanishes
+    np.testing.assert_allclose(qp_pc.scale, np.abs(w).max(axis=1) / 7, rtol=1e-7)
+
+
+@pytest.mark.parametrize("weight, kwargs, error", [
+    (np.ones((2, 3), np.int32), {}, TypeError),
+    (np.ones(3, np.float32), {}, ValueError),
+    (np.zeros((0, 3), np.float32), {}, ValueError),
+    (np.array([[1.0, np.nan]], np.float32), {}, ValueError),
+    (np.ones((2, 2), np.float32), {"bits": 1}, ValueError),
+    (np.ones((2, 2), np.float32), {"bits": 17}, ValueError),   # up to 16 bits (int16 codes)
+    (np.ones((2, 2), np.float32), {"bits": 4.0}, TypeError),
+    (np.ones((2, 2), np.float32), {"per_channel": 1}, TypeError),
+    (np.ones((2, 2), np.float32), {"symmetric": "yes"}, TypeError),
+])
+def test_quantize_weight_bad_input(weight, kwargs, error):
+    with pytest.raises(error):
+        quantize_weight(weight, **kwargs)
+
+
+def test_quantize_weight_takes_up_to_16_bits_and_with_float32_scale_keeps_the_rest():
+    w = np.random.default_rng(3).standard_normal((4, 5))
+    q, qp = quantize_weight(w, bits=12)
+    assert q.dtype == np.int16 and (qp.qmin, qp.qmax) == (-2047, 2047)
+    raw = choose_qparams(w, bits=12, symmetric=True, narrow_range=True, axis=0)
+    assert qp == raw.with_float32_scale() and qp != raw
+    grouped = choose_qparams(w, bits=4, axis=1, group_size=2)
+    g32 = grouped.with_float32_scale()
+    assert (g32.axis, g32.group_size, g32.qmin, g32.qmax) == (1, 2, -8, 7)
+    np.testing.assert_array_equal(g32.zero_point, grouped.zero_point)
+    np.testing.assert_array_equal(g32.scale, grouped.scale.astype(np.float32))

@@ -29,8 +29,6 @@ from qcourse.calibration import (
     MSEObserver,
     PercentileObserver,
     StreamingHistogram,
-    calibrate,
-    compare_observers,
     compare_static_dynamic,
     dynamic_fake_quant_hook,
     dynamic_qparams,
@@ -40,6 +38,7 @@ from qcourse.calibration import (
     kl_divergence,
     kl_threshold_search,
 )
+from qcourse.nn import calibrate, compare_observers
 
 ALL_OBSERVERS = [
     MinMaxObserver,

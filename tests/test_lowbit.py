@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from qcourse import lowbit as lb
 from qcourse.affine import choose_qparams, effective_bits, fake_quantize, pack_int, quantize
 from qcourse.floats import FP8_E4M3FN, FP16
-from qcourse.nn import MLP
+from qcourse.nn import make_mlp
 
 # ------------------------------------------------------------------------------------------------
 # int4 group-wise quantization
@@ -257,7 +257,7 @@ def test_layer_rejects_bad_input():
 
 
 def test_weight_only_model_copies_and_quantizes():
-    model = MLP((64, 32, 10), seed=0)
+    model = make_mlp((64, 32, 10), seed=0)
     before = model["fc1"].weight.copy()
     q_model = lb.int4_weight_only(model, 16)
     assert np.array_equal(model["fc1"].weight, before)           # original untouched

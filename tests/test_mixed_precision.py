@@ -26,12 +26,10 @@ from qcourse.mixed_precision import (
     HAWQ_RESNET50,
     HAWQ_SOURCE,
     Allocation,
-    LayerInfo,
     all_configurations,
     allocate_bits_exhaustive,
     allocate_bits_greedy,
     bops,
-    evaluate_model,
     exact_hessian_trace,
     fake_quantize_weight,
     hawq_omega,
@@ -40,10 +38,8 @@ from qcourse.mixed_precision import (
     hvp,
     layer_gradient,
     layer_hessian_trace,
-    layer_info,
     layer_loss_grad,
     layer_sensitivity,
-    linear_layers,
     mixed_precision_shares,
     model_size_bits,
     pareto_front,
@@ -51,7 +47,18 @@ from qcourse.mixed_precision import (
     spearman,
     temporarily_quantized,
 )
-from qcourse.nn import MLP, Linear, ReLU, Sequential, softmax_cross_entropy, train
+from qcourse.nn import (
+    LayerInfo,
+    Linear,
+    ReLU,
+    Sequential,
+    evaluate,
+    layer_info,
+    linear_layers,
+    make_mlp,
+    softmax_cross_entropy,
+    train,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -59,7 +66,7 @@ from qcourse.nn import MLP, Linear, ReLU, Sequential, softmax_cross_entropy, tra
 def tiny_problem(seed=0, activation="relu", sizes=(5, 4, 3, 3), n=40):
     """A float64 network with random (untrained) weights and random data: every layer has a
     Hessian small enough to build in full."""
-    model = MLP(sizes, activation=activation, seed=seed, dtype=np.float64)
+    model = make_mlp(sizes, activation=activation, seed=seed, dtype=np.float64)
     rng = np.random.default_rng(seed + 1000)
     for name in linear_layers(model):
         model[name].bias[...] = rng.normal(scale=0.3, size=model[name].bias.shape)
@@ -103,7 +110,7 @@ def second_difference_hessian(model, layer, X, y, h=1e-4):
 def chapter_model(seed):
     """The chapter's recipe: 64-96-64-48-32-10, Adam at 1e-2 then 1e-3."""
     X, y = load_digits("train", seed=0)
-    model = MLP((64, 96, 64, 48, 32, 10), seed=seed)
+    model = make_mlp((64, 96, 64, 48, 32, 10), seed=seed)
     train(model, X, y, epochs=15, lr=1e-2, seed=seed, progress=False)
     train(model, X, y, epochs=10, lr=1e-3, seed=seed + 1, progress=False)
     return model
@@ -361,8 +368,9 @@ def test_fake_quantize_weight_golden_and_grid():
         np.testing.assert_allclose(codes, np.rint(codes), atol=1e-4)
         assert np.abs(codes).max() <= 2 ** (bits - 1) - 1 + 1e-4
         assert np.all(np.abs(q - w) <= s / 2 + 1e-6)
-        ref = fake_quantize(w, choose_qparams(w, bits=bits, symmetric=True, narrow_range=True,
-                                              axis=0))
+        # the scale is rounded to float32 as a model file stores it (affine.quantize_weight)
+        qp = choose_qparams(w, bits=bits, symmetric=True, narrow_range=True, axis=0)
+        ref = fake_quantize(w, qp.with_float32_scale())
         np.testing.assert_array_equal(q, ref)
 
 
@@ -464,12 +472,12 @@ def test_quantized_rejects_bad_input():
 def test_layer_sensitivity_is_the_one_at_a_time_difference():
     model, X, y = tiny_problem(16, sizes=(5, 8, 6, 3), n=80)
     saved = model.state_dict()
-    base = evaluate_model(model, X, y)
+    base = evaluate(model, X, y)
     sens = layer_sensitivity(model, X, y, 2)
     assert list(sens) == linear_layers(model)
     for name, s in sens.items():
         with temporarily_quantized(model, {name: 2}):
-            ev = evaluate_model(model, X, y)
+            ev = evaluate(model, X, y)
         assert s.layer == name and s.bits == 2
         assert s.loss == ev.loss and s.accuracy == ev.accuracy
         assert s.delta_loss == pytest.approx(ev.loss - base.loss)
@@ -490,7 +498,7 @@ def test_all_configurations_equals_quantizing_each_configuration():
         for row in range(27):
             bits = dict(zip(sweep.layers, (int(b) for b in sweep.bits[row]), strict=True))
             with temporarily_quantized(model, bits, bits if a_bits else None, X_cal=X[:30]):
-                ev = evaluate_model(model, X, y)
+                ev = evaluate(model, X, y)
             assert sweep.loss[row] == ev.loss and sweep.accuracy[row] == ev.accuracy
             assert sweep.size_bits[row] == model_size_bits(layer_info(model), bits)
             assert sweep.index(bits) == row
@@ -544,7 +552,7 @@ def test_accounting_is_linear_per_layer(wa, wb, aa):
 
 
 def test_layer_info_of_a_model():
-    model = MLP((64, 96, 10))
+    model = make_mlp((64, 96, 10))
     infos = layer_info(model)
     assert infos == [LayerInfo("fc1", 64, 96, 6144, 96, 6144),
                      LayerInfo("fc2", 96, 10, 960, 10, 960)]
@@ -814,7 +822,7 @@ def test_the_chapters_sensitivity_claims_hold_on_other_seeds(seed):
     model, traces = chapter_run(seed)
     names = linear_layers(model)
     grad_norm = math.sqrt(sum(np.sum(layer_loss_grad(model, n, X, y)[1] ** 2) for n in names))
-    assert evaluate_model(model, Xt, yt).accuracy > 0.95 and grad_norm < 1e-2
+    assert evaluate(model, Xt, yt).accuracy > 0.95 and grad_norm < 1e-2
     sens = {b: layer_sensitivity(model, Xt, yt, b) for b in (8, 4, 2)}
     one = 1 / len(yt)
     assert max(abs(s.delta_accuracy) for s in sens[8].values()) <= 2 * one + 1e-12
@@ -841,7 +849,7 @@ def test_the_chapters_allocation_claims_hold_on_other_seeds(seed):
     omega = {n: {b: hawq_omega(traces[n].trace, model[n].weight, b) for b in (2, 4, 8)}
              for n in names}
     sweep48 = all_configurations(model, Xt, yt, (4, 8), a_bits="same", X_cal=X[:512])
-    assert evaluate_model(model, Xt, yt).accuracy - sweep48.accuracy.min() <= 0.02
+    assert evaluate(model, Xt, yt).accuracy - sweep48.accuracy.min() <= 0.02
     sweep = all_configurations(model, Xt, yt, (2, 4, 8))
     avg = sweep.size_bits / total
     for budget in (3.0, 3.5, 4.0):

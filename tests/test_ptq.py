@@ -44,7 +44,6 @@ from qcourse.ptq import (
     dynamic_ptq,
     fold_batch_norm,
     model_size,
-    quantize_weight,
     static_ptq,
     train_reference_model,
     weight_only_ptq,
@@ -138,61 +137,6 @@ def test_reference_model_relu6():
 def test_reference_model_bad_arguments(kwargs, error):
     with pytest.raises(error):
         train_reference_model(**kwargs)
-
-
-# --------------------------------------------------------------------------- weights
-
-
-@settings(max_examples=60)
-@given(rows=st.integers(1, 12), cols=st.integers(1, 12), bits=st.integers(2, 8),
-       per_channel=st.booleans(), symmetric=st.booleans(), seed=st.integers(0, 2**32 - 1),
-       spread=st.floats(-4, 4))
-def test_quantize_weight_error_is_half_a_step(rows, cols, bits, per_channel, symmetric, seed,
-                                              spread):
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-1, 1, (rows, 1)) * spread))
-    w = w.astype(F32)
-    q, qp = quantize_weight(w, bits=bits, per_channel=per_channel, symmetric=symmetric)
-    assert q.dtype == np.int8
-    assert qp.granularity == ("per-channel" if per_channel else "per-tensor")
-    half = 2 ** (bits - 1)
-    if symmetric:
-        assert (qp.qmin, qp.qmax) == (-(half - 1), half - 1)
-        assert np.all(qp.zero_point == 0)
-    else:
-        assert (qp.qmin, qp.qmax) == (-half, half - 1)
-    assert np.all((q >= qp.qmin) & (q <= qp.qmax))
-    # the scale is a float32 number
-    np.testing.assert_array_equal(qp.scale, qp.scale.astype(F32).astype(np.float64))
-    scale = np.broadcast_to(qp.scale, (rows,))[:, None]
-    zp = np.broadcast_to(qp.zero_point, (rows,))[:, None]
-    err = np.abs(scale * (q.astype(np.float64) - zp) - w.astype(np.float64))
-    assert np.all(err <= scale * (0.5 + 1e-5))
-
-
-def test_quantize_weight_uses_the_whole_grid_per_row():
-    w = np.array([[0.01, -0.02, 0.005], [3.0, -1.0, 2.0]], F32)
-    q_pc, qp_pc = quantize_weight(w, bits=4, per_channel=True)
-    q_pt, _ = quantize_weight(w, bits=4, per_channel=False)
-    assert np.abs(q_pc).max(axis=1).tolist() == [7, 7]     # each row reaches its top code
-    assert np.all(q_pt[0] == 0)                            # per tensor, the small row vanishes
-    np.testing.assert_allclose(qp_pc.scale, np.abs(w).max(axis=1) / 7, rtol=1e-7)
-
-
-@pytest.mark.parametrize("weight, kwargs, error", [
-    (np.ones((2, 3), np.int32), {}, TypeError),
-    (np.ones(3, F32), {}, ValueError),
-    (np.zeros((0, 3), F32), {}, ValueError),
-    (np.array([[1.0, np.nan]], F32), {}, ValueError),
-    (np.ones((2, 2), F32), {"bits": 1}, ValueError),
-    (np.ones((2, 2), F32), {"bits": 9}, ValueError),
-    (np.ones((2, 2), F32), {"bits": 4.0}, TypeError),
-    (np.ones((2, 2), F32), {"per_channel": 1}, TypeError),
-    (np.ones((2, 2), F32), {"symmetric": "yes"}, TypeError),
-])
-def test_quantize_weight_bad_input(weight, kwargs, error):
-    with pytest.raises(error):
-        quantize_weight(weight, **kwargs)
 
 
 # --------------------------------------------------------------------------- the three PTQ modes
@@ -325,6 +269,7 @@ def test_static_mixed_weight_bits(ref):
     (lambda r: static_ptq(r.model, r.X_calib[:0]), ValueError),
     (lambda r: static_ptq(r.model, r.X_calib, activation_bits=9), ValueError),
     (lambda r: static_ptq(r.model, r.X_calib, weight_bits=1), ValueError),
+    (lambda r: static_ptq(r.model, r.X_calib, weight_bits=9), ValueError),   # int8 kernels
     (lambda r: static_ptq(r.model, r.X_calib, weight_bits={"fc1": 8}), ValueError),
     (lambda r: static_ptq(r.model, r.X_calib, batch_size=0), ValueError),
     (lambda r: static_ptq(r.model, r.X_calib, int32_bias=1), TypeError),
@@ -372,7 +317,7 @@ def test_integer_model_matches_reference_on_random_networks(seed, hidden, bits, 
                                                             depth):
     rng = np.random.default_rng(seed)
     sizes = (int(rng.integers(1, 30)),) + (hidden,) * (depth - 1) + (int(rng.integers(1, 12)),)
-    model = nn.MLP(sizes, activation=activation, seed=int(rng.integers(2**31)))
+    model = nn.make_mlp(sizes, activation=activation, seed=int(rng.integers(2**31)))
     for p, _ in model.parameters():
         if p.ndim == 1:
             p[...] = rng.normal(0, 0.3, p.shape)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from support import derivative, numeric_gradient
 
 from qcourse.affine import QParams, choose_qparams, fake_quantize, qparams_from_range, qrange
-from qcourse.nn import MLP, Linear, ReLU, Sequential, capture_activations, predict
+from qcourse.nn import Linear, ReLU, Sequential, capture_activations, make_mlp, predict
 from qcourse.qat import (
     FakeQuantLinear,
     PTQvsQAT,
@@ -372,7 +372,7 @@ def test_layer_input_ste_masks_clipped_inputs_exactly():
 
 def test_network_input_gradient_by_finite_differences():
     """Weights fake-quantized, inputs in float: the network is smooth in its input."""
-    model = MLP((5, 7, 3), seed=4, dtype=np.float64)
+    model = make_mlp((5, 7, 3), seed=4, dtype=np.float64)
     qmodel = prepare_qat(model, bits=3, act_bits=None)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 5))
@@ -776,7 +776,7 @@ def test_bad_inputs_to_the_layer():
 
 
 def test_bad_inputs_to_prepare_and_finetune():
-    model = MLP((4, 3, 2), seed=0)
+    model = make_mlp((4, 3, 2), seed=0)
     X = np.random.default_rng(0).random((10, 4)).astype(np.float32)
     y = np.arange(10) % 2
     with pytest.raises(TypeError, match="model must be a qcourse.nn.Sequential"):

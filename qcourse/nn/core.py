@@ -7,26 +7,21 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 __all__ = [
-    "MLP",
     "SGD",
     "Adam",
     "HookHandle",
-    "LayerActivations",
     "Linear",
     "Module",
     "ReLU",
     "ReLU6",
     "Sequential",
-    "accuracy",
-    "capture_activations",
+    "make_mlp",
     "make_optimizer",
-    "predict",
     "softmax",
     "softmax_cross_entropy",
     "train",
@@ -344,7 +339,8 @@ class Sequential(Module):
         return f"Sequential(\n{inner}\n)"
 
 
-def MLP(sizes=(64, 128, 64, 10), *, activation: str = "relu", seed: int = 0, dtype=np.float32):
+def make_mlp(sizes=(64, 128, 64, 10), *, activation: str = "relu", seed: int = 0,
+             dtype=np.float32) -> Sequential:
     """A multilayer perceptron: ``fc1, act1, fc2, act2, ..., fcN`` (no activation at the end).
 
     ``sizes`` lists the widths from input to output; ``activation`` is ``"relu"`` or
@@ -542,65 +538,3 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
     bar.close()
     return history
-
-
-def predict(model: Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Predicted class (argmax of the logits) for each row of ``X``, as int64."""
-    X = _check_features(X, "X")
-    batch_size = _check_int(batch_size, "batch_size")
-    out = [np.argmax(model(X[s:s + batch_size]), axis=1) for s in range(0, X.shape[0], batch_size)]
-    return np.concatenate(out).astype(np.int64)
-
-
-def accuracy(model: Module, X: np.ndarray, y: np.ndarray, batch_size: int = 4096) -> float:
-    """Fraction of rows of ``X`` whose predicted class equals ``y``."""
-    X = _check_features(X, "X")
-    y = _check_labels(y, X.shape[0])
-    return float(np.mean(predict(model, X, batch_size) == y))
-
-
-class LayerActivations(NamedTuple):
-    """What one layer saw (``input``) and produced (``output``) over the captured data."""
-
-    input: np.ndarray
-    output: np.ndarray
-
-
-def capture_activations(model: Sequential, X: np.ndarray, layers=None,
-                        batch_size: int = 4096) -> dict[str, LayerActivations]:
-    """Run ``X`` through ``model`` and record each named layer's input and output.
-
-    Uses temporary forward hooks (removed afterwards, even on error) and returns
-    ``{name: LayerActivations(input, output)}`` for the layers named in ``layers`` (default:
-    all), with the batches concatenated in order.  Other hooks already on the model still run,
-    so what is recorded is what the layer really saw.
-    """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    X = _check_features(X, "X")
-    batch_size = _check_int(batch_size, "batch_size")
-    names = list(model.names) if layers is None else list(layers)
-    for name in names:
-        if name not in model.names:
-            raise ValueError(f"layers names {name!r}, which is not in the model {model.names}")
-    record: dict[str, tuple[list, list]] = {name: ([], []) for name in names}
-    handles = []
-
-    def make_hook(name):
-        def hook(module, inp, out):
-            record[name][0].append(np.array(inp, copy=True))
-            record[name][1].append(np.array(out, copy=True))
-        return hook
-
-    try:
-        for name in names:
-            handles.append(model[name].register_forward_hook(make_hook(name)))
-        for s in range(0, X.shape[0], batch_size):
-            model(X[s:s + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {
-        name: LayerActivations(np.concatenate(ins), np.concatenate(outs))
-        for name, (ins, outs) in record.items()
-    }
