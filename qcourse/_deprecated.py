@@ -12,6 +12,8 @@ import importlib
 import warnings
 from collections.abc import Callable
 
+__all__ = ["moved_names"]
+
 
 def moved_names(module_name: str, moved: dict[str, str]) -> Callable[[str], object]:
     """A module ``__getattr__`` that serves each old name of ``moved`` from its new home."""

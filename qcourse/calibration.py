@@ -48,7 +48,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "PercentileObserver",
-    "StaticDynamicReport",
+    "StaticDynamicComparison",
     "StreamingHistogram",
     "compare_static_dynamic",
     "dynamic_fake_quant_hook",
@@ -776,7 +776,7 @@ def dynamic_fake_quant_hook(*, bits: int = 8, signed: bool = True, symmetric: bo
 
 
 @dataclass(frozen=True)
-class StaticDynamicReport:
+class StaticDynamicComparison:
     """Error and run-time cost of static versus dynamic ranges (see
     :func:`compare_static_dynamic`)."""
 
@@ -793,7 +793,7 @@ class StaticDynamicReport:
 
 def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits: int = 8,
                            signed: bool = True, symmetric: bool = False,
-                           per_row: bool = False) -> StaticDynamicReport:
+                           per_row: bool = False) -> StaticDynamicComparison:
     r"""Quantize the rows of ``x`` batch by batch with a fixed range and with per-batch ranges.
 
     Static: every batch uses ``static_qparams`` (from calibration).  Dynamic: every batch gets
@@ -828,7 +828,7 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
             return math.nan
         return math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
 
-    return StaticDynamicReport(
+    return StaticDynamicComparison(
         static_mse=float(np.mean((x - static_hat) ** 2)),
         dynamic_mse=float(np.mean((x - dynamic_hat) ** 2)),
         static_sqnr_db=sqnr(static_hat),

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qcourse._deprecated import moved_names
+
 __all__ = [
     "BF16",
     "ENERGY_45NM_PJ",
@@ -39,7 +41,7 @@ __all__ = [
     "FloatFormat",
     "FloatParts",
     "bit_string",
-    "breakdown",
+    "float_parts",
     "decode",
     "double_rounding_inputs",
     "encode",
@@ -656,7 +658,7 @@ def bit_string(bits, fmt, sep: str = " ") -> str:
 
 @dataclass(frozen=True)
 class FloatParts:
-    """One bit pattern taken apart; made by :func:`breakdown`.
+    """One bit pattern taken apart; made by :func:`float_parts`.
 
     ``kind`` is one of ``"zero"``, ``"subnormal"``, ``"normal"``, ``"inf"``, ``"nan"``;
     ``unbiased_exponent`` is :math:`E - B` for normal numbers, :math:`1 - B` for zero and
@@ -703,7 +705,7 @@ class FloatParts:
         )
 
 
-def breakdown(bits, fmt) -> FloatParts:
+def float_parts(bits, fmt) -> FloatParts:
     """Take one bit pattern apart: fields, kind (zero/subnormal/normal/inf/nan) and value.
 
     This is what the chapter's bit explorer shows.  For a number rather than a pattern, pass
@@ -765,3 +767,6 @@ ENERGY_45NM_PJ = {
     "DRAM read (low)": 1300.0,
     "DRAM read (high)": 2600.0,
 }
+
+
+__getattr__ = moved_names(__name__, {"breakdown": "qcourse.floats.float_parts"})

@@ -881,15 +881,14 @@ def linear_float(x, weight, bias=None, activation="none") -> np.ndarray:
     return y
 
 
-def _float32_qparams(name: str, qp) -> QParams:
-    """The same parameters with the scale rounded to float32, as a model file stores it."""
+def _layer_qparams(name: str, qp) -> QParams:
+    """``qp`` checked for a layer (per tensor or per channel) with the scale rounded to float32,
+    as a model file stores it."""
     if not isinstance(qp, QParams):
         raise TypeError(f"{name} must be a QParams, got {type(qp).__name__}")
     if qp.group_size is not None:
         raise ValueError(f"{name} must be per tensor or per channel, not per group")
-    scale32 = qp.scale.astype(np.float32).astype(np.float64)
-    return QParams(scale=scale32, zero_point=qp.zero_point, qmin=qp.qmin, qmax=qp.qmax,
-                   axis=qp.axis)
+    return qp.with_float32_scale()
 
 
 def _tflite_real_multiplier(sx: float, sw: np.ndarray, sy: float, per_channel: bool) -> np.ndarray:
@@ -948,9 +947,9 @@ class QuantizedLinear:
 
     def __post_init__(self):
         _check_choice("activation", self.activation, ACTIVATIONS)
-        xq = _float32_qparams("input_qparams", self.input_qparams)
-        wq = _float32_qparams("weight_qparams", self.weight_qparams)
-        yq = _float32_qparams("output_qparams", self.output_qparams)
+        xq = _layer_qparams("input_qparams", self.input_qparams)
+        wq = _layer_qparams("weight_qparams", self.weight_qparams)
+        yq = _layer_qparams("output_qparams", self.output_qparams)
         for name, qp in (("input_qparams", xq), ("output_qparams", yq)):
             if qp.axis is not None:
                 raise ValueError(f"{name} must be per tensor")
@@ -1016,10 +1015,10 @@ class QuantizedLinear:
         w = np.asarray(weight, dtype=np.float64)
         if w.ndim != 2:
             raise ValueError(f"weight must be 2-D (out, in), got shape {w.shape}")
-        xq = _float32_qparams("input_qparams", input_qparams)
+        xq = _layer_qparams("input_qparams", input_qparams)
         wqp = choose_qparams(w, bits=8, signed=True, symmetric=bool(symmetric),
                              narrow_range=bool(symmetric), axis=0 if per_channel else None)
-        wqp = _float32_qparams("weight_qparams", wqp)
+        wqp = _layer_qparams("weight_qparams", wqp)
         w_q = quantize(w, wqp)
         b_q = None if bias is None else quantize_bias(bias, float(xq.scale), wqp.scale)
         return cls(w_q, b_q, xq, wqp, output_qparams, activation)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcourse import _kernels
+from qcourse._deprecated import moved_names
 from qcourse.fixed_point import max_k
 
 __all__ = [
     "INT32_MAX",
+    "INT32_MIN",
     "LADDER",
     "PackedB",
     "available_paths",
@@ -28,7 +30,6 @@ __all__ = [
     "matmul_int8_bt",
     "matmul_int8_ikj",
     "matmul_int8_naive",
-    "matmul_int8_packed",
     "matmul_int8_reference",
     "matmul_int8_requant",
     "matmul_int8_requant_reference",
@@ -226,7 +227,7 @@ def matmul_int8_u8s8(a: np.ndarray, b: np.ndarray, *, path: str | None = None) -
 
 @dataclass(frozen=True)
 class PackedB:
-    r"""B packed once for :func:`matmul_int8_packed`: keep it and reuse it for every call.
+    r"""B packed once for :func:`matmul_int8`: keep it and reuse it for every call.
 
     ``data`` holds :math:`B + 128` as uint8 in groups of 64 columns; inside a group, for each run
     of four consecutive k values, four 64-byte blocks (one AVX-512 register each: 16 columns x 4
@@ -256,7 +257,7 @@ def _scratch(m: int, n: int) -> np.ndarray:
 
 
 def prepack(b: np.ndarray) -> PackedB:
-    """Pack an int8 (K, N) matrix for :func:`matmul_int8_packed` (the weights of a layer, once)."""
+    """Pack an int8 (K, N) matrix for :func:`matmul_int8` (the weights of a layer, once)."""
     if not isinstance(b, np.ndarray):
         raise TypeError(f"b must be a numpy.ndarray of dtype int8, got {type(b).__name__}")
     _, b = _check_operands(np.zeros((1, b.shape[0] if b.ndim == 2 else 1), np.int8), b)
@@ -305,17 +306,44 @@ def _check_threads(threads) -> int:
     return int(threads)
 
 
-def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
-                       threads: int | None = None) -> np.ndarray:
-    r"""Rung 5: B packed into register-sized blocks, output computed in register tiles.
+def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
+                threads: int | None = None) -> np.ndarray:
+    r"""Exact int8 x int8 -> int32 matrix product, run by the compiled extension without the GIL.
 
-    Each micro-tile of C (6 rows x 64 columns on the VNNI path, 24 registers) stays in registers
-    for the whole k loop; per group of four k values it reads 256 bytes of packed B and issues 24
-    ``vpdpbusd``, each of which broadcasts four bytes of a row of A straight from A's memory (A
-    is not copied).  ``b`` may be a :class:`PackedB` from
-    :func:`prepack` (pack once, multiply many times).  ``path`` forces an instruction set (see
-    :func:`available_paths`); every path gives the identical exact result.  ``threads`` splits the
-    columns between OpenMP threads (default :func:`get_num_threads`).
+    .. math:: C_{ij} = \sum_{k=0}^{K-1} A_{ik} B_{kj}
+
+    Each product of two int8 values fits in 16 bits and the sum is accumulated in int32, as a
+    hardware MAC unit does.  K is limited to :func:`max_k_s8s8` (131071) so that the int32
+    accumulator can never overflow; a larger K raises ``ValueError`` rather than wrapping.
+    Non-contiguous inputs are copied to C order first.  This is rung 5 of the kernels chapter's
+    ladder, the one the other chapters call: B packed into register-sized blocks, the output
+    computed in register tiles.  Each micro-tile of C (6 rows x 64 columns on the VNNI path, 24
+    registers) stays in registers for the whole k loop; per group of four k values it reads 256
+    bytes of packed B and issues 24 ``vpdpbusd``, each of which broadcasts four bytes of a row
+    of A straight from A's memory (A is not copied).  See the kernels chapter.
+
+    Parameters
+    ----------
+    a : numpy.ndarray, int8, shape (M, K)
+    b : numpy.ndarray, int8, shape (K, N), or PackedB
+        A :class:`PackedB` from :func:`prepack` is packed once and multiplied many times.
+    path : {"portable", "avx2", "vnni512"}, optional
+        Force an instruction set (see :func:`available_paths`); default: the best this CPU
+        supports (:func:`best_path`).  Every path gives the identical exact result.
+    threads : int, optional
+        OpenMP threads over the columns; default :func:`get_num_threads`.
+
+    Returns
+    -------
+    numpy.ndarray, int32, shape (M, N)
+
+    Raises
+    ------
+    TypeError
+        if ``a`` or ``b`` is not an int8 ndarray.
+    ValueError
+        if either is not 2-D or is empty, the inner dimensions differ, K exceeds the bound, or
+        ``path`` is unknown or not supported by this CPU, or ``threads`` is not positive.
     """
     packed = b if isinstance(b, PackedB) else prepack(b)
     _check_matrix("a", a)
@@ -471,45 +499,11 @@ LADDER = {
     "loop order (i-k-j)": matmul_int8_ikj,
     "transposed B": matmul_int8_bt,
     "u8 x s8": matmul_int8_u8s8,
-    "packed, register-tiled": matmul_int8_packed,
+    "packed, register-tiled": matmul_int8,
 }
 # Rung 6, matmul_int8_requant, returns int8 rather than int32 and takes requantization
 # parameters, so it is benchmarked and tested beside the ladder rather than in it.
 """The kernels chapter's ladder, slowest first; every rung has the signature ``f(a, b)``."""
 
 
-def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
-                threads: int | None = None) -> np.ndarray:
-    r"""Exact int8 x int8 -> int32 matrix product, run by the compiled extension without the GIL.
-
-    .. math:: C_{ij} = \sum_{k=0}^{K-1} A_{ik} B_{kj}
-
-    Each product of two int8 values fits in 16 bits and the sum is accumulated in int32, as a
-    hardware MAC unit does.  K is limited to :func:`max_k_s8s8` (131071) so that the int32
-    accumulator can never overflow; a larger K raises ``ValueError`` rather than wrapping.
-    Non-contiguous inputs are copied to C order first.  Uses the fastest kernel of the ladder for
-    this CPU (:func:`best_path`); ``b`` may be pre-packed with :func:`prepack`.  See the kernels
-    chapter.
-
-    Parameters
-    ----------
-    a : numpy.ndarray, int8, shape (M, K)
-    b : numpy.ndarray, int8, shape (K, N), or PackedB
-    path : {"portable", "avx2", "vnni512"}, optional
-        Force an instruction-set path; default: the best this CPU supports.
-    threads : int, optional
-        OpenMP threads; default :func:`get_num_threads`.
-
-    Returns
-    -------
-    numpy.ndarray, int32, shape (M, N)
-
-    Raises
-    ------
-    TypeError
-        if ``a`` or ``b`` is not an int8 ndarray.
-    ValueError
-        if either is not 2-D or is empty, the inner dimensions differ, K exceeds the bound, or
-        ``path`` is unknown or not supported by this CPU, or ``threads`` is not positive.
-    """
-    return matmul_int8_packed(a, b, path=path, threads=threads)
+__getattr__ = moved_names(__name__, {"matmul_int8_packed": "qcourse.kernels.matmul_int8"})

@@ -73,7 +73,7 @@ __all__ = [
     "IntegerModel",
     "PTQModel",
     "ReferenceModel",
-    "SizeReport",
+    "ModelSize",
     "compare_fake_quant_integer",
     "convert_to_integer",
     "dynamic_ptq",
@@ -785,7 +785,7 @@ def compare_fake_quant_integer(ptq_model: PTQModel, integer_model: IntegerModel,
 
 
 @dataclass(frozen=True)
-class SizeReport:
+class ModelSize:
     """Bytes a deployed model needs, by kind (see :func:`model_size`)."""
 
     weights: int
@@ -809,7 +809,7 @@ def _packed_bytes(n_values: int, bits: int) -> int:
 
 
 def _quantized_size(codes: list[int], weight_qparams: list[QParams], biases: int,
-                    activation_ranges: int) -> SizeReport:
+                    activation_ranges: int) -> ModelSize:
     """Bytes of a quantized model: the weight codes packed at their grid's width, a float32
     scale per weight scale and per activation range, a byte per zero point (weights: only when
     they are not all 0), and 4 bytes per bias (float32 or int32)."""
@@ -817,10 +817,10 @@ def _quantized_size(codes: list[int], weight_qparams: list[QParams], biases: int
                                                                       strict=True))
     scales = sum(4 * qp.scale.size for qp in weight_qparams) + 4 * activation_ranges
     zps = sum(qp.zero_point.size for qp in weight_qparams if np.any(qp.zero_point != 0))
-    return SizeReport(int(weights), int(4 * biases), int(scales), int(zps + activation_ranges))
+    return ModelSize(int(weights), int(4 * biases), int(scales), int(zps + activation_ranges))
 
 
-def model_size(model) -> SizeReport:
+def model_size(model) -> ModelSize:
     r"""Bytes needed to store a float, PTQ or integer model, counted by kind.
 
     * float (:class:`qcourse.nn.Sequential`): every weight and bias at its dtype's size (4
@@ -841,7 +841,7 @@ def model_size(model) -> SizeReport:
         units = _units(model)
         w = sum(model[u.linear].weight.nbytes for u in units)
         b = sum(model[u.linear].bias.nbytes for u in units)
-        return SizeReport(int(w), int(b), 0, 0)
+        return ModelSize(int(w), int(b), 0, 0)
     if isinstance(model, PTQModel):
         weights = [model.weights[u.linear][1] for u in model.units]
         codes = [model.weights[u.linear][0].size for u in model.units]

@@ -635,8 +635,8 @@ def test_fields_and_bit_string_of_the_worked_example():
         (BF16, 0x0080, "normal", 2.0**-126),
     ],
 )
-def test_breakdown(fmt, bits, kind, value):
-    parts = F.breakdown(bits, fmt)
+def test_float_parts(fmt, bits, kind, value):
+    parts = F.float_parts(bits, fmt)
     assert parts.kind == kind and parts.bits == bits
     assert same_float(parts.value, value)
     assert (parts.sign, parts.exponent, parts.mantissa) == F.fields(bits, fmt)
@@ -650,7 +650,7 @@ def test_breakdown(fmt, bits, kind, value):
 
 
 def test_breakdown_formula_of_the_worked_example():
-    parts = F.breakdown(encode(3.125, FP32), FP32)
+    parts = F.float_parts(encode(3.125, FP32), FP32)
     assert parts.unbiased_exponent == 1 and parts.significand == 1.5625  # 1.1001b
     assert parts.formula == "+1.1001b x 2^(128-127) = 3.125"
 
@@ -718,8 +718,8 @@ def test_bad_name():
         (lambda: F.enumerate_format(FP32), ValueError, "at most 16 bits"),
         (lambda: F.double_rounding_inputs(FP32), ValueError, "at most 16 bits"),
         (lambda: F.bit_string(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
-        (lambda: F.breakdown(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
-        (lambda: F.breakdown(0x1FF, FP8_E4M3FN), ValueError, "out of range for e4m3fn"),
+        (lambda: F.float_parts(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
+        (lambda: F.float_parts(0x1FF, FP8_E4M3FN), ValueError, "out of range for e4m3fn"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):
