@@ -571,11 +571,14 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
 
 class _HistogramObserver(Observer):
-    """Shared machinery: a :class:`StreamingHistogram` of the values (per tensor)."""
+    """Shared machinery: a :class:`StreamingHistogram` of the values (per tensor), or of their
+    magnitudes :math:`|x|` when the class sets ``_magnitudes`` (bins from real 0 up)."""
+
+    _magnitudes = False
 
     def __init__(self, *, bins: int = 2048, bits: int = 8, signed: bool = True,
                  symmetric: bool = False, narrow_range: bool = False):
-        self.histogram = StreamingHistogram(bins)
+        self.histogram = StreamingHistogram(bins, include_zero=self._magnitudes)
         super().__init__(bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
 
@@ -585,7 +588,7 @@ class _HistogramObserver(Observer):
 
     def _observe(self, x: np.ndarray) -> None:
         super()._observe(x)
-        self.histogram.update(x)
+        self.histogram.update(np.abs(x) if self._magnitudes else x)
 
 
 class PercentileObserver(_HistogramObserver):
@@ -668,7 +671,7 @@ class MSEObserver(_HistogramObserver):
         return self._clip_to_seen(float(lo), float(hi))
 
 
-class EntropyObserver(Observer):
+class EntropyObserver(_HistogramObserver):
     r"""KL-divergence (entropy) calibration, TensorRT's procedure (Migacz 2017).
 
     Keeps a :class:`StreamingHistogram` of :math:`|x|` (``bins=2048`` as in TensorRT) and runs
@@ -686,21 +689,14 @@ class EntropyObserver(Observer):
     chapter.
     """
 
+    _magnitudes = True
+
     def __init__(self, *, bins: int = 2048, bits: int = 8, signed: bool = True,
                  symmetric: bool = False, narrow_range: bool = False,
                  flatten_zero_bin: bool = True):
         self.flatten_zero_bin = bool(flatten_zero_bin)
-        self.histogram = StreamingHistogram(bins, include_zero=True)
-        super().__init__(bits=bits, signed=signed, symmetric=symmetric,
+        super().__init__(bins=bins, bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
-
-    def reset(self) -> None:
-        super().reset()
-        self.histogram.reset()
-
-    def _observe(self, x: np.ndarray) -> None:
-        super()._observe(x)
-        self.histogram.update(np.abs(x))
 
     @property
     def levels(self) -> int:

@@ -21,61 +21,11 @@ codebook compares with the uniform grid at the same number of bits.  Every name 
 * ``explorer.py`` -- the pictures and the interactive explorer (matplotlib, ipywidgets).
 """
 
-from qcourse.affine.codebook import (
-    codebook_dequantize,
-    codebook_effective_bits,
-    codebook_quantize,
-    kmeans_codebook,
-)
-from qcourse.affine.error import (
-    ErrorBreakdown,
-    clip_sweep,
-    effective_bits,
-    error_breakdown,
-    grid_occupancy,
-    sqnr_db,
-)
-from qcourse.affine.explorer import error_explorer, explorer_qparams, plot_quantization
-from qcourse.affine.onnx import dequantize_linear, quantize_linear
-from qcourse.affine.quantizer import (
-    QParams,
-    choose_qparams,
-    dequantize,
-    fake_quantize,
-    pack_int,
-    qparams_from_range,
-    qrange,
-    quantize,
-    quantize_weight,
-    storage_dtype,
-    unpack_int,
-)
+from qcourse.affine import codebook, error, explorer, onnx, quantizer
+from qcourse.affine.codebook import *  # noqa: F403 (the names of codebook.__all__)
+from qcourse.affine.error import *  # noqa: F403 (the names of error.__all__)
+from qcourse.affine.explorer import *  # noqa: F403 (the names of explorer.__all__)
+from qcourse.affine.onnx import *  # noqa: F403 (the names of onnx.__all__)
+from qcourse.affine.quantizer import *  # noqa: F403 (the names of quantizer.__all__)
 
-__all__ = [
-    "ErrorBreakdown",
-    "QParams",
-    "choose_qparams",
-    "clip_sweep",
-    "codebook_dequantize",
-    "codebook_effective_bits",
-    "codebook_quantize",
-    "dequantize",
-    "dequantize_linear",
-    "effective_bits",
-    "error_breakdown",
-    "error_explorer",
-    "explorer_qparams",
-    "fake_quantize",
-    "grid_occupancy",
-    "kmeans_codebook",
-    "pack_int",
-    "plot_quantization",
-    "qparams_from_range",
-    "qrange",
-    "quantize",
-    "quantize_linear",
-    "quantize_weight",
-    "sqnr_db",
-    "storage_dtype",
-    "unpack_int",
-]
+__all__ = [*quantizer.__all__, *onnx.__all__, *error.__all__, *codebook.__all__, *explorer.__all__]

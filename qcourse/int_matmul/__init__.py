@@ -32,44 +32,9 @@ Nothing here wraps around silently: an int32 accumulator that would overflow rai
 ``ValueError`` unless the caller asks for ONNX's wrap-around with ``overflow="wrap"``.
 """
 
-from qcourse.int_matmul.arithmetic import (
-    float_multiplier,
-    fold_zero_points,
-    quantize_bias,
-    requantization_disagreements,
-    requantize_fixed_point,
-    requantize_float,
-    zero_point_terms,
-)
-from qcourse.int_matmul.layer import (
-    ACTIVATIONS,
-    REQUANTIZATIONS,
-    QuantizedLinear,
-    activation_range,
-    linear_float,
-)
-from qcourse.int_matmul.onnx import (
-    matmul_integer,
-    matmul_integer_reference,
-    qlinear_matmul,
-    qlinear_matmul_reference,
-)
+from qcourse.int_matmul import arithmetic, layer, onnx
+from qcourse.int_matmul.arithmetic import *  # noqa: F403 (the names of arithmetic.__all__)
+from qcourse.int_matmul.layer import *  # noqa: F403 (the names of layer.__all__)
+from qcourse.int_matmul.onnx import *  # noqa: F403 (the names of onnx.__all__)
 
-__all__ = [
-    "ACTIVATIONS",
-    "REQUANTIZATIONS",
-    "QuantizedLinear",
-    "activation_range",
-    "float_multiplier",
-    "fold_zero_points",
-    "linear_float",
-    "matmul_integer",
-    "matmul_integer_reference",
-    "qlinear_matmul",
-    "qlinear_matmul_reference",
-    "quantize_bias",
-    "requantization_disagreements",
-    "requantize_fixed_point",
-    "requantize_float",
-    "zero_point_terms",
-]
+__all__ = [*arithmetic.__all__, *onnx.__all__, *layer.__all__]

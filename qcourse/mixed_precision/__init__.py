@@ -30,71 +30,12 @@ table).
 """
 
 from qcourse._deprecated import moved_names
-from qcourse.mixed_precision.allocation import (
-    FLOAT_BITS,
-    HAWQ_RESNET50,
-    HAWQ_SOURCE,
-    Allocation,
-    HawqRow,
-    allocate_bits_exhaustive,
-    allocate_bits_greedy,
-    bops,
-    mixed_precision_shares,
-    model_size_bits,
-    pareto_front,
-    scaled_size_bops,
-    spearman,
-)
-from qcourse.mixed_precision.curvature import (
-    HutchinsonEstimate,
-    exact_hessian_trace,
-    hawq_omega,
-    hessian_matrix,
-    hutchinson_trace,
-    hvp,
-    layer_gradient,
-    layer_hessian_trace,
-    layer_loss_grad,
-)
-from qcourse.mixed_precision.sensitivity import (
-    ConfigSweep,
-    LayerSensitivity,
-    all_configurations,
-    fake_quantize_weight,
-    layer_sensitivity,
-    temporarily_quantized,
-)
+from qcourse.mixed_precision import allocation, curvature, sensitivity
+from qcourse.mixed_precision.allocation import *  # noqa: F403 (the names of allocation.__all__)
+from qcourse.mixed_precision.curvature import *  # noqa: F403 (the names of curvature.__all__)
+from qcourse.mixed_precision.sensitivity import *  # noqa: F403 (the names of sensitivity.__all__)
 
-__all__ = [
-    "FLOAT_BITS",
-    "HAWQ_RESNET50",
-    "HAWQ_SOURCE",
-    "Allocation",
-    "ConfigSweep",
-    "HawqRow",
-    "HutchinsonEstimate",
-    "LayerSensitivity",
-    "all_configurations",
-    "allocate_bits_exhaustive",
-    "allocate_bits_greedy",
-    "bops",
-    "exact_hessian_trace",
-    "fake_quantize_weight",
-    "hawq_omega",
-    "hessian_matrix",
-    "hutchinson_trace",
-    "hvp",
-    "layer_gradient",
-    "layer_hessian_trace",
-    "layer_loss_grad",
-    "layer_sensitivity",
-    "mixed_precision_shares",
-    "model_size_bits",
-    "pareto_front",
-    "scaled_size_bops",
-    "spearman",
-    "temporarily_quantized",
-]
+__all__ = [*sensitivity.__all__, *curvature.__all__, *allocation.__all__]
 
 __getattr__ = moved_names(__name__, {
     "LayerInfo": "qcourse.nn.LayerInfo",

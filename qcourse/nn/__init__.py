@@ -19,72 +19,10 @@ Everything is float32 by default; pass ``dtype=np.float64`` to build a model for
 """
 
 from qcourse._deprecated import moved_names
-from qcourse.nn.core import (
-    SGD,
-    Adam,
-    HookHandle,
-    Linear,
-    Module,
-    ReLU,
-    ReLU6,
-    Sequential,
-    make_mlp,
-    make_optimizer,
-    softmax,
-    softmax_cross_entropy,
-    train,
-    train_epoch,
-)
-from qcourse.nn.tools import (
-    Classifier,
-    Evaluation,
-    LayerActivations,
-    LayerInfo,
-    ObserverComparison,
-    accuracy,
-    calibrate,
-    capture_activations,
-    compare_observers,
-    copy_model,
-    evaluate,
-    feed_activations,
-    layer_info,
-    linear_layers,
-    predict,
-    swapped_weights,
-)
+from qcourse.nn import core, tools
+from qcourse.nn.core import *  # noqa: F403 (the names of core.__all__)
+from qcourse.nn.tools import *  # noqa: F403 (the names of tools.__all__)
 
-__all__ = [
-    "SGD",
-    "Adam",
-    "Classifier",
-    "Evaluation",
-    "HookHandle",
-    "LayerActivations",
-    "LayerInfo",
-    "Linear",
-    "Module",
-    "ObserverComparison",
-    "ReLU",
-    "ReLU6",
-    "Sequential",
-    "accuracy",
-    "calibrate",
-    "capture_activations",
-    "compare_observers",
-    "copy_model",
-    "evaluate",
-    "feed_activations",
-    "layer_info",
-    "linear_layers",
-    "make_mlp",
-    "make_optimizer",
-    "predict",
-    "softmax",
-    "softmax_cross_entropy",
-    "swapped_weights",
-    "train",
-    "train_epoch",
-]
+__all__ = [*core.__all__, *tools.__all__]
 
 __getattr__ = moved_names(__name__, {"MLP": "qcourse.nn.make_mlp"})
