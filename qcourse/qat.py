@@ -15,7 +15,7 @@ forward pass, so that the weights learn to live on the integer grid:
   either everywhere (*plain*) or only where the value was not clipped (*clipped*, the rule of
   PyTorch's ``fake_quantize_per_tensor_affine``): :func:`ste_mask`, :func:`ste_backward`;
 * with *learned step size quantization* (LSQ, Esser et al. 2020) the scale :math:`s` is a
-  trained parameter too, with the gradient :func:`lsq_step_grad` damped by the factor
+  trained parameter too, with the gradient :func:`lsq_step_size_grad` damped by the factor
   :func:`lsq_grad_scale`, starting from :func:`lsq_init_scale`; :func:`lsq_update_ratio`
   measures whether the step learns at the weights' pace.
 
@@ -65,7 +65,7 @@ __all__ = [
     "fake_quantize_torch",
     "lsq_grad_scale",
     "lsq_init_scale",
-    "lsq_step_grad",
+    "lsq_step_size_grad",
     "lsq_update_ratio",
     "prepare_qat",
     "qat_finetune",
@@ -312,7 +312,7 @@ def lsq_init_scale(x, qmax: int, axis: int | None = None):
     return float(s0) if axis is None else s0
 
 
-def lsq_step_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.ndarray:
+def lsq_step_size_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.ndarray:
     r"""LSQ's gradient of the loss with respect to the step size :math:`s` (Esser et al. 2020).
 
     With :math:`\hat x = s\,(\operatorname{clamp}(\lfloor x/s \rceil + z, q_{\min}, q_{\max})
@@ -349,11 +349,11 @@ def lsq_step_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.ndar
     qparams = _check_qparams(qparams, x.ndim)
     g = _check_positive(grad_scale, "grad_scale")
     x_hat, code = _fake_quant(x, qparams)
-    return _lsq_step_grad(grad, x, x_hat, code, qparams, g)
+    return _lsq_step_size_grad(grad, x, x_hat, code, qparams, g)
 
 
-def _lsq_step_grad(grad, x, x_hat, code, qparams: QParams, g: float) -> np.ndarray:
-    """:func:`lsq_step_grad` from the forward's ``x_hat`` and unclamped ``code``."""
+def _lsq_step_size_grad(grad, x, x_hat, code, qparams: QParams, g: float) -> np.ndarray:
+    """:func:`lsq_step_size_grad` from the forward's ``x_hat`` and unclamped ``code``."""
     scale, zp = _broadcast(x, qparams)
     inv = np.ones((), dtype=x.dtype) / scale
     inside = (x_hat - x) * inv
@@ -407,7 +407,7 @@ class FakeQuantLinear(Linear):
     -1..1), per output channel (``per_channel=True``, one scale per row of ``weight``) or per
     tensor.  Its scale is either read from the current weights (abs-max, recomputed at every
     forward, with no gradient; PyTorch's default QAT weight observer keeps a moving average of
-    the same extremes) or learned (``lsq=True``, :func:`lsq_step_grad`).  With ``act_bits``
+    the same extremes) or learned (``lsq=True``, :func:`lsq_step_size_grad`).  With ``act_bits``
     set, the *input* is fake-quantized too, on an unsigned ``act_bits``-bit grid: its range
     follows a moving average of the batches' min and max while ``training`` is True (PyTorch's
     QAT activation observer, averaging constant 0.01) and is frozen otherwise; with
@@ -420,7 +420,7 @@ class FakeQuantLinear(Linear):
     \hat x`, :math:`\partial L/\partial \hat x = g \hat W`, then the straight-through estimator
     (:func:`ste_backward`, ``ste="clipped"`` or ``"plain"``) carries :math:`\partial L/\partial
     \hat W` to the float weight and :math:`\partial L/\partial \hat x` to the input; with LSQ
-    the scales get :func:`lsq_step_grad` times :func:`lsq_grad_scale`.  The float weights are
+    the scales get :func:`lsq_step_size_grad` times :func:`lsq_grad_scale`.  The float weights are
     the "shadow" weights the optimizer updates; only their fake-quantized copy is ever used.
     See the qat chapter.
 
@@ -584,14 +584,14 @@ class FakeQuantLinear(Linear):
             self.grad_weight[...] = grad_w_hat
         if self.lsq:
             gs = self.weight_grad_scale
-            self.grad_weight_scale[...] = _lsq_step_grad(grad_w_hat, self.weight, w_hat,
+            self.grad_weight_scale[...] = _lsq_step_size_grad(grad_w_hat, self.weight, w_hat,
                                                           w_code, w_qp, gs)
         grad_x_hat = g @ w_hat
         if act_qp is None:
             return grad_x_hat
         if self.lsq:
             gs = lsq_grad_scale(self.in_features, act_qp.qmax)
-            self.grad_act_scale[...] = _lsq_step_grad(grad_x_hat, x, x_hat, act_code, act_qp,
+            self.grad_act_scale[...] = _lsq_step_size_grad(grad_x_hat, x, x_hat, act_code, act_qp,
                                                        gs)
         if self.ste == "plain":
             return grad_x_hat
@@ -870,5 +870,5 @@ def compare_ptq_qat(model: Sequential, X, y, X_test, y_test, bits=(8, 4, 2), *,
 
 __getattr__ = moved_names(__name__, {
     "fake_quant_ste_forward": "qcourse.qat.fake_quantize_torch",
-    "lsq_scale_grad": "qcourse.qat.lsq_step_grad",
+    "lsq_scale_grad": "qcourse.qat.lsq_step_size_grad",
 })

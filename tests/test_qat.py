@@ -26,7 +26,7 @@ from qcourse.qat import (
     fake_quantize_torch,
     lsq_grad_scale,
     lsq_init_scale,
-    lsq_step_grad,
+    lsq_step_size_grad,
     lsq_update_ratio,
     prepare_qat,
     qat_finetune,
@@ -229,7 +229,7 @@ def test_lsq_step_grad_matches_the_written_out_formula():
     grad = rng.standard_normal(500)
     for qmin, qmax, s in [(-7, 7, 0.2), (-1, 1, 0.6), (0, 15, 0.05), (-128, 127, 0.01)]:
         qp = _qp(s, 0, qmin, qmax)
-        got = lsq_step_grad(grad, x, qp, grad_scale=0.25)
+        got = lsq_step_size_grad(grad, x, qp, grad_scale=0.25)
         assert got.shape == ()
         assert float(got) == pytest.approx(0.25 * _lsq_reference(grad, x, qp), rel=1e-12)
 
@@ -251,7 +251,7 @@ def test_lsq_step_grad_is_the_derivative_of_the_surrogate_by_finite_differences(
             return float(np.sum(r * s * np.where(inside, x / s + c, edge)))
 
         fd = derivative(loss, s0, h=1e-7)
-        got = float(lsq_step_grad(r, x, _qp(s0, 0, qmin, qmax)))
+        got = float(lsq_step_size_grad(r, x, _qp(s0, 0, qmin, qmax)))
         assert got == pytest.approx(fd, rel=1e-6, abs=1e-6)
 
 
@@ -260,7 +260,7 @@ def test_lsq_step_grad_per_channel_sums_each_channel():
     w = rng.standard_normal((4, 6))
     g = rng.standard_normal((4, 6))
     qp = _qp([0.3, 0.5, 0.2, 1.0], 0, -7, 7, axis=0)
-    got = lsq_step_grad(g, w, qp)
+    got = lsq_step_size_grad(g, w, qp)
     assert got.shape == (4,)
     for c in range(4):
         ref = _lsq_reference(g[c], w[c], _qp(qp.scale[c], 0, -7, 7))
@@ -351,7 +351,7 @@ def test_layer_per_channel_lsq_scale_gradient_uses_each_rows_count():
     layer.backward(r)
     qp = layer.weight_qparams()
     grad_w_hat = r.T @ x
-    expected = lsq_step_grad(grad_w_hat, layer.weight, qp, grad_scale=lsq_grad_scale(6, 1))
+    expected = lsq_step_size_grad(grad_w_hat, layer.weight, qp, grad_scale=lsq_grad_scale(6, 1))
     assert layer.grad_weight_scale.shape == (4,)
     np.testing.assert_allclose(layer.grad_weight_scale, expected, rtol=1e-12)
 
@@ -658,7 +658,7 @@ def test_lsq_gradients_match_pytorch_learnable_fake_quant(bits):
         assert not ste_mask(x, qp).all(), "low bits: the case must clip"
     np.testing.assert_array_equal(fake_quantize_torch(x, qp), yt.detach().numpy())
     np.testing.assert_array_equal(ste_backward(grad, x, qp), xt.grad.numpy())
-    ours = float(lsq_step_grad(grad, x, qp, grad_scale=g))
+    ours = float(lsq_step_size_grad(grad, x, qp, grad_scale=g))
     assert ours == pytest.approx(float(st_.grad), rel=1e-4, abs=1e-6)
 
 
@@ -676,7 +676,7 @@ def test_lsq_per_channel_gradients_match_pytorch():
     qp = _qp(s.astype(np.float64), 0, -7, 7, axis=0)
     np.testing.assert_array_equal(fake_quantize_torch(w, qp), yt.detach().numpy())
     np.testing.assert_array_equal(ste_backward(grad, w, qp), wt.grad.numpy())
-    np.testing.assert_allclose(lsq_step_grad(grad, w, qp, grad_scale=g), st_.grad.numpy(),
+    np.testing.assert_allclose(lsq_step_size_grad(grad, w, qp, grad_scale=g), st_.grad.numpy(),
                                rtol=1e-4, atol=1e-6)
 
 
@@ -735,7 +735,7 @@ def test_bad_inputs_to_the_ste_functions():
     with pytest.raises(ValueError, match="must stay finite and > 0 in float32"):
         fake_quantize_torch(x, _qp(1e-60, 0, -8, 7))
     with pytest.raises(ValueError, match="grad_scale must be a positive"):
-        lsq_step_grad(x, x, qp, grad_scale=0.0)
+        lsq_step_size_grad(x, x, qp, grad_scale=0.0)
     with pytest.raises(ValueError, match="num_elements must be >= 1"):
         lsq_grad_scale(0, 7)
     with pytest.raises(TypeError, match="qmax must be an int"):
