@@ -2,7 +2,8 @@
 
 Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <->
 ``book/floats.md``); ``qcourse.nn`` is the small NumPy network the quantization chapters work on,
-``qcourse.datasets`` the data they share.  Reach a name through its module, as the chapters do:
+``qcourse.datasets`` the data they share, ``qcourse.deploy`` the export to ONNX Runtime and
+LiteRT and the check of what they compute.  Reach a name through its module, as the chapters do:
 ``qcourse.calibration.MinMaxObserver``, ``from qcourse.ptq import static_ptq``.
 
 The package itself exports the modules and the small core a reader meets in every chapter: the
@@ -22,6 +23,7 @@ from qcourse import (
     affine,
     calibration,
     datasets,
+    deploy,
     fixed_point,
     floats,
     int_matmul,
@@ -56,6 +58,7 @@ __all__ = [
     "affine",
     "calibration",
     "datasets",
+    "deploy",
     "fixed_point",
     "floats",
     "int_matmul",

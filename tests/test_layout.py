@@ -56,8 +56,8 @@ def all_module_names() -> list[str]:
         parts = path.relative_to(ROOT).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        if len(parts) > 1 and parts[1] == "data":
-            continue
+        if (len(parts) > 1 and parts[1] == "data") or parts[-1] == "__main__":
+            continue  # shipped data; ``python -m`` entry points (running them is the CLI)
         names.append(".".join(parts))
     return names
 
@@ -93,7 +93,10 @@ def test_each_module_has_its_tests(stem):
 MAX_TOP_LEVEL = 40
 
 
-@pytest.mark.parametrize("name", [n for n in all_module_names() if n != "qcourse"])
+# The grading package is the instructor's tool, not a chapter's library: its public names are
+# its package's __all__; its files (the parts of one command) are checked by test_grading.
+@pytest.mark.parametrize("name", [n for n in all_module_names()
+                                  if n != "qcourse" and not n.startswith("qcourse.grading.")])
 def test_module_declares_all(name):
     module = importlib.import_module(name)
     assert hasattr(module, "__all__"), f"{name} has no __all__"
@@ -247,9 +250,9 @@ MAX_FUNCTION_CODE_LINES = 80
 LONG_NOTE = "# long because:"
 #: Over the budget by name, each with the reason.
 EXEMPT = {
-    # The grading engineer turns grading.py into the package qcourse/grading/ (issue 13), whose
-    # files keep to the budget; until that lands the one big file is theirs, not this test's.
-    "grading.py": "being split into qcourse/grading/ (issue 13)",
+    # Issue 14 (the CNN) is moving the deploy chapter and this module onto the CNN right now; it
+    # is split along its ideas (export, runtimes' conventions, the command) once that lands.
+    "deploy.py": "being extended by issue 14; split after it lands",
 }
 
 

@@ -217,6 +217,13 @@ def _squeeze(y: np.ndarray, drop: tuple[int, ...]) -> np.ndarray:
     return y
 
 
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's ``round`` on float64 values, exactly (``floor(|v| + 0.5)`` would round
+    0.49999999999999994 up)."""
+    whole = np.trunc(v)
+    return whole + np.sign(v) * (np.abs(v - whole) >= 0.5)  # v - whole is exact
+
+
 def _as_int8(x: np.ndarray) -> tuple[np.ndarray, int]:
     """uint8 -> int8 by subtracting 128 (exact); returns the array and the shift applied."""
     if x.dtype == np.uint8:
@@ -480,7 +487,7 @@ def requantize_float(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarr
 
 def requantize_fixed_point(acc, multiplier, shift, output_zero_point, qmin, qmax, *,
                            rounding="double") -> np.ndarray:
-    r"""Requantize int32 accumulators with integers only, as TensorFlow Lite does.
+    r"""Requantize int32 accumulators with integers only, as TFLite's source does (gemmlowp).
 
     .. math::
         q_y = \operatorname{clamp}\big(\operatorname{MBQM}(v, M_0, s) + Z_y,\ q_{\min},
@@ -492,9 +499,12 @@ def requantize_fixed_point(acc, multiplier, shift, output_zero_point, qmin, qmax
     roundings (``rounding="double"``, TFLite's default build: SRDHM then a rounding divide by a
     power of two) or one (``"single"``, the ``TFLITE_SINGLE_ROUNDING`` build).  The offset, the
     clamp and their order are those of TFLite's reference integer kernels (e.g.
-    ``tensorflow/lite/kernels/internal/reference/integer_ops/fully_connected.h``: ``acc =
+    ``tensorflow/lite/kernels/internal/reference/integer_ops/conv.h``: ``acc =
     MultiplyByQuantizedMultiplier(acc, output_multiplier, output_shift); acc += output_offset;
-    acc = max(acc, output_activation_min); acc = min(acc, output_activation_max)``).
+    acc = max(acc, output_activation_min); acc = min(acc, output_activation_max)``); LiteRT's
+    reference fully-connected kernel rounds in double instead
+    (:func:`requantize_double_half_away`), its built-in kernels on ruy half up twice
+    (:func:`requantize_fixed_point_half_up`).
     ``multiplier`` and ``shift`` come from :func:`qcourse.fixed_point.quantize_multiplier`;
     per-channel arrays broadcast against ``acc``.  See the int_matmul chapter.
 

@@ -27,6 +27,7 @@ from qcourse.int_matmul.arithmetic import (
     _QTYPES,
     _as_int8,
     _check_choice,
+    _round_half_away,
     _to_int32,
     float_multiplier,
     fold_zero_points,
@@ -55,10 +56,6 @@ REQUANTIZATIONS = ("float", "tflite_double", "tflite_single")
 
 
 # --- a whole layer -------------------------------------------------------------------------------
-
-
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-    return np.sign(v) * np.floor(np.abs(v) + 0.5)
 
 
 def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int]:
@@ -173,7 +170,8 @@ class QuantizedLinear:
       on the compiled GEMM with fused requantization
       (:func:`qcourse.kernels.matmul_int8_requant`), :meth:`reference` in NumPy;
     * ``"tflite_double"`` / ``"tflite_single"``: :func:`requantize_fixed_point` with the
-      multipliers of :attr:`fixed_point_params`, TFLite's integer ``FullyConnected``.
+      multipliers of :attr:`fixed_point_params`: gemmlowp's ``MultiplyByQuantizedMultiplier``
+      in TFLite's two builds (what LiteRT's own kernels compute: the deploy chapter).
 
     Build one from float weights with :meth:`from_float`.  See the int_matmul chapter.
     """
