@@ -341,14 +341,20 @@ def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
                 "threads": threads, "m": m, "k": k, "n": n, "shape": f"{m}×{k}×{n}",
                 "size": n if m == k == n else None, "kernel": name, "seconds": seconds,
                 "gops": gops, "pct_peak": 100 * gops / peak if peak else None, "exact": exact})
-        base = shape_rows[0]["gops"]
-        best_outside = max((r["gops"] for r in shape_rows
-                            if r["kernel"].startswith(("torch", "ONNX"))), default=None)
-        for r in shape_rows:
-            r["vs_numpy_f32"] = r["gops"] / base
-            r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
-        rows += shape_rows
+        rows += _with_ratios(shape_rows)
     return rows
+
+
+def _with_ratios(shape_rows: list[Result]) -> list[Result]:
+    """One shape's rows with their speed-ups: ``vs_numpy_f32`` (the first row is NumPy float32)
+    and ``vs_best_outside`` (the fastest PyTorch or ONNX Runtime row, None without one)."""
+    base = shape_rows[0]["gops"]
+    best_outside = max((r["gops"] for r in shape_rows
+                        if r["kernel"].startswith(("torch", "ONNX"))), default=None)
+    for r in shape_rows:
+        r["vs_numpy_f32"] = r["gops"] / base
+        r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
+    return shape_rows
 
 
 def format_table(rows: list[Result]) -> str:
@@ -615,13 +621,7 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
                 "threads": threads, "shape": shape, "m": m, "kernel": name, "seconds": seconds,
                 "gops": ops / seconds / 1e9, "gbs": gbs, "weight_bytes": nbytes,
                 "pct_bw": 100 * gbs / bandwidth if bandwidth else None})
-        base = shape_rows[0]["gops"]
-        best_outside = max((r["gops"] for r in shape_rows
-                            if r["kernel"].startswith(("torch", "ONNX"))), default=None)
-        for r in shape_rows:
-            r["vs_numpy_f32"] = r["gops"] / base
-            r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
-        rows += shape_rows
+        rows += _with_ratios(shape_rows)
     return rows
 
 

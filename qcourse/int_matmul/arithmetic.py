@@ -438,6 +438,14 @@ def _check_acc(acc) -> np.ndarray:
     return a
 
 
+def _check_requantize(acc, output_zero_point, qmin, qmax) -> tuple[np.ndarray, np.ndarray, int,
+                                                                    int]:
+    """The arguments every requantization shares, checked: ``(acc, zero point, qmin, qmax)``."""
+    a = _check_acc(acc)
+    lo, hi = _check_range(qmin, qmax)
+    return a, _check_output_zero_point(output_zero_point, lo, hi), lo, hi
+
+
 def requantize_float(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarray:
     r"""Requantize int32 accumulators with a float32 multiplier (ONNX Runtime, PyTorch).
 
@@ -513,9 +521,7 @@ def requantize_fixed_point(acc, multiplier, shift, output_zero_point, qmin, qmax
     numpy.ndarray
         dtype :func:`qcourse.affine.storage_dtype` ``(qmin, qmax)``.
     """
-    a = _check_acc(acc)
-    lo, hi = _check_range(qmin, qmax)
-    zp = _check_output_zero_point(output_zero_point, lo, hi)
+    a, zp, lo, hi = _check_requantize(acc, output_zero_point, qmin, qmax)
     scaled = multiply_by_quantized_multiplier(a, multiplier, shift, rounding=rounding)
     out = np.clip(np.asarray(scaled, dtype=np.int64) + zp, lo, hi)
     return out.astype(storage_dtype(lo, hi))

@@ -18,6 +18,7 @@ from qcourse.int_matmul.arithmetic import (
     _check_acc,
     _check_output_zero_point,
     _check_range,
+    _check_requantize,
     _round_half_away,
 )
 
@@ -102,9 +103,7 @@ def requantize_fixed_point_half_up(acc, multiplier, shift, output_zero_point, qm
     numpy.ndarray
         dtype :func:`qcourse.affine.storage_dtype` ``(qmin, qmax)``.
     """
-    a = _check_acc(acc)
-    lo, hi = _check_range(qmin, qmax)
-    zp = _check_output_zero_point(output_zero_point, lo, hi)
+    a, zp, lo, hi = _check_requantize(acc, output_zero_point, qmin, qmax)
     scaled = multiply_by_quantized_multiplier_half_up(a, multiplier, shift)
     out = np.clip(np.asarray(scaled, dtype=np.int64) + zp, lo, hi)
     return out.astype(storage_dtype(lo, hi))
