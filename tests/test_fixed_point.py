@@ -767,8 +767,8 @@ def test_power_of_two_exponent():
 
 def test_m_equals_0_01_worked_example():
     m, s = quantize_multiplier(0.01)
-    assert (m, s) == (1374389535, -6)  # std::round(0.64 * 2**31); the slide's 1374389534 truncates
-    assert math.floor(0.64 * 2**31) == 1374389534
+    # std::round(0.64 * 2**31); the slide's 1374389534 is floor(0.64 * 2**31), truncated
+    assert (m, s) == (1374389535, -6)
     y = multiply_by_quantized_multiplier(1234, m, s)
     assert y == 12 == multiply_by_quantized_multiplier(1234, m, s, rounding="single")
     assert rounding_divide_by_pot(1234, 7) == 10  # Method 1: 0.01 ~ 2**-7
