@@ -87,7 +87,8 @@ def best_path():
     return qc_best_path()
 
 
-def matmul_s8s8_naive(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, ::1] out):
+def matmul_s8s8_naive(const int8_t[:, ::1] a not None, const int8_t[:, ::1] b not None,
+                      int32_t[:, ::1] out not None):
     """Rung 1: out[i, j] = sum_k a[i, k] * b[k, j], the textbook i-j-k order (b read down a column)."""
     cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = b.shape[1]
     cdef Py_ssize_t i, j, k
@@ -101,7 +102,8 @@ def matmul_s8s8_naive(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:,
                 out[i, j] = acc
 
 
-def matmul_s8s8_ikj(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, ::1] out):
+def matmul_s8s8_ikj(const int8_t[:, ::1] a not None, const int8_t[:, ::1] b not None,
+                    int32_t[:, ::1] out not None):
     """Rung 2: i-k-j order, b read along its rows; out must be zero on entry."""
     cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = b.shape[1]
     cdef Py_ssize_t i, k, j
@@ -114,7 +116,8 @@ def matmul_s8s8_ikj(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, :
                     out[i, j] += aik * b[k, j]
 
 
-def matmul_s8s8_bt(const int8_t[:, ::1] a, const int8_t[:, ::1] bt, int32_t[:, ::1] out):
+def matmul_s8s8_bt(const int8_t[:, ::1] a not None, const int8_t[:, ::1] bt not None,
+                   int32_t[:, ::1] out not None):
     """Rung 3: out[i, j] = a[i, :] . bt[j, :] with bt = b transposed, both rows contiguous."""
     cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = bt.shape[0]
     cdef Py_ssize_t i, j, k
@@ -128,25 +131,39 @@ def matmul_s8s8_bt(const int8_t[:, ::1] a, const int8_t[:, ::1] bt, int32_t[:, :
                 out[i, j] = acc
 
 
-def matmul_u8s8(int path, const uint8_t[:, ::1] au, const int8_t[:, ::1] bt,
-                const int32_t[::1] colsum, int32_t[:, ::1] out):
+def matmul_u8s8(int path, const uint8_t[:, ::1] au not None, const int8_t[:, ::1] bt not None,
+                const int32_t[::1] colsum not None, int32_t[:, ::1] out not None):
     """Rung 4: out = (a + 128) . bt^T - 128 * colsum, with au = a + 128 given as uint8."""
     cdef Py_ssize_t m = au.shape[0], kk = au.shape[1], n = bt.shape[0]
     with nogil:
         qc_u8s8(path, &au[0, 0], &bt[0, 0], &colsum[0], &out[0, 0], m, n, kk)
 
 
-def pack_b(const int8_t[:, ::1] b, uint8_t[::1] packed, int32_t[::1] colsum):
+def pack_b(const int8_t[:, ::1] b not None, uint8_t[::1] packed not None,
+           int32_t[::1] colsum not None):
     """Pack b (k x n) as b + 128 into groups of 64 columns of k-quads, and sum its columns."""
     with nogil:
         qc_pack_b(&b[0, 0], b.shape[0], b.shape[1], &packed[0], &colsum[0])
 
 
-def gemm_packed(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
-                const uint8_t[::1] packed, const int32_t[::1] colsum, int32_t[:, ::1] out,
-                int threads):
+cdef int _check_packed(const uint8_t[::1] packed, const int32_t[::1] colsum, Py_ssize_t k,
+                       Py_ssize_t n) except -1:
+    """The packed operand must cover k x n and start on a 64-byte boundary (aligned loads)."""
+    if (packed.shape[0] < qc_packed_b_size(k, n)
+            or colsum.shape[0] < qc_groups(n) * QC_NR * QC_NG):
+        raise ValueError(f"packed B holds {packed.shape[0]} bytes and {colsum.shape[0]} column "
+                         f"sums, too few for K={k}, N={n}")
+    if <size_t>&packed[0] % 64:
+        raise ValueError("packed B must start on a 64-byte boundary")
+    return 0
+
+
+def gemm_packed(int path, const int8_t[:, ::1] a not None, int32_t[::1] scratch not None,
+                const uint8_t[::1] packed not None, const int32_t[::1] colsum not None,
+                int32_t[:, ::1] out not None, int threads):
     """Rung 5: out = a . b from b packed by pack_b; returns the path that ran."""
     cdef int ran
+    _check_packed(packed, colsum, a.shape[1], out.shape[1])
     with nogil:
         ran = qc_gemm_packed(path, &a[0, 0], &scratch[0], &packed[0], &colsum[0], &out[0, 0],
                              a.shape[0], out.shape[1], a.shape[1], threads)
@@ -155,17 +172,19 @@ def gemm_packed(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
     return ran
 
 
-def gemm_packed_requant(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
-                        const uint8_t[::1] packed, const int32_t[::1] colsum,
-                        const int32_t[::1] bias, int a_zero_point, const int32_t[::1] b_zero_point,
-                        const float[::1] mult, int zero_point, int qmin, int qmax,
-                        uint8_t[:, ::1] y, int threads):
+def gemm_packed_requant(int path, const int8_t[:, ::1] a not None, int32_t[::1] scratch not None,
+                        const uint8_t[::1] packed not None, const int32_t[::1] colsum not None,
+                        const int32_t[::1] bias not None, int a_zero_point,
+                        const int32_t[::1] b_zero_point not None,
+                        const float[::1] mult not None, int zero_point, int qmin, int qmax,
+                        uint8_t[:, ::1] y not None, int threads):
     """Rung 6: the packed GEMM with requantization to 8 bits fused into the write-out.
 
     bias and b_zero_point may be empty (none, zero); mult has 1 or n entries.  Returns the path
     that ran."""
     cdef qc_requant_args args
     cdef int ran
+    _check_packed(packed, colsum, a.shape[1], y.shape[1])
     args.bias = &bias[0] if bias.shape[0] > 0 else NULL
     args.zb = &b_zero_point[0] if b_zero_point.shape[0] > 0 else NULL
     args.za = a_zero_point

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,19 +67,22 @@ def _check_matrix(name: str, x) -> None:
         raise ValueError(f"{name} must not be empty, got shape {x.shape}")
 
 
+def _check_k(k: int, name: str) -> None:
+    if k > _MAX_K:
+        raise ValueError(
+            f"{name}: K={k} is too large: an int8 x int8 sum of more than {_MAX_K} products can "
+            f"overflow the int32 accumulator ((-128)*(-128)*K > 2**31 - 1); split K into chunks "
+            f"and add the int32 partial sums in int64"
+        )
+
+
 def _check_inner(a_shape: tuple, b_shape: tuple) -> None:
     if a_shape[1] != b_shape[0]:
         raise ValueError(
             f"inner dimensions differ: a has shape {a_shape} (K={a_shape[1]}) but b has shape "
             f"{b_shape} (K={b_shape[0]}); a.shape[1] must equal b.shape[0]"
         )
-    k = a_shape[1]
-    if k > _MAX_K:
-        raise ValueError(
-            f"K={k} is too large: an int8 x int8 sum of more than {_MAX_K} products can "
-            f"overflow the int32 accumulator ((-128)*(-128)*K > 2**31 - 1); split K into chunks "
-            f"and add the int32 partial sums in int64"
-        )
+    _check_k(a_shape[1], "a")
 
 
 def _check_operands(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +226,6 @@ def matmul_int8_u8s8(a: np.ndarray, b: np.ndarray, *, path: str | None = None) -
     return out
 
 
-@dataclass(frozen=True)
 class PackedB:
     r"""B packed once for :func:`matmul_int8_packed`: keep it and reuse it for every call.
 
@@ -234,12 +235,57 @@ class PackedB:
     is the one held in a register, so B (loaded once per tile) is the one shifted to uint8.
     ``colsum`` is :math:`\sum_k B_{kj}` (padded with zeros to a multiple of 64), used to fold
     the input zero point into the requantization.
+
+    A checked, immutable value: built only by :func:`prepack` (calling ``PackedB(...)`` raises
+    ``TypeError``), its arrays read-only and ``data`` starting on a 64-byte boundary, which the
+    kernel's aligned loads need.  ``copy.copy``, ``copy.deepcopy`` and pickling store B itself
+    (:meth:`unpack`) and pack it again, so a copy, a model sent to another process or loaded
+    from a file is aligned like the original and gives the identical result.
     """
 
+    __slots__ = ("k", "n", "data", "colsum")
     k: int
     n: int
     data: np.ndarray
     colsum: np.ndarray
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PackedB is built by qcourse.kernels.prepack(b), not by calling PackedB")
+
+    @classmethod
+    def _from_packing(cls, k: int, n: int, data: np.ndarray, colsum: np.ndarray) -> PackedB:
+        data.flags.writeable = False
+        colsum.flags.writeable = False
+        obj = object.__new__(cls)
+        for name, value in (("k", k), ("n", n), ("data", data), ("colsum", colsum)):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"PackedB is immutable: cannot set {name!r}; pack a new B with "
+                             f"prepack")
+
+    __delattr__ = __setattr__
+
+    def unpack(self) -> np.ndarray:
+        """B itself, int8 of shape (K, N), read back from the packed bytes."""
+        groups = self.data.size // (self.k + 3 & ~3) // 64
+        blocks = self.data.reshape(groups, -1, 4, 16, 4)       # group, quad, panel, column, t
+        b = blocks.transpose(1, 4, 0, 2, 3).reshape(-1, groups * 64)
+        return (b[:self.k, :self.n].astype(np.int16) - 128).astype(np.int8)
+
+    def __reduce__(self):
+        return prepack, (self.unpack(),)
+
+    def __eq__(self, other):
+        if not isinstance(other, PackedB):
+            return NotImplemented
+        return (self.k, self.n) == (other.k, other.n) and np.array_equal(self.data, other.data)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"PackedB(k={self.k}, n={self.n}, {self.data.size} bytes)"
 
 
 def _aligned_empty(size: int, dtype, alignment: int = 64) -> np.ndarray:
@@ -256,15 +302,26 @@ def _scratch(m: int, n: int) -> np.ndarray:
 
 
 def prepack(b: np.ndarray) -> PackedB:
-    """Pack an int8 (K, N) matrix for :func:`matmul_int8_packed` (the weights of a layer, once)."""
-    if not isinstance(b, np.ndarray):
-        raise TypeError(f"b must be a numpy.ndarray of dtype int8, got {type(b).__name__}")
-    _, b = _check_operands(np.zeros((1, b.shape[0] if b.ndim == 2 else 1), np.int8), b)
+    """Pack an int8 (K, N) matrix for :func:`matmul_int8_packed` (the weights of a layer, once).
+
+    The only way to build a :class:`PackedB`.  Same checks on ``b`` as :func:`matmul_int8`:
+    an int8 ndarray, 2-D, not empty, K at most :func:`max_k_s8s8`.
+    """
+    _check_matrix("b", b)
+    _check_k(b.shape[0], "b")
     k, n = b.shape
     data = _aligned_empty(_kernels.packed_b_size(k, n), np.uint8)
     colsum = np.empty(_kernels.padded_columns(n), dtype=np.int32)
     _kernels.pack_b(np.ascontiguousarray(b), data, colsum)
-    return PackedB(k=k, n=n, data=data, colsum=colsum)
+    return PackedB._from_packing(k, n, data, colsum)
+
+
+def _packed_operand(b) -> PackedB:
+    """``b`` as the kernel receives it: a PackedB from :func:`prepack`, or an int8 matrix packed
+    now.  The compiled function checks the packed sizes against K and N and the alignment."""
+    if isinstance(b, PackedB):
+        return b
+    return prepack(b)
 
 
 _threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -317,8 +374,8 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     :func:`available_paths`); every path gives the identical exact result.  ``threads`` splits the
     columns between OpenMP threads (default :func:`get_num_threads`).
     """
-    packed = b if isinstance(b, PackedB) else prepack(b)
     _check_matrix("a", a)
+    packed = _packed_operand(b)
     _check_inner(a.shape, (packed.k, packed.n))
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
@@ -430,8 +487,8 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
     a_zero_point : int in [-128, 127];  b_zero_point : int or int array (N,) in [-128, 127]
     out_dtype : numpy.int8 or numpy.uint8
     """
-    packed = b if isinstance(b, PackedB) else prepack(b)
     _check_matrix("a", a)
+    packed = _packed_operand(b)
     _check_inner(a.shape, (packed.k, packed.n))
     a = np.ascontiguousarray(a)
     code = _path_code(path)

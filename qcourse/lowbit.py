@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import MAX_ELEMENTS, describe, is_int
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -38,7 +39,7 @@ from qcourse.affine import (
     unpack_int,
 )
 from qcourse.floats import FP8_E4M3FN, FP8_E5M2, FloatFormat, decode, encode
-from qcourse.kernels import matmul_int8
+from qcourse.kernels import matmul_int8, max_k_s8s8
 from qcourse.nn import Linear, Sequential
 
 __all__ = [
@@ -99,7 +100,7 @@ def _check_format(fmt) -> FloatFormat:
 # --------------------------------------------------------------------------- int4 weights
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Int4Weight:
     r"""A weight matrix in int4 with one scale per group: :math:`\hat W_{nk} = s_{n,\lfloor k/g
     \rfloor}\, q_{nk}`.
@@ -123,6 +124,9 @@ class Int4Weight:
     scale: np.ndarray
     shape: tuple[int, int]
     group_size: int
+
+    def __post_init__(self):
+        _check_int4(self, "Int4Weight")
 
     @property
     def qparams(self) -> QParams:
@@ -210,16 +214,50 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
     if np.any(stored == 0):
         raise ValueError(f"weight has a group whose max|W|/7 underflows to 0 in {sdt}; "
                          f"use scale_dtype=np.float32 or rescale the weights")
-    w4 = Int4Weight(packed=np.empty(0, np.uint8), scale=stored, shape=w.shape, group_size=g)
-    q = quantize(w, w4.qparams)
-    object.__setattr__(w4, "packed", pack_int(q, 4, signed=True))
-    return w4
+    q = quantize(w, QParams(scale=stored.astype(np.float64), zero_point=0, qmin=_INT4_QMIN,
+                            qmax=_INT4_QMAX, axis=1, group_size=g))
+    return Int4Weight(packed=pack_int(q, 4, signed=True), scale=stored, shape=w.shape,
+                      group_size=g)
 
 
-def _check_int4(w4) -> Int4Weight:
+def _check_int4(w4, name: str = "w4") -> Int4Weight:
+    """``w4`` as the int4 kernels may trust it, or a TypeError/ValueError naming ``name``.
+
+    The one check of an :class:`Int4Weight`, run when one is built and again by every function
+    that computes with one (an unpickled or hand-built object does not pass through the
+    constructor): ``shape`` two positive ints with K at most the int8 GEMM's bound,
+    ``group_size`` in [1, K], ``packed`` uint8 holding exactly ceil(N K / 2) bytes, ``scale``
+    float16 or float32 of shape (N, ceil(K / group_size)), finite and > 0.
+    """
     if not isinstance(w4, Int4Weight):
-        raise TypeError(f"w4 must be an Int4Weight (from quantize_int4_groupwise), got "
+        raise TypeError(f"{name} must be an Int4Weight (from quantize_int4_groupwise), got "
                         f"{type(w4).__name__}")
+    shape = w4.shape
+    if (not isinstance(shape, tuple) or len(shape) != 2
+            or not all(is_int(d) and 1 <= d for d in shape)
+            or shape[0] * shape[1] > MAX_ELEMENTS):
+        raise ValueError(f"{name}.shape must be two ints (N, K) >= 1 with N K <= "
+                         f"{MAX_ELEMENTS}, got {describe(shape)}")
+    n, k = (int(d) for d in shape)
+    if k > max_k_s8s8():
+        raise ValueError(f"{name}.shape has K={k}, more than the int8 GEMM's bound "
+                         f"{max_k_s8s8()}")
+    g = w4.group_size
+    if not (is_int(g) and 1 <= g <= k):
+        raise ValueError(f"{name}.group_size must be an int in [1, K={k}], got {g!r}")
+    packed = w4.packed
+    if (not isinstance(packed, np.ndarray) or packed.dtype != np.uint8
+            or packed.shape != ((n * k + 1) // 2,)):
+        raise ValueError(f"{name}.packed must be a uint8 array of {(n * k + 1) // 2} bytes (two "
+                         f"int4 codes a byte), got {describe(packed)}")
+    scale = w4.scale
+    groups = -(-k // int(g))
+    if not isinstance(scale, np.ndarray) or scale.dtype not in _SCALE_DTYPES or (
+            scale.shape != (n, groups)):
+        raise ValueError(f"{name}.scale must be a float16 or float32 array of shape "
+                         f"({n}, {groups}), got {describe(scale)}")
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ValueError(f"{name}.scale must be finite and > 0")
     return w4
 
 

@@ -204,7 +204,7 @@ def Z(shape, dtype=np.int8):
         (Z((2, 3)), Z((1, 3, 2)), ValueError, r"b must be 2-D.*3-D"),
         (Z((2, 3)), Z((4, 2)), ValueError, r"inner dimensions differ"),
         (Z((0, 3)), Z((3, 2)), ValueError, r"a must not be empty"),
-        (Z((2, 0)), Z((0, 2)), ValueError, r"a must not be empty"),
+        (Z((2, 0)), Z((0, 2)), ValueError, r"[ab] must not be empty"),  # prepack(b) checks b
     ],
 )
 def test_bad_inputs_get_clear_errors(a, b, exc, pattern):
@@ -435,3 +435,121 @@ def test_an_unknown_simulated_path_is_refused():
     assert proc.returncode != 0
     assert "QCOURSE_MAX_PATH must be one of ['portable', 'avx2', 'vnni512'], got 'sse9'" in (
         proc.stderr)
+
+
+# --- Objects holding packed data survive copy, deepcopy and pickle on every path ----------------
+
+# Run in a child process: before PackedB re-packed itself on copy, an unaligned copy crashed the
+# interpreter (aligned AVX-512 loads), which would kill the test run instead of failing a test.
+_ROUND_TRIP_CHILD = r'''
+import copy, io, pickle
+import numpy as np
+from qcourse import nn
+from qcourse.kernels import (available_paths, matmul_int8, matmul_int8_requant, prepack)
+from qcourse.lowbit import int4_linear_int8, quantize_int4_groupwise
+from qcourse.ptq import convert_to_integer, dynamic_ptq, static_ptq
+
+def round_trips(obj):
+    yield "copy", copy.copy(obj)
+    yield "deepcopy", copy.deepcopy(obj)
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        yield f"pickle{protocol}", pickle.loads(pickle.dumps(obj, protocol))
+    f = io.BytesIO()
+    np.save(f, np.array([obj], dtype=object), allow_pickle=True)   # a saved model file
+    f.seek(0)
+    yield "np.save", np.load(f, allow_pickle=True)[0]
+
+rng = np.random.default_rng(0)
+checked = 0
+for k, n in ((512, 512), (1, 1), (5, 70), (259, 129), (1027, 3)):
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    a = rng.integers(-128, 128, (7, k), dtype=np.int8)
+    packed = prepack(b)
+    assert np.array_equal(packed.unpack(), b)
+    mult = rng.uniform(1e-4, 1e-3, n)
+    want = matmul_int8(a, packed)
+    want_q = matmul_int8_requant(a, packed, mult, 3, a_zero_point=-5)
+    for _ in range(20 if k == 512 else 1):           # 20 fresh copies: addresses vary
+        for how, copied in round_trips(packed):
+            assert copied == packed and copied.data.ctypes.data % 64 == 0, how
+            for path in available_paths():
+                assert np.array_equal(matmul_int8(a, copied, path=path), want), (how, path)
+                got = matmul_int8_requant(a, copied, mult, 3, a_zero_point=-5, path=path)
+                assert np.array_equal(got, want_q), (how, path)
+                checked += 1
+
+model = nn.MLP((20, 16, 5), seed=1)
+X = rng.normal(0, 1, (9, 20)).astype(np.float32)
+models = [convert_to_integer(static_ptq(model, X), requantization=r)
+          for r in ("float", "tflite_double", "tflite_single")]
+models.append(convert_to_integer(dynamic_ptq(model)))
+for m in models:
+    want = m(X)
+    for how, copied in round_trips(m):
+        assert np.array_equal(copied(X), want), (type(m).__name__, how)
+        checked += 1
+
+w4 = quantize_int4_groupwise(rng.normal(0, 1, (6, 40)), 16)
+x40 = rng.normal(0, 1, (3, 40))
+want = int4_linear_int8(x40, w4)
+for how, copied in round_trips(w4):
+    assert np.array_equal(int4_linear_int8(x40, copied), want), ("Int4Weight", how)
+    checked += 1
+print("round trips checked:", checked, "default path:", available_paths()[-1])
+'''
+
+
+@pytest.mark.parametrize("max_path", [None, "avx2", "portable"])
+def test_packed_objects_survive_copy_and_pickle_on_every_path(max_path):
+    if os.environ.get("QCOURSE_MAX_PATH"):
+        pytest.skip("run once, from the unsimulated suite: it sets QCOURSE_MAX_PATH itself")
+    if max_path is not None and max_path not in available_paths():
+        pytest.skip(f"this CPU has no {max_path} path to cap at")
+    env = {key: value for key, value in os.environ.items() if key != "QCOURSE_MAX_PATH"}
+    if max_path is not None:
+        env["QCOURSE_MAX_PATH"] = max_path
+    proc = subprocess.run([sys.executable, "-c", _ROUND_TRIP_CHILD], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (f"child exited with {proc.returncode} (negative: killed by "
+                                  f"that signal)\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    assert f"default path: {max_path or best_path()}" in proc.stdout
+
+
+def test_packed_b_is_built_only_by_prepack_and_is_immutable():
+    b = np.arange(12, dtype=np.int8).reshape(3, 4)
+    packed = prepack(b)
+    with pytest.raises(TypeError, match=r"built by qcourse\.kernels\.prepack"):
+        kernels.PackedB(3, 4, packed.data, packed.colsum)
+    with pytest.raises(AttributeError, match="immutable"):
+        packed.n = 4096
+    with pytest.raises(ValueError, match="read-only"):
+        packed.data[0] = 1
+    np.testing.assert_array_equal(packed.unpack(), b)
+    assert repr(packed) == "PackedB(k=3, n=4, 256 bytes)"
+
+
+def test_the_compiled_boundary_checks_the_packed_operand():
+    # The loops themselves refuse None, a packed buffer too short for K x N, and an unaligned one,
+    # whatever the Python wrapper passes (before, each of these crashed or read past the buffer).
+    b = np.ones((8, 4), np.int8)
+    packed = prepack(b)
+    a = np.ones((2, 8), np.int8)
+    out = np.empty((2, 4), np.int32)
+    scratch = kernels._scratch(2, 4)
+    code = kernels._PATHS[best_path()]
+    with pytest.raises(TypeError, match="must not be None"):
+        _kernels.gemm_packed(code, a, scratch, None, packed.colsum, out, 1)
+    with pytest.raises(ValueError, match=r"too few for K=8, N=4096"):
+        _kernels.gemm_packed(code, a, kernels._scratch(2, 4096), packed.data, packed.colsum,
+                             np.empty((2, 4096), np.int32), 1)
+    unaligned = kernels._aligned_empty(packed.data.size + 1, np.uint8)[1:]
+    unaligned[:] = packed.data
+    with pytest.raises(ValueError, match="64-byte boundary"):
+        _kernels.gemm_packed(code, a, scratch, unaligned, packed.colsum, out, 1)
+    with pytest.raises(ValueError, match="64-byte boundary"):
+        _kernels.gemm_packed_requant(code, a, scratch, unaligned, packed.colsum,
+                                     kernels._NO_INT32, 0, kernels._NO_INT32,
+                                     np.ones(1, np.float32), 0, -128, 127,
+                                     np.empty((2, 4), np.uint8), 1)
+    _kernels.gemm_packed(code, a, scratch, packed.data, packed.colsum, out, 1)
+    np.testing.assert_array_equal(out, np.full((2, 4), 8))

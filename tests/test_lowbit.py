@@ -7,6 +7,7 @@ accounting, and ml_dtypes for the fp8 round trip (bit for bit, where installed).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -254,6 +255,34 @@ def test_layer_rejects_bad_input():
         lb.int4_group_accumulators(x, w4)
     with pytest.raises(ValueError, match="x_q must have shape"):
         lb.int4_group_accumulators_reference(np.zeros((2, 9), np.int8), w4)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("scale", lambda s: np.full_like(s, np.nan), "w4.scale must be finite and > 0"),
+    ("scale", lambda s: np.zeros_like(s), "w4.scale must be finite and > 0"),
+    ("scale", lambda s: -s, "w4.scale must be finite and > 0"),
+    ("scale", lambda s: s[:, :1], r"w4.scale must be a float16 or float32 array of shape"),
+    ("scale", lambda s: s.astype(np.float64), r"w4.scale must be a float16 or float32"),
+    ("packed", lambda p: p[:-1], r"w4.packed must be a uint8 array of 12 bytes"),
+    ("packed", lambda p: None, r"w4.packed must be a uint8 array"),
+    ("packed", lambda p: p.astype(np.int8), r"w4.packed must be a uint8 array"),
+    ("shape", lambda s: (3, 9), r"w4.scale must be .* shape \(3, 3\)|w4.packed"),
+    ("shape", lambda s: (3, 2**40), r"w4.shape must be two ints"),
+    ("shape", lambda s: (3.0, 8), r"w4.shape must be two ints"),
+    ("group_size", lambda g: 9, r"w4.group_size must be an int in \[1, K=8\]"),
+    ("group_size", lambda g: 0, r"w4.group_size must be an int in \[1, K=8\]"),
+])
+def test_an_int4_weight_is_checked_where_it_is_used(field, value, match):
+    # An Int4Weight built by hand, or unpickled (which skips the constructor), is checked again
+    # by every function that computes with it: a bad scale or buffer never gives a wrong answer.
+    x, w4 = _layer(10, 2, 3, 8, 4)
+    forged = copy.copy(w4)
+    object.__setattr__(forged, field, value(getattr(w4, field)))
+    for f in (lb.int4_linear_int8, lb.int4_linear_reference):
+        with pytest.raises((TypeError, ValueError), match=match):
+            f(x, forged)
+    with pytest.raises((TypeError, ValueError), match=match.replace("w4.", "Int4Weight.")):
+        lb.Int4Weight(forged.packed, forged.scale, forged.shape, forged.group_size)
 
 
 def test_weight_only_model_copies_and_quantizes():
