@@ -154,7 +154,7 @@ def _given(value, arr: np.ndarray) -> str:
 
 
 def _dtype_text(kinds: str) -> str:
-    return {"f": "float", "iu": "integer", "fiu": "real (float or integer)"}.get(kinds, kinds)
+    return {"f": "floating-point numbers", "iu": "integers"}.get(kinds, "real numbers")
 
 
 def check_finite(arr: np.ndarray, name: str) -> np.ndarray:
@@ -180,7 +180,7 @@ def real_array(value, name: str, *, kinds: str = _REAL_KINDS, dtype=np.float64,
     """
     arr = as_array(value, name)
     if arr.dtype.kind not in kinds:
-        raise TypeError(f"{name} must hold {_dtype_text(kinds)} numbers, got "
+        raise TypeError(f"{name} must hold {_dtype_text(kinds)}, got "
                         f"{_given(value, arr)}{_dtype_note(arr)}")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
@@ -223,7 +223,7 @@ def int_array(value, name: str, lo: int, hi: int, *, what: str | None = None,
     names ``what`` the range is (e.g. ``"int32"``).  A Python int of any size is compared
     exactly, never wrapped.
     """
-    what = f"{what} (in [{lo}, {hi}])" if what else f"in [{lo}, {hi}]"
+    what = f"in [{lo}, {hi}] ({what})" if what else f"in [{lo}, {hi}]"
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be integers {what}, got {describe(value)}")
     if is_int(value):

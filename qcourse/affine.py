@@ -24,6 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import (
+    check_axis,
+    check_bool,
+    check_int,
+    onnx_scale,
+    real_array,
+)
+
 __all__ = [
     "ErrorBreakdown",
     "QParams",
@@ -56,60 +64,6 @@ MIN_BITS = 2
 MAX_BITS = 16
 
 
-# --- small validators ------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_bits(bits) -> int:
-    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
-    if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {int(bits)}")
-    return int(bits)
-
-
-def _real_array(x, name: str, *, finite: bool = True, nonempty: bool = False) -> np.ndarray:
-    """``x`` as a float64 array; reject non-numbers, NaN/Inf (if ``finite``) and empty input."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(
-            f"{name} must hold real numbers (a float or integer array), got dtype {arr.dtype}"
-        )
-    arr = arr.astype(np.float64, copy=False)
-    if nonempty and arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if finite and not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.isfinite(arr.ravel()))
-        raise ValueError(
-            f"{name} must be finite: {bad.size} NaN/Inf value(s), the first at flat index "
-            f"{bad[0]} ({arr.ravel()[bad[0]]})"
-        )
-    return arr
-
-
-def _normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}={axis} is out of range for a {ndim}-D tensor "
-                         f"(expected {-ndim} <= {name} < {ndim})")
-    return axis % ndim
-
-
 # --- integer ranges ----------------------------------------------------------------------------
 
 
@@ -138,9 +92,9 @@ def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, in
     (int, int)
         ``(qmin, qmax)``.
     """
-    bits = _check_bits(bits)
-    signed = _check_bool(signed, "signed")
-    narrow_range = _check_bool(narrow_range, "narrow_range")
+    bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+    signed = check_bool(signed, "signed")
+    narrow_range = check_bool(narrow_range, "narrow_range")
     if signed:
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     else:
@@ -157,8 +111,8 @@ def storage_dtype(qmin: int, qmax: int) -> np.dtype:
     otherwise (int8 for ``[-128, 127]`` or ``[-8, 7]``).  Sub-byte grids (int4, int2) are held
     one value per byte; :func:`pack_int` stores them densely.  See the affine chapter.
     """
-    qmin = _check_int(qmin, "qmin")
-    qmax = _check_int(qmax, "qmax")
+    qmin = check_int(qmin, "qmin")
+    qmax = check_int(qmax, "qmax")
     candidates = (np.uint8, np.uint16, np.uint32, np.uint64) if qmin >= 0 else (
         np.int8, np.int16, np.int32, np.int64)
     for dt in candidates:
@@ -215,13 +169,13 @@ class QParams:
     group_size: int | None = None
 
     def __post_init__(self):
-        qmin = _check_int(self.qmin, "qmin", minimum=-(2**31))
-        qmax = _check_int(self.qmax, "qmax", maximum=2**32 - 1)
+        qmin = check_int(self.qmin, "qmin", -(2**31))
+        qmax = check_int(self.qmax, "qmax", hi=2**32 - 1)
         if qmin >= qmax:
             raise ValueError(f"qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
-        axis = self.axis if self.axis is None else _check_int(self.axis, "axis")
+        axis = self.axis if self.axis is None else check_int(self.axis, "axis")
         group_size = (self.group_size if self.group_size is None
-                      else _check_int(self.group_size, "group_size", minimum=1))
+                      else check_int(self.group_size, "group_size", 1))
 
         raw_scale = np.asarray(self.scale)
         if raw_scale.dtype.kind not in "fiu":
@@ -328,7 +282,7 @@ def _broadcast_params(qparams: QParams, shape: tuple[int, ...]) -> tuple[np.ndar
     ndim = len(shape)
     if ndim == 0:
         raise ValueError(f"{qparams.granularity} parameters need a tensor with at least one axis")
-    ax = _normalize_axis(qparams.axis, ndim)
+    ax = check_axis(qparams.axis, "axis", ndim)
     if qparams.group_size is None:
         if shape[ax] != scale.size:
             raise ValueError(
@@ -404,9 +358,9 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
     QParams
     """
     qmin, qmax = qrange(bits, signed, narrow_range)
-    symmetric = _check_bool(symmetric, "symmetric")
-    lo = _real_array(rmin, "rmin")
-    hi = _real_array(rmax, "rmax")
+    symmetric = check_bool(symmetric, "symmetric")
+    lo = real_array(rmin, "rmin", nonempty=False)
+    hi = real_array(rmax, "rmax", nonempty=False)
     if lo.shape != hi.shape:
         raise ValueError(f"rmin and rmax must have the same shape, got {lo.shape} and {hi.shape}")
     if axis is None:
@@ -418,7 +372,7 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
                 f"axis= for per-channel ranges"
             )
     else:
-        _check_int(axis, "axis")
+        check_int(axis, "axis")
         if group_size is None and lo.ndim != 1:
             raise ValueError(f"per-channel ranges (axis={axis}) must be 1-D, got shape {lo.shape}")
         if lo.size == 0:
@@ -490,21 +444,21 @@ def choose_qparams(x, *, bits=8, signed=True, symmetric=False, narrow_range=Fals
     -------
     QParams
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     if axis is None:
         if group_size is not None:
             raise ValueError("group_size needs an axis: groups are formed along axis")
         rmin, rmax = x.min(), x.max()
     else:
-        _check_int(axis, "axis")
+        check_int(axis, "axis")
         if x.ndim == 0:
             raise ValueError("per-channel or per-group parameters need x with at least one axis")
-        ax = _normalize_axis(axis, x.ndim)
+        ax = check_axis(axis, "axis", x.ndim)
         if group_size is None:
             others = tuple(i for i in range(x.ndim) if i != ax)
             rmin, rmax = x.min(axis=others), x.max(axis=others)
         else:
-            group_size = _check_int(group_size, "group_size", minimum=1)
+            group_size = check_int(group_size, "group_size", 1)
             rmin, rmax = _group_minmax(x, ax, group_size)
     return qparams_from_range(rmin, rmax, bits=bits, signed=signed, symmetric=symmetric,
                               narrow_range=narrow_range, axis=axis, group_size=group_size)
@@ -538,7 +492,7 @@ def quantize(x, qparams: QParams) -> np.ndarray:
     """
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
-    x = _real_array(x, "x")
+    x = real_array(x, "x", nonempty=False)
     scale, zp = _broadcast_params(qparams, x.shape)
     with np.errstate(over="ignore"):
         t = np.rint(x / scale)
@@ -644,31 +598,10 @@ def _onnx_type_name(output_dtype) -> str | None:
     )
 
 
-def _onnx_scale(scale, name: str) -> np.ndarray:
-    if isinstance(scale, (float, int)) or not hasattr(scale, "dtype"):
-        raise TypeError(
-            f"{name} must be a float32 NumPy array or np.float32 scalar (the operator's tensor "
-            f"type), got {type(scale).__name__}; use np.float32(...)"
-        )
-    arr = np.asarray(scale)
-    if arr.dtype != np.float32:
-        raise TypeError(f"{name} must have dtype float32, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    bad = ~(np.isfinite(arr) & (arr > 0))
-    if np.any(bad):
-        i = int(np.flatnonzero(bad.ravel())[0])
-        raise ValueError(
-            f"{name} must be finite and > 0, got {arr.ravel()[i]} at flat index {i} "
-            f"(the operator leaves other scales undefined)"
-        )
-    return arr
-
-
 def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
     """Return a function that expands a scale-shaped array to broadcast against ``x``."""
-    axis = _check_int(axis, "axis")
-    block_size = _check_int(block_size, "block_size", minimum=0)
+    axis = check_int(axis, "axis")
+    block_size = check_int(block_size, "block_size", 0)
     ndim = len(x_shape)
     if block_size == 0:
         if scale.ndim == 0 or (scale.ndim == 1 and scale.size == 1):
@@ -680,7 +613,7 @@ def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
             )
         if ndim == 0:
             raise ValueError(f"a 1-D {name} (per-axis) needs x with at least one axis")
-        ax = _normalize_axis(axis, ndim)
+        ax = check_axis(axis, "axis", ndim)
         if scale.size != x_shape[ax]:
             raise ValueError(
                 f"per-axis {name} has {scale.size} entries but x has {x_shape[ax]} along "
@@ -694,7 +627,7 @@ def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
             f"blocked quantization (block_size={block_size}) needs {name} with the rank of x "
             f"({ndim}), got shape {scale.shape}"
         )
-    ax = _normalize_axis(axis, ndim)
+    ax = check_axis(axis, "axis", ndim)
     expected = list(x_shape)
     expected[ax] = -(-x_shape[ax] // block_size)
     if tuple(scale.shape) != tuple(expected):
@@ -751,8 +684,8 @@ def quantize_linear(x, y_scale, y_zero_point=None, *, axis=1, saturate=True, blo
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
         raise TypeError(f"x must be a float32 numpy.ndarray (the operator's input), got {got}")
-    _check_bool(saturate, "saturate")
-    scale = _onnx_scale(y_scale, "y_scale")
+    check_bool(saturate, "saturate")
+    scale = onnx_scale(y_scale, "y_scale")
     name = _onnx_type_name(output_dtype)
     if y_zero_point is not None:
         zp = np.asarray(y_zero_point)
@@ -814,7 +747,7 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0) ->
     if not isinstance(x, np.ndarray) or x.dtype.name not in allowed:
         got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
         raise TypeError(f"x must be a numpy.ndarray of dtype {', '.join(allowed)}, got {got}")
-    scale = _onnx_scale(x_scale, "x_scale")
+    scale = onnx_scale(x_scale, "x_scale")
     expand = _onnx_layout(x.shape, scale, axis, block_size, "x_scale")
     if x_zero_point is None:
         z = np.int64(0)
@@ -837,7 +770,7 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0) ->
 
 
 def _check_pack_bits(bits) -> int:
-    bits = _check_int(bits, "bits")
+    bits = check_int(bits, "bits")
     if bits not in (2, 4):
         raise ValueError(f"bits must be 2 or 4 (values packed per byte: 4 or 2), got {bits}")
     return bits
@@ -874,7 +807,7 @@ def pack_int(q, bits: int, *, signed: bool | None = None) -> np.ndarray:
     if signed is None:
         lo, hi = -(2 ** (bits - 1)), 2**bits - 1
     else:
-        lo, hi = qrange(bits, _check_bool(signed, "signed"))
+        lo, hi = qrange(bits, check_bool(signed, "signed"))
     flat = arr.ravel().astype(np.int64)
     outside = (flat < lo) | (flat > hi)
     if np.any(outside):
@@ -914,8 +847,8 @@ def unpack_int(packed, bits: int, count: int, signed: bool) -> np.ndarray:
     numpy.ndarray, shape ``(count,)``, int8 (signed) or uint8 (unsigned)
     """
     bits = _check_pack_bits(bits)
-    signed = _check_bool(signed, "signed")
-    count = _check_int(count, "count", minimum=0)
+    signed = check_bool(signed, "signed")
+    count = check_int(count, "count", 0)
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
         got = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
         raise TypeError(f"packed must be a uint8 numpy.ndarray, got {got}")
@@ -949,8 +882,8 @@ def sqnr_db(x, x_hat) -> float:
     \approx 6.02` dB.  Returns ``inf`` when ``x_hat == x`` exactly; an all-zero ``x`` has no
     signal and raises ``ValueError``.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
-    x_hat = _real_array(x_hat, "x_hat", nonempty=True)
+    x = real_array(x, "x")
+    x_hat = real_array(x_hat, "x_hat")
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {x.shape} and {x_hat.shape}")
     signal = float(np.sum(x * x))
@@ -1002,7 +935,7 @@ def error_breakdown(x, qparams: QParams) -> ErrorBreakdown:
     squared errors add up to the total.  Rounding error is bounded by ``scale / 2`` per value;
     clipping error is not bounded at all.  Computed in float64.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     scale, zp = _broadcast_params(qparams, x.shape)
     lo, hi = scale * (qparams.qmin - zp), scale * (qparams.qmax - zp)
     x_hat = scale * (quantize(x, qparams).astype(np.int64) - zp)
@@ -1041,8 +974,8 @@ def clip_sweep(x, clip_ratios, *, bits=8, signed=True, symmetric=True) -> dict[s
         ``"clip_ratio"``, ``"scale"``, ``"rounding_mse"``, ``"clipping_mse"``, ``"total_mse"``,
         ``"sqnr_db"``, ``"clipped_fraction"``: one float64 array entry per ratio.
     """
-    x = _real_array(x, "x", nonempty=True)
-    ratios = _real_array(clip_ratios, "clip_ratios", nonempty=True)
+    x = real_array(x, "x")
+    ratios = real_array(clip_ratios, "clip_ratios")
     if ratios.ndim != 1 or np.any(ratios <= 0) or np.any(ratios > 1):
         raise ValueError("clip_ratios must be a 1-D sequence of numbers in (0, 1]")
     keys = ("scale", "rounding_mse", "clipping_mse", "total_mse", "sqnr_db", "clipped_fraction")
@@ -1067,13 +1000,13 @@ def grid_occupancy(x, qparams: QParams):
     the bits is wasted.  Per-tensor parameters give a float; per-channel ones an array with one
     entry per channel.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     q = quantize(x, qparams).astype(np.int64)
     if qparams.group_size is not None:
         raise ValueError("grid_occupancy supports per-tensor and per-channel parameters")
     if qparams.axis is None:
         return float(q.max() - q.min() + 1) / qparams.levels
-    ax = _normalize_axis(qparams.axis, q.ndim)
+    ax = check_axis(qparams.axis, "axis", q.ndim)
     others = tuple(i for i in range(q.ndim) if i != ax)
     return (q.max(axis=others) - q.min(axis=others) + 1) / qparams.levels
 
@@ -1091,21 +1024,21 @@ def effective_bits(bits, shape, *, axis=None, group_size=None, scale_bits=16,
     zero point).  Per-group int4 with groups of 32 costs :math:`4 + 32/32 = 5` bits per value.
     See the affine chapter.
     """
-    bits = _check_int(bits, "bits", minimum=1)
-    shape = tuple(_check_int(s, "shape entries", minimum=1) for s in shape)
-    scale_bits = _check_int(scale_bits, "scale_bits", minimum=0)
-    zero_point_bits = _check_int(zero_point_bits, "zero_point_bits", minimum=0)
+    bits = check_int(bits, "bits", 1)
+    shape = tuple(check_int(s, "shape entries", 1) for s in shape)
+    scale_bits = check_int(scale_bits, "scale_bits", 0)
+    zero_point_bits = check_int(zero_point_bits, "zero_point_bits", 0)
     n = math.prod(shape)
     if axis is None:
         if group_size is not None:
             raise ValueError("group_size needs an axis: groups are formed along axis")
         n_params = 1
     else:
-        ax = _normalize_axis(_check_int(axis, "axis"), len(shape))
+        ax = check_axis(check_int(axis, "axis"), "axis", len(shape))
         if group_size is None:
             n_params = shape[ax]
         else:
-            group_size = _check_int(group_size, "group_size", minimum=1)
+            group_size = check_int(group_size, "group_size", 1)
             n_params = n // shape[ax] * -(-shape[ax] // group_size)
     return bits + n_params * (scale_bits + zero_point_bits) / n
 
@@ -1114,7 +1047,7 @@ def effective_bits(bits, shape, *, axis=None, group_size=None, scale_bits=16,
 
 
 def _check_codebook(codebook) -> np.ndarray:
-    cb = _real_array(codebook, "codebook", nonempty=True)
+    cb = real_array(codebook, "codebook")
     if cb.ndim != 1:
         raise ValueError(f"codebook must be 1-D, got shape {cb.shape}")
     if np.any(np.diff(cb) < 0):
@@ -1130,7 +1063,7 @@ def codebook_quantize(x, codebook) -> np.ndarray:
     affine chapter.
     """
     cb = _check_codebook(codebook)
-    x = _real_array(x, "x")
+    x = real_array(x, "x", nonempty=False)
     mids = (cb[:-1] + cb[1:]) / 2
     idx = np.searchsorted(mids, x, side="left")
     return idx.astype(np.uint8 if cb.size <= 256 else np.uint16)
@@ -1162,10 +1095,10 @@ def kmeans_codebook(x, bits: int, *, seed: int, max_iter: int = 300) -> np.ndarr
     Entries are returned sorted (float64).  Unlike a uniform grid, the entries crowd where the
     values are dense.  See the affine chapter.
     """
-    bits = _check_int(bits, "bits", minimum=1, maximum=MAX_BITS)
-    seed = _check_int(seed, "seed", minimum=0)
-    max_iter = _check_int(max_iter, "max_iter", minimum=1)
-    x = _real_array(x, "x", nonempty=True).ravel()
+    bits = check_int(bits, "bits", 1, MAX_BITS)
+    seed = check_int(seed, "seed", 0)
+    max_iter = check_int(max_iter, "max_iter", 1)
+    x = real_array(x, "x").ravel()
     k = 2**bits
     uniq = np.unique(x)
     if uniq.size <= k:
@@ -1201,10 +1134,10 @@ def codebook_effective_bits(bits, n_values, *, entry_bits=32, n_codebooks=1) -> 
     bits each (32: the float32 lookup table), spread over ``n_values`` values.  See the affine
     chapter.
     """
-    bits = _check_int(bits, "bits", minimum=1, maximum=MAX_BITS)
-    n_values = _check_int(n_values, "n_values", minimum=1)
-    entry_bits = _check_int(entry_bits, "entry_bits", minimum=0)
-    n_codebooks = _check_int(n_codebooks, "n_codebooks", minimum=1)
+    bits = check_int(bits, "bits", 1, MAX_BITS)
+    n_values = check_int(n_values, "n_values", 1)
+    entry_bits = check_int(entry_bits, "entry_bits", 0)
+    n_codebooks = check_int(n_codebooks, "n_codebooks", 1)
     return bits + n_codebooks * 2**bits * entry_bits / n_values
 
 
@@ -1218,14 +1151,14 @@ def explorer_qparams(x, *, bits: int, clip: float, zero_point: int) -> QParams:
     grid covers :math:`[-s z,\ s (2^b - 1 - z)]`: ``clip`` sets its width, ``zero_point``
     slides it along the real line.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     clip = float(clip)
     if not 0 < clip <= 1:
         raise ValueError(f"clip must be in (0, 1], got {clip}")
     qmin, qmax = qrange(bits, signed=False)
     span = max(float(x.max()), 0.0) - min(float(x.min()), 0.0)
     scale = clip * span / (qmax - qmin) if span > 0 else 1.0
-    return QParams(scale=scale, zero_point=_check_int(zero_point, "zero_point"), qmin=qmin,
+    return QParams(scale=scale, zero_point=check_int(zero_point, "zero_point"), qmin=qmin,
                    qmax=qmax)
 
 
@@ -1241,7 +1174,7 @@ def plot_quantization(x, qparams: QParams, axes=None):
 
     if not isinstance(qparams, QParams) or qparams.axis is not None:
         raise ValueError("plot_quantization draws per-tensor QParams")
-    x = _real_array(x, "x", nonempty=True).ravel()
+    x = real_array(x, "x").ravel()
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     ax_data, ax_err = axes
@@ -1285,7 +1218,7 @@ def error_explorer(x, *, bits: int = 4):
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     qp0 = choose_qparams(x, bits=bits, signed=False)
     bits_w = widgets.IntSlider(value=bits, min=2, max=8, description="bits")
     clip_w = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="clip")
