@@ -33,12 +33,19 @@ Nothing here wraps around silently: an int32 accumulator that would overflow rai
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
+from qcourse._checks import (
+    INT32_MAX,
+    INT32_MIN,
+    check_choice,
+    check_ndarray,
+    int_array,
+    onnx_scale,
+)
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -78,8 +85,7 @@ ACTIVATIONS = ("none", "relu", "relu6")
 #: double-rounding build and its ``TFLITE_SINGLE_ROUNDING`` build).
 REQUANTIZATIONS = ("float", "tflite_double", "tflite_single")
 
-_INT32_MIN = -(2**31)
-_INT32_MAX = 2**31 - 1
+_SCALE_DTYPES = (np.float32, np.float16)   # the operators' scale tensor types
 _OVERFLOW = ("raise", "wrap")
 _QTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 
@@ -87,42 +93,20 @@ _QTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 # --- validation helpers --------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def _check_quant_tensor(name: str, x) -> np.ndarray:
+def _quant_tensor(x, name: str) -> np.ndarray:
     """An operator input: a non-empty uint8 or int8 ndarray with at least one axis."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(
-            f"{name} must be a numpy.ndarray of dtype uint8 or int8, got {type(x).__name__}"
-        )
-    if x.dtype not in _QTYPES:
-        raise TypeError(f"{name} must have dtype uint8 or int8, got {x.dtype}")
+    check_ndarray(x, name, _QTYPES)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one axis (a vector or a matrix), got 0-d")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
     return x
 
 
-def _integer_values(name: str, value) -> np.ndarray:
-    """Integers (Python int, NumPy integer scalar or integer array) as an int64 array."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got a bool")
-    if isinstance(value, numbers.Integral):
-        return np.asarray(int(value), dtype=np.int64)
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    return arr.astype(np.int64)
+def _int32_values(value, name: str) -> np.ndarray:
+    """Integers (a Python int, a NumPy integer or an integer array) in int32, as int64."""
+    return int_array(value, name, INT32_MIN, INT32_MAX, what="int32")
 
 
-def _zero_point(name: str, value, tensor_name: str, dtype: np.dtype) -> np.ndarray:
+def _check_zero_point(value, name: str, tensor_name: str, dtype: np.dtype) -> np.ndarray:
     """A zero point for a tensor of ``dtype``: integer values inside that dtype's range."""
     typed = isinstance(value, np.ndarray | np.generic) and value.dtype in _QTYPES
     if typed and value.dtype != dtype:
@@ -130,34 +114,8 @@ def _zero_point(name: str, value, tensor_name: str, dtype: np.dtype) -> np.ndarr
             f"{name} has dtype {value.dtype} but {tensor_name} is {dtype}; ONNX requires a zero "
             f"point of its tensor's type"
         )
-    zp = _integer_values(name, value)
     info = np.iinfo(dtype)
-    bad = (zp < info.min) | (zp > info.max)
-    if np.any(bad):
-        raise ValueError(
-            f"{name} must lie in [{info.min}, {info.max}] for {dtype} {tensor_name}, got "
-            f"{int(zp[bad].flat[0])}"
-        )
-    return zp
-
-
-def _onnx_scale(name: str, value) -> np.ndarray:
-    """An operator scale: float32 or float16 (the operator's tensor types), finite and > 0."""
-    if not isinstance(value, np.ndarray | np.generic):
-        raise TypeError(
-            f"{name} must be a float32 (or float16) NumPy array or scalar, the operator's tensor "
-            f"type, got {type(value).__name__}; use np.float32(...)"
-        )
-    arr = np.asarray(value)
-    if arr.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
-        raise TypeError(f"{name} must have dtype float32 or float16, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    arr = arr.astype(np.float32)  # float16 -> float32 is exact
-    bad = ~(np.isfinite(arr) & (arr > 0))
-    if np.any(bad):
-        raise ValueError(f"{name} must be finite and > 0, got {arr[bad].flat[0]}")
-    return arr
+    return int_array(value, name, int(info.min), int(info.max), what=f"{dtype} {tensor_name}")
 
 
 def _row_param(name: str, arr: np.ndarray, a2_shape: tuple) -> np.ndarray:
@@ -205,7 +163,7 @@ def _wrap32(v: np.ndarray) -> np.ndarray:
 
 def _to_int32(acc: np.ndarray, overflow: str, what: str) -> np.ndarray:
     """Exact int64 accumulators to int32: raise on overflow, or wrap (ONNX's allowance)."""
-    bad = (acc < _INT32_MIN) | (acc > _INT32_MAX)
+    bad = (acc < INT32_MIN) | (acc > INT32_MAX)
     if np.any(bad):
         if overflow == "raise":
             raise ValueError(
@@ -228,8 +186,8 @@ class _MatmulOperands:
 
 def _matmul_operands(A, B, a_zero_point, b_zero_point, names=("A", "B")) -> _MatmulOperands:
     na, nb = names
-    A = _check_quant_tensor(na, A)
-    B = _check_quant_tensor(nb, B)
+    A = _quant_tensor(A, na)
+    B = _quant_tensor(B, nb)
     a2 = A[None, :] if A.ndim == 1 else A
     b2 = B[:, None] if B.ndim == 1 else B
     if a2.shape[-1] != b2.shape[-2]:
@@ -245,9 +203,9 @@ def _matmul_operands(A, B, a_zero_point, b_zero_point, names=("A", "B")) -> _Mat
             f"(numpy.matmul rules)"
         ) from None
     za = (np.asarray(0, np.int64) if a_zero_point is None
-          else _zero_point("a_zero_point", a_zero_point, na, A.dtype))
+          else _check_zero_point(a_zero_point, "a_zero_point", na, A.dtype))
     zb = (np.asarray(0, np.int64) if b_zero_point is None
-          else _zero_point("b_zero_point", b_zero_point, nb, B.dtype))
+          else _check_zero_point(b_zero_point, "b_zero_point", nb, B.dtype))
     za = _row_param("a_zero_point", za, a2.shape)
     zb = _col_param("b_zero_point", zb, b2.shape)
     drop = []
@@ -272,6 +230,15 @@ def _as_int8(x: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 # --- the derivation, term by term ---------------------------------------------------------------
+
+
+def _check_exact_sums(k: int, x, w, zx, zw, what: str, bias=0) -> None:
+    """Refuse int32 codes large enough that a K-term int64 sum of their products could wrap."""
+    bound = k * (int(np.max(np.abs(x))) + int(np.max(np.abs(zx)))) * (
+        int(np.max(np.abs(w))) + int(np.max(np.abs(zw)))) + int(np.max(np.abs(bias)))
+    if bound >= 2**63:
+        raise ValueError(f"{what} are too large for exact int64 sums over K={k} (a bound of "
+                         f"{bound} >= 2**63); use codes of at most 16 bits")
 
 
 def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str, np.ndarray]:
@@ -302,18 +269,19 @@ def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str,
     input_zero_point : int
     weight_zero_point : int or integer array of shape (out,)
     """
-    x = _integer_values("x_q", x_q)
-    w = _integer_values("w_q", w_q)
+    x = _int32_values(x_q, "x_q")
+    w = _int32_values(w_q, "w_q")
     if x.ndim != 2 or w.ndim != 2:
         raise ValueError(
             f"x_q and w_q must be 2-D (batch, K) and (out, K), got {x.shape} and {w.shape}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x_q has K={x.shape[1]} but w_q has K={w.shape[1]} (shape {w.shape})")
-    zx = _integer_values("input_zero_point", input_zero_point)
+    zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
-    zw = np.broadcast_to(_integer_values("weight_zero_point", weight_zero_point), (w.shape[0],))
+    zw = np.broadcast_to(_int32_values(weight_zero_point, "weight_zero_point"), (w.shape[0],))
     k = x.shape[1]
+    _check_exact_sums(k, x, w, zx, zw, "x_q and w_q")
     return {
         "xw": x @ w.T,
         "x_rowsum": -np.outer(x.sum(axis=1), zw),
@@ -345,14 +313,14 @@ def fold_zero_points(w_q, input_zero_point, weight_zero_point, bias_q=None) -> n
     -------
     numpy.ndarray, int64, shape (out,)
     """
-    w = _integer_values("w_q", w_q)
+    w = _int32_values(w_q, "w_q")
     if w.ndim != 2:
         raise ValueError(f"w_q must be 2-D (out, K), got shape {w.shape}")
-    zx = _integer_values("input_zero_point", input_zero_point)
+    zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
     try:
-        zw = np.broadcast_to(_integer_values("weight_zero_point", weight_zero_point),
+        zw = np.broadcast_to(_int32_values(weight_zero_point, "weight_zero_point"),
                              (w.shape[0],))
     except ValueError:
         raise ValueError(
@@ -360,9 +328,10 @@ def fold_zero_points(w_q, input_zero_point, weight_zero_point, bias_q=None) -> n
         ) from None
     b = np.zeros(w.shape[0], np.int64)
     if bias_q is not None:
-        b = _integer_values("bias_q", bias_q)
+        b = _int32_values(bias_q, "bias_q")
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias_q must have shape ({w.shape[0]},), got {b.shape}")
+    _check_exact_sums(w.shape[1], zx, w, zx, zw, "w_q and the zero points", b)
     return b - zx * w.sum(axis=1) + w.shape[1] * zx * zw
 
 
@@ -406,7 +375,7 @@ def quantize_bias(bias, input_scale, weight_scale) -> np.ndarray:
         if not np.all(np.isfinite(s) & (s > 0)):
             raise ValueError(f"{name} must be finite and > 0")
     q = np.rint(b / (sx * sw))
-    if np.any((q < _INT32_MIN) | (q > _INT32_MAX)):
+    if np.any((q < INT32_MIN) | (q > INT32_MAX)):
         raise ValueError(
             "bias / (input_scale * weight_scale) does not fit int32; the scales are too small "
             "for this bias"
@@ -451,18 +420,18 @@ def float_multiplier(a_scale, b_scale, y_scale) -> np.ndarray:
 
 
 def _check_range(qmin, qmax) -> tuple[int, int]:
-    lo = _integer_values("qmin", qmin)
-    hi = _integer_values("qmax", qmax)
+    lo = _int32_values(qmin, "qmin")
+    hi = _int32_values(qmax, "qmax")
     if lo.ndim or hi.ndim:
         raise ValueError("qmin and qmax must be scalars")
     lo, hi = int(lo), int(hi)
-    if not _INT32_MIN <= lo < hi <= _INT32_MAX:
+    if not INT32_MIN <= lo < hi <= INT32_MAX:
         raise ValueError(f"need qmin < qmax within int32, got qmin={lo}, qmax={hi}")
     return lo, hi
 
 
 def _check_output_zero_point(output_zero_point, qmin, qmax) -> np.ndarray:
-    zp = _integer_values("output_zero_point", output_zero_point)
+    zp = _int32_values(output_zero_point, "output_zero_point")
     if np.any((zp < qmin) | (zp > qmax)):
         raise ValueError(
             f"output_zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got "
@@ -472,11 +441,7 @@ def _check_output_zero_point(output_zero_point, qmin, qmax) -> np.ndarray:
 
 
 def _check_acc(acc) -> np.ndarray:
-    a = _integer_values("acc", acc)
-    if np.any((a < _INT32_MIN) | (a > _INT32_MAX)):
-        raise ValueError("acc must hold int32 accumulators (values in [-2**31, 2**31 - 1])")
-    return a
-
+    return _int32_values(acc, "acc")
 
 def requantize_float(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarray:
     r"""Requantize int32 accumulators with a float32 multiplier (ONNX Runtime, PyTorch).
@@ -620,7 +585,7 @@ def matmul_integer_reference(A, B, a_zero_point=None, b_zero_point=None, *,
     (``overflow="wrap"``, what ONNX allows and ONNX Runtime does).  See :func:`matmul_integer`
     for the shapes and types accepted, and the int_matmul chapter.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     ops = _matmul_operands(A, B, a_zero_point, b_zero_point)
     acc = np.matmul(ops.a2.astype(np.int64) - ops.za, ops.b2.astype(np.int64) - ops.zb)
     return _squeeze(_to_int32(acc, overflow, "MatMulInteger's sum"), ops.drop)
@@ -685,7 +650,7 @@ def matmul_integer(A, B, a_zero_point=None, b_zero_point=None, *, overflow="rais
     -------
     numpy.ndarray, int32
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     ops = _matmul_operands(A, B, a_zero_point, b_zero_point)
     acc = _integer_product(ops)
     if acc is None:
@@ -705,9 +670,9 @@ class _QLinearOperands:
 def _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                       y_zero_point) -> _QLinearOperands:
     ops = _matmul_operands(a, b, a_zero_point, b_zero_point, names=("a", "b"))
-    sa = _row_param("a_scale", _onnx_scale("a_scale", a_scale), ops.a2.shape)
-    sb = _col_param("b_scale", _onnx_scale("b_scale", b_scale), ops.b2.shape)
-    sy = _onnx_scale("y_scale", y_scale)
+    sa = _row_param("a_scale", onnx_scale(a_scale, "a_scale", _SCALE_DTYPES), ops.a2.shape)
+    sb = _col_param("b_scale", onnx_scale(b_scale, "b_scale", _SCALE_DTYPES), ops.b2.shape)
+    sy = onnx_scale(y_scale, "y_scale", _SCALE_DTYPES)
     _same_granularity("a_scale", sa, "a_zero_point", ops.za)
     _same_granularity("b_scale", sb, "b_zero_point", ops.zb)
     if sy.size != 1 or sy.ndim > 1:
@@ -736,7 +701,7 @@ def qlinear_matmul_reference(a, a_scale, a_zero_point, b, b_scale, b_zero_point,
     signature and result as :func:`qlinear_matmul`; see it for the semantics, and the
     int_matmul chapter.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     q = _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                           y_zero_point)
     ops = q.ops
@@ -789,7 +754,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     numpy.ndarray
         dtype of ``y_zero_point``; shape of ``numpy.matmul(a, b)``.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     q = _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                           y_zero_point)
     ops = q.ops
@@ -801,7 +766,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     if overflow == "raise":
         span_a = int(np.max(np.abs(a2.astype(np.int64) - ops.za)))
         span_b = int(np.max(np.abs(b2.astype(np.int64) - ops.zb)))
-        if k * span_a * span_b > _INT32_MAX:  # an overflow is possible: check exactly
+        if k * span_a * span_b > INT32_MAX:  # an overflow is possible: check exactly
             _to_int32(_integer_product(ops), "raise", "QLinearMatMul's integer sum")
     a8, sa = _as_int8(a2)
     b8, sb = _as_int8(b2)
@@ -839,7 +804,7 @@ def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int
     = round half away from zero).  The activation then costs nothing: it is the clamp that
     requantization does anyway.  See the int_matmul chapter.
     """
-    _check_choice("activation", activation, ACTIVATIONS)
+    check_choice(activation, "activation", ACTIVATIONS)
     if not isinstance(output_qparams, QParams) or output_qparams.axis is not None:
         raise TypeError("output_qparams must be a per-tensor QParams")
     qmin, qmax = output_qparams.qmin, output_qparams.qmax
@@ -862,7 +827,7 @@ def linear_float(x, weight, bias=None, activation="none") -> np.ndarray:
     In float64.  ``x`` (batch, in), ``weight`` (out, in), ``bias`` (out,); ``activation`` one of
     :data:`ACTIVATIONS` (ReLU6 is :math:`\min(\max(y, 0), 6)`).  See the int_matmul chapter.
     """
-    _check_choice("activation", activation, ACTIVATIONS)
+    check_choice(activation, "activation", ACTIVATIONS)
     xs = np.asarray(x, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
     if xs.ndim != 2 or w.ndim != 2 or xs.shape[1] != w.shape[1]:
@@ -947,7 +912,7 @@ class QuantizedLinear:
     activation: str = "none"
 
     def __post_init__(self):
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice(self.activation, "activation", ACTIVATIONS)
         xq = _float32_qparams("input_qparams", self.input_qparams)
         wq = _float32_qparams("weight_qparams", self.weight_qparams)
         yq = _float32_qparams("output_qparams", self.output_qparams)
@@ -998,7 +963,7 @@ class QuantizedLinear:
         object.__setattr__(self, "weight_qparams", wq)
         object.__setattr__(self, "output_qparams", yq)
         object.__setattr__(self, "_zw", zw)
-        object.__setattr__(self, "_may_overflow", bool(np.any(worst > _INT32_MAX)))
+        object.__setattr__(self, "_may_overflow", bool(np.any(worst > INT32_MAX)))
 
     # -- construction --------------------------------------------------------------------------
 
@@ -1101,7 +1066,7 @@ class QuantizedLinear:
 
     def reference(self, x_q, requantization: str = "float") -> np.ndarray:
         """Integer inference in NumPy: :meth:`accumulate`, then the named requantization."""
-        _check_choice("requantization", requantization, REQUANTIZATIONS)
+        check_choice(requantization, "requantization", REQUANTIZATIONS)
         acc = self.accumulate(x_q)
         lo, hi = self.output_range
         zy = int(self.output_qparams.zero_point)
@@ -1120,7 +1085,7 @@ class QuantizedLinear:
         Same result as :meth:`reference`, bit for bit (the tests check it).  The fixed-point
         requantizations have no compiled kernel and run :meth:`reference`.
         """
-        _check_choice("requantization", requantization, REQUANTIZATIONS)
+        check_choice(requantization, "requantization", REQUANTIZATIONS)
         if requantization != "float":
             return self.reference(x_q, requantization)
         x = self._check_input(x_q)

@@ -8,12 +8,11 @@ the output and is the only place a learner calls.
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 
-from qcourse import _kernels
+from qcourse import _checks, _kernels
 from qcourse.fixed_point import max_k
 
 __all__ = [
@@ -37,8 +36,8 @@ __all__ = [
     "set_num_threads",
 ]
 
-INT32_MAX = np.iinfo(np.int32).max
-INT32_MIN = np.iinfo(np.int32).min
+INT32_MAX = _checks.INT32_MAX
+INT32_MIN = _checks.INT32_MIN
 
 
 def max_k_s8s8() -> int:
@@ -56,16 +55,11 @@ def max_k_s8s8() -> int:
 _MAX_K = max_k_s8s8()
 
 
-def _check_matrix(name: str, x) -> None:
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of dtype int8, got {type(x).__name__}")
-    if x.dtype != np.int8:
-        raise TypeError(f"{name} must have dtype int8, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows, columns), got {x.ndim}-D shape {x.shape}")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
+_INT8 = (np.dtype(np.int8),)
 
+
+def _check_matrix(x, name: str) -> None:
+    _checks.check_ndarray(x, name, _INT8, ndim=2)
 
 def _check_k(k: int, name: str) -> None:
     if k > _MAX_K:
@@ -86,8 +80,8 @@ def _check_inner(a_shape: tuple, b_shape: tuple) -> None:
 
 
 def _check_operands(a, b) -> tuple[np.ndarray, np.ndarray]:
-    _check_matrix("a", a)
-    _check_matrix("b", b)
+    _check_matrix(a, "a")
+    _check_matrix(b, "b")
     _check_inner(a.shape, b.shape)
     return a, b
 
@@ -160,8 +154,7 @@ def best_path() -> str:
 def _path_code(path: str | None) -> int:
     if path is None:
         return _PATHS[best_path()]
-    if path not in _PATHS:
-        raise ValueError(f"path must be one of {sorted(_PATHS)} or None, got {path!r}")
+    _checks.check_choice(path, "path", sorted(_PATHS))
     if path not in available_paths():
         hidden = (f" (QCOURSE_MAX_PATH={_MAX_PATH} hides the paths above it)" if _MAX_PATH
                   else "")
@@ -307,7 +300,7 @@ def prepack(b: np.ndarray) -> PackedB:
     The only way to build a :class:`PackedB`.  Same checks on ``b`` as :func:`matmul_int8`:
     an int8 ndarray, 2-D, not empty, K at most :func:`max_k_s8s8`.
     """
-    _check_matrix("b", b)
+    _check_matrix(b, "b")
     _check_k(b.shape[0], "b")
     k, n = b.shape
     data = _aligned_empty(_kernels.packed_b_size(k, n), np.uint8)
@@ -339,7 +332,7 @@ def get_num_threads() -> int:
 def set_num_threads(threads: int) -> None:
     """Set the default thread count of the packed kernel (OpenMP, over groups of 64 columns)."""
     global _threads
-    _threads = _check_threads(threads)
+    _threads = _checks.check_threads(threads)
 
 
 # Work per extra thread before the default thread count uses it: 2**24 operations, about 40 us of
@@ -356,12 +349,6 @@ def _default_threads(m: int, n: int, k: int) -> int:
     return max(1, min(_threads, (2 * m * n * k) // MIN_OPS_PER_THREAD))
 
 
-def _check_threads(threads) -> int:
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    return int(threads)
-
-
 def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
                        threads: int | None = None) -> np.ndarray:
     r"""Rung 5: B packed into register-sized blocks, output computed in register tiles.
@@ -374,12 +361,12 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     :func:`available_paths`); every path gives the identical exact result.  ``threads`` splits the
     columns between OpenMP threads (default :func:`get_num_threads`).
     """
-    _check_matrix("a", a)
+    _check_matrix(a, "a")
     packed = _packed_operand(b)
     _check_inner(a.shape, (packed.k, packed.n))
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
-               else _check_threads(threads))
+               else _checks.check_threads(threads))
     a = np.ascontiguousarray(a)
     # every entry is written; a C of 2 MiB or more 64-byte aligned, so that the kernel can store
     # it non-temporally (the alignment costs microseconds, which only a large product hides)
@@ -392,6 +379,15 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
 
 
 _NO_INT32 = np.zeros(0, np.int32)
+_OUT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+
+
+def _per_column(values: np.ndarray, name: str, n: int) -> np.ndarray:
+    """A scalar or one value per column of B, broadcast to (n,)."""
+    if values.ndim > 1 or values.size not in (1, n):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},) (one per column of b), "
+                         f"got shape {values.shape}")
+    return np.broadcast_to(values.reshape(-1), (n,))
 
 
 def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_point,
@@ -403,51 +399,48 @@ def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_p
     entries and ``bias``/``zb`` int32 of N entries or empty (none / zero).
     """
     n = packed.n
-    out_dtype = np.dtype(out_dtype)
-    if out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
-        raise TypeError(f"out_dtype must be int8 or uint8, got {out_dtype}")
-    lo, hi = (-128, 127) if out_dtype == np.dtype(np.int8) else (0, 255)
-    qmin = lo if qmin is None else int(qmin)
-    qmax = hi if qmax is None else int(qmax)
-    if not lo <= qmin <= qmax <= hi:
-        raise ValueError(f"need {lo} <= qmin <= qmax <= {hi} for {out_dtype}, "
-                         f"got qmin={qmin}, qmax={qmax}")
-    zp = int(output_zero_point)
-    if not lo <= zp <= hi:
-        raise ValueError(f"output_zero_point must lie in [{lo}, {hi}] for {out_dtype}, got {zp}")
-    if isinstance(multiplier, (float, int, np.floating, np.integer)):
-        m = float(multiplier)
-        if not (math.isfinite(m) and m > 0):
-            raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
-        mult = np.array([m], dtype=np.float32)
-        if not mult[0] > 0:
-            raise ValueError("multiplier underflows to 0 in float32")
+    try:
+        out_dtype = np.dtype(out_dtype)
+    except TypeError:
+        out_dtype = None
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be int8 or uint8, got {_checks.describe(out_dtype)}")
+    lo, hi = (-128, 127) if out_dtype == _OUT_DTYPES[0] else (0, 255)
+    qmin = lo if qmin is None else _checks.check_int(qmin, "qmin", lo, hi)
+    qmax = hi if qmax is None else _checks.check_int(qmax, "qmax", lo, hi)
+    if qmin > qmax:
+        raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
+    zp = _checks.check_int(output_zero_point, "output_zero_point", lo, hi)
+    if not isinstance(multiplier, (list, tuple, np.ndarray)):
+        m = _checks.check_real(multiplier, "multiplier", 0, lo_open=True)
+        with np.errstate(over="ignore"):
+            mult = np.array([m], dtype=np.float32)
+        if not mult[0] > 0 or not np.isfinite(mult[0]):
+            raise ValueError(f"multiplier must be a positive float32 (it is rounded to "
+                             f"float32 once), got {m}, which rounds to {mult[0]}")
     else:
-        m64 = np.broadcast_to(np.asarray(multiplier, dtype=np.float64), (n,))
-        if not (np.all(np.isfinite(m64)) and np.all(m64 > 0)):
-            raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
-        mult = np.ascontiguousarray(m64, dtype=np.float32)
-        if not np.all(mult > 0):
-            raise ValueError("multiplier underflows to 0 in float32")
-    za = int(a_zero_point)
-    if not -128 <= za <= 127:
-        raise ValueError(f"a_zero_point must lie in [-128, 127] for int8 a, got {za}")
-    if b_zero_point is None or (isinstance(b_zero_point, (int, np.integer))
-                                and not isinstance(b_zero_point, bool) and b_zero_point == 0):
+        m64 = _per_column(_checks.real_array(multiplier, "multiplier"), "multiplier", n)
+        if not np.all(m64 > 0):
+            raise ValueError("multiplier must be > 0 (a scalar or one per column)")
+        with np.errstate(over="ignore"):
+            mult = np.ascontiguousarray(m64, dtype=np.float32)
+        if not (np.all(mult > 0) and np.all(np.isfinite(mult))):
+            raise ValueError("multiplier must be a positive float32 (it is rounded to float32 "
+                             "once): a value underflows to 0 or overflows")
+    za = _checks.check_int(a_zero_point, "a_zero_point", -128, 127)
+    if b_zero_point is None or (_checks.is_int(b_zero_point) and b_zero_point == 0):
         zb = _NO_INT32
     else:
-        zb = np.broadcast_to(np.asarray(b_zero_point), (n,))
-        if zb.dtype.kind not in "iu" or zb.min() < -128 or zb.max() > 127:
-            raise ValueError("b_zero_point must be integers in [-128, 127], a scalar or one per "
-                             "column")
+        zb = _per_column(_checks.int_array(b_zero_point, "b_zero_point", -128, 127),
+                         "b_zero_point", n)
         zb = np.ascontiguousarray(zb, dtype=np.int32) if np.any(zb != 0) else _NO_INT32
     if bias is None:
         bias = _NO_INT32
     else:
-        bias = np.asarray(bias)
-        if bias.dtype != np.int32 or bias.shape != (n,):
-            raise TypeError(f"bias must be an int32 array of shape ({n},), got "
-                            f"{bias.dtype} {bias.shape}")
+        bias = _checks.check_ndarray(bias, "bias", (np.dtype(np.int32),), ndim=1)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},) (one per column of b), got "
+                             f"{bias.shape}")
         bias = np.ascontiguousarray(bias)
     return out_dtype, qmin, qmax, zp, mult, bias, za, zb
 
@@ -487,13 +480,13 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
     a_zero_point : int in [-128, 127];  b_zero_point : int or int array (N,) in [-128, 127]
     out_dtype : numpy.int8 or numpy.uint8
     """
-    _check_matrix("a", a)
+    _check_matrix(a, "a")
     packed = _packed_operand(b)
     _check_inner(a.shape, (packed.k, packed.n))
     a = np.ascontiguousarray(a)
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
-               else _check_threads(threads))
+               else _checks.check_threads(threads))
     out_dtype, qmin, qmax, zp, mult, bias, za, zb = _requant_args(
         packed, multiplier, output_zero_point, bias, a_zero_point, b_zero_point, out_dtype,
         qmin, qmax)

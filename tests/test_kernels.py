@@ -366,16 +366,24 @@ def test_fused_requant_ties_round_half_to_even_and_clamps():
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
     [
-        (dict(multiplier=0.0), ValueError, "multiplier must be finite and > 0"),
-        (dict(multiplier=float("nan")), ValueError, "multiplier must be finite and > 0"),
-        (dict(multiplier=1e-50), ValueError, "underflows to 0 in float32"),
-        (dict(output_zero_point=200), ValueError, r"output_zero_point must lie in \[-128, 127\]"),
+        (dict(multiplier=0.0), ValueError, "multiplier must be a finite real number > 0"),
+        (dict(multiplier=float("nan")), ValueError, "multiplier must be a finite real number > 0"),
+        (dict(multiplier=1e-50), ValueError, "which rounds to 0.0"),
+        (dict(multiplier=1e300), ValueError, "which rounds to inf"),
+        (dict(multiplier=True), TypeError, "multiplier must be a finite real number"),
+        (dict(multiplier=np.ones(2)), ValueError, r"multiplier must be a scalar or have shape"),
+        (dict(output_zero_point=200), ValueError, r"output_zero_point must be an int in \[-128,"),
+        (dict(output_zero_point=3.7), TypeError, r"output_zero_point must be an int"),
         (dict(out_dtype=np.int16), TypeError, "out_dtype must be int8 or uint8"),
-        (dict(qmin=10, qmax=5), ValueError, "qmin <= qmax"),
-        (dict(a_zero_point=128), ValueError, "a_zero_point must lie in"),
-        (dict(b_zero_point=-129), ValueError, "b_zero_point must be integers"),
-        (dict(bias=np.zeros(3, np.int64)), TypeError, "bias must be an int32 array of shape"),
-        (dict(bias=np.zeros(2, np.int32)), TypeError, "bias must be an int32 array of shape"),
+        (dict(out_dtype="bogus"), TypeError, "out_dtype must be int8 or uint8"),
+        (dict(qmin=10, qmax=5), ValueError, "qmin must be <= qmax"),
+        (dict(a_zero_point=128), ValueError, r"a_zero_point must be an int in \[-128, 127\]"),
+        (dict(a_zero_point=3.7), TypeError, "a_zero_point must be an int"),   # was truncated to 3
+        (dict(a_zero_point=10**30), ValueError, "a_zero_point must be an int"),
+        (dict(b_zero_point=-129), ValueError, r"b_zero_point must be integers in \[-128, 127\]"),
+        (dict(b_zero_point=np.zeros(2, int)), ValueError, "b_zero_point must be a scalar or"),
+        (dict(bias=np.zeros(3, np.int64)), TypeError, "bias must have dtype int32"),
+        (dict(bias=np.zeros(2, np.int32)), ValueError, r"bias must have shape \(3,\)"),
     ],
 )
 def test_fused_requant_bad_arguments(kwargs, exc, pattern):
@@ -395,10 +403,11 @@ def test_threads_argument():
     for threads in (1, 2, 3, 8):
         for path in available_paths():
             np.testing.assert_array_equal(matmul_int8(a, b, threads=threads, path=path), expected)
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="threads must be a positive integer"):
+    for bad in (0, -1, 1.5, True, "2", 2**31):
+        error = ValueError if isinstance(bad, int) and not isinstance(bad, bool) else TypeError
+        with pytest.raises(error, match=r"threads must be an int in \[1, 1024\]"):
             matmul_int8(a, b, threads=bad)
-        with pytest.raises(ValueError, match="threads must be a positive integer"):
+        with pytest.raises(error, match=r"threads must be an int in \[1, 1024\]"):
             kernels.set_num_threads(bad)
     # small products stay on one thread by default; large ones may use every allowed thread
     assert kernels._default_threads(8, 8, 8) == 1
