@@ -189,17 +189,19 @@ def real_array(value, name: str, *, kinds: str = _REAL_KINDS, dtype=np.float64,
                          f"{arr.shape}")
     if nonempty and arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if dtype is not None and arr.dtype != dtype:
-        with np.errstate(over="ignore"):
-            converted = arr.astype(dtype)
-        if arr.dtype.kind == "f" or np.dtype(dtype).kind != "f":
-            arr = converted
-        else:                                           # integers -> float: exact or refused
-            if np.any(converted != arr):
-                raise ValueError(f"{name} has integers too large for {np.dtype(dtype)}")
-            arr = converted
     if finite:
         check_finite(arr, name)
+    if dtype is not None and arr.dtype != dtype:
+        with np.errstate(over="ignore", invalid="ignore"):
+            converted = arr.astype(dtype)
+        target = np.dtype(dtype)
+        if target.kind == "f" and arr.dtype.kind in "iu" and np.any(converted != arr):
+            raise ValueError(f"{name} must be integers that {target} holds exactly, got one "
+                             f"beyond 2**{np.finfo(target).nmant + 1}")
+        if target.kind == "f" and finite and not np.all(np.isfinite(converted)):
+            raise ValueError(f"{name} must fit {target} (magnitude at most "
+                             f"{float(np.finfo(target).max):.4g}), got a value beyond it")
+        arr = converted
     return arr
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import MAX_BINS, MAX_ELEMENTS, check_int, check_real, real_array
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -61,44 +62,6 @@ __all__ = [
     "kl_divergence",
     "kl_threshold_search",
 ]
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_batch(batch, name: str = "batch") -> np.ndarray:
-    """``batch`` as a float64 array: real numbers, not empty, all finite."""
-    arr = np.asarray(batch)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers (a float or integer array), "
-                        f"got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        n_bad = int(np.count_nonzero(~np.isfinite(arr)))
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf value(s); calibration data must be "
-                         f"finite")
-    return arr
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_fraction(value, name: str, low: float, high: float, *, low_open: bool = True) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    ok = (low < value if low_open else low <= value) and value <= high
-    if not (ok and math.isfinite(value)):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------- the histogram
@@ -134,7 +97,7 @@ class StreamingHistogram:
     """
 
     def __init__(self, bins: int = 2048, *, include_zero: bool = False):
-        self.bins = _check_int(bins, "bins", 8)
+        self.bins = check_int(bins, "bins", 8, MAX_BINS)
         self.include_zero = bool(include_zero)
         self.reset()
 
@@ -161,7 +124,7 @@ class StreamingHistogram:
 
     def update(self, x) -> StreamingHistogram:
         """Add the values of ``x`` (finite reals, any shape, not empty); returns ``self``."""
-        x = _check_batch(x, "x").ravel()
+        x = real_array(x, "x").ravel()
         lo, hi = float(x.min()), float(x.max())
         if self.include_zero:  # keep real 0 inside the window (it is not counted)
             lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -233,7 +196,7 @@ def histogram_percentile(edges, counts, percentile: float) -> float:
                          f"{counts.shape}")
     if np.any(counts < 0) or counts.sum() <= 0:
         raise ValueError("counts must be non-negative with a positive total")
-    p = _check_fraction(percentile, "percentile", 0.0, 100.0, low_open=False)
+    p = check_real(percentile, "percentile", 0.0, 100.0, lo_open=False)
     cum = np.cumsum(counts)
     target = cum[-1] * p / 100.0
     if target <= 0:
@@ -362,7 +325,7 @@ def kl_threshold_search(abs_counts, levels: int, *, eps: float = 1e-4):
     divergences : numpy.ndarray of float
     """
     hist = np.asarray(abs_counts, dtype=np.float64)
-    levels = _check_int(levels, "levels", 2)
+    levels = check_int(levels, "levels", 2, MAX_BINS)
     if hist.ndim != 1 or hist.size == 0 or np.any(hist < 0) or hist.sum() <= 0:
         raise ValueError("abs_counts must be a non-empty 1-D histogram with a positive total")
     n = hist.size
@@ -435,7 +398,7 @@ class Observer:
         self.num_values = 0
 
     def update(self, batch) -> Observer:
-        x = _check_batch(batch)
+        x = real_array(batch, "batch")
         self._observe(x)
         self.num_batches += 1
         self.num_values += x.size
@@ -548,8 +511,8 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def __init__(self, averaging_constant: float = 0.01, *, bits: int = 8, signed: bool = True,
                  symmetric: bool = False, narrow_range: bool = False, axis: int | None = None):
-        self.averaging_constant = _check_fraction(averaging_constant, "averaging_constant",
-                                                  0.0, 1.0)
+        self.averaging_constant = check_real(averaging_constant, "averaging_constant", 0.0,
+                                             1.0, lo_open=True)
         super().__init__(bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range, axis=axis)
 
@@ -603,7 +566,7 @@ class PercentileObserver(_HistogramObserver):
 
     def __init__(self, percentile: float = 99.99, *, bins: int = 2048, bits: int = 8,
                  signed: bool = True, symmetric: bool = False, narrow_range: bool = False):
-        self.percentile = _check_fraction(percentile, "percentile", 50.0, 100.0)
+        self.percentile = check_real(percentile, "percentile", 50.0, 100.0, lo_open=True)
         super().__init__(bins=bins, bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
 
@@ -634,7 +597,7 @@ class MSEObserver(_HistogramObserver):
 
     def __init__(self, num_candidates: int = 200, *, bins: int = 2048, bits: int = 8,
                  signed: bool = True, symmetric: bool = False, narrow_range: bool = False):
-        self.num_candidates = _check_int(num_candidates, "num_candidates", 2)
+        self.num_candidates = check_int(num_candidates, "num_candidates", 2, MAX_BINS)
         super().__init__(bins=bins, bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
 
@@ -749,8 +712,8 @@ def calibrate(model, layer: str, X, observer: Observer, *, batch_size: int = 128
                         f"{type(observer).__name__}")
     if where not in ("input", "output"):
         raise ValueError(f"where must be 'input' or 'output', got {where!r}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    X = _check_batch(X, "X").astype(np.float32)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    X = real_array(X, "X", dtype=np.float32)
 
     def hook(module, inp, out):
         observer.update(out if where == "output" else inp)
@@ -784,7 +747,7 @@ def dynamic_qparams(x, *, bits: int = 8, signed: bool = True, symmetric: bool = 
     ``x`` (a min and a max per element) before quantizing, and a requantization multiplier
     that cannot be folded in ahead of time.  See the calibration chapter.
     """
-    x = _check_batch(x, "x")
+    x = real_array(x, "x")
     if per_row:
         if x.ndim != 2:
             raise ValueError(f"per_row=True needs a 2-D (batch, features) x, got shape {x.shape}")
@@ -836,12 +799,12 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
     time (one per batch, or one per row).  A static range costs none of these.  See the
     calibration chapter.
     """
-    x = _check_batch(x, "x")
+    x = real_array(x, "x")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (rows, features), got shape {x.shape}")
     if not isinstance(static_qparams, QParams):
         raise TypeError(f"static_qparams must be a QParams, got {type(static_qparams).__name__}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
     static_hat, dynamic_hat = np.empty_like(x), np.empty_like(x)
     n_batches = 0
     n_params = 0
@@ -906,9 +869,9 @@ def compare_observers(model, layer: str, observers: Mapping[str, Observer] | Ite
         if not isinstance(obs, Observer):
             raise TypeError(f"observer {name!r} must be a qcourse.calibration.Observer, got "
                             f"{type(obs).__name__}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    X_calib = _check_batch(X_calib, "X_calib").astype(np.float32)
-    X_eval = _check_batch(X_eval, "X_eval").astype(np.float32)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    X_calib = real_array(X_calib, "X_calib", dtype=np.float32)
+    X_eval = real_array(X_eval, "X_eval", dtype=np.float32)
     cal = capture_activations(model, X_calib, layers=[layer], batch_size=batch_size)[layer].output
     acts = capture_activations(model, X_eval, layers=[layer])[layer].output
     rows = []

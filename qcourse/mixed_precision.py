@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import MAX_ELEMENTS, check_int, check_real
 from qcourse.affine import choose_qparams, fake_quantize, qparams_from_range
 from qcourse.nn import Linear, Module, ReLU, ReLU6, Sequential, softmax, softmax_cross_entropy
 
@@ -74,32 +75,19 @@ __all__ = [
     "spearman",
 ]
 
+#: Bounds of the size-like arguments: the full Hessian's side (an n x n float64 matrix, 512 MiB
+#: at 8192), Hutchinson samples, the configurations scored at once by the exhaustive search,
+#: and the weights of one layer (so that sizes in bits stay exact in int64).
+_MAX_HESSIAN_SIZE = 8192
+_MAX_SAMPLES = 100_000
+_MAX_CONFIGS = 2**24
+_MAX_WEIGHTS = 2**40
+
 #: Bit width that stands for "left in float" in the accounting (float32).
 FLOAT_BITS = 32
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def _check_model(model) -> Sequential:
@@ -551,7 +539,7 @@ def hvp(model, layer: str, X, y, v, *, method: str = "exact", step: float = 1e-5
     """
     if method not in ("exact", "fd"):
         raise ValueError(f"method must be 'exact' or 'fd', got {method!r}")
-    step = _check_real(step, "step", positive=True)
+    step = check_real(step, "step", 0, lo_open=True)
     curv = _Curvature(model, layer, X, y)
     v = _check_direction(v, curv.shape)
     return curv.hvp_exact(v) if method == "exact" else curv.hvp_fd(v, step)
@@ -568,8 +556,8 @@ def hessian_matrix(model, layer: str, X, y, *, method: str = "exact", step: floa
     """
     if method not in ("exact", "fd"):
         raise ValueError(f"method must be 'exact' or 'fd', got {method!r}")
-    step = _check_real(step, "step", positive=True)
-    max_size = _check_int(max_size, "max_size")
+    step = check_real(step, "step", 0, lo_open=True)
+    max_size = check_int(max_size, "max_size", 1, _MAX_HESSIAN_SIZE)
     curv = _Curvature(model, layer, X, y)
     n = int(np.prod(curv.shape))
     if n > max_size:
@@ -618,9 +606,9 @@ def hutchinson_trace(matvec: Callable[[np.ndarray], np.ndarray], shape, n_sample
         shape = (int(shape),)
     shape = tuple(shape)
     for s in shape:
-        _check_int(s, "each entry of shape")
-    n_samples = _check_int(n_samples, "n_samples")
-    seed = _check_int(seed, "seed", minimum=0)
+        check_int(s, "each entry of shape", 1, MAX_ELEMENTS)
+    n_samples = check_int(n_samples, "n_samples", 1, _MAX_SAMPLES)
+    seed = check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
     samples = np.empty(n_samples)
     for i in range(n_samples):
@@ -690,7 +678,7 @@ def hawq_omega(trace, weight, bits: int, *, per_channel: bool = True) -> float:
     :func:`exact_hessian_trace`), ``weight`` the float weights, quantized with
     :func:`fake_quantize_weight`.  See the mixed_precision chapter.
     """
-    trace = _check_real(trace, "trace")
+    trace = check_real(trace, "trace")
     w = np.asarray(weight)
     if w.dtype.kind != "f" or not np.all(np.isfinite(w)):
         raise TypeError("weight must be a finite floating array")
@@ -782,9 +770,9 @@ def _allocation_problem(costs, n_weights, budget_bits, choices):
         if missing:
             raise ValueError(f"costs[{n!r}] has no cost for bits {missing} (choices {choices})")
         for j, b in enumerate(choices):
-            C[i, j] = _check_real(row[b], f"costs[{n!r}][{b}]")
-        S[i] = _check_int(n_weights[n], f"n_weights[{n!r}]") * np.array(choices)
-    budget_bits = _check_int(budget_bits, "budget_bits", minimum=0)
+            C[i, j] = check_real(row[b], f"costs[{n!r}][{b}]")
+        S[i] = check_int(n_weights[n], f"n_weights[{n!r}]", 1, _MAX_WEIGHTS) * np.array(choices)
+    budget_bits = check_int(budget_bits, "budget_bits", 0, 2**62)
     smallest = int(S[:, 0].sum())
     if budget_bits < smallest:
         raise ValueError(
@@ -813,7 +801,7 @@ def allocate_bits_exhaustive(costs, n_weights, budget_bits: int, choices=(4, 8),
     """
     names, choices, C, S, budget = _allocation_problem(costs, n_weights, budget_bits, choices)
     L, K = C.shape
-    max_configs = _check_int(max_configs, "max_configs")
+    max_configs = check_int(max_configs, "max_configs", 1, _MAX_CONFIGS)
     if K**L > max_configs:
         raise ValueError(f"{K}^{L} = {K**L} configurations exceed max_configs={max_configs}; "
                          f"use allocate_bits_greedy for this many layers")
@@ -895,7 +883,7 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
     X, y = _check_data(X, y, model)
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=2)
                                for b in choices)))
-    max_configs = _check_int(max_configs, "max_configs")
+    max_configs = check_int(max_configs, "max_configs", 1, _MAX_CONFIGS)
     if len(choices) ** len(names) > max_configs:
         raise ValueError(f"{len(choices)}^{len(names)} configurations exceed "
                          f"max_configs={max_configs}")
@@ -1091,8 +1079,8 @@ def scaled_size_bops(base_size: float, base_bops: float, w_bits: int, a_bits: in
     exact when every layer uses the same widths (the size counts weights only).  See the
     mixed_precision chapter.
     """
-    base_size = _check_real(base_size, "base_size", positive=True)
-    base_bops = _check_real(base_bops, "base_bops", positive=True)
+    base_size = check_real(base_size, "base_size", 0, lo_open=True)
+    base_bops = check_real(base_bops, "base_bops", 0, lo_open=True)
     w = _bits_value(w_bits, "w_bits", allow_float=True, low=1)
     a = _bits_value(a_bits, "a_bits", allow_float=True, low=1)
     return base_size * w / FLOAT_BITS, base_bops * w * a / FLOAT_BITS**2
@@ -1111,10 +1099,10 @@ def mixed_precision_shares(size: float, bops_: float, base_size: float, base_bop
     fit that model (``ValueError`` is not raised: the caller decides).  See the mixed_precision
     chapter.
     """
-    size = _check_real(size, "size", positive=True)
-    bops_ = _check_real(bops_, "bops", positive=True)
-    base_size = _check_real(base_size, "base_size", positive=True)
-    base_bops = _check_real(base_bops, "base_bops", positive=True)
+    size = check_real(size, "size", 0, lo_open=True)
+    bops_ = check_real(bops_, "bops", 0, lo_open=True)
+    base_size = check_real(base_size, "base_size", 0, lo_open=True)
+    base_bops = check_real(base_bops, "base_bops", 0, lo_open=True)
     low = _bits_value(low, "low", allow_float=False, low=1)
     high = _bits_value(high, "high", allow_float=False, low=1)
     if high <= low:

@@ -40,6 +40,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_EPOCHS,
+    check_bool,
+    check_float_matrix,
+    check_int,
+    check_labels,
+)
 from qcourse.affine import QParams, choose_qparams, dequantize, fake_quantize, quantize
 from qcourse.calibration import MinMaxObserver, Observer, dynamic_qparams
 from qcourse.datasets import load_digits
@@ -82,43 +90,6 @@ INCEPTION_V3_RELU6_TABLE = {
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an integer {bound}, got {value}")
-    return value
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_features(X, name: str = "X") -> np.ndarray:
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(X).__name__}")
-    if X.dtype.kind != "f":
-        raise TypeError(f"{name} must have a floating dtype, got {X.dtype}")
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D (batch, features) array, got shape "
-                         f"{X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return X
-
-
-def _check_labels(y, n: int) -> np.ndarray:
-    if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu":
-        raise TypeError("y must be a numpy.ndarray of integer labels")
-    if y.shape != (n,):
-        raise ValueError(f"y must have shape ({n},) to match X, got {y.shape}")
-    return y
 
 
 def _f32_qparams(qp: QParams) -> QParams:
@@ -228,13 +199,13 @@ def train_reference_model(seed: int = 0, *, activation: str = "relu",
     ReferenceModel
         ``(model, X_train, y_train, X_test, y_test, X_calib, float_accuracy, history)``.
     """
-    seed = _check_int(seed, "seed", 0)
-    split_seed = _check_int(split_seed, "split_seed", 0)
-    epochs = _check_int(epochs, "epochs", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0)
+    split_seed = check_int(split_seed, "split_seed", 0)
+    epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
     if activation not in ("relu", "relu6"):
         raise ValueError(f"activation must be 'relu' or 'relu6', got {activation!r}")
-    sizes = tuple(_check_int(s, "each entry of sizes", 1) for s in sizes)
+    sizes = tuple(check_int(s, "each entry of sizes", 1, MAX_ELEMENTS) for s in sizes)
     if len(sizes) < 2 or sizes[0] != 64 or sizes[-1] != 10:
         raise ValueError(f"sizes must start with 64 (pixels) and end with 10 (classes), got "
                          f"{sizes}")
@@ -242,7 +213,7 @@ def train_reference_model(seed: int = 0, *, activation: str = "relu",
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     X_train, y_train = load_digits("train", seed=split_seed)
     X_test, y_test = load_digits("test", seed=split_seed)
-    calib_size = _check_int(calib_size, "calib_size", 1, X_train.shape[0])
+    calib_size = check_int(calib_size, "calib_size", 1, X_train.shape[0])
     state, history = _trained_state(seed, activation, sizes, epochs, float(lr), batch_size,
                                     split_seed)
     model = MLP(sizes, activation=activation, seed=seed)
@@ -272,9 +243,9 @@ def quantize_weight(weight, *, bits: int = 8, per_channel: bool = True,
     (numpy.ndarray, QParams)
         The integer codes (int8 storage for every ``bits`` <= 8) and their parameters.
     """
-    bits = _check_int(bits, "bits", 2, 8)
-    per_channel = _check_bool(per_channel, "per_channel")
-    symmetric = _check_bool(symmetric, "symmetric")
+    bits = check_int(bits, "bits", 2, 8)
+    per_channel = check_bool(per_channel, "per_channel")
+    symmetric = check_bool(symmetric, "symmetric")
     w = np.asarray(weight)
     if w.dtype.kind != "f":
         raise TypeError(f"weight must be a float array, got dtype {w.dtype}")
@@ -338,7 +309,7 @@ class PTQModel:
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """Logits of the simulated quantized network (float)."""
-        return self.model(_check_features(X))
+        return self.model(check_float_matrix(X, "X"))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predicted classes (int64)."""
@@ -347,7 +318,7 @@ class PTQModel:
     def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
         """Fraction of rows of ``X`` classified as ``y``."""
         pred = self.predict(X)
-        return float(np.mean(pred == _check_labels(y, X.shape[0])))
+        return float(np.mean(pred == check_labels(y, "y", X.shape[0])))
 
     def __repr__(self) -> str:
         c = self.config
@@ -366,8 +337,8 @@ def _bits_per_layer(weight_bits, units: list[_Unit]) -> dict[str, int]:
         if set(weight_bits) != set(names):
             raise ValueError(f"weight_bits must give the bits of exactly the linear layers "
                              f"{names}, got keys {sorted(weight_bits)}")
-        return {n: _check_int(weight_bits[n], f"weight_bits[{n!r}]", 2, 8) for n in names}
-    bits = _check_int(weight_bits, "weight_bits", 2, 8)
+        return {n: check_int(weight_bits[n], f"weight_bits[{n!r}]", 2, 8) for n in names}
+    bits = check_int(weight_bits, "weight_bits", 2, 8)
     return dict.fromkeys(names, bits)
 
 
@@ -422,8 +393,8 @@ def dynamic_ptq(model, *, weight_bits: int = 8, activation_bits: int = 8,
     activation at run time.  Note that a per-tensor dynamic range depends on *which examples
     share the batch*.  See the ptq chapter.
     """
-    activation_bits = _check_int(activation_bits, "activation_bits", 2, 8)
-    per_row = _check_bool(per_row, "per_row")
+    activation_bits = check_int(activation_bits, "activation_bits", 2, 8)
+    per_row = check_bool(per_row, "per_row")
     units, sim, weights, biases = _quantized_copy(model, weight_bits, per_channel, symmetric)
 
     def hook(module, x):
@@ -510,11 +481,11 @@ def static_ptq(model, X_calib, *, weight_bits: int = 8, activation_bits: int = 8
     then dequantized), so that the simulation rounds the bias as the integer model does.
     Convert it to an integer network with :func:`convert_to_integer`.  See the ptq chapter.
     """
-    activation_bits = _check_int(activation_bits, "activation_bits", 2, 8)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    int32_bias = _check_bool(int32_bias, "int32_bias")
+    activation_bits = check_int(activation_bits, "activation_bits", 2, 8)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    int32_bias = check_bool(int32_bias, "int32_bias")
     factory, obs_name = _observer_factory(observer)
-    X_calib = _check_features(X_calib, "X_calib")
+    X_calib = check_float_matrix(X_calib, "X_calib")
     units, sim, weights, biases = _quantized_copy(model, weight_bits, per_channel, symmetric)
     activations = _calibrate_points(
         model, units, X_calib,
@@ -608,7 +579,7 @@ class IntegerModel:
     def quantize_input(self, X: np.ndarray) -> np.ndarray:
         """The network input as int8 codes: :math:`q = \\operatorname{clamp}(\\operatorname{round}
         (x / S_0) + Z_0)` (the one float operation before the integers take over)."""
-        X = _check_features(X)
+        X = check_float_matrix(X, "X")
         if X.shape[1] != self.layers[0].in_features:
             raise ValueError(f"X must have {self.layers[0].in_features} features, got shape "
                              f"{X.shape}")
@@ -650,7 +621,7 @@ class IntegerModel:
     def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
         """Fraction of rows of ``X`` classified as ``y``."""
         pred = self.predict(X)
-        return float(np.mean(pred == _check_labels(y, X.shape[0])))
+        return float(np.mean(pred == check_labels(y, "y", X.shape[0])))
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}: {ly.out_features}x{ly.in_features} {ly.activation}"
@@ -693,7 +664,7 @@ class DynamicIntegerModel:
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """Logits (float32)."""
-        x = _check_features(X).astype(np.float32)
+        x = check_float_matrix(X, "X").astype(np.float32)
         for packed, sw, zw, colsum, k, bias, kind in self._layers:
             qp = _f32_qparams(dynamic_qparams(x, bits=self.config.activation_bits, signed=True,
                                               per_row=self.config.per_row))
@@ -715,7 +686,7 @@ class DynamicIntegerModel:
 
     def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
         pred = self.predict(X)
-        return float(np.mean(pred == _check_labels(y, X.shape[0])))
+        return float(np.mean(pred == check_labels(y, "y", X.shape[0])))
 
 
 def convert_to_integer(ptq_model: PTQModel, *, requantization: str = "float"):
@@ -821,7 +792,7 @@ def compare_fake_quant_integer(ptq_model: PTQModel, integer_model: IntegerModel,
                         f"{type(integer_model).__name__}")
     if len(integer_model.layers) != len(ptq_model.units):
         raise ValueError("integer_model does not have one layer per unit of ptq_model")
-    X = _check_features(X)
+    X = check_float_matrix(X, "X")
     from qcourse.nn import capture_activations
 
     acts = capture_activations(ptq_model.model, X, layers=[u.output for u in ptq_model.units])
@@ -862,7 +833,7 @@ def compare_fake_quant_integer(ptq_model: PTQModel, integer_model: IntegerModel,
     margins = (top2[:, 1] - top2[:, 0]).astype(np.int64)
     fq_acc = int_acc = None
     if y is not None:
-        y = _check_labels(y, X.shape[0])
+        y = check_labels(y, "y", X.shape[0])
         fq_acc = float(np.mean(fq_pred == y))
         int_acc = float(np.mean(int_pred == y))
     return FakeQuantIntegerComparison(

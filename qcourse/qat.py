@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from qcourse._checks import MAX_ELEMENTS, MAX_EPOCHS, check_bool, check_int, check_real
 from qcourse.affine import QParams, choose_qparams, qrange
 from qcourse.calibration import MovingAverageMinMaxObserver
 from qcourse.nn import (
@@ -79,35 +79,6 @@ SCALE_FLOOR = 1e-8
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def _check_bits(value, name: str) -> int:
-    return _check_int(value, name, MIN_BITS, MAX_BITS)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
 
 
 def _float_array(x, name: str, *, finite: bool = True) -> np.ndarray:
@@ -256,7 +227,7 @@ def ste_backward(grad, x, qparams: QParams, clipped: bool = True) -> np.ndarray:
     """
     grad = _float_array(grad, "grad")
     x = _float_array(x, "x")
-    clipped = _check_bool(clipped, "clipped")
+    clipped = check_bool(clipped, "clipped")
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {x.shape}, got {grad.shape}")
     qparams = _check_qparams(qparams, x.ndim)
@@ -279,8 +250,8 @@ def lsq_grad_scale(num_elements: int, qmax: int) -> float:
     gradient of :math:`N` values and moves far too fast (with SGD; Adam normalizes gradients
     and is nearly indifferent to a constant factor).  See the qat chapter.
     """
-    n = _check_int(num_elements, "num_elements", minimum=1)
-    qmax = _check_int(qmax, "qmax", minimum=1)
+    n = check_int(num_elements, "num_elements", 1, 2**63)
+    qmax = check_int(qmax, "qmax", 1, 2**31)
     return 1.0 / math.sqrt(n * qmax)
 
 
@@ -297,11 +268,11 @@ def lsq_init_scale(x, qmax: int, axis: int | None = None):
     float, or a 1-D float64 array (one step per channel) when ``axis`` is given.
     """
     x = _float_array(x, "x").astype(np.float64)
-    qmax = _check_int(qmax, "qmax", minimum=1)
+    qmax = check_int(qmax, "qmax", 1, 2**31)
     if axis is None:
         mean_abs = np.mean(np.abs(x))
     else:
-        axis = _check_int(axis, "axis")
+        axis = check_int(axis, "axis")
         if not -x.ndim <= axis < x.ndim:
             raise ValueError(f"axis={axis} is out of range for a {x.ndim}-D x")
         others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
@@ -345,7 +316,7 @@ def lsq_scale_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.nda
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {x.shape}, got {grad.shape}")
     qparams = _check_qparams(qparams, x.ndim)
-    g = _check_positive(grad_scale, "grad_scale")
+    g = check_real(grad_scale, "grad_scale", 0, lo_open=True)
     x_hat, code = _fake_quant(x, qparams)
     return _lsq_scale_grad(grad, x, x_hat, code, qparams, g)
 
@@ -382,7 +353,7 @@ def lsq_update_ratio(layer: FakeQuantLinear, *, with_grad_scale: bool = True) ->
     """
     if not isinstance(layer, FakeQuantLinear) or not layer.lsq:
         raise TypeError("layer must be a FakeQuantLinear with lsq=True")
-    with_grad_scale = _check_bool(with_grad_scale, "with_grad_scale")
+    with_grad_scale = check_bool(with_grad_scale, "with_grad_scale")
     if layer._cache is None:
         raise RuntimeError("lsq_update_ratio needs a forward and a backward of the layer first")
     grad_w = float(np.linalg.norm(layer.grad_weight))
@@ -443,13 +414,14 @@ class FakeQuantLinear(Linear):
                  act_bits: int | None = None, per_channel: bool = True, ste: str = "clipped",
                  lsq: bool = False, seed=0, dtype=np.float32, averaging_constant: float = 0.01):
         super().__init__(in_features, out_features, seed=seed, dtype=dtype)
-        self.bits = _check_bits(bits, "bits")
-        self.act_bits = None if act_bits is None else _check_bits(act_bits, "act_bits")
-        self.per_channel = _check_bool(per_channel, "per_channel")
+        self.bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+        self.act_bits = (None if act_bits is None
+                         else check_int(act_bits, "act_bits", MIN_BITS, MAX_BITS))
+        self.per_channel = check_bool(per_channel, "per_channel")
         if ste not in ("clipped", "plain"):
             raise ValueError(f"ste must be 'clipped' or 'plain', got {ste!r}")
         self.ste = ste
-        self.lsq = _check_bool(lsq, "lsq")
+        self.lsq = check_bool(lsq, "lsq")
         self.training = True
         self.wmin, self.wmax = qrange(self.bits, True, narrow_range=True)
         dt = self.weight.dtype
@@ -644,7 +616,7 @@ def set_qat_training(model: Sequential, training: bool) -> None:
     data) or frozen (ranges fixed, as at deployment).  See the qat chapter."""
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    training = _check_bool(training, "training")
+    training = check_bool(training, "training")
     for layer in model:
         if isinstance(layer, FakeQuantLinear):
             layer.training = training
@@ -667,7 +639,7 @@ def _per_layer(value, names: list[str], name: str, allow_none: bool) -> dict[str
     for n, v in out.items():
         if v is None and allow_none:
             continue
-        _check_bits(v, f"{name}[{n!r}]" if isinstance(value, Mapping) else name)
+        check_int(v, f"{name}[{n!r}]" if isinstance(value, Mapping) else name, MIN_BITS, MAX_BITS)
     return out
 
 
@@ -766,11 +738,11 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
     X, y = _check_xy(X, y)
-    epochs = _check_int(epochs, "epochs", minimum=0)
-    seed = _check_int(seed, "seed", minimum=0)
-    batch_size = _check_int(batch_size, "batch_size", minimum=1)
-    lr = _check_positive(lr, "lr")
-    _check_bool(progress, "progress")
+    epochs = check_int(epochs, "epochs", 0, MAX_EPOCHS)
+    seed = check_int(seed, "seed", 0)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    lr = check_real(lr, "lr", 0, lo_open=True)
+    check_bool(progress, "progress")
     if X_val is not None or y_val is not None:
         if X_val is None or y_val is None:
             raise ValueError("X_val and y_val must be given together")
@@ -857,7 +829,7 @@ def compare_ptq_qat(model: Sequential, X, y, X_test, y_test, bits=(8, 4, 2), *,
     float_acc = accuracy(model, X_test, y_test)
     rows = []
     for b in bits:
-        b = _check_bits(b, "each entry of bits")
+        b = check_int(b, "each entry of bits", MIN_BITS, MAX_BITS)
         a = b if act_bits == "same" else act_bits
         qat = qat_finetune(model, X, y, bits=b, epochs=epochs, seed=seed, act_bits=a,
                            X_val=X_test, y_val=y_test, **kwargs)

@@ -5,12 +5,20 @@ Re-exported by :mod:`qcourse.nn` (see its docstring for the conventions).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_EPOCHS,
+    check_float_matrix,
+    check_int,
+    check_labels,
+    check_real,
+)
 
 __all__ = [
     "MLP",
@@ -35,52 +43,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
-
-
-def _check_features(x, name: str = "x", *, finite: bool = True) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (batch, features), got shape {x.shape}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
-    if finite and not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return x
-
-
-def _check_labels(y, n: int, num_classes: int | None = None, name: str = "y") -> np.ndarray:
-    if not isinstance(y, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of integer labels, got {type(y).__name__}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"{name} must have an integer dtype, got {y.dtype}")
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) to match the inputs, got {y.shape}")
-    if y.size and y.min() < 0:
-        raise ValueError(f"{name} must hold labels >= 0, got {int(y.min())}")
-    if num_classes is not None and y.size and y.max() >= num_classes:
-        raise ValueError(
-            f"{name} holds label {int(y.max())} but the model has only {num_classes} outputs"
-        )
-    return y
 
 
 # --------------------------------------------------------------------------- modules
@@ -178,15 +140,15 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, *, seed=0, dtype=np.float32):
         super().__init__()
-        self.in_features = _check_int(in_features, "in_features")
-        self.out_features = _check_int(out_features, "out_features")
+        self.in_features = check_int(in_features, "in_features", 1, MAX_ELEMENTS)
+        self.out_features = check_int(out_features, "out_features", 1, MAX_ELEMENTS)
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if isinstance(seed, np.random.Generator):
             rng = seed
         else:
-            rng = np.random.default_rng(_check_int(seed, "seed", minimum=0))
+            rng = np.random.default_rng(check_int(seed, "seed", 0))
         bound = np.sqrt(6.0 / self.in_features)
         w = rng.uniform(-bound, bound, size=(self.out_features, self.in_features))
         self.weight = w.astype(dtype)
@@ -196,7 +158,7 @@ class Linear(Module):
         self._x: np.ndarray | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_features(x, "x", finite=False)
+        x = check_float_matrix(x, "x", finite=False)
         if x.shape[1] != self.in_features:
             raise ValueError(
                 f"x must have {self.in_features} features (columns) for this Linear layer, "
@@ -354,11 +316,11 @@ def MLP(sizes=(64, 128, 64, 10), *, activation: str = "relu", seed: int = 0, dty
     if len(sizes) < 2:
         raise ValueError(f"sizes must list at least an input and an output width, got {sizes}")
     for s in sizes:
-        _check_int(s, "each entry of sizes")
+        check_int(s, "each entry of sizes", 1, MAX_ELEMENTS)
     acts = {"relu": ReLU, "relu6": ReLU6}
     if activation not in acts:
         raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
-    rng = np.random.default_rng(_check_int(seed, "seed", minimum=0))
+    rng = np.random.default_rng(check_int(seed, "seed", 0))
     layers = []
     n = len(sizes) - 1
     for i in range(n):
@@ -389,8 +351,8 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.
     The log-sum-exp is computed after subtracting each row's maximum, so large logits do not
     overflow.  Returns ``(loss, grad)`` with ``grad`` in the dtype of ``logits``.
     """
-    logits = _check_features(logits, "logits")
-    y = _check_labels(y, logits.shape[0], logits.shape[1])
+    logits = check_float_matrix(logits, "logits")
+    y = check_labels(y, "y", logits.shape[0], logits.shape[1])
     n = logits.shape[0]
     z = logits - logits.max(axis=1, keepdims=True)
     log_sum = np.log(np.exp(z).sum(axis=1))
@@ -411,7 +373,7 @@ class SGD:
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 0.0):
         self.params = list(params)
-        self.lr = _check_positive(lr, "lr")
+        self.lr = check_real(lr, "lr", 0, lo_open=True)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         if weight_decay < 0:
@@ -441,14 +403,14 @@ class Adam:
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         self.params = list(params)
-        self.lr = _check_positive(lr, "lr")
+        self.lr = check_real(lr, "lr", 0, lo_open=True)
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas must both lie in [0, 1), got {betas}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.b1, self.b2 = float(b1), float(b2)
-        self.eps = _check_positive(eps, "eps")
+        self.eps = check_real(eps, "eps", 0, lo_open=True)
         self.weight_decay = float(weight_decay)
         self.t = 0
         self._m = [np.zeros_like(p) for p, _ in self.params]
@@ -524,12 +486,12 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a qcourse.nn.Module, got {type(model).__name__}")
-    X = _check_features(X, "X")
-    y = _check_labels(y, X.shape[0], _num_outputs(model))
-    epochs = _check_int(epochs, "epochs")
-    batch_size = _check_int(batch_size, "batch_size")
-    lr = _check_positive(lr, "lr")
-    seed = _check_int(seed, "seed", minimum=0)
+    X = check_float_matrix(X, "X")
+    y = check_labels(y, "y", X.shape[0], _num_outputs(model))
+    epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    lr = check_real(lr, "lr", 0, lo_open=True)
+    seed = check_int(seed, "seed", 0)
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     rng = np.random.default_rng(seed)
     n = X.shape[0]
@@ -546,16 +508,16 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
 
 def predict(model: Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Predicted class (argmax of the logits) for each row of ``X``, as int64."""
-    X = _check_features(X, "X")
-    batch_size = _check_int(batch_size, "batch_size")
+    X = check_float_matrix(X, "X")
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
     out = [np.argmax(model(X[s:s + batch_size]), axis=1) for s in range(0, X.shape[0], batch_size)]
     return np.concatenate(out).astype(np.int64)
 
 
 def accuracy(model: Module, X: np.ndarray, y: np.ndarray, batch_size: int = 4096) -> float:
     """Fraction of rows of ``X`` whose predicted class equals ``y``."""
-    X = _check_features(X, "X")
-    y = _check_labels(y, X.shape[0])
+    X = check_float_matrix(X, "X")
+    y = check_labels(y, "y", X.shape[0])
     return float(np.mean(predict(model, X, batch_size) == y))
 
 
@@ -577,8 +539,8 @@ def capture_activations(model: Sequential, X: np.ndarray, layers=None,
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    X = _check_features(X, "X")
-    batch_size = _check_int(batch_size, "batch_size")
+    X = check_float_matrix(X, "X")
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
     names = list(model.names) if layers is None else list(layers)
     for name in names:
         if name not in model.names:
