@@ -20,13 +20,19 @@ bit patterns from :mod:`qcourse.floats`, the GEMM from :mod:`qcourse.kernels`.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from qcourse._checks import MAX_ELEMENTS, describe, is_int
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_int,
+    check_ndarray,
+    check_real,
+    describe,
+    is_int,
+    real_array,
+)
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -58,32 +64,7 @@ _SCALE_DTYPES = {np.dtype(np.float16): 16, np.dtype(np.float32): 32}
 # --------------------------------------------------------------------------- validation
 
 
-def _float_matrix(w, name: str) -> np.ndarray:
-    """``w`` as a finite, non-empty 2-D float array, or a TypeError/ValueError naming ``name``."""
-    arr = np.asarray(w)
-    checks = (
-        (arr.dtype.kind == "f", TypeError, f"must be a float array, got dtype {arr.dtype}"),
-        (arr.ndim == 2 and arr.size > 0, ValueError,
-         f"must be a non-empty 2-D array, got shape {arr.shape}"),
-    )
-    for ok, exc, message in checks:
-        if not ok:
-            raise exc(f"{name} {message}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return arr
-
-
-def _check_group_size(group_size) -> int:
-    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, numbers.Integral):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} "
-                        f"{group_size!r}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    return int(group_size)
-
-
-def _check_format(fmt) -> FloatFormat:
+def _check_fp8_format(fmt) -> FloatFormat:
     if isinstance(fmt, str):
         if fmt not in FP8_FORMATS:
             raise ValueError(f"fmt must be one of {sorted(FP8_FORMATS)}, got {fmt!r}")
@@ -196,8 +177,8 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
         ``scale_dtype``, or a scale that under- or overflows ``scale_dtype`` (float16 holds
         scales from about 6e-8 to 65504).
     """
-    w = _float_matrix(weight, "weight")
-    g = _check_group_size(group_size)
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
+    g = check_int(group_size, "group_size", 1)
     try:
         sdt = np.dtype(scale_dtype)
     except TypeError:
@@ -262,7 +243,7 @@ def _check_int4(w4, name: str = "w4") -> Int4Weight:
 
 
 def _check_input(x, k: int) -> np.ndarray:
-    x = _float_matrix(x, "x")
+    x = real_array(x, "x", kinds="f", dtype=None, ndim=2)
     if x.shape[1] != k:
         raise ValueError(f"x must have K={k} columns to match the weight, got shape {x.shape}")
     return x
@@ -385,7 +366,7 @@ def int4_weight_only(model, group_size: int, *, scale_dtype=np.float16) -> Seque
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    g = _check_group_size(group_size)
+    g = check_int(group_size, "group_size", 1)
     out = copy.deepcopy(model)
     found = False
     for _, layer in out.named_modules():
@@ -410,30 +391,14 @@ def fp8_scale(x, fmt) -> float:
     (1.0 for an all-zero tensor).  ``fmt`` is ``"e4m3fn"``, ``"e5m2"`` or an 8-bit
     :class:`qcourse.floats.FloatFormat`.  See the lowbit chapter.
     """
-    fmt = _check_format(fmt)
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"x must hold real numbers, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError("x must not be empty")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains NaN or Inf; expected finite values")
+    fmt = _check_fp8_format(fmt)
+    arr = real_array(x, "x")
     amax = float(np.max(np.abs(arr)))
     if amax == 0.0:
         return 1.0
     scale = amax / fmt.max_finite
     if scale == 0.0:
         raise ValueError("max|x| is too small: its fp8 scale underflows to 0 in float64")
-    return scale
-
-
-def _check_scale(scale) -> float:
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
     return scale
 
 
@@ -447,14 +412,9 @@ def fp8_quantize(x, fmt, scale=None) -> tuple[np.ndarray, float]:
     the cast *saturating*: without it e4m3fn would turn anything above 464 into NaN.  See the
     lowbit chapter.
     """
-    fmt = _check_format(fmt)
-    s = fp8_scale(x, fmt) if scale is None else _check_scale(scale)
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"x must hold real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains NaN or Inf; expected finite values")
+    fmt = _check_fp8_format(fmt)
+    s = fp8_scale(x, fmt) if scale is None else check_real(scale, "scale", 0, lo_open=True)
+    arr = real_array(x, "x")
     m = fmt.max_finite
     return encode(np.clip(arr / s, -m, m), fmt), s
 
@@ -462,11 +422,9 @@ def fp8_quantize(x, fmt, scale=None) -> tuple[np.ndarray, float]:
 def fp8_dequantize(bits, scale, fmt) -> np.ndarray:
     r"""Back from fp8: :math:`\hat x = s \cdot \operatorname{decode}(b)`, float64.  See the lowbit
     chapter."""
-    fmt = _check_format(fmt)
-    b = np.asarray(bits)
-    if b.dtype != np.uint8:
-        raise TypeError(f"bits must be uint8 fp8 bit patterns, got dtype {b.dtype}")
-    return decode(b, fmt) * _check_scale(scale)
+    fmt = _check_fp8_format(fmt)
+    b = check_ndarray(bits, "bits", np.uint8, nonempty=False)
+    return decode(b, fmt) * check_real(scale, "scale", 0, lo_open=True)
 
 
 def fp8_fake_quantize(x, fmt, scale=None) -> np.ndarray:

@@ -760,7 +760,7 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
         history["val_accuracy"] = [accuracy(qmodel, X_val, y_val)]
     rng = np.random.default_rng(seed)
     n = X.shape[0]
-    bar = tqdm(range(epochs), desc=f"QAT ({_bits_label(qmodel.config['bits'])})", unit="epoch",
+    bar = tqdm(range(epochs), desc=f"QAT ({_bits_text(qmodel.config['bits'])})", unit="epoch",
                disable=not progress)
     for _ in bar:
         set_qat_training(qmodel, True)
@@ -780,7 +780,7 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     return qmodel
 
 
-def _bits_label(bits: dict) -> str:
+def _bits_text(bits: dict) -> str:
     values = sorted(set(bits.values()))
     return f"{values[0]}-bit" if len(values) == 1 else "mixed"
 

@@ -129,9 +129,9 @@ def test_smaller_groups_never_lose_sqnr_on_heavy_tails():
 
 
 @pytest.mark.parametrize("bad, exc, match", [
-    (np.ones((2, 3), np.int32), TypeError, "weight must be a float"),
+    (np.ones((2, 3), np.int32), TypeError, "weight must hold floating-point numbers"),
     (np.ones(3, np.float32), ValueError, "2-D"),
-    (np.ones((0, 3), np.float32), ValueError, "non-empty"),
+    (np.ones((0, 3), np.float32), ValueError, "weight must not be empty"),
     (np.array([[1.0, np.nan]]), ValueError, "NaN"),
     (np.array([[1e6, 1.0]]), ValueError, "overflows"),
     (np.array([[1e-9, 0.0]]), ValueError, "underflows"),
@@ -245,7 +245,7 @@ def test_layer_rejects_bad_input():
     x, w4 = _layer(10, 2, 3, 8, 4)
     with pytest.raises(ValueError, match="K=8"):
         lb.int4_linear_int8(x[:, :7], w4)
-    with pytest.raises(TypeError, match="x must be a float"):
+    with pytest.raises(TypeError, match="x must hold floating-point numbers"):
         lb.int4_linear_reference(x.astype(np.int32), w4)
     with pytest.raises(ValueError, match="bias"):
         lb.int4_linear_int8(x, w4, np.zeros(4, np.float32))
@@ -353,9 +353,9 @@ def test_fp8_rejects_bad_input():
         lb.fp8_quantize([1.0, np.inf], "e5m2")
     with pytest.raises(ValueError, match="empty"):
         lb.fp8_scale([], "e5m2")
-    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+    with pytest.raises(ValueError, match="scale must be a finite real number > 0"):
         lb.fp8_quantize([1.0], "e5m2", scale=0.0)
-    with pytest.raises(TypeError, match="bits must be uint8"):
+    with pytest.raises(TypeError, match="bits must have dtype uint8"):
         lb.fp8_dequantize(np.array([1, 2]), 1.0, "e5m2")
     with pytest.raises(TypeError, match="real numbers"):
         lb.format_sqnr(np.array(["a"]))
