@@ -38,9 +38,9 @@ MAX_THREADS = 1024
 MAX_BINS = 2**24
 #: Most training epochs in one call.
 MAX_EPOCHS = 100_000
-#: Most elements of a tensor an argument may ask the library to allocate (2**31: 16 GiB of
-#: float64, far beyond what the course's functions are for).
-MAX_ELEMENTS = 2**31
+#: Most elements of a tensor that a size-like argument may ask the library to allocate (2**28:
+#: 2 GiB of float64, far beyond what the course's functions are for).
+MAX_ELEMENTS = 2**28
 
 _REAL_KINDS = "fiu"
 
@@ -345,3 +345,36 @@ def check_instance(value, name: str, cls, what: str | None = None):
             what = " or ".join(f"a {c.__module__}.{c.__qualname__}" for c in classes)
         raise TypeError(f"{name} must be {what}, got {describe(value)}")
     return value
+
+
+def check_dtype(value, name: str, allowed) -> np.dtype:
+    """A NumPy dtype (or anything ``np.dtype`` accepts) that is one of ``allowed``."""
+    allowed = tuple(np.dtype(a) for a in allowed)
+    names = ", ".join(a.name for a in allowed)
+    try:
+        dtype = np.dtype(value) if value is not None else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype not in allowed:
+        raise TypeError(f"{name} must be one of the dtypes {names}, got {describe(value)}")
+    return dtype
+
+
+def check_sequence(value, name: str, *, min_len: int = 0, max_len: int | None = None) -> list:
+    """A list, tuple, range or 1-D array (not a string, not a mapping), as a list of items."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    if not isinstance(value, (list, tuple, range)):
+        raise TypeError(f"{name} must be a list or tuple, got {describe(value)}")
+    if len(value) < min_len or (max_len is not None and len(value) > max_len):
+        expected = (f"{min_len} to {max_len}" if max_len is not None and max_len != min_len
+                    else str(min_len) if max_len == min_len else f"at least {min_len}")
+        raise ValueError(f"{name} must have {expected} entries, got {len(value)}")
+    return list(value)
+
+
+def check_int_sequence(value, name: str, lo: int | None = None, hi: int | None = None, *,
+                       min_len: int = 1, max_len: int | None = None) -> tuple[int, ...]:
+    """A list or tuple of ints, each in ``[lo, hi]`` (a shape, the widths of a network...)."""
+    items = check_sequence(value, name, min_len=min_len, max_len=max_len)
+    return tuple(check_int(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(items))
