@@ -42,6 +42,10 @@ MAX_EPOCHS = 100_000
 #: 2 GiB of float64, far beyond what the course's functions are for).
 MAX_ELEMENTS = 2**28
 
+#: Largest magnitude of values that a function squares (or sums squares of) in float64:
+#: 1e150 squared is 1e300, and a sum of many such squares still fits below 1.8e308.
+MAX_SQUARABLE = 1e150
+
 _REAL_KINDS = "fiu"
 
 
@@ -169,14 +173,15 @@ def check_finite(arr: np.ndarray, name: str) -> np.ndarray:
 
 def real_array(value, name: str, *, kinds: str = _REAL_KINDS, dtype=np.float64,
                finite: bool = True, nonempty: bool = True, ndim: int | None = None,
-               min_ndim: int = 0) -> np.ndarray:
+               min_ndim: int = 0, max_abs: float | None = None) -> np.ndarray:
     """Real numbers as an array: a NumPy array, a list or a scalar of the dtype ``kinds``.
 
     ``kinds`` is ``"fiu"`` (any real dtype), ``"f"`` (floats only) or ``"iu"`` (integers).
     Complex, boolean, object and string data are refused (``TypeError``: converting them would
     drop an imaginary part, or compute on something that is not a number); so are NaN/Inf when
     ``finite`` and an empty array when ``nonempty`` (``ValueError``).  The result is cast to
-    ``dtype`` (float64 by default; ``None`` keeps the input's own dtype).
+    ``dtype`` (float64 by default; ``None`` keeps the input's own dtype).  ``max_abs`` refuses
+    larger magnitudes (:data:`MAX_SQUARABLE` where the function squares the values).
     """
     arr = as_array(value, name)
     if arr.dtype.kind not in kinds:
@@ -191,6 +196,9 @@ def real_array(value, name: str, *, kinds: str = _REAL_KINDS, dtype=np.float64,
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
     if finite:
         check_finite(arr, name)
+    if max_abs is not None and arr.size and float(np.max(np.abs(arr))) > max_abs:
+        raise ValueError(f"{name} must have magnitudes at most {max_abs:g} (this function "
+                         f"squares them in float64), got {float(np.max(np.abs(arr))):g}")
     if dtype is not None and arr.dtype != dtype:
         with np.errstate(over="ignore", invalid="ignore"):
             converted = arr.astype(dtype)

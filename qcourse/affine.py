@@ -25,9 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcourse._checks import (
+    MAX_SQUARABLE,
     check_axis,
     check_bool,
+    check_instance,
     check_int,
+    check_int_sequence,
+    check_real,
     onnx_scale,
     real_array,
 )
@@ -119,7 +123,8 @@ def storage_dtype(qmin: int, qmax: int) -> np.dtype:
         info = np.iinfo(dt)
         if info.min <= qmin and qmax <= info.max:
             return np.dtype(dt)
-    raise ValueError(f"no NumPy integer dtype holds [{qmin}, {qmax}]")
+    raise ValueError(f"qmin and qmax must fit a NumPy integer dtype (64 bits at most), got "
+                     f"[{qmin}, {qmax}]")
 
 
 # --- quantization parameters -------------------------------------------------------------------
@@ -858,7 +863,8 @@ def unpack_int(packed, bits: int, count: int, signed: bool) -> np.ndarray:
     need = -(-count // per_byte)
     if packed.size != need:
         raise ValueError(
-            f"{count} values of {bits} bits take {need} bytes, but packed has {packed.size}"
+            f"count={count} values of {bits} bits take {need} bytes, but packed has "
+            f"{packed.size}"
         )
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
     codes = ((packed[:, None] >> shifts) & np.uint8(2**bits - 1)).ravel()[:count]
@@ -882,8 +888,8 @@ def sqnr_db(x, x_hat) -> float:
     \approx 6.02` dB.  Returns ``inf`` when ``x_hat == x`` exactly; an all-zero ``x`` has no
     signal and raises ``ValueError``.  See the affine chapter.
     """
-    x = real_array(x, "x")
-    x_hat = real_array(x_hat, "x_hat")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    x_hat = real_array(x_hat, "x_hat", max_abs=MAX_SQUARABLE)
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {x.shape} and {x_hat.shape}")
     signal = float(np.sum(x * x))
@@ -933,9 +939,10 @@ def error_breakdown(x, qparams: QParams) -> ErrorBreakdown:
 
     A clipped value lands on the grid's end point, so its rounding term is 0 and the two mean
     squared errors add up to the total.  Rounding error is bounded by ``scale / 2`` per value;
-    clipping error is not bounded at all.  Computed in float64.  See the affine chapter.
+    clipping error is not bounded at all.  Computed in float64; ``|x|`` at most 1e150.  See the
+    affine chapter.
     """
-    x = real_array(x, "x")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     scale, zp = _broadcast_params(qparams, x.shape)
     lo, hi = scale * (qparams.qmin - zp), scale * (qparams.qmax - zp)
     x_hat = scale * (quantize(x, qparams).astype(np.int64) - zp)
@@ -974,7 +981,7 @@ def clip_sweep(x, clip_ratios, *, bits=8, signed=True, symmetric=True) -> dict[s
         ``"clip_ratio"``, ``"scale"``, ``"rounding_mse"``, ``"clipping_mse"``, ``"total_mse"``,
         ``"sqnr_db"``, ``"clipped_fraction"``: one float64 array entry per ratio.
     """
-    x = real_array(x, "x")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     ratios = real_array(clip_ratios, "clip_ratios")
     if ratios.ndim != 1 or np.any(ratios <= 0) or np.any(ratios > 1):
         raise ValueError("clip_ratios must be a 1-D sequence of numbers in (0, 1]")
@@ -1025,7 +1032,7 @@ def effective_bits(bits, shape, *, axis=None, group_size=None, scale_bits=16,
     See the affine chapter.
     """
     bits = check_int(bits, "bits", 1)
-    shape = tuple(check_int(s, "shape entries", 1) for s in shape)
+    shape = check_int_sequence(shape, "shape", 1, min_len=1)
     scale_bits = check_int(scale_bits, "scale_bits", 0)
     zero_point_bits = check_int(zero_point_bits, "zero_point_bits", 0)
     n = math.prod(shape)
@@ -1097,8 +1104,8 @@ def kmeans_codebook(x, bits: int, *, seed: int, max_iter: int = 300) -> np.ndarr
     """
     bits = check_int(bits, "bits", 1, MAX_BITS)
     seed = check_int(seed, "seed", 0)
-    max_iter = check_int(max_iter, "max_iter", 1)
-    x = real_array(x, "x").ravel()
+    max_iter = check_int(max_iter, "max_iter", 1, 10**6)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE).ravel()
     k = 2**bits
     uniq = np.unique(x)
     if uniq.size <= k:
@@ -1136,8 +1143,8 @@ def codebook_effective_bits(bits, n_values, *, entry_bits=32, n_codebooks=1) -> 
     """
     bits = check_int(bits, "bits", 1, MAX_BITS)
     n_values = check_int(n_values, "n_values", 1)
-    entry_bits = check_int(entry_bits, "entry_bits", 0)
-    n_codebooks = check_int(n_codebooks, "n_codebooks", 1)
+    entry_bits = check_int(entry_bits, "entry_bits", 0, 1024)
+    n_codebooks = check_int(n_codebooks, "n_codebooks", 1, 2**40)
     return bits + n_codebooks * 2**bits * entry_bits / n_values
 
 
@@ -1151,10 +1158,8 @@ def explorer_qparams(x, *, bits: int, clip: float, zero_point: int) -> QParams:
     grid covers :math:`[-s z,\ s (2^b - 1 - z)]`: ``clip`` sets its width, ``zero_point``
     slides it along the real line.  See the affine chapter.
     """
-    x = real_array(x, "x")
-    clip = float(clip)
-    if not 0 < clip <= 1:
-        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    clip = check_real(clip, "clip", 0.0, 1.0, lo_open=True)
     qmin, qmax = qrange(bits, signed=False)
     span = max(float(x.max()), 0.0) - min(float(x.min()), 0.0)
     scale = clip * span / (qmax - qmin) if span > 0 else 1.0
@@ -1172,9 +1177,11 @@ def plot_quantization(x, qparams: QParams, axes=None):
     """
     import matplotlib.pyplot as plt
 
-    if not isinstance(qparams, QParams) or qparams.axis is not None:
-        raise ValueError("plot_quantization draws per-tensor QParams")
-    x = real_array(x, "x").ravel()
+    check_instance(qparams, "qparams", QParams)
+    if qparams.axis is not None:
+        raise ValueError("qparams must be per-tensor (axis=None): plot_quantization draws one "
+                         "grid")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE).ravel()
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     ax_data, ax_err = axes
@@ -1218,7 +1225,7 @@ def error_explorer(x, *, bits: int = 4):
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    x = real_array(x, "x")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     qp0 = choose_qparams(x, bits=bits, signed=False)
     bits_w = widgets.IntSlider(value=bits, min=2, max=8, description="bits")
     clip_w = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="clip")

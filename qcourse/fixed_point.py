@@ -108,12 +108,13 @@ def _result(array: np.ndarray, scalar: bool):
 
 
 def _check_q_format(int_bits, frac_bits) -> tuple[int, int]:
-    m = check_int(int_bits, "int_bits", 0)
-    n = check_int(frac_bits, "frac_bits", 0)
+    m = check_int(int_bits, "int_bits", 0, 31)
+    n = check_int(frac_bits, "frac_bits", 0, 31)
     if 1 + m + n > 32:
         raise ValueError(
-            f"a Q{m}.{n} number needs 1 + {m} + {n} = {1 + m + n} bits; at most 32 are supported "
-            f"(so that a product of two of them is exact in int64)"
+            f"int_bits + frac_bits must be at most 31: a Q{m}.{n} number needs 1 + {m} + {n} = "
+            f"{1 + m + n} bits, and at most 32 are supported (so that a product of two of them "
+            f"is exact in int64)"
         )
     return m, n
 
@@ -336,7 +337,7 @@ def from_fixed(q, int_bits: int, frac_bits: int):
     m, n = _check_q_format(int_bits, frac_bits)
     qmin, qmax = fixed_range(m, n)
     scalar = _is_scalar(q)
-    q = int_array(q, "q", qmin, qmax, what=f"a raw Q{m}.{n} integer")
+    q = int_array(q, "q", qmin, qmax, what=f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}")
     return _result(np.ldexp(q.astype(np.float64), -n), scalar)
 
 
@@ -357,7 +358,7 @@ def fixed_add(a, b, int_bits: int, frac_bits: int, *, overflow="saturate"):
     check_choice(overflow, "overflow", _OVERFLOW_POLICIES)
     qmin, qmax = fixed_range(m, n)
     scalar = _is_scalar(a) and _is_scalar(b)
-    fmt = f"a raw Q{m}.{n} integer"
+    fmt = f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}"
     qa = int_array(a, "a", qmin, qmax, what=fmt)
     qb = int_array(b, "b", qmin, qmax, what=fmt)
     return _result(_apply_overflow(qa + qb, qmin, qmax, overflow, "a + b"), scalar)
@@ -385,7 +386,7 @@ def fixed_mul(a, b, int_bits: int, frac_bits: int, *, rounding="nearest_even",
     check_choice(overflow, "overflow", _OVERFLOW_POLICIES)
     qmin, qmax = fixed_range(m, n)
     scalar = _is_scalar(a) and _is_scalar(b)
-    fmt = f"a raw Q{m}.{n} integer"
+    fmt = f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}"
     qa = int_array(a, "a", qmin, qmax, what=fmt)
     qb = int_array(b, "b", qmin, qmax, what=fmt)
     rng = _rng(seed, rounding)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qcourse._checks import check_bool, describe
+
 __all__ = [
     "BF16",
     "ENERGY_45NM_PJ",
@@ -589,6 +591,7 @@ def enumerate_format(fmt, finite_only: bool = True):
             f"fmt must be at most 16 bits wide to enumerate, got {fmt.name} with "
             f"{fmt.total_bits} bits ({2**fmt.total_bits} patterns)"
         )
+    finite_only = check_bool(finite_only, "finite_only")
     bits = np.arange(2**fmt.total_bits, dtype=np.uint64).astype(fmt.dtype)
     values = decode(bits, fmt)
     if not finite_only:
@@ -645,6 +648,8 @@ def bit_string(bits, fmt, sep: str = " ") -> str:
     """
     fmt = _check_format(fmt)
     b, scalar = _bit_patterns(bits, "bits", fmt)
+    if not isinstance(sep, str):
+        raise TypeError(f"sep must be a str, got {describe(sep)}")
     if not scalar and b.size != 1:
         raise ValueError(f"bits must be a single bit pattern, got an array of shape {b.shape}")
     s, ex, man = fields(int(b.reshape(-1)[0]), fmt)
