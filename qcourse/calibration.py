@@ -31,7 +31,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcourse._checks import MAX_BINS, MAX_ELEMENTS, check_int, check_real, real_array
+from qcourse._checks import (
+    MAX_BINS,
+    MAX_ELEMENTS,
+    MAX_SQUARABLE,
+    check_bool,
+    check_choice,
+    check_instance,
+    check_int,
+    check_labels,
+    check_real,
+    check_sequence,
+    real_array,
+)
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -98,7 +110,7 @@ class StreamingHistogram:
 
     def __init__(self, bins: int = 2048, *, include_zero: bool = False):
         self.bins = check_int(bins, "bins", 8, MAX_BINS)
-        self.include_zero = bool(include_zero)
+        self.include_zero = check_bool(include_zero, "include_zero")
         self.reset()
 
     def reset(self) -> None:
@@ -180,6 +192,27 @@ class StreamingHistogram:
         return np.arange(n + 1, dtype=np.float64) * self.width, np.rint(folded).astype(np.int64)
 
 
+#: Largest |edge| and count of a histogram: edges are cubed by histogram_mse (1e100 cubed is
+#: 1e300) and counts summed.
+_MAX_EDGE = 1e100
+_MAX_COUNT = 1e250
+
+
+def _check_histogram(edges, counts) -> tuple[np.ndarray, np.ndarray]:
+    """``(edges, counts)`` of a histogram: 1-D, ``len(edges) == len(counts) + 1``, edges finite
+    and strictly increasing, counts finite, non-negative, with a positive total."""
+    edges = real_array(edges, "edges", ndim=1, max_abs=_MAX_EDGE)
+    counts = real_array(counts, "counts", ndim=1, max_abs=_MAX_COUNT)
+    if edges.size != counts.size + 1:
+        raise ValueError(f"edges must have one more entry than counts, got {edges.shape} and "
+                         f"{counts.shape}")
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError("edges must be strictly increasing")
+    if np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError("counts must be non-negative with a positive total")
+    return edges, counts
+
+
 def histogram_percentile(edges, counts, percentile: float) -> float:
     r"""The ``percentile``-th percentile of histogrammed data, interpolated inside its bin.
 
@@ -189,13 +222,7 @@ def histogram_percentile(edges, counts, percentile: float) -> float:
     uniformly over the bin.  The answer is within one bin width of ``numpy.percentile`` on the
     raw data (up to the spacing of neighbouring samples).  See the calibration chapter.
     """
-    edges = np.asarray(edges, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
-    if edges.ndim != 1 or counts.ndim != 1 or edges.size != counts.size + 1:
-        raise ValueError(f"edges must have one more entry than counts, got {edges.shape} and "
-                         f"{counts.shape}")
-    if np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError("counts must be non-negative with a positive total")
+    edges, counts = _check_histogram(edges, counts)
     p = check_real(percentile, "percentile", 0.0, 100.0, lo_open=False)
     cum = np.cumsum(counts)
     target = cum[-1] * p / 100.0
@@ -235,15 +262,7 @@ def histogram_mse(edges, counts, qparams: QParams) -> float:
         raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
     if qparams.axis is not None:
         raise ValueError("histogram_mse needs per-tensor qparams (axis=None)")
-    edges = np.asarray(edges, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
-    if edges.ndim != 1 or counts.ndim != 1 or edges.size != counts.size + 1:
-        raise ValueError(f"edges must have one more entry than counts, got {edges.shape} and "
-                         f"{counts.shape}")
-    if np.any(np.diff(edges) <= 0):
-        raise ValueError("edges must be strictly increasing")
-    if np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError("counts must be non-negative with a positive total")
+    edges, counts = _check_histogram(edges, counts)
     return float(_grid_mse(edges, counts, qparams.scale.reshape(1), qparams.zero_point.reshape(1),
                            qparams.qmin, qparams.qmax)[0])
 
@@ -274,13 +293,11 @@ def kl_divergence(p, q) -> float:
     :math:`Q_i = 0` makes the divergence infinite (smooth ``q`` first to avoid that, as
     :func:`kl_threshold_search` does).  See the calibration chapter.
     """
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    if p.shape != q.shape or p.ndim != 1:
+    p = real_array(p, "p", ndim=1, max_abs=_MAX_COUNT)
+    q = real_array(q, "q", ndim=1, max_abs=_MAX_COUNT)
+    if p.shape != q.shape:
         raise ValueError(f"p and q must be 1-D histograms of the same length, got {p.shape} "
                          f"and {q.shape}")
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(q))):
-        raise ValueError("p and q must be finite")
     if np.any(p < 0) or np.any(q < 0) or p.sum() <= 0 or q.sum() <= 0:
         raise ValueError("p and q must be non-negative with positive sums")
     p = p / p.sum()
@@ -324,10 +341,11 @@ def kl_threshold_search(abs_counts, levels: int, *, eps: float = 1e-4):
     candidates : numpy.ndarray of int
     divergences : numpy.ndarray of float
     """
-    hist = np.asarray(abs_counts, dtype=np.float64)
+    hist = real_array(abs_counts, "abs_counts", ndim=1, max_abs=_MAX_COUNT)
     levels = check_int(levels, "levels", 2, MAX_BINS)
-    if hist.ndim != 1 or hist.size == 0 or np.any(hist < 0) or hist.sum() <= 0:
-        raise ValueError("abs_counts must be a non-empty 1-D histogram with a positive total")
+    eps = check_real(eps, "eps", 0.0, 1.0, lo_open=True)
+    if np.any(hist < 0) or hist.sum() <= 0:
+        raise ValueError("abs_counts must be a 1-D histogram: non-negative, positive total")
     n = hist.size
     if n <= levels:
         return n, np.array([n]), np.array([0.0])
@@ -654,7 +672,7 @@ class EntropyObserver(Observer):
     def __init__(self, *, bins: int = 2048, bits: int = 8, signed: bool = True,
                  symmetric: bool = False, narrow_range: bool = False,
                  flatten_zero_bin: bool = True):
-        self.flatten_zero_bin = bool(flatten_zero_bin)
+        self.flatten_zero_bin = check_bool(flatten_zero_bin, "flatten_zero_bin")
         self.histogram = StreamingHistogram(bins, include_zero=True)
         super().__init__(bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
@@ -703,17 +721,13 @@ def calibrate(model, layer: str, X, observer: Observer, *, batch_size: int = 128
     hands each batch's activations to the observer, and the hook is removed afterwards.  See
     the calibration chapter.
     """
-    from qcourse.nn import Sequential
+    from qcourse.nn.core import _check_layer_name, _check_model_input
 
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    if not isinstance(observer, Observer):
-        raise TypeError(f"observer must be a qcourse.calibration.Observer, got "
-                        f"{type(observer).__name__}")
-    if where not in ("input", "output"):
-        raise ValueError(f"where must be 'input' or 'output', got {where!r}")
+    layer = _check_layer_name(model, layer)
+    X = _check_model_input(model, X, "X")
+    check_instance(observer, "observer", Observer)
+    check_choice(where, "where", ("input", "output"))
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
-    X = real_array(X, "X", dtype=np.float32)
 
     def hook(module, inp, out):
         observer.update(out if where == "output" else inp)
@@ -748,7 +762,7 @@ def dynamic_qparams(x, *, bits: int = 8, signed: bool = True, symmetric: bool = 
     that cannot be folded in ahead of time.  See the calibration chapter.
     """
     x = real_array(x, "x")
-    if per_row:
+    if check_bool(per_row, "per_row"):
         if x.ndim != 2:
             raise ValueError(f"per_row=True needs a 2-D (batch, features) x, got shape {x.shape}")
         return choose_qparams(x, bits=bits, signed=signed, symmetric=symmetric,
@@ -799,12 +813,10 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
     time (one per batch, or one per row).  A static range costs none of these.  See the
     calibration chapter.
     """
-    x = real_array(x, "x")
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D (rows, features), got shape {x.shape}")
-    if not isinstance(static_qparams, QParams):
-        raise TypeError(f"static_qparams must be a QParams, got {type(static_qparams).__name__}")
+    x = real_array(x, "x", ndim=2, max_abs=MAX_SQUARABLE)
+    check_instance(static_qparams, "static_qparams", QParams)
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    per_row = check_bool(per_row, "per_row")
     static_hat, dynamic_hat = np.empty_like(x), np.empty_like(x)
     n_batches = 0
     n_params = 0
@@ -863,15 +875,24 @@ def compare_observers(model, layer: str, observers: Mapping[str, Observer] | Ite
     (:func:`fake_quant_hook`) and every other layer in float.  See the calibration chapter.
     """
     from qcourse.nn import accuracy, capture_activations
+    from qcourse.nn.core import _check_layer_name, _check_model_input
 
-    items = list(observers.items() if isinstance(observers, Mapping) else observers)
+    layer = _check_layer_name(model, layer)
+    if isinstance(observers, Mapping):
+        items = list(observers.items())
+    else:
+        items = check_sequence(observers, "observers")
+        if not all(isinstance(item, tuple) and len(item) == 2 for item in items):
+            raise TypeError("observers must be a mapping {name: observer} or a list of "
+                            "(name, observer) pairs")
+    if not items:
+        raise ValueError("observers must not be empty")
     for name, obs in items:
-        if not isinstance(obs, Observer):
-            raise TypeError(f"observer {name!r} must be a qcourse.calibration.Observer, got "
-                            f"{type(obs).__name__}")
+        check_instance(obs, f"observers[{name!r}]", Observer)
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
-    X_calib = real_array(X_calib, "X_calib", dtype=np.float32)
-    X_eval = real_array(X_eval, "X_eval", dtype=np.float32)
+    X_calib = _check_model_input(model, X_calib, "X_calib")
+    X_eval = _check_model_input(model, X_eval, "X_eval")
+    y_eval = check_labels(y_eval, "y_eval", X_eval.shape[0])
     cal = capture_activations(model, X_calib, layers=[layer], batch_size=batch_size)[layer].output
     acts = capture_activations(model, X_eval, layers=[layer])[layer].output
     rows = []

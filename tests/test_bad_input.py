@@ -176,6 +176,7 @@ def _valid_calls():
     """Name -> zero-argument function returning ``(args, kwargs)`` of one valid call."""
     F = fx()
     from qcourse import floats, kernels, nn, ptq
+    from qcourse.calibration import MinMaxObserver as MinMax
 
     def int_matmul_linear_float():
         return c(F.x32, F.w, np.zeros(3, np.float32), "relu")
@@ -235,7 +236,7 @@ def _valid_calls():
         "StreamingHistogram": lambda: c(64, include_zero=False),
         "calibrate": lambda: c(F.model(), "fc1", F.x32, F.observer(), batch_size=4,
                                where="output"),
-        "compare_observers": lambda: c(F.model(), "fc1", [F.observer()], F.x32, F.x32, F.y,
+        "compare_observers": lambda: c(F.model(), "fc1", {"minmax": MinMax()}, F.x32, F.x32, F.y,
                                        batch_size=4),
         "compare_static_dynamic": lambda: c(F.x, F.qp(), batch_size=2, bits=8, signed=True,
                                             symmetric=False, per_row=False),
@@ -510,6 +511,7 @@ class Bad:
     label: str
     value: object
     same: bool = False    # an equivalent input: the result must equal the valid one
+    strict: bool = False  # never acceptable: returning at all is a silent loss or coercion
 
 
 def _with_first(arr: np.ndarray, value) -> np.ndarray:
@@ -522,17 +524,20 @@ def bad_values(v) -> list[Bad]:
     """The bad values of ``v``'s kind (see the module docstring)."""
     out = [Bad("None", None), Bad("a string", "bogus"), Bad("an object", object())]
     if isinstance(v, (bool, np.bool_)):
-        out += [Bad("1 for a flag", 1), Bad("0 for a flag", 0), Bad("'yes' for a flag", "yes"),
-                Bad("a list for a flag", ["a", "b"]), Bad("an array of flags",
-                                                          np.array([True, False]))]
+        out += [Bad("1 for a flag", 1, strict=True), Bad("0 for a flag", 0, strict=True),
+                Bad("'yes' for a flag", "yes", strict=True),
+                Bad("a list for a flag", ["a", "b"], strict=True),
+                Bad("an array of flags", np.array([True, False]), strict=True)]
     elif isinstance(v, (int, np.integer)):
         out += [Bad("2**31", 2**31), Bad("10**30", 10**30), Bad("-1", -1), Bad("0", 0),
-                Bad("-(2**63)", -(2**63)), Bad("3.7 for an int", 3.7), Bad("True for an int", True),
+                Bad("-(2**63)", -(2**63)), Bad("3.7 for an int", 3.7, strict=True),
+                Bad("True for an int", True, strict=True),
                 Bad("a float equal to it", float(v)), Bad("nan", float("nan"))]
     elif isinstance(v, (float, np.floating)):
         out += [Bad("nan", float("nan")), Bad("inf", float("inf")), Bad("-inf", float("-inf")),
                 Bad("1e300", 1e300), Bad("-1e300", -1e300), Bad("0.0", 0.0), Bad("-1.0", -1.0),
-                Bad("complex", complex(float(v), 1.0)), Bad("True for a number", True),
+                Bad("complex", complex(float(v), 1.0), strict=True),
+                Bad("True for a number", True, strict=True),
                 Bad("a list of two", [float(v), float(v)])]
     elif isinstance(v, str):
         out += [Bad("an unknown name", "bogus-choice"), Bad("an empty string", ""),
@@ -560,9 +565,9 @@ def _bad_arrays(v: np.ndarray) -> list[Bad]:
     out = [Bad("an empty array", v[:0] if v.ndim else np.empty(0, v.dtype)),
            Bad("a 0-d array", np.asarray(v.flat[0]) if v.size else np.asarray(0, v.dtype)),
            Bad("an extra axis", v[None]),
-           Bad("complex dtype", v.astype(np.complex128) + 1j),
-           Bad("bool dtype", v.astype(bool)),
-           Bad("object dtype", v.astype(object)),
+           Bad("complex dtype", v.astype(np.complex128) + 1j, strict=True),
+           Bad("bool dtype", v.astype(bool), strict=v.dtype != bool),
+           Bad("object dtype", v.astype(object), strict=True),
            Bad("a list of strings", ["a"] * max(1, v.size))]
     if v.ndim >= 1:
         out.append(Bad("one axis fewer", v[0]))
@@ -696,6 +701,8 @@ def classify(fn, args, kwargs, names, bad: Bad | None, valid_result) -> tuple[st
         return "other exception type", detail
     if bad is None:
         return "returned", ""
+    if bad.strict:
+        return "accepted a value it must refuse", bad.label
     if bad.same:
         if not _same(result, valid_result):
             return "different answer for an equivalent input", bad.label
@@ -869,7 +876,8 @@ def build_specs(names=None) -> list[list]:
 
 
 FAILURES = ("valid call failed", "message does not name the argument", "other exception type",
-            "different answer for an equivalent input", "silent NaN/Inf")
+            "different answer for an equivalent input", "silent NaN/Inf",
+            "accepted a value it must refuse")
 
 
 def _is_failure(name, pname, label, outcome, detail) -> bool:

@@ -491,6 +491,18 @@ def _check_model_input(model, X, name: str) -> np.ndarray:
     return X
 
 
+def _check_layer_name(model, layer, name: str = "layer") -> str:
+    """The name of one of ``model``'s layers (a Sequential), or a TypeError/ValueError."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be a qcourse.nn.Sequential, got {describe(model)}")
+    if not isinstance(layer, str):
+        raise TypeError(f"{name} must be a layer name (a str), got {describe(layer)}")
+    if layer not in model.names:
+        raise ValueError(f"{name} must be one of the model's layers {model.names}, got "
+                         f"{layer!r}")
+    return layer
+
+
 def train_epoch(model: Module, X: np.ndarray, y: np.ndarray, order: np.ndarray,
                 batch_size: int, opt) -> tuple[float, float]:
     """One pass over ``(X, y)`` in the given ``order``, in batches of ``batch_size``.
