@@ -776,6 +776,8 @@ def dynamic_fake_quant_hook(*, bits: int = 8, signed: bool = True, symmetric: bo
     """A forward hook that fake-quantizes each output with :func:`dynamic_qparams` of that very
     output (dynamic quantization).  See the calibration chapter."""
     qrange(bits, signed)  # validate now, not at the first forward
+    symmetric = check_bool(symmetric, "symmetric")
+    per_row = check_bool(per_row, "per_row")
 
     def hook(module, inp, out):
         qp = dynamic_qparams(out, bits=bits, signed=signed, symmetric=symmetric, per_row=per_row)

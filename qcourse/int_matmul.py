@@ -43,8 +43,10 @@ from qcourse._checks import (
     INT32_MIN,
     check_choice,
     check_ndarray,
+    check_real,
     int_array,
     onnx_scale,
+    real_array,
 )
 from qcourse.affine import (
     QParams,
@@ -241,6 +243,14 @@ def _check_exact_sums(k: int, x, w, zx, zw, what: str, bias=0) -> None:
                          f"{bound} >= 2**63); use codes of at most 16 bits")
 
 
+def _per_output(values: np.ndarray, name: str, n: int) -> np.ndarray:
+    """A scalar or one value per output row, broadcast to (n,)."""
+    if values.ndim > 1 or values.size not in (1, n):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},) (one per output), got "
+                         f"shape {values.shape}")
+    return np.broadcast_to(values.reshape(-1), (n,))
+
+
 def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str, np.ndarray]:
     r"""The four integer terms of :math:`\sum_k (x_{ik} - Z_x)(W_{jk} - Z_{W,j})`, separately.
 
@@ -279,7 +289,8 @@ def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str,
     zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
-    zw = np.broadcast_to(_int32_values(weight_zero_point, "weight_zero_point"), (w.shape[0],))
+    zw = _per_output(_int32_values(weight_zero_point, "weight_zero_point"),
+                     "weight_zero_point", w.shape[0])
     k = x.shape[1]
     _check_exact_sums(k, x, w, zx, zw, "x_q and w_q")
     return {
@@ -319,13 +330,8 @@ def fold_zero_points(w_q, input_zero_point, weight_zero_point, bias_q=None) -> n
     zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
-    try:
-        zw = np.broadcast_to(_int32_values(weight_zero_point, "weight_zero_point"),
-                             (w.shape[0],))
-    except ValueError:
-        raise ValueError(
-            f"weight_zero_point must be a scalar or have shape ({w.shape[0]},)"
-        ) from None
+    zw = _per_output(_int32_values(weight_zero_point, "weight_zero_point"),
+                     "weight_zero_point", w.shape[0])
     b = np.zeros(w.shape[0], np.int64)
     if bias_q is not None:
         b = _int32_values(bias_q, "bias_q")
@@ -333,6 +339,14 @@ def fold_zero_points(w_q, input_zero_point, weight_zero_point, bias_q=None) -> n
             raise ValueError(f"bias_q must have shape ({w.shape[0]},), got {b.shape}")
     _check_exact_sums(w.shape[1], zx, w, zx, zw, "w_q and the zero points", b)
     return b - zx * w.sum(axis=1) + w.shape[1] * zx * zw
+
+
+def _positive_scale(value, name: str, dtype) -> np.ndarray:
+    """A scale (scalar or array): real, finite, > 0, and still so in ``dtype``."""
+    arr = real_array(value, name, dtype=dtype)
+    if not np.all(arr > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {arr[arr <= 0].flat[0]}")
+    return arr
 
 
 def quantize_bias(bias, input_scale, weight_scale) -> np.ndarray:
@@ -357,23 +371,13 @@ def quantize_bias(bias, input_scale, weight_scale) -> np.ndarray:
     -------
     numpy.ndarray, int32, shape (out,)
     """
-    b = np.asarray(bias)
-    if b.dtype.kind not in "fiu" or b.dtype == np.bool_:
-        raise TypeError(f"bias must hold real numbers, got dtype {b.dtype}")
-    b = b.astype(np.float64)
-    if b.ndim != 1 or b.size == 0:
-        raise ValueError(f"bias must be a non-empty 1-D array (one per output), got {b.shape}")
-    if not np.all(np.isfinite(b)):
-        raise ValueError("bias must be finite (no NaN or Inf)")
-    sx = np.asarray(input_scale, dtype=np.float64)
-    sw = np.asarray(weight_scale, dtype=np.float64)
+    b = real_array(bias, "bias", ndim=1)
+    sx = _positive_scale(input_scale, "input_scale", np.float64)
+    sw = _positive_scale(weight_scale, "weight_scale", np.float64)
     if sx.ndim != 0:
         raise ValueError(f"input_scale must be a scalar, got shape {sx.shape}")
     if sw.ndim not in (0, 1) or (sw.ndim == 1 and sw.shape != b.shape):
         raise ValueError(f"weight_scale must be a scalar or have shape {b.shape}, got {sw.shape}")
-    for name, s in (("input_scale", sx), ("weight_scale", sw)):
-        if not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0")
     q = np.rint(b / (sx * sw))
     if np.any((q < INT32_MIN) | (q > INT32_MAX)):
         raise ValueError(
@@ -404,11 +408,8 @@ def float_multiplier(a_scale, b_scale, y_scale) -> np.ndarray:
     -------
     numpy.ndarray, float32
     """
-    sa, sb, sy = (np.asarray(s, dtype=np.float64).astype(np.float32)
-                  for s in (a_scale, b_scale, y_scale))
-    for name, s in (("a_scale", sa), ("b_scale", sb), ("y_scale", sy)):
-        if s.size == 0 or not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0 (and non-empty)")
+    sa, sb, sy = (_positive_scale(s, name, np.float32) for s, name in
+                  ((a_scale, "a_scale"), (b_scale, "b_scale"), (y_scale, "y_scale")))
     with np.errstate(over="ignore", under="ignore"):
         m = (sa * sb) / sy
     if not np.all(np.isfinite(m)) or np.any(m == 0):
@@ -549,7 +550,7 @@ def requantization_disagreements(multiplier, acc) -> dict[tuple[str, str], list[
         ``("double", "single")``; only causes that occur are present.
     """
     acc = _check_acc(acc).ravel()
-    m = float(np.asarray(multiplier, dtype=np.float64))
+    m = check_real(multiplier, "multiplier", 0.0, lo_open=True)
     y_float = requantize_float(acc, m, 0, -128, 127).astype(np.int64)
     exact_m = Fraction(m)
     found: dict[tuple[str, str], list[tuple]] = {}
@@ -821,21 +822,27 @@ def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int
     return lo, hi
 
 
+#: Largest magnitude of an operand of the float reference layer (products and sums of up to
+#: 2**28 of them stay finite in float64).
+_MAX_FLOAT_OPERAND = 1e120
+
+
 def linear_float(x, weight, bias=None, activation="none") -> np.ndarray:
     r"""The float layer the quantized one approximates: :math:`y = \operatorname{act}(x W^T + b)`.
 
-    In float64.  ``x`` (batch, in), ``weight`` (out, in), ``bias`` (out,); ``activation`` one of
-    :data:`ACTIVATIONS` (ReLU6 is :math:`\min(\max(y, 0), 6)`).  See the int_matmul chapter.
+    In float64.  ``x`` (batch, in), ``weight`` (out, in), ``bias`` (out,), finite reals of
+    magnitude at most 1e120; ``activation`` one of :data:`ACTIVATIONS` (ReLU6 is
+    :math:`\min(\max(y, 0), 6)`).  See the int_matmul chapter.
     """
     check_choice(activation, "activation", ACTIVATIONS)
-    xs = np.asarray(x, dtype=np.float64)
-    w = np.asarray(weight, dtype=np.float64)
-    if xs.ndim != 2 or w.ndim != 2 or xs.shape[1] != w.shape[1]:
+    xs = real_array(x, "x", ndim=2, max_abs=_MAX_FLOAT_OPERAND)
+    w = real_array(weight, "weight", ndim=2, max_abs=_MAX_FLOAT_OPERAND)
+    if xs.shape[1] != w.shape[1]:
         raise ValueError(f"x must be (batch, in) and weight (out, in) with the same 'in', got "
                          f"{xs.shape} and {w.shape}")
     y = xs @ w.T
     if bias is not None:
-        b = np.asarray(bias, dtype=np.float64)
+        b = real_array(bias, "bias", ndim=1, max_abs=_MAX_FLOAT_OPERAND)
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
         y = y + b

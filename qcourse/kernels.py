@@ -212,7 +212,7 @@ def matmul_int8_u8s8(a: np.ndarray, b: np.ndarray, *, path: str | None = None) -
     """
     a, b = _check_operands(a, b)
     code = _path_code(path)
-    au = (a.astype(np.int16) + 128).astype(np.uint8)
+    au = np.ascontiguousarray((a.astype(np.int16) + 128).astype(np.uint8))
     colsum = b.sum(axis=0, dtype=np.int32)
     out = _new_output(a, b.shape[1])
     _kernels.matmul_u8s8(code, au, np.ascontiguousarray(b.T), colsum, out)

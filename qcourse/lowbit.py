@@ -26,6 +26,7 @@ import numpy as np
 
 from qcourse._checks import (
     MAX_ELEMENTS,
+    check_bool,
     check_int,
     check_ndarray,
     check_real,
@@ -244,6 +245,8 @@ def _check_int4(w4, name: str = "w4") -> Int4Weight:
 
 def _check_input(x, k: int) -> np.ndarray:
     x = real_array(x, "x", kinds="f", dtype=None, ndim=2)
+    if x.dtype != np.float32:
+        real_array(x, "x", dtype=np.float32)            # refuses values beyond float32
     if x.shape[1] != k:
         raise ValueError(f"x must have K={k} columns to match the weight, got shape {x.shape}")
     return x
@@ -252,10 +255,16 @@ def _check_input(x, k: int) -> np.ndarray:
 def _check_bias(bias, n: int):
     if bias is None:
         return None
-    b = np.asarray(bias)
-    if b.dtype.kind != "f" or b.shape != (n,):
-        raise ValueError(f"bias must be a float array of shape ({n},), got {b.dtype} {b.shape}")
+    b = real_array(bias, "bias", kinds="f", dtype=np.float32, ndim=1)
+    if b.shape != (n,):
+        raise ValueError(f"bias must be a float array of shape ({n},), got shape {b.shape}")
     return b
+
+
+def _finite_output(y: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(y)):
+        raise ValueError("x is too large for this weight: the layer's output overflows float32")
+    return y
 
 
 def int4_linear_reference(x, w4: Int4Weight, bias=None) -> np.ndarray:
@@ -268,8 +277,9 @@ def int4_linear_reference(x, w4: Int4Weight, bias=None) -> np.ndarray:
     w4 = _check_int4(w4)
     x = _check_input(x, w4.shape[1]).astype(np.float32)
     bias = _check_bias(bias, w4.shape[0])
-    y = x @ w4.dequantize().T
-    return y if bias is None else y + bias.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x @ w4.dequantize().T
+        return _finite_output(y if bias is None else y + bias)
 
 
 def _activation_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -349,11 +359,13 @@ def int4_linear_int8(x, w4: Int4Weight, bias=None, *, reference: bool = False) -
     w4 = _check_int4(w4)
     x = _check_input(x, w4.shape[1])
     bias = _check_bias(bias, w4.shape[0])
+    reference = check_bool(reference, "reference")
     xq, sx = _activation_codes(x)
     acc = (int4_group_accumulators_reference if reference else int4_group_accumulators)(xq, w4)
     y = np.einsum("mnj,nj->mn", acc.astype(np.float64), w4.scale.astype(np.float64))
-    y = (sx[:, None] * y).astype(np.float32)
-    return y if bias is None else y + bias.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = (sx[:, None] * y).astype(np.float32)
+        return _finite_output(y if bias is None else y + bias)
 
 
 def int4_weight_only(model, group_size: int, *, scale_dtype=np.float16) -> Sequential:
@@ -423,7 +435,8 @@ def fp8_dequantize(bits, scale, fmt) -> np.ndarray:
     r"""Back from fp8: :math:`\hat x = s \cdot \operatorname{decode}(b)`, float64.  See the lowbit
     chapter."""
     fmt = _check_fp8_format(fmt)
-    b = check_ndarray(bits, "bits", np.uint8, nonempty=False)
+    b = check_ndarray(np.asarray(bits) if isinstance(bits, np.generic) else bits, "bits",
+                      np.uint8, nonempty=False)
     return decode(b, fmt) * check_real(scale, "scale", 0, lo_open=True)
 
 

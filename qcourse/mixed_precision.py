@@ -28,6 +28,7 @@ The curvature functions work on a :class:`qcourse.nn.Sequential` of ``Linear``, 
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,9 +36,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from qcourse._checks import MAX_ELEMENTS, check_int, check_real
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_bool,
+    check_int,
+    check_int_sequence,
+    check_labels,
+    check_real,
+    check_sequence,
+    real_array,
+)
 from qcourse.affine import choose_qparams, fake_quantize, qparams_from_range
 from qcourse.nn import Linear, Module, ReLU, ReLU6, Sequential, softmax, softmax_cross_entropy
+from qcourse.nn.core import _check_model_input
 
 __all__ = [
     "FLOAT_BITS",
@@ -125,23 +136,8 @@ def _check_layer(model: Sequential, layer) -> int:
 
 
 def _check_data(X, y, model: Sequential) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"X must be a numpy.ndarray, got {type(X).__name__}")
-    if X.dtype.kind != "f":
-        raise TypeError(f"X must have a floating dtype, got {X.dtype}")
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"X must be a non-empty 2-D (batch, features) array, got shape {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError("X contains NaN or Inf; expected finite values")
-    first = model.layers[0]
-    if isinstance(first, Linear) and X.shape[1] != first.in_features:
-        raise ValueError(f"X must have {first.in_features} features, got shape {X.shape}")
-    if not isinstance(y, np.ndarray):
-        raise TypeError(f"y must be a numpy.ndarray of integer labels, got {type(y).__name__}")
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"y must have an integer dtype, got {y.dtype}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {y.shape}")
+    X = _check_model_input(model, X, "X")
+    y = check_labels(y, "y", X.shape[0])
     return X, y
 
 
@@ -363,7 +359,7 @@ def layer_sensitivity(model, X, y, bits: int = 4, *, layers=None,
     if layers is None:
         layers = names
     else:
-        layers = list(layers)
+        layers = check_sequence(layers, "layers")
         for n in layers:
             if n not in names:
                 raise ValueError(f"layers names {n!r}, which is not a Linear layer of the model "
@@ -604,9 +600,9 @@ def hutchinson_trace(matvec: Callable[[np.ndarray], np.ndarray], shape, n_sample
         raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (int(shape),)
-    shape = tuple(shape)
-    for s in shape:
-        check_int(s, "each entry of shape", 1, MAX_ELEMENTS)
+    shape = check_int_sequence(shape, "shape", 1, MAX_ELEMENTS)
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"shape must have at most {MAX_ELEMENTS} elements, got {shape}")
     n_samples = check_int(n_samples, "n_samples", 1, _MAX_SAMPLES)
     seed = check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
@@ -691,7 +687,7 @@ def hawq_omega(trace, weight, bits: int, *, per_channel: bool = True) -> float:
 
 
 def _check_infos(infos) -> list[LayerInfo]:
-    infos = list(infos)
+    infos = check_sequence(infos, "infos")
     if not infos or not all(isinstance(i, LayerInfo) for i in infos):
         raise TypeError("infos must be a non-empty list of LayerInfo (from layer_info(model))")
     return infos
@@ -709,6 +705,8 @@ def model_size_bits(infos, w_bits, *, overhead: bool = False, per_channel: bool 
     """
     infos = _check_infos(infos)
     bmap = _bits_map(w_bits, [i.name for i in infos], "w_bits", low=1)
+    overhead = check_bool(overhead, "overhead")
+    per_channel = check_bool(per_channel, "per_channel")
     total = sum(i.weights * bmap[i.name] for i in infos)
     if overhead:
         for i in infos:
@@ -757,7 +755,7 @@ def _allocation_problem(costs, n_weights, budget_bits, choices):
     if set(n_weights) != set(names):
         raise ValueError(f"n_weights must have the layers of costs {names}, got {list(n_weights)}")
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=1)
-                               for b in choices)))
+                               for b in check_sequence(choices, "choices"))))
     if not choices:
         raise ValueError("choices must list at least one bit width")
     C = np.empty((len(names), len(choices)))
@@ -882,7 +880,7 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
     names = linear_layers(model)
     X, y = _check_data(X, y, model)
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=2)
-                               for b in choices)))
+                               for b in check_sequence(choices, "choices"))))
     max_configs = check_int(max_configs, "max_configs", 1, _MAX_CONFIGS)
     if len(choices) ** len(names) > max_configs:
         raise ValueError(f"{len(choices)}^{len(names)} configurations exceed "
@@ -975,13 +973,11 @@ def pareto_front(sizes, scores) -> np.ndarray:
     high with one of the two strictly better.  Of identical points the first is kept.  See the
     mixed_precision chapter.
     """
-    s = np.asarray(sizes, dtype=np.float64)
-    a = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or s.shape != a.shape or s.size == 0:
+    s = real_array(sizes, "sizes", ndim=1)
+    a = real_array(scores, "scores", ndim=1)
+    if s.shape != a.shape:
         raise ValueError(f"sizes and scores must be non-empty 1-D arrays of one length, got "
                          f"shapes {s.shape} and {a.shape}")
-    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(a))):
-        raise ValueError("sizes and scores must be finite")
     keep = []
     for i in range(s.size):
         dominated = np.any((s <= s[i]) & (a >= a[i]) & ((s < s[i]) | (a > a[i])))
@@ -1011,19 +1007,18 @@ def spearman(a, b) -> float:
     of the ranks they span), :math:`+1` when ``b`` orders the items exactly as ``a`` does,
     :math:`-1` when exactly reversed.  Used to compare Hessian and one-at-a-time rankings of
     layers.  See the mixed_precision chapter."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape or a.size < 2:
+    a = real_array(a, "a", ndim=1)
+    b = real_array(b, "b", ndim=1)
+    if a.shape != b.shape or a.size < 2:
         raise ValueError(f"a and b must be 1-D of one length >= 2, got shapes {a.shape} and "
                          f"{b.shape}")
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise ValueError("a and b must be finite")
     ra, rb = _average_ranks(a), _average_ranks(b)
     ra -= ra.mean()
     rb -= rb.mean()
     denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
     if denom == 0:
-        raise ValueError("spearman is undefined when all values of a (or of b) are equal")
+        raise ValueError(f"{'a' if np.all(ra == 0) else 'b'} must not have all values equal: "
+                         f"Spearman's correlation is undefined then")
     return float(np.sum(ra * rb) / denom)
 
 
@@ -1100,7 +1095,7 @@ def mixed_precision_shares(size: float, bops_: float, base_size: float, base_bop
     chapter.
     """
     size = check_real(size, "size", 0, lo_open=True)
-    bops_ = check_real(bops_, "bops", 0, lo_open=True)
+    bops_ = check_real(bops_, "bops_", 0, lo_open=True)
     base_size = check_real(base_size, "base_size", 0, lo_open=True)
     base_bops = check_real(base_bops, "base_bops", 0, lo_open=True)
     low = _bits_value(low, "low", allow_float=False, low=1)
