@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,9 +43,15 @@ from qcourse._checks import (
     MAX_ELEMENTS,
     MAX_EPOCHS,
     check_bool,
+    check_choice,
     check_float_matrix,
+    check_instance,
     check_int,
+    check_int_sequence,
     check_labels,
+    check_real,
+    check_sequence,
+    real_array,
 )
 from qcourse.affine import QParams, choose_qparams, dequantize, fake_quantize, quantize
 from qcourse.calibration import MinMaxObserver, Observer, dynamic_qparams
@@ -59,6 +64,7 @@ from qcourse.int_matmul import (
 )
 from qcourse.kernels import matmul_int8, prepack
 from qcourse.nn import MLP, Linear, ReLU, ReLU6, Sequential, train
+from qcourse.nn.core import _check_model_input
 
 __all__ = [
     "INCEPTION_V3_RELU6_TABLE",
@@ -203,14 +209,12 @@ def train_reference_model(seed: int = 0, *, activation: str = "relu",
     split_seed = check_int(split_seed, "split_seed", 0)
     epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
-    if activation not in ("relu", "relu6"):
-        raise ValueError(f"activation must be 'relu' or 'relu6', got {activation!r}")
-    sizes = tuple(check_int(s, "each entry of sizes", 1, MAX_ELEMENTS) for s in sizes)
+    check_choice(activation, "activation", ("relu", "relu6"))
+    sizes = check_int_sequence(sizes, "sizes", 1, MAX_ELEMENTS, min_len=2)
     if len(sizes) < 2 or sizes[0] != 64 or sizes[-1] != 10:
         raise ValueError(f"sizes must start with 64 (pixels) and end with 10 (classes), got "
                          f"{sizes}")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    lr = check_real(lr, "lr", 0.0, lo_open=True)
     X_train, y_train = load_digits("train", seed=split_seed)
     X_test, y_test = load_digits("test", seed=split_seed)
     calib_size = check_int(calib_size, "calib_size", 1, X_train.shape[0])
@@ -246,13 +250,8 @@ def quantize_weight(weight, *, bits: int = 8, per_channel: bool = True,
     bits = check_int(bits, "bits", 2, 8)
     per_channel = check_bool(per_channel, "per_channel")
     symmetric = check_bool(symmetric, "symmetric")
-    w = np.asarray(weight)
-    if w.dtype.kind != "f":
-        raise TypeError(f"weight must be a float array, got dtype {w.dtype}")
-    if w.ndim != 2 or w.size == 0:
-        raise ValueError(f"weight must be a non-empty 2-D (out, in) array, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight contains NaN or Inf; expected finite values")
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
+    real_array(w, "weight", dtype=np.float32)          # its scales are stored in float32
     qp = _f32_qparams(choose_qparams(w, bits=bits, signed=True, symmetric=symmetric,
                                      narrow_range=symmetric, axis=0 if per_channel else None))
     return quantize(w, qp), qp
@@ -309,7 +308,7 @@ class PTQModel:
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """Logits of the simulated quantized network (float)."""
-        return self.model(check_float_matrix(X, "X"))
+        return self.model(_check_model_input(self.model, X, "X"))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predicted classes (int64)."""
@@ -330,22 +329,23 @@ class PTQModel:
                 + (f", {c.observer}" if c.observer else "") + ")")
 
 
-def _bits_per_layer(weight_bits, units: list[_Unit]) -> dict[str, int]:
-    """``weight_bits`` (one int, or a mapping linear layer name -> int) as a dict per layer."""
+def _bits_per_layer(weight_bits, units: list[_Unit], name: str) -> dict[str, int]:
+    """``weight_bits`` (one int, or a mapping linear layer name -> int) as a dict per layer;
+    ``name`` is the argument's name in the caller (``bits`` or ``weight_bits``)."""
     names = [u.linear for u in units]
     if isinstance(weight_bits, Mapping):
         if set(weight_bits) != set(names):
-            raise ValueError(f"weight_bits must give the bits of exactly the linear layers "
-                             f"{names}, got keys {sorted(weight_bits)}")
-        return {n: check_int(weight_bits[n], f"weight_bits[{n!r}]", 2, 8) for n in names}
-    bits = check_int(weight_bits, "weight_bits", 2, 8)
+            raise ValueError(f"{name} must give the bits of exactly the linear layers "
+                             f"{names}, got keys {sorted(map(str, weight_bits))}")
+        return {n: check_int(weight_bits[n], f"{name}[{n!r}]", 2, 8) for n in names}
+    bits = check_int(weight_bits, name, 2, 8)
     return dict.fromkeys(names, bits)
 
 
-def _quantized_copy(model, weight_bits, per_channel, symmetric):
+def _quantized_copy(model, weight_bits, per_channel, symmetric, name="weight_bits"):
     """Clone ``model`` and replace each Linear's weights by their dequantized integer copy."""
     units = _units(model)
-    bits = _bits_per_layer(weight_bits, units)
+    bits = _bits_per_layer(weight_bits, units, name)
     sim = _clone(model)
     weights, biases = {}, {}
     for unit in units:
@@ -373,7 +373,7 @@ def weight_only_ptq(model, *, bits: int = 8, per_channel: bool = True,
     at run time it is dequantized and the layer computes :math:`x \hat W^T + b` in float.  It
     saves memory (and memory bandwidth), not arithmetic.  See the ptq chapter.
     """
-    units, sim, weights, biases = _quantized_copy(model, bits, per_channel, symmetric)
+    units, sim, weights, biases = _quantized_copy(model, bits, per_channel, symmetric, "bits")
     cfg = _Config("weight_only", _bits_label(bits), None, bool(per_channel), bool(symmetric))
     return PTQModel("weight_only", sim, units, weights, {}, biases, cfg)
 
@@ -485,7 +485,8 @@ def static_ptq(model, X_calib, *, weight_bits: int = 8, activation_bits: int = 8
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
     int32_bias = check_bool(int32_bias, "int32_bias")
     factory, obs_name = _observer_factory(observer)
-    X_calib = check_float_matrix(X_calib, "X_calib")
+    units = _units(model)
+    X_calib = _check_model_input(model, X_calib, "X_calib")
     units, sim, weights, biases = _quantized_copy(model, weight_bits, per_channel, symmetric)
     activations = _calibrate_points(
         model, units, X_calib,
@@ -541,8 +542,8 @@ class IntegerModel:
 
     def __init__(self, layers: Sequence[QuantizedLinear], names: Sequence[str],
                  requantization: str = "float"):
-        layers = list(layers)
-        names = list(names)
+        layers = check_sequence(layers, "layers")
+        names = check_sequence(names, "names")
         if not layers or len(layers) != len(names):
             raise ValueError("layers and names must be non-empty lists of the same length")
         for i, layer in enumerate(layers):
@@ -647,8 +648,10 @@ class DynamicIntegerModel:
     """
 
     def __init__(self, ptq_model: PTQModel):
-        if not isinstance(ptq_model, PTQModel) or ptq_model.mode != "dynamic":
-            raise TypeError("DynamicIntegerModel needs a PTQModel built by dynamic_ptq")
+        check_instance(ptq_model, "ptq_model", PTQModel, "a PTQModel built by dynamic_ptq")
+        if ptq_model.mode != "dynamic":
+            raise ValueError(f"ptq_model must be built by dynamic_ptq, got a {ptq_model.mode} "
+                             f"PTQModel")
         self.config = ptq_model.config
         self.units = ptq_model.units
         self._layers = []
@@ -664,7 +667,7 @@ class DynamicIntegerModel:
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """Logits (float32)."""
-        x = check_float_matrix(X, "X").astype(np.float32)
+        x = real_array(X, "X", kinds="f", ndim=2, dtype=np.float32)
         for packed, sw, zw, colsum, k, bias, kind in self._layers:
             qp = _f32_qparams(dynamic_qparams(x, bits=self.config.activation_bits, signed=True,
                                               per_row=self.config.per_row))
@@ -939,31 +942,29 @@ def fold_batch_norm(weight, bias, gamma, beta, running_mean, running_var, *,
     per-channel weight scales.  ``bias`` may be None (zeros).  Computed in float64, returned in
     the dtype of ``weight``.  See the ptq chapter.
     """
-    w = np.asarray(weight)
-    if w.dtype.kind != "f" or w.ndim != 2 or w.size == 0:
-        raise ValueError(f"weight must be a non-empty 2-D float array (out, in), got "
-                         f"{w.dtype} {w.shape}")
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
     out_f = w.shape[0]
     named = {"bias": np.zeros(out_f) if bias is None else bias, "gamma": gamma, "beta": beta,
              "running_mean": running_mean, "running_var": running_var}
     vals = {}
     for name, v in named.items():
-        arr = np.asarray(v)
-        if arr.dtype.kind not in "fiu":
-            raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-        arr = arr.astype(np.float64)
+        arr = real_array(v, name, nonempty=False)
         if arr.shape != (out_f,):
             raise ValueError(f"{name} must have shape ({out_f},) (one per output channel), got "
                              f"{arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} must be finite")
         vals[name] = arr
     if np.any(vals["running_var"] < 0):
         raise ValueError("running_var must be >= 0")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    factor = vals["gamma"] / np.sqrt(vals["running_var"] + float(eps))
-    w_f = w.astype(np.float64) * factor[:, None]
-    b_f = factor * (vals["bias"] - vals["running_mean"]) + vals["beta"]
-    return w_f.astype(w.dtype), b_f.astype(w.dtype)
+    eps = check_real(eps, "eps", 0.0, lo_open=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        factor = vals["gamma"] / np.sqrt(vals["running_var"] + eps)
+        w_f = (w.astype(np.float64) * factor[:, None]).astype(w.dtype)
+        b_f = (factor * (vals["bias"] - vals["running_mean"]) + vals["beta"]).astype(w.dtype)
+    if not np.all(np.isfinite(w_f)):
+        raise ValueError(f"the folded weight, weight * gamma / sqrt(running_var + eps), "
+                         f"overflows {w.dtype}")
+    if not np.all(np.isfinite(b_f)):
+        raise ValueError(f"the folded bias, gamma * (bias - running_mean) / sqrt(running_var + "
+                         f"eps) + beta, overflows {w.dtype}")
+    return w_f, b_f
 

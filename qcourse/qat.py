@@ -44,7 +44,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from qcourse._checks import MAX_ELEMENTS, MAX_EPOCHS, check_bool, check_int, check_real
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_EPOCHS,
+    check_bool,
+    check_int,
+    check_labels,
+    check_real,
+    check_sequence,
+    describe,
+)
 from qcourse.affine import QParams, choose_qparams, qrange
 from qcourse.calibration import MovingAverageMinMaxObserver
 from qcourse.nn import (
@@ -54,6 +63,7 @@ from qcourse.nn import (
     make_optimizer,
     train_epoch,
 )
+from qcourse.nn.core import _check_model_input
 
 __all__ = [
     "FakeQuantLinear",
@@ -603,6 +613,8 @@ class QATModel(Sequential):
 
     def __init__(self, *layers, config: dict | None = None):
         super().__init__(*layers)
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict or None, got {describe(config)}")
         self.config = dict(config or {})
         self.history: dict[str, list[float]] = {}
 
@@ -643,24 +655,10 @@ def _per_layer(value, names: list[str], name: str, allow_none: bool) -> dict[str
     return out
 
 
-def _check_xy(X, y, name_x: str = "X", name_y: str = "y"):
-    if not isinstance(X, np.ndarray) or X.dtype not in (np.float32, np.float64):
-        got = X.dtype if isinstance(X, np.ndarray) else type(X).__name__
-        raise TypeError(f"{name_x} must be a float32 or float64 numpy.ndarray, got {got}")
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"{name_x} must be 2-D (examples, features) and not empty, "
-                         f"got shape {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{name_x} contains NaN or Inf; expected finite values")
-    if y is None:
-        return X, None
-    if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer):
-        got = y.dtype if isinstance(y, np.ndarray) else type(y).__name__
-        raise TypeError(f"{name_y} must be a numpy.ndarray of integer labels, got {got}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"{name_y} must have shape ({X.shape[0]},) to match {name_x}, "
-                         f"got {y.shape}")
-    return X, y
+def _check_xy(model, X, y, name_x: str = "X", name_y: str = "y"):
+    """Inputs of ``model`` (finite floats of its width and dtype) and their integer labels."""
+    X = _check_model_input(model, X, name_x)
+    return X, check_labels(y, name_y, X.shape[0])
 
 
 def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = True,
@@ -692,7 +690,7 @@ def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = Tr
         if calib_X is None:
             raise ValueError("calib_X is required when inputs are quantized (act_bits is not "
                              "None): it sets the activation ranges")
-        calib_X, _ = _check_xy(calib_X, None, "calib_X")
+        calib_X = _check_model_input(model, calib_X, "calib_X")
     layers = []
     for name, module in named:
         if isinstance(module, Linear):
@@ -737,7 +735,7 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    X, y = _check_xy(X, y)
+    X, y = _check_xy(model, X, y)
     epochs = check_int(epochs, "epochs", 0, MAX_EPOCHS)
     seed = check_int(seed, "seed", 0)
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
@@ -746,7 +744,7 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     if X_val is not None or y_val is not None:
         if X_val is None or y_val is None:
             raise ValueError("X_val and y_val must be given together")
-        X_val, y_val = _check_xy(X_val, y_val, "X_val", "y_val")
+        X_val, y_val = _check_xy(model, X_val, y_val, "X_val", "y_val")
     if calib_X is None:
         calib_X = X[:512]
     qmodel = prepare_qat(model, bits, act_bits=act_bits, per_channel=per_channel, ste=ste,
@@ -821,11 +819,9 @@ def compare_ptq_qat(model: Sequential, X, y, X_test, y_test, bits=(8, 4, 2), *,
     (``lsq``, ``lr``, ``per_channel``, ...).  ``val_history`` holds the QAT model's test
     accuracy before training and after each epoch.  See the qat chapter.
     """
-    X, y = _check_xy(X, y)
-    X_test, y_test = _check_xy(X_test, y_test, "X_test", "y_test")
-    bits = tuple(bits)
-    if not bits:
-        raise ValueError("bits must list at least one bit width")
+    X, y = _check_xy(model, X, y)
+    X_test, y_test = _check_xy(model, X_test, y_test, "X_test", "y_test")
+    bits = check_sequence(bits, "bits", min_len=1)
     float_acc = accuracy(model, X_test, y_test)
     rows = []
     for b in bits:

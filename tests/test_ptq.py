@@ -535,8 +535,10 @@ def test_integer_model_bad_input(ref, static8):
         convert_to_integer(dynamic_ptq(ref.model), requantization="tflite_double")
     with pytest.raises(TypeError):
         convert_to_integer(ref.model)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="ptq_model must be built by dynamic_ptq"):
         DynamicIntegerModel(static8)
+    with pytest.raises(TypeError, match="ptq_model must be a PTQModel built by dynamic_ptq"):
+        DynamicIntegerModel(ref.model)
 
 
 # --------------------------------------------------------------------------- fake quant vs integer
@@ -642,6 +644,10 @@ def test_fold_batch_norm_equals_linear_then_batch_norm(seed, out_f, in_f, with_b
 @pytest.mark.parametrize("args, error", [
     ((np.ones(3), None, np.ones(3), np.ones(3), np.ones(3), np.ones(3)), ValueError),
     ((np.ones((3, 2), np.int64), None, np.ones(3), np.ones(3), np.ones(3), np.ones(3)),
+     TypeError),
+    ((np.full((3, 2), np.nan), None, np.ones(3), np.ones(3), np.ones(3), np.ones(3)),
+     ValueError),
+    ((np.ones((3, 2), np.float32), None, np.full(3, 1e300), np.ones(3), np.ones(3), np.ones(3)),
      ValueError),
     ((np.ones((3, 2)), None, np.ones(2), np.ones(3), np.ones(3), np.ones(3)), ValueError),
     ((np.ones((3, 2)), None, np.ones(3), np.ones(3), np.ones(3), -np.ones(3)), ValueError),
