@@ -386,3 +386,16 @@ def check_int_sequence(value, name: str, lo: int | None = None, hi: int | None =
     """A list or tuple of ints, each in ``[lo, hi]`` (a shape, the widths of a network...)."""
     items = check_sequence(value, name, min_len=min_len, max_len=max_len)
     return tuple(check_int(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(items))
+
+
+_FLOAT32_64 = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(value, name: str, *, finite: bool = True, ndim: int | None = None) -> np.ndarray:
+    """A float32 or float64 array (its own dtype kept: the caller computes in it), not empty,
+    finite unless ``finite=False``."""
+    arr = as_array(value, name)
+    if arr.dtype not in _FLOAT32_64:
+        raise TypeError(f"{name} must be a float32 or float64 array, got {_given(value, arr)}"
+                        f"{_dtype_note(arr)}")
+    return real_array(arr, name, kinds="f", dtype=None, finite=finite, ndim=ndim)

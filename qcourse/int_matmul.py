@@ -87,7 +87,7 @@ ACTIVATIONS = ("none", "relu", "relu6")
 #: double-rounding build and its ``TFLITE_SINGLE_ROUNDING`` build).
 REQUANTIZATIONS = ("float", "tflite_double", "tflite_single")
 
-_SCALE_DTYPES = (np.float32, np.float16)   # the operators' scale tensor types
+_OP_SCALES = (np.float32, np.float16)   # the operators' scale tensor types
 _OVERFLOW = ("raise", "wrap")
 _QTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 
@@ -671,9 +671,9 @@ class _QLinearOperands:
 def _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                       y_zero_point) -> _QLinearOperands:
     ops = _matmul_operands(a, b, a_zero_point, b_zero_point, names=("a", "b"))
-    sa = _row_param("a_scale", onnx_scale(a_scale, "a_scale", _SCALE_DTYPES), ops.a2.shape)
-    sb = _col_param("b_scale", onnx_scale(b_scale, "b_scale", _SCALE_DTYPES), ops.b2.shape)
-    sy = onnx_scale(y_scale, "y_scale", _SCALE_DTYPES)
+    sa = _row_param("a_scale", onnx_scale(a_scale, "a_scale", _OP_SCALES), ops.a2.shape)
+    sb = _col_param("b_scale", onnx_scale(b_scale, "b_scale", _OP_SCALES), ops.b2.shape)
+    sy = onnx_scale(y_scale, "y_scale", _OP_SCALES)
     _same_granularity("a_scale", sa, "a_zero_point", ops.za)
     _same_granularity("b_scale", sb, "b_zero_point", ops.zb)
     if sy.size != 1 or sy.ndim > 1:

@@ -53,6 +53,7 @@ from qcourse._checks import (
     check_real,
     check_sequence,
     describe,
+    float_array,
 )
 from qcourse.affine import QParams, choose_qparams, qrange
 from qcourse.calibration import MovingAverageMinMaxObserver
@@ -89,19 +90,6 @@ SCALE_FLOOR = 1e-8
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _float_array(x, name: str, *, finite: bool = True) -> np.ndarray:
-    """``x`` as a float32 or float64 array (its own dtype kept), not empty, finite."""
-    arr = np.asarray(x)
-    if arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if finite and not np.all(np.isfinite(arr)):
-        n_bad = int(np.count_nonzero(~np.isfinite(arr)))
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf value(s); expected finite values")
-    return arr
 
 
 def _check_qparams(qparams, ndim: int) -> QParams:
@@ -176,7 +164,7 @@ def fake_quant_ste_forward(x, qparams: QParams) -> np.ndarray:
     numpy.ndarray
         Same shape and dtype as ``x``.
     """
-    x = _float_array(x, "x")
+    x = float_array(x, "x")
     qparams = _check_qparams(qparams, x.ndim)
     return _fake_quant(x, qparams)[0]
 
@@ -195,7 +183,7 @@ def ste_mask(x, qparams: QParams) -> np.ndarray:
     -------
     numpy.ndarray of bool, shape of ``x``
     """
-    x = _float_array(x, "x")
+    x = float_array(x, "x")
     qparams = _check_qparams(qparams, x.ndim)
     code = _fake_quant(x, qparams)[1]
     return (code >= qparams.qmin) & (code <= qparams.qmax)
@@ -235,8 +223,8 @@ def ste_backward(grad, x, qparams: QParams, clipped: bool = True) -> np.ndarray:
     numpy.ndarray
         Same shape and dtype as ``grad`` (a new array).
     """
-    grad = _float_array(grad, "grad")
-    x = _float_array(x, "x")
+    grad = float_array(grad, "grad")
+    x = float_array(x, "x")
     clipped = check_bool(clipped, "clipped")
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {x.shape}, got {grad.shape}")
@@ -277,7 +265,7 @@ def lsq_init_scale(x, qmax: int, axis: int | None = None):
     -------
     float, or a 1-D float64 array (one step per channel) when ``axis`` is given.
     """
-    x = _float_array(x, "x").astype(np.float64)
+    x = float_array(x, "x").astype(np.float64)
     qmax = check_int(qmax, "qmax", 1, 2**31)
     if axis is None:
         mean_abs = np.mean(np.abs(x))
@@ -321,8 +309,8 @@ def lsq_scale_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.nda
     numpy.ndarray, float64
         Shape of ``qparams.scale`` (0-d per tensor, ``(C,)`` per channel).
     """
-    grad = _float_array(grad, "grad")
-    x = _float_array(x, "x")
+    grad = float_array(grad, "grad")
+    x = float_array(x, "x")
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {x.shape}, got {grad.shape}")
     qparams = _check_qparams(qparams, x.ndim)
@@ -527,7 +515,7 @@ class FakeQuantLinear(Linear):
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (batch >= 1, {self.in_features}) for this "
                              f"layer, got {x.shape}")
-        x = _float_array(x, "x").astype(self.weight.dtype, copy=False)
+        x = float_array(x, "x").astype(self.weight.dtype, copy=False)
         act_qp, x_hat, act_code = None, x, None
         if self.act_bits is not None:
             if self.training:

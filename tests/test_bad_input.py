@@ -1034,3 +1034,43 @@ def test_the_harness_catches_each_kind_of_failure():
     assert len(results) == len(specs)
     table, failures = report(specs, results)
     assert len(failures) == len(expected) and "_broken_segfault" in table
+
+
+# --------------------------------------------------------------------------- one home for checks
+
+#: Validation helpers that used to be written again in several modules (issue 13): each now
+#: lives in qcourse/_checks.py only.
+KNOWN_DUPLICATES = ("_check_int", "_check_bool", "_check_bits", "_check_real", "_check_positive",
+                    "_real_array", "_int_array", "_onnx_scale", "_check_choice",
+                    "_check_features", "_check_labels", "_check_int_param", "_check_batch",
+                    "_check_fraction", "_float_array", "_integer_values", "_check_threads",
+                    "_normalize_axis", "_INT32_MIN", "_INT32_MAX")
+
+
+def _private_definitions() -> dict[str, list[str]]:
+    """Top-level private names (functions, classes, constants) -> the modules defining them."""
+    import ast
+
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "qcourse").rglob("*.py")):
+        if "grading" in path.parts or path.stem == "grading":
+            continue                 # grading is a tool, being split into a package elsewhere
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            for name in names:
+                if name.startswith("_") and not name.startswith("__"):
+                    found.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_no_private_helper_is_defined_in_two_modules():
+    found = _private_definitions()
+    twice = {name: paths for name, paths in found.items() if len(paths) > 1}
+    assert not twice, f"private helpers defined in more than one module: {twice}"
+    outside = {name: paths for name, paths in found.items()
+               if name in KNOWN_DUPLICATES and paths != ["qcourse/_checks.py"]}
+    assert not outside, f"validation helpers outside qcourse/_checks.py: {outside}"

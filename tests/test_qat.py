@@ -740,7 +740,7 @@ def test_bad_inputs_to_the_ste_functions():
     x = np.zeros(4, dtype=np.float32)
     with pytest.raises(TypeError, match="x must be a float32 or float64"):
         fake_quant_ste_forward(np.arange(4), qp)
-    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+    with pytest.raises(ValueError, match="x must be finite, got 1 NaN/Inf"):
         fake_quant_ste_forward(np.array([0.0, np.nan]), qp)
     with pytest.raises(ValueError, match="x must not be empty"):
         fake_quant_ste_forward(np.zeros(0), qp)
