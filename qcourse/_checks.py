@@ -58,7 +58,8 @@ def describe(value) -> str:
         if len(text) > 60:
             text = text[:57] + "..."
         return text if value is None else f"{type(value).__name__} {text}"
-    return f"a {type(value).__name__}"
+    kind = type(value).__name__
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def _range_text(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
@@ -78,13 +79,16 @@ def is_int(value) -> bool:
 
 def check_int(value, name: str, lo: int | None = None, hi: int | None = None) -> int:
     """An integer (Python or NumPy, not bool, not a float) in ``[lo, hi]``, as a Python int."""
-    expected = " ".join(filter(None, ("an int", _range_text(lo, hi))))
-    if not is_int(value):
-        raise TypeError(f"{name} must be {expected}, got {describe(value)}")
+    if type(value) is not int and not is_int(value):        # the fast path first: a plain int
+        raise TypeError(f"{name} must be {_int_text(lo, hi)}, got {describe(value)}")
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be {expected}, got {value}")
+        raise ValueError(f"{name} must be {_int_text(lo, hi)}, got {value}")
     return value
+
+
+def _int_text(lo, hi) -> str:
+    return " ".join(filter(None, ("an int", _range_text(lo, hi))))
 
 
 def check_size(value, name: str, hi: int, lo: int = 1) -> int:
@@ -111,20 +115,21 @@ def check_real(value, name: str, lo: float | None = None, hi: float | None = Non
     ``finite=False`` lets ``inf`` through (NaN never); a Python int too large for a float is
     refused with ``ValueError`` instead of raising ``OverflowError``.
     """
-    expected = " ".join(filter(None, ("a finite real number" if finite else "a real number",
+    def expected() -> str:
+        return " ".join(filter(None, ("a finite real number" if finite else "a real number",
                                       _range_text(lo, hi, lo_open, hi_open))))
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {describe(value)}")
+
+    if type(value) is not float and (isinstance(value, (bool, np.bool_))
+                                     or not isinstance(value, numbers.Real)):
+        raise TypeError(f"{name} must be {expected()}, got {describe(value)}")
     try:
         v = float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be {expected}, got an int too large for a float") from None
-    if math.isnan(v) or (finite and math.isinf(v)):
-        raise ValueError(f"{name} must be {expected}, got {v}")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name} must be {expected}, got {v}")
-    if hi is not None and (v >= hi if hi_open else v > hi):
-        raise ValueError(f"{name} must be {expected}, got {v}")
+        raise ValueError(f"{name} must be {expected()}, got an int too large for a float") from None
+    if (math.isnan(v) or (finite and math.isinf(v))
+            or (lo is not None and (v <= lo if lo_open else v < lo))
+            or (hi is not None and (v >= hi if hi_open else v > hi))):
+        raise ValueError(f"{name} must be {expected()}, got {v}")
     return v
 
 
@@ -270,18 +275,22 @@ def check_ndarray(value, name: str, dtypes, *, ndim: int | None = None,
                   nonempty: bool = True) -> np.ndarray:
     """An actual ``numpy.ndarray`` of one of ``dtypes`` (no conversion: the caller's type matters,
     e.g. int8 codes), of ``ndim`` dimensions, not empty."""
-    dtypes = tuple(np.dtype(d) for d in (dtypes if isinstance(dtypes, (tuple, list))
-                                         else (dtypes,)))
-    names = " or ".join(d.name for d in dtypes)
+    if not isinstance(dtypes, tuple):
+        dtypes = tuple(dtypes) if isinstance(dtypes, list) else (dtypes,)
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of dtype {names}, got {describe(value)}")
+        raise TypeError(f"{name} must be a numpy.ndarray of dtype {_dtype_names(dtypes)}, got "
+                        f"{describe(value)}")
     if value.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {names}, got {value.dtype}")
+        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {value.dtype}")
     if ndim is not None and value.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got {value.ndim}-D shape {value.shape}")
     if nonempty and value.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {value.shape}")
     return value
+
+
+def _dtype_names(dtypes) -> str:
+    return " or ".join(np.dtype(d).name for d in dtypes)
 
 
 def check_float_matrix(value, name: str, *, finite: bool = True) -> np.ndarray:

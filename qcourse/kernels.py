@@ -380,6 +380,7 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
 
 _NO_INT32 = np.zeros(0, np.int32)
 _OUT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+_FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def _per_column(values: np.ndarray, name: str, n: int) -> np.ndarray:
@@ -413,11 +414,11 @@ def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_p
     zp = _checks.check_int(output_zero_point, "output_zero_point", lo, hi)
     if not isinstance(multiplier, (list, tuple, np.ndarray)):
         m = _checks.check_real(multiplier, "multiplier", 0, lo_open=True)
-        with np.errstate(over="ignore"):
-            mult = np.array([m], dtype=np.float32)
-        if not mult[0] > 0 or not np.isfinite(mult[0]):
+        mult = np.array([min(m, _FLT_MAX)], dtype=np.float32)   # no overflow warning
+        if not mult[0] > 0 or m > _FLT_MAX:
             raise ValueError(f"multiplier must be a positive float32 (it is rounded to "
-                             f"float32 once), got {m}, which rounds to {mult[0]}")
+                             f"float32 once), got {m}, which rounds to "
+                             f"{'inf' if m > _FLT_MAX else mult[0]}")
     else:
         m64 = _per_column(_checks.real_array(multiplier, "multiplier"), "multiplier", n)
         if not np.all(m64 > 0):
