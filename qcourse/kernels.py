@@ -64,9 +64,10 @@ def _check_matrix(x, name: str) -> None:
 def _check_k(k: int, name: str) -> None:
     if k > _MAX_K:
         raise ValueError(
-            f"{name}: K={k} is too large: an int8 x int8 sum of more than {_MAX_K} products can "
-            f"overflow the int32 accumulator ((-128)*(-128)*K > 2**31 - 1); split K into chunks "
-            f"and add the int32 partial sums in int64"
+            f"K={k} is too large ({name} has {k} {'columns' if name == 'a' else 'rows'}): an "
+            f"int8 x int8 sum of more than {_MAX_K} products can overflow the int32 accumulator "
+            f"((-128)*(-128)*K > 2**31 - 1); split K into chunks and add the int32 partial sums "
+            f"in int64"
         )
 
 

@@ -562,3 +562,15 @@ def test_the_compiled_boundary_checks_the_packed_operand():
                                      np.empty((2, 4), np.uint8), 1)
     _kernels.gemm_packed(code, a, scratch, packed.data, packed.colsum, out, 1)
     np.testing.assert_array_equal(out, np.full((2, 4), 8))
+
+
+def test_messages_name_the_argument_that_is_bad():
+    # Both operands are checked in argument order and each message names its own operand (an
+    # empty b used to be reported as "a must not be empty").
+    a = np.ones((2, 4), np.int8)
+    with pytest.raises(ValueError, match=r"^b must not be empty, got shape \(4, 0\)"):
+        matmul_int8_requant(a, np.zeros((4, 0), np.int8), 0.01)
+    with pytest.raises(ValueError, match=r"^b must not be empty"):
+        prepack(np.zeros((0, 3), np.int8))
+    with pytest.raises(ValueError, match=r"^a must not be empty"):
+        matmul_int8_requant(np.zeros((0, 4), np.int8), np.ones((4, 3), np.int8), 0.01)

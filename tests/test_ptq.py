@@ -722,3 +722,15 @@ def test_inception_table_is_the_published_one():
     t = INCEPTION_V3_RELU6_TABLE
     assert t["relu6"] == {"float": 78.4, 8: 75.4, 7: 75.0}
     assert t["relu"] == {"float": 78.3, 8: 74.2, 7: 73.7}
+
+
+def test_weight_only_ptq_names_its_own_argument(ref):
+    # weight_only_ptq's argument is `bits`; the message used to say "weight_bits", the name
+    # the shared helper has in dynamic_ptq and static_ptq.
+    for bad, error in ((0, ValueError), (9, ValueError), (4.0, TypeError),
+                       ({"fc1": 8}, ValueError)):
+        with pytest.raises(error, match=r"^bits") as info:
+            weight_only_ptq(ref.model, bits=bad)
+        assert "weight_bits" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^weight_bits must be an int in \[2, 8\]"):
+        static_ptq(ref.model, ref.X_calib, weight_bits=1)
