@@ -95,6 +95,8 @@ def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, in
     -------
     (int, int)
         ``(qmin, qmax)``.
+
+    Bounds: ``bits`` is an int in [2, 16] (:data:`MIN_BITS`, :data:`MAX_BITS`).
     """
     bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
     signed = check_bool(signed, "signed")
@@ -887,6 +889,8 @@ def sqnr_db(x, x_hat) -> float:
     Each extra bit of a uniform grid halves the step and adds about :math:`20\log_{10}2
     \approx 6.02` dB.  Returns ``inf`` when ``x_hat == x`` exactly; an all-zero ``x`` has no
     signal and raises ``ValueError``.  See the affine chapter.
+
+    Bounds: ``|x|`` and ``|x_hat|`` at most 1e150 (their squares are summed in float64).
     """
     x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     x_hat = real_array(x_hat, "x_hat", max_abs=MAX_SQUARABLE)
@@ -980,6 +984,8 @@ def clip_sweep(x, clip_ratios, *, bits=8, signed=True, symmetric=True) -> dict[s
     dict
         ``"clip_ratio"``, ``"scale"``, ``"rounding_mse"``, ``"clipping_mse"``, ``"total_mse"``,
         ``"sqnr_db"``, ``"clipped_fraction"``: one float64 array entry per ratio.
+
+    Bounds: ``|x|`` at most 1e150; ``bits`` as for :func:`qrange`.
     """
     x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     ratios = real_array(clip_ratios, "clip_ratios")
@@ -1101,6 +1107,8 @@ def kmeans_codebook(x, bits: int, *, seed: int, max_iter: int = 300) -> np.ndarr
     values than :math:`2^b` entries, the codebook is those values, padded with the largest.
     Entries are returned sorted (float64).  Unlike a uniform grid, the entries crowd where the
     values are dense.  See the affine chapter.
+
+    Bounds: ``bits`` in [1, 16], ``max_iter`` in [1, 10**6], ``|x|`` at most 1e150.
     """
     bits = check_int(bits, "bits", 1, MAX_BITS)
     seed = check_int(seed, "seed", 0)
@@ -1140,6 +1148,8 @@ def codebook_effective_bits(bits, n_values, *, entry_bits=32, n_codebooks=1) -> 
     ``bits``-bit indices plus ``n_codebooks`` tables of :math:`2^b` entries of ``entry_bits``
     bits each (32: the float32 lookup table), spread over ``n_values`` values.  See the affine
     chapter.
+
+    Bounds: ``bits`` in [1, 16], ``entry_bits`` in [0, 1024], ``n_codebooks`` in [1, 2**40].
     """
     bits = check_int(bits, "bits", 1, MAX_BITS)
     n_values = check_int(n_values, "n_values", 1)

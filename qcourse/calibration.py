@@ -106,6 +106,8 @@ class StreamingHistogram:
     counts : numpy.ndarray, int64, shape (bins,)
     total : int
         Number of values seen.
+
+    Bounds: ``bins`` is an int in [8, 2**24].
     """
 
     def __init__(self, bins: int = 2048, *, include_zero: bool = False):
@@ -340,6 +342,8 @@ def kl_threshold_search(abs_counts, levels: int, *, eps: float = 1e-4):
         Number of bins kept; ``n`` (no clipping) if the histogram has at most ``levels`` bins.
     candidates : numpy.ndarray of int
     divergences : numpy.ndarray of float
+
+    Bounds: ``levels`` in [2, 2**24], ``eps`` in (0, 1]; counts finite, at most 1e250.
     """
     hist = real_array(abs_counts, "abs_counts", ndim=1, max_abs=_MAX_COUNT)
     levels = check_int(levels, "levels", 2, MAX_BINS)
@@ -580,6 +584,8 @@ class PercentileObserver(_HistogramObserver):
     :math:`|x|` and the range is :math:`[-t, t]` (intersected with the data's range).  A fixed
     percentile clips a fixed *fraction* of the values, however far out they lie.  See the
     calibration chapter.
+
+    Bounds: ``percentile`` in (50, 100], ``bins`` in [8, 2**24].
     """
 
     def __init__(self, percentile: float = 99.99, *, bins: int = 2048, bits: int = 8,
@@ -611,6 +617,8 @@ class MSEObserver(_HistogramObserver):
     upper end fixed, then the upper end over :math:`\beta M` with the lower end fixed (same
     grid).  After :meth:`range`, ``candidates_`` and ``mse_`` hold the shrink search
     (ranges and MSEs) for plotting.  See the calibration chapter.
+
+    Bounds: ``num_candidates`` in [2, 2**24], ``bins`` in [8, 2**24].
     """
 
     def __init__(self, num_candidates: int = 200, *, bins: int = 2048, bits: int = 8,
@@ -667,6 +675,8 @@ class EntropyObserver(Observer):
     both distributions and the search clips far too hard.  After :meth:`range`,
     ``thresholds_`` and ``divergences_`` hold the search for plotting.  See the calibration
     chapter.
+
+    Bounds: ``bins`` in [8, 2**24]; ``bits`` as for :func:`qcourse.affine.qrange`.
     """
 
     def __init__(self, *, bins: int = 2048, bits: int = 8, signed: bool = True,
@@ -720,6 +730,8 @@ def calibrate(model, layer: str, X, observer: Observer, *, batch_size: int = 128
     This is static calibration: the model runs in float on representative data, a forward hook
     hands each batch's activations to the observer, and the hook is removed afterwards.  See
     the calibration chapter.
+
+    Bounds: ``batch_size`` in [1, 2**28].
     """
     from qcourse.nn.core import _check_layer_name, _check_model_input
 
@@ -814,6 +826,8 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
     (``range_comparisons``), and ``qparams_computed`` scale/zero-point pairs are computed at run
     time (one per batch, or one per row).  A static range costs none of these.  See the
     calibration chapter.
+
+    Bounds: ``batch_size`` in [1, 2**28]; ``|x|`` at most 1e150 (the errors are squared).
     """
     x = real_array(x, "x", ndim=2, max_abs=MAX_SQUARABLE)
     check_instance(static_qparams, "static_qparams", QParams)
@@ -875,6 +889,8 @@ def compare_observers(model, layer: str, observers: Mapping[str, Observer] | Ite
     fake-quantized with them (:func:`qcourse.affine.error_breakdown`); and the model's
     accuracy on ``(X_eval, y_eval)`` with that layer's output fake-quantized
     (:func:`fake_quant_hook`) and every other layer in float.  See the calibration chapter.
+
+    Bounds: ``batch_size`` in [1, 2**28].
     """
     from qcourse.nn import accuracy, capture_activations
     from qcourse.nn.core import _check_layer_name, _check_model_input

@@ -331,7 +331,10 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(threads: int) -> None:
-    """Set the default thread count of the packed kernel (OpenMP, over groups of 64 columns)."""
+    """Set the default thread count of the packed kernel (OpenMP, over groups of 64 columns).
+
+    Bounds: ``threads`` is an int in [1, 1024].
+    """
     global _threads
     _threads = _checks.check_threads(threads)
 
@@ -361,6 +364,8 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
     :func:`prepack` (pack once, multiply many times).  ``path`` forces an instruction set (see
     :func:`available_paths`); every path gives the identical exact result.  ``threads`` splits the
     columns between OpenMP threads (default :func:`get_num_threads`).
+
+    Bounds: ``threads`` is an int in [1, 1024]; K at most :func:`max_k_s8s8` (131071).
     """
     _check_matrix(a, "a")
     packed = _packed_operand(b)
@@ -481,6 +486,9 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
     bias : int32 (N,), optional
     a_zero_point : int in [-128, 127];  b_zero_point : int or int array (N,) in [-128, 127]
     out_dtype : numpy.int8 or numpy.uint8
+
+    Bounds: ``threads`` is an int in [1, 1024]; K at most :func:`max_k_s8s8` (131071);
+    ``multiplier`` finite, > 0 and representable in float32.
     """
     _check_matrix(a, "a")
     packed = _packed_operand(b)
@@ -550,7 +558,7 @@ def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = No
     path : {"portable", "avx2", "vnni512"}, optional
         Force an instruction-set path; default: the best this CPU supports.
     threads : int, optional
-        OpenMP threads; default :func:`get_num_threads`.
+        OpenMP threads, 1 to 1024; default :func:`get_num_threads`.
 
     Returns
     -------
@@ -562,6 +570,6 @@ def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = No
         if ``a`` or ``b`` is not an int8 ndarray.
     ValueError
         if either is not 2-D or is empty, the inner dimensions differ, K exceeds the bound, or
-        ``path`` is unknown or not supported by this CPU, or ``threads`` is not positive.
+        ``path`` is unknown or not supported by this CPU, or ``threads`` is not in [1, 1024].
     """
     return matmul_int8_packed(a, b, path=path, threads=threads)

@@ -177,6 +177,9 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
         on a non-float, non-2-D, empty or non-finite ``weight``, a bad ``group_size`` or
         ``scale_dtype``, or a scale that under- or overflows ``scale_dtype`` (float16 holds
         scales from about 6e-8 to 65504).
+
+    Bounds: ``group_size`` is an int >= 1 (any larger than K means one group per row:
+    nothing is allocated for it).
     """
     w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
     g = check_int(group_size, "group_size", 1)

@@ -549,6 +549,8 @@ def hessian_matrix(model, layer: str, X, y, *, method: str = "exact", step: floa
     row-major (C) order, so the result is ``(n, n)`` for ``n = out * in`` weights.  Meant for
     tiny layers (checks and exercises): ``n`` above ``max_size`` raises ``ValueError``.  See the
     mixed_precision chapter.
+
+    Bounds: ``max_size`` in [1, 8192] (the Hessian is ``max_size`` squared float64 values).
     """
     if method not in ("exact", "fd"):
         raise ValueError(f"method must be 'exact' or 'fd', got {method!r}")
@@ -595,6 +597,8 @@ def hutchinson_trace(matvec: Callable[[np.ndarray], np.ndarray], shape, n_sample
     :math:`2 \sum_{j \ne k} H_{jk}^2` (the diagonal contributes none: :math:`v_j^2 = 1`), so the
     standard error falls as :math:`1/\sqrt{m}`.  Hutchinson (1989).  See the mixed_precision
     chapter.
+
+    Bounds: ``n_samples`` in [1, 100000]; ``shape`` at most 2**28 elements.
     """
     if not callable(matvec):
         raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
@@ -622,7 +626,10 @@ def layer_hessian_trace(model, layer: str, X, y, *, n_samples: int = 64,
     """Hutchinson estimate of the trace of the Hessian of the loss with respect to one layer's
     weights, with exact Hessian-vector products (:func:`hvp`, ``method="exact"``).  The forward
     pass is done once and shared by all ``n_samples`` products.  See the mixed_precision
-    chapter."""
+    chapter.
+
+    Bounds: ``n_samples`` in [1, 100000].
+    """
     curv = _Curvature(model, layer, X, y)
     return hutchinson_trace(curv.hvp_exact, curv.shape, n_samples, seed)
 
@@ -796,6 +803,9 @@ def allocate_bits_exhaustive(costs, n_weights, budget_bits: int, choices=(4, 8),
     smaller size, then to the first in enumeration order.  For large ``L`` use
     :func:`allocate_bits_greedy` (or an integer linear program, as HAWQ-V3 does).  See the
     mixed_precision chapter.
+
+    Bounds: ``max_configs`` in [1, 2**24], each ``n_weights`` in [1, 2**40], ``budget_bits``
+    in [0, 2**62].
     """
     names, choices, C, S, budget = _allocation_problem(costs, n_weights, budget_bits, choices)
     L, K = C.shape
@@ -828,6 +838,8 @@ def allocate_bits_greedy(costs, n_weights, budget_bits: int, choices=(4, 8)) -> 
     smaller layer would have done (a knapsack is not solved by ratios).  Ties go to the earlier
     layer.  Same arguments as :func:`allocate_bits_exhaustive`.  See the mixed_precision
     chapter.
+
+    Bounds: each ``n_weights`` in [1, 2**40], ``budget_bits`` in [0, 2**62].
     """
     names, choices, C, S, budget = _allocation_problem(costs, n_weights, budget_bits, choices)
     L, K = C.shape
@@ -876,6 +888,8 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
     ``max_configs`` configurations).  ``a_bits="same"`` quantizes each layer's input at its
     weight width (W\\ *b*\\ A\\ *b*, calibrated on ``X_cal``); ``None`` keeps activations float.
     See the mixed_precision chapter.
+
+    Bounds: ``max_configs`` in [1, 2**24]; bit widths in [2, 16].
     """
     names = linear_layers(model)
     X, y = _check_data(X, y, model)

@@ -204,6 +204,9 @@ def train_reference_model(seed: int = 0, *, activation: str = "relu",
     -------
     ReferenceModel
         ``(model, X_train, y_train, X_test, y_test, X_calib, float_accuracy, history)``.
+
+    Bounds: ``epochs`` in [1, 100000], ``batch_size`` and each width in ``sizes`` in [1,
+    2**28], ``calib_size`` in [1, the training set's size].
     """
     seed = check_int(seed, "seed", 0)
     split_seed = check_int(split_seed, "split_seed", 0)
@@ -246,6 +249,9 @@ def quantize_weight(weight, *, bits: int = 8, per_channel: bool = True,
     -------
     (numpy.ndarray, QParams)
         The integer codes (int8 storage for every ``bits`` <= 8) and their parameters.
+
+    Bounds: ``bits`` in [2, 8]; ``weight`` finite and within float32 (its scales are
+    float32).
     """
     bits = check_int(bits, "bits", 2, 8)
     per_channel = check_bool(per_channel, "per_channel")
@@ -372,6 +378,8 @@ def weight_only_ptq(model, *, bits: int = 8, per_channel: bool = True,
     a mapping from linear layer name to width) and stored as integers;
     at run time it is dequantized and the layer computes :math:`x \hat W^T + b` in float.  It
     saves memory (and memory bandwidth), not arithmetic.  See the ptq chapter.
+
+    Bounds: ``bits`` (each, in a mapping) in [2, 8].
     """
     units, sim, weights, biases = _quantized_copy(model, bits, per_channel, symmetric, "bits")
     cfg = _Config("weight_only", _bits_label(bits), None, bool(per_channel), bool(symmetric))
@@ -392,6 +400,8 @@ def dynamic_ptq(model, *, weight_bits: int = 8, activation_bits: int = 8,
     applied in float.  No calibration data is needed; the price is a min and a max over every
     activation at run time.  Note that a per-tensor dynamic range depends on *which examples
     share the batch*.  See the ptq chapter.
+
+    Bounds: ``weight_bits`` and ``activation_bits`` in [2, 8].
     """
     activation_bits = check_int(activation_bits, "activation_bits", 2, 8)
     per_row = check_bool(per_row, "per_row")
@@ -480,6 +490,8 @@ def static_ptq(model, X_calib, *, weight_bits: int = 8, activation_bits: int = 8
     :math:`S_x S_W` the integer model adds it on (:func:`qcourse.int_matmul.quantize_bias`,
     then dequantized), so that the simulation rounds the bias as the integer model does.
     Convert it to an integer network with :func:`convert_to_integer`.  See the ptq chapter.
+
+    Bounds: ``weight_bits`` and ``activation_bits`` in [2, 8], ``batch_size`` in [1, 2**28].
     """
     activation_bits = check_int(activation_bits, "activation_bits", 2, 8)
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)

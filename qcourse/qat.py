@@ -247,6 +247,8 @@ def lsq_grad_scale(num_elements: int, qmax: int) -> float:
     weights' updates relative to the weights: without it the step size receives the summed
     gradient of :math:`N` values and moves far too fast (with SGD; Adam normalizes gradients
     and is nearly indifferent to a constant factor).  See the qat chapter.
+
+    Bounds: ``num_elements`` in [1, 2**63], ``qmax`` in [1, 2**31].
     """
     n = check_int(num_elements, "num_elements", 1, 2**63)
     qmax = check_int(qmax, "qmax", 1, 2**31)
@@ -406,6 +408,9 @@ class FakeQuantLinear(Linear):
         As for :class:`qcourse.nn.Linear`.
     averaging_constant : float, default 0.01
         Of the input range's moving average (without LSQ).
+
+    Bounds: ``bits`` and ``act_bits`` in [2, 8]; ``in_features`` and ``out_features`` as for
+    :class:`qcourse.nn.Linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bits: int = 8,
@@ -720,6 +725,9 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     fly), and, with ``X_val``/``y_val``, ``val_accuracy`` of the frozen model *before* training
     and after each epoch (``epochs + 1`` entries).  ``progress=True`` shows a tqdm bar.  The
     same arguments give bit-identical weights.  See the qat chapter.
+
+    Bounds: ``epochs`` in [0, 100000], ``batch_size`` in [1, 2**28], bit widths in [2, 8]; a
+    step that makes a weight NaN or Inf (too large an ``lr``) raises ``ValueError``.
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
@@ -806,6 +814,8 @@ def compare_ptq_qat(model: Sequential, X, y, X_test, y_test, bits=(8, 4, 2), *,
     weights' bit width; an int or None is used as is.  ``kwargs`` go to :func:`qat_finetune`
     (``lsq``, ``lr``, ``per_channel``, ...).  ``val_history`` holds the QAT model's test
     accuracy before training and after each epoch.  See the qat chapter.
+
+    Bounds: ``epochs`` in [0, 100000]; each entry of ``bits`` in [2, 8].
     """
     X, y = _check_xy(model, X, y)
     X_test, y_test = _check_xy(model, X_test, y_test, "X_test", "y_test")

@@ -319,6 +319,8 @@ def MLP(sizes=(64, 128, 64, 10), *, activation: str = "relu", seed: int = 0, dty
 
     ``sizes`` lists the widths from input to output; ``activation`` is ``"relu"`` or
     ``"relu6"``.  All weights are drawn from one ``np.random.default_rng(seed)``.
+
+    Bounds: every width in ``sizes`` in [1, 2**28], and at most 2**28 weights per layer.
     """
     sizes = check_int_sequence(sizes, "sizes", 1, MAX_ELEMENTS, min_len=2)
     for i in range(len(sizes) - 1):
@@ -510,6 +512,8 @@ def train_epoch(model: Module, X: np.ndarray, y: np.ndarray, order: np.ndarray,
     For each batch: forward, :func:`softmax_cross_entropy`, ``model.backward``, ``opt.step()``.
     Returns the epoch's mean loss and training accuracy, both measured on the fly (each batch
     before its step).  The loop of :func:`train` and of ``qcourse.qat.qat_finetune``.
+
+    Bounds: ``batch_size`` in [1, 2**28]; ``order`` holds row indices of ``X``.
     """
     X = _check_model_input(model, X, "X")
     y = check_labels(y, "y", X.shape[0], _num_outputs(model))
@@ -575,7 +579,10 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
 
 
 def predict(model: Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Predicted class (argmax of the logits) for each row of ``X``, as int64."""
+    """Predicted class (argmax of the logits) for each row of ``X``, as int64.
+
+    Bounds: ``batch_size`` in [1, 2**28].
+    """
     X = _check_model_input(model, X, "X")
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
     out = [np.argmax(model(X[s:s + batch_size]), axis=1) for s in range(0, X.shape[0], batch_size)]
@@ -583,7 +590,10 @@ def predict(model: Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
 
 
 def accuracy(model: Module, X: np.ndarray, y: np.ndarray, batch_size: int = 4096) -> float:
-    """Fraction of rows of ``X`` whose predicted class equals ``y``."""
+    """Fraction of rows of ``X`` whose predicted class equals ``y``.
+
+    Bounds: ``batch_size`` in [1, 2**28].
+    """
     X = _check_model_input(model, X, "X")
     y = check_labels(y, "y", X.shape[0])
     return float(np.mean(predict(model, X, batch_size) == y))
@@ -604,6 +614,8 @@ def capture_activations(model: Sequential, X: np.ndarray, layers=None,
     ``{name: LayerActivations(input, output)}`` for the layers named in ``layers`` (default:
     all), with the batches concatenated in order.  Other hooks already on the model still run,
     so what is recorded is what the layer really saw.
+
+    Bounds: ``batch_size`` in [1, 2**28].
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
