@@ -3,14 +3,15 @@
 
 Every function here trusts its caller: shapes, dtypes, contiguity and the int32 overflow bound
 are checked in ``qcourse/kernels.py``, which allocates the outputs and carries the documentation.
-All loops run without the GIL.  Loops that need particular instructions live in ``_qgemm.h``,
-compiled once per instruction set and chosen at run time.
+All loops run without the GIL.  Loops that need particular instructions are C, in
+``qcourse/csrc/`` (``qgemm.h`` states their contract), compiled once per instruction set and
+chosen at run time.
 """
 
 from libc.stdint cimport int8_t, int32_t, uint8_t, uint32_t
 
 
-cdef extern from "_qgemm.h" nogil:
+cdef extern from "csrc/qgemm.h" nogil:
     int QC_PATH_PORTABLE
     int QC_PATH_AVX2
     int QC_PATH_VNNI512
@@ -25,6 +26,8 @@ cdef extern from "_qgemm.h" nogil:
     Py_ssize_t qc_groups(Py_ssize_t n)
     int QC_NG
     int QC_MR
+    int QC_KCQ
+    int QC_MCT
     double qc_vnni_peak(Py_ssize_t iters, int threads)
     int QC_PEAK_MACS_PER_ITER
     ctypedef struct qc_requant_args:
@@ -45,12 +48,28 @@ cdef extern from "_qgemm.h" nogil:
                        Py_ssize_t k, int threads)
 
 
+cdef extern from "csrc/w4a8.h" nogil:
+    int QC_W4_GROUP_COLS
+    Py_ssize_t qc_w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, int has_zp)
+    void qc_w4_pack(const int8_t *codes, const float *scales, const int8_t *zp, Py_ssize_t k,
+                    Py_ssize_t n, Py_ssize_t g, uint8_t *packed)
+    void qc_w4_quantize_rows(int path, const float *x, Py_ssize_t m, Py_ssize_t k, Py_ssize_t g,
+                             int8_t *xq, int32_t *gsum, float *sx)
+    int qc_w4a8(int path, const int8_t *xq, const int32_t *gsum, const float *sx,
+                const uint8_t *packed, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, Py_ssize_t g,
+                int has_zp, float *y, int32_t *sums, int threads)
+    double qc_read_bandwidth(int path, const uint8_t *buf, Py_ssize_t nbytes, int threads,
+                             int rounds)
+
+
 PATH_PORTABLE = QC_PATH_PORTABLE
 PATH_AVX2 = QC_PATH_AVX2
 PATH_VNNI512 = QC_PATH_VNNI512
 PANEL_WIDTH = QC_NR
 GROUP_WIDTH = QC_NR * QC_NG
 TILE_ROWS = QC_MR
+K_BLOCK = 4 * QC_KCQ  # values of k per cache block of the VNNI kernel
+CHUNK_ROWS = QC_MCT * QC_MR  # rows of A per chunk of row tiles of the VNNI kernel
 
 
 def packed_b_size(Py_ssize_t k, Py_ssize_t n):
@@ -200,3 +219,114 @@ def gemm_packed_requant(int path, const int8_t[:, ::1] a not None, int32_t[::1] 
     if ran < 0:
         raise MemoryError("could not allocate the per-thread int32 buffer")
     return ran
+
+
+# --- W4A8: int4 weights in groups, int8 activations per row (csrc/w4a8.h) -----------------------
+
+W4_GROUP_COLS = QC_W4_GROUP_COLS
+
+
+def w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, bint has_zp):
+    """Bytes of an (n x k) int4 weight packed by w4_pack with groups of g."""
+    return qc_w4_packed_size(k, n, g, has_zp)
+
+
+cdef int _check_w4(const uint8_t[::1] packed, Py_ssize_t k, Py_ssize_t n, Py_ssize_t g,
+                   bint has_zp) except -1:
+    """Packed int4 weights must describe whole groups of 8k values, cover k x n and start on a
+    64-byte boundary (the kernels' aligned loads)."""
+    if n < 1 or k < 1 or g < 8 or g % 8 or k % g:
+        raise ValueError(f"packed int4 weights need n >= 1 and groups g of a multiple of 8 "
+                         f"dividing k, got n={n}, k={k}, g={g}")
+    if packed.shape[0] < qc_w4_packed_size(k, n, g, has_zp):
+        raise ValueError(f"packed int4 weights hold {packed.shape[0]} bytes, too few for K={k}, "
+                         f"N={n}, group size {g}")
+    if <size_t>&packed[0] % 64:
+        raise ValueError("packed int4 weights must start on a 64-byte boundary")
+    return 0
+
+
+cdef int _check_w4_rows(Py_ssize_t m, Py_ssize_t k, Py_ssize_t g, const int8_t[:, ::1] xq,
+                        const int32_t[:, ::1] gsum) except -1:
+    if m < 1 or xq.shape[0] != m or xq.shape[1] != k or gsum.shape[0] != m or (
+            gsum.shape[1] != k // g):
+        raise ValueError(f"activation buffers do not fit m={m}, k={k}, g={g}")
+    return 0
+
+
+def w4_pack(const int8_t[:, ::1] codes not None, const float[:, ::1] scales not None,
+            zero_points, Py_ssize_t g, uint8_t[::1] packed not None):
+    """codes (n x k, in [-8, 7]), scales (n x k/g), zero_points (n x k/g int8 or None) -> packed."""
+    cdef const int8_t[:, ::1] zp
+    cdef const int8_t *zp_ptr = NULL
+    cdef Py_ssize_t n = codes.shape[0], k = codes.shape[1]
+    _check_w4(packed, k, n, g, zero_points is not None)
+    if scales.shape[0] != n or scales.shape[1] != k // g:
+        raise ValueError(f"scales must be ({n}, {k // g}), got ({scales.shape[0]}, "
+                         f"{scales.shape[1]})")
+    if zero_points is not None:
+        zp = zero_points
+        if zp.shape[0] != n or zp.shape[1] != k // g:
+            raise ValueError(f"zero points must be ({n}, {k // g})")
+        zp_ptr = &zp[0, 0]
+    with nogil:
+        qc_w4_pack(&codes[0, 0], &scales[0, 0], zp_ptr, k, n, g, &packed[0])
+
+
+def w4_quantize_rows(int path, const float[:, ::1] x not None, Py_ssize_t g,
+                     int8_t[:, ::1] xq not None, int32_t[:, ::1] gsum not None,
+                     float[::1] sx not None):
+    """Per-row int8 activations: xq, the per-group sums of xq, and the row scales sx."""
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1]
+    if g < 1 or k % g:
+        raise ValueError(f"g={g} must divide k={k}")
+    _check_w4_rows(m, k, g, xq, gsum)
+    if sx.shape[0] != m:
+        raise ValueError(f"sx must hold {m} row scales")
+    with nogil:
+        qc_w4_quantize_rows(path, &x[0, 0], m, k, g, &xq[0, 0], &gsum[0, 0], &sx[0])
+
+
+def w4a8(int path, const float[:, ::1] x not None, const uint8_t[::1] packed not None,
+         Py_ssize_t n, Py_ssize_t g, bint has_zp, int8_t[:, ::1] xq not None,
+         int32_t[:, ::1] gsum not None, float[::1] sx not None, float[:, ::1] y not None,
+         int threads):
+    """y = the W4A8 product of x and the packed weights (activations quantized into xq, gsum, sx
+    on the way); returns the path that ran."""
+    cdef int ran
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1]
+    _check_w4(packed, k, n, g, has_zp)
+    _check_w4_rows(m, k, g, xq, gsum)
+    if sx.shape[0] != m or y.shape[0] != m or y.shape[1] != n:
+        raise ValueError(f"sx and y must fit m={m}, n={n}")
+    with nogil:
+        qc_w4_quantize_rows(path, &x[0, 0], m, k, g, &xq[0, 0], &gsum[0, 0], &sx[0])
+        ran = qc_w4a8(path, &xq[0, 0], &gsum[0, 0], &sx[0], &packed[0], m, n, k, g, has_zp,
+                      &y[0, 0], NULL, threads)
+    return ran
+
+
+def w4a8_group_sums(int path, const int8_t[:, ::1] xq not None,
+                    const int32_t[:, ::1] gsum not None, const uint8_t[::1] packed not None,
+                    Py_ssize_t n, Py_ssize_t g, bint has_zp, int32_t[:, :, ::1] sums not None,
+                    int threads):
+    """The kernel's integer partial sums P (m x n x k/g) instead of y; returns the path."""
+    cdef int ran
+    cdef float unused = 0
+    cdef Py_ssize_t m = xq.shape[0], k = xq.shape[1]
+    _check_w4(packed, k, n, g, has_zp)
+    _check_w4_rows(m, k, g, xq, gsum)
+    if sums.shape[0] != m or sums.shape[1] != n or sums.shape[2] != k // g:
+        raise ValueError(f"sums must be ({m}, {n}, {k // g})")
+    with nogil:
+        ran = qc_w4a8(path, &xq[0, 0], &gsum[0, 0], &unused, &packed[0], m, n, k, g, has_zp,
+                      NULL, &sums[0, 0, 0], threads)
+    return ran
+
+
+def read_bandwidth(int path, const uint8_t[::1] buf not None, int threads, int rounds):
+    """Bytes per second with which `threads` threads read their shares of buf (best round)."""
+    cdef double rate
+    with nogil:
+        rate = qc_read_bandwidth(path, &buf[0], buf.shape[0], threads, rounds)
+    return rate
