@@ -797,8 +797,8 @@ def rounding_divide_by_pot_half_up(x, exponent):
     int or numpy.ndarray of int32
     """
     scalar = _is_scalar(x) and _is_scalar(exponent)
-    xv = _int32("x", x)
-    e = _int_array("exponent", exponent, 0, 31, "an exponent from 0 to 31")
+    xv = _as_int32(x, "x")
+    e = int_array(exponent, "exponent", 0, 31, what="an exponent from 0 to 31")
     half = np.where(e > 0, np.int64(1) << np.maximum(e - 1, 0), 0)
     return _result(((xv + half) >> e).astype(np.int32), scalar)
 
@@ -826,11 +826,11 @@ def multiply_by_quantized_multiplier_half_up(x, multiplier, shift):
     int or numpy.ndarray of int32
     """
     scalar = _is_scalar(x) and _is_scalar(multiplier) and _is_scalar(shift)
-    xv = _int32("x", x)
-    m = _int_array("multiplier", multiplier, 0, _INT32_MAX, "a non-negative int32")
-    s = _int_array("shift", shift, -31, 30, "an exponent from -31 to 30")
+    xv = _as_int32(x, "x")
+    m = int_array(multiplier, "multiplier", 0, INT32_MAX, what="a non-negative int32")
+    s = int_array(shift, "shift", -31, 30, what="an exponent from -31 to 30")
     shifted = xv << np.maximum(s, 0)
-    over = (shifted < _INT32_MIN) | (shifted > _INT32_MAX)
+    over = (shifted < INT32_MIN) | (shifted > INT32_MAX)
     if np.any(over):
         raise ValueError(f"x * 2**shift overflows int32 in {int(np.count_nonzero(over))} "
                          "place(s) (the kernels shift x left in int32 first, which would wrap)")

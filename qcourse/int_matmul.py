@@ -1213,7 +1213,7 @@ def requantize_double_half_away(acc, multiplier, output_zero_point, qmin, qmax) 
     lo, hi = _check_range(qmin, qmax)
     zp = _check_output_zero_point(output_zero_point, lo, hi)
     r = _round_half_away(a.astype(np.float64) * m)
-    if np.any((r < _INT32_MIN) | (r > _INT32_MAX)):
+    if np.any((r < INT32_MIN) | (r > INT32_MAX)):
         raise ValueError("acc * multiplier does not fit int32 (the C cast would be undefined)")
     return np.clip(r.astype(np.int64) + zp, lo, hi).astype(storage_dtype(lo, hi))
 

@@ -570,8 +570,10 @@ _ROUND_TRIP_CHILD = r'''
 import copy, io, pickle
 import numpy as np
 from qcourse import nn
-from qcourse.kernels import (available_paths, matmul_int8, matmul_int8_requant, prepack)
-from qcourse.lowbit import int4_linear_int8, quantize_int4_groupwise
+from qcourse.kernels import (available_paths, matmul_int8, matmul_int8_requant, matmul_w4a8,
+                             prepack, prepack_int4, quantize_rows_int8, w4a8_group_sums)
+from qcourse.lowbit import int4_linear_int8, int4_packed, quantize_int4_groupwise
+BREAK_REDUCE
 from qcourse.ptq import convert_to_integer, dynamic_ptq, static_ptq
 
 def round_trips(obj):
@@ -596,12 +598,12 @@ for k, n in ((512, 512), (1, 1), (5, 70), (259, 129), (1027, 3)):
     want_q = matmul_int8_requant(a, packed, mult, 3, a_zero_point=-5)
     for _ in range(20 if k == 512 else 1):           # 20 fresh copies: addresses vary
         for how, copied in round_trips(packed):
-            assert copied == packed and copied.data.ctypes.data % 64 == 0, how
             for path in available_paths():
                 assert np.array_equal(matmul_int8(a, copied, path=path), want), (how, path)
                 got = matmul_int8_requant(a, copied, mult, 3, a_zero_point=-5, path=path)
                 assert np.array_equal(got, want_q), (how, path)
                 checked += 1
+            assert copied == packed and copied.data.ctypes.data % 64 == 0, how
 
 model = nn.MLP((20, 16, 5), seed=1)
 X = rng.normal(0, 1, (9, 20)).astype(np.float32)
@@ -614,14 +616,66 @@ for m in models:
         assert np.array_equal(copied(X), want), (type(m).__name__, how)
         checked += 1
 
-w4 = quantize_int4_groupwise(rng.normal(0, 1, (6, 40)), 16)
-x40 = rng.normal(0, 1, (3, 40))
-want = int4_linear_int8(x40, w4)
-for how, copied in round_trips(w4):
-    assert np.array_equal(int4_linear_int8(x40, copied), want), ("Int4Weight", how)
-    checked += 1
+for n, k, g, with_zp in ((70, 64, 32, False), (5, 128, 64, True), (130, 8, 8, True)):
+    codes = rng.integers(-8, 8, (n, k), dtype=np.int8)
+    scales = rng.uniform(0.01, 0.1, (n, k // g)).astype(np.float32)
+    zp = rng.integers(-8, 8, (n, k // g)).astype(np.int8) if with_zp else None
+    packed = prepack_int4(codes, scales, group_size=g, zero_points=zp)
+    x = rng.normal(0, 1, (7, k)).astype(np.float32)
+    xq, _ = quantize_rows_int8(x)
+    want, want_sums = matmul_w4a8(x, packed), w4a8_group_sums(xq, packed)
+    for _ in range(10 if n == 70 else 1):
+        for how, copied in round_trips(packed):
+            for path in available_paths():
+                assert np.array_equal(matmul_w4a8(x, copied, path=path), want), (how, path)
+                got = w4a8_group_sums(xq, copied, path=path)
+                assert np.array_equal(got, want_sums), (how, path)
+                checked += 1
+            assert copied == packed and copied.data.ctypes.data % 64 == 0, how
+
+for k, g in ((40, 16), (64, 16)):                  # the per-group fallback and the W4A8 kernel
+    w4 = quantize_int4_groupwise(rng.normal(0, 1, (6, k)), g)
+    xk = rng.normal(0, 1, (3, k))
+    want = int4_linear_int8(xk, w4)
+    for how, copied in round_trips(w4):
+        assert np.array_equal(int4_linear_int8(xk, copied), want), ("Int4Weight", how)
+        checked += 1
+    packed = int4_packed(w4)
+    if packed is not None:
+        for how, copied in round_trips(packed):
+            assert np.array_equal(int4_linear_int8(xk, w4, packed=copied), want), how
+            checked += 1
 print("round trips checked:", checked, "default path:", available_paths()[-1])
 '''
+
+
+# What a naive copy does: the same bytes in a fresh buffer, wherever the allocator puts it (here
+# deliberately 1 byte past a 64-byte boundary, which a plain copy hits 63 times in 64).
+_NAIVE_REDUCE = r'''
+from qcourse import kernels as _k
+
+def _unaligned(data):
+    buf = _k._aligned_empty(data.size + 1, data.dtype)[1:]
+    buf[:] = data
+    return buf
+
+if "PackedB" in BROKEN:
+    _k.PackedB.__reduce__ = lambda self: (_k.PackedB._from_packing, (
+        self.k, self.n, _unaligned(self.data), self.colsum.copy()))
+if "PackedInt4" in BROKEN:
+    _k.PackedInt4.__reduce__ = lambda self: (_k.PackedInt4._from_packing, (
+        self.n, self.k, self.group_size, self.has_zero_points, _unaligned(self.data)))
+'''
+
+
+def _round_trip_child(max_path, broken=()):
+    env = {key: value for key, value in os.environ.items() if key != "QCOURSE_MAX_PATH"}
+    if max_path is not None:
+        env["QCOURSE_MAX_PATH"] = max_path
+    code = _ROUND_TRIP_CHILD.replace(
+        "BREAK_REDUCE", _NAIVE_REDUCE.replace("BROKEN", repr(broken)) if broken else "")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.parametrize("max_path", [None, "avx2", "portable"])
@@ -630,14 +684,24 @@ def test_packed_objects_survive_copy_and_pickle_on_every_path(max_path):
         pytest.skip("run once, from the unsimulated suite: it sets QCOURSE_MAX_PATH itself")
     if max_path is not None and max_path not in available_paths():
         pytest.skip(f"this CPU has no {max_path} path to cap at")
-    env = {key: value for key, value in os.environ.items() if key != "QCOURSE_MAX_PATH"}
-    if max_path is not None:
-        env["QCOURSE_MAX_PATH"] = max_path
-    proc = subprocess.run([sys.executable, "-c", _ROUND_TRIP_CHILD], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = _round_trip_child(max_path)
     assert proc.returncode == 0, (f"child exited with {proc.returncode} (negative: killed by "
                                   f"that signal)\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
     assert f"default path: {max_path or best_path()}" in proc.stdout
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("PackedB", "packed B must start on a 64-byte boundary"),
+    ("PackedInt4", "packed int4 weights must start on a 64-byte boundary")])
+def test_the_round_trip_check_fails_on_a_naive_copy(broken, message):
+    # The same child with one class's __reduce__ (which copy, deepcopy and pickle all use)
+    # replaced by a plain copy of the bytes: the check must fail, and the compiled boundary must
+    # refuse the unaligned buffer (without that check the aligned loads crashed the interpreter).
+    if os.environ.get("QCOURSE_MAX_PATH"):
+        pytest.skip("run once, from the unsimulated suite")
+    proc = _round_trip_child(None, broken=(broken,))
+    assert proc.returncode != 0
+    assert f"ValueError: {message}" in proc.stderr, (proc.returncode, proc.stderr[-3000:])
 
 
 def test_packed_b_is_built_only_by_prepack_and_is_immutable():
@@ -651,6 +715,52 @@ def test_packed_b_is_built_only_by_prepack_and_is_immutable():
         packed.data[0] = 1
     np.testing.assert_array_equal(packed.unpack(), b)
     assert repr(packed) == "PackedB(k=3, n=4, 256 bytes)"
+
+
+def test_packed_int4_is_built_only_by_prepack_int4_and_is_immutable():
+    codes = np.arange(-8, 8, dtype=np.int8).reshape(2, 8)
+    packed = kernels.prepack_int4(codes, np.ones((2, 1), np.float32), group_size=8)
+    with pytest.raises(TypeError, match=r"built by qcourse\.kernels\.prepack_int4"):
+        kernels.PackedInt4(n=2, k=8, group_size=8, has_zero_points=False, data=packed.data)
+    with pytest.raises(AttributeError, match="immutable"):
+        packed.n = 4096
+    with pytest.raises(ValueError, match="read-only"):
+        packed.data[0] = 1
+    np.testing.assert_array_equal(packed.unpack()[0], codes)
+    assert repr(packed) == ("PackedInt4(n=2, k=8, group_size=8, has_zero_points=False, "
+                            "512 bytes)")
+
+
+def test_the_compiled_w4a8_boundary_checks_the_packed_weights():
+    # n larger than the packed width, a group size that does not fit, None and an unaligned
+    # buffer: refused by the compiled functions themselves (each read outside the buffer, divided
+    # by zero or crashed before).
+    codes = np.ones((4, 64), np.int8)
+    packed = kernels.prepack_int4(codes, np.ones((4, 2), np.float32), group_size=32)
+    code = kernels._PATHS[best_path()]
+    x = np.ones((2, 64), np.float32)
+
+    def run(data=packed.data, n=4, g=32, y=None):
+        return _kernels.w4a8(code, x, data, n, g, False, np.empty((2, 64), np.int8),
+                             np.empty((2, 64 // g if g else 1), np.int32),
+                             np.empty(2, np.float32),
+                             np.empty((2, n), np.float32) if y is None else y, 1)
+
+    with pytest.raises(TypeError, match="must not be None"):
+        run(data=None)
+    with pytest.raises(ValueError, match=r"too few for K=64, N=4096"):
+        run(n=4096)
+    with pytest.raises(ValueError, match=r"g=0"):
+        run(g=0)
+    with pytest.raises(ValueError, match=r"g=12"):
+        run(g=12)
+    with pytest.raises(ValueError, match=r"sx and y must fit m=2, n=4"):
+        run(y=np.empty((2, 3), np.float32))
+    unaligned = kernels._aligned_empty(packed.data.size + 1, np.uint8)[1:]
+    unaligned[:] = packed.data
+    with pytest.raises(ValueError, match="64-byte boundary"):
+        run(data=unaligned)
+    run()
 
 
 def test_the_compiled_boundary_checks_the_packed_operand():
@@ -816,7 +926,8 @@ def _w4_bad(**kw):
     (dict(codes=np.full((4, 64), -9, np.int8)), ValueError, r"codes must lie in \[-8, 7\]"),
     (dict(codes=np.zeros((4, 64), np.int16)), TypeError, r"codes must have dtype int8"),
     (dict(codes=np.zeros(64, np.int8)), ValueError, r"codes must be 2-D"),
-    (dict(zero_points=np.full((4, 2), 9)), ValueError, r"zero_points must lie in \[-8, 7\]"),
+    (dict(zero_points=np.full((4, 2), 9)), ValueError,
+     r"zero_points must be integers in \[-8, 7\]"),
     (dict(zero_points=np.zeros((4, 3), np.int8)), ValueError, r"zero_points must have shape"),
     (dict(zero_points=np.zeros((4, 2), np.float32)), TypeError, r"zero_points must be integers"),
 ])
@@ -833,8 +944,8 @@ def test_matmul_w4a8_bad_arguments_are_named():
         ((x.astype(np.int32), packed), TypeError, r"x must have a float dtype"),
         ((x.tolist(), packed), TypeError, r"x must be a numpy.ndarray"),
         ((x[0], packed), ValueError, r"x must be 2-D"),
-        ((np.full((2, 64), np.nan, np.float32), packed), ValueError, r"x contains NaN or Inf"),
-        ((np.full((2, 64), 1e300), packed), ValueError, r"x contains NaN or Inf"),
+        ((np.full((2, 64), np.nan, np.float32), packed), ValueError, r"x must be finite"),
+        ((np.full((2, 64), 1e300), packed), ValueError, r"x must fit float32"),
         ((x, np.zeros((4, 64), np.int8)), TypeError, r"packed must be a PackedInt4"),
     ]
     for f in (kernels.matmul_w4a8, kernels.matmul_w4a8_reference):
@@ -843,7 +954,7 @@ def test_matmul_w4a8_bad_arguments_are_named():
                 f(*args)
     with pytest.raises(ValueError, match="path must be one of"):
         kernels.matmul_w4a8(x, packed, path="sse9")
-    with pytest.raises(ValueError, match="threads must be a positive integer"):
+    with pytest.raises(ValueError, match=r"threads must be an int in \[1, 1024\]"):
         kernels.matmul_w4a8(x, packed, threads=0)
     with pytest.raises(ValueError, match="x_q has K=32"):
         kernels.w4a8_group_sums(np.zeros((1, 32), np.int8), packed)
