@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qcourse import _kernels
+from qcourse import _checks, _kernels
 from qcourse.kernels import (
     LADDER,
     available_paths,
@@ -68,7 +68,11 @@ def peak_gops(threads: int = 1, seconds: float = 0.02, rounds: int = 5) -> float
     (each thread times its own loop; the rates are summed).
     This is the ceiling of an int8 GEMM on this CPU at the clock it actually runs (a virtual
     machine's /proc/cpuinfo may report a nominal clock far from it).  ``None`` without VNNI.
+    ``threads`` in [1, 1024], ``seconds`` in (0, 60], ``rounds`` in [1, 1000].
     """
+    threads = _checks.check_threads(threads)
+    seconds = _checks.check_real(seconds, "seconds", 0.0, 60.0, lo_open=True)
+    rounds = _checks.check_int(rounds, "rounds", 1, 1000)
     if "vnni512" not in available_paths():
         return None
     iters = 1 << 16
@@ -93,9 +97,7 @@ class thread_limit:
     """
 
     def __init__(self, threads: int):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        self.threads = threads
+        self.threads = _checks.check_threads(threads)
 
     def __enter__(self):
         self._saved = [get_num_threads()]
@@ -264,18 +266,18 @@ def _contenders(a: np.ndarray, b: np.ndarray, include_slow: bool, outside: bool,
     return kernels
 
 
+#: Largest side the benchmark accepts (an 8192^3 product is 1.1e12 operations: seconds to
+#: minutes per kernel, and the slow rungs are skipped there).
+_MAX_SIDE = 8192
+
+
 def _shapes(sizes, linear, linear_kn) -> list[tuple[int, int, int]]:
-    shapes = []
-    for n in sizes:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"sizes must be positive integers, got {n!r}")
-        shapes.append((int(n), int(n), int(n)))
-    k, n = linear_kn
-    for m in linear:
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise ValueError(f"linear must be positive integers (rows M), got {m!r}")
-        shapes.append((int(m), int(k), int(n)))
-    return shapes
+    shapes = [(n, n, n) for n in _checks.check_int_sequence(sizes, "sizes", 1, _MAX_SIDE,
+                                                             min_len=0)]
+    k, n = _checks.check_int_sequence(linear_kn, "linear_kn", 1, _MAX_SIDE, min_len=2,
+                                      max_len=2)
+    rows = _checks.check_int_sequence(linear, "linear", 1, _MAX_SIDE, min_len=0)
+    return shapes + [(m, k, n) for m in rows]
 
 
 def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
@@ -289,9 +291,10 @@ def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
     Parameters
     ----------
     sizes : iterable of int
-        Square shapes M = N = K.
+        Square shapes M = N = K, each in [1, 8192] (as are ``linear`` and ``linear_kn``).
     repeat : int
-        Timed runs per kernel (after one untimed warm-up that also checks the result).
+        Timed runs per kernel (after one untimed warm-up that also checks the result), in
+        [1, 10000].
     include_slow : bool
         Also time the naive rung above 256 and the rungs below "packed" above 1024 (they are one
         to two orders of magnitude slower).
@@ -306,8 +309,13 @@ def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
         Include the ladder's rungs and NumPy's int32 product (else only NumPy float32, the
         prepacked and fused qcourse kernels, and the outside systems).
     """
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    repeat = _checks.check_int(repeat, "repeat", 1, 10_000)
+    seed = _checks.check_int(seed, "seed", 0)
+    include_slow = _checks.check_bool(include_slow, "include_slow")
+    outside = _checks.check_bool(outside, "outside")
+    rungs = _checks.check_bool(rungs, "rungs")
+    if peak is not None:
+        peak = _checks.check_real(peak, "peak", 0.0, lo_open=True)
     shapes = _shapes(sizes, linear, linear_kn)
     threads = get_num_threads()
     if peak is None:
@@ -355,10 +363,17 @@ def _with_ratios(shape_rows: list[Result]) -> list[Result]:
         r["vs_numpy_f32"] = r["gops"] / base
         r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
     return shape_rows
+_RESULT_KEYS = frozenset(("threads", "shape", "kernel", "gops", "pct_peak", "vs_numpy_f32",
+                          "vs_best_outside", "exact"))
 
 
 def format_table(rows: list[Result]) -> str:
     """A Markdown table of :func:`run_benchmark`'s rows."""
+    rows = _checks.check_sequence(rows, "rows")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not _RESULT_KEYS <= r.keys():
+            raise TypeError(f"rows[{i}] must be a row of run_benchmark (a dict with the keys "
+                            f"{sorted(_RESULT_KEYS)}), got {_checks.describe(r)}")
     lines = ["| threads | M×K×N | kernel | GOP/s | % of peak | vs NumPy float32 "
              "| vs best outside | exact |",
              "|---:|:---|:---|---:|---:|---:|---:|:---:|"]

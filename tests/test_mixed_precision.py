@@ -776,7 +776,7 @@ def test_curvature_functions_reject_bad_input():
         hvp(model, "fc1", X, y, v, method="ad")
     with pytest.raises(ValueError, match="step"):
         hvp(model, "fc1", X, y, v, method="fd", step=0.0)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="X must have a float dtype"):
         hvp(model, "fc1", X.astype(np.int64), y, v)
     with pytest.raises(ValueError, match="NaN"):
         hvp(model, "fc1", np.where(X > 0, np.nan, X), y, v)

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcourse.affine.quantizer import MAX_BITS, _check_int, _real_array
+from qcourse._checks import (
+    MAX_SQUARABLE,
+    check_int,
+    real_array,
+)
+from qcourse.affine.quantizer import MAX_BITS
 
 __all__ = [
     "codebook_dequantize",
@@ -21,7 +26,7 @@ __all__ = [
 
 
 def _check_codebook(codebook) -> np.ndarray:
-    cb = _real_array(codebook, "codebook", nonempty=True)
+    cb = real_array(codebook, "codebook")
     if cb.ndim != 1:
         raise ValueError(f"codebook must be 1-D, got shape {cb.shape}")
     if np.any(np.diff(cb) < 0):
@@ -37,7 +42,7 @@ def codebook_quantize(x, codebook) -> np.ndarray:
     affine chapter.
     """
     cb = _check_codebook(codebook)
-    x = _real_array(x, "x")
+    x = real_array(x, "x", nonempty=False)
     mids = (cb[:-1] + cb[1:]) / 2
     idx = np.searchsorted(mids, x, side="left")
     return idx.astype(np.uint8 if cb.size <= 256 else np.uint16)
@@ -68,11 +73,13 @@ def kmeans_codebook(x, bits: int, *, seed: int, max_iter: int = 300) -> np.ndarr
     values than :math:`2^b` entries, the codebook is those values, padded with the largest.
     Entries are returned sorted (float64).  Unlike a uniform grid, the entries crowd where the
     values are dense.  See the affine chapter.
+
+    Bounds: ``bits`` in [1, 16], ``max_iter`` in [1, 10**6], ``|x|`` at most 1e150.
     """
-    bits = _check_int(bits, "bits", minimum=1, maximum=MAX_BITS)
-    seed = _check_int(seed, "seed", minimum=0)
-    max_iter = _check_int(max_iter, "max_iter", minimum=1)
-    x = _real_array(x, "x", nonempty=True).ravel()
+    bits = check_int(bits, "bits", 1, MAX_BITS)
+    seed = check_int(seed, "seed", 0)
+    max_iter = check_int(max_iter, "max_iter", 1, 10**6)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE).ravel()
     k = 2**bits
     uniq = np.unique(x)
     if uniq.size <= k:
@@ -107,9 +114,11 @@ def codebook_effective_bits(bits, n_values, *, entry_bits=32, n_codebooks=1) -> 
     ``bits``-bit indices plus ``n_codebooks`` tables of :math:`2^b` entries of ``entry_bits``
     bits each (32: the float32 lookup table), spread over ``n_values`` values.  See the affine
     chapter.
+
+    Bounds: ``bits`` in [1, 16], ``entry_bits`` in [0, 1024], ``n_codebooks`` in [1, 2**40].
     """
-    bits = _check_int(bits, "bits", minimum=1, maximum=MAX_BITS)
-    n_values = _check_int(n_values, "n_values", minimum=1)
-    entry_bits = _check_int(entry_bits, "entry_bits", minimum=0)
-    n_codebooks = _check_int(n_codebooks, "n_codebooks", minimum=1)
+    bits = check_int(bits, "bits", 1, MAX_BITS)
+    n_values = check_int(n_values, "n_values", 1)
+    entry_bits = check_int(entry_bits, "entry_bits", 0, 1024)
+    n_codebooks = check_int(n_codebooks, "n_codebooks", 1, 2**40)
     return bits + n_codebooks * 2**bits * entry_bits / n_values

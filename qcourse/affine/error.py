@@ -13,15 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcourse.affine.quantizer import (
-    QParams,
-    _broadcast_params,
-    _check_int,
-    _normalize_axis,
-    _real_array,
-    qparams_from_range,
-    quantize,
+from qcourse._checks import (
+    MAX_SQUARABLE,
+    check_axis,
+    check_int,
+    check_int_sequence,
+    real_array,
 )
+from qcourse.affine.quantizer import QParams, _broadcast_params, qparams_from_range, quantize
 
 __all__ = [
     "ErrorBreakdown",
@@ -45,9 +44,11 @@ def sqnr_db(x, x_hat) -> float:
     Each extra bit of a uniform grid halves the step and adds about :math:`20\log_{10}2
     \approx 6.02` dB.  Returns ``inf`` when ``x_hat == x`` exactly; an all-zero ``x`` has no
     signal and raises ``ValueError``.  See the affine chapter.
+
+    Bounds: ``|x|`` and ``|x_hat|`` at most 1e150 (their squares are summed in float64).
     """
-    x = _real_array(x, "x", nonempty=True)
-    x_hat = _real_array(x_hat, "x_hat", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    x_hat = real_array(x_hat, "x_hat", max_abs=MAX_SQUARABLE)
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {x.shape} and {x_hat.shape}")
     signal = float(np.sum(x * x))
@@ -97,9 +98,10 @@ def error_breakdown(x, qparams: QParams) -> ErrorBreakdown:
 
     A clipped value lands on the grid's end point, so its rounding term is 0 and the two mean
     squared errors add up to the total.  Rounding error is bounded by ``scale / 2`` per value;
-    clipping error is not bounded at all.  Computed in float64.  See the affine chapter.
+    clipping error is not bounded at all.  Computed in float64; ``|x|`` at most 1e150.  See the
+    affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     scale, zp = _broadcast_params(qparams, x.shape)
     lo, hi = scale * (qparams.qmin - zp), scale * (qparams.qmax - zp)
     x_hat = scale * (quantize(x, qparams).astype(np.int64) - zp)
@@ -137,9 +139,11 @@ def clip_sweep(x, clip_ratios, *, bits=8, signed=True, symmetric=True) -> dict[s
     dict
         ``"clip_ratio"``, ``"scale"``, ``"rounding_mse"``, ``"clipping_mse"``, ``"total_mse"``,
         ``"sqnr_db"``, ``"clipped_fraction"``: one float64 array entry per ratio.
+
+    Bounds: ``|x|`` at most 1e150; ``bits`` as for :func:`qrange`.
     """
-    x = _real_array(x, "x", nonempty=True)
-    ratios = _real_array(clip_ratios, "clip_ratios", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    ratios = real_array(clip_ratios, "clip_ratios")
     if ratios.ndim != 1 or np.any(ratios <= 0) or np.any(ratios > 1):
         raise ValueError("clip_ratios must be a 1-D sequence of numbers in (0, 1]")
     keys = ("scale", "rounding_mse", "clipping_mse", "total_mse", "sqnr_db", "clipped_fraction")
@@ -164,13 +168,13 @@ def grid_occupancy(x, qparams: QParams):
     the bits is wasted.  Per-tensor parameters give a float; per-channel ones an array with one
     entry per channel.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     q = quantize(x, qparams).astype(np.int64)
     if qparams.group_size is not None:
         raise ValueError("grid_occupancy supports per-tensor and per-channel parameters")
     if qparams.axis is None:
         return float(q.max() - q.min() + 1) / qparams.levels
-    ax = _normalize_axis(qparams.axis, q.ndim)
+    ax = check_axis(qparams.axis, "axis", q.ndim)
     others = tuple(i for i in range(q.ndim) if i != ax)
     return (q.max(axis=others) - q.min(axis=others) + 1) / qparams.levels
 
@@ -188,20 +192,20 @@ def effective_bits(bits, shape, *, axis=None, group_size=None, scale_bits=16,
     zero point).  Per-group int4 with groups of 32 costs :math:`4 + 32/32 = 5` bits per value.
     See the affine chapter.
     """
-    bits = _check_int(bits, "bits", minimum=1)
-    shape = tuple(_check_int(s, "shape entries", minimum=1) for s in shape)
-    scale_bits = _check_int(scale_bits, "scale_bits", minimum=0)
-    zero_point_bits = _check_int(zero_point_bits, "zero_point_bits", minimum=0)
+    bits = check_int(bits, "bits", 1)
+    shape = check_int_sequence(shape, "shape", 1, min_len=1)
+    scale_bits = check_int(scale_bits, "scale_bits", 0)
+    zero_point_bits = check_int(zero_point_bits, "zero_point_bits", 0)
     n = math.prod(shape)
     if axis is None:
         if group_size is not None:
             raise ValueError("group_size needs an axis: groups are formed along axis")
         n_params = 1
     else:
-        ax = _normalize_axis(_check_int(axis, "axis"), len(shape))
+        ax = check_axis(check_int(axis, "axis"), "axis", len(shape))
         if group_size is None:
             n_params = shape[ax]
         else:
-            group_size = _check_int(group_size, "group_size", minimum=1)
+            group_size = check_int(group_size, "group_size", 1)
             n_params = n // shape[ax] * -(-shape[ax] // group_size)
     return bits + n_params * (scale_bits + zero_point_bits) / n

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcourse.affine.error import error_breakdown
-from qcourse.affine.quantizer import (
-    QParams,
-    _check_int,
-    _real_array,
-    choose_qparams,
-    fake_quantize,
-    qrange,
+from qcourse._checks import (
+    MAX_SQUARABLE,
+    check_instance,
+    check_int,
+    check_real,
+    real_array,
 )
+from qcourse.affine.error import error_breakdown
+from qcourse.affine.quantizer import QParams, choose_qparams, fake_quantize, qrange
 
 __all__ = [
     "error_explorer",
@@ -35,14 +35,12 @@ def explorer_qparams(x, *, bits: int, clip: float, zero_point: int) -> QParams:
     grid covers :math:`[-s z,\ s (2^b - 1 - z)]`: ``clip`` sets its width, ``zero_point``
     slides it along the real line.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
-    clip = float(clip)
-    if not 0 < clip <= 1:
-        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    clip = check_real(clip, "clip", 0.0, 1.0, lo_open=True)
     qmin, qmax = qrange(bits, signed=False)
     span = max(float(x.max()), 0.0) - min(float(x.min()), 0.0)
     scale = clip * span / (qmax - qmin) if span > 0 else 1.0
-    return QParams(scale=scale, zero_point=_check_int(zero_point, "zero_point"), qmin=qmin,
+    return QParams(scale=scale, zero_point=check_int(zero_point, "zero_point"), qmin=qmin,
                    qmax=qmax)
 
 
@@ -56,9 +54,11 @@ def plot_quantization(x, qparams: QParams, axes=None):
     """
     import matplotlib.pyplot as plt
 
-    if not isinstance(qparams, QParams) or qparams.axis is not None:
-        raise ValueError("plot_quantization draws per-tensor QParams")
-    x = _real_array(x, "x", nonempty=True).ravel()
+    check_instance(qparams, "qparams", QParams)
+    if qparams.axis is not None:
+        raise ValueError("qparams must be per-tensor (axis=None): plot_quantization draws one "
+                         "grid")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE).ravel()
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     ax_data, ax_err = axes
@@ -106,7 +106,7 @@ def error_explorer(x, *, bits: int = 4):
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     qp0 = choose_qparams(x, bits=bits, signed=False)
     bits_w = widgets.IntSlider(value=bits, min=2, max=8, description="bits")
     clip_w = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="clip")

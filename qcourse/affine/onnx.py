@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcourse.affine.quantizer import _check_bool, _check_int, _normalize_axis
+from qcourse._checks import (
+    check_axis,
+    check_bool,
+    check_int,
+    onnx_scale,
+)
 
 __all__ = [
     "dequantize_linear",
@@ -63,31 +68,10 @@ def _onnx_type_name(output_dtype) -> str | None:
     )
 
 
-def _onnx_scale(scale, name: str) -> np.ndarray:
-    if isinstance(scale, (float, int)) or not hasattr(scale, "dtype"):
-        raise TypeError(
-            f"{name} must be a float32 NumPy array or np.float32 scalar (the operator's tensor "
-            f"type), got {type(scale).__name__}; use np.float32(...)"
-        )
-    arr = np.asarray(scale)
-    if arr.dtype != np.float32:
-        raise TypeError(f"{name} must have dtype float32, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    bad = ~(np.isfinite(arr) & (arr > 0))
-    if np.any(bad):
-        i = int(np.flatnonzero(bad.ravel())[0])
-        raise ValueError(
-            f"{name} must be finite and > 0, got {arr.ravel()[i]} at flat index {i} "
-            f"(the operator leaves other scales undefined)"
-        )
-    return arr
-
-
 def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
     """Return a function that expands a scale-shaped array to broadcast against ``x``."""
-    axis = _check_int(axis, "axis")
-    block_size = _check_int(block_size, "block_size", minimum=0)
+    axis = check_int(axis, "axis")
+    block_size = check_int(block_size, "block_size", 0)
     ndim = len(x_shape)
     if block_size == 0:
         if scale.ndim == 0 or (scale.ndim == 1 and scale.size == 1):
@@ -99,7 +83,7 @@ def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
             )
         if ndim == 0:
             raise ValueError(f"a 1-D {name} (per-axis) needs x with at least one axis")
-        ax = _normalize_axis(axis, ndim)
+        ax = check_axis(axis, "axis", ndim)
         if scale.size != x_shape[ax]:
             raise ValueError(
                 f"per-axis {name} has {scale.size} entries but x has {x_shape[ax]} along "
@@ -113,7 +97,7 @@ def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
             f"blocked quantization (block_size={block_size}) needs {name} with the rank of x "
             f"({ndim}), got shape {scale.shape}"
         )
-    ax = _normalize_axis(axis, ndim)
+    ax = check_axis(axis, "axis", ndim)
     expected = list(x_shape)
     expected[ax] = -(-x_shape[ax] // block_size)
     if tuple(scale.shape) != tuple(expected):
@@ -170,8 +154,8 @@ def quantize_linear(x, y_scale, y_zero_point=None, *, axis=1, saturate=True, blo
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
         raise TypeError(f"x must be a float32 numpy.ndarray (the operator's input), got {got}")
-    _check_bool(saturate, "saturate")
-    scale = _onnx_scale(y_scale, "y_scale")
+    check_bool(saturate, "saturate")
+    scale = onnx_scale(y_scale, "y_scale")
     name = _onnx_type_name(output_dtype)
     if y_zero_point is not None:
         zp = np.asarray(y_zero_point)
@@ -233,7 +217,7 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0) ->
     if not isinstance(x, np.ndarray) or x.dtype.name not in allowed:
         got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
         raise TypeError(f"x must be a numpy.ndarray of dtype {', '.join(allowed)}, got {got}")
-    scale = _onnx_scale(x_scale, "x_scale")
+    scale = onnx_scale(x_scale, "x_scale")
     expand = _onnx_layout(x.shape, scale, axis, block_size, "x_scale")
     if x_zero_point is None:
         z = np.int64(0)

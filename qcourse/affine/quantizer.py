@@ -14,6 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import (
+    check_axis,
+    check_bool,
+    check_int,
+    real_array,
+)
+
 __all__ = [
     "QParams",
     "choose_qparams",
@@ -30,60 +37,6 @@ __all__ = [
 
 MIN_BITS = 2
 MAX_BITS = 16
-
-
-# --- small validators ------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_bits(bits) -> int:
-    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
-    if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {int(bits)}")
-    return int(bits)
-
-
-def _real_array(x, name: str, *, finite: bool = True, nonempty: bool = False) -> np.ndarray:
-    """``x`` as a float64 array; reject non-numbers, NaN/Inf (if ``finite``) and empty input."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(
-            f"{name} must hold real numbers (a float or integer array), got dtype {arr.dtype}"
-        )
-    arr = arr.astype(np.float64, copy=False)
-    if nonempty and arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if finite and not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.isfinite(arr.ravel()))
-        raise ValueError(
-            f"{name} must be finite: {bad.size} NaN/Inf value(s), the first at flat index "
-            f"{bad[0]} ({arr.ravel()[bad[0]]})"
-        )
-    return arr
-
-
-def _normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}={axis} is out of range for a {ndim}-D tensor "
-                         f"(expected {-ndim} <= {name} < {ndim})")
-    return axis % ndim
 
 
 # --- integer ranges ----------------------------------------------------------------------------
@@ -113,10 +66,12 @@ def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, in
     -------
     (int, int)
         ``(qmin, qmax)``.
+
+    Bounds: ``bits`` is an int in [2, 16] (:data:`MIN_BITS`, :data:`MAX_BITS`).
     """
-    bits = _check_bits(bits)
-    signed = _check_bool(signed, "signed")
-    narrow_range = _check_bool(narrow_range, "narrow_range")
+    bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+    signed = check_bool(signed, "signed")
+    narrow_range = check_bool(narrow_range, "narrow_range")
     if signed:
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     else:
@@ -133,15 +88,16 @@ def storage_dtype(qmin: int, qmax: int) -> np.dtype:
     otherwise (int8 for ``[-128, 127]`` or ``[-8, 7]``).  Sub-byte grids (int4, int2) are held
     one value per byte; :func:`pack_int` stores them densely.  See the affine chapter.
     """
-    qmin = _check_int(qmin, "qmin")
-    qmax = _check_int(qmax, "qmax")
+    qmin = check_int(qmin, "qmin")
+    qmax = check_int(qmax, "qmax")
     candidates = (np.uint8, np.uint16, np.uint32, np.uint64) if qmin >= 0 else (
         np.int8, np.int16, np.int32, np.int64)
     for dt in candidates:
         info = np.iinfo(dt)
         if info.min <= qmin and qmax <= info.max:
             return np.dtype(dt)
-    raise ValueError(f"no NumPy integer dtype holds [{qmin}, {qmax}]")
+    raise ValueError(f"qmin and qmax must fit a NumPy integer dtype (64 bits at most), got "
+                     f"[{qmin}, {qmax}]")
 
 
 # --- quantization parameters -------------------------------------------------------------------
@@ -191,13 +147,13 @@ class QParams:
     group_size: int | None = None
 
     def __post_init__(self):
-        qmin = _check_int(self.qmin, "qmin", minimum=-(2**31))
-        qmax = _check_int(self.qmax, "qmax", maximum=2**32 - 1)
+        qmin = check_int(self.qmin, "qmin", -(2**31))
+        qmax = check_int(self.qmax, "qmax", hi=2**32 - 1)
         if qmin >= qmax:
             raise ValueError(f"qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
-        axis = self.axis if self.axis is None else _check_int(self.axis, "axis")
+        axis = self.axis if self.axis is None else check_int(self.axis, "axis")
         group_size = (self.group_size if self.group_size is None
-                      else _check_int(self.group_size, "group_size", minimum=1))
+                      else check_int(self.group_size, "group_size", 1))
 
         raw_scale = np.asarray(self.scale)
         if raw_scale.dtype.kind not in "fiu":
@@ -311,7 +267,7 @@ def _broadcast_params(qparams: QParams, shape: tuple[int, ...]) -> tuple[np.ndar
     ndim = len(shape)
     if ndim == 0:
         raise ValueError(f"{qparams.granularity} parameters need a tensor with at least one axis")
-    ax = _normalize_axis(qparams.axis, ndim)
+    ax = check_axis(qparams.axis, "axis", ndim)
     if qparams.group_size is None:
         if shape[ax] != scale.size:
             raise ValueError(
@@ -387,9 +343,9 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
     QParams
     """
     qmin, qmax = qrange(bits, signed, narrow_range)
-    symmetric = _check_bool(symmetric, "symmetric")
-    lo = _real_array(rmin, "rmin")
-    hi = _real_array(rmax, "rmax")
+    symmetric = check_bool(symmetric, "symmetric")
+    lo = real_array(rmin, "rmin", nonempty=False)
+    hi = real_array(rmax, "rmax", nonempty=False)
     if lo.shape != hi.shape:
         raise ValueError(f"rmin and rmax must have the same shape, got {lo.shape} and {hi.shape}")
     if axis is None:
@@ -401,7 +357,7 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
                 f"axis= for per-channel ranges"
             )
     else:
-        _check_int(axis, "axis")
+        check_int(axis, "axis")
         if group_size is None and lo.ndim != 1:
             raise ValueError(f"per-channel ranges (axis={axis}) must be 1-D, got shape {lo.shape}")
         if lo.size == 0:
@@ -473,21 +429,21 @@ def choose_qparams(x, *, bits=8, signed=True, symmetric=False, narrow_range=Fals
     -------
     QParams
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     if axis is None:
         if group_size is not None:
             raise ValueError("group_size needs an axis: groups are formed along axis")
         rmin, rmax = x.min(), x.max()
     else:
-        _check_int(axis, "axis")
+        check_int(axis, "axis")
         if x.ndim == 0:
             raise ValueError("per-channel or per-group parameters need x with at least one axis")
-        ax = _normalize_axis(axis, x.ndim)
+        ax = check_axis(axis, "axis", x.ndim)
         if group_size is None:
             others = tuple(i for i in range(x.ndim) if i != ax)
             rmin, rmax = x.min(axis=others), x.max(axis=others)
         else:
-            group_size = _check_int(group_size, "group_size", minimum=1)
+            group_size = check_int(group_size, "group_size", 1)
             rmin, rmax = _group_minmax(x, ax, group_size)
     return qparams_from_range(rmin, rmax, bits=bits, signed=signed, symmetric=symmetric,
                               narrow_range=narrow_range, axis=axis, group_size=group_size)
@@ -521,7 +477,7 @@ def quantize(x, qparams: QParams) -> np.ndarray:
     """
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
-    x = _real_array(x, "x")
+    x = real_array(x, "x", nonempty=False)
     scale, zp = _broadcast_params(qparams, x.shape)
     with np.errstate(over="ignore"):
         t = np.rint(x / scale)
@@ -603,17 +559,15 @@ def quantize_weight(weight, *, bits: int = 8, per_channel: bool = True,
     -------
     (numpy.ndarray, QParams)
         The integer codes (int8 storage for ``bits`` <= 8, int16 above) and their parameters.
+
+    Bounds: ``bits`` in [2, 16]; ``weight`` finite and within float32 (its scales are
+    float32).
     """
-    bits = _check_int(bits, "bits", minimum=2, maximum=16)
-    per_channel = _check_bool(per_channel, "per_channel")
-    symmetric = _check_bool(symmetric, "symmetric")
-    w = np.asarray(weight)
-    if w.dtype.kind != "f":
-        raise TypeError(f"weight must be a float array, got dtype {w.dtype}")
-    if w.ndim != 2 or w.size == 0:
-        raise ValueError(f"weight must be a non-empty 2-D (out, in) array, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight contains NaN or Inf; expected finite values")
+    bits = check_int(bits, "bits", 2, MAX_BITS)
+    per_channel = check_bool(per_channel, "per_channel")
+    symmetric = check_bool(symmetric, "symmetric")
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
+    real_array(w, "weight", dtype=np.float32)          # its scales are stored in float32
     qp = choose_qparams(w, bits=bits, signed=True, symmetric=symmetric, narrow_range=symmetric,
                         axis=0 if per_channel else None).with_float32_scale()
     return quantize(w, qp), qp
@@ -623,7 +577,7 @@ def quantize_weight(weight, *, bits: int = 8, per_channel: bool = True,
 
 
 def _check_pack_bits(bits) -> int:
-    bits = _check_int(bits, "bits")
+    bits = check_int(bits, "bits")
     if bits not in (2, 4):
         raise ValueError(f"bits must be 2 or 4 (values packed per byte: 4 or 2), got {bits}")
     return bits
@@ -660,7 +614,7 @@ def pack_int(q, bits: int, *, signed: bool | None = None) -> np.ndarray:
     if signed is None:
         lo, hi = -(2 ** (bits - 1)), 2**bits - 1
     else:
-        lo, hi = qrange(bits, _check_bool(signed, "signed"))
+        lo, hi = qrange(bits, check_bool(signed, "signed"))
     flat = arr.ravel().astype(np.int64)
     outside = (flat < lo) | (flat > hi)
     if np.any(outside):
@@ -700,8 +654,8 @@ def unpack_int(packed, bits: int, count: int, signed: bool) -> np.ndarray:
     numpy.ndarray, shape ``(count,)``, int8 (signed) or uint8 (unsigned)
     """
     bits = _check_pack_bits(bits)
-    signed = _check_bool(signed, "signed")
-    count = _check_int(count, "count", minimum=0)
+    signed = check_bool(signed, "signed")
+    count = check_int(count, "count", 0)
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
         got = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
         raise TypeError(f"packed must be a uint8 numpy.ndarray, got {got}")
@@ -711,7 +665,8 @@ def unpack_int(packed, bits: int, count: int, signed: bool) -> np.ndarray:
     need = -(-count // per_byte)
     if packed.size != need:
         raise ValueError(
-            f"{count} values of {bits} bits take {need} bytes, but packed has {packed.size}"
+            f"count={count} values of {bits} bits take {need} bytes, but packed has "
+            f"{packed.size}"
         )
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
     codes = ((packed[:, None] >> shifts) & np.uint8(2**bits - 1)).ravel()[:count]

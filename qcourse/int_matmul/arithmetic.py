@@ -10,12 +10,19 @@ the top.  Re-exported by :mod:`qcourse.int_matmul`; see the int_matmul chapter.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
+from qcourse._checks import (
+    INT32_MAX,
+    INT32_MIN,
+    check_ndarray,
+    check_real,
+    int_array,
+    real_array,
+)
 from qcourse.affine import (
     storage_dtype,
 )
@@ -31,8 +38,6 @@ __all__ = [
     "zero_point_terms",
 ]
 
-_INT32_MIN = -(2**31)
-_INT32_MAX = 2**31 - 1
 _OVERFLOW = ("raise", "wrap")
 _QTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 
@@ -40,42 +45,20 @@ _QTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 # --- validation helpers --------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def _check_quant_tensor(name: str, x) -> np.ndarray:
+def _quant_tensor(x, name: str) -> np.ndarray:
     """An operator input: a non-empty uint8 or int8 ndarray with at least one axis."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(
-            f"{name} must be a numpy.ndarray of dtype uint8 or int8, got {type(x).__name__}"
-        )
-    if x.dtype not in _QTYPES:
-        raise TypeError(f"{name} must have dtype uint8 or int8, got {x.dtype}")
+    check_ndarray(x, name, _QTYPES)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one axis (a vector or a matrix), got 0-d")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
     return x
 
 
-def _integer_values(name: str, value) -> np.ndarray:
-    """Integers (Python int, NumPy integer scalar or integer array) as an int64 array."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got a bool")
-    if isinstance(value, numbers.Integral):
-        return np.asarray(int(value), dtype=np.int64)
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    return arr.astype(np.int64)
+def _int32_values(value, name: str) -> np.ndarray:
+    """Integers (a Python int, a NumPy integer or an integer array) in int32, as int64."""
+    return int_array(value, name, INT32_MIN, INT32_MAX, what="int32")
 
 
-def _zero_point(name: str, value, tensor_name: str, dtype: np.dtype) -> np.ndarray:
+def _check_zero_point(value, name: str, tensor_name: str, dtype: np.dtype) -> np.ndarray:
     """A zero point for a tensor of ``dtype``: integer values inside that dtype's range."""
     typed = isinstance(value, np.ndarray | np.generic) and value.dtype in _QTYPES
     if typed and value.dtype != dtype:
@@ -83,34 +66,8 @@ def _zero_point(name: str, value, tensor_name: str, dtype: np.dtype) -> np.ndarr
             f"{name} has dtype {value.dtype} but {tensor_name} is {dtype}; ONNX requires a zero "
             f"point of its tensor's type"
         )
-    zp = _integer_values(name, value)
     info = np.iinfo(dtype)
-    bad = (zp < info.min) | (zp > info.max)
-    if np.any(bad):
-        raise ValueError(
-            f"{name} must lie in [{info.min}, {info.max}] for {dtype} {tensor_name}, got "
-            f"{int(zp[bad].flat[0])}"
-        )
-    return zp
-
-
-def _onnx_scale(name: str, value) -> np.ndarray:
-    """An operator scale: float32 or float16 (the operator's tensor types), finite and > 0."""
-    if not isinstance(value, np.ndarray | np.generic):
-        raise TypeError(
-            f"{name} must be a float32 (or float16) NumPy array or scalar, the operator's tensor "
-            f"type, got {type(value).__name__}; use np.float32(...)"
-        )
-    arr = np.asarray(value)
-    if arr.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
-        raise TypeError(f"{name} must have dtype float32 or float16, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    arr = arr.astype(np.float32)  # float16 -> float32 is exact
-    bad = ~(np.isfinite(arr) & (arr > 0))
-    if np.any(bad):
-        raise ValueError(f"{name} must be finite and > 0, got {arr[bad].flat[0]}")
-    return arr
+    return int_array(value, name, int(info.min), int(info.max), what=f"{dtype} {tensor_name}")
 
 
 def _row_param(name: str, arr: np.ndarray, a2_shape: tuple) -> np.ndarray:
@@ -158,7 +115,7 @@ def _wrap32(v: np.ndarray) -> np.ndarray:
 
 def _to_int32(acc: np.ndarray, overflow: str, what: str) -> np.ndarray:
     """Exact int64 accumulators to int32: raise on overflow, or wrap (ONNX's allowance)."""
-    bad = (acc < _INT32_MIN) | (acc > _INT32_MAX)
+    bad = (acc < INT32_MIN) | (acc > INT32_MAX)
     if np.any(bad):
         if overflow == "raise":
             raise ValueError(
@@ -181,8 +138,8 @@ class _MatmulOperands:
 
 def _matmul_operands(A, B, a_zero_point, b_zero_point, names=("A", "B")) -> _MatmulOperands:
     na, nb = names
-    A = _check_quant_tensor(na, A)
-    B = _check_quant_tensor(nb, B)
+    A = _quant_tensor(A, na)
+    B = _quant_tensor(B, nb)
     a2 = A[None, :] if A.ndim == 1 else A
     b2 = B[:, None] if B.ndim == 1 else B
     if a2.shape[-1] != b2.shape[-2]:
@@ -198,9 +155,9 @@ def _matmul_operands(A, B, a_zero_point, b_zero_point, names=("A", "B")) -> _Mat
             f"(numpy.matmul rules)"
         ) from None
     za = (np.asarray(0, np.int64) if a_zero_point is None
-          else _zero_point("a_zero_point", a_zero_point, na, A.dtype))
+          else _check_zero_point(a_zero_point, "a_zero_point", na, A.dtype))
     zb = (np.asarray(0, np.int64) if b_zero_point is None
-          else _zero_point("b_zero_point", b_zero_point, nb, B.dtype))
+          else _check_zero_point(b_zero_point, "b_zero_point", nb, B.dtype))
     za = _row_param("a_zero_point", za, a2.shape)
     zb = _col_param("b_zero_point", zb, b2.shape)
     drop = []
@@ -234,6 +191,23 @@ def _as_int8(x: np.ndarray) -> tuple[np.ndarray, int]:
 # --- the derivation, term by term ---------------------------------------------------------------
 
 
+def _check_exact_sums(k: int, x, w, zx, zw, what: str, bias=0) -> None:
+    """Refuse int32 codes large enough that a K-term int64 sum of their products could wrap."""
+    bound = k * (int(np.max(np.abs(x))) + int(np.max(np.abs(zx)))) * (
+        int(np.max(np.abs(w))) + int(np.max(np.abs(zw)))) + int(np.max(np.abs(bias)))
+    if bound >= 2**63:
+        raise ValueError(f"{what} are too large for exact int64 sums over K={k} (a bound of "
+                         f"{bound} >= 2**63); use codes of at most 16 bits")
+
+
+def _per_output(values: np.ndarray, name: str, n: int) -> np.ndarray:
+    """A scalar or one value per output row, broadcast to (n,)."""
+    if values.ndim > 1 or values.size not in (1, n):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},) (one per output), got "
+                         f"shape {values.shape}")
+    return np.broadcast_to(values.reshape(-1), (n,))
+
+
 def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str, np.ndarray]:
     r"""The four integer terms of :math:`\sum_k (x_{ik} - Z_x)(W_{jk} - Z_{W,j})`, separately.
 
@@ -262,18 +236,20 @@ def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str,
     input_zero_point : int
     weight_zero_point : int or integer array of shape (out,)
     """
-    x = _integer_values("x_q", x_q)
-    w = _integer_values("w_q", w_q)
+    x = _int32_values(x_q, "x_q")
+    w = _int32_values(w_q, "w_q")
     if x.ndim != 2 or w.ndim != 2:
         raise ValueError(
             f"x_q and w_q must be 2-D (batch, K) and (out, K), got {x.shape} and {w.shape}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x_q has K={x.shape[1]} but w_q has K={w.shape[1]} (shape {w.shape})")
-    zx = _integer_values("input_zero_point", input_zero_point)
+    zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
-    zw = np.broadcast_to(_integer_values("weight_zero_point", weight_zero_point), (w.shape[0],))
+    zw = _per_output(_int32_values(weight_zero_point, "weight_zero_point"),
+                     "weight_zero_point", w.shape[0])
     k = x.shape[1]
+    _check_exact_sums(k, x, w, zx, zw, "x_q and w_q")
     return {
         "xw": x @ w.T,
         "x_rowsum": -np.outer(x.sum(axis=1), zw),
@@ -305,25 +281,29 @@ def fold_zero_points(w_q, input_zero_point, weight_zero_point, bias_q=None) -> n
     -------
     numpy.ndarray, int64, shape (out,)
     """
-    w = _integer_values("w_q", w_q)
+    w = _int32_values(w_q, "w_q")
     if w.ndim != 2:
         raise ValueError(f"w_q must be 2-D (out, K), got shape {w.shape}")
-    zx = _integer_values("input_zero_point", input_zero_point)
+    zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
-    try:
-        zw = np.broadcast_to(_integer_values("weight_zero_point", weight_zero_point),
-                             (w.shape[0],))
-    except ValueError:
-        raise ValueError(
-            f"weight_zero_point must be a scalar or have shape ({w.shape[0]},)"
-        ) from None
+    zw = _per_output(_int32_values(weight_zero_point, "weight_zero_point"),
+                     "weight_zero_point", w.shape[0])
     b = np.zeros(w.shape[0], np.int64)
     if bias_q is not None:
-        b = _integer_values("bias_q", bias_q)
+        b = _int32_values(bias_q, "bias_q")
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias_q must have shape ({w.shape[0]},), got {b.shape}")
+    _check_exact_sums(w.shape[1], zx, w, zx, zw, "w_q and the zero points", b)
     return b - zx * w.sum(axis=1) + w.shape[1] * zx * zw
+
+
+def _positive_scale(value, name: str, dtype) -> np.ndarray:
+    """A scale (scalar or array): real, finite, > 0, and still so in ``dtype``."""
+    arr = real_array(value, name, dtype=dtype)
+    if not np.all(arr > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {arr[arr <= 0].flat[0]}")
+    return arr
 
 
 def quantize_bias(bias, input_scale, weight_scale) -> np.ndarray:
@@ -348,25 +328,15 @@ def quantize_bias(bias, input_scale, weight_scale) -> np.ndarray:
     -------
     numpy.ndarray, int32, shape (out,)
     """
-    b = np.asarray(bias)
-    if b.dtype.kind not in "fiu" or b.dtype == np.bool_:
-        raise TypeError(f"bias must hold real numbers, got dtype {b.dtype}")
-    b = b.astype(np.float64)
-    if b.ndim != 1 or b.size == 0:
-        raise ValueError(f"bias must be a non-empty 1-D array (one per output), got {b.shape}")
-    if not np.all(np.isfinite(b)):
-        raise ValueError("bias must be finite (no NaN or Inf)")
-    sx = np.asarray(input_scale, dtype=np.float64)
-    sw = np.asarray(weight_scale, dtype=np.float64)
+    b = real_array(bias, "bias", ndim=1)
+    sx = _positive_scale(input_scale, "input_scale", np.float64)
+    sw = _positive_scale(weight_scale, "weight_scale", np.float64)
     if sx.ndim != 0:
         raise ValueError(f"input_scale must be a scalar, got shape {sx.shape}")
     if sw.ndim not in (0, 1) or (sw.ndim == 1 and sw.shape != b.shape):
         raise ValueError(f"weight_scale must be a scalar or have shape {b.shape}, got {sw.shape}")
-    for name, s in (("input_scale", sx), ("weight_scale", sw)):
-        if not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0")
     q = np.rint(b / (sx * sw))
-    if np.any((q < _INT32_MIN) | (q > _INT32_MAX)):
+    if np.any((q < INT32_MIN) | (q > INT32_MAX)):
         raise ValueError(
             "bias / (input_scale * weight_scale) does not fit int32; the scales are too small "
             "for this bias"
@@ -395,11 +365,8 @@ def float_multiplier(a_scale, b_scale, y_scale) -> np.ndarray:
     -------
     numpy.ndarray, float32
     """
-    sa, sb, sy = (np.asarray(s, dtype=np.float64).astype(np.float32)
-                  for s in (a_scale, b_scale, y_scale))
-    for name, s in (("a_scale", sa), ("b_scale", sb), ("y_scale", sy)):
-        if s.size == 0 or not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0 (and non-empty)")
+    sa, sb, sy = (_positive_scale(s, name, np.float32) for s, name in
+                  ((a_scale, "a_scale"), (b_scale, "b_scale"), (y_scale, "y_scale")))
     with np.errstate(over="ignore", under="ignore"):
         m = (sa * sb) / sy
     if not np.all(np.isfinite(m)) or np.any(m == 0):
@@ -411,18 +378,18 @@ def float_multiplier(a_scale, b_scale, y_scale) -> np.ndarray:
 
 
 def _check_range(qmin, qmax) -> tuple[int, int]:
-    lo = _integer_values("qmin", qmin)
-    hi = _integer_values("qmax", qmax)
+    lo = _int32_values(qmin, "qmin")
+    hi = _int32_values(qmax, "qmax")
     if lo.ndim or hi.ndim:
         raise ValueError("qmin and qmax must be scalars")
     lo, hi = int(lo), int(hi)
-    if not _INT32_MIN <= lo < hi <= _INT32_MAX:
+    if not INT32_MIN <= lo < hi <= INT32_MAX:
         raise ValueError(f"need qmin < qmax within int32, got qmin={lo}, qmax={hi}")
     return lo, hi
 
 
 def _check_output_zero_point(output_zero_point, qmin, qmax) -> np.ndarray:
-    zp = _integer_values("output_zero_point", output_zero_point)
+    zp = _int32_values(output_zero_point, "output_zero_point")
     if np.any((zp < qmin) | (zp > qmax)):
         raise ValueError(
             f"output_zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got "
@@ -432,10 +399,7 @@ def _check_output_zero_point(output_zero_point, qmin, qmax) -> np.ndarray:
 
 
 def _check_acc(acc) -> np.ndarray:
-    a = _integer_values("acc", acc)
-    if np.any((a < _INT32_MIN) | (a > _INT32_MAX)):
-        raise ValueError("acc must hold int32 accumulators (values in [-2**31, 2**31 - 1])")
-    return a
+    return _int32_values(acc, "acc")
 
 
 def _check_requantize(acc, output_zero_point, qmin, qmax) -> tuple[np.ndarray, np.ndarray, int,
@@ -553,7 +517,7 @@ def requantization_disagreements(multiplier, acc) -> dict[tuple[str, str], list[
         ``("double", "single")``; only causes that occur are present.
     """
     acc = _check_acc(acc).ravel()
-    m = float(np.asarray(multiplier, dtype=np.float64))
+    m = check_real(multiplier, "multiplier", 0.0, lo_open=True)
     y_float = requantize_float(acc, m, 0, -128, 127).astype(np.int64)
     exact_m = Fraction(m)
     found: dict[tuple[str, str], list[tuple]] = {}

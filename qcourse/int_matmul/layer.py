@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import INT32_MAX, check_choice, real_array
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -23,10 +24,8 @@ from qcourse.affine import (
 )
 from qcourse.fixed_point import quantize_multiplier
 from qcourse.int_matmul.arithmetic import (
-    _INT32_MAX,
     _QTYPES,
     _as_int8,
-    _check_choice,
     _round_half_away,
     _to_int32,
     float_multiplier,
@@ -76,7 +75,7 @@ def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int
     = round half away from zero).  The activation then costs nothing: it is the clamp that
     requantization does anyway.  See the int_matmul chapter.
     """
-    _check_choice("activation", activation, ACTIVATIONS)
+    check_choice(activation, "activation", ACTIVATIONS)
     if not isinstance(output_qparams, QParams) or output_qparams.axis is not None:
         raise TypeError("output_qparams must be a per-tensor QParams")
     qmin, qmax = output_qparams.qmin, output_qparams.qmax
@@ -93,21 +92,27 @@ def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int
     return lo, hi
 
 
+#: Largest magnitude of an operand of the float reference layer (products and sums of up to
+#: 2**28 of them stay finite in float64).
+_MAX_FLOAT_OPERAND = 1e120
+
+
 def linear_float(x, weight, bias=None, activation="none") -> np.ndarray:
     r"""The float layer the quantized one approximates: :math:`y = \operatorname{act}(x W^T + b)`.
 
-    In float64.  ``x`` (batch, in), ``weight`` (out, in), ``bias`` (out,); ``activation`` one of
-    :data:`ACTIVATIONS` (ReLU6 is :math:`\min(\max(y, 0), 6)`).  See the int_matmul chapter.
+    In float64.  ``x`` (batch, in), ``weight`` (out, in), ``bias`` (out,), finite reals of
+    magnitude at most 1e120; ``activation`` one of :data:`ACTIVATIONS` (ReLU6 is
+    :math:`\min(\max(y, 0), 6)`).  See the int_matmul chapter.
     """
-    _check_choice("activation", activation, ACTIVATIONS)
-    xs = np.asarray(x, dtype=np.float64)
-    w = np.asarray(weight, dtype=np.float64)
-    if xs.ndim != 2 or w.ndim != 2 or xs.shape[1] != w.shape[1]:
+    check_choice(activation, "activation", ACTIVATIONS)
+    xs = real_array(x, "x", ndim=2, max_abs=_MAX_FLOAT_OPERAND)
+    w = real_array(weight, "weight", ndim=2, max_abs=_MAX_FLOAT_OPERAND)
+    if xs.shape[1] != w.shape[1]:
         raise ValueError(f"x must be (batch, in) and weight (out, in) with the same 'in', got "
                          f"{xs.shape} and {w.shape}")
     y = xs @ w.T
     if bias is not None:
-        b = np.asarray(bias, dtype=np.float64)
+        b = real_array(bias, "bias", ndim=1, max_abs=_MAX_FLOAT_OPERAND)
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
         y = y + b
@@ -184,7 +189,7 @@ class QuantizedLinear:
     activation: str = "none"
 
     def __post_init__(self):
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice(self.activation, "activation", ACTIVATIONS)
         xq = _layer_qparams("input_qparams", self.input_qparams)
         wq = _layer_qparams("weight_qparams", self.weight_qparams)
         yq = _layer_qparams("output_qparams", self.output_qparams)
@@ -235,7 +240,7 @@ class QuantizedLinear:
         object.__setattr__(self, "weight_qparams", wq)
         object.__setattr__(self, "output_qparams", yq)
         object.__setattr__(self, "_zw", zw)
-        object.__setattr__(self, "_may_overflow", bool(np.any(worst > _INT32_MAX)))
+        object.__setattr__(self, "_may_overflow", bool(np.any(worst > INT32_MAX)))
 
     # -- construction --------------------------------------------------------------------------
 
@@ -338,7 +343,7 @@ class QuantizedLinear:
 
     def reference(self, x_q, requantization: str = "float") -> np.ndarray:
         """Integer inference in NumPy: :meth:`accumulate`, then the named requantization."""
-        _check_choice("requantization", requantization, REQUANTIZATIONS)
+        check_choice(requantization, "requantization", REQUANTIZATIONS)
         acc = self.accumulate(x_q)
         lo, hi = self.output_range
         zy = int(self.output_qparams.zero_point)
@@ -357,7 +362,7 @@ class QuantizedLinear:
         Same result as :meth:`reference`, bit for bit (the tests check it).  The fixed-point
         requantizations have no compiled kernel and run :meth:`reference`.
         """
-        _check_choice("requantization", requantization, REQUANTIZATIONS)
+        check_choice(requantization, "requantization", REQUANTIZATIONS)
         if requantization != "float":
             return self.reference(x_q, requantization)
         x = self._check_input(x_q)

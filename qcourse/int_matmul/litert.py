@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from qcourse._checks import INT32_MAX, INT32_MIN
 from qcourse.affine import storage_dtype
 from qcourse.fixed_point import multiply_by_quantized_multiplier_half_up
 from qcourse.int_matmul.arithmetic import (
-    _INT32_MAX,
-    _INT32_MIN,
     _check_acc,
     _check_output_zero_point,
     _check_range,
@@ -80,7 +79,7 @@ def requantize_double_half_away(acc, multiplier, output_zero_point, qmin, qmax) 
     lo, hi = _check_range(qmin, qmax)
     zp = _check_output_zero_point(output_zero_point, lo, hi)
     r = _round_half_away(a.astype(np.float64) * m)
-    if np.any((r < _INT32_MIN) | (r > _INT32_MAX)):
+    if np.any((r < INT32_MIN) | (r > INT32_MAX)):
         raise ValueError("acc * multiplier does not fit int32 (the C cast would be undefined)")
     return np.clip(r.astype(np.int64) + zp, lo, hi).astype(storage_dtype(lo, hi))
 

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import INT32_MAX, check_choice, onnx_scale
 from qcourse.int_matmul.arithmetic import (
-    _INT32_MAX,
     _OVERFLOW,
     _QTYPES,
     _as_int8,
-    _check_choice,
     _col_param,
     _matmul_operands,
     _MatmulOperands,
-    _onnx_scale,
     _row_param,
     _same_granularity,
     _squeeze,
@@ -38,6 +36,8 @@ __all__ = [
     "qlinear_matmul_reference",
 ]
 
+_OP_SCALES = (np.float32, np.float16)   # the operators' scale tensor types
+
 
 # --- the ONNX operators --------------------------------------------------------------------------
 
@@ -51,7 +51,7 @@ def matmul_integer_reference(A, B, a_zero_point=None, b_zero_point=None, *,
     (``overflow="wrap"``, what ONNX allows and ONNX Runtime does).  See :func:`matmul_integer`
     for the shapes and types accepted, and the int_matmul chapter.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     ops = _matmul_operands(A, B, a_zero_point, b_zero_point)
     acc = np.matmul(ops.a2.astype(np.int64) - ops.za, ops.b2.astype(np.int64) - ops.zb)
     return _squeeze(_to_int32(acc, overflow, "MatMulInteger's sum"), ops.drop)
@@ -116,7 +116,7 @@ def matmul_integer(A, B, a_zero_point=None, b_zero_point=None, *, overflow="rais
     -------
     numpy.ndarray, int32
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     ops = _matmul_operands(A, B, a_zero_point, b_zero_point)
     acc = _integer_product(ops)
     if acc is None:
@@ -136,9 +136,9 @@ class _QLinearOperands:
 def _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                       y_zero_point) -> _QLinearOperands:
     ops = _matmul_operands(a, b, a_zero_point, b_zero_point, names=("a", "b"))
-    sa = _row_param("a_scale", _onnx_scale("a_scale", a_scale), ops.a2.shape)
-    sb = _col_param("b_scale", _onnx_scale("b_scale", b_scale), ops.b2.shape)
-    sy = _onnx_scale("y_scale", y_scale)
+    sa = _row_param("a_scale", onnx_scale(a_scale, "a_scale", _OP_SCALES), ops.a2.shape)
+    sb = _col_param("b_scale", onnx_scale(b_scale, "b_scale", _OP_SCALES), ops.b2.shape)
+    sy = onnx_scale(y_scale, "y_scale", _OP_SCALES)
     _same_granularity("a_scale", sa, "a_zero_point", ops.za)
     _same_granularity("b_scale", sb, "b_zero_point", ops.zb)
     if sy.size != 1 or sy.ndim > 1:
@@ -167,7 +167,7 @@ def qlinear_matmul_reference(a, a_scale, a_zero_point, b, b_scale, b_zero_point,
     signature and result as :func:`qlinear_matmul`; see it for the semantics, and the
     int_matmul chapter.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     q = _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                           y_zero_point)
     ops = q.ops
@@ -220,7 +220,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     numpy.ndarray
         dtype of ``y_zero_point``; shape of ``numpy.matmul(a, b)``.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     q = _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                           y_zero_point)
     ops = q.ops
@@ -232,7 +232,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     if overflow == "raise":
         span_a = int(np.max(np.abs(a2.astype(np.int64) - ops.za)))
         span_b = int(np.max(np.abs(b2.astype(np.int64) - ops.zb)))
-        if k * span_a * span_b > _INT32_MAX:  # an overflow is possible: check exactly
+        if k * span_a * span_b > INT32_MAX:  # an overflow is possible: check exactly
             _to_int32(_integer_product(ops), "raise", "QLinearMatMul's integer sum")
     a8, sa = _as_int8(a2)
     b8, sb = _as_int8(b2)

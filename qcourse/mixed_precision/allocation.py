@@ -18,12 +18,21 @@ from typing import NamedTuple
 import numpy as np
 
 from qcourse import nn
+from qcourse._checks import (
+    check_bool,
+    check_int,
+    check_labels,
+    check_real,
+    check_sequence,
+    real_array,
+)
 from qcourse.nn import (
     Linear,
     Module,
     ReLU,
     Sequential,
 )
+from qcourse.nn.core import _check_model_input
 
 __all__ = [
     "FLOAT_BITS",
@@ -41,32 +50,16 @@ __all__ = [
     "spearman",
 ]
 
+#: Bounds of the size-like arguments: the configurations scored at once by the exhaustive
+#: search, and the weights of one layer (so that sizes in bits stay exact in int64).
+_MAX_CONFIGS = 2**24
+_MAX_WEIGHTS = 2**40
+
 #: Bit width that stands for "left in float" in the accounting (float32).
 FLOAT_BITS = 32
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def _check_model(model) -> Sequential:
@@ -104,23 +97,8 @@ def _check_layer(model: Sequential, layer) -> int:
 
 
 def _check_data(X, y, model: Sequential) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"X must be a numpy.ndarray, got {type(X).__name__}")
-    if X.dtype.kind != "f":
-        raise TypeError(f"X must have a floating dtype, got {X.dtype}")
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"X must be a non-empty 2-D (batch, features) array, got shape {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError("X contains NaN or Inf; expected finite values")
-    first = model.layers[0]
-    if isinstance(first, Linear) and X.shape[1] != first.in_features:
-        raise ValueError(f"X must have {first.in_features} features, got shape {X.shape}")
-    if not isinstance(y, np.ndarray):
-        raise TypeError(f"y must be a numpy.ndarray of integer labels, got {type(y).__name__}")
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"y must have an integer dtype, got {y.dtype}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {y.shape}")
+    X = _check_model_input(model, X, "X")
+    y = check_labels(y, "y", X.shape[0])
     return X, y
 
 
@@ -175,7 +153,7 @@ def _bits_map(bits, names: Sequence[str], name: str, *, low: int = 2) -> dict[st
 
 
 def _check_infos(infos) -> list[nn.LayerInfo]:
-    infos = list(infos)
+    infos = check_sequence(infos, "infos")
     if not infos or not all(isinstance(i, nn.LayerInfo) for i in infos):
         raise TypeError("infos must be a non-empty list of LayerInfo (from qcourse.nn.layer_info)")
     return infos
@@ -193,6 +171,8 @@ def model_size_bits(infos, w_bits, *, overhead: bool = False, per_channel: bool 
     """
     infos = _check_infos(infos)
     bmap = _bits_map(w_bits, [i.name for i in infos], "w_bits", low=1)
+    overhead = check_bool(overhead, "overhead")
+    per_channel = check_bool(per_channel, "per_channel")
     total = sum(i.weights * bmap[i.name] for i in infos)
     if overhead:
         for i in infos:
@@ -241,7 +221,7 @@ def _allocation_problem(costs, n_weights, budget_bits, choices):
     if set(n_weights) != set(names):
         raise ValueError(f"n_weights must have the layers of costs {names}, got {list(n_weights)}")
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=1)
-                               for b in choices)))
+                               for b in check_sequence(choices, "choices"))))
     if not choices:
         raise ValueError("choices must list at least one bit width")
     C = np.empty((len(names), len(choices)))
@@ -254,9 +234,9 @@ def _allocation_problem(costs, n_weights, budget_bits, choices):
         if missing:
             raise ValueError(f"costs[{n!r}] has no cost for bits {missing} (choices {choices})")
         for j, b in enumerate(choices):
-            C[i, j] = _check_real(row[b], f"costs[{n!r}][{b}]")
-        S[i] = _check_int(n_weights[n], f"n_weights[{n!r}]") * np.array(choices)
-    budget_bits = _check_int(budget_bits, "budget_bits", minimum=0)
+            C[i, j] = check_real(row[b], f"costs[{n!r}][{b}]")
+        S[i] = check_int(n_weights[n], f"n_weights[{n!r}]", 1, _MAX_WEIGHTS) * np.array(choices)
+    budget_bits = check_int(budget_bits, "budget_bits", 0, 2**62)
     smallest = int(S[:, 0].sum())
     if budget_bits < smallest:
         raise ValueError(
@@ -282,10 +262,13 @@ def allocate_bits_exhaustive(costs, n_weights, budget_bits: int, choices=(4, 8),
     smaller size, then to the first in enumeration order.  For large ``L`` use
     :func:`allocate_bits_greedy` (or an integer linear program, as HAWQ-V3 does).  See the
     mixed_precision chapter.
+
+    Bounds: ``max_configs`` in [1, 2**24], each ``n_weights`` in [1, 2**40], ``budget_bits``
+    in [0, 2**62].
     """
     names, choices, C, S, budget = _allocation_problem(costs, n_weights, budget_bits, choices)
     L, K = C.shape
-    max_configs = _check_int(max_configs, "max_configs")
+    max_configs = check_int(max_configs, "max_configs", 1, _MAX_CONFIGS)
     if K**L > max_configs:
         raise ValueError(f"{K}^{L} = {K**L} configurations exceed max_configs={max_configs}; "
                          f"use allocate_bits_greedy for this many layers")
@@ -314,6 +297,8 @@ def allocate_bits_greedy(costs, n_weights, budget_bits: int, choices=(4, 8)) -> 
     smaller layer would have done (a knapsack is not solved by ratios).  Ties go to the earlier
     layer.  Same arguments as :func:`allocate_bits_exhaustive`.  See the mixed_precision
     chapter.
+
+    Bounds: each ``n_weights`` in [1, 2**40], ``budget_bits`` in [0, 2**62].
     """
     names, choices, C, S, budget = _allocation_problem(costs, n_weights, budget_bits, choices)
     L, K = C.shape
@@ -344,13 +329,11 @@ def pareto_front(sizes, scores) -> np.ndarray:
     high with one of the two strictly better.  Of identical points the first is kept.  See the
     mixed_precision chapter.
     """
-    s = np.asarray(sizes, dtype=np.float64)
-    a = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or s.shape != a.shape or s.size == 0:
+    s = real_array(sizes, "sizes", ndim=1)
+    a = real_array(scores, "scores", ndim=1)
+    if s.shape != a.shape:
         raise ValueError(f"sizes and scores must be non-empty 1-D arrays of one length, got "
                          f"shapes {s.shape} and {a.shape}")
-    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(a))):
-        raise ValueError("sizes and scores must be finite")
     keep = []
     for i in range(s.size):
         dominated = np.any((s <= s[i]) & (a >= a[i]) & ((s < s[i]) | (a > a[i])))
@@ -380,19 +363,18 @@ def spearman(a, b) -> float:
     of the ranks they span), :math:`+1` when ``b`` orders the items exactly as ``a`` does,
     :math:`-1` when exactly reversed.  Used to compare Hessian and one-at-a-time rankings of
     layers.  See the mixed_precision chapter."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape or a.size < 2:
+    a = real_array(a, "a", ndim=1)
+    b = real_array(b, "b", ndim=1)
+    if a.shape != b.shape or a.size < 2:
         raise ValueError(f"a and b must be 1-D of one length >= 2, got shapes {a.shape} and "
                          f"{b.shape}")
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise ValueError("a and b must be finite")
     ra, rb = _average_ranks(a), _average_ranks(b)
     ra -= ra.mean()
     rb -= rb.mean()
     denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
     if denom == 0:
-        raise ValueError("spearman is undefined when all values of a (or of b) are equal")
+        raise ValueError(f"{'a' if np.all(ra == 0) else 'b'} must not have all values equal: "
+                         f"Spearman's correlation is undefined then")
     return float(np.sum(ra * rb) / denom)
 
 
@@ -448,8 +430,8 @@ def scaled_size_bops(base_size: float, base_bops: float, w_bits: int, a_bits: in
     exact when every layer uses the same widths (the size counts weights only).  See the
     mixed_precision chapter.
     """
-    base_size = _check_real(base_size, "base_size", positive=True)
-    base_bops = _check_real(base_bops, "base_bops", positive=True)
+    base_size = check_real(base_size, "base_size", 0, lo_open=True)
+    base_bops = check_real(base_bops, "base_bops", 0, lo_open=True)
     w = _bits_value(w_bits, "w_bits", allow_float=True, low=1)
     a = _bits_value(a_bits, "a_bits", allow_float=True, low=1)
     return base_size * w / FLOAT_BITS, base_bops * w * a / FLOAT_BITS**2
@@ -468,10 +450,10 @@ def mixed_precision_shares(size: float, bops_: float, base_size: float, base_bop
     fit that model (``ValueError`` is not raised: the caller decides).  See the mixed_precision
     chapter.
     """
-    size = _check_real(size, "size", positive=True)
-    bops_ = _check_real(bops_, "bops", positive=True)
-    base_size = _check_real(base_size, "base_size", positive=True)
-    base_bops = _check_real(base_bops, "base_bops", positive=True)
+    size = check_real(size, "size", 0, lo_open=True)
+    bops_ = check_real(bops_, "bops_", 0, lo_open=True)
+    base_size = check_real(base_size, "base_size", 0, lo_open=True)
+    base_bops = check_real(base_bops, "base_bops", 0, lo_open=True)
     low = _bits_value(low, "low", allow_float=False, low=1)
     high = _bits_value(high, "high", allow_float=False, low=1)
     if high <= low:

@@ -11,19 +11,24 @@ never modified.  Re-exported by :mod:`qcourse.mixed_precision`; see the mixed_pr
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_int,
+    check_int_sequence,
+    check_real,
+)
 from qcourse.mixed_precision.allocation import (
     _check_data,
     _check_direction,
-    _check_int,
     _check_layer,
     _check_ops,
-    _check_real,
 )
 from qcourse.mixed_precision.sensitivity import fake_quantize_weight
 from qcourse.nn import (
@@ -44,6 +49,11 @@ __all__ = [
     "layer_hessian_trace",
     "layer_loss_grad",
 ]
+
+#: Bounds of the size-like arguments: the full Hessian's side (an n x n float64 matrix, 512 MiB
+#: at 8192) and Hutchinson's samples.
+_MAX_HESSIAN_SIZE = 8192
+_MAX_SAMPLES = 100_000
 
 
 # --------------------------------------------------------------------------- curvature
@@ -207,7 +217,7 @@ def hvp(model, layer: str, X, y, v, *, method: str = "exact", step: float = 1e-5
     """
     if method not in ("exact", "fd"):
         raise ValueError(f"method must be 'exact' or 'fd', got {method!r}")
-    step = _check_real(step, "step", positive=True)
+    step = check_real(step, "step", 0, lo_open=True)
     curv = _Curvature(model, layer, X, y)
     v = _check_direction(v, curv.shape)
     return curv.hvp_exact(v) if method == "exact" else curv.hvp_fd(v, step)
@@ -221,11 +231,13 @@ def hessian_matrix(model, layer: str, X, y, *, method: str = "exact", step: floa
     row-major (C) order, so the result is ``(n, n)`` for ``n = out * in`` weights.  Meant for
     tiny layers (checks and exercises): ``n`` above ``max_size`` raises ``ValueError``.  See the
     mixed_precision chapter.
+
+    Bounds: ``max_size`` in [1, 8192] (the Hessian is ``max_size`` squared float64 values).
     """
     if method not in ("exact", "fd"):
         raise ValueError(f"method must be 'exact' or 'fd', got {method!r}")
-    step = _check_real(step, "step", positive=True)
-    max_size = _check_int(max_size, "max_size")
+    step = check_real(step, "step", 0, lo_open=True)
+    max_size = check_int(max_size, "max_size", 1, _MAX_HESSIAN_SIZE)
     curv = _Curvature(model, layer, X, y)
     n = int(np.prod(curv.shape))
     if n > max_size:
@@ -267,16 +279,18 @@ def hutchinson_trace(matvec: Callable[[np.ndarray], np.ndarray], shape, n_sample
     :math:`2 \sum_{j \ne k} H_{jk}^2` (the diagonal contributes none: :math:`v_j^2 = 1`), so the
     standard error falls as :math:`1/\sqrt{m}`.  Hutchinson (1989).  See the mixed_precision
     chapter.
+
+    Bounds: ``n_samples`` in [1, 100000]; ``shape`` at most 2**28 elements.
     """
     if not callable(matvec):
         raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (int(shape),)
-    shape = tuple(shape)
-    for s in shape:
-        _check_int(s, "each entry of shape")
-    n_samples = _check_int(n_samples, "n_samples")
-    seed = _check_int(seed, "seed", minimum=0)
+    shape = check_int_sequence(shape, "shape", 1, MAX_ELEMENTS)
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"shape must have at most {MAX_ELEMENTS} elements, got {shape}")
+    n_samples = check_int(n_samples, "n_samples", 1, _MAX_SAMPLES)
+    seed = check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
     samples = np.empty(n_samples)
     for i in range(n_samples):
@@ -294,7 +308,10 @@ def layer_hessian_trace(model, layer: str, X, y, *, n_samples: int = 64,
     """Hutchinson estimate of the trace of the Hessian of the loss with respect to one layer's
     weights, with exact Hessian-vector products (:func:`hvp`, ``method="exact"``).  The forward
     pass is done once and shared by all ``n_samples`` products.  See the mixed_precision
-    chapter."""
+    chapter.
+
+    Bounds: ``n_samples`` in [1, 100000].
+    """
     curv = _Curvature(model, layer, X, y)
     return hutchinson_trace(curv.hvp_exact, curv.shape, n_samples, seed)
 
@@ -346,7 +363,7 @@ def hawq_omega(trace, weight, bits: int, *, per_channel: bool = True) -> float:
     :func:`exact_hessian_trace`), ``weight`` the float weights, quantized with
     :func:`fake_quantize_weight`.  See the mixed_precision chapter.
     """
-    trace = _check_real(trace, "trace")
+    trace = check_real(trace, "trace")
     w = np.asarray(weight)
     if w.dtype.kind != "f" or not np.all(np.isfinite(w)):
         raise TypeError("weight must be a finite floating array")

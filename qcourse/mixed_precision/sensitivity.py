@@ -17,13 +17,17 @@ from typing import NamedTuple
 import numpy as np
 
 from qcourse import nn
+from qcourse._checks import (
+    check_int,
+    check_sequence,
+)
 from qcourse.affine import fake_quantize, qparams_from_range, quantize_weight
 from qcourse.mixed_precision.allocation import (
+    _MAX_CONFIGS,
     FLOAT_BITS,
     _bits_map,
     _bits_value,
     _check_data,
-    _check_int,
     model_size_bits,
 )
 from qcourse.nn import (
@@ -152,7 +156,7 @@ def layer_sensitivity(model, X, y, bits: int = 4, *, layers=None,
     if layers is None:
         layers = names
     else:
-        layers = list(layers)
+        layers = check_sequence(layers, "layers")
         for n in layers:
             if n not in names:
                 raise ValueError(f"layers names {n!r}, which is not a Linear layer of the model "
@@ -195,12 +199,14 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
     ``max_configs`` configurations).  ``a_bits="same"`` quantizes each layer's input at its
     weight width (W\\ *b*\\ A\\ *b*, calibrated on ``X_cal``); ``None`` keeps activations float.
     See the mixed_precision chapter.
+
+    Bounds: ``max_configs`` in [1, 2**24]; bit widths in [2, 16].
     """
     names = nn.linear_layers(model)
     X, y = _check_data(X, y, model)
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=2)
-                               for b in choices)))
-    max_configs = _check_int(max_configs, "max_configs")
+                               for b in check_sequence(choices, "choices"))))
+    max_configs = check_int(max_configs, "max_configs", 1, _MAX_CONFIGS)
     if len(choices) ** len(names) > max_configs:
         raise ValueError(f"{len(choices)}^{len(names)} configurations exceed "
                          f"max_configs={max_configs}")

@@ -28,15 +28,24 @@ from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_choice,
+    check_float_matrix,
+    check_instance,
+    check_int,
+    check_labels,
+    check_sequence,
+    describe,
+)
 from qcourse.affine import QParams, error_breakdown
 from qcourse.calibration import Observer, fake_quant_hook
 from qcourse.nn.core import (
     Linear,
     Module,
     Sequential,
-    _check_features,
-    _check_int,
-    _check_labels,
+    _check_layer_name,
+    _check_model_input,
     softmax_cross_entropy,
 )
 
@@ -62,8 +71,23 @@ __all__ = [
 
 def _check_sequential(model) -> Sequential:
     if not isinstance(model, Sequential):
-        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
+        raise TypeError(f"model must be a qcourse.nn.Sequential, got {describe(model)}")
     return model
+
+
+def _model_input(model, X, name: str = "X") -> np.ndarray:
+    """``X`` for ``model``: checked against a :class:`Module`'s width and dtype, or a finite
+    float matrix for any other callable that maps a batch to logits."""
+    if isinstance(model, Module):
+        return _check_model_input(model, X, name)
+    if not callable(model):
+        raise TypeError(f"model must be a qcourse.nn.Module or a callable that maps a batch to "
+                        f"logits, got {describe(model)}")
+    return check_float_matrix(X, name)
+
+
+def _check_batch_size(batch_size) -> int | None:
+    return None if batch_size is None else check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
 
 
 # --------------------------------------------------------------------------- copies and swaps
@@ -91,8 +115,7 @@ def copy_model(model: Module) -> Module:
     """A deep copy of ``model`` (a layer or a whole network) with parameters of its own and no
     forward hooks or pre-hooks: the float model a quantization function starts from, which it
     may change without touching the caller's.  The class of every layer is kept."""
-    if not isinstance(model, Module):
-        raise TypeError(f"model must be a qcourse.nn.Module, got {type(model).__name__}")
+    check_instance(model, "model", Module)
     # deepcopy looks every object up in memo first: each hook table maps to a fresh empty one,
     # so the hooks (and whatever their closures hold) are never copied.
     memo: dict[int, object] = {}
@@ -114,14 +137,14 @@ def swapped_weights(model: Sequential,
     _check_sequential(model)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping {{layer name: array}}, got "
-                        f"{type(weights).__name__}")
+                        f"{describe(weights)}")
     saved: dict[str, np.ndarray] = {}
     try:
         for name, value in weights.items():
-            layer = model[name]
+            layer = model[_check_layer_name(model, name, "each key of weights")]
             if not hasattr(layer, "weight"):
                 raise ValueError(f"layer {name!r} ({type(layer).__name__}) has no weight")
-            value = np.asarray(value)
+            value = check_float_matrix(value, f"weights[{name!r}]")
             if value.shape != layer.weight.shape:
                 raise ValueError(f"weights[{name!r}] has shape {value.shape}, the layer's "
                                  f"weight {layer.weight.shape}")
@@ -137,7 +160,7 @@ def swapped_weights(model: Sequential,
 
 
 def _batches(n: int, batch_size: int | None) -> Iterator[slice]:
-    step = n if batch_size is None else _check_int(batch_size, "batch_size")
+    step = n if batch_size is None else batch_size
     return (slice(s, s + step) for s in range(0, n, step))
 
 
@@ -148,17 +171,23 @@ def predict(model: Callable[[np.ndarray], np.ndarray], X: np.ndarray,
     ``model`` is a :class:`Module` or any callable that maps a batch to logits.  The rows go
     through in batches of ``batch_size`` (``None``: all at once, for a model whose result
     depends on the batch, such as one with dynamically quantized activations).
+
+    Bounds: ``batch_size`` in [1, 2**28] or None.
     """
-    X = _check_features(X, "X")
+    X = _model_input(model, X)
+    batch_size = _check_batch_size(batch_size)
     out = [np.argmax(model(X[rows]), axis=1) for rows in _batches(X.shape[0], batch_size)]
     return np.concatenate(out).astype(np.int64)
 
 
 def accuracy(model: Callable[[np.ndarray], np.ndarray], X: np.ndarray, y: np.ndarray,
              batch_size: int | None = 4096) -> float:
-    """Fraction of rows of ``X`` whose predicted class (:func:`predict`) equals ``y``."""
-    X = _check_features(X, "X")
-    y = _check_labels(y, X.shape[0])
+    """Fraction of rows of ``X`` whose predicted class (:func:`predict`) equals ``y``.
+
+    Bounds: ``batch_size`` in [1, 2**28] or None.
+    """
+    X = _model_input(model, X)
+    y = check_labels(y, "y", X.shape[0])
     return float(np.mean(predict(model, X, batch_size) == y))
 
 
@@ -179,11 +208,8 @@ def evaluate(model: Callable[[np.ndarray], np.ndarray], X: np.ndarray,
              y: np.ndarray) -> Evaluation:
     """Loss and accuracy of ``model`` on ``(X, y)`` from one forward pass over all of ``X``
     (hooks included); the loss is computed in float64."""
-    X = _check_features(X, "X")
-    first = model.layers[0] if isinstance(model, Sequential) else None
-    if isinstance(first, Linear) and X.shape[1] != first.in_features:
-        raise ValueError(f"X must have {first.in_features} features, got shape {X.shape}")
-    y = _check_labels(y, X.shape[0])
+    X = _model_input(model, X)
+    y = check_labels(y, "y", X.shape[0])
     return Evaluation.from_logits(model(X), y)
 
 
@@ -213,20 +239,21 @@ def feed_activations(model: Sequential, X: np.ndarray,
     afterwards, even on error.  Other hooks already on the model still run, so each sink gets
     what the layer really saw.  This is the one calibration pass of the course: observers,
     recorders and statistics all read activations through it.
+
+    Bounds: ``batch_size`` in [1, 2**28].
     """
     _check_sequential(model)
-    X = _check_features(X, "X")
-    batch_size = _check_int(batch_size, "batch_size")
+    X = _check_model_input(model, X, "X")
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    check_instance(sinks, "sinks", Mapping, "a mapping {(layer, 'input' or 'output'): function}")
     by_layer: dict[str, list[tuple[str, Callable]]] = {}
     for point, sink in sinks.items():
         if not (isinstance(point, tuple) and len(point) == 2):
-            raise TypeError(f"each point must be a (layer name, 'input' or 'output') pair, got "
-                            f"{point!r}")
+            raise TypeError(f"each point of sinks must be a (layer name, 'input' or 'output') "
+                            f"pair, got {point!r}")
         name, where = point
-        if name not in model.names:
-            raise ValueError(f"no layer named {name!r}; layers are {model.names}")
-        if where not in ("input", "output"):
-            raise ValueError(f"where must be 'input' or 'output', got {where!r}")
+        _check_layer_name(model, name, "a point's layer")
+        check_choice(where, "a point's where", ("input", "output"))
         if not callable(sink):
             raise TypeError(f"the sink of {point!r} must be callable, got {type(sink).__name__}")
         by_layer.setdefault(name, []).append((where, sink))
@@ -261,9 +288,11 @@ def capture_activations(model: Sequential, X: np.ndarray, layers=None,
 
     Returns ``{name: LayerActivations(input, output)}`` for the layers named in ``layers``
     (default: all), with the batches concatenated in order (:func:`feed_activations`).
+
+    Bounds: ``batch_size`` in [1, 2**28].
     """
     _check_sequential(model)
-    names = list(model.names) if layers is None else list(layers)
+    names = list(model.names) if layers is None else check_sequence(layers, "layers")
     for name in names:
         if name not in model.names:
             raise ValueError(f"layers names {name!r}, which is not in the model {model.names}")
@@ -283,16 +312,13 @@ def calibrate(model: Sequential, layer: str, X, observer: Observer, *, batch_siz
     This is static calibration: the model runs in float on representative data and each
     batch's activations update the observer (:func:`feed_activations`).  See the calibration
     chapter.
+
+    Bounds: ``batch_size`` in [1, 2**28].
     """
-    _check_sequential(model)
-    if not isinstance(observer, Observer):
-        raise TypeError(f"observer must be a qcourse.calibration.Observer, got "
-                        f"{type(observer).__name__}")
-    if where not in ("input", "output"):
-        raise ValueError(f"where must be 'input' or 'output', got {where!r}")
-    X = np.asarray(X)
-    if X.dtype.kind in "fiu":
-        X = X.astype(np.float32)
+    layer = _check_layer_name(model, layer)
+    check_instance(observer, "observer", Observer)
+    check_choice(where, "where", ("input", "output"))
+    X = _check_model_input(model, X, "X").astype(np.float32)
     feed_activations(model, X, {(layer, where): observer.update}, batch_size=batch_size)
     return observer
 
@@ -324,15 +350,25 @@ def compare_observers(model: Sequential, layer: str,
     accuracy on ``(X_eval, y_eval)`` with that layer's output fake-quantized
     (:func:`qcourse.calibration.fake_quant_hook`) and every other layer in float.  See the
     calibration chapter.
+
+    Bounds: ``batch_size`` in [1, 2**28].
     """
-    items = list(observers.items() if isinstance(observers, Mapping) else observers)
+    layer = _check_layer_name(model, layer)
+    if isinstance(observers, Mapping):
+        items = list(observers.items())
+    else:
+        items = check_sequence(observers, "observers")
+        if not all(isinstance(item, tuple) and len(item) == 2 for item in items):
+            raise TypeError("observers must be a mapping {name: observer} or a list of "
+                            "(name, observer) pairs")
+    if not items:
+        raise ValueError("observers must not be empty")
     for name, obs in items:
-        if not isinstance(obs, Observer):
-            raise TypeError(f"observer {name!r} must be a qcourse.calibration.Observer, got "
-                            f"{type(obs).__name__}")
-    batch_size = _check_int(batch_size, "batch_size")
-    X_calib = np.asarray(X_calib, dtype=np.float32)
-    X_eval = np.asarray(X_eval, dtype=np.float32)
+        check_instance(obs, f"observers[{name!r}]", Observer)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    X_calib = _check_model_input(model, X_calib, "X_calib").astype(np.float32)
+    X_eval = _check_model_input(model, X_eval, "X_eval").astype(np.float32)
+    y_eval = check_labels(y_eval, "y_eval", X_eval.shape[0])
     sinks = {(layer, "output"): lambda a: [obs.update(a) for _, obs in items]}
     feed_activations(model, X_calib, sinks, batch_size=batch_size)
     acts = capture_activations(model, X_eval, layers=[layer])[layer].output
