@@ -122,6 +122,37 @@ class _Fixtures:
 
         return quantize_int4_groupwise(self.w, 4)
 
+    def w4_kernel(self):
+        """An Int4Weight whose groups fit the W4A8 kernel (K = 8, groups of 8)."""
+        from qcourse.lowbit import quantize_int4_groupwise
+
+        return quantize_int4_groupwise(self.w, 8)
+
+    def packed4(self, zero_points=False):
+        from qcourse.kernels import prepack_int4
+
+        rng = np.random.default_rng(1)
+        zp = rng.integers(-8, 8, (5, 2)).astype(np.int8) if zero_points else None
+        return prepack_int4(rng.integers(-8, 8, (5, 64), dtype=np.int8),
+                            rng.uniform(0.01, 0.1, (5, 2)).astype(np.float32), group_size=32,
+                            zero_points=zp)
+
+    def deploy(self):
+        """A one-layer deploy model, its float32 images and the layer."""
+        from qcourse.deploy import random_dense_model
+
+        model, _ = random_dense_model(3)
+        X = np.random.default_rng(2).uniform(-2, 2, (4,) + model.input_shape)
+        return model, X.astype(np.float32), model.layers[0]
+
+    def deploy_inputs(self) -> str:
+        """X.npy for ``python -m qcourse.deploy run``: images of the course model, in a directory
+        of this process."""
+        if not hasattr(self, "_deploy_dir"):
+            self._deploy_dir = tempfile.mkdtemp(prefix="qcourse-fuzz-")
+            np.save(os.path.join(self._deploy_dir, "X.npy"), self.x32[:, :1].repeat(64, axis=1))
+        return os.path.join(self._deploy_dir, "X.npy")
+
     def qlinear(self):
         from qcourse.int_matmul import QuantizedLinear
 
@@ -221,6 +252,13 @@ def _valid_calls():
                                    outside=False, linear=(), linear_kn=(16, 16), peak=None,
                                    rungs=False),
         "thread_limit": lambda: c(1),
+        "format_int4_table": lambda: c([]),
+        "int4_competitors": lambda: c(),
+        "read_bandwidth_gbs": lambda: c(1, 1, 1),
+        "run_int4_benchmark": lambda: c(linear=(1,), kn=(64, 64), stack=(), group_size=32,
+                                        repeat=1, seed=0, outside=False, bandwidth=10.0,
+                                        skip=()),
+        "unquiet_signs": lambda: c([], {1: 100.0}, {1: 101.0}, moved=0.15, slower=0.9),
         # calibration
         "EntropyObserver": lambda: c(bins=64, bits=8, signed=True, symmetric=False,
                                      narrow_range=False, flatten_zero_bin=True),
@@ -252,7 +290,45 @@ def _valid_calls():
         # datasets
         "load_digits": lambda: c("train", 0, 0.25),
         "load_digits_raw": lambda: c(),
+        # deploy (one small random layer; the runtimes run it)
+        "Conv2D": lambda: c(np.ones((2, 1, 3, 3), np.int8), np.zeros(2, np.int32),
+                            np.array([0.01, 0.02]), 0.05, 0, clamp=(-128, 127), stride=(1, 1),
+                            padding=(0, 0, 0, 0), groups=1),
+        "Dense": lambda: c(F.a8, np.zeros(3, np.int32), np.array([0.01]), 0.05, 3,
+                           clamp=(-128, 127)),
+        "DeployModel": lambda: c(F.deploy()[0].input_shape, 0.02, 1, (F.deploy()[2],),
+                                 name="m"),
+        "Flatten": lambda: c(),
+        "MaxPool2D": lambda: c(kernel=(2, 2), stride=None),
+        "adversarial_images": lambda: c(F.deploy()[0], 2, 0),
+        "agreement": lambda: c(*F.deploy()[:2], ("onnx", "tflite-reference"), form="qoperator"),
+        "course_model": lambda: c(),
+        "from_integer_model": lambda: c(ptq.convert_to_integer(F.ptq()), name="m"),
+        "main": lambda: c(["run", "--runtime", "onnx", "--inputs", F.deploy_inputs(), "--out",
+                           F.deploy_inputs().replace("X.npy", "Y.npy")]),
+        "predict_codes": lambda: c(*F.deploy()[:2], "tflite-builtin", all_layers=False),
+        "quantize_divide_half_away": lambda: c(F.x32, np.float32(0.05), 3),
+        "quantize_input": lambda: c(*F.deploy()[:2], "tflite-builtin"),
+        "quantize_litert_builtin": lambda: c(F.x32.ravel(), np.float32(0.05), 3),
+        "quantize_reciprocal_rne": lambda: c(F.x32, np.float32(0.05), 3),
+        "random_dense_model": lambda: c(0, tie_heavy=False),
+        "requantize_layer": lambda: c(F.deploy()[2], F.acc[:, :1].repeat(F.deploy()[2].out_channels,
+                                                                      axis=1),
+                                      np.float32(0.02), "half_up_twice", clamp=None),
+        "run_onnx": lambda: (lambda m, X: c(__import__("qcourse").deploy.to_onnx(m), X,
+                                            optimized_model_path=None))(*F.deploy()[:2]),
+        "run_runtime": lambda: c(*F.deploy()[:2], "onnx", form="qoperator"),
+        "run_tflite": lambda: (lambda m, X: c(__import__("qcourse").deploy.to_tflite(m), X,
+                                              "tflite-reference", check_delegated=True))(
+            *F.deploy()[:2]),
+        "tflite_fused_activation": lambda: c(F.deploy()[2]),
+        "to_onnx": lambda: c(F.deploy()[0], "qoperator", float_input=True),
+        "to_tflite": lambda: c(F.deploy()[0], float_input=True),
+        "xnnpack_clamp": lambda: c(F.deploy()[2]),
         # fixed_point
+        "multiply_by_quantized_multiplier_half_up": lambda: c(np.array([1000, -7]), 2**30 + 5,
+                                                              -3),
+        "rounding_divide_by_pot_half_up": lambda: c(np.array([5, -7, 12]), 2),
         "accumulator_bits": lambda: c(8, 8, 100),
         "fixed_add": lambda: c(np.array([10, -20]), np.array([3, 4]), 3, 4,
                                overflow="saturate"),
@@ -313,6 +389,25 @@ def _valid_calls():
         "requantization_disagreements": lambda: c(0.37, np.arange(-300, 300)),
         "zero_point_terms": lambda: c(np.array([[1, 2, 3]]), np.array([[1, -2, 3], [0, 5, -6]]),
                                       3, np.array([1, 2])),
+        "double_multiplier": lambda: c(np.float32(0.02), np.array([0.01, 0.03], np.float32),
+                                       np.float32(0.1)),
+        "requantize_double_half_away": lambda: c(F.acc, np.full(4, 0.01), 3, -128, 127),
+        "requantize_fixed_point_half_up": lambda: c(F.acc, np.array([2**30 + 7] * 4),
+                                                    np.array([-5] * 4), 3, -128, 127),
+        # kernels
+        "matmul_w4a8": lambda: c(F.x32[:2].repeat(8, axis=1), F.packed4(), path=None, threads=1),
+        "matmul_w4a8_reference": lambda: c(F.x32[:2].repeat(8, axis=1), F.packed4(True)),
+        "max_group_w4a8": lambda: c(),
+        "prepack_int4": lambda: c(F.a8[:, :4].repeat(16, axis=1) // 16,
+                                  np.full((3, 2), 0.05, np.float32), group_size=32,
+                                  zero_points=np.array([[1, -2], [0, 7], [-8, 3]])),
+        "quantize_rows_int8": lambda: c(F.x32),
+        "w4a8_epilogue_reference": lambda: c(F.acc[:2, :3, None].repeat(2, axis=2),
+                                             np.full((3, 2), 0.05, np.float32),
+                                             np.array([0.5, 0.25], np.float32)),
+        "w4a8_group_sums": lambda: c(F.a8[:2, :4].repeat(16, axis=1), F.packed4(), path=None,
+                                     threads=1),
+        "w4a8_group_sums_reference": lambda: c(F.a8[:2, :4].repeat(16, axis=1), F.packed4(True)),
         # kernels
         "PackedB": None,          # built only by prepack: calling it is the refusal tested below
         "available_paths": lambda: c(),
@@ -346,8 +441,9 @@ def _valid_calls():
         "int4_group_accumulators": lambda: c(F.a8[:, :4].repeat(2, axis=1), F.w4()),
         "int4_group_accumulators_reference": lambda: c(F.a8[:, :4].repeat(2, axis=1), F.w4()),
         "int4_linear_int8": lambda: c(F.x32[:3], F.w4(), np.ones(3, np.float32),
-                                      reference=False),
+                                      reference=False, packed=None),
         "int4_linear_reference": lambda: c(F.x32[:3], F.w4(), np.ones(3, np.float32)),
+        "int4_packed": lambda: c(F.w4_kernel()),
         "int4_weight_only": lambda: c(F.model(), 4, scale_dtype=np.float16),
         "quantize_int4_groupwise": lambda: c(F.w, 4, scale_dtype=np.float16),
         # mixed_precision
@@ -461,9 +557,18 @@ RECORDS["HookHandle"] = ("returned by Module.register_forward_hook; its construc
 RECORDS["PackedB"] = ("built only by prepack (calling PackedB raises TypeError, checked in "
                       "test_kernels.py); prepack and every function taking a PackedB are fuzzed")
 
+RECORDS["PackedInt4"] = ("built only by prepack_int4 (calling PackedInt4 raises TypeError, checked "
+                         "in test_kernels.py); prepack_int4 and every function taking a "
+                         "PackedInt4 are fuzzed")
+RECORDS["ExportError"] = ("an exception class (a ValueError) that qcourse.deploy raises; nothing "
+                          "to call")
+
 #: Exceptions other than TypeError/ValueError that a bad argument may deliberately raise,
 #: by callable: (exception name, why).
-DELIBERATE: dict[str, tuple[str, str]] = {}
+DELIBERATE: dict[str, tuple[str, str]] = {
+    "main": ("SystemExit", "a command line: argparse prints what is wrong with the arguments "
+                           "(naming the option) and exits with status 2"),
+}
 
 #: Callables whose result is a drawing (matplotlib axes, a widget): an equivalent input (a view)
 #: cannot be compared with the valid call's result, so views are not drawn again (each drawing
@@ -701,7 +806,7 @@ def classify(fn, args, kwargs, names, bad: Bad | None, valid_result) -> tuple[st
         if _names_argument(message, names):
             return "refused", ""
         return "message does not name the argument", f"{type(exc).__name__}: {message}"
-    except Exception as exc:                           # noqa: BLE001 - that is the point
+    except (Exception, SystemExit) as exc:             # noqa: BLE001 - that is the point
         detail = f"{type(exc).__name__}: {str(exc)[:300]}"
         return "other exception type", detail
     if bad is None:
@@ -778,7 +883,7 @@ def _run_spec(fn, name, arg, label, extra, valid_tables, extras, valid_results):
         args, kwargs = valid_tables[name]()
         try:
             valid_results[name] = ("ok", _call(fn, args, kwargs))
-        except Exception as exc:                       # noqa: BLE001
+        except (Exception, SystemExit) as exc:         # noqa: BLE001
             valid_results[name] = ("error", f"{type(exc).__name__}: {exc}")
     status, valid_result = valid_results[name]
     if arg is None:

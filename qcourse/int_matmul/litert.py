@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcourse._checks import INT32_MAX, INT32_MIN
+from qcourse._checks import INT32_MAX, INT32_MIN, real_array
 from qcourse.affine import storage_dtype
 from qcourse.fixed_point import multiply_by_quantized_multiplier_half_up
 from qcourse.int_matmul.arithmetic import (
@@ -43,11 +43,21 @@ def double_multiplier(input_scale, weight_scale, output_scale) -> np.ndarray:
     -------
     numpy.ndarray, float64
     """
-    sx, sw, sy = (np.asarray(s, dtype=np.float64).astype(np.float32).astype(np.float64)
-                  for s in (input_scale, weight_scale, output_scale))
-    for name, s in (("input_scale", sx), ("weight_scale", sw), ("output_scale", sy)):
-        if s.size == 0 or not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0 (and non-empty)")
+    scales = []
+    for name, value in (("input_scale", input_scale), ("weight_scale", weight_scale),
+                        ("output_scale", output_scale)):
+        s = real_array(value, name)
+        with np.errstate(over="ignore", under="ignore"):
+            s = s.astype(np.float32).astype(np.float64)
+        if not np.all(np.isfinite(s) & (s > 0)):
+            raise ValueError(f"{name} must be finite and > 0 in float32")
+        scales.append(s)
+    sx, sw, sy = scales
+    try:
+        np.broadcast_shapes(sx.shape, sw.shape, sy.shape)
+    except ValueError:
+        raise ValueError(f"input_scale, weight_scale and output_scale must broadcast together, "
+                         f"got shapes {sx.shape}, {sw.shape}, {sy.shape}") from None
     return sx * sw / sy
 
 
