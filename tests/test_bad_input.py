@@ -108,9 +108,9 @@ class _Fixtures:
         return QParams(**{**dict(scale=0.05, zero_point=3, qmin=-128, qmax=127), **kw})
 
     def model(self):
-        from qcourse.nn import MLP
+        from qcourse.nn import make_mlp
 
-        return MLP((8, 6, 3), seed=0)
+        return make_mlp((8, 6, 3), seed=0)
 
     def packed(self):
         from qcourse.kernels import prepack
@@ -352,7 +352,7 @@ def _valid_calls():
         # floats
         "FloatFormat": lambda: c("e4m3", 4, 3, bias=None, convention="ieee"),
         "bit_string": lambda: c(0x3C00, floats.FP16, " "),
-        "breakdown": lambda: c(0x3C00, floats.FP16),
+        "float_parts": lambda: c(0x3C00, floats.FP16),
         "decode": lambda: c(F.bitsu16, floats.FP16),
         "double_rounding_inputs": lambda: c(floats.FP8_E4M3FN, floats.FP16),
         "encode": lambda: c(F.x, floats.FP16),
@@ -417,7 +417,6 @@ def _valid_calls():
         "matmul_int8_bt": lambda: c(F.a8, F.b8),
         "matmul_int8_ikj": lambda: c(F.a8, F.b8),
         "matmul_int8_naive": lambda: c(F.a8, F.b8),
-        "matmul_int8_packed": lambda: c(F.a8, F.packed(), path=None, threads=1),
         "matmul_int8_reference": lambda: c(F.a8, F.b8),
         "matmul_int8_requant": lambda: c(F.a8, F.packed(), np.array([0.01, 0.02, 0.03, 0.04]),
                                          3, bias=np.arange(4, dtype=np.int32), a_zero_point=-2,
@@ -455,7 +454,6 @@ def _valid_calls():
         "allocate_bits_greedy": lambda: c({"fc1": {4: 1.0, 8: 0.1}, "fc2": {4: 2.0, 8: 0.2}},
                                           {"fc1": 48, "fc2": 18}, 600, (4, 8)),
         "bops": lambda: c(F.infos(), 8, 8),
-        "evaluate_model": lambda: c(F.model(), F.x32, F.y),
         "exact_hessian_trace": lambda: c(F.model(), "fc2", F.x32, F.y),
         "fake_quantize_weight": lambda: c(F.w, 4, per_channel=True),
         "hawq_omega": lambda: c(2.5, F.w, 4, per_channel=True),
@@ -478,7 +476,7 @@ def _valid_calls():
         "scaled_size_bops": lambda: c(1.0, 1.0, 4, 8),
         "spearman": lambda: c(np.array([1.0, 2, 3, 4]), np.array([2.0, 1, 4, 3])),
         # nn
-        "MLP": lambda: c((8, 6, 3), activation="relu", seed=0, dtype=np.float32),
+        "make_mlp": lambda: c((8, 6, 3), activation="relu", seed=0, dtype=np.float32),
         "SGD": lambda: c(F.model().parameters(), 0.05, 0.9, 0.0),
         "Adam": lambda: c(F.model().parameters(), 0.001, (0.9, 0.999), 1e-8, 0.0),
         "Linear": lambda: c(8, 3, seed=0, dtype=np.float32),
@@ -488,6 +486,11 @@ def _valid_calls():
         "Sequential": lambda: c(("fc", nn.Linear(4, 2)), ("act", nn.ReLU())),
         "accuracy": lambda: c(F.model(), F.x32, F.y, 4),
         "capture_activations": lambda: c(F.model(), F.x32, None, 4),
+        "Classifier": lambda: c(),
+        "copy_model": lambda: c(F.model()),
+        "evaluate": lambda: c(F.model(), F.x32, F.y),
+        "feed_activations": lambda: c(F.model(), F.x32, {("fc1", "output"): len}, batch_size=4),
+        "swapped_weights": lambda: c(F.model(), {"fc2": np.zeros((3, 6), np.float32)}),
         "make_optimizer": lambda: c(F.model().parameters(), "sgd", 0.01, 0.0),
         "predict": lambda: c(F.model(), F.x32, 4),
         "softmax": lambda: c(F.x32[:, :3]),
@@ -523,10 +526,10 @@ def _valid_calls():
         "QATModel": lambda: c(("fc", nn.Linear(4, 2)), config={"bits": 4}),
         "compare_ptq_qat": lambda: c(F.model(), F.x32, F.y, F.x32, F.y, (4,), epochs=1, seed=0,
                                      act_bits="same", batch_size=4),
-        "fake_quant_ste_forward": lambda: c(F.x, F.qp()),
+        "fake_quantize_torch": lambda: c(F.x, F.qp()),
         "lsq_grad_scale": lambda: c(100, 7),
         "lsq_init_scale": lambda: c(F.x, 7, None),
-        "lsq_scale_grad": lambda: c(np.ones_like(F.x), F.x, F.qp(), 1.0),
+        "lsq_step_size_grad": lambda: c(np.ones_like(F.x), F.x, F.qp(), 1.0),
         "lsq_update_ratio": lambda: c(F.fq_layer(), with_grad_scale=True),
         "prepare_qat": lambda: c(F.model(), 4, act_bits=8, per_channel=True, ste="clipped",
                                  lsq=False, calib_X=F.x32, averaging_constant=0.01),
@@ -544,10 +547,10 @@ def _valid_calls():
 #: computation).  Building one by hand with odd values is not an input to the library.
 RECORDS = {
     name: "a result record returned by the library; it holds values and computes nothing"
-    for name in ("ErrorBreakdown", "ObserverResult", "StaticDynamicReport", "FloatParts",
+    for name in ("ErrorBreakdown", "ObserverComparison", "StaticDynamicComparison", "FloatParts",
                  "Allocation", "ConfigSweep", "Evaluation", "HawqRow", "HutchinsonEstimate",
                  "LayerInfo", "LayerSensitivity", "LayerActivations",
-                 "FakeQuantIntegerComparison", "ReferenceModel", "SizeReport", "PTQvsQAT",
+                 "FakeQuantIntegerComparison", "ReferenceModel", "ModelSize", "PTQQATComparison",
                  "Result")
 }
 RECORDS["PTQModel"] = ("built by weight_only_ptq, dynamic_ptq and static_ptq from the library's "
@@ -593,7 +596,7 @@ def _extra_calls():
     big_a = lambda: np.ones((1, K), np.int8)       # noqa: E731
     big_b = lambda: np.ones((K, 1), np.int8)       # noqa: E731
     extra = {}
-    for name in ("matmul_int8", "matmul_int8_packed", "matmul_int8_reference", "matmul_int8_bt",
+    for name in ("matmul_int8", "matmul_int8_reference", "matmul_int8_bt",
                  "matmul_int8_ikj", "matmul_int8_naive", "matmul_int8_u8s8"):
         extra[name] = [("K past the int32 bound", lambda: c(big_a(), big_b()), ("a", "b", "K"))]
     extra["prepack"] = [("K past the int32 bound", lambda: c(big_b()), ("b", "K"))]

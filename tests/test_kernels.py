@@ -598,7 +598,7 @@ for k, n in ((512, 512), (1, 1), (5, 70), (259, 129), (1027, 3)):
                 checked += 1
             assert copied == packed and copied.data.ctypes.data % 64 == 0, how
 
-model = nn.MLP((20, 16, 5), seed=1)
+model = nn.make_mlp((20, 16, 5), seed=1)
 X = rng.normal(0, 1, (9, 20)).astype(np.float32)
 models = [convert_to_integer(static_ptq(model, X), requantization=r)
           for r in ("float", "tflite_double", "tflite_single")]

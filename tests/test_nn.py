@@ -385,7 +385,7 @@ def test_swapped_weights_restores_bit_for_bit_even_on_error(trained, digits):
         with swapped_weights(model, {"fc1": model["fc1"].weight * 2}):
             raise RuntimeError("inside the block")
     np.testing.assert_array_equal(model["fc1"].weight, before["fc1.weight"])
-    with pytest.raises(ValueError, match="shape"):   # the first swap is undone too
+    with pytest.raises(ValueError, match="shape"):   # checked before any weight is swapped
         with swapped_weights(model, {"fc1": model["fc1"].weight * 2, "fc2": zeros}):
             pass
     np.testing.assert_array_equal(model["fc1"].weight, before["fc1.weight"])

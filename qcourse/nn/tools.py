@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,6 +37,7 @@ from qcourse._checks import (
     check_labels,
     check_sequence,
     describe,
+    real_array,
 )
 from qcourse.affine import QParams, error_breakdown
 from qcourse.calibration import Observer, fake_quant_hook
@@ -125,31 +126,41 @@ def copy_model(model: Module) -> Module:
     return copy.deepcopy(model, memo)
 
 
-@contextmanager
 def swapped_weights(model: Sequential,
-                    weights: Mapping[str, np.ndarray]) -> Iterator[Sequential]:
+                    weights: Mapping[str, np.ndarray]) -> AbstractContextManager[Sequential]:
     """Inside the block, ``model[name].weight`` holds ``weights[name]`` for every name given.
 
     The new values are written into the weight arrays in place (every reference to them sees
     the change, and the dtype stays the layer's); when the block ends -- normally or by an
-    exception -- the original values are written back, bit for bit.  Yields ``model``.
+    exception -- the original values are written back, bit for bit.  Yields ``model``.  The
+    arguments are checked when the function is called, before any weight changes: a layer
+    name, a finite float matrix of the weight's shape that its dtype holds.
     """
     _check_sequential(model)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping {{layer name: array}}, got "
                         f"{describe(weights)}")
+    new = {}
+    for name, value in weights.items():
+        layer = model[_check_layer_name(model, name, "each key of weights")]
+        if not isinstance(getattr(layer, "weight", None), np.ndarray):
+            raise ValueError(f"weights names layer {name!r} ({type(layer).__name__}), which has "
+                             f"no weight")
+        value = real_array(value, f"weights[{name!r}]", kinds="f", dtype=layer.weight.dtype)
+        if value.shape != layer.weight.shape:
+            raise ValueError(f"weights[{name!r}] has shape {value.shape}, the layer's "
+                             f"weight {layer.weight.shape}")
+        new[name] = value
+    return _swapped(model, new)
+
+
+@contextmanager
+def _swapped(model: Sequential, weights: dict[str, np.ndarray]) -> Iterator[Sequential]:
     saved: dict[str, np.ndarray] = {}
     try:
         for name, value in weights.items():
-            layer = model[_check_layer_name(model, name, "each key of weights")]
-            if not hasattr(layer, "weight"):
-                raise ValueError(f"layer {name!r} ({type(layer).__name__}) has no weight")
-            value = check_float_matrix(value, f"weights[{name!r}]")
-            if value.shape != layer.weight.shape:
-                raise ValueError(f"weights[{name!r}] has shape {value.shape}, the layer's "
-                                 f"weight {layer.weight.shape}")
-            saved[name] = layer.weight.copy()
-            layer.weight[...] = value
+            saved[name] = model[name].weight.copy()
+            model[name].weight[...] = value
         yield model
     finally:
         for name, value in saved.items():
