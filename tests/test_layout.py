@@ -95,8 +95,10 @@ MAX_TOP_LEVEL = 40
 
 # The grading package is the instructor's tool, not a chapter's library: its public names are
 # its package's __all__; its files (the parts of one command) are checked by test_grading.
+# Private modules (``_checks``, ``_deprecated``) serve the others and export nothing.
 @pytest.mark.parametrize("name", [n for n in all_module_names()
-                                  if n != "qcourse" and not n.startswith("qcourse.grading.")])
+                                  if n != "qcourse" and not n.startswith("qcourse.grading.")
+                                  and not n.rpartition(".")[2].startswith("_")])
 def test_module_declares_all(name):
     module = importlib.import_module(name)
     assert hasattr(module, "__all__"), f"{name} has no __all__"
@@ -169,7 +171,7 @@ def test_the_renames_that_chapters_taught_are_the_ones_kept():
 #: module imports only from its own layer or below (``qcourse._deprecated`` resolves the old
 #: names of a higher layer lazily, by string, and is not an import).
 LAYERS = {
-    "_deprecated": 0, "datasets": 0,
+    "_deprecated": 0, "_checks": 0, "datasets": 0,
     "floats": 1, "fixed_point": 1, "affine": 1, "calibration": 1,
     "kernels": 2, "_kernels": 2, "int_matmul": 2, "conv": 2,
     "nn": 3, "ptq": 3, "qat": 3, "mixed_precision": 3, "lowbit": 3, "transformer": 3,
