@@ -589,7 +589,9 @@ def _check_int4_shapes(linear, kn, stack, group_size):
 
     linear = _checks.check_int_sequence(linear, "linear", 1, _MAX_SIDE, min_len=0)
     kn = _checks.check_int_sequence(kn, "kn", 1, _MAX_INT4_SIDE, min_len=2, max_len=2)
-    stack = _checks.check_int_sequence(stack, "stack", 1, _MAX_INT4_SIDE, min_len=0, max_len=3)
+    stack = () if stack is None else _checks.check_int_sequence(stack, "stack", 1,
+                                                                _MAX_INT4_SIDE, min_len=0,
+                                                                max_len=3)
     if len(stack) not in (0, 3):
         raise ValueError(f"stack must be empty or (layers, K, N), got {stack}")
     if stack and stack[0] * stack[1] * stack[2] > _checks.MAX_ELEMENTS:
@@ -621,7 +623,7 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
     strings are left out (e.g. ``("float32, torch",)`` for PyTorch's slow float32 variants).
 
     Bounds: the rows M in [1, 8192]; K and N in [1, 32768] with K a multiple of ``group_size``;
-    ``stack`` empty or (layers, K, N) with at most 2**28 weights in all; ``group_size`` a
+    ``stack`` None, empty or (layers, K, N) with at most 2**28 weights in all; ``group_size`` a
     multiple of 8 up to :func:`~qcourse.kernels.max_group_w4a8`; ``repeat`` in [1, 10000].
     """
     from qcourse.kernels import matmul_w4a8, prepack_int4, quantize_rows_int8

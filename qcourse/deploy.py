@@ -44,6 +44,7 @@ from qcourse.fixed_point import (
     quantize_multiplier,
 )
 from qcourse.int_matmul import (
+    _round_half_away,  # C's round, exactly: one helper for int_matmul and deploy
     activation_range,
     double_multiplier,
     float_multiplier,
@@ -216,11 +217,11 @@ def _clamp(value, zero_point: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _check_model(model, name: str = "model") -> DeployModel:
+def _check_deploy_model(model, name: str = "model") -> DeployModel:
     return _checks.check_instance(model, name, DeployModel, "a qcourse.deploy.DeployModel")
 
 
-def _check_layer(layer, name: str = "layer"):
+def _check_deploy_layer(layer, name: str = "layer"):
     return _checks.check_instance(layer, name, (Dense, Conv2D),
                                   "a qcourse.deploy.Dense or Conv2D layer")
 
@@ -587,7 +588,7 @@ def quantize_litert_builtin(x_flat, scale, zero_point) -> np.ndarray:
 def quantize_input(model: DeployModel, X, runtime: str) -> np.ndarray:
     """The int8 input codes each runtime computes for float32 images ``X`` (NCHW or flat)."""
     _check_runtime(runtime)
-    X = _check_model(model).check_images(X)
+    X = _check_deploy_model(model).check_images(X)
     s, z = model.input_scale, model.input_zero_point
     if runtime == "onnx":
         return quantize_linear(X, np.float32(s), np.int8(z))
@@ -620,7 +621,7 @@ def tflite_fused_activation(layer) -> str:
     """The fused activation ("NONE", "RELU", "RELU6") whose clamp LiteRT computes as
     ``layer.clamp`` (``CalculateActivationRangeQuantized``, which
     :func:`qcourse.int_matmul.activation_range` reproduces), or ExportError if none does."""
-    _check_layer(layer)
+    _check_deploy_layer(layer)
     qp = QParams(scale=np.float64(layer.output_scale),
                  zero_point=np.int64(layer.output_zero_point), qmin=_INT8_MIN, qmax=_INT8_MAX)
     for act, name in (("none", "NONE"), ("relu", "RELU"), ("relu6", "RELU6")):
@@ -638,7 +639,7 @@ def xnnpack_clamp(layer) -> tuple[int, int]:
     """The clamp XNNPACK derives from the fused activation: ``lrintf(v / scale + zero_point)``
     in float32 for the activation's real bounds (0 and 6), saturated to int8
     (``xnn_qs8_quantize``)."""
-    act = tflite_fused_activation(_check_layer(layer))
+    act = tflite_fused_activation(_check_deploy_layer(layer))
     if act == "NONE":
         return _INT8_MIN, _INT8_MAX
 
@@ -684,7 +685,7 @@ def requantize_layer(layer, acc, input_scale, convention: str, clamp=None) -> np
     fully-connected layer the float32 product :math:`S_x S_W` divided in double, otherwise all
     in double).  ``clamp`` overrides ``layer.clamp``.  Returns int8 codes.
     """
-    _check_layer(layer)
+    _check_deploy_layer(layer)
     _checks.check_choice(convention, "convention", CONVENTIONS)
     input_scale = _scale(input_scale, "input_scale")
     zy = layer.output_zero_point
@@ -757,17 +758,17 @@ def predict_codes(model: DeployModel, X, runtime: str, *, all_layers: bool = Fal
     one of the named float steps of :data:`RUNTIME_ARITHMETIC`.  See the deploy chapter.
     """
     _check_runtime(runtime)
-    _check_model(model)
+    _check_deploy_model(model)
     all_layers = _checks.check_bool(all_layers, "all_layers")
     if isinstance(X, np.ndarray) and X.dtype == np.int8:
-        x_q = _check_codes(model, X)
+        x_q = _check_input_codes(model, X)
     else:
         x_q = quantize_input(model, X, runtime)
     codes = _forward(model, x_q, runtime)
     return codes if all_layers else codes[-1]
 
 
-def _check_codes(model: DeployModel, X: np.ndarray) -> np.ndarray:
+def _check_input_codes(model: DeployModel, X: np.ndarray) -> np.ndarray:
     if X.ndim != 1 + len(model.input_shape) or X.shape[1:] != model.input_shape \
             or X.shape[0] == 0:
         raise ValueError(f"X (int8 codes) must have shape {('N',) + model.input_shape}, got "
@@ -1212,7 +1213,7 @@ def run_onnx(onnx_model, X, *, optimized_model_path=None) -> np.ndarray:
 def run_runtime(model: DeployModel, X, runtime: str, *, form: str = "qoperator") -> np.ndarray:
     """Export ``model`` and run it in ``runtime`` itself (the outside system, not qcourse)."""
     _check_runtime(runtime)
-    X = _check_model(model).check_images(X)
+    X = _check_deploy_model(model).check_images(X)
     if runtime == "onnx":
         return run_onnx(to_onnx(model, form), X)
     return run_tflite(to_tflite(model), X, runtime)
@@ -1221,7 +1222,7 @@ def run_runtime(model: DeployModel, X, runtime: str, *, form: str = "qoperator")
 def agreement(model: DeployModel, X, runtimes=RUNTIMES, *, form: str = "qoperator") -> dict:
     """For each runtime: ``(matching codes, codes compared)`` between :func:`predict_codes` and
     the runtime's own output on ``X``."""
-    _check_model(model).check_images(X)
+    _check_deploy_model(model).check_images(X)
     runtimes = _checks.check_sequence(runtimes, "runtimes", min_len=1)
     for i, rt in enumerate(runtimes):
         _checks.check_choice(rt, f"runtimes[{i}]", RUNTIMES)
@@ -1354,7 +1355,7 @@ def adversarial_images(model: DeployModel, n: int, seed: int) -> np.ndarray:
     division for the largest).
 
     Bounds: ``n`` is an int in [1, 2**28 / (3 x the input's size)] (at most 2**28 values)."""
-    _check_model(model)
+    _check_deploy_model(model)
     n = _int(n, "n", 1, max(1, _checks.MAX_ELEMENTS // (3 * int(np.prod(model.input_shape)))))
     rng = np.random.default_rng(_int(seed, "seed", 0))
     shape = (n,) + model.input_shape

@@ -1048,8 +1048,51 @@ def _split(specs, parts: int):
     return [specs[i::parts] for i in range(parts)]
 
 
+#: How much of the fuzz test runs: ``ci`` (the default, what ``make test`` runs) makes every
+#: valid call and every extra call, and a sample of :data:`CI_BAD_PER_CALLABLE` bad calls per
+#: callable, drawn with the seed ``QCOURSE_FUZZ_SEED`` (default 0: the same calls every run, as a
+#: derandomized Hypothesis profile would); ``full`` makes every bad call (about 9,000; a few
+#: minutes of CPU): ``QCOURSE_FUZZ=full pytest tests/test_bad_input.py``.
+FUZZ_PROFILE = os.environ.get("QCOURSE_FUZZ", "ci")
+FUZZ_SEED = os.environ.get("QCOURSE_FUZZ_SEED", "0")
+CI_BAD_PER_CALLABLE = 4
+
+
+def ci_sample(specs, per_callable: int = CI_BAD_PER_CALLABLE, seed: str = "0") -> list:
+    """Every valid and extra call of ``specs``, and ``per_callable`` of each callable's bad
+    calls, drawn without replacement by a generator seeded with ``seed`` and the callable's name
+    (so that adding a callable changes no other callable's sample)."""
+    import random
+
+    by_name: dict[str, list] = {}
+    for spec in specs:
+        by_name.setdefault(spec[1][0], []).append(spec)
+    chosen = []
+    for name, group in by_name.items():
+        fixed = [sp for sp in group if sp[1][1] is None]
+        bad = [sp for sp in group if sp[1][1] is not None]
+        rng = random.Random(f"{seed}:{name}")
+        chosen += fixed + rng.sample(bad, min(per_callable, len(bad)))
+    return sorted(chosen)
+
+
+def test_the_ci_sample_keeps_every_callable_and_varies_with_the_seed():
+    specs = build_specs()
+    sample = ci_sample(specs, seed="0")
+    names = {s[0] for _, s in specs}
+    assert {s[0] for _, s in sample} == names
+    assert all(any(s[0] == n and s[1] is None and s[3] is None for _, s in sample)
+               for n in names)                                     # every valid call
+    assert sum(s[3] is not None for _, s in sample) == sum(s[3] is not None for _, s in specs)
+    assert sample == ci_sample(specs, seed="0") != ci_sample(specs, seed="1")
+    assert len(sample) < len(specs) / 3
+
+
 def test_bad_input_never_crashes_hangs_or_answers_silently():
     specs = build_specs()
+    if FUZZ_PROFILE != "full":
+        specs = ci_sample(specs, seed=FUZZ_SEED)
+    print(f"profile {FUZZ_PROFILE!r} (QCOURSE_FUZZ=full runs every bad call), seed {FUZZ_SEED}")
     results: dict[int, tuple[str, str]] = {}
     # two children at a time, interleaved so that each gets slow and fast callables
     from concurrent.futures import ThreadPoolExecutor
