@@ -44,7 +44,6 @@ from qcourse.fixed_point import (
     quantize_multiplier,
 )
 from qcourse.int_matmul import (
-    _round_half_away,  # C's round, exactly: one helper for int_matmul and deploy
     activation_range,
     double_multiplier,
     float_multiplier,
@@ -53,7 +52,9 @@ from qcourse.int_matmul import (
     requantize_fixed_point_half_up,
     requantize_float,
 )
-from qcourse.int_matmul.arithmetic import _round_half_away
+from qcourse.int_matmul.arithmetic import (
+    _round_half_away,  # C's round, exactly: one helper for int_matmul and deploy
+)
 
 __all__ = [
     "LITERT_RESOLVERS",
