@@ -178,7 +178,7 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
     where :math:`\operatorname{fl}` rounds the scale to ``scale_dtype`` (float16: what is
     stored) *before* the weights are rounded, so that the codes belong to the stored scale.
     The grid is the narrow symmetric one (-7 … 7, no zero point), the weight grid of
-    :func:`qcourse.ptq.quantize_weight`.  An all-zero group gets scale 1 and codes 0.
+    :func:`qcourse.affine.quantize_weight`.  An all-zero group gets scale 1 and codes 0.
     ``group_size >= K`` is one group per row, per-channel quantization (stored as
     ``group_size = K``).  Computed with
     :func:`qcourse.affine.choose_qparams` and :func:`qcourse.affine.quantize`, packed with
