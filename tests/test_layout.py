@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -163,6 +165,67 @@ def test_the_renames_that_chapters_taught_are_the_ones_kept():
         warnings.simplefilter("error")
         with pytest.raises(DeprecationWarning):
             from qcourse.qat import lsq_scale_grad  # noqa: F401
+
+
+def _code_cells(path: Path) -> list[str]:
+    """The Python code of a chapter (MyST code cells) or an exercise notebook (code cells)."""
+    text = path.read_text()
+    if path.suffix == ".ipynb":
+        cells = [c for c in json.loads(text)["cells"] if c["cell_type"] == "code"]
+        return ["".join(c["source"]) for c in cells]
+    return re.findall(r"^```\{code-cell\}[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def stale_imports(code: str) -> list[str]:
+    """Names ``code`` reaches through an old home: a former top-level name (``qcourse.X`` or
+    ``from qcourse import X`` outside ``qcourse.__all__``) or a renamed or moved name that a
+    module keeps for one release (``from qcourse.M import old``, ``qcourse.M.old``)."""
+    if code.startswith("---\n"):                  # a cell's YAML options block
+        code = code.split("\n---\n", 1)[1]
+    source = "\n".join(line for line in code.splitlines()  # options and IPython magics
+                       if not line.startswith(("%", "!", ":")))
+    moved = {(m, old) for m, old, _ in _moved_tables()}
+    found = []
+
+    def check(module: str, name: str) -> None:
+        if module == "qcourse":
+            if not (name in qcourse.__all__ or name.startswith("_")
+                    or importlib.util.find_spec(f"qcourse.{name}") is not None):
+                found.append(f"qcourse.{name} (not in qcourse.__all__)")
+        elif (module, name) in moved:
+            found.append(f"{module}.{name} (renamed or moved)")
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qcourse"):
+            for alias in node.names:
+                check(node.module, alias.name)
+        elif isinstance(node, ast.Attribute):
+            parts, value = [node.attr], node.value
+            while isinstance(value, ast.Attribute):
+                parts.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id == "qcourse":
+                dotted = ["qcourse", *reversed(parts)]
+                check(".".join(dotted[:-1]), dotted[-1])
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "book").glob("*.md"))
+                         + sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_chapters_and_exercises_import_from_where_things_live(path):
+    stale = [f"{name}" for code in _code_cells(path) for name in stale_imports(code)]
+    assert not stale, f"{path.name} reaches names through an old home: {stale}"
+
+
+def test_the_import_check_finds_an_old_home():
+    code = ("import qcourse\nfrom qcourse import QParams, matmul_int8_bt\n"
+            "from qcourse.qat import lsq_scale_grad\nqcourse.kernels.matmul_int8_packed(a, b)\n"
+            "qcourse.kernels.matmul_int8(a, b)\nqcourse.floats.encode(1.0, 'fp16')\n")
+    assert stale_imports(code) == [
+        "qcourse.matmul_int8_bt (not in qcourse.__all__)",
+        "qcourse.qat.lsq_scale_grad (renamed or moved)",
+        "qcourse.kernels.matmul_int8_packed (renamed or moved)",
+    ]
 
 
 # --------------------------------------------------------------------------- layers
