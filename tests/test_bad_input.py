@@ -181,7 +181,7 @@ class _Fixtures:
         return layer
 
     def infos(self):
-        from qcourse.mixed_precision import layer_info
+        from qcourse.nn import layer_info
 
         return layer_info(self.model())
 

@@ -414,7 +414,7 @@ def test_feed_activations_hands_every_batch_to_its_sink_and_cleans_up(trained, d
     with pytest.raises(RuntimeError, match="sink failed"):
         feed_activations(model, Xte, {("act1", "output"): broken})
     assert all(not layer._forward_hooks for layer in model), "a hook was left behind"
-    for sinks, exc, match in [({("nope", "output"): print}, ValueError, "no layer named"),
+    for sinks, exc, match in [({("nope", "output"): print}, ValueError, "must be one of"),
                               ({("fc1", "weights"): print}, ValueError, "where"),
                               ({"fc1": print}, TypeError, "pair"),
                               ({("fc1", "input"): 3}, TypeError, "callable")]:

@@ -116,7 +116,7 @@ def copy_model(model: Module) -> Module:
     """A deep copy of ``model`` (a layer or a whole network) with parameters of its own and no
     forward hooks or pre-hooks: the float model a quantization function starts from, which it
     may change without touching the caller's.  The class of every layer is kept."""
-    check_instance(model, "model", Module)
+    check_instance(model, "model", Module, "a qcourse.nn.Module (a layer or a network)")
     # deepcopy looks every object up in memo first: each hook table maps to a fresh empty one,
     # so the hooks (and whatever their closures hold) are never copied.
     memo: dict[int, object] = {}
