@@ -460,6 +460,10 @@ def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_p
             raise ValueError(f"multiplier must be a positive float32 (it is rounded to "
                              f"float32 once), got {m}, which rounds to "
                              f"{'inf' if m > _FLT_MAX else mult[0]}")
+    elif (isinstance(multiplier, np.ndarray) and multiplier.dtype == np.float64
+          and multiplier.shape == (n,) and np.all((multiplier > 0) & (multiplier <= _FLT_MAX))
+          and np.all((mult := multiplier.astype(np.float32)) > 0)):
+        pass                  # one per column, float64, in range (NaN fails > 0): the fast path
     else:
         m64 = _per_column(_checks.real_array(multiplier, "multiplier"), "multiplier", n)
         if not np.all(m64 > 0):
@@ -745,12 +749,16 @@ def _check_packed_int4(packed, name: str = "packed") -> PackedInt4:
 
 def _check_w4a8_input(x, k: int) -> np.ndarray:
     """``x`` as the W4A8 kernel reads it: a finite float (M, K) array, as C-contiguous float32."""
-    _checks.check_float_matrix(x, "x")
+    _checks.check_float_matrix(x, "x", finite=False)
     if x.shape[1] != k:
         raise ValueError(f"x has K={x.shape[1]} columns but the weights have K={k}")
-    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x32)):
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        x32 = x
+    else:
+        with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x32)):                     # one pass when all is well
+        _checks.check_finite(x, "x")
         raise ValueError("x must fit float32 (magnitude at most 3.4e38), got a value beyond it")
     return x32
 

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "qcourse"
 # Modules that serve several chapters rather than being one chapter's library.
 SHARED_MODULES = {"__init__", "datasets", "nn", "bench", "grading"}
+# Chapter modules the package exports as modules, not name by name.
 
 
 # Pages of the book that are not chapters with a module and exercises.
