@@ -3,8 +3,9 @@
 Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <->
 ``book/floats.md``); ``qcourse.nn`` is the small NumPy network the quantization chapters work on,
 ``qcourse.datasets`` the data they share, ``qcourse.deploy`` the export to ONNX Runtime and
-LiteRT and the check of what they compute.  Reach a name through its module, as the chapters do:
-``qcourse.calibration.MinMaxObserver``, ``from qcourse.ptq import static_ptq``.
+LiteRT and the check of what they compute; ``qcourse.nn.lm`` is the byte-level language model of
+the transformer, kv_cache and weight_only chapters.  Reach a name through its module, as the
+chapters do: ``qcourse.calibration.MinMaxObserver``, ``from qcourse.ptq import static_ptq``.
 
 The package itself exports the modules and the small core a reader meets in every chapter: the
 affine quantizer (``QParams`` ... ``quantize_weight``), the ONNX operators it reproduces bit for
@@ -28,11 +29,13 @@ from qcourse import (
     floats,
     int_matmul,
     kernels,
+    kv_cache,
     lowbit,
     mixed_precision,
     nn,
     ptq,
     qat,
+    transformer,
 )
 from qcourse.affine import (
     QParams,
@@ -63,11 +66,13 @@ __all__ = [
     "floats",
     "int_matmul",
     "kernels",
+    "kv_cache",
     "lowbit",
     "mixed_precision",
     "nn",
     "ptq",
     "qat",
+    "transformer",
     # the affine quantizer
     "QParams",
     "choose_qparams",
