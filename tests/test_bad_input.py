@@ -473,8 +473,8 @@ def _valid_calls():
         "save_lm": lambda: c(F.deploy_inputs().replace("X.npy", "lm.npz"), __import__(
             "qcourse.nn.lm").nn.lm.load_lm()),
         "shipped_lm_path": lambda: c(),
-        "train_lm": lambda: c(F.lm()[0], bytes(range(64)), steps=2, batch_size=2, lr=0.003, warmup=1, clip=1.0,
-                              seed=0, progress=False, callback=None),
+        "train_lm": lambda: c(F.lm()[0], bytes(range(64)), steps=2, batch_size=2, lr=0.003,
+                              warmup=1, clip=1.0, seed=0, progress=False, callback=None),
         "train_reference_lm": lambda: c(F.lm_training(), progress=False),
         "IntegerBlock": lambda: c(F.lm()[0].blocks[0], reference=False),
         "LLMInt8Linear": lambda: c(F.lm()[0].blocks[0].mlp.fc1, 6.0, reference=False),
