@@ -1013,12 +1013,16 @@ def run_specs(specs, table: str = "qcourse", call_seconds: float = CALL_SECONDS)
     dies or stalls is replaced, and the spec it was running is marked as the crash or hang."""
     results: dict[int, tuple[str, str]] = {}
     pending = list(specs)
-    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(
+                   os.pathsep)).rstrip(os.pathsep))
+    # a callable given a bad file name (e.g. "bogus-choice") may write it: not into the repo
+    scratch = tempfile.TemporaryDirectory(prefix="qcourse-fuzz-")
     while pending:
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(HERE.parent), table],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                    env=env, cwd=ROOT, preexec_fn=_limits)
+                                    env=env, cwd=scratch.name, preexec_fn=_limits)
             proc.stdin.write(json.dumps(pending).encode())
             proc.stdin.close()
             current, reason = _follow(proc, results, call_seconds)
@@ -1033,6 +1037,7 @@ def run_specs(specs, table: str = "qcourse", call_seconds: float = CALL_SECONDS)
             break
         results[current] = (reason, stderr.strip().splitlines()[-1] if stderr.strip() else "")
         pending = [s for s in pending if s[0] not in results]
+    scratch.cleanup()
     return results
 
 
