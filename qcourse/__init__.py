@@ -5,6 +5,8 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
+# Chapter modules exported as modules (qcourse.weight_only.gptq ...), not name by name.
+from qcourse import weight_only
 from qcourse.affine import (
     ErrorBreakdown,
     QParams,
@@ -220,6 +222,8 @@ from qcourse.qat import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # modules
+    "weight_only",
     # lowbit
     "FP8_FORMATS",
     "Int4Weight",
