@@ -5,8 +5,10 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
-# Chapter modules exported as modules (qcourse.weight_only.gptq ...), not name by name.
-from qcourse import weight_only
+# Chapter modules exported as modules (qcourse.deploy.<name>, qcourse.weight_only.gptq ...),
+# not name by name.
+from qcourse import deploy as deploy
+from qcourse import weight_only as weight_only
 from qcourse.affine import (
     ErrorBreakdown,
     QParams,
@@ -118,6 +120,7 @@ from qcourse.kernels import (
     INT32_MAX,
     LADDER,
     PackedB,
+    PackedInt4,
     available_paths,
     best_path,
     get_num_threads,
@@ -130,9 +133,17 @@ from qcourse.kernels import (
     matmul_int8_requant,
     matmul_int8_requant_reference,
     matmul_int8_u8s8,
+    matmul_w4a8,
+    matmul_w4a8_reference,
+    max_group_w4a8,
     max_k_s8s8,
     prepack,
+    prepack_int4,
+    quantize_rows_int8,
     set_num_threads,
+    w4a8_epilogue_reference,
+    w4a8_group_sums,
+    w4a8_group_sums_reference,
 )
 from qcourse.lowbit import (
     FP8_FORMATS,
@@ -146,6 +157,7 @@ from qcourse.lowbit import (
     int4_group_accumulators_reference,
     int4_linear_int8,
     int4_linear_reference,
+    int4_packed,
     int4_weight_only,
     quantize_int4_groupwise,
 )
@@ -222,7 +234,8 @@ from qcourse.qat import (
 __version__ = "0.1.0"
 
 __all__ = [
-    # modules
+    # modules used by their own name
+    "deploy",
     "weight_only",
     # lowbit
     "FP8_FORMATS",
@@ -236,6 +249,7 @@ __all__ = [
     "int4_group_accumulators_reference",
     "int4_linear_int8",
     "int4_linear_reference",
+    "int4_packed",
     "int4_weight_only",
     "quantize_int4_groupwise",
     # mixed_precision
@@ -410,6 +424,7 @@ __all__ = [
     "INT32_MAX",
     "LADDER",
     "PackedB",
+    "PackedInt4",
     "available_paths",
     "best_path",
     "get_num_threads",
@@ -422,7 +437,15 @@ __all__ = [
     "matmul_int8_requant",
     "matmul_int8_requant_reference",
     "matmul_int8_u8s8",
+    "matmul_w4a8",
+    "matmul_w4a8_reference",
+    "max_group_w4a8",
     "max_k_s8s8",
     "prepack",
+    "prepack_int4",
+    "quantize_rows_int8",
     "set_num_threads",
+    "w4a8_epilogue_reference",
+    "w4a8_group_sums",
+    "w4a8_group_sums_reference",
 ]
