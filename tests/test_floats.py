@@ -782,4 +782,4 @@ def test_finite_saturates_and_fnuz_has_one_nan_and_no_negative_zero():
     assert encode(np.array([-0.0, -1e-9, np.nan, -np.inf, 1e9]), fnuz).tolist() == [0, 0, 128,
                                                                                  128, 128]
     assert np.isnan(decode(0x80, fnuz)) and fnuz.max_finite == 240 and fnuz.num_finite == 255
-    assert enumerate_format(fnuz)[1].size == 255
+    assert F.enumerate_format(fnuz)[1].size == 255
