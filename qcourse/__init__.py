@@ -146,8 +146,13 @@ from qcourse.kernels import (
     w4a8_group_sums_reference,
 )
 from qcourse.lowbit import (
+    FP4_E2M1,
+    FP6_E2M3,
+    FP6_E3M2,
     FP8_FORMATS,
+    MX_FORMATS,
     Int4Weight,
+    MXFormat,
     format_sqnr,
     fp8_dequantize,
     fp8_fake_quantize,
@@ -159,6 +164,10 @@ from qcourse.lowbit import (
     int4_linear_reference,
     int4_packed,
     int4_weight_only,
+    mx_dequantize,
+    mx_quantize,
+    nvfp4_dequantize,
+    nvfp4_quantize,
     quantize_int4_groupwise,
 )
 from qcourse.mixed_precision import (
@@ -238,7 +247,16 @@ __all__ = [
     "deploy",
     "weight_only",
     # lowbit
+    "FP4_E2M1",
+    "FP6_E2M3",
+    "FP6_E3M2",
     "FP8_FORMATS",
+    "MXFormat",
+    "MX_FORMATS",
+    "mx_dequantize",
+    "mx_quantize",
+    "nvfp4_dequantize",
+    "nvfp4_quantize",
     "Int4Weight",
     "format_sqnr",
     "fp8_dequantize",
