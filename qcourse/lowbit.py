@@ -53,11 +53,11 @@ from qcourse.kernels import (
 from qcourse.nn import Linear, Sequential
 
 __all__ = [
-    "FP4_E2M1", "FP6_E2M3", "FP6_E3M2", "FP8_FORMATS", "MXFormat", "MX_FORMATS", "Int4Weight", "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize",
-    "fp8_scale", "format_sqnr", "int4_group_accumulators", "int4_group_accumulators_reference",
-    "int4_linear_int8", "int4_linear_reference", "int4_packed", "int4_weight_only",
-    "mx_dequantize", "mx_quantize", "nvfp4_dequantize", "nvfp4_quantize",
-    "quantize_int4_groupwise",
+    "FP4_E2M1", "FP6_E2M3", "FP6_E3M2", "FP8_FORMATS", "MXFormat", "MX_FORMATS", "Int4Weight",
+    "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize", "fp8_scale", "format_sqnr",
+    "int4_group_accumulators", "int4_group_accumulators_reference", "int4_linear_int8",
+    "int4_linear_reference", "int4_packed", "int4_weight_only", "mx_dequantize", "mx_quantize",
+    "nvfp4_dequantize", "nvfp4_quantize", "quantize_int4_groupwise",
 ]
 
 #: The two fp8 formats of Micikevicius et al. (2022), by the names :func:`format_sqnr` uses.
