@@ -47,6 +47,7 @@ import numpy as np
 from qcourse.affine import QParams, effective_bits, qparams_from_range, quantize
 
 __all__ = [
+    "METHODS",
     "AWQScales",
     "HessianWarning",
     "QuantizedWeight",
@@ -57,7 +58,10 @@ __all__ = [
     "gptq_reference",
     "hessian",
     "layer_error",
+    "quantize_layer",
+    "quantize_layers",
     "rtn",
+    "salient_channel_error",
 ]
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -754,3 +758,93 @@ def awq(weight, x, *, bits: int, group_size, n_grid: int = 20, clip: bool = True
         return w_hat
     return QuantizedWeight(w_hat, qw.codes, qw.scale, qw.zero_point, bits, qw.group_size,
                            input_scale=s)
+
+
+# --------------------------------------------------------------------------- a whole model
+
+#: The methods :func:`quantize_layer` knows: round to nearest, GPTQ (act-order), AWQ (scale and
+#: clip search), and GPTQ on the AWQ-scaled weight.
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
+def quantize_layer(weight, x, *, method: str, bits: int, group_size, damp: float = 0.01,
+                   act_order: bool = True, n_grid: int = 20) -> QuantizedWeight:
+    r"""Quantize one linear layer's weight (N, K) by ``method``, calibrated on its inputs ``x``
+    (n, K), and return the :class:`QuantizedWeight` (its ``weight`` is :math:`\hat W`).
+
+    * ``"rtn"``: :func:`rtn` (``x`` is not used);
+    * ``"gptq"``: :func:`gptq` with :math:`H` = :func:`hessian` ``(x)``, act-order by default;
+    * ``"awq"``: :func:`awq` (scale search, then clip search);
+    * ``"awq+gptq"``: AWQ's scale :math:`s` (:func:`awq_scales`), then GPTQ on
+      :math:`W \operatorname{diag}(s)` with the Hessian of the scaled inputs :math:`X
+      \operatorname{diag}(s)^{-1}`; :math:`\hat W = \mathrm{GPTQ}(W \operatorname{diag}(s))
+      \operatorname{diag}(s)^{-1}`.
+
+    Asymmetric grids with float16 scales, as both papers use.  See the weight_only chapter.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    w = _float_matrix(weight, "weight")
+    x = _check_inputs(x, w.shape[1])
+    if method == "rtn":
+        return rtn(w, bits=bits, group_size=group_size, return_codes=True)
+    if method == "gptq":
+        return gptq(w, hessian(x), bits=bits, group_size=group_size, damp=damp,
+                    act_order=act_order, return_codes=True)
+    if method == "awq":
+        return awq(w, x, bits=bits, group_size=group_size, n_grid=n_grid, return_codes=True)
+    s = awq_scales(w, x, bits=bits, group_size=group_size, n_grid=n_grid).scales
+    qw = gptq(w.astype(np.float64) * s, hessian(x.astype(np.float64) / s), bits=bits,
+              group_size=group_size, damp=damp, act_order=act_order, return_codes=True)
+    w_hat = (qw.weight / s).astype(w.dtype)
+    return QuantizedWeight(w_hat, qw.codes, qw.scale, qw.zero_point, qw.bits, qw.group_size,
+                           input_scale=s, damp=qw.damp)
+
+
+def quantize_layers(weights, inputs, *, method: str, bits: int, group_size,
+                    **kwargs) -> dict[str, QuantizedWeight]:
+    r""":func:`quantize_layer` on every layer of a model, each on its own calibration inputs.
+
+    ``weights`` maps a layer name to its weight (N, K); ``inputs`` maps the same names to what
+    that layer saw on the calibration data, one row per token (n, K).  Every layer is quantized
+    from the *float* model's inputs (not sequentially from the already quantized layers', as
+    the GPTQ paper does for large models): simpler, and what the chapter's table uses for every
+    method alike.  Returns ``{name: QuantizedWeight}`` in the order of ``weights``.  See the
+    weight_only chapter.
+    """
+    missing = [name for name in weights if name not in inputs]
+    if missing:
+        raise ValueError(f"inputs has no calibration inputs for the layer(s) {missing}")
+    return {name: quantize_layer(w, inputs[name], method=method, bits=bits,
+                                 group_size=group_size, **kwargs)
+            for name, w in weights.items()}
+
+
+def salient_channel_error(weight, x, *, bits: int, group_size, fraction: float = 0.01,
+                          by: str = "activation", seed: int = 0) -> float:
+    r"""AWQ's motivating experiment: keep a ``fraction`` of the input channels in float and
+    round the rest to nearest; return the mean square output error
+    :math:`\frac{1}{nN}\lVert X W^T - X \hat W^T \rVert_F^2`.
+
+    The kept channels are the ones with the largest mean :math:`|x_k|` (``by="activation"``),
+    the largest weight norm :math:`\lVert W_{:,k} \rVert` (``"weight"``), or a random choice
+    (``"random"``, with ``seed``).  Lin et al. (2024, table 1) find that keeping 1 % of the
+    channels chosen by *activation* recovers most of the loss, and that choosing by weight is no
+    better than at random.  See the weight_only chapter.
+    """
+    w = _float_matrix(weight, "weight").astype(np.float64)
+    x = _check_inputs(x, w.shape[1]).astype(np.float64)
+    if by not in ("activation", "weight", "random"):
+        raise ValueError(f"by must be 'activation', 'weight' or 'random', got {by!r}")
+    if isinstance(fraction, (bool, np.bool_)) or not isinstance(fraction, numbers.Real) or \
+            not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    k = w.shape[1]
+    n_keep = int(round(fraction * k))
+    score = {"activation": lambda: np.abs(x).mean(axis=0),
+             "weight": lambda: np.linalg.norm(w, axis=0),
+             "random": lambda: np.random.default_rng(_check_int(seed, "seed", 0)).random(k)}[by]()
+    keep = np.argsort(-score, kind="stable")[:n_keep]
+    w_hat = rtn(w, bits=bits, group_size=group_size)
+    w_hat[:, keep] = w[:, keep]
+    return _output_mse(x.T @ x / x.shape[0], w - w_hat)

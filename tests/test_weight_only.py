@@ -313,3 +313,57 @@ def test_awq_clip_never_loses_on_a_group_and_awq_codes_round_trip():
     assert np.array_equal(qw.dequantize(), qw.weight)
     assert np.array_equal(qw.weight, wo.awq(w, x, bits=3, group_size=16))
     assert qw.bits_per_weight == 3 + (16 + 3) / 16
+
+
+# ------------------------------------------------------------------------------------------------
+# a whole model: every method by name, and AWQ's salient-channel experiment
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_every_method_beats_round_to_nearest_on_the_layer_objective(bits):
+    x, w = _problem(11, n=768, k=64, rows=16, outliers=3)
+    errors = {}
+    for method in wo.METHODS:
+        qw = wo.quantize_layer(w, x, method=method, bits=bits, group_size=32)
+        assert qw.weight.shape == w.shape and qw.weight.dtype == w.dtype
+        np.testing.assert_allclose(qw.dequantize(), qw.weight, rtol=1e-6, atol=1e-7)
+        assert qw.codes.max() <= 2**bits - 1
+        errors[method] = wo.layer_error(x, w, qw.weight)
+    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"]
+    assert errors["awq+gptq"] < errors["rtn"]
+    # rtn by name is rtn itself
+    assert np.array_equal(wo.quantize_layer(w, x, method="rtn", bits=bits, group_size=32).weight,
+                          wo.rtn(w, bits=bits, group_size=32))
+
+
+def test_quantize_layers_uses_each_layers_own_inputs():
+    x1, w1 = _problem(12, n=256, k=32, rows=8)
+    x2, w2 = _problem(13, n=256, k=48, rows=8)
+    out = wo.quantize_layers({"a": w1, "b": w2}, {"b": x2, "a": x1}, method="gptq", bits=4,
+                             group_size=16)
+    assert list(out) == ["a", "b"]
+    expect = wo.gptq(w2, wo.hessian(x2), bits=4, group_size=16, act_order=True)
+    assert np.array_equal(out["b"].weight, expect)
+    with pytest.raises(ValueError, match=r"no calibration inputs for the layer\(s\) \['b'\]"):
+        wo.quantize_layers({"a": w1, "b": w2}, {"a": x1}, method="rtn", bits=4, group_size=16)
+    with pytest.raises(ValueError, match="method must be one of"):
+        wo.quantize_layer(w1, x1, method="hqq", bits=4, group_size=16)
+    with pytest.raises(ValueError, match="x must have 32 columns|x must have shape|columns"):
+        wo.quantize_layer(w1, x2, method="awq", bits=4, group_size=16)
+
+
+def test_keeping_salient_channels_by_activation_beats_by_weight_and_at_random():
+    x, w = _problem(14, n=1024, k=128, rows=32, outliers=4)
+    err = {by: wo.salient_channel_error(w, x, bits=3, group_size=None, fraction=0.03, by=by)
+           for by in ("activation", "weight", "random")}
+    none = wo.salient_channel_error(w, x, bits=3, group_size=None, fraction=0.0)
+    assert err["activation"] < 0.5 * none
+    assert err["activation"] < err["weight"] and err["activation"] < err["random"]
+    rtn_mse = np.sum((x @ (w - wo.rtn(w, bits=3, group_size=None)).T.astype(np.float64)) ** 2)
+    assert np.isclose(none, rtn_mse / (x.shape[0] * w.shape[0]))
+    assert wo.salient_channel_error(w, x, bits=3, group_size=None, fraction=1.0) == 0.0
+    with pytest.raises(ValueError, match="by must be"):
+        wo.salient_channel_error(w, x, bits=3, group_size=None, by="gradient")
+    with pytest.raises(ValueError, match="fraction must be"):
+        wo.salient_channel_error(w, x, bits=3, group_size=None, fraction=1.5)
