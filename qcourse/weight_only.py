@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,10 +51,12 @@ __all__ = [
     "METHODS",
     "AWQScales",
     "HessianWarning",
+    "MethodResult",
     "QuantizedWeight",
     "awq",
     "awq_clip",
     "awq_scales",
+    "compare_methods",
     "gptq",
     "gptq_reference",
     "hessian",
@@ -848,3 +851,49 @@ def salient_channel_error(weight, x, *, bits: int, group_size, fraction: float =
     w_hat = rtn(w, bits=bits, group_size=group_size)
     w_hat[:, keep] = w[:, keep]
     return _output_mse(x.T @ x / x.shape[0], w - w_hat)
+
+
+class MethodResult(NamedTuple):
+    """One row of :func:`compare_methods`: a method at a width and group size, the model's
+    loss with its weights, the storage per weight, each layer's output error
+    (:func:`layer_error` on the calibration inputs) and the time the quantization took."""
+
+    method: str
+    bits: int
+    group_size: int | None
+    loss: float
+    bits_per_weight: float
+    layer_errors: dict
+    seconds: float
+
+
+def compare_methods(weights, inputs, evaluate, *, methods=METHODS, bits=(4, 3),
+                    group_sizes=(32, 64, 128, None), **kwargs) -> list[MethodResult]:
+    r"""Quantize a model's layers with every method, width and group size, and evaluate each.
+
+    ``weights`` and ``inputs`` are as in :func:`quantize_layers`; ``evaluate`` is a function
+    that takes ``{name: weight}`` (the dequantized weights, same names and shapes) and returns
+    the model's loss with them (e.g. held-out cross-entropy or bits per byte).  ``group_size``
+    None is one group per row (per channel).  Storage per weight is the mean of the layers'
+    :attr:`QuantizedWeight.bits_per_weight`, weighted by their sizes.  Returns one
+    :class:`MethodResult` per (width, group size, method), in that nesting order.  See the
+    weight_only chapter.
+    """
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be callable, got {type(evaluate).__name__}")
+    rows = []
+    for b in bits:
+        for g in group_sizes:
+            for method in methods:
+                start = time.perf_counter()
+                q = quantize_layers(weights, inputs, method=method, bits=b, group_size=g,
+                                    **kwargs)
+                seconds = time.perf_counter() - start
+                sizes = np.array([qw.codes.size for qw in q.values()], dtype=np.float64)
+                bpw = float(np.dot(sizes, [qw.bits_per_weight for qw in q.values()])
+                            / sizes.sum())
+                errors = {name: layer_error(inputs[name], weights[name], qw.weight)
+                          for name, qw in q.items()}
+                loss = float(evaluate({name: qw.weight for name, qw in q.items()}))
+                rows.append(MethodResult(method, b, g, loss, bpw, errors, seconds))
+    return rows
