@@ -727,8 +727,9 @@ def awq_clip(weight, x, *, bits: int, group_size, n_grid: int = 20, max_shrink: 
         c = 1.0 - i / n_grid
         d = w - rtn(w, bits=bits, group_size=g, symmetric=symmetric, clip=c,
                     scale_dtype=scale_dtype)
-        dp = np.pad(d, [(0, 0), (0, pad)]).reshape(n, n_groups, g)
-        err = np.einsum("nja,jab,njb->nj", dp, blocks, dp)
+        dp = np.ascontiguousarray(
+            np.pad(d, [(0, 0), (0, pad)]).reshape(n, n_groups, g).transpose(1, 0, 2))
+        err = np.sum(np.matmul(dp, blocks) * dp, axis=-1).T       # d_j G_jj d_j^T, per group
         better = err < best_err
         best_err[better], best[better] = err[better], c
     return best
