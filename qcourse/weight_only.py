@@ -857,7 +857,8 @@ def salient_channel_error(weight, x, *, bits: int, group_size, fraction: float =
 class MethodResult(NamedTuple):
     """One row of :func:`compare_methods`: a method at a width and group size, the model's
     loss with its weights, the storage per weight, each layer's output error
-    (:func:`layer_error` on the calibration inputs) and the time the quantization took."""
+    (:func:`layer_error` on the calibration inputs), the time the quantization took, and the
+    quantized layers themselves (``{name: QuantizedWeight}``) when asked for."""
 
     method: str
     bits: int
@@ -866,10 +867,12 @@ class MethodResult(NamedTuple):
     bits_per_weight: float
     layer_errors: dict
     seconds: float
+    layers: dict | None = None
 
 
 def compare_methods(weights, inputs, evaluate, *, methods=METHODS, bits=(4, 3),
-                    group_sizes=(32, 64, 128, None), **kwargs) -> list[MethodResult]:
+                    group_sizes=(32, 64, 128, None), keep_layers: bool = False,
+                    **kwargs) -> list[MethodResult]:
     r"""Quantize a model's layers with every method, width and group size, and evaluate each.
 
     ``weights`` and ``inputs`` are as in :func:`quantize_layers`; ``evaluate`` is a function
@@ -877,11 +880,13 @@ def compare_methods(weights, inputs, evaluate, *, methods=METHODS, bits=(4, 3),
     the model's loss with them (e.g. held-out cross-entropy or bits per byte).  ``group_size``
     None is one group per row (per channel).  Storage per weight is the mean of the layers'
     :attr:`QuantizedWeight.bits_per_weight`, weighted by their sizes.  Returns one
-    :class:`MethodResult` per (width, group size, method), in that nesting order.  See the
-    weight_only chapter.
+    :class:`MethodResult` per (width, group size, method), in that nesting order, holding the
+    quantized layers too if ``keep_layers``.  Other keywords go to :func:`quantize_layer`.  See
+    the weight_only chapter.
     """
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable, got {type(evaluate).__name__}")
+    keep_layers = _check_bool(keep_layers, "keep_layers")
     rows = []
     for b in bits:
         for g in group_sizes:
@@ -896,5 +901,6 @@ def compare_methods(weights, inputs, evaluate, *, methods=METHODS, bits=(4, 3),
                 errors = {name: layer_error(inputs[name], weights[name], qw.weight)
                           for name, qw in q.items()}
                 loss = float(evaluate({name: qw.weight for name, qw in q.items()}))
-                rows.append(MethodResult(method, b, g, loss, bpw, errors, seconds))
+                rows.append(MethodResult(method, b, g, loss, bpw, errors, seconds,
+                                         q if keep_layers else None))
     return rows

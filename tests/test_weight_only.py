@@ -367,3 +367,33 @@ def test_keeping_salient_channels_by_activation_beats_by_weight_and_at_random():
         wo.salient_channel_error(w, x, bits=3, group_size=None, by="gradient")
     with pytest.raises(ValueError, match="fraction must be"):
         wo.salient_channel_error(w, x, bits=3, group_size=None, fraction=1.5)
+
+
+def test_compare_methods_evaluates_every_combination_with_its_own_weights():
+    x1, w1 = _problem(15, n=256, k=32, rows=8)
+    x2, w2 = _problem(16, n=256, k=64, rows=8)
+    weights, inputs = {"a": w1, "b": w2}, {"a": x1, "b": x2}
+    seen = []
+
+    def evaluate(ws):           # the loss: total output error, so it must follow the weights
+        seen.append(ws)
+        return sum(wo.layer_error(inputs[n], weights[n], ws[n]) ** 2 for n in ws)
+
+    rows = wo.compare_methods(weights, inputs, evaluate, methods=("rtn", "gptq"), bits=(4, 3),
+                              group_sizes=(16, None), keep_layers=True)
+    assert [(r.bits, r.group_size, r.method) for r in rows] == [
+        (b, g, m) for b in (4, 3) for g in (16, None) for m in ("rtn", "gptq")]
+    for r, ws in zip(rows, seen, strict=True):
+        assert np.isclose(r.loss, sum(e**2 for e in r.layer_errors.values()))
+        assert all(np.array_equal(r.layers[n].weight, ws[n]) for n in ws)
+        direct = wo.quantize_layer(w2, x2, method=r.method, bits=r.bits, group_size=r.group_size)
+        assert np.array_equal(direct.weight, r.layers["b"].weight)
+        want_bpw = (w1.size * r.layers["a"].bits_per_weight
+                    + w2.size * r.layers["b"].bits_per_weight) / (w1.size + w2.size)
+        assert np.isclose(r.bits_per_weight, want_bpw)
+    by = {(r.method, r.bits, r.group_size): r.loss for r in rows}
+    assert all(by["gptq", b, g] < by["rtn", b, g] for b in (4, 3) for g in (16, None))
+    assert wo.compare_methods(weights, inputs, evaluate, methods=("rtn",), bits=(4,),
+                              group_sizes=(16,))[0].layers is None
+    with pytest.raises(TypeError, match="evaluate must be callable"):
+        wo.compare_methods(weights, inputs, 3.0)
