@@ -24,7 +24,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcourse.floats import FP8_E4M3FN, FP8_E5M2, FloatFormat, decode, encode
+from qcourse.floats import (
+    FP4_E2M1,
+    FP6_E2M3,
+    FP6_E3M2,
+    FP8_E4M3FN,
+    FP8_E4M3FNUZ,
+    FP8_E5M2,
+    FP8_E5M2FNUZ,
+    decode,
+    encode,
+)
 
 __all__ = [
     "ErrorBreakdown",
@@ -623,14 +633,12 @@ _ONNX_BY_ID = {v[0]: k for k, v in _ONNX_INT_TYPES.items()}
 # computes their bit patterns itself (qcourse.floats); ml_dtypes only gives the array its dtype.
 _ONNX_FLOAT_TYPES = {
     "float8e4m3fn": (17, FP8_E4M3FN, "float8_e4m3fn"),
-    "float8e4m3fnuz": (18, FloatFormat("e4m3fnuz", 4, 3, bias=8, convention="fnuz"),
-                       "float8_e4m3fnuz"),
+    "float8e4m3fnuz": (18, FP8_E4M3FNUZ, "float8_e4m3fnuz"),
     "float8e5m2": (19, FP8_E5M2, "float8_e5m2"),
-    "float8e5m2fnuz": (20, FloatFormat("e5m2fnuz", 5, 2, bias=16, convention="fnuz"),
-                       "float8_e5m2fnuz"),
-    "float4e2m1": (23, FloatFormat("e2m1fn", 2, 1, convention="finite"), "float4_e2m1fn"),
-    "float6e2m3": (27, FloatFormat("e2m3fn", 2, 3, convention="finite"), "float6_e2m3fn"),
-    "float6e3m2": (28, FloatFormat("e3m2fn", 3, 2, convention="finite"), "float6_e3m2fn"),
+    "float8e5m2fnuz": (20, FP8_E5M2FNUZ, "float8_e5m2fnuz"),
+    "float4e2m1": (23, FP4_E2M1, "float4_e2m1fn"),
+    "float6e2m3": (27, FP6_E2M3, "float6_e2m3fn"),
+    "float6e3m2": (28, FP6_E3M2, "float6_e3m2fn"),
 }
 _ONNX_BY_ID.update({v[0]: k for k, v in _ONNX_FLOAT_TYPES.items()})
 _ONNX_BY_ML_DTYPES = {v[2]: k for k, v in _ONNX_FLOAT_TYPES.items()}

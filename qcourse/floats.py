@@ -31,8 +31,13 @@ __all__ = [
     "ENERGY_45NM_PJ",
     "ENERGY_SOURCE",
     "FORMATS",
+    "FP4_E2M1",
+    "FP6_E2M3",
+    "FP6_E3M2",
     "FP8_E4M3FN",
+    "FP8_E4M3FNUZ",
     "FP8_E5M2",
+    "FP8_E5M2FNUZ",
     "FP16",
     "FP32",
     "FP64",
@@ -262,6 +267,13 @@ FP16 = FloatFormat("fp16", 5, 10)
 BF16 = FloatFormat("bf16", 8, 7)
 FP8_E4M3FN = FloatFormat("e4m3fn", 4, 3, convention="fn")
 FP8_E5M2 = FloatFormat("e5m2", 5, 2)
+#: The fnuz float8 variants (one NaN at 0x80, no -0, bias 2^(e-1)) and the OCP Microscaling
+#: element formats (no infinity, no NaN), as ml_dtypes and ONNX define them.
+FP8_E4M3FNUZ = FloatFormat("e4m3fnuz", 4, 3, bias=8, convention="fnuz")
+FP8_E5M2FNUZ = FloatFormat("e5m2fnuz", 5, 2, bias=16, convention="fnuz")
+FP6_E3M2 = FloatFormat("e3m2fn", 3, 2, convention="finite")
+FP6_E2M3 = FloatFormat("e2m3fn", 2, 3, convention="finite")
+FP4_E2M1 = FloatFormat("e2m1fn", 2, 1, convention="finite")
 
 #: The named formats, by name; a ``fmt`` argument may also be one of these names.
 FORMATS = {f.name: f for f in (FP64, FP32, FP16, BF16, FP8_E4M3FN, FP8_E5M2)}

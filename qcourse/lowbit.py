@@ -39,7 +39,16 @@ from qcourse.affine import (
     sqnr_db,
     unpack_int,
 )
-from qcourse.floats import FP8_E4M3FN, FP8_E5M2, FloatFormat, decode, encode
+from qcourse.floats import (
+    FP4_E2M1,
+    FP6_E2M3,
+    FP6_E3M2,
+    FP8_E4M3FN,
+    FP8_E5M2,
+    FloatFormat,
+    decode,
+    encode,
+)
 from qcourse.kernels import (
     PackedInt4,
     matmul_int8,
@@ -53,7 +62,7 @@ from qcourse.kernels import (
 from qcourse.nn import Linear, Sequential
 
 __all__ = [
-    "FP4_E2M1", "FP6_E2M3", "FP6_E3M2", "FP8_FORMATS", "MXFormat", "MX_FORMATS", "Int4Weight",
+    "FP8_FORMATS", "MXFormat", "MX_FORMATS", "Int4Weight",
     "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize", "fp8_scale", "format_sqnr",
     "int4_group_accumulators", "int4_group_accumulators_reference", "int4_linear_int8",
     "int4_linear_reference", "int4_packed", "int4_weight_only", "mx_dequantize", "mx_quantize",
@@ -497,12 +506,6 @@ def format_sqnr(x) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- MX and NVFP4 blocks
 
-#: The OCP Microscaling element formats (MX v1.0): fp8 e4m3/e5m2 as in OFP8, and the fp6/fp4
-#: formats that have neither infinity nor NaN (every pattern is a number).
-FP6_E3M2 = FloatFormat("e3m2fn", 3, 2, convention="finite")
-FP6_E2M3 = FloatFormat("e2m3fn", 2, 3, convention="finite")
-FP4_E2M1 = FloatFormat("e2m1fn", 2, 1, convention="finite")
-
 
 class MXFormat(NamedTuple):
     r"""One concrete MX format: the element type and what the shared-exponent rule needs.
@@ -520,7 +523,8 @@ class MXFormat(NamedTuple):
 
 
 #: The six concrete MX formats of the OCP MX v1.0 specification, by the names
-#: :func:`mx_quantize` takes.
+#: :func:`mx_quantize` takes: fp8 e4m3/e5m2 elements as in OFP8, and the fp6/fp4 elements that
+#: have neither infinity nor NaN (:data:`qcourse.floats.FP4_E2M1` ...).
 MX_FORMATS = {
     "mxfp8_e4m3": MXFormat("mxfp8_e4m3", FP8_E4M3FN, FP8_E4M3FN.emax, 8),
     "mxfp8_e5m2": MXFormat("mxfp8_e5m2", FP8_E5M2, FP8_E5M2.emax, 8),

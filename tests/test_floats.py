@@ -734,11 +734,11 @@ def test_bad_input_raises_clear_errors(call, exc, match):
 # ------------------------------------------------------------------------------------------------
 
 NO_INF_FORMATS = {
-    "float4_e2m1fn": FloatFormat("e2m1", 2, 1, convention="finite"),
-    "float6_e2m3fn": FloatFormat("e2m3", 2, 3, convention="finite"),
-    "float6_e3m2fn": FloatFormat("e3m2", 3, 2, convention="finite"),
-    "float8_e4m3fnuz": FloatFormat("e4m3fnuz", 4, 3, bias=8, convention="fnuz"),
-    "float8_e5m2fnuz": FloatFormat("e5m2fnuz", 5, 2, bias=16, convention="fnuz"),
+    "float4_e2m1fn": F.FP4_E2M1,
+    "float6_e2m3fn": F.FP6_E2M3,
+    "float6_e3m2fn": F.FP6_E3M2,
+    "float8_e4m3fnuz": F.FP8_E4M3FNUZ,
+    "float8_e5m2fnuz": F.FP8_E5M2FNUZ,
 }
 
 
