@@ -5,10 +5,10 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
-# Chapter modules exported as modules (qcourse.deploy.<name>, qcourse.weight_only.gptq ...),
-# not name by name.
-from qcourse import deploy as deploy
-from qcourse import weight_only as weight_only
+from qcourse import deploy as deploy  # a module, used as qcourse.deploy.<name>
+from qcourse import kv_cache as kv_cache  # a module, used as qcourse.kv_cache.<name>
+from qcourse import transformer as transformer  # a module, used as qcourse.transformer.<name>
+from qcourse import weight_only as weight_only  # a module, used as qcourse.weight_only.<name>
 from qcourse.affine import (
     ErrorBreakdown,
     QParams,
@@ -250,6 +250,8 @@ __version__ = "0.1.0"
 __all__ = [
     # modules used by their own name
     "deploy",
+    "kv_cache",
+    "transformer",
     "weight_only",
     # lowbit
     "FP8_FORMATS",
