@@ -397,3 +397,31 @@ def test_compare_methods_evaluates_every_combination_with_its_own_weights():
                               group_sizes=(16,))[0].layers is None
     with pytest.raises(TypeError, match="evaluate must be callable"):
         wo.compare_methods(weights, inputs, 3.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the course's language model (the weight_only chapter's table runs on it)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gptq_beats_round_to_nearest_on_every_linear_layer_of_the_language_model():
+    from qcourse.datasets import load_pydoc_text
+    from qcourse.nn import linear_inputs, lm_windows, load_lm, one_blas_thread
+
+    lm = load_lm().model
+    training = lm_windows(load_pydoc_text("train"), 128)
+    calib = training[np.linspace(0, len(training) - 1, 8).astype(int)]
+    checked = 0
+    with one_blas_thread():
+        inputs = linear_inputs(lm, calib[:, :-1])
+        for name, layer in lm.named_linears():
+            x, w = inputs[name], layer.weight
+            h = wo.hessian(x)
+            for bits in (4, 3):
+                for g in (128, None):
+                    e_rtn = wo.layer_error(x, w, wo.rtn(w, bits=bits, group_size=g))
+                    e_gptq = wo.layer_error(x, w, wo.gptq(w, h, bits=bits, group_size=g,
+                                                          act_order=True))
+                    assert e_gptq < e_rtn, (name, bits, g, e_gptq, e_rtn)
+                    checked += 1
+    assert checked == 4 * len(lm.named_linears()) == 32
