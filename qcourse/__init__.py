@@ -36,6 +36,7 @@ from qcourse import (
     ptq,
     qat,
     transformer,
+    weight_only,
 )
 from qcourse.affine import (
     QParams,
@@ -73,6 +74,7 @@ __all__ = [
     "ptq",
     "qat",
     "transformer",
+    "weight_only",
     # the affine quantizer
     "QParams",
     "choose_qparams",

@@ -21,6 +21,7 @@ bit patterns from :mod:`qcourse.floats`, the GEMM from :mod:`qcourse.kernels`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,7 +46,16 @@ from qcourse.affine import (
     sqnr_db,
     unpack_int,
 )
-from qcourse.floats import FP8_E4M3FN, FP8_E5M2, FloatFormat, decode, encode
+from qcourse.floats import (
+    FP4_E2M1,
+    FP6_E2M3,
+    FP6_E3M2,
+    FP8_E4M3FN,
+    FP8_E5M2,
+    FloatFormat,
+    decode,
+    encode,
+)
 from qcourse.kernels import (
     PackedInt4,
     matmul_int8,
@@ -60,10 +70,11 @@ from qcourse.kernels import (
 from qcourse.nn import Linear, Sequential, copy_model
 
 __all__ = [
-    "FP8_FORMATS", "Int4Weight", "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize",
-    "fp8_scale", "format_sqnr", "int4_group_accumulators", "int4_group_accumulators_reference",
-    "int4_linear_int8", "int4_linear_reference", "int4_packed", "int4_weight_only",
-    "quantize_int4_groupwise",
+    "FP8_FORMATS", "MXFormat", "MX_FORMATS", "Int4Weight",
+    "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize", "fp8_scale", "format_sqnr",
+    "int4_group_accumulators", "int4_group_accumulators_reference", "int4_linear_int8",
+    "int4_linear_reference", "int4_packed", "int4_weight_only", "mx_dequantize", "mx_quantize",
+    "nvfp4_dequantize", "nvfp4_quantize", "quantize_int4_groupwise",
 ]
 
 #: The two fp8 formats of Micikevicius et al. (2022), by the names :func:`format_sqnr` uses.
@@ -518,3 +529,250 @@ def format_sqnr(x) -> dict[str, float]:
     for name, fmt in FP8_FORMATS.items():
         out[name] = sqnr_db(arr, fp8_fake_quantize(arr, fmt))
     return out
+
+
+# --------------------------------------------------------------------------- MX and NVFP4 blocks
+
+
+class MXFormat(NamedTuple):
+    r"""One concrete MX format: the element type and what the shared-exponent rule needs.
+
+    ``element`` is the element's :class:`qcourse.floats.FloatFormat` (None for MXINT8, whose
+    elements are 8-bit two's complement with an implicit scale :math:`2^{-6}`); ``emax`` is
+    :math:`e_{\max}^{\text{elem}}`, the exponent of the element type's largest normal number;
+    ``bits`` the width of one element.
+    """
+
+    name: str
+    element: FloatFormat | None
+    emax: int
+    bits: int
+
+
+#: The six concrete MX formats of the OCP MX v1.0 specification, by the names
+#: :func:`mx_quantize` takes: fp8 e4m3/e5m2 elements as in OFP8, and the fp6/fp4 elements that
+#: have neither infinity nor NaN (:data:`qcourse.floats.FP4_E2M1` ...).
+MX_FORMATS = {
+    "mxfp8_e4m3": MXFormat("mxfp8_e4m3", FP8_E4M3FN, FP8_E4M3FN.emax, 8),
+    "mxfp8_e5m2": MXFormat("mxfp8_e5m2", FP8_E5M2, FP8_E5M2.emax, 8),
+    "mxfp6_e3m2": MXFormat("mxfp6_e3m2", FP6_E3M2, FP6_E3M2.emax, 6),
+    "mxfp6_e2m3": MXFormat("mxfp6_e2m3", FP6_E2M3, FP6_E2M3.emax, 6),
+    "mxfp4": MXFormat("mxfp4", FP4_E2M1, FP4_E2M1.emax, 4),
+    "mxint8": MXFormat("mxint8", None, 0, 8),
+}
+
+_E8M0_BIAS, _E8M0_NAN = 127, 255
+_NVFP4_SCALE_MIN = 2.0**-9          # the smallest positive e4m3fn value (a subnormal)
+
+
+def _mx_format(fmt) -> MXFormat:
+    if isinstance(fmt, MXFormat):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"fmt must be a format name (one of {sorted(MX_FORMATS)}), got "
+                        f"{type(fmt).__name__}")
+    if fmt not in MX_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(MX_FORMATS)}, got {fmt!r}")
+    return MX_FORMATS[fmt]
+
+
+def _blocks(x, block, name: str = "x") -> tuple[np.ndarray, int]:
+    """``x`` (a float array) reshaped to (..., n_blocks, block), checked."""
+    block = check_int(block, "block")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    block = int(block)
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a float16/float32/float64 array, got dtype {arr.dtype}")
+    if arr.ndim == 0 or arr.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last axis, got shape {arr.shape}")
+    if arr.shape[-1] % block:
+        raise ValueError(f"block={block} must divide the last axis of {name} (length "
+                         f"{arr.shape[-1]}): the formats have no partial blocks; pad {name}")
+    return arr.reshape(arr.shape[:-1] + (arr.shape[-1] // block, block)), block
+
+
+def _check_codes_shape(scales, elements, block, scale_name: str):
+    s, e = np.asarray(scales), np.asarray(elements)
+    for arr, what in ((s, scale_name), (e, "elements")):
+        if arr.dtype != np.uint8:
+            raise TypeError(f"{what} must be uint8 codes, got dtype {arr.dtype}")
+    block = check_int(block, "block")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if e.ndim == 0 or e.shape[-1] % block or s.shape != e.shape[:-1] + (e.shape[-1] // block,):
+        raise ValueError(f"{scale_name} must have shape elements.shape[:-1] + "
+                         f"(elements.shape[-1] // block,) = one per block of {block}; got "
+                         f"{scale_name} {s.shape}, elements {e.shape}")
+    return s, e.reshape(s.shape + (int(block),))
+
+
+def mx_quantize(x, fmt, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    r"""Encode ``x`` in an OCP Microscaling (MX) format: one E8M0 scale per block of ``block``
+    values along the last axis, and one element code per value.
+
+    The shared-exponent rule of the MX v1.0 specification (its conversion algorithm):
+
+    .. math::
+
+        e = \lfloor \log_2 \max_i |v_i| \rfloor - e_{\max}^{\text{elem}}, \qquad
+        X = 2^{e}, \qquad P_i = \operatorname{quantize}(v_i / X)
+
+    where :math:`e_{\max}^{\text{elem}}` is the exponent of the element type's largest normal
+    number (8 for e4m3, 15 for e5m2, 4 for e3m2, 2 for e2m3 and e2m1, 0 for int8), the element
+    quantization rounds to nearest, ties to even, and *clamps* normal numbers that overflow to
+    the largest finite element (so the block maximum, which can exceed the element range by
+    up to a factor of two, saturates).  :math:`X` is stored as the E8M0 byte :math:`e + 127`.
+    Edge cases, as the specification and its reference implementation (microsoft/microxcaling)
+    treat them:
+
+    * :math:`e` below the E8M0 range (:math:`< -127`, which includes a block of zeros, whose
+      :math:`\log_2 0 = -\infty`) is raised to :math:`-127`: scale byte 0, and the elements are
+      quantized against that scale (zeros stay zeros, with their signs);
+    * a block holding NaN or :math:`\pm\infty` (or, from float64 input, a maximum whose
+      :math:`e` exceeds 127) gets the NaN scale byte 0xFF; the specification makes every value
+      of a block with a NaN scale NaN whatever its elements, which are stored as 0.
+
+    MXINT8 elements are 8-bit two's complement integers with an implicit scale :math:`2^{-6}`
+    (values :math:`q/64`), rounded to nearest even and clamped to :math:`\pm 127` (the code
+    0x80 = -2 is valid on decode but never produced).  See the lowbit chapter.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float16, float32 or float64
+        Its last axis is cut into blocks; ``block`` must divide it.
+    fmt : str
+        ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``, ``"mxfp4"`` or
+        ``"mxint8"``.
+    block : int, default 32
+        The specification's :math:`k` (32 for all six concrete formats).
+
+    Returns
+    -------
+    (scales, elements) : (numpy.ndarray of uint8, numpy.ndarray of uint8)
+        ``scales`` has shape ``x.shape[:-1] + (x.shape[-1] // block,)`` (E8M0 bytes);
+        ``elements`` has ``x``'s shape (the element bit patterns in the low bits; two's
+        complement bytes for MXINT8).
+    """
+    spec = _mx_format(fmt)
+    xb, block = _blocks(x, block)
+    v = xb.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        amax = np.max(np.abs(v), axis=-1)
+    _, e2 = np.frexp(np.where(np.isfinite(amax), amax, 0.0))   # amax = m 2^e2, m in [0.5, 1)
+    shared = np.where(amax > 0, e2.astype(np.int64) - 1, -(2**20)) - spec.emax
+    shared = np.maximum(shared, -_E8M0_BIAS)
+    nan_block = ~np.isfinite(amax) | (shared > _E8M0_BIAS)
+    shared = np.where(nan_block, 0, shared)
+    scales = np.where(nan_block, _E8M0_NAN, shared + _E8M0_BIAS).astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        scaled = np.ldexp(np.where(nan_block[..., None], 0.0, v), -shared[..., None])
+    if spec.element is None:
+        codes = np.clip(np.rint(scaled * 64.0), -127, 127).astype(np.int8).view(np.uint8)
+    else:
+        m = spec.element.max_finite
+        codes = encode(np.clip(scaled, -m, m), spec.element).astype(np.uint8)
+    return scales, codes.reshape(np.shape(x))
+
+
+def mx_dequantize(scales, elements, fmt, block: int = 32) -> np.ndarray:
+    r"""Decode an MX tensor: :math:`v_i = X \cdot P_i` with :math:`X = 2^{s - 127}` from the
+    E8M0 byte :math:`s` (NaN for 0xFF, which makes the whole block NaN), as float32.
+
+    The product of an element and a power of two is exact before the one rounding to float32
+    (which matters only where it leaves float32's range: subnormals round to nearest even,
+    overflow gives :math:`\pm\infty`).  Element NaNs (e4m3 0x7F/0xFF, e5m2's NaN patterns) and
+    e5m2 infinities decode as such.  The inverse of :func:`mx_quantize`; see the lowbit chapter.
+
+    Returns
+    -------
+    numpy.ndarray of float32, the shape of ``elements``
+    """
+    spec = _mx_format(fmt)
+    s, e = _check_codes_shape(scales, elements, block, "scales")
+    if spec.element is None:
+        values = e.view(np.int8).astype(np.float64) / 64.0
+    else:
+        if np.any(e >> np.uint8(spec.bits)):
+            raise ValueError(f"elements hold codes wider than {spec.bits} bits for {spec.name}")
+        values = decode(e, spec.element)
+    exp = s.astype(np.int64) - _E8M0_BIAS
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ldexp(values, exp[..., None])
+        out = np.where((s == _E8M0_NAN)[..., None], np.nan, out).astype(np.float32)
+    return out.reshape(np.shape(elements))
+
+
+def nvfp4_quantize(x, block: int = 16, *, tensor_scale=None):
+    r"""Encode ``x`` in NVFP4: fp4 e2m1 elements, one fp8 e4m3 scale per block of 16 along the
+    last axis, and one float32 scale for the whole tensor.
+
+    All arithmetic is float32, in this order (the recipe of NVIDIA's TensorRT Model Optimizer
+    and torchao):
+
+    .. math::
+
+        s_T = \frac{\max|x|}{448 \cdot 6}, \quad
+        s_b = \operatorname{e4m3}\Big(\operatorname{clamp}\big(\tfrac{\max_{i \in b}|x_i| / 6}
+        {s_T},\ 2^{-9},\ 448\big)\Big), \quad
+        P_i = \operatorname{e2m1}\big(x_i / (s_b\, s_T)\big)
+
+    with both casts rounding to nearest even and the e2m1 cast saturating at :math:`\pm 6`
+    (a block maximum can round its scale *down*, pushing elements past 6).  The clamp from
+    below keeps a block of zeros (or one far below the tensor's maximum) on the smallest
+    positive e4m3 scale instead of dividing by zero.  An all-zero tensor gets :math:`s_T = 1`.
+    Unlike MX, the block scale is not a power of two: e4m3 keeps three mantissa bits of the
+    block maximum.  NaN and Inf have no representation in e2m1 and raise ``ValueError``.  See
+    the lowbit chapter.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float16/float32/float64 (computed in float32)
+    block : int, default 16
+    tensor_scale : float, optional
+        :math:`s_T`; computed from ``x`` when absent (pass one to share it between tensors).
+
+    Returns
+    -------
+    (tensor_scale, scales, elements) : (numpy.float32, uint8 array, uint8 array)
+        e4m3fn bytes of shape ``x.shape[:-1] + (x.shape[-1] // block,)`` and e2m1 codes
+        (0..15) of ``x``'s shape.
+    """
+    xb, block = _blocks(x, block)
+    v = xb.astype(np.float32)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("x contains NaN or Inf (in float32), which NVFP4 cannot represent")
+    if tensor_scale is None:
+        amax = np.max(np.abs(v))
+        ts = np.float32(amax) / np.float32(448 * 6) if amax > 0 else np.float32(1)
+    else:
+        ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, lo_open=True))
+    if not (np.isfinite(ts) and ts > 0):
+        raise ValueError(f"the tensor scale is {ts} in float32; expected finite and > 0")
+    with np.errstate(over="ignore", under="ignore"):
+        per_block = (np.max(np.abs(v), axis=-1) / np.float32(6)) / ts
+        per_block = np.clip(per_block, np.float32(_NVFP4_SCALE_MIN), np.float32(448))
+        scales = encode(per_block, FP8_E4M3FN).astype(np.uint8)
+        total = decode(scales, FP8_E4M3FN).astype(np.float32) * ts
+        scaled = v / total[..., None]
+    codes = encode(scaled, FP4_E2M1).astype(np.uint8)
+    return np.float32(ts), scales, codes.reshape(np.shape(x))
+
+
+def nvfp4_dequantize(tensor_scale, scales, elements, block: int = 16) -> np.ndarray:
+    r"""Decode NVFP4: :math:`x_i = \operatorname{fl}_{32}\big(P_i\, s_b\, s_T\big)`, float32.
+
+    :math:`P_i s_b` (an e2m1 value times an e4m3 value) is exact in float32; the product with
+    the tensor scale rounds once.  An e4m3 NaN scale byte (0x7F/0xFF) makes its block NaN.
+    The inverse of :func:`nvfp4_quantize`; see the lowbit chapter.
+    """
+    ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, lo_open=True))
+    s, e = _check_codes_shape(scales, elements, block, "scales")
+    if np.any(e > 15):
+        raise ValueError("elements hold codes wider than 4 bits (e2m1 codes are 0..15)")
+    p = decode(e, FP4_E2M1).astype(np.float32)
+    sb = decode(s, FP8_E4M3FN).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = (p * sb[..., None]) * ts
+    return out.reshape(np.shape(elements))

@@ -725,3 +725,61 @@ def test_bad_name():
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------
+# The conventions without infinities: "fnuz" (float8 e4m3fnuz / e5m2fnuz) and "finite" (the OCP
+# Microscaling elements fp4 e2m1, fp6 e2m3 / e3m2), against ml_dtypes on every pattern and on
+# random, tie, subnormal, overflowing and special inputs.
+# ------------------------------------------------------------------------------------------------
+
+NO_INF_FORMATS = {
+    "float4_e2m1fn": F.FP4_E2M1,
+    "float6_e2m3fn": F.FP6_E2M3,
+    "float6_e3m2fn": F.FP6_E3M2,
+    "float8_e4m3fnuz": F.FP8_E4M3FNUZ,
+    "float8_e5m2fnuz": F.FP8_E5M2FNUZ,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_INF_FORMATS))
+def test_no_inf_conventions_match_ml_dtypes_on_every_pattern_and_on_hard_inputs(name):
+    md = pytest.importorskip("ml_dtypes", reason="ml_dtypes is the oracle for fp4/fp6/fnuz")
+    fmt, t = NO_INF_FORMATS[name], getattr(md, name)
+    codes = np.arange(2**fmt.total_bits, dtype=np.uint8)
+    ref = codes.view(t).astype(np.float64)
+    got = decode(codes, fmt)
+    assert np.array_equal(got, ref, equal_nan=True)
+    assert np.array_equal(np.signbit(got), np.signbit(ref))
+    assert fmt.max_finite == float(md.finfo(t).max)
+    assert fmt.min_subnormal == float(md.finfo(t).smallest_subnormal)
+    assert fmt.num_finite == int(np.isfinite(ref).sum())
+    finite = np.unique(got[np.isfinite(got)])
+    ties = (finite[1:] + finite[:-1]) / 2                     # every midpoint between values
+    rng = np.random.default_rng(7)
+    x = np.concatenate([
+        rng.standard_t(2, 50_000) * fmt.max_finite / 4,       # random, heavy-tailed
+        finite, ties, np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf),
+        rng.uniform(-2, 2, 5000) * fmt.min_normal,             # subnormal range
+        fmt.max_finite * np.array([1.01, 1.2, 2.0, 1e6, -1.01, -1e6]),   # overflow
+        [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, -1e-30, 1e-30],
+    ]).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        oracle = x.astype(t).view(np.uint8)
+    assert np.array_equal(encode(x, fmt), oracle)
+    print(f"{name}: {2**fmt.total_bits} patterns and {x.size} inputs match ml_dtypes "
+          f"{md.__version__}")
+
+
+def test_finite_saturates_and_fnuz_has_one_nan_and_no_negative_zero():
+    e2m1 = NO_INF_FORMATS["float4_e2m1fn"]
+    assert encode(np.array([7.0, 1e9, np.inf, -np.inf]), e2m1).tolist() == [7, 7, 7, 15]
+    # NaN has no pattern: a zero of the opposite sign (ml_dtypes' and ONNX's arbitrary choice)
+    nan = np.array([0x7FC00000, 0xFFC00000], np.uint32).view(np.float32)
+    assert encode(nan, e2m1).tolist() == [8, 0]
+    assert e2m1.nan_bits is None and e2m1.inf_bits is None and e2m1.max_bits == 7
+    fnuz = NO_INF_FORMATS["float8_e4m3fnuz"]
+    assert encode(np.array([-0.0, -1e-9, np.nan, -np.inf, 1e9]), fnuz).tolist() == [0, 0, 128,
+                                                                                 128, 128]
+    assert np.isnan(decode(0x80, fnuz)) and fnuz.max_finite == 240 and fnuz.num_finite == 255
+    assert F.enumerate_format(fnuz)[1].size == 255

@@ -374,3 +374,214 @@ def test_format_sqnr_orderings():
     expect = fake_quantize(x, choose_qparams(x, bits=8, symmetric=True))
     assert math.isclose(lb.format_sqnr(x)["int8"],
                         10 * math.log10(np.sum(x**2) / np.sum((x - expect) ** 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# MX (OCP Microscaling v1.0) and NVFP4 blocks, bit for bit against ml_dtypes
+# ------------------------------------------------------------------------------------------------
+
+MX_ML_DTYPES = {"mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2",
+                "mxfp6_e3m2": "float6_e3m2fn", "mxfp6_e2m3": "float6_e2m3fn",
+                "mxfp4": "float4_e2m1fn"}
+
+
+def _md():
+    return pytest.importorskip("ml_dtypes", reason="ml_dtypes is the oracle for the MX elements")
+
+
+def _mx_oracle(x, name, block, emax=None):
+    """MX v1.0's conversion computed with NumPy's log2 and ml_dtypes' casts (no qcourse code)."""
+    md = _md()
+    xb = x.astype(np.float64).reshape(x.shape[:-1] + (-1, block))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amax = np.max(np.abs(xb), axis=-1)
+        e = np.floor(np.log2(amax)) - (lb.MX_FORMATS[name].emax if emax is None else emax)
+    nan_block = ~np.isfinite(amax)
+    e = np.where(nan_block, 0, np.maximum(np.where(amax == 0, -127, e), -127))
+    scale = np.where(nan_block, np.nan, np.exp2(e)).astype(np.float32)
+    scales = scale.astype(md.float8_e8m0fnu).view(np.uint8)
+    v = np.where(nan_block[..., None], 0.0, xb / np.exp2(e)[..., None])
+    if name == "mxint8":
+        elements = np.clip(np.rint(v * 64), -127, 127).astype(np.int8).view(np.uint8)
+    else:
+        t = getattr(md, MX_ML_DTYPES[name])
+        m = float(md.finfo(t).max)
+        elements = np.clip(v, -m, m).astype(t).view(np.uint8)
+    return scales, elements.reshape(x.shape)
+
+
+def _hard_mx_inputs(name, rng):
+    """Blocks of 32: random heavy-tailed at many magnitudes, exact ties between element values,
+    element subnormals, block maxima that round past the element range (saturation), float32
+    subnormal inputs, scales below E8M0's range, zero blocks (signed), NaN and Inf blocks."""
+    md = _md()
+    spec = lb.MX_FORMATS[name]
+    if name == "mxint8":
+        grid = np.arange(-127, 128) / 64.0
+    else:
+        t = getattr(md, MX_ML_DTYPES[name])
+        grid = np.arange(2**spec.bits, dtype=np.uint8).view(t).astype(np.float64)
+        grid = np.unique(grid[np.isfinite(grid)])
+    top = 2.0**spec.emax                        # a block max in [top, 2 top) keeps X = 1
+    blocks = []
+    for _ in range(300):                        # random, each block at its own magnitude
+        blocks.append(rng.standard_t(3, 32) * 2.0 ** rng.integers(-140, 120))
+    mids = (grid[1:] + grid[:-1]) / 2           # ties between neighbouring element values
+    for i in range(0, mids.size, 31):
+        blk = np.zeros(32)
+        chunk = mids[i:i + 31]
+        blk[:chunk.size] = chunk
+        blk[31] = top                           # pins X = 1 so the ties stay ties
+        for k in (-3, 0, 5):
+            blocks.append(blk * 2.0**k)
+            blocks.append(np.nextafter(blk, np.inf) * 2.0**k)
+            blocks.append(np.nextafter(blk, -np.inf) * 2.0**k)
+    sub = np.zeros(32)
+    sub[:31] = rng.uniform(-1, 1, 31) * grid[grid > 0].min() * 4
+    sub[31] = top
+    blocks.append(sub)
+    sat = rng.uniform(-1, 1, 32) * top
+    sat[:4] = [1.999 * top, -1.9 * top, 1.75 * top, np.nextafter(2 * top, 0)]
+    blocks.append(sat)
+    blocks.append(rng.uniform(-1, 1, 32) * 2.0**-140)          # float32 subnormals
+    blocks.append(rng.uniform(-1, 1, 32) * 2.0**-135)          # X clamped at 2^-127
+    blocks.append(np.zeros(32))
+    blocks.append(-np.zeros(32))
+    for special in (np.nan, np.inf, -np.inf):
+        blk = rng.standard_normal(32)
+        blk[7] = special
+        blocks.append(blk)
+    blocks.append(np.full(32, 3.0e38))                          # near float32's maximum
+    return np.array(blocks).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(lb.MX_FORMATS))
+def test_mx_quantize_matches_ml_dtypes_on_hard_inputs(name):
+    x = _hard_mx_inputs(name, np.random.default_rng(5))
+    scales, elements = lb.mx_quantize(x, name)
+    want_scales, want_elements = _mx_oracle(x, name, 32)
+    assert scales.dtype == np.uint8 and elements.dtype == np.uint8
+    np.testing.assert_array_equal(scales, want_scales)
+    np.testing.assert_array_equal(elements, want_elements)
+    # 3-D input, blocks along the last axis only
+    x3 = x[:40].reshape(5, 8, 32 * 1)
+    s3, e3 = lb.mx_quantize(x3, name)
+    assert s3.shape == (5, 8, 1) and e3.shape == x3.shape
+    np.testing.assert_array_equal(e3, elements[:40].reshape(x3.shape))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp8_e4m3", "mxint8"])
+def test_the_oracle_comparison_catches_a_wrong_shared_exponent(name):
+    """A check proves itself: an off-by-one e_max (ceil instead of floor, in effect) fails."""
+    x = _hard_mx_inputs(name, np.random.default_rng(6))
+    broken = lb.MX_FORMATS[name]._replace(emax=lb.MX_FORMATS[name].emax - 1)
+    scales, elements = lb.mx_quantize(x, broken)
+    want_scales, want_elements = _mx_oracle(x, name, 32)
+    assert np.mean(scales != want_scales) > 0.5
+    assert np.any(elements != want_elements)
+
+
+@pytest.mark.parametrize("name", sorted(lb.MX_FORMATS))
+def test_mx_dequantize_matches_ml_dtypes_on_every_element_and_scale_code(name):
+    md = _md()
+    spec = lb.MX_FORMATS[name]
+    n = 2**spec.bits
+    elements = np.tile(np.arange(n, dtype=np.uint8), (256, 1))   # every code ...
+    scales = np.arange(256, dtype=np.uint8)[:, None]             # ... under every scale byte
+    got = lb.mx_dequantize(scales, elements, name, block=n)
+    scale = scales[:, 0].view(md.float8_e8m0fnu).astype(np.float32)
+    if name == "mxint8":
+        values = elements.view(np.int8).astype(np.float64) / 64
+        with np.errstate(over="ignore"):
+            want = (values * scale.astype(np.float64)[:, None]).astype(np.float32)
+    else:
+        values = elements.view(getattr(md, MX_ML_DTYPES[name])).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = values * scale[:, None]
+    assert got.dtype == np.float32 and got.shape == elements.shape
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), np.argwhere(~same)[:5]
+    assert np.all(np.isnan(got[255]))                             # the NaN scale byte
+    print(f"{name}: {got.size} (scale, element) pairs decode as ml_dtypes {md.__version__}")
+
+
+@pytest.mark.parametrize("name", sorted(lb.MX_FORMATS))
+def test_mx_round_trip_and_the_special_blocks(name):
+    x = np.zeros((5, 32), np.float32)
+    x[1] = -0.0
+    x[2] = np.linspace(-3, 3, 32)
+    x[3] = np.linspace(-3, 3, 32)
+    x[3, 4] = np.nan
+    x[4] = np.linspace(-3, 3, 32)
+    x[4, 9] = -np.inf
+    scales, elements = lb.mx_quantize(x, name)
+    assert scales[0, 0] == 0 and scales[1, 0] == 0                # zero blocks: X = 2^-127
+    assert np.all(elements[0] == 0)
+    sign = 0x80 if name in ("mxfp8_e4m3", "mxfp8_e5m2", "mxint8") else 1 << (
+        lb.MX_FORMATS[name].bits - 1)
+    assert np.all(elements[1] == (0 if name == "mxint8" else sign))   # -0 kept (no int -0)
+    assert scales[3, 0] == 255 and scales[4, 0] == 255            # NaN / Inf: NaN scale
+    y = lb.mx_dequantize(scales, elements, name)
+    assert np.all(np.isnan(y[3])) and np.all(np.isnan(y[4]))      # the whole block
+    assert np.all(y[:2] == 0)
+    again = lb.mx_quantize(y[:3], name)                           # decoded values re-encode
+    np.testing.assert_array_equal(again[1], elements[:3])
+
+
+def test_nvfp4_matches_ml_dtypes_float32_recipe():
+    md = _md()
+    rng = np.random.default_rng(8)
+    x = (rng.standard_t(3, (64, 128)) * 2.0 ** rng.integers(-20, 20, (64, 1))).astype(np.float32)
+    x[0, :16] = 0.0                                               # a zero block
+    x[1, :16] = 1e-30                                             # far below the tensor max
+    x[2, :16] = np.linspace(-6, 6, 16) * 2.0**-3                  # ties and grid points
+    ts, scales, elements = lb.nvfp4_quantize(x)
+    amax = np.max(np.abs(x))
+    want_ts = np.float32(amax) / np.float32(2688)
+    per = (np.max(np.abs(x.reshape(64, 8, 16)), axis=-1) / np.float32(6)) / want_ts
+    per = np.clip(per, np.float32(2.0**-9), np.float32(448))
+    want_scales = per.astype(md.float8_e4m3fn)
+    total = want_scales.astype(np.float32) * want_ts
+    want_el = (x.reshape(64, 8, 16) / total[..., None]).astype(md.float4_e2m1fn)
+    assert ts == want_ts and ts.dtype == np.float32
+    np.testing.assert_array_equal(scales, want_scales.view(np.uint8))
+    np.testing.assert_array_equal(elements, want_el.view(np.uint8).reshape(x.shape))
+    y = lb.nvfp4_dequantize(ts, scales, elements)
+    want_y = (want_el.astype(np.float32) * want_scales.astype(np.float32)[..., None]) * want_ts
+    np.testing.assert_array_equal(y, want_y.reshape(x.shape))
+    assert np.all(y[0, :16] == 0)
+    # every (scale byte, element code) pair decodes as ml_dtypes does
+    codes = np.tile(np.arange(16, dtype=np.uint8), (256, 1))
+    got = lb.nvfp4_dequantize(1.0, np.arange(256, dtype=np.uint8)[:, None], codes)
+    want = (codes.view(md.float4_e2m1fn).astype(np.float32)
+            * np.arange(256, dtype=np.uint8).view(md.float8_e4m3fn).astype(np.float32)[:, None])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp5"), ValueError, "fmt must be"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), 4), TypeError, "fmt must be"),
+    (lambda: lb.mx_quantize(np.ones((2, 30), np.float32), "mxfp4"), ValueError,
+     "block=32 must divide"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.int8), "mxfp4"), TypeError, "x must be a float"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp4", block=0), ValueError,
+     "block must be >= 1"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp4", block=2.0), TypeError,
+     "block must be an int"),
+    (lambda: lb.mx_dequantize(np.zeros(3, np.uint8), np.zeros(64, np.uint8), "mxfp4"),
+     ValueError, "scales must have shape"),
+    (lambda: lb.mx_dequantize(np.zeros(2, np.uint8), np.full(64, 16, np.uint8), "mxfp4"),
+     ValueError, "wider than 4 bits"),
+    (lambda: lb.mx_dequantize(np.zeros(2, np.int8), np.zeros(64, np.uint8), "mxfp4"),
+     TypeError, "scales must be uint8"),
+    (lambda: lb.nvfp4_quantize(np.array([[np.nan] + [0.0] * 15], np.float32)), ValueError,
+     "NaN or Inf"),
+    (lambda: lb.nvfp4_quantize(np.ones((1, 24), np.float32)), ValueError, "block=16"),
+    (lambda: lb.nvfp4_quantize(np.ones((1, 16), np.float32), tensor_scale=0.0), ValueError,
+     "tensor_scale must be a finite real number > 0"),
+    (lambda: lb.nvfp4_dequantize(1.0, np.zeros(1, np.uint8), np.full(16, 17, np.uint8)),
+     ValueError, "wider than 4 bits"),
+])
+def test_mx_and_nvfp4_reject_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -24,6 +24,9 @@ a clamp.  Every name is reached as ``qcourse.int_matmul.NAME``; the files hold i
   them, each with a plain NumPy twin (:func:`matmul_integer_reference`,
   :func:`qlinear_matmul_reference`); the fast versions run the compiled int8 GEMM of
   :mod:`qcourse.kernels`;
+* ``conv_ops.py`` -- the ONNX convolution operators :func:`conv_integer` (``ConvInteger``) and
+  :func:`qlinear_conv` (``QLinearConv``) in plain NumPy (im2col and one integer product per
+  group), requantized as :func:`qlinear_matmul` is;
 * ``layer.py`` -- **a whole layer**: :class:`QuantizedLinear` (per-tensor or per-channel weights,
   int32 bias, fused ReLU / ReLU6), its float and fake-quant counterparts (:func:`linear_float`,
   :meth:`QuantizedLinear.fake_quant_forward`) and :func:`activation_range`;
@@ -36,10 +39,12 @@ Nothing here wraps around silently: an int32 accumulator that would overflow rai
 ``ValueError`` unless the caller asks for ONNX's wrap-around with ``overflow="wrap"``.
 """
 
-from qcourse.int_matmul import arithmetic, layer, litert, onnx
+from qcourse.int_matmul import arithmetic, conv_ops, layer, litert, onnx
 from qcourse.int_matmul.arithmetic import *  # noqa: F403 (the names of arithmetic.__all__)
+from qcourse.int_matmul.conv_ops import *  # noqa: F403 (the names of conv_ops.__all__)
 from qcourse.int_matmul.layer import *  # noqa: F403 (the names of layer.__all__)
 from qcourse.int_matmul.litert import *  # noqa: F403 (the names of litert.__all__)
 from qcourse.int_matmul.onnx import *  # noqa: F403 (the names of onnx.__all__)
 
-__all__ = [*arithmetic.__all__, *onnx.__all__, *layer.__all__, *litert.__all__]
+__all__ = [*arithmetic.__all__, *onnx.__all__, *conv_ops.__all__, *layer.__all__,
+           *litert.__all__]
