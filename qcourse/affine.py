@@ -24,6 +24,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_SQUARABLE,
+    check_axis,
+    check_bool,
+    check_instance,
+    check_int,
+    check_int_sequence,
+    check_real,
+    onnx_scale,
+    real_array,
+)
 from qcourse.floats import (
     FP4_E2M1,
     FP6_E2M3,
@@ -69,60 +80,6 @@ MIN_BITS = 2
 MAX_BITS = 16
 
 
-# --- small validators ------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_bits(bits) -> int:
-    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
-    if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {int(bits)}")
-    return int(bits)
-
-
-def _real_array(x, name: str, *, finite: bool = True, nonempty: bool = False) -> np.ndarray:
-    """``x`` as a float64 array; reject non-numbers, NaN/Inf (if ``finite``) and empty input."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(
-            f"{name} must hold real numbers (a float or integer array), got dtype {arr.dtype}"
-        )
-    arr = arr.astype(np.float64, copy=False)
-    if nonempty and arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if finite and not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.isfinite(arr.ravel()))
-        raise ValueError(
-            f"{name} must be finite: {bad.size} NaN/Inf value(s), the first at flat index "
-            f"{bad[0]} ({arr.ravel()[bad[0]]})"
-        )
-    return arr
-
-
-def _normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}={axis} is out of range for a {ndim}-D tensor "
-                         f"(expected {-ndim} <= {name} < {ndim})")
-    return axis % ndim
-
-
 # --- integer ranges ----------------------------------------------------------------------------
 
 
@@ -150,10 +107,12 @@ def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, in
     -------
     (int, int)
         ``(qmin, qmax)``.
+
+    Bounds: ``bits`` is an int in [2, 16] (:data:`MIN_BITS`, :data:`MAX_BITS`).
     """
-    bits = _check_bits(bits)
-    signed = _check_bool(signed, "signed")
-    narrow_range = _check_bool(narrow_range, "narrow_range")
+    bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+    signed = check_bool(signed, "signed")
+    narrow_range = check_bool(narrow_range, "narrow_range")
     if signed:
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     else:
@@ -170,15 +129,16 @@ def storage_dtype(qmin: int, qmax: int) -> np.dtype:
     otherwise (int8 for ``[-128, 127]`` or ``[-8, 7]``).  Sub-byte grids (int4, int2) are held
     one value per byte; :func:`pack_int` stores them densely.  See the affine chapter.
     """
-    qmin = _check_int(qmin, "qmin")
-    qmax = _check_int(qmax, "qmax")
+    qmin = check_int(qmin, "qmin")
+    qmax = check_int(qmax, "qmax")
     candidates = (np.uint8, np.uint16, np.uint32, np.uint64) if qmin >= 0 else (
         np.int8, np.int16, np.int32, np.int64)
     for dt in candidates:
         info = np.iinfo(dt)
         if info.min <= qmin and qmax <= info.max:
             return np.dtype(dt)
-    raise ValueError(f"no NumPy integer dtype holds [{qmin}, {qmax}]")
+    raise ValueError(f"qmin and qmax must fit a NumPy integer dtype (64 bits at most), got "
+                     f"[{qmin}, {qmax}]")
 
 
 # --- quantization parameters -------------------------------------------------------------------
@@ -228,13 +188,13 @@ class QParams:
     group_size: int | None = None
 
     def __post_init__(self):
-        qmin = _check_int(self.qmin, "qmin", minimum=-(2**31))
-        qmax = _check_int(self.qmax, "qmax", maximum=2**32 - 1)
+        qmin = check_int(self.qmin, "qmin", -(2**31))
+        qmax = check_int(self.qmax, "qmax", hi=2**32 - 1)
         if qmin >= qmax:
             raise ValueError(f"qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
-        axis = self.axis if self.axis is None else _check_int(self.axis, "axis")
+        axis = self.axis if self.axis is None else check_int(self.axis, "axis")
         group_size = (self.group_size if self.group_size is None
-                      else _check_int(self.group_size, "group_size", minimum=1))
+                      else check_int(self.group_size, "group_size", 1))
 
         raw_scale = np.asarray(self.scale)
         if raw_scale.dtype.kind not in "fiu":
@@ -341,7 +301,7 @@ def _broadcast_params(qparams: QParams, shape: tuple[int, ...]) -> tuple[np.ndar
     ndim = len(shape)
     if ndim == 0:
         raise ValueError(f"{qparams.granularity} parameters need a tensor with at least one axis")
-    ax = _normalize_axis(qparams.axis, ndim)
+    ax = check_axis(qparams.axis, "axis", ndim)
     if qparams.group_size is None:
         if shape[ax] != scale.size:
             raise ValueError(
@@ -417,9 +377,9 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
     QParams
     """
     qmin, qmax = qrange(bits, signed, narrow_range)
-    symmetric = _check_bool(symmetric, "symmetric")
-    lo = _real_array(rmin, "rmin")
-    hi = _real_array(rmax, "rmax")
+    symmetric = check_bool(symmetric, "symmetric")
+    lo = real_array(rmin, "rmin", nonempty=False)
+    hi = real_array(rmax, "rmax", nonempty=False)
     if lo.shape != hi.shape:
         raise ValueError(f"rmin and rmax must have the same shape, got {lo.shape} and {hi.shape}")
     if axis is None:
@@ -431,7 +391,7 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
                 f"axis= for per-channel ranges"
             )
     else:
-        _check_int(axis, "axis")
+        check_int(axis, "axis")
         if group_size is None and lo.ndim != 1:
             raise ValueError(f"per-channel ranges (axis={axis}) must be 1-D, got shape {lo.shape}")
         if lo.size == 0:
@@ -503,21 +463,21 @@ def choose_qparams(x, *, bits=8, signed=True, symmetric=False, narrow_range=Fals
     -------
     QParams
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     if axis is None:
         if group_size is not None:
             raise ValueError("group_size needs an axis: groups are formed along axis")
         rmin, rmax = x.min(), x.max()
     else:
-        _check_int(axis, "axis")
+        check_int(axis, "axis")
         if x.ndim == 0:
             raise ValueError("per-channel or per-group parameters need x with at least one axis")
-        ax = _normalize_axis(axis, x.ndim)
+        ax = check_axis(axis, "axis", x.ndim)
         if group_size is None:
             others = tuple(i for i in range(x.ndim) if i != ax)
             rmin, rmax = x.min(axis=others), x.max(axis=others)
         else:
-            group_size = _check_int(group_size, "group_size", minimum=1)
+            group_size = check_int(group_size, "group_size", 1)
             rmin, rmax = _group_minmax(x, ax, group_size)
     return qparams_from_range(rmin, rmax, bits=bits, signed=signed, symmetric=symmetric,
                               narrow_range=narrow_range, axis=axis, group_size=group_size)
@@ -551,7 +511,7 @@ def quantize(x, qparams: QParams) -> np.ndarray:
     """
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
-    x = _real_array(x, "x")
+    x = real_array(x, "x", nonempty=False)
     scale, zp = _broadcast_params(qparams, x.shape)
     with np.errstate(over="ignore"):
         t = np.rint(x / scale)
@@ -686,31 +646,10 @@ def _onnx_type_name(output_dtype) -> str | None:
     )
 
 
-def _onnx_scale(scale, name: str, dtypes=("float32",)) -> np.ndarray:
-    if isinstance(scale, (float, int)) or not hasattr(scale, "dtype"):
-        raise TypeError(
-            f"{name} must be a float32 NumPy array or np.float32 scalar (the operator's tensor "
-            f"type), got {type(scale).__name__}; use np.float32(...)"
-        )
-    arr = np.asarray(scale)
-    if arr.dtype.name not in dtypes:
-        raise TypeError(f"{name} must have dtype {' or '.join(dtypes)}, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    bad = ~(np.isfinite(arr) & (arr > 0))
-    if np.any(bad):
-        i = int(np.flatnonzero(bad.ravel())[0])
-        raise ValueError(
-            f"{name} must be finite and > 0, got {arr.ravel()[i]} at flat index {i} "
-            f"(the operator leaves other scales undefined)"
-        )
-    return arr
-
-
 def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
     """Return a function that expands a scale-shaped array to broadcast against ``x``."""
-    axis = _check_int(axis, "axis")
-    block_size = _check_int(block_size, "block_size", minimum=0)
+    axis = check_int(axis, "axis")
+    block_size = check_int(block_size, "block_size", 0)
     ndim = len(x_shape)
     if block_size == 0:
         if scale.ndim == 0 or (scale.ndim == 1 and scale.size == 1):
@@ -722,7 +661,7 @@ def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
             )
         if ndim == 0:
             raise ValueError(f"a 1-D {name} (per-axis) needs x with at least one axis")
-        ax = _normalize_axis(axis, ndim)
+        ax = check_axis(axis, "axis", ndim)
         if scale.size != x_shape[ax]:
             raise ValueError(
                 f"per-axis {name} has {scale.size} entries but x has {x_shape[ax]} along "
@@ -736,7 +675,7 @@ def _onnx_layout(x_shape, scale: np.ndarray, axis, block_size, name: str):
             f"blocked quantization (block_size={block_size}) needs {name} with the rank of x "
             f"({ndim}), got shape {scale.shape}"
         )
-    ax = _normalize_axis(axis, ndim)
+    ax = check_axis(axis, "axis", ndim)
     expected = list(x_shape)
     expected[ax] = -(-x_shape[ax] // block_size)
     if tuple(scale.shape) != tuple(expected):
@@ -800,8 +739,8 @@ def quantize_linear(x, y_scale, y_zero_point=None, *, axis=1, saturate=True, blo
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
         raise TypeError(f"x must be a float32 numpy.ndarray (the operator's input), got {got}")
-    _check_bool(saturate, "saturate")
-    scale = _onnx_scale(y_scale, "y_scale")
+    check_bool(saturate, "saturate")
+    scale = onnx_scale(y_scale, "y_scale")
     name = _onnx_type_name(output_dtype)
     zp_float = None if y_zero_point is None else _ONNX_BY_ML_DTYPES.get(
         np.asarray(y_zero_point).dtype.name)
@@ -925,8 +864,8 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0,
     if not isinstance(x, np.ndarray) or x.dtype.name not in allowed:
         got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
         raise TypeError(f"x must be a numpy.ndarray of dtype {', '.join(allowed)}, got {got}")
-    scale = _onnx_scale(x_scale, "x_scale", ("float32", "float16"))
-    out_dtype = scale.dtype
+    scale = onnx_scale(x_scale, "x_scale", (np.float32, np.float16))     # as float32
+    out_dtype = np.asarray(x_scale).dtype
     if output_dtype is not None:
         out_dtype = np.dtype({1: "float32", 10: "float16"}.get(output_dtype, output_dtype)
                              if isinstance(output_dtype, int) else output_dtype)
@@ -992,7 +931,7 @@ def dynamic_quantize_linear(x) -> tuple[np.ndarray, np.float32, np.uint8]:
 
 
 def _check_pack_bits(bits) -> int:
-    bits = _check_int(bits, "bits")
+    bits = check_int(bits, "bits")
     if bits not in (2, 4):
         raise ValueError(f"bits must be 2 or 4 (values packed per byte: 4 or 2), got {bits}")
     return bits
@@ -1029,7 +968,7 @@ def pack_int(q, bits: int, *, signed: bool | None = None) -> np.ndarray:
     if signed is None:
         lo, hi = -(2 ** (bits - 1)), 2**bits - 1
     else:
-        lo, hi = qrange(bits, _check_bool(signed, "signed"))
+        lo, hi = qrange(bits, check_bool(signed, "signed"))
     flat = arr.ravel().astype(np.int64)
     outside = (flat < lo) | (flat > hi)
     if np.any(outside):
@@ -1069,8 +1008,8 @@ def unpack_int(packed, bits: int, count: int, signed: bool) -> np.ndarray:
     numpy.ndarray, shape ``(count,)``, int8 (signed) or uint8 (unsigned)
     """
     bits = _check_pack_bits(bits)
-    signed = _check_bool(signed, "signed")
-    count = _check_int(count, "count", minimum=0)
+    signed = check_bool(signed, "signed")
+    count = check_int(count, "count", 0)
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
         got = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
         raise TypeError(f"packed must be a uint8 numpy.ndarray, got {got}")
@@ -1080,7 +1019,8 @@ def unpack_int(packed, bits: int, count: int, signed: bool) -> np.ndarray:
     need = -(-count // per_byte)
     if packed.size != need:
         raise ValueError(
-            f"{count} values of {bits} bits take {need} bytes, but packed has {packed.size}"
+            f"count={count} values of {bits} bits take {need} bytes, but packed has "
+            f"{packed.size}"
         )
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
     codes = ((packed[:, None] >> shifts) & np.uint8(2**bits - 1)).ravel()[:count]
@@ -1103,9 +1043,11 @@ def sqnr_db(x, x_hat) -> float:
     Each extra bit of a uniform grid halves the step and adds about :math:`20\log_{10}2
     \approx 6.02` dB.  Returns ``inf`` when ``x_hat == x`` exactly; an all-zero ``x`` has no
     signal and raises ``ValueError``.  See the affine chapter.
+
+    Bounds: ``|x|`` and ``|x_hat|`` at most 1e150 (their squares are summed in float64).
     """
-    x = _real_array(x, "x", nonempty=True)
-    x_hat = _real_array(x_hat, "x_hat", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    x_hat = real_array(x_hat, "x_hat", max_abs=MAX_SQUARABLE)
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {x.shape} and {x_hat.shape}")
     signal = float(np.sum(x * x))
@@ -1155,9 +1097,10 @@ def error_breakdown(x, qparams: QParams) -> ErrorBreakdown:
 
     A clipped value lands on the grid's end point, so its rounding term is 0 and the two mean
     squared errors add up to the total.  Rounding error is bounded by ``scale / 2`` per value;
-    clipping error is not bounded at all.  Computed in float64.  See the affine chapter.
+    clipping error is not bounded at all.  Computed in float64; ``|x|`` at most 1e150.  See the
+    affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     scale, zp = _broadcast_params(qparams, x.shape)
     lo, hi = scale * (qparams.qmin - zp), scale * (qparams.qmax - zp)
     x_hat = scale * (quantize(x, qparams).astype(np.int64) - zp)
@@ -1195,9 +1138,11 @@ def clip_sweep(x, clip_ratios, *, bits=8, signed=True, symmetric=True) -> dict[s
     dict
         ``"clip_ratio"``, ``"scale"``, ``"rounding_mse"``, ``"clipping_mse"``, ``"total_mse"``,
         ``"sqnr_db"``, ``"clipped_fraction"``: one float64 array entry per ratio.
+
+    Bounds: ``|x|`` at most 1e150; ``bits`` as for :func:`qrange`.
     """
-    x = _real_array(x, "x", nonempty=True)
-    ratios = _real_array(clip_ratios, "clip_ratios", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    ratios = real_array(clip_ratios, "clip_ratios")
     if ratios.ndim != 1 or np.any(ratios <= 0) or np.any(ratios > 1):
         raise ValueError("clip_ratios must be a 1-D sequence of numbers in (0, 1]")
     keys = ("scale", "rounding_mse", "clipping_mse", "total_mse", "sqnr_db", "clipped_fraction")
@@ -1222,13 +1167,13 @@ def grid_occupancy(x, qparams: QParams):
     the bits is wasted.  Per-tensor parameters give a float; per-channel ones an array with one
     entry per channel.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x")
     q = quantize(x, qparams).astype(np.int64)
     if qparams.group_size is not None:
         raise ValueError("grid_occupancy supports per-tensor and per-channel parameters")
     if qparams.axis is None:
         return float(q.max() - q.min() + 1) / qparams.levels
-    ax = _normalize_axis(qparams.axis, q.ndim)
+    ax = check_axis(qparams.axis, "axis", q.ndim)
     others = tuple(i for i in range(q.ndim) if i != ax)
     return (q.max(axis=others) - q.min(axis=others) + 1) / qparams.levels
 
@@ -1246,21 +1191,21 @@ def effective_bits(bits, shape, *, axis=None, group_size=None, scale_bits=16,
     zero point).  Per-group int4 with groups of 32 costs :math:`4 + 32/32 = 5` bits per value.
     See the affine chapter.
     """
-    bits = _check_int(bits, "bits", minimum=1)
-    shape = tuple(_check_int(s, "shape entries", minimum=1) for s in shape)
-    scale_bits = _check_int(scale_bits, "scale_bits", minimum=0)
-    zero_point_bits = _check_int(zero_point_bits, "zero_point_bits", minimum=0)
+    bits = check_int(bits, "bits", 1)
+    shape = check_int_sequence(shape, "shape", 1, min_len=1)
+    scale_bits = check_int(scale_bits, "scale_bits", 0)
+    zero_point_bits = check_int(zero_point_bits, "zero_point_bits", 0)
     n = math.prod(shape)
     if axis is None:
         if group_size is not None:
             raise ValueError("group_size needs an axis: groups are formed along axis")
         n_params = 1
     else:
-        ax = _normalize_axis(_check_int(axis, "axis"), len(shape))
+        ax = check_axis(check_int(axis, "axis"), "axis", len(shape))
         if group_size is None:
             n_params = shape[ax]
         else:
-            group_size = _check_int(group_size, "group_size", minimum=1)
+            group_size = check_int(group_size, "group_size", 1)
             n_params = n // shape[ax] * -(-shape[ax] // group_size)
     return bits + n_params * (scale_bits + zero_point_bits) / n
 
@@ -1269,7 +1214,7 @@ def effective_bits(bits, shape, *, axis=None, group_size=None, scale_bits=16,
 
 
 def _check_codebook(codebook) -> np.ndarray:
-    cb = _real_array(codebook, "codebook", nonempty=True)
+    cb = real_array(codebook, "codebook")
     if cb.ndim != 1:
         raise ValueError(f"codebook must be 1-D, got shape {cb.shape}")
     if np.any(np.diff(cb) < 0):
@@ -1285,7 +1230,7 @@ def codebook_quantize(x, codebook) -> np.ndarray:
     affine chapter.
     """
     cb = _check_codebook(codebook)
-    x = _real_array(x, "x")
+    x = real_array(x, "x", nonempty=False)
     mids = (cb[:-1] + cb[1:]) / 2
     idx = np.searchsorted(mids, x, side="left")
     return idx.astype(np.uint8 if cb.size <= 256 else np.uint16)
@@ -1316,11 +1261,13 @@ def kmeans_codebook(x, bits: int, *, seed: int, max_iter: int = 300) -> np.ndarr
     values than :math:`2^b` entries, the codebook is those values, padded with the largest.
     Entries are returned sorted (float64).  Unlike a uniform grid, the entries crowd where the
     values are dense.  See the affine chapter.
+
+    Bounds: ``bits`` in [1, 16], ``max_iter`` in [1, 10**6], ``|x|`` at most 1e150.
     """
-    bits = _check_int(bits, "bits", minimum=1, maximum=MAX_BITS)
-    seed = _check_int(seed, "seed", minimum=0)
-    max_iter = _check_int(max_iter, "max_iter", minimum=1)
-    x = _real_array(x, "x", nonempty=True).ravel()
+    bits = check_int(bits, "bits", 1, MAX_BITS)
+    seed = check_int(seed, "seed", 0)
+    max_iter = check_int(max_iter, "max_iter", 1, 10**6)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE).ravel()
     k = 2**bits
     uniq = np.unique(x)
     if uniq.size <= k:
@@ -1355,11 +1302,13 @@ def codebook_effective_bits(bits, n_values, *, entry_bits=32, n_codebooks=1) -> 
     ``bits``-bit indices plus ``n_codebooks`` tables of :math:`2^b` entries of ``entry_bits``
     bits each (32: the float32 lookup table), spread over ``n_values`` values.  See the affine
     chapter.
+
+    Bounds: ``bits`` in [1, 16], ``entry_bits`` in [0, 1024], ``n_codebooks`` in [1, 2**40].
     """
-    bits = _check_int(bits, "bits", minimum=1, maximum=MAX_BITS)
-    n_values = _check_int(n_values, "n_values", minimum=1)
-    entry_bits = _check_int(entry_bits, "entry_bits", minimum=0)
-    n_codebooks = _check_int(n_codebooks, "n_codebooks", minimum=1)
+    bits = check_int(bits, "bits", 1, MAX_BITS)
+    n_values = check_int(n_values, "n_values", 1)
+    entry_bits = check_int(entry_bits, "entry_bits", 0, 1024)
+    n_codebooks = check_int(n_codebooks, "n_codebooks", 1, 2**40)
     return bits + n_codebooks * 2**bits * entry_bits / n_values
 
 
@@ -1373,14 +1322,12 @@ def explorer_qparams(x, *, bits: int, clip: float, zero_point: int) -> QParams:
     grid covers :math:`[-s z,\ s (2^b - 1 - z)]`: ``clip`` sets its width, ``zero_point``
     slides it along the real line.  See the affine chapter.
     """
-    x = _real_array(x, "x", nonempty=True)
-    clip = float(clip)
-    if not 0 < clip <= 1:
-        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
+    clip = check_real(clip, "clip", 0.0, 1.0, lo_open=True)
     qmin, qmax = qrange(bits, signed=False)
     span = max(float(x.max()), 0.0) - min(float(x.min()), 0.0)
     scale = clip * span / (qmax - qmin) if span > 0 else 1.0
-    return QParams(scale=scale, zero_point=_check_int(zero_point, "zero_point"), qmin=qmin,
+    return QParams(scale=scale, zero_point=check_int(zero_point, "zero_point"), qmin=qmin,
                    qmax=qmax)
 
 
@@ -1394,9 +1341,11 @@ def plot_quantization(x, qparams: QParams, axes=None):
     """
     import matplotlib.pyplot as plt
 
-    if not isinstance(qparams, QParams) or qparams.axis is not None:
-        raise ValueError("plot_quantization draws per-tensor QParams")
-    x = _real_array(x, "x", nonempty=True).ravel()
+    check_instance(qparams, "qparams", QParams)
+    if qparams.axis is not None:
+        raise ValueError("qparams must be per-tensor (axis=None): plot_quantization draws one "
+                         "grid")
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE).ravel()
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     ax_data, ax_err = axes
@@ -1444,7 +1393,7 @@ def error_explorer(x, *, bits: int = 4):
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    x = _real_array(x, "x", nonempty=True)
+    x = real_array(x, "x", max_abs=MAX_SQUARABLE)
     qp0 = choose_qparams(x, bits=bits, signed=False)
     bits_w = widgets.IntSlider(value=bits, min=2, max=8, description="bits")
     clip_w = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="clip")

@@ -35,12 +35,23 @@ Nothing here wraps around silently: an int32 accumulator that would overflow rai
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
+from qcourse._checks import (
+    INT32_MAX,
+    INT32_MIN,
+    check_choice,
+    check_int,
+    check_ndarray,
+    check_real,
+    int_array,
+    is_int,
+    onnx_scale,
+    real_array,
+)
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -89,8 +100,7 @@ ACTIVATIONS = ("none", "relu", "relu6")
 #: double-rounding build and its ``TFLITE_SINGLE_ROUNDING`` build).
 REQUANTIZATIONS = ("float", "tflite_double", "tflite_single")
 
-_INT32_MIN = -(2**31)
-_INT32_MAX = 2**31 - 1
+_OP_SCALES = (np.float32, np.float16)   # the operators' scale tensor types
 _OVERFLOW = ("raise", "wrap")
 _QTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 
@@ -98,42 +108,20 @@ _QTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 # --- validation helpers --------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def _check_quant_tensor(name: str, x) -> np.ndarray:
+def _quant_tensor(x, name: str) -> np.ndarray:
     """An operator input: a non-empty uint8 or int8 ndarray with at least one axis."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(
-            f"{name} must be a numpy.ndarray of dtype uint8 or int8, got {type(x).__name__}"
-        )
-    if x.dtype not in _QTYPES:
-        raise TypeError(f"{name} must have dtype uint8 or int8, got {x.dtype}")
+    check_ndarray(x, name, _QTYPES)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one axis (a vector or a matrix), got 0-d")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
     return x
 
 
-def _integer_values(name: str, value) -> np.ndarray:
-    """Integers (Python int, NumPy integer scalar or integer array) as an int64 array."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got a bool")
-    if isinstance(value, numbers.Integral):
-        return np.asarray(int(value), dtype=np.int64)
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    return arr.astype(np.int64)
+def _int32_values(value, name: str) -> np.ndarray:
+    """Integers (a Python int, a NumPy integer or an integer array) in int32, as int64."""
+    return int_array(value, name, INT32_MIN, INT32_MAX, what="int32")
 
 
-def _zero_point(name: str, value, tensor_name: str, dtype: np.dtype) -> np.ndarray:
+def _check_zero_point(value, name: str, tensor_name: str, dtype: np.dtype) -> np.ndarray:
     """A zero point for a tensor of ``dtype``: integer values inside that dtype's range."""
     typed = isinstance(value, np.ndarray | np.generic) and value.dtype in _QTYPES
     if typed and value.dtype != dtype:
@@ -141,34 +129,8 @@ def _zero_point(name: str, value, tensor_name: str, dtype: np.dtype) -> np.ndarr
             f"{name} has dtype {value.dtype} but {tensor_name} is {dtype}; ONNX requires a zero "
             f"point of its tensor's type"
         )
-    zp = _integer_values(name, value)
     info = np.iinfo(dtype)
-    bad = (zp < info.min) | (zp > info.max)
-    if np.any(bad):
-        raise ValueError(
-            f"{name} must lie in [{info.min}, {info.max}] for {dtype} {tensor_name}, got "
-            f"{int(zp[bad].flat[0])}"
-        )
-    return zp
-
-
-def _onnx_scale(name: str, value) -> np.ndarray:
-    """An operator scale: float32 or float16 (the operator's tensor types), finite and > 0."""
-    if not isinstance(value, np.ndarray | np.generic):
-        raise TypeError(
-            f"{name} must be a float32 (or float16) NumPy array or scalar, the operator's tensor "
-            f"type, got {type(value).__name__}; use np.float32(...)"
-        )
-    arr = np.asarray(value)
-    if arr.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
-        raise TypeError(f"{name} must have dtype float32 or float16, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    arr = arr.astype(np.float32)  # float16 -> float32 is exact
-    bad = ~(np.isfinite(arr) & (arr > 0))
-    if np.any(bad):
-        raise ValueError(f"{name} must be finite and > 0, got {arr[bad].flat[0]}")
-    return arr
+    return int_array(value, name, int(info.min), int(info.max), what=f"{dtype} {tensor_name}")
 
 
 def _row_param(name: str, arr: np.ndarray, a2_shape: tuple) -> np.ndarray:
@@ -216,7 +178,7 @@ def _wrap32(v: np.ndarray) -> np.ndarray:
 
 def _to_int32(acc: np.ndarray, overflow: str, what: str) -> np.ndarray:
     """Exact int64 accumulators to int32: raise on overflow, or wrap (ONNX's allowance)."""
-    bad = (acc < _INT32_MIN) | (acc > _INT32_MAX)
+    bad = (acc < INT32_MIN) | (acc > INT32_MAX)
     if np.any(bad):
         if overflow == "raise":
             raise ValueError(
@@ -239,8 +201,8 @@ class _MatmulOperands:
 
 def _matmul_operands(A, B, a_zero_point, b_zero_point, names=("A", "B")) -> _MatmulOperands:
     na, nb = names
-    A = _check_quant_tensor(na, A)
-    B = _check_quant_tensor(nb, B)
+    A = _quant_tensor(A, na)
+    B = _quant_tensor(B, nb)
     a2 = A[None, :] if A.ndim == 1 else A
     b2 = B[:, None] if B.ndim == 1 else B
     if a2.shape[-1] != b2.shape[-2]:
@@ -256,9 +218,9 @@ def _matmul_operands(A, B, a_zero_point, b_zero_point, names=("A", "B")) -> _Mat
             f"(numpy.matmul rules)"
         ) from None
     za = (np.asarray(0, np.int64) if a_zero_point is None
-          else _zero_point("a_zero_point", a_zero_point, na, A.dtype))
+          else _check_zero_point(a_zero_point, "a_zero_point", na, A.dtype))
     zb = (np.asarray(0, np.int64) if b_zero_point is None
-          else _zero_point("b_zero_point", b_zero_point, nb, B.dtype))
+          else _check_zero_point(b_zero_point, "b_zero_point", nb, B.dtype))
     za = _row_param("a_zero_point", za, a2.shape)
     zb = _col_param("b_zero_point", zb, b2.shape)
     drop = []
@@ -283,6 +245,23 @@ def _as_int8(x: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 # --- the derivation, term by term ---------------------------------------------------------------
+
+
+def _check_exact_sums(k: int, x, w, zx, zw, what: str, bias=0) -> None:
+    """Refuse int32 codes large enough that a K-term int64 sum of their products could wrap."""
+    bound = k * (int(np.max(np.abs(x))) + int(np.max(np.abs(zx)))) * (
+        int(np.max(np.abs(w))) + int(np.max(np.abs(zw)))) + int(np.max(np.abs(bias)))
+    if bound >= 2**63:
+        raise ValueError(f"{what} are too large for exact int64 sums over K={k} (a bound of "
+                         f"{bound} >= 2**63); use codes of at most 16 bits")
+
+
+def _per_output(values: np.ndarray, name: str, n: int) -> np.ndarray:
+    """A scalar or one value per output row, broadcast to (n,)."""
+    if values.ndim > 1 or values.size not in (1, n):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},) (one per output), got "
+                         f"shape {values.shape}")
+    return np.broadcast_to(values.reshape(-1), (n,))
 
 
 def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str, np.ndarray]:
@@ -313,18 +292,20 @@ def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str,
     input_zero_point : int
     weight_zero_point : int or integer array of shape (out,)
     """
-    x = _integer_values("x_q", x_q)
-    w = _integer_values("w_q", w_q)
+    x = _int32_values(x_q, "x_q")
+    w = _int32_values(w_q, "w_q")
     if x.ndim != 2 or w.ndim != 2:
         raise ValueError(
             f"x_q and w_q must be 2-D (batch, K) and (out, K), got {x.shape} and {w.shape}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x_q has K={x.shape[1]} but w_q has K={w.shape[1]} (shape {w.shape})")
-    zx = _integer_values("input_zero_point", input_zero_point)
+    zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
-    zw = np.broadcast_to(_integer_values("weight_zero_point", weight_zero_point), (w.shape[0],))
+    zw = _per_output(_int32_values(weight_zero_point, "weight_zero_point"),
+                     "weight_zero_point", w.shape[0])
     k = x.shape[1]
+    _check_exact_sums(k, x, w, zx, zw, "x_q and w_q")
     return {
         "xw": x @ w.T,
         "x_rowsum": -np.outer(x.sum(axis=1), zw),
@@ -356,25 +337,29 @@ def fold_zero_points(w_q, input_zero_point, weight_zero_point, bias_q=None) -> n
     -------
     numpy.ndarray, int64, shape (out,)
     """
-    w = _integer_values("w_q", w_q)
+    w = _int32_values(w_q, "w_q")
     if w.ndim != 2:
         raise ValueError(f"w_q must be 2-D (out, K), got shape {w.shape}")
-    zx = _integer_values("input_zero_point", input_zero_point)
+    zx = _int32_values(input_zero_point, "input_zero_point")
     if zx.ndim != 0:
         raise ValueError(f"input_zero_point must be a scalar, got shape {zx.shape}")
-    try:
-        zw = np.broadcast_to(_integer_values("weight_zero_point", weight_zero_point),
-                             (w.shape[0],))
-    except ValueError:
-        raise ValueError(
-            f"weight_zero_point must be a scalar or have shape ({w.shape[0]},)"
-        ) from None
+    zw = _per_output(_int32_values(weight_zero_point, "weight_zero_point"),
+                     "weight_zero_point", w.shape[0])
     b = np.zeros(w.shape[0], np.int64)
     if bias_q is not None:
-        b = _integer_values("bias_q", bias_q)
+        b = _int32_values(bias_q, "bias_q")
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias_q must have shape ({w.shape[0]},), got {b.shape}")
+    _check_exact_sums(w.shape[1], zx, w, zx, zw, "w_q and the zero points", b)
     return b - zx * w.sum(axis=1) + w.shape[1] * zx * zw
+
+
+def _positive_scale(value, name: str, dtype) -> np.ndarray:
+    """A scale (scalar or array): real, finite, > 0, and still so in ``dtype``."""
+    arr = real_array(value, name, dtype=dtype)
+    if not np.all(arr > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {arr[arr <= 0].flat[0]}")
+    return arr
 
 
 def quantize_bias(bias, input_scale, weight_scale) -> np.ndarray:
@@ -399,25 +384,15 @@ def quantize_bias(bias, input_scale, weight_scale) -> np.ndarray:
     -------
     numpy.ndarray, int32, shape (out,)
     """
-    b = np.asarray(bias)
-    if b.dtype.kind not in "fiu" or b.dtype == np.bool_:
-        raise TypeError(f"bias must hold real numbers, got dtype {b.dtype}")
-    b = b.astype(np.float64)
-    if b.ndim != 1 or b.size == 0:
-        raise ValueError(f"bias must be a non-empty 1-D array (one per output), got {b.shape}")
-    if not np.all(np.isfinite(b)):
-        raise ValueError("bias must be finite (no NaN or Inf)")
-    sx = np.asarray(input_scale, dtype=np.float64)
-    sw = np.asarray(weight_scale, dtype=np.float64)
+    b = real_array(bias, "bias", ndim=1)
+    sx = _positive_scale(input_scale, "input_scale", np.float64)
+    sw = _positive_scale(weight_scale, "weight_scale", np.float64)
     if sx.ndim != 0:
         raise ValueError(f"input_scale must be a scalar, got shape {sx.shape}")
     if sw.ndim not in (0, 1) or (sw.ndim == 1 and sw.shape != b.shape):
         raise ValueError(f"weight_scale must be a scalar or have shape {b.shape}, got {sw.shape}")
-    for name, s in (("input_scale", sx), ("weight_scale", sw)):
-        if not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0")
     q = np.rint(b / (sx * sw))
-    if np.any((q < _INT32_MIN) | (q > _INT32_MAX)):
+    if np.any((q < INT32_MIN) | (q > INT32_MAX)):
         raise ValueError(
             "bias / (input_scale * weight_scale) does not fit int32; the scales are too small "
             "for this bias"
@@ -446,11 +421,8 @@ def float_multiplier(a_scale, b_scale, y_scale) -> np.ndarray:
     -------
     numpy.ndarray, float32
     """
-    sa, sb, sy = (np.asarray(s, dtype=np.float64).astype(np.float32)
-                  for s in (a_scale, b_scale, y_scale))
-    for name, s in (("a_scale", sa), ("b_scale", sb), ("y_scale", sy)):
-        if s.size == 0 or not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0 (and non-empty)")
+    sa, sb, sy = (_positive_scale(s, name, np.float32) for s, name in
+                  ((a_scale, "a_scale"), (b_scale, "b_scale"), (y_scale, "y_scale")))
     with np.errstate(over="ignore", under="ignore"):
         m = (sa * sb) / sy
     if not np.all(np.isfinite(m)) or np.any(m == 0):
@@ -462,18 +434,18 @@ def float_multiplier(a_scale, b_scale, y_scale) -> np.ndarray:
 
 
 def _check_range(qmin, qmax) -> tuple[int, int]:
-    lo = _integer_values("qmin", qmin)
-    hi = _integer_values("qmax", qmax)
+    lo = _int32_values(qmin, "qmin")
+    hi = _int32_values(qmax, "qmax")
     if lo.ndim or hi.ndim:
         raise ValueError("qmin and qmax must be scalars")
     lo, hi = int(lo), int(hi)
-    if not _INT32_MIN <= lo < hi <= _INT32_MAX:
+    if not INT32_MIN <= lo < hi <= INT32_MAX:
         raise ValueError(f"need qmin < qmax within int32, got qmin={lo}, qmax={hi}")
     return lo, hi
 
 
 def _check_output_zero_point(output_zero_point, qmin, qmax) -> np.ndarray:
-    zp = _integer_values("output_zero_point", output_zero_point)
+    zp = _int32_values(output_zero_point, "output_zero_point")
     if np.any((zp < qmin) | (zp > qmax)):
         raise ValueError(
             f"output_zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got "
@@ -483,11 +455,7 @@ def _check_output_zero_point(output_zero_point, qmin, qmax) -> np.ndarray:
 
 
 def _check_acc(acc) -> np.ndarray:
-    a = _integer_values("acc", acc)
-    if np.any((a < _INT32_MIN) | (a > _INT32_MAX)):
-        raise ValueError("acc must hold int32 accumulators (values in [-2**31, 2**31 - 1])")
-    return a
-
+    return _int32_values(acc, "acc")
 
 def requantize_float(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarray:
     r"""Requantize int32 accumulators with a float32 multiplier (ONNX Runtime, PyTorch).
@@ -598,7 +566,7 @@ def requantization_disagreements(multiplier, acc) -> dict[tuple[str, str], list[
         ``("double", "single")``; only causes that occur are present.
     """
     acc = _check_acc(acc).ravel()
-    m = float(np.asarray(multiplier, dtype=np.float64))
+    m = check_real(multiplier, "multiplier", 0.0, lo_open=True)
     y_float = requantize_float(acc, m, 0, -128, 127).astype(np.int64)
     exact_m = Fraction(m)
     found: dict[tuple[str, str], list[tuple]] = {}
@@ -634,7 +602,7 @@ def matmul_integer_reference(A, B, a_zero_point=None, b_zero_point=None, *,
     (``overflow="wrap"``, what ONNX allows and ONNX Runtime does).  See :func:`matmul_integer`
     for the shapes and types accepted, and the int_matmul chapter.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     ops = _matmul_operands(A, B, a_zero_point, b_zero_point)
     acc = np.matmul(ops.a2.astype(np.int64) - ops.za, ops.b2.astype(np.int64) - ops.zb)
     return _squeeze(_to_int32(acc, overflow, "MatMulInteger's sum"), ops.drop)
@@ -699,7 +667,7 @@ def matmul_integer(A, B, a_zero_point=None, b_zero_point=None, *, overflow="rais
     -------
     numpy.ndarray, int32
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     ops = _matmul_operands(A, B, a_zero_point, b_zero_point)
     acc = _integer_product(ops)
     if acc is None:
@@ -719,9 +687,9 @@ class _QLinearOperands:
 def _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                       y_zero_point) -> _QLinearOperands:
     ops = _matmul_operands(a, b, a_zero_point, b_zero_point, names=("a", "b"))
-    sa = _row_param("a_scale", _onnx_scale("a_scale", a_scale), ops.a2.shape)
-    sb = _col_param("b_scale", _onnx_scale("b_scale", b_scale), ops.b2.shape)
-    sy = _onnx_scale("y_scale", y_scale)
+    sa = _row_param("a_scale", onnx_scale(a_scale, "a_scale", _OP_SCALES), ops.a2.shape)
+    sb = _col_param("b_scale", onnx_scale(b_scale, "b_scale", _OP_SCALES), ops.b2.shape)
+    sy = onnx_scale(y_scale, "y_scale", _OP_SCALES)
     _same_granularity("a_scale", sa, "a_zero_point", ops.za)
     _same_granularity("b_scale", sb, "b_zero_point", ops.zb)
     if sy.size != 1 or sy.ndim > 1:
@@ -750,7 +718,7 @@ def qlinear_matmul_reference(a, a_scale, a_zero_point, b, b_scale, b_zero_point,
     signature and result as :func:`qlinear_matmul`; see it for the semantics, and the
     int_matmul chapter.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     q = _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                           y_zero_point)
     ops = q.ops
@@ -803,7 +771,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     numpy.ndarray
         dtype of ``y_zero_point``; shape of ``numpy.matmul(a, b)``.
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     q = _qlinear_operands(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                           y_zero_point)
     ops = q.ops
@@ -815,7 +783,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     if overflow == "raise":
         span_a = int(np.max(np.abs(a2.astype(np.int64) - ops.za)))
         span_b = int(np.max(np.abs(b2.astype(np.int64) - ops.zb)))
-        if k * span_a * span_b > _INT32_MAX:  # an overflow is possible: check exactly
+        if k * span_a * span_b > INT32_MAX:  # an overflow is possible: check exactly
             _to_int32(_integer_product(ops), "raise", "QLinearMatMul's integer sum")
     a8, sa = _as_int8(a2)
     b8, sb = _as_int8(b2)
@@ -836,8 +804,8 @@ _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 def _int_list(name: str, value, d: int, default: int, minimum: int) -> tuple[int, ...]:
     if value is None:
         return (default,) * d
-    items = [value] if isinstance(value, numbers.Integral) else list(value)
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+    items = [value] if is_int(value) else list(value)
+    if not all(is_int(v) for v in items):
         raise TypeError(f"{name} must be a list of ints, got {value!r}")
     if len(items) != d or any(v < minimum for v in items):
         raise ValueError(f"{name} must be {d} ints >= {minimum} (one per spatial axis), got "
@@ -862,9 +830,7 @@ def _conv_geometry(x_shape, w_shape, auto_pad, dilations, group, kernel_shape, p
         raise ValueError(f"x must be (N, C, D1, ...) with at least one spatial axis and w "
                          f"(M, C/group, k1, ...) of the same rank; got x {x_shape}, w {w_shape}")
     d = len(x_shape) - 2
-    if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
-        raise ValueError(f"group must be an int >= 1, got {group!r}")
-    group = int(group)
+    group = check_int(group, "group", 1)
     if x_shape[1] != w_shape[1] * group or w_shape[0] % group:
         raise ValueError(f"x has {x_shape[1]} channels and w {w_shape[1]} per group with "
                          f"group={group} and {w_shape[0]} outputs: need C = group * w.shape[1] "
@@ -874,7 +840,7 @@ def _conv_geometry(x_shape, w_shape, auto_pad, dilations, group, kernel_shape, p
         raise ValueError(f"kernel_shape {kernel_shape!r} does not match w's spatial shape {k}")
     strides = _int_list("strides", strides, d, 1, 1)
     dilations = _int_list("dilations", dilations, d, 1, 1)
-    _check_choice("auto_pad", auto_pad, _AUTO_PADS)
+    check_choice(auto_pad, "auto_pad", _AUTO_PADS)
     span = [(kk - 1) * dl + 1 for kk, dl in zip(k, dilations, strict=True)]
     if auto_pad == "NOTSET":
         p = _int_list("pads", pads, 2 * d, 0, 0)
@@ -920,15 +886,15 @@ def _conv_int64(xc: np.ndarray, wc: np.ndarray, g: _ConvGeometry) -> np.ndarray:
 
 
 def _conv_operands(x, w, x_zero_point, w_zero_point, attrs):
-    x = _check_quant_tensor("x", x)
-    w = _check_quant_tensor("w", w)
+    x = _quant_tensor(x, "x")
+    w = _quant_tensor(w, "w")
     g = _conv_geometry(x.shape, w.shape, **attrs)
     zx = (np.asarray(0, np.int64) if x_zero_point is None
-          else _zero_point("x_zero_point", x_zero_point, "x", x.dtype))
+          else _check_zero_point(x_zero_point, "x_zero_point", "x", x.dtype))
     if zx.size != 1:
         raise ValueError(f"x_zero_point must be a scalar (per tensor), got shape {zx.shape}")
     zw = (np.asarray(0, np.int64) if w_zero_point is None
-          else _zero_point("w_zero_point", w_zero_point, "w", w.dtype))
+          else _check_zero_point(w_zero_point, "w_zero_point", "w", w.dtype))
     if zw.size not in (1, w.shape[0]) or zw.ndim > 1:
         raise ValueError(f"w_zero_point must be a scalar or one per output channel "
                          f"({w.shape[0]},), got shape {zw.shape}")
@@ -962,7 +928,7 @@ def conv_integer(x, w, x_zero_point=None, w_zero_point=None, *, auto_pad="NOTSET
     -------
     numpy.ndarray, int32, shape (N, M, O1, ...)
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     attrs = dict(auto_pad=auto_pad, dilations=dilations, group=group,
                  kernel_shape=kernel_shape, pads=pads, strides=strides)
     _, _, acc = _conv_operands(x, w, x_zero_point, w_zero_point, attrs)
@@ -992,14 +958,14 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
     -------
     numpy.ndarray of ``y_zero_point``'s dtype, shape (N, M, O1, ...)
     """
-    _check_choice("overflow", overflow, _OVERFLOW)
+    check_choice(overflow, "overflow", _OVERFLOW)
     attrs = dict(auto_pad=auto_pad, dilations=dilations, group=group,
                  kernel_shape=kernel_shape, pads=pads, strides=strides)
     x, w, acc = _conv_operands(x, w, x_zero_point, w_zero_point, attrs)
     m = w.shape[0]
-    sx = _onnx_scale("x_scale", x_scale)
-    sw = _onnx_scale("w_scale", w_scale)
-    sy = _onnx_scale("y_scale", y_scale)
+    sx = onnx_scale(x_scale, "x_scale", _OP_SCALES)
+    sw = onnx_scale(w_scale, "w_scale", _OP_SCALES)
+    sy = onnx_scale(y_scale, "y_scale", _OP_SCALES)
     for name, arr, sizes in (("x_scale", sx, (1,)), ("w_scale", sw, (1, m)),
                              ("y_scale", sy, (1,))):
         if arr.size not in sizes or arr.ndim > 1:
@@ -1051,7 +1017,7 @@ def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int
     = round half away from zero).  The activation then costs nothing: it is the clamp that
     requantization does anyway.  See the int_matmul chapter.
     """
-    _check_choice("activation", activation, ACTIVATIONS)
+    check_choice(activation, "activation", ACTIVATIONS)
     if not isinstance(output_qparams, QParams) or output_qparams.axis is not None:
         raise TypeError("output_qparams must be a per-tensor QParams")
     qmin, qmax = output_qparams.qmin, output_qparams.qmax
@@ -1068,21 +1034,27 @@ def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int
     return lo, hi
 
 
+#: Largest magnitude of an operand of the float reference layer (products and sums of up to
+#: 2**28 of them stay finite in float64).
+_MAX_FLOAT_OPERAND = 1e120
+
+
 def linear_float(x, weight, bias=None, activation="none") -> np.ndarray:
     r"""The float layer the quantized one approximates: :math:`y = \operatorname{act}(x W^T + b)`.
 
-    In float64.  ``x`` (batch, in), ``weight`` (out, in), ``bias`` (out,); ``activation`` one of
-    :data:`ACTIVATIONS` (ReLU6 is :math:`\min(\max(y, 0), 6)`).  See the int_matmul chapter.
+    In float64.  ``x`` (batch, in), ``weight`` (out, in), ``bias`` (out,), finite reals of
+    magnitude at most 1e120; ``activation`` one of :data:`ACTIVATIONS` (ReLU6 is
+    :math:`\min(\max(y, 0), 6)`).  See the int_matmul chapter.
     """
-    _check_choice("activation", activation, ACTIVATIONS)
-    xs = np.asarray(x, dtype=np.float64)
-    w = np.asarray(weight, dtype=np.float64)
-    if xs.ndim != 2 or w.ndim != 2 or xs.shape[1] != w.shape[1]:
+    check_choice(activation, "activation", ACTIVATIONS)
+    xs = real_array(x, "x", ndim=2, max_abs=_MAX_FLOAT_OPERAND)
+    w = real_array(weight, "weight", ndim=2, max_abs=_MAX_FLOAT_OPERAND)
+    if xs.shape[1] != w.shape[1]:
         raise ValueError(f"x must be (batch, in) and weight (out, in) with the same 'in', got "
                          f"{xs.shape} and {w.shape}")
     y = xs @ w.T
     if bias is not None:
-        b = np.asarray(bias, dtype=np.float64)
+        b = real_array(bias, "bias", ndim=1, max_abs=_MAX_FLOAT_OPERAND)
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
         y = y + b
@@ -1160,7 +1132,7 @@ class QuantizedLinear:
     activation: str = "none"
 
     def __post_init__(self):
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice(self.activation, "activation", ACTIVATIONS)
         xq = _float32_qparams("input_qparams", self.input_qparams)
         wq = _float32_qparams("weight_qparams", self.weight_qparams)
         yq = _float32_qparams("output_qparams", self.output_qparams)
@@ -1211,7 +1183,7 @@ class QuantizedLinear:
         object.__setattr__(self, "weight_qparams", wq)
         object.__setattr__(self, "output_qparams", yq)
         object.__setattr__(self, "_zw", zw)
-        object.__setattr__(self, "_may_overflow", bool(np.any(worst > _INT32_MAX)))
+        object.__setattr__(self, "_may_overflow", bool(np.any(worst > INT32_MAX)))
 
     # -- construction --------------------------------------------------------------------------
 
@@ -1314,7 +1286,7 @@ class QuantizedLinear:
 
     def reference(self, x_q, requantization: str = "float") -> np.ndarray:
         """Integer inference in NumPy: :meth:`accumulate`, then the named requantization."""
-        _check_choice("requantization", requantization, REQUANTIZATIONS)
+        check_choice(requantization, "requantization", REQUANTIZATIONS)
         acc = self.accumulate(x_q)
         lo, hi = self.output_range
         zy = int(self.output_qparams.zero_point)
@@ -1333,7 +1305,7 @@ class QuantizedLinear:
         Same result as :meth:`reference`, bit for bit (the tests check it).  The fixed-point
         requantizations have no compiled kernel and run :meth:`reference`.
         """
-        _check_choice("requantization", requantization, REQUANTIZATIONS)
+        check_choice(requantization, "requantization", REQUANTIZATIONS)
         if requantization != "float":
             return self.reference(x_q, requantization)
         x = self._check_input(x_q)
@@ -1402,11 +1374,21 @@ def double_multiplier(input_scale, weight_scale, output_scale) -> np.ndarray:
     -------
     numpy.ndarray, float64
     """
-    sx, sw, sy = (np.asarray(s, dtype=np.float64).astype(np.float32).astype(np.float64)
-                  for s in (input_scale, weight_scale, output_scale))
-    for name, s in (("input_scale", sx), ("weight_scale", sw), ("output_scale", sy)):
-        if s.size == 0 or not np.all(np.isfinite(s) & (s > 0)):
-            raise ValueError(f"{name} must be finite and > 0 (and non-empty)")
+    scales = []
+    for name, value in (("input_scale", input_scale), ("weight_scale", weight_scale),
+                        ("output_scale", output_scale)):
+        s = real_array(value, name)
+        with np.errstate(over="ignore", under="ignore"):
+            s = s.astype(np.float32).astype(np.float64)
+        if not np.all(np.isfinite(s) & (s > 0)):
+            raise ValueError(f"{name} must be finite and > 0 in float32")
+        scales.append(s)
+    sx, sw, sy = scales
+    try:
+        np.broadcast_shapes(sx.shape, sw.shape, sy.shape)
+    except ValueError:
+        raise ValueError(f"input_scale, weight_scale and output_scale must broadcast together, "
+                         f"got shapes {sx.shape}, {sw.shape}, {sy.shape}") from None
     return sx * sw / sy
 
 
@@ -1438,7 +1420,7 @@ def requantize_double_half_away(acc, multiplier, output_zero_point, qmin, qmax) 
     lo, hi = _check_range(qmin, qmax)
     zp = _check_output_zero_point(output_zero_point, lo, hi)
     r = _round_half_away(a.astype(np.float64) * m)
-    if np.any((r < _INT32_MIN) | (r > _INT32_MAX)):
+    if np.any((r < INT32_MIN) | (r > INT32_MAX)):
         raise ValueError("acc * multiplier does not fit int32 (the C cast would be undefined)")
     return np.clip(r.astype(np.int64) + zp, lo, hi).astype(storage_dtype(lo, hi))
 

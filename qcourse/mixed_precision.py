@@ -28,6 +28,7 @@ The curvature functions work on a :class:`qcourse.nn.Sequential` of ``Linear``, 
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,8 +36,19 @@ from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_bool,
+    check_int,
+    check_int_sequence,
+    check_labels,
+    check_real,
+    check_sequence,
+    real_array,
+)
 from qcourse.affine import choose_qparams, fake_quantize, qparams_from_range
 from qcourse.nn import Linear, Module, ReLU, ReLU6, Sequential, softmax, softmax_cross_entropy
+from qcourse.nn.core import _check_model_input
 
 __all__ = [
     "FLOAT_BITS",
@@ -74,32 +86,19 @@ __all__ = [
     "spearman",
 ]
 
+#: Bounds of the size-like arguments: the full Hessian's side (an n x n float64 matrix, 512 MiB
+#: at 8192), Hutchinson samples, the configurations scored at once by the exhaustive search,
+#: and the weights of one layer (so that sizes in bits stay exact in int64).
+_MAX_HESSIAN_SIZE = 8192
+_MAX_SAMPLES = 100_000
+_MAX_CONFIGS = 2**24
+_MAX_WEIGHTS = 2**40
+
 #: Bit width that stands for "left in float" in the accounting (float32).
 FLOAT_BITS = 32
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def _check_model(model) -> Sequential:
@@ -137,23 +136,8 @@ def _check_layer(model: Sequential, layer) -> int:
 
 
 def _check_data(X, y, model: Sequential) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"X must be a numpy.ndarray, got {type(X).__name__}")
-    if X.dtype.kind != "f":
-        raise TypeError(f"X must have a floating dtype, got {X.dtype}")
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"X must be a non-empty 2-D (batch, features) array, got shape {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError("X contains NaN or Inf; expected finite values")
-    first = model.layers[0]
-    if isinstance(first, Linear) and X.shape[1] != first.in_features:
-        raise ValueError(f"X must have {first.in_features} features, got shape {X.shape}")
-    if not isinstance(y, np.ndarray):
-        raise TypeError(f"y must be a numpy.ndarray of integer labels, got {type(y).__name__}")
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"y must have an integer dtype, got {y.dtype}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {y.shape}")
+    X = _check_model_input(model, X, "X")
+    y = check_labels(y, "y", X.shape[0])
     return X, y
 
 
@@ -375,7 +359,7 @@ def layer_sensitivity(model, X, y, bits: int = 4, *, layers=None,
     if layers is None:
         layers = names
     else:
-        layers = list(layers)
+        layers = check_sequence(layers, "layers")
         for n in layers:
             if n not in names:
                 raise ValueError(f"layers names {n!r}, which is not a Linear layer of the model "
@@ -551,7 +535,7 @@ def hvp(model, layer: str, X, y, v, *, method: str = "exact", step: float = 1e-5
     """
     if method not in ("exact", "fd"):
         raise ValueError(f"method must be 'exact' or 'fd', got {method!r}")
-    step = _check_real(step, "step", positive=True)
+    step = check_real(step, "step", 0, lo_open=True)
     curv = _Curvature(model, layer, X, y)
     v = _check_direction(v, curv.shape)
     return curv.hvp_exact(v) if method == "exact" else curv.hvp_fd(v, step)
@@ -565,11 +549,13 @@ def hessian_matrix(model, layer: str, X, y, *, method: str = "exact", step: floa
     row-major (C) order, so the result is ``(n, n)`` for ``n = out * in`` weights.  Meant for
     tiny layers (checks and exercises): ``n`` above ``max_size`` raises ``ValueError``.  See the
     mixed_precision chapter.
+
+    Bounds: ``max_size`` in [1, 8192] (the Hessian is ``max_size`` squared float64 values).
     """
     if method not in ("exact", "fd"):
         raise ValueError(f"method must be 'exact' or 'fd', got {method!r}")
-    step = _check_real(step, "step", positive=True)
-    max_size = _check_int(max_size, "max_size")
+    step = check_real(step, "step", 0, lo_open=True)
+    max_size = check_int(max_size, "max_size", 1, _MAX_HESSIAN_SIZE)
     curv = _Curvature(model, layer, X, y)
     n = int(np.prod(curv.shape))
     if n > max_size:
@@ -611,16 +597,18 @@ def hutchinson_trace(matvec: Callable[[np.ndarray], np.ndarray], shape, n_sample
     :math:`2 \sum_{j \ne k} H_{jk}^2` (the diagonal contributes none: :math:`v_j^2 = 1`), so the
     standard error falls as :math:`1/\sqrt{m}`.  Hutchinson (1989).  See the mixed_precision
     chapter.
+
+    Bounds: ``n_samples`` in [1, 100000]; ``shape`` at most 2**28 elements.
     """
     if not callable(matvec):
         raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (int(shape),)
-    shape = tuple(shape)
-    for s in shape:
-        _check_int(s, "each entry of shape")
-    n_samples = _check_int(n_samples, "n_samples")
-    seed = _check_int(seed, "seed", minimum=0)
+    shape = check_int_sequence(shape, "shape", 1, MAX_ELEMENTS)
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"shape must have at most {MAX_ELEMENTS} elements, got {shape}")
+    n_samples = check_int(n_samples, "n_samples", 1, _MAX_SAMPLES)
+    seed = check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
     samples = np.empty(n_samples)
     for i in range(n_samples):
@@ -638,7 +626,10 @@ def layer_hessian_trace(model, layer: str, X, y, *, n_samples: int = 64,
     """Hutchinson estimate of the trace of the Hessian of the loss with respect to one layer's
     weights, with exact Hessian-vector products (:func:`hvp`, ``method="exact"``).  The forward
     pass is done once and shared by all ``n_samples`` products.  See the mixed_precision
-    chapter."""
+    chapter.
+
+    Bounds: ``n_samples`` in [1, 100000].
+    """
     curv = _Curvature(model, layer, X, y)
     return hutchinson_trace(curv.hvp_exact, curv.shape, n_samples, seed)
 
@@ -690,7 +681,7 @@ def hawq_omega(trace, weight, bits: int, *, per_channel: bool = True) -> float:
     :func:`exact_hessian_trace`), ``weight`` the float weights, quantized with
     :func:`fake_quantize_weight`.  See the mixed_precision chapter.
     """
-    trace = _check_real(trace, "trace")
+    trace = check_real(trace, "trace")
     w = np.asarray(weight)
     if w.dtype.kind != "f" or not np.all(np.isfinite(w)):
         raise TypeError("weight must be a finite floating array")
@@ -703,7 +694,7 @@ def hawq_omega(trace, weight, bits: int, *, per_channel: bool = True) -> float:
 
 
 def _check_infos(infos) -> list[LayerInfo]:
-    infos = list(infos)
+    infos = check_sequence(infos, "infos")
     if not infos or not all(isinstance(i, LayerInfo) for i in infos):
         raise TypeError("infos must be a non-empty list of LayerInfo (from layer_info(model))")
     return infos
@@ -721,6 +712,8 @@ def model_size_bits(infos, w_bits, *, overhead: bool = False, per_channel: bool 
     """
     infos = _check_infos(infos)
     bmap = _bits_map(w_bits, [i.name for i in infos], "w_bits", low=1)
+    overhead = check_bool(overhead, "overhead")
+    per_channel = check_bool(per_channel, "per_channel")
     total = sum(i.weights * bmap[i.name] for i in infos)
     if overhead:
         for i in infos:
@@ -769,7 +762,7 @@ def _allocation_problem(costs, n_weights, budget_bits, choices):
     if set(n_weights) != set(names):
         raise ValueError(f"n_weights must have the layers of costs {names}, got {list(n_weights)}")
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=1)
-                               for b in choices)))
+                               for b in check_sequence(choices, "choices"))))
     if not choices:
         raise ValueError("choices must list at least one bit width")
     C = np.empty((len(names), len(choices)))
@@ -782,9 +775,9 @@ def _allocation_problem(costs, n_weights, budget_bits, choices):
         if missing:
             raise ValueError(f"costs[{n!r}] has no cost for bits {missing} (choices {choices})")
         for j, b in enumerate(choices):
-            C[i, j] = _check_real(row[b], f"costs[{n!r}][{b}]")
-        S[i] = _check_int(n_weights[n], f"n_weights[{n!r}]") * np.array(choices)
-    budget_bits = _check_int(budget_bits, "budget_bits", minimum=0)
+            C[i, j] = check_real(row[b], f"costs[{n!r}][{b}]")
+        S[i] = check_int(n_weights[n], f"n_weights[{n!r}]", 1, _MAX_WEIGHTS) * np.array(choices)
+    budget_bits = check_int(budget_bits, "budget_bits", 0, 2**62)
     smallest = int(S[:, 0].sum())
     if budget_bits < smallest:
         raise ValueError(
@@ -810,10 +803,13 @@ def allocate_bits_exhaustive(costs, n_weights, budget_bits: int, choices=(4, 8),
     smaller size, then to the first in enumeration order.  For large ``L`` use
     :func:`allocate_bits_greedy` (or an integer linear program, as HAWQ-V3 does).  See the
     mixed_precision chapter.
+
+    Bounds: ``max_configs`` in [1, 2**24], each ``n_weights`` in [1, 2**40], ``budget_bits``
+    in [0, 2**62].
     """
     names, choices, C, S, budget = _allocation_problem(costs, n_weights, budget_bits, choices)
     L, K = C.shape
-    max_configs = _check_int(max_configs, "max_configs")
+    max_configs = check_int(max_configs, "max_configs", 1, _MAX_CONFIGS)
     if K**L > max_configs:
         raise ValueError(f"{K}^{L} = {K**L} configurations exceed max_configs={max_configs}; "
                          f"use allocate_bits_greedy for this many layers")
@@ -842,6 +838,8 @@ def allocate_bits_greedy(costs, n_weights, budget_bits: int, choices=(4, 8)) -> 
     smaller layer would have done (a knapsack is not solved by ratios).  Ties go to the earlier
     layer.  Same arguments as :func:`allocate_bits_exhaustive`.  See the mixed_precision
     chapter.
+
+    Bounds: each ``n_weights`` in [1, 2**40], ``budget_bits`` in [0, 2**62].
     """
     names, choices, C, S, budget = _allocation_problem(costs, n_weights, budget_bits, choices)
     L, K = C.shape
@@ -890,12 +888,14 @@ def all_configurations(model, X, y, choices=(4, 8), *, a_bits=None, X_cal=None,
     ``max_configs`` configurations).  ``a_bits="same"`` quantizes each layer's input at its
     weight width (W\\ *b*\\ A\\ *b*, calibrated on ``X_cal``); ``None`` keeps activations float.
     See the mixed_precision chapter.
+
+    Bounds: ``max_configs`` in [1, 2**24]; bit widths in [2, 16].
     """
     names = linear_layers(model)
     X, y = _check_data(X, y, model)
     choices = tuple(sorted(set(_bits_value(b, "each entry of choices", allow_float=True, low=2)
-                               for b in choices)))
-    max_configs = _check_int(max_configs, "max_configs")
+                               for b in check_sequence(choices, "choices"))))
+    max_configs = check_int(max_configs, "max_configs", 1, _MAX_CONFIGS)
     if len(choices) ** len(names) > max_configs:
         raise ValueError(f"{len(choices)}^{len(names)} configurations exceed "
                          f"max_configs={max_configs}")
@@ -987,13 +987,11 @@ def pareto_front(sizes, scores) -> np.ndarray:
     high with one of the two strictly better.  Of identical points the first is kept.  See the
     mixed_precision chapter.
     """
-    s = np.asarray(sizes, dtype=np.float64)
-    a = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or s.shape != a.shape or s.size == 0:
+    s = real_array(sizes, "sizes", ndim=1)
+    a = real_array(scores, "scores", ndim=1)
+    if s.shape != a.shape:
         raise ValueError(f"sizes and scores must be non-empty 1-D arrays of one length, got "
                          f"shapes {s.shape} and {a.shape}")
-    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(a))):
-        raise ValueError("sizes and scores must be finite")
     keep = []
     for i in range(s.size):
         dominated = np.any((s <= s[i]) & (a >= a[i]) & ((s < s[i]) | (a > a[i])))
@@ -1023,19 +1021,18 @@ def spearman(a, b) -> float:
     of the ranks they span), :math:`+1` when ``b`` orders the items exactly as ``a`` does,
     :math:`-1` when exactly reversed.  Used to compare Hessian and one-at-a-time rankings of
     layers.  See the mixed_precision chapter."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape or a.size < 2:
+    a = real_array(a, "a", ndim=1)
+    b = real_array(b, "b", ndim=1)
+    if a.shape != b.shape or a.size < 2:
         raise ValueError(f"a and b must be 1-D of one length >= 2, got shapes {a.shape} and "
                          f"{b.shape}")
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise ValueError("a and b must be finite")
     ra, rb = _average_ranks(a), _average_ranks(b)
     ra -= ra.mean()
     rb -= rb.mean()
     denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
     if denom == 0:
-        raise ValueError("spearman is undefined when all values of a (or of b) are equal")
+        raise ValueError(f"{'a' if np.all(ra == 0) else 'b'} must not have all values equal: "
+                         f"Spearman's correlation is undefined then")
     return float(np.sum(ra * rb) / denom)
 
 
@@ -1091,8 +1088,8 @@ def scaled_size_bops(base_size: float, base_bops: float, w_bits: int, a_bits: in
     exact when every layer uses the same widths (the size counts weights only).  See the
     mixed_precision chapter.
     """
-    base_size = _check_real(base_size, "base_size", positive=True)
-    base_bops = _check_real(base_bops, "base_bops", positive=True)
+    base_size = check_real(base_size, "base_size", 0, lo_open=True)
+    base_bops = check_real(base_bops, "base_bops", 0, lo_open=True)
     w = _bits_value(w_bits, "w_bits", allow_float=True, low=1)
     a = _bits_value(a_bits, "a_bits", allow_float=True, low=1)
     return base_size * w / FLOAT_BITS, base_bops * w * a / FLOAT_BITS**2
@@ -1111,10 +1108,10 @@ def mixed_precision_shares(size: float, bops_: float, base_size: float, base_bop
     fit that model (``ValueError`` is not raised: the caller decides).  See the mixed_precision
     chapter.
     """
-    size = _check_real(size, "size", positive=True)
-    bops_ = _check_real(bops_, "bops", positive=True)
-    base_size = _check_real(base_size, "base_size", positive=True)
-    base_bops = _check_real(base_bops, "base_bops", positive=True)
+    size = check_real(size, "size", 0, lo_open=True)
+    bops_ = check_real(bops_, "bops_", 0, lo_open=True)
+    base_size = check_real(base_size, "base_size", 0, lo_open=True)
+    base_bops = check_real(base_bops, "base_bops", 0, lo_open=True)
     low = _bits_value(low, "low", allow_float=False, low=1)
     high = _bits_value(high, "high", allow_float=False, low=1)
     if high <= low:

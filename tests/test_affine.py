@@ -68,7 +68,7 @@ def test_qrange(bits, signed, narrow, expected):
 
 @pytest.mark.parametrize("bits", [1, 0, 17, 32, -8])
 def test_qrange_rejects_bits_out_of_range(bits):
-    with pytest.raises(ValueError, match="bits must be between 2 and 16"):
+    with pytest.raises(ValueError, match=r"bits must be an int in \[2, 16\]"):
         qrange(bits, True)
 
 
@@ -151,7 +151,7 @@ def test_qparams_broadcasts_scalar_zero_point():
         (dict(scale=0.1, zero_point=0, qmin=0, qmax=255, group_size=4), ValueError,
          "group_size needs an axis"),
         (dict(scale=[[0.1]], zero_point=0, qmin=0, qmax=255, axis=1, group_size=0), ValueError,
-         "group_size must be >= 1"),
+         "group_size must be an int >= 1"),
         (dict(scale=np.array([]), zero_point=0, qmin=0, qmax=255, axis=0), ValueError,
          "scale must not be empty"),
         (dict(scale=0.1, zero_point=0, qmin=0, qmax=255, axis=True), TypeError, "axis must be"),
@@ -253,8 +253,8 @@ def test_per_channel_zero_channel_is_well_defined():
         (dict(rmin=[0.0, 1.0], rmax=[1.0, 2.0]), ValueError, "per-tensor ranges"),
         (dict(rmin=0.0, rmax=1.0, axis=0), ValueError, "per-channel ranges"),
         (dict(rmin=[0.0], rmax=[1.0, 2.0], axis=0), ValueError, "same shape"),
-        (dict(rmin=0.0, rmax=1.0, bits=1), ValueError, "bits must be between"),
-        (dict(rmin=0.0, rmax=1.0, bits=17), ValueError, "bits must be between"),
+        (dict(rmin=0.0, rmax=1.0, bits=1), ValueError, r"bits must be an int in \[2, 16\]"),
+        (dict(rmin=0.0, rmax=1.0, bits=17), ValueError, r"bits must be an int in \[2, 16\]"),
         (dict(rmin=-1e308, rmax=1e308), ValueError, "overflows"),
         (dict(rmin="a", rmax=1.0), TypeError, "rmin must hold real numbers"),
         (dict(rmin=0.0, rmax=1.0, symmetric=1), TypeError, "symmetric"),
@@ -276,7 +276,7 @@ def test_choose_qparams_rejects_bad_input():
         choose_qparams(np.array([1 + 2j]))
     with pytest.raises(TypeError, match="real numbers"):
         choose_qparams(np.array([True, False]))
-    with pytest.raises(ValueError, match="axis=2 is out of range"):
+    with pytest.raises(ValueError, match=r"axis must be in \[-2, 1\] for a 2-D tensor, got 2"):
         choose_qparams(np.ones((2, 2)), axis=2)
     with pytest.raises(ValueError, match="group_size needs an axis"):
         choose_qparams(np.ones((2, 2)), group_size=2)
@@ -369,8 +369,8 @@ def test_quantize_output_dtype(bits, signed, dtype):
 
 def test_quantize_rejects_nan_inf_and_non_numbers():
     qp = QParams(scale=0.1, zero_point=0, qmin=-128, qmax=127)
-    with pytest.raises(ValueError, match=r"x must be finite: 1 NaN/Inf value\(s\), the first at "
-                                         r"flat index 2"):
+    with pytest.raises(ValueError, match=r"x must be finite, got 1 NaN/Inf value\(s\), the first "
+                                         r"nan at flat index 2"):
         quantize([0.0, 1.0, np.nan], qp)
     with pytest.raises(ValueError, match="x must be finite"):
         quantize([np.inf], qp)
@@ -554,7 +554,7 @@ def test_unpack_rejects_bad_input():
         unpack_int(np.array([1], np.int8), 4, 2, True)
     with pytest.raises(TypeError, match="signed"):
         unpack_int(np.array([1], np.uint8), 4, 2, None)
-    with pytest.raises(ValueError, match="count must be >= 0"):
+    with pytest.raises(ValueError, match="count must be an int >= 0"):
         unpack_int(np.array([], np.uint8), 4, -1, True)
 
 
@@ -949,9 +949,9 @@ def test_quantize_linear_agrees_with_quantize_on_float32_grids():
         (lambda: quantize_linear(np.ones((2, 3), np.float32), np.ones(2, np.float32)),
          ValueError, "per-axis y_scale has 2 entries but x has 3 along axis 1"),
         (lambda: quantize_linear(np.ones((2, 3), np.float32), np.ones(2, np.float32), axis=2),
-         ValueError, "axis=2 is out of range"),
+         ValueError, r"axis must be in \[-2, 1\] for a 2-D tensor, got 2"),
         (lambda: quantize_linear(np.ones((2, 3), np.float32), np.ones(2, np.float32), axis=-3),
-         ValueError, "axis=-3 is out of range"),
+         ValueError, r"axis must be in \[-2, 1\] for a 2-D tensor, got -3"),
         (lambda: quantize_linear(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32)),
          ValueError, "scalar .per-tensor. or 1-D"),
         (lambda: quantize_linear(np.ones((2, 4), np.float32), np.ones((2, 3), np.float32),

@@ -26,8 +26,10 @@ def chapter_stems() -> list[str]:
 
 
 def _top_level_modules() -> list[str]:
-    """qcourse's modules and subpackages by name (a package is a folder with __init__.py)."""
-    files = [p.stem for p in (ROOT / "qcourse").glob("*.py")]
+    """qcourse's modules and subpackages by name (a package is a folder with __init__.py);
+    private modules (``_checks``) serve the others and are tested through them."""
+    files = [p.stem for p in (ROOT / "qcourse").glob("*.py")
+             if p.stem == "__init__" or not p.stem.startswith("_")]
     packages = [p.parent.name for p in (ROOT / "qcourse").glob("*/__init__.py")]
     return files + packages
 

@@ -535,8 +535,10 @@ def test_integer_model_bad_input(ref, static8):
         convert_to_integer(dynamic_ptq(ref.model), requantization="tflite_double")
     with pytest.raises(TypeError):
         convert_to_integer(ref.model)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="ptq_model must be built by dynamic_ptq"):
         DynamicIntegerModel(static8)
+    with pytest.raises(TypeError, match="ptq_model must be a PTQModel built by dynamic_ptq"):
+        DynamicIntegerModel(ref.model)
 
 
 # --------------------------------------------------------------------------- fake quant vs integer
@@ -642,6 +644,10 @@ def test_fold_batch_norm_equals_linear_then_batch_norm(seed, out_f, in_f, with_b
 @pytest.mark.parametrize("args, error", [
     ((np.ones(3), None, np.ones(3), np.ones(3), np.ones(3), np.ones(3)), ValueError),
     ((np.ones((3, 2), np.int64), None, np.ones(3), np.ones(3), np.ones(3), np.ones(3)),
+     TypeError),
+    ((np.full((3, 2), np.nan), None, np.ones(3), np.ones(3), np.ones(3), np.ones(3)),
+     ValueError),
+    ((np.ones((3, 2), np.float32), None, np.full(3, 1e300), np.ones(3), np.ones(3), np.ones(3)),
      ValueError),
     ((np.ones((3, 2)), None, np.ones(2), np.ones(3), np.ones(3), np.ones(3)), ValueError),
     ((np.ones((3, 2)), None, np.ones(3), np.ones(3), np.ones(3), -np.ones(3)), ValueError),
@@ -716,3 +722,15 @@ def test_inception_table_is_the_published_one():
     t = INCEPTION_V3_RELU6_TABLE
     assert t["relu6"] == {"float": 78.4, 8: 75.4, 7: 75.0}
     assert t["relu"] == {"float": 78.3, 8: 74.2, 7: 73.7}
+
+
+def test_weight_only_ptq_names_its_own_argument(ref):
+    # weight_only_ptq's argument is `bits`; the message used to say "weight_bits", the name
+    # the shared helper has in dynamic_ptq and static_ptq.
+    for bad, error in ((0, ValueError), (9, ValueError), (4.0, TypeError),
+                       ({"fc1": 8}, ValueError)):
+        with pytest.raises(error, match=r"^bits") as info:
+            weight_only_ptq(ref.model, bits=bad)
+        assert "weight_bits" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^weight_bits must be an int in \[2, 8\]"):
+        static_ptq(ref.model, ref.X_calib, weight_bits=1)

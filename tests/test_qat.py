@@ -740,7 +740,7 @@ def test_bad_inputs_to_the_ste_functions():
     x = np.zeros(4, dtype=np.float32)
     with pytest.raises(TypeError, match="x must be a float32 or float64"):
         fake_quant_ste_forward(np.arange(4), qp)
-    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+    with pytest.raises(ValueError, match="x must be finite, got 1 NaN/Inf"):
         fake_quant_ste_forward(np.array([0.0, np.nan]), qp)
     with pytest.raises(ValueError, match="x must not be empty"):
         fake_quant_ste_forward(np.zeros(0), qp)
@@ -757,13 +757,13 @@ def test_bad_inputs_to_the_ste_functions():
         ste_backward(np.zeros(3, dtype=np.float32), x, qp)
     with pytest.raises(TypeError, match="clipped must be True or False"):
         ste_backward(x, x, qp, clipped=1)
-    with pytest.raises(ValueError, match="grad contains"):
+    with pytest.raises(ValueError, match="grad must be finite"):
         ste_backward(np.full(4, np.inf), x, qp)
     with pytest.raises(ValueError, match="must stay finite and > 0 in float32"):
         fake_quant_ste_forward(x, _qp(1e-60, 0, -8, 7))
-    with pytest.raises(ValueError, match="grad_scale must be a positive"):
+    with pytest.raises(ValueError, match="grad_scale must be a finite real number > 0"):
         lsq_scale_grad(x, x, qp, grad_scale=0.0)
-    with pytest.raises(ValueError, match="num_elements must be >= 1"):
+    with pytest.raises(ValueError, match=r"num_elements must be an int in \[1, "):
         lsq_grad_scale(0, 7)
     with pytest.raises(TypeError, match="qmax must be an int"):
         lsq_grad_scale(4, 7.0)
@@ -772,9 +772,9 @@ def test_bad_inputs_to_the_ste_functions():
 
 
 def test_bad_inputs_to_the_layer():
-    with pytest.raises(ValueError, match="bits must be >= 2"):
+    with pytest.raises(ValueError, match=r"bits must be an int in \[2, 8\]"):
         FakeQuantLinear(2, 2, bits=1)
-    with pytest.raises(ValueError, match="act_bits must be <= 8"):
+    with pytest.raises(ValueError, match=r"act_bits must be an int in \[2, 8\]"):
         FakeQuantLinear(2, 2, act_bits=9)
     with pytest.raises(TypeError, match="bits must be an int"):
         FakeQuantLinear(2, 2, bits=4.0)
@@ -814,28 +814,28 @@ def test_bad_inputs_to_prepare_and_finetune():
         prepare_qat(model, bits={"fc1": 4}, act_bits=None)
     with pytest.raises(ValueError, match="not Linear layers"):
         prepare_qat(model, bits={"fc1": 4, "fc2": 4, "act1": 4}, act_bits=None)
-    with pytest.raises(ValueError, match=r"bits\['fc2'\] must be <= 8"):
+    with pytest.raises(ValueError, match=r"bits\['fc2'\] must be an int in \[2, 8\]"):
         prepare_qat(model, bits={"fc1": 4, "fc2": 16}, act_bits=None)
     with pytest.raises(ValueError, match="no Linear layer"):
         prepare_qat(Sequential(ReLU()), bits=4, act_bits=None)
     q = prepare_qat(model, bits=4, act_bits=None)
     with pytest.raises(ValueError, match="already contains FakeQuantLinear"):
         prepare_qat(q, bits=4, act_bits=None)
-    with pytest.raises(ValueError, match="epochs must be >= 0"):
+    with pytest.raises(ValueError, match=r"epochs must be an int in \[0, 100000\]"):
         qat_finetune(model, X, y, epochs=-1, progress=False)
-    with pytest.raises(TypeError, match="y must be a numpy.ndarray of integer labels"):
+    with pytest.raises(TypeError, match="y must have an integer dtype"):
         qat_finetune(model, X, y.astype(float), epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"y must have shape \(10,\)"):
         qat_finetune(model, X, y[:5], epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"labels in \[0, 2\)"):
         qat_finetune(model, X, y + 1, epochs=1, progress=False)
-    with pytest.raises(ValueError, match="X contains NaN"):
+    with pytest.raises(ValueError, match="X must be finite"):
         qat_finetune(model, np.full((10, 4), np.nan, dtype=np.float32), y, progress=False)
-    with pytest.raises(ValueError, match="optimizer must be 'adam' or 'sgd'"):
+    with pytest.raises(ValueError, match="optimizer must be one of 'adam', 'sgd'"):
         qat_finetune(model, X, y, epochs=1, optimizer="rmsprop", progress=False)
     with pytest.raises(ValueError, match="X_val and y_val must be given together"):
         qat_finetune(model, X, y, epochs=1, X_val=X, progress=False)
-    with pytest.raises(ValueError, match="lr must be a positive"):
+    with pytest.raises(ValueError, match="lr must be a finite real number > 0"):
         qat_finetune(model, X, y, epochs=1, lr=-1.0, progress=False)
-    with pytest.raises(ValueError, match="each entry of bits must be >= 2"):
+    with pytest.raises(ValueError, match=r"each entry of bits must be an int in \[2, 8\]"):
         compare_ptq_qat(model, X, y, X, y, bits=(8, 1), epochs=1, progress=False)
