@@ -578,10 +578,7 @@ def _mx_format(fmt) -> MXFormat:
 
 def _blocks(x, block, name: str = "x") -> tuple[np.ndarray, int]:
     """``x`` (a float array) reshaped to (..., n_blocks, block), checked."""
-    block = check_int(block, "block")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    block = int(block)
+    block = check_int(block, "block", 1)
     arr = np.asarray(x)
     if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
         raise TypeError(f"{name} must be a float16/float32/float64 array, got dtype {arr.dtype}")
@@ -598,9 +595,7 @@ def _check_codes_shape(scales, elements, block, scale_name: str):
     for arr, what in ((s, scale_name), (e, "elements")):
         if arr.dtype != np.uint8:
             raise TypeError(f"{what} must be uint8 codes, got dtype {arr.dtype}")
-    block = check_int(block, "block")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+    block = check_int(block, "block", 1)
     if e.ndim == 0 or e.shape[-1] % block or s.shape != e.shape[:-1] + (e.shape[-1] // block,):
         raise ValueError(f"{scale_name} must have shape elements.shape[:-1] + "
                          f"(elements.shape[-1] // block,) = one per block of {block}; got "

@@ -565,7 +565,7 @@ def test_nvfp4_matches_ml_dtypes_float32_recipe():
      "block=32 must divide"),
     (lambda: lb.mx_quantize(np.ones((2, 32), np.int8), "mxfp4"), TypeError, "x must be a float"),
     (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp4", block=0), ValueError,
-     "block must be >= 1"),
+     "block must be an int >= 1"),
     (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp4", block=2.0), TypeError,
      "block must be an int"),
     (lambda: lb.mx_dequantize(np.zeros(3, np.uint8), np.zeros(64, np.uint8), "mxfp4"),
