@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qcourse._checks import check_bool, describe
+from qcourse._deprecated import moved_names
+
 __all__ = [
     "BF16",
     "ENERGY_45NM_PJ",
@@ -39,7 +42,7 @@ __all__ = [
     "FloatFormat",
     "FloatParts",
     "bit_string",
-    "breakdown",
+    "float_parts",
     "decode",
     "double_rounding_inputs",
     "encode",
@@ -252,15 +255,15 @@ FP8_E5M2 = FloatFormat("e5m2", 5, 2)
 FORMATS = {f.name: f for f in (FP64, FP32, FP16, BF16, FP8_E4M3FN, FP8_E5M2)}
 
 
-def _check_format(fmt, arg: str = "fmt") -> FloatFormat:
+def _check_format(fmt, name: str = "fmt") -> FloatFormat:
     if isinstance(fmt, FloatFormat):
         return fmt
     if isinstance(fmt, str):
         if fmt in FORMATS:
             return FORMATS[fmt]
-        raise ValueError(f"{arg} must be a FloatFormat or one of {sorted(FORMATS)}, got {fmt!r}")
+        raise ValueError(f"{name} must be a FloatFormat or one of {sorted(FORMATS)}, got {fmt!r}")
     raise TypeError(
-        f"{arg} must be a FloatFormat (e.g. qcourse.floats.FP16) or a format name, "
+        f"{name} must be a FloatFormat (e.g. qcourse.floats.FP16) or a format name, "
         f"got {type(fmt).__name__}"
     )
 
@@ -363,28 +366,28 @@ def _decompose(x, arg: str = "x"):
     return sign, m, e, special & (f64 != 0), special & (f64 == 0), scalar
 
 
-def _check_bits(bits, fmt: FloatFormat, arg: str = "bits"):
+def _bit_patterns(bits, name: str, fmt: FloatFormat):
     """Validate bit patterns for ``fmt``; return them as a uint64 array and a scalar flag."""
     if isinstance(bits, bool | np.bool_):
-        raise TypeError(f"{arg} must be integer bit patterns, got bool")
+        raise TypeError(f"{name} must be integer bit patterns, got bool")
     if isinstance(bits, int) and not isinstance(bits, np.integer):
         if not 0 <= bits < 2**fmt.total_bits:
             raise ValueError(
-                f"{arg}={bits} is out of range for {fmt.name}: bit patterns are integers in "
+                f"{name}={bits} is out of range for {fmt.name}: bit patterns are integers in "
                 f"[0, 2**{fmt.total_bits})"
             )
         return np.asarray(bits, dtype=_U64), True
     arr = np.asarray(bits)
     if arr.dtype.kind not in "iu":
         raise TypeError(
-            f"{arg} must be integer bit patterns (e.g. x.view(np.uint16)), got dtype {arr.dtype}"
+            f"{name} must be integer bit patterns (e.g. x.view(np.uint16)), got dtype {arr.dtype}"
         )
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= 2**fmt.total_bits:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"{arg} holds {bad}, out of range for {fmt.name}: bit patterns are integers in "
+                f"{name} holds {bad}, out of range for {fmt.name}: bit patterns are integers in "
                 f"[0, 2**{fmt.total_bits}) (use an unsigned view such as np.uint16)"
             )
     return arr.astype(_U64), arr.ndim == 0
@@ -416,7 +419,7 @@ def fields(bits, fmt):
         See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
     p = _U64(fmt.man_bits)
     sign = b >> _U64(fmt.exp_bits + fmt.man_bits)
     expo = (b >> p) & _U64(2**fmt.exp_bits - 1)
@@ -494,7 +497,7 @@ def decode(bits, fmt):
     See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
     p = fmt.man_bits
     sign = b >> _U64(fmt.exp_bits + p)
     ef = ((b >> _U64(p)) & _U64(2**fmt.exp_bits - 1)).astype(np.int64)
@@ -589,6 +592,7 @@ def enumerate_format(fmt, finite_only: bool = True):
             f"fmt must be at most 16 bits wide to enumerate, got {fmt.name} with "
             f"{fmt.total_bits} bits ({2**fmt.total_bits} patterns)"
         )
+    finite_only = check_bool(finite_only, "finite_only")
     bits = np.arange(2**fmt.total_bits, dtype=np.uint64).astype(fmt.dtype)
     values = decode(bits, fmt)
     if not finite_only:
@@ -644,7 +648,9 @@ def bit_string(bits, fmt, sep: str = " ") -> str:
     See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
+    if not isinstance(sep, str):
+        raise TypeError(f"sep must be a str, got {describe(sep)}")
     if not scalar and b.size != 1:
         raise ValueError(f"bits must be a single bit pattern, got an array of shape {b.shape}")
     s, ex, man = fields(int(b.reshape(-1)[0]), fmt)
@@ -656,7 +662,7 @@ def bit_string(bits, fmt, sep: str = " ") -> str:
 
 @dataclass(frozen=True)
 class FloatParts:
-    """One bit pattern taken apart; made by :func:`breakdown`.
+    """One bit pattern taken apart; made by :func:`float_parts`.
 
     ``kind`` is one of ``"zero"``, ``"subnormal"``, ``"normal"``, ``"inf"``, ``"nan"``;
     ``unbiased_exponent`` is :math:`E - B` for normal numbers, :math:`1 - B` for zero and
@@ -703,7 +709,7 @@ class FloatParts:
         )
 
 
-def breakdown(bits, fmt) -> FloatParts:
+def float_parts(bits, fmt) -> FloatParts:
     """Take one bit pattern apart: fields, kind (zero/subnormal/normal/inf/nan) and value.
 
     This is what the chapter's bit explorer shows.  For a number rather than a pattern, pass
@@ -721,7 +727,7 @@ def breakdown(bits, fmt) -> FloatParts:
     See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
     if not scalar and b.size != 1:
         raise ValueError(f"bits must be a single bit pattern, got an array of shape {b.shape}")
     b = int(b.reshape(-1)[0])
@@ -765,3 +771,6 @@ ENERGY_45NM_PJ = {
     "DRAM read (low)": 1300.0,
     "DRAM read (high)": 2600.0,
 }
+
+
+__getattr__ = moved_names(__name__, {"breakdown": "qcourse.floats.float_parts"})

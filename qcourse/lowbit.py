@@ -20,13 +20,20 @@ bit patterns from :mod:`qcourse.floats`, the GEMM from :mod:`qcourse.kernels`.
 
 from __future__ import annotations
 
-import copy
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_bool,
+    check_int,
+    check_ndarray,
+    check_real,
+    describe,
+    is_int,
+    real_array,
+)
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -44,12 +51,13 @@ from qcourse.kernels import (
     matmul_int8,
     matmul_w4a8,
     matmul_w4a8_reference,
+    max_k_s8s8,
     prepack_int4,
     quantize_rows_int8,
     w4a8_epilogue_reference,
     w4a8_group_sums,
 )
-from qcourse.nn import Linear, Sequential
+from qcourse.nn import Linear, Sequential, copy_model
 
 __all__ = [
     "FP8_FORMATS", "Int4Weight", "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize",
@@ -68,32 +76,7 @@ _SCALE_DTYPES = {np.dtype(np.float16): 16, np.dtype(np.float32): 32}
 # --------------------------------------------------------------------------- validation
 
 
-def _float_matrix(w, name: str) -> np.ndarray:
-    """``w`` as a finite, non-empty 2-D float array, or a TypeError/ValueError naming ``name``."""
-    arr = np.asarray(w)
-    checks = (
-        (arr.dtype.kind == "f", TypeError, f"must be a float array, got dtype {arr.dtype}"),
-        (arr.ndim == 2 and arr.size > 0, ValueError,
-         f"must be a non-empty 2-D array, got shape {arr.shape}"),
-    )
-    for ok, exc, message in checks:
-        if not ok:
-            raise exc(f"{name} {message}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return arr
-
-
-def _check_group_size(group_size) -> int:
-    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, numbers.Integral):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} "
-                        f"{group_size!r}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    return int(group_size)
-
-
-def _check_format(fmt) -> FloatFormat:
+def _check_fp8_format(fmt) -> FloatFormat:
     if isinstance(fmt, str):
         if fmt not in FP8_FORMATS:
             raise ValueError(f"fmt must be one of {sorted(FP8_FORMATS)}, got {fmt!r}")
@@ -110,7 +93,7 @@ def _check_format(fmt) -> FloatFormat:
 # --------------------------------------------------------------------------- int4 weights
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Int4Weight:
     r"""A weight matrix in int4 with one scale per group: :math:`\hat W_{nk} = s_{n,\lfloor k/g
     \rfloor}\, q_{nk}`.
@@ -134,6 +117,9 @@ class Int4Weight:
     scale: np.ndarray
     shape: tuple[int, int]
     group_size: int
+
+    def __post_init__(self):
+        _check_int4(self, "Int4Weight")
 
     @property
     def qparams(self) -> QParams:
@@ -179,7 +165,7 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
     where :math:`\operatorname{fl}` rounds the scale to ``scale_dtype`` (float16: what is
     stored) *before* the weights are rounded, so that the codes belong to the stored scale.
     The grid is the narrow symmetric one (-7 … 7, no zero point), the weight grid of
-    :func:`qcourse.ptq.quantize_weight`.  An all-zero group gets scale 1 and codes 0.
+    :func:`qcourse.affine.quantize_weight`.  An all-zero group gets scale 1 and codes 0.
     ``group_size >= K`` is one group per row, per-channel quantization (stored as
     ``group_size = K``).  Computed with
     :func:`qcourse.affine.choose_qparams` and :func:`qcourse.affine.quantize`, packed with
@@ -202,9 +188,12 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
         on a non-float, non-2-D, empty or non-finite ``weight``, a bad ``group_size`` or
         ``scale_dtype``, or a scale that under- or overflows ``scale_dtype`` (float16 holds
         scales from about 6e-8 to 65504).
+
+    Bounds: ``group_size`` is an int >= 1 (any larger than K means one group per row:
+    nothing is allocated for it).
     """
-    w = _float_matrix(weight, "weight")
-    g = _check_group_size(group_size)
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
+    g = check_int(group_size, "group_size", 1)
     try:
         sdt = np.dtype(scale_dtype)
     except TypeError:
@@ -221,21 +210,57 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
     if np.any(stored == 0):
         raise ValueError(f"weight has a group whose max|W|/7 underflows to 0 in {sdt}; "
                          f"use scale_dtype=np.float32 or rescale the weights")
-    w4 = Int4Weight(packed=np.empty(0, np.uint8), scale=stored, shape=w.shape, group_size=g)
-    q = quantize(w, w4.qparams)
-    object.__setattr__(w4, "packed", pack_int(q, 4, signed=True))
-    return w4
+    q = quantize(w, QParams(scale=stored.astype(np.float64), zero_point=0, qmin=_INT4_QMIN,
+                            qmax=_INT4_QMAX, axis=1, group_size=g))
+    return Int4Weight(packed=pack_int(q, 4, signed=True), scale=stored, shape=w.shape,
+                      group_size=g)
 
 
-def _check_int4(w4) -> Int4Weight:
+def _check_int4(w4, name: str = "w4") -> Int4Weight:
+    """``w4`` as the int4 kernels may trust it, or a TypeError/ValueError naming ``name``.
+
+    The one check of an :class:`Int4Weight`, run when one is built and again by every function
+    that computes with one (an unpickled or hand-built object does not pass through the
+    constructor): ``shape`` two positive ints with K at most the int8 GEMM's bound,
+    ``group_size`` in [1, K], ``packed`` uint8 holding exactly ceil(N K / 2) bytes, ``scale``
+    float16 or float32 of shape (N, ceil(K / group_size)), finite and > 0.
+    """
     if not isinstance(w4, Int4Weight):
-        raise TypeError(f"w4 must be an Int4Weight (from quantize_int4_groupwise), got "
+        raise TypeError(f"{name} must be an Int4Weight (from quantize_int4_groupwise), got "
                         f"{type(w4).__name__}")
+    shape = w4.shape
+    if (not isinstance(shape, tuple) or len(shape) != 2
+            or not all(is_int(d) and 1 <= d for d in shape)
+            or shape[0] * shape[1] > MAX_ELEMENTS):
+        raise ValueError(f"{name}.shape must be two ints (N, K) >= 1 with N K <= "
+                         f"{MAX_ELEMENTS}, got {describe(shape)}")
+    n, k = (int(d) for d in shape)
+    if k > max_k_s8s8():
+        raise ValueError(f"{name}.shape has K={k}, more than the int8 GEMM's bound "
+                         f"{max_k_s8s8()}")
+    g = w4.group_size
+    if not (is_int(g) and 1 <= g <= k):
+        raise ValueError(f"{name}.group_size must be an int in [1, K={k}], got {g!r}")
+    packed = w4.packed
+    if (not isinstance(packed, np.ndarray) or packed.dtype != np.uint8
+            or packed.shape != ((n * k + 1) // 2,)):
+        raise ValueError(f"{name}.packed must be a uint8 array of {(n * k + 1) // 2} bytes (two "
+                         f"int4 codes a byte), got {describe(packed)}")
+    scale = w4.scale
+    groups = -(-k // int(g))
+    if not isinstance(scale, np.ndarray) or scale.dtype not in _SCALE_DTYPES or (
+            scale.shape != (n, groups)):
+        raise ValueError(f"{name}.scale must be a float16 or float32 array of shape "
+                         f"({n}, {groups}), got {describe(scale)}")
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ValueError(f"{name}.scale must be finite and > 0")
     return w4
 
 
 def _check_input(x, k: int) -> np.ndarray:
-    x = _float_matrix(x, "x")
+    x = real_array(x, "x", kinds="f", dtype=None, ndim=2)
+    if x.dtype != np.float32:
+        real_array(x, "x", dtype=np.float32)            # refuses values beyond float32
     if x.shape[1] != k:
         raise ValueError(f"x must have K={k} columns to match the weight, got shape {x.shape}")
     return x
@@ -244,10 +269,16 @@ def _check_input(x, k: int) -> np.ndarray:
 def _check_bias(bias, n: int):
     if bias is None:
         return None
-    b = np.asarray(bias)
-    if b.dtype.kind != "f" or b.shape != (n,):
-        raise ValueError(f"bias must be a float array of shape ({n},), got {b.dtype} {b.shape}")
+    b = real_array(bias, "bias", kinds="f", dtype=np.float32, ndim=1)
+    if b.shape != (n,):
+        raise ValueError(f"bias must be a float array of shape ({n},), got shape {b.shape}")
     return b
+
+
+def _finite_output(y: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(y)):
+        raise ValueError("x is too large for this weight: the layer's output overflows float32")
+    return y
 
 
 def int4_linear_reference(x, w4: Int4Weight, bias=None) -> np.ndarray:
@@ -260,8 +291,9 @@ def int4_linear_reference(x, w4: Int4Weight, bias=None) -> np.ndarray:
     w4 = _check_int4(w4)
     x = _check_input(x, w4.shape[1]).astype(np.float32)
     bias = _check_bias(bias, w4.shape[0])
-    y = x @ w4.dequantize().T
-    return y if bias is None else y + bias.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x @ w4.dequantize().T
+        return _finite_output(y if bias is None else y + bias)
 
 
 def _group_slices(k: int, g: int) -> list[slice]:
@@ -303,6 +335,18 @@ def int4_packed(w4: Int4Weight) -> PackedInt4 | None:
     if g % 8 or k % g:
         return None
     return prepack_int4(w4.codes(), w4.scale.astype(np.float32), group_size=g)
+
+
+def _check_packed_for(packed, w4: Int4Weight) -> None:
+    """``packed`` must be :func:`int4_packed` of ``w4``: a PackedInt4 of the same shape and groups,
+    without zero points (what is checked; the codes themselves are not compared)."""
+    if not isinstance(packed, PackedInt4):
+        raise TypeError(f"packed must be a PackedInt4 from int4_packed(w4), got "
+                        f"{type(packed).__name__}")
+    if ((packed.n, packed.k) != w4.shape or packed.group_size != w4.group_size
+            or packed.has_zero_points):
+        raise ValueError(f"packed must be int4_packed(w4) for this weight of shape {w4.shape} "
+                         f"and group_size {w4.group_size}, got {packed!r}")
 
 
 def int4_group_accumulators(x_q, w4: Int4Weight) -> np.ndarray:
@@ -355,18 +399,23 @@ def int4_linear_int8(x, w4: Int4Weight, bias=None, *, reference: bool = False,
     w4 = _check_int4(w4)
     x = _check_input(x, w4.shape[1])
     bias = _check_bias(bias, w4.shape[0])
+    reference = check_bool(reference, "reference")
     if packed is None:
         packed = int4_packed(w4)
-    elif not isinstance(packed, PackedInt4) or (packed.n, packed.k) != w4.shape:
-        raise ValueError(f"packed must be int4_packed(w4) for this weight of shape {w4.shape}")
-    if packed is not None:
-        y = (matmul_w4a8_reference if reference else matmul_w4a8)(x, packed)
     else:
-        xq, sx = quantize_rows_int8(x)
-        acc = (int4_group_accumulators_reference if reference else int4_group_accumulators)(
-            xq, w4)
-        y = w4a8_epilogue_reference(acc, w4.scale.astype(np.float32), sx)
-    return y if bias is None else y + bias.astype(np.float32)
+        _check_packed_for(packed, w4)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if packed is not None:
+            y = (matmul_w4a8_reference if reference else matmul_w4a8)(x, packed)
+        else:
+            xq, sx = quantize_rows_int8(x)
+            acc = (int4_group_accumulators_reference if reference else int4_group_accumulators)(
+                xq, w4)
+            try:
+                y = w4a8_epilogue_reference(acc, w4.scale.astype(np.float32), sx)
+            except ValueError:      # its operands are ours: only an overflow can be refused
+                y = np.full_like(acc[:, :, 0], np.inf, dtype=np.float32)
+        return _finite_output(y if bias is None else y + bias)
 
 
 def int4_weight_only(model, group_size: int, *, scale_dtype=np.float16) -> Sequential:
@@ -379,8 +428,8 @@ def int4_weight_only(model, group_size: int, *, scale_dtype=np.float16) -> Seque
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    g = _check_group_size(group_size)
-    out = copy.deepcopy(model)
+    g = check_int(group_size, "group_size", 1)
+    out = copy_model(model)
     found = False
     for _, layer in out.named_modules():
         if isinstance(layer, Linear):
@@ -404,30 +453,14 @@ def fp8_scale(x, fmt) -> float:
     (1.0 for an all-zero tensor).  ``fmt`` is ``"e4m3fn"``, ``"e5m2"`` or an 8-bit
     :class:`qcourse.floats.FloatFormat`.  See the lowbit chapter.
     """
-    fmt = _check_format(fmt)
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"x must hold real numbers, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError("x must not be empty")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains NaN or Inf; expected finite values")
+    fmt = _check_fp8_format(fmt)
+    arr = real_array(x, "x")
     amax = float(np.max(np.abs(arr)))
     if amax == 0.0:
         return 1.0
     scale = amax / fmt.max_finite
     if scale == 0.0:
         raise ValueError("max|x| is too small: its fp8 scale underflows to 0 in float64")
-    return scale
-
-
-def _check_scale(scale) -> float:
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
     return scale
 
 
@@ -441,14 +474,9 @@ def fp8_quantize(x, fmt, scale=None) -> tuple[np.ndarray, float]:
     the cast *saturating*: without it e4m3fn would turn anything above 464 into NaN.  See the
     lowbit chapter.
     """
-    fmt = _check_format(fmt)
-    s = fp8_scale(x, fmt) if scale is None else _check_scale(scale)
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"x must hold real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains NaN or Inf; expected finite values")
+    fmt = _check_fp8_format(fmt)
+    s = fp8_scale(x, fmt) if scale is None else check_real(scale, "scale", 0, lo_open=True)
+    arr = real_array(x, "x")
     m = fmt.max_finite
     return encode(np.clip(arr / s, -m, m), fmt), s
 
@@ -456,11 +484,10 @@ def fp8_quantize(x, fmt, scale=None) -> tuple[np.ndarray, float]:
 def fp8_dequantize(bits, scale, fmt) -> np.ndarray:
     r"""Back from fp8: :math:`\hat x = s \cdot \operatorname{decode}(b)`, float64.  See the lowbit
     chapter."""
-    fmt = _check_format(fmt)
-    b = np.asarray(bits)
-    if b.dtype != np.uint8:
-        raise TypeError(f"bits must be uint8 fp8 bit patterns, got dtype {b.dtype}")
-    return decode(b, fmt) * _check_scale(scale)
+    fmt = _check_fp8_format(fmt)
+    b = check_ndarray(np.asarray(bits) if isinstance(bits, np.generic) else bits, "bits",
+                      np.uint8, nonempty=False)
+    return decode(b, fmt) * check_real(scale, "scale", 0, lo_open=True)
 
 
 def fp8_fake_quantize(x, fmt, scale=None) -> np.ndarray:

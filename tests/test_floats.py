@@ -488,19 +488,19 @@ def float64_formats(draw):
     return fmt
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(x=finite64, fmt=fmt_strategy)
 def test_encode_is_the_exactly_nearest_value(x, fmt):
     assert_matches_reference(x, fmt)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=finite64, fmt=float64_formats())
 def test_encode_random_formats_is_the_exactly_nearest_value(x, fmt):
     assert_matches_reference(x, fmt)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=st.integers(-(2**63), 2**64 - 1), fmt=fmt_strategy)
 def test_encode_integers_rounds_once(x, fmt):
     assert_matches_reference(x, fmt)
@@ -537,13 +537,13 @@ def test_encode_a_56_bit_integer_that_float64_cannot_hold():
     assert int(encode(2**64 - 768, fmt)) == ((63 + 127) << 55) | (2**55 - 3)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=st.one_of(finite64, st.integers(-(2**63), 2**64 - 1)), fmt=st.sampled_from(WIDE))
 def test_encode_wide_formats_is_the_exactly_nearest_value(x, fmt):
     assert_matches_reference(x, fmt)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(data=st.data(), fmt=float64_formats())
 def test_decode_then_encode_gives_the_pattern_back(data, fmt):
     b = data.draw(st.integers(0, 2**fmt.total_bits - 1))
@@ -553,7 +553,7 @@ def test_decode_then_encode_gives_the_pattern_back(data, fmt):
     assert encode(np.float64(v), fmt) == b
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=finite64, y=finite64, fmt=fmt_strategy)
 def test_rounding_is_monotonic(x, y, fmt):
     x, y = min(x, y), max(x, y)
@@ -562,13 +562,13 @@ def test_rounding_is_monotonic(x, y, fmt):
     assert decode(encode(x, fmt), fmt) <= decode(encode(y, fmt), fmt)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=st.floats(), fmt=st.sampled_from(ALL_FORMATS))
 def test_negation_flips_only_the_sign_bit(x, fmt):
     assert int(encode(-x, fmt)) == int(encode(x, fmt)) ^ fmt.sign_mask
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=finite64, fmt=st.sampled_from(ALL_FORMATS))
 def test_error_is_at_most_half_an_ulp(x, fmt):
     r = decode(encode(x, fmt), fmt)
@@ -576,7 +576,7 @@ def test_error_is_at_most_half_an_ulp(x, fmt):
     assert abs(Fraction(float(r)) - Fraction(x)) <= Fraction(float(F.ulp(x, fmt))) / 2
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(data=st.data(), fmt=float64_formats())
 def test_pattern_order_is_value_order(data, fmt):
     a = data.draw(st.integers(0, fmt.sign_mask - 1))
@@ -635,8 +635,8 @@ def test_fields_and_bit_string_of_the_worked_example():
         (BF16, 0x0080, "normal", 2.0**-126),
     ],
 )
-def test_breakdown(fmt, bits, kind, value):
-    parts = F.breakdown(bits, fmt)
+def test_float_parts(fmt, bits, kind, value):
+    parts = F.float_parts(bits, fmt)
     assert parts.kind == kind and parts.bits == bits
     assert same_float(parts.value, value)
     assert (parts.sign, parts.exponent, parts.mantissa) == F.fields(bits, fmt)
@@ -650,7 +650,7 @@ def test_breakdown(fmt, bits, kind, value):
 
 
 def test_breakdown_formula_of_the_worked_example():
-    parts = F.breakdown(encode(3.125, FP32), FP32)
+    parts = F.float_parts(encode(3.125, FP32), FP32)
     assert parts.unbiased_exponent == 1 and parts.significand == 1.5625  # 1.1001b
     assert parts.formula == "+1.1001b x 2^(128-127) = 3.125"
 
@@ -718,8 +718,8 @@ def test_bad_name():
         (lambda: F.enumerate_format(FP32), ValueError, "at most 16 bits"),
         (lambda: F.double_rounding_inputs(FP32), ValueError, "at most 16 bits"),
         (lambda: F.bit_string(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
-        (lambda: F.breakdown(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
-        (lambda: F.breakdown(0x1FF, FP8_E4M3FN), ValueError, "out of range for e4m3fn"),
+        (lambda: F.float_parts(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
+        (lambda: F.float_parts(0x1FF, FP8_E4M3FN), ValueError, "out of range for e4m3fn"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):

@@ -15,9 +15,10 @@ authenticator (``tests/test_hub.py`` passes ``--JupyterHub.authenticator_class=d
 Each server is JupyterLab with nbgrader's extensions, configured by role: the folder
 ``nbgrader/hub/student`` or ``nbgrader/hub/instructor`` is put on the server's
 ``JUPYTER_CONFIG_PATH``, after ``nbgrader/hub/common`` (no news feed, no update check: the
-servers make no request off the machine). Students get the assignment list (fetch, submit, fetch feedback) and
-no formgrader; instructors get the formgrader, over the course directory ``~/qcourse``
-(``qcourse-course release --course ~/qcourse``). Both use the exchange ``QCOURSE_EXCHANGE``
+servers make no request off the machine). Students get the assignment list (fetch, submit,
+fetch feedback) and no formgrader; instructors get the formgrader, over the course directory
+``~/qcourse`` (``qcourse-course release --course ~/qcourse``). Both use the exchange
+``QCOURSE_EXCHANGE``
 (default ``/srv/nbgrader/exchange``, mode 0777 as nbgrader's documentation asks). The Hub's own
 state (its database, cookie secret, the proxy's PID file) goes to ``QCOURSE_HUB_STATE``
 (default ``/srv/qcourse-hub``).
