@@ -638,6 +638,22 @@ for k, g in ((40, 16), (64, 16)):                  # the per-group fallback and 
         for how, copied in round_trips(packed):
             assert np.array_equal(int4_linear_int8(xk, w4, packed=copied), want), how
             checked += 1
+from qcourse.nn.lm import LMConfig, TransformerLM          # W8A8 layers hold a PackedB too
+from qcourse.transformer import W8A8Linear, w8a8_lm
+
+lin = nn.Linear(70, 130, seed=2)
+w8 = W8A8Linear(lin)
+x70 = rng.normal(0, 1, (5, 70)).astype(np.float32)
+want = w8(x70)
+lm = w8a8_lm(TransformerLM(LMConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=16)))
+ids = rng.integers(0, 256, (2, 9))
+want_lm = lm(ids)
+for how, copied in round_trips(w8):
+    assert np.array_equal(copied(x70), want), ("W8A8Linear", how)
+    checked += 1
+for how, copied in round_trips(lm):
+    assert np.array_equal(copied(ids), want_lm), ("w8a8_lm", how)
+    checked += 1
 print("round trips checked:", checked, "default path:", available_paths()[-1])
 '''
 
