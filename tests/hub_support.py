@@ -28,6 +28,16 @@ HUB_CONFIG = ROOT / "nbgrader" / "hub" / "jupyterhub_config.py"
 VENV = Path(sys.prefix)
 USER_PYTHON = VENV / "hub" / "python" / "bin" / "python"
 PROXY = VENV / "hub" / "proxy" / "node_modules" / ".bin" / "configurable-http-proxy"
+UNAVAILABLE = VENV / "hub" / "unavailable.txt"  # written by `make hub` when it cannot make one
+
+
+def hub_missing() -> str | None:
+    """Why the Hub cannot run here (None when ``make hub`` made everything it needs)."""
+    if UNAVAILABLE.is_file():
+        return f"`make hub` made no Python for the accounts: {UNAVAILABLE.read_text().strip()}"
+    if not (PROXY.exists() and USER_PYTHON.exists()):
+        return "run `make hub` first (configurable-http-proxy from npm, the accounts' Python)"
+    return None
 
 
 def free_port() -> int:

@@ -169,6 +169,7 @@ def graded(course, tmp_path_factory):
     (subs / "bad id!").mkdir()
     (subs / "bad id!" / "floats.ipynb").write_text("{}")
     source_before = (course / "source" / "floats" / "floats.ipynb").read_bytes()
+    handed_in = {p: p.read_bytes() for p in sorted(subs.rglob("*")) if p.is_file()}
     started = time.monotonic()
     try:
         proc = check(cli("grade", str(subs), "--course", str(course), "--jobs", "2",
@@ -180,7 +181,8 @@ def graded(course, tmp_path_factory):
     return {"course": course, "subs": subs, "expected": expected, "facts": facts,
             "report": report, "by_key": by_key, "stdout": proc.stdout, "stderr": proc.stderr,
             "seconds": time.monotonic() - started, "source_before": source_before,
-            "connections": connections}
+            "connections": connections, "handed_in": handed_in,
+            "left": {p: p.read_bytes() for p in sorted(subs.rglob("*")) if p.is_file()}}
 
 
 def scores(result: dict) -> dict[str, float]:
@@ -348,6 +350,7 @@ def test_writes_never_reach_the_course_directory(graded):
     assert "get_config" in (course / "nbgrader_config.py").read_text()
     attempt = outputs_of(course, "writes-course", "floats")
     assert "FileNotFoundError" in attempt or "PermissionError" in attempt, "the write failed"
+    assert graded["left"] == graded["handed_in"], "the submissions folder is left as handed in"
 
 
 # ------------------------------------------------------------------------------------------
@@ -482,7 +485,16 @@ def gradebook_snapshot(course: Path) -> dict:
             "JOIN student ON student.id = submitted_assignment.student_id"), key=repr)
         counts = {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
                   for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    return {"grades": grades, "flags": flags, "comments": comments, "counts": counts}
+        late = sorted(db.execute(
+            "SELECT student.id, assignment.name, submitted_notebook.late_submission_penalty "
+            "FROM submitted_notebook JOIN submitted_assignment ON submitted_assignment.id = "
+            "submitted_notebook.assignment_id "
+            "JOIN student ON student.id = submitted_assignment.student_id "
+            "JOIN assignment ON assignment.id = submitted_assignment.assignment_id"), key=repr)
+        students = sorted(db.execute("SELECT id, first_name, last_name, email FROM student"),
+                          key=repr)
+    return {"grades": grades, "flags": flags, "comments": comments, "counts": counts,
+            "late": late, "students": students}
 
 
 def test_gradebook_is_a_real_sqlite_file_exported_as_csv(graded):
@@ -922,16 +934,31 @@ def classroom(small):
         folder.mkdir(parents=True)
         shutil.copy(small["subs"] / student / f"{SMALL_STEM}.ipynb", folder)
         (folder / "timestamp.txt").write_text(stamp)
-    exports = []
-    for _ in range(2):  # grading the class twice gives the same grades
+    exports, gradebooks = [], []
+    for _ in range(2):  # grading the class twice gives the same gradebook and grades
         check(cli("grade", str(subs), "--course", str(course), "--timeout", str(CELL_TIMEOUT),
                   "--no-feedback"))
+        gradebooks.append(gradebook_snapshot(course))
         for lms in ("canvas", "moodle"):
             check(cli("export", "--lms", lms, "--out", str(course / f"{lms}.csv"), "--course",
                       str(course)))
         exports.append({lms: (course / f"{lms}.csv").read_text() for lms in ("canvas", "moodle")})
     report = {s["student"]: s for s in load(course / "grading-report.json")["submissions"]}
-    return {"course": course, "exports": exports, "report": report}
+    return {"course": course, "exports": exports, "report": report, "gradebooks": gradebooks}
+
+
+def test_the_roster_is_imported_into_the_gradebook(classroom):
+    """Every roster line becomes nbgrader's student row, names and email as written."""
+    rows = list(csv.reader(io.StringIO(ROSTER)))
+    want = sorted((tuple(r) for r in rows[1:]), key=repr)
+    assert rows[0] == ["id", "first_name", "last_name", "email"]
+    assert classroom["gradebooks"][0]["students"] == want
+
+
+def test_grading_a_class_twice_gives_the_same_gradebook(classroom):
+    first, second = classroom["gradebooks"]
+    assert first["late"] and any(penalty for *_, penalty in first["late"]), first["late"]
+    assert first == second
 
 
 def test_late_work_loses_ten_percent_per_started_day(classroom, small):
@@ -949,15 +976,23 @@ def test_late_work_loses_ten_percent_per_started_day(classroom, small):
     assert late_penalty(10, 30 * 86_400, 10) == 10 and late_penalty(0, 10**6, 10) == 0
 
 
-def test_lms_exports_follow_the_documented_layouts(classroom, small):
-    from qcourse.grading.classroom import LMS_LAYOUTS
+# The identity columns each LMS documents for a grade import, written out here (not read from
+# the code under test): Canvas, Instructure's "How do I import grades in the Gradebook?" (the
+# columns of its gradebook export); Moodle, "Import grades" (CSV) with the identity columns of
+# its plain-text grade export. Each further column is one assignment, named by its header.
+DOCUMENTED_LAYOUTS = {
+    "canvas": ("Student", "ID", "SIS User ID", "SIS Login ID", "Section"),
+    "moodle": ("First name", "Last name", "ID number", "Email address"),
+}
 
+
+def test_lms_exports_follow_the_documented_layouts(classroom, small):
     partial = 0.8 * sum(small["expected"]["partial"].values())
     full = sum(small["expected"]["solution"].values())
     first, second = classroom["exports"]
     assert first == second, "grading the class twice changed the export"
     want = {"solution": full, "partial": partial, "blank": 0.0, "absent": 0.0}
-    for lms, layout in LMS_LAYOUTS.items():
+    for lms, layout in DOCUMENTED_LAYOUTS.items():
         rows = list(csv.DictReader(io.StringIO(first[lms])))
         assert list(rows[0]) == [*layout, SMALL_STEM], lms
         key = "SIS User ID" if lms == "canvas" else "ID number"

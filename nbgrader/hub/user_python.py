@@ -9,7 +9,9 @@ version is not enough: Debian's 3.11.2 mis-parses the possessive quantifiers of 
 CSS grammar, which nbgrader's feedback uses), whose
 ``site-packages`` points at this environment's (a ``.pth`` file) and whose ``share/`` and
 ``etc/`` are this environment's (JupyterLab's assets, the server extensions' switches).
-``make hub`` runs it; ``nbgrader/hub/jupyterhub_config.py`` starts user servers with it.
+``make hub`` runs it; ``nbgrader/hub/jupyterhub_config.py`` starts user servers with it. Where the
+environment itself sits in a folder other accounts cannot search, no Python is made: the reason
+goes to ``unavailable.txt`` next to ``DEST`` (and the Hub test skips with it).
 
     python nbgrader/hub/user_python.py DEST
 """
@@ -24,6 +26,8 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+UNAVAILABLE = "unavailable.txt"  # next to DEST: why no Python was made (tests/test_hub.py reads it)
 
 
 def reachable_by_others(path: Path) -> bool:
@@ -102,9 +106,30 @@ def copy_scripts(dest: Path) -> None:
                 target.chmod(0o755)
 
 
+def unreachable_packages() -> str | None:
+    """Why the accounts could not import this environment's packages (None when they can):
+    its ``site-packages`` and the course's ``qcourse`` must be in folders others can search."""
+    import qcourse
+
+    purelib = Path(sysconfig.get_paths()["purelib"]).resolve()
+    for folder in (purelib, Path(qcourse.__file__).resolve().parent):
+        if not reachable_by_others(folder):
+            return (f"{folder} is in a folder other accounts cannot search, so the Hub's "
+                    "users could not import the course's packages; to run the Hub, put the "
+                    "checkout where other accounts can read it (e.g. under /srv or /opt)")
+    return None
+
+
 def make(dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
+    unavailable = dest.parent / UNAVAILABLE
+    unavailable.unlink(missing_ok=True)
+    why = unreachable_packages()
+    if why:  # not a failure of the Hub: this checkout's place; tests/test_hub.py skips, saying so
+        unavailable.write_text(why + "\n")
+        print(f"no Python for the Hub's accounts: {why}")
+        return
     interpreter = base_interpreter(dest.parent / f"{dest.name}-base")
     subprocess.run([str(interpreter), "-m", "venv", "--without-pip", str(dest)], check=True)
     purelib = Path(sysconfig.get_paths()["purelib"]).resolve()
