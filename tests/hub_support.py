@@ -171,7 +171,7 @@ class HubUser:
     """One person on the Hub: logs in with a password, starts their server, uses its API."""
 
     def __init__(self, hub: Hub, name: str, password: str) -> None:
-        self.hub, self.name = hub, name
+        self.hub, self.name, self.password = hub, name, password
         self.session = requests.Session()
         login = f"{hub.url}/hub/login"
         self.session.get(login, timeout=30).raise_for_status()

@@ -6,8 +6,10 @@ each logging in through the Hub and working in their own JupyterLab server:
 
 - the instructor, in a terminal, makes the course (``qcourse-course release``), imports the
   roster, and from the formgrader releases the assignment to the exchange;
-- each student fetches it from the assignment list, writes answers, and submits: ben twice
-  (the blank notebook, then his answers: the later one counts), ada after the due date;
+- each student fetches it from the assignment list (ada in headless Chromium: she logs in on
+  the Hub's page, opens Nbgrader > Assignment List in JupyterLab and clicks Fetch; ben through
+  the list's API), writes answers, and submits: ben twice (the blank notebook, then his
+  answers: the later one counts), ada after the due date;
 - the instructor collects from the formgrader, grades in a terminal (``qcourse-course grade``:
   every kernel in the sandbox, as the instructor's account, not root), and releases feedback
   from the formgrader; the students fetch it;
@@ -29,9 +31,11 @@ import re
 import shutil
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from browser_support import chromium_browser, chromium_executable, guarded_page, screenshot_path
 from hub_support import USER_PYTHON, Hub, HubUser, LocalAccounts, alive, hub_missing
 
 from qcourse.grading.classroom import LMS_LAYOUTS
@@ -44,10 +48,12 @@ HUB_DIR = Path(__file__).resolve().parent.parent / "nbgrader" / "hub"
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("QCOURSE_HUB_TEST") != "1",
-                       reason="the Hub test runs with QCOURSE_HUB_TEST=1 (.ci/run sets it)"),
+                       reason="QCOURSE_HUB_TEST is unset: the Hub test runs in `make hub-test` (.ci/run)"),
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                        reason="needs root and useradd (the Hub starts servers as local users)"),
     pytest.mark.skipif(hub_missing() is not None, reason=str(hub_missing())),
+    pytest.mark.skipif(chromium_executable() is None or find_spec("playwright") is None,
+                       reason="needs Chromium and Playwright (a student uses the assignment list)"),
 ]
 
 
@@ -101,6 +107,31 @@ def hand_in(user: HubUser, content: str) -> None:
     assert "submitted" in assignment(user, "submit")
 
 
+def fetch_in_the_browser(student: HubUser) -> None:
+    """Log in on the Hub's page, open Nbgrader > Assignment List, click the release's Fetch.
+
+    Headless Chromium (Debian's, through Playwright) may reach 127.0.0.1 only; the page must
+    make no failed request and log no error (``Guard``).
+    """
+    with chromium_browser() as browser, guarded_page(browser, 1400, 900, 120_000) as page:
+        page.goto(f"{student.hub.url}/hub/login")
+        page.fill("input[name=username]", student.name)
+        page.fill("input[name=password]", student.password)
+        page.click("input[type=submit], button[type=submit]")
+        page.wait_for_url(re.compile(rf"/user/{student.name}/lab"), timeout=300_000)
+        page.get_by_role("menuitem", name="Nbgrader", exact=True).click()
+        page.get_by_role("menuitem", name="Assignment List", exact=True).click()
+        released = page.locator("#released_assignments_list")
+        row = released.locator(".list_item", has_text=STEM)
+        row.wait_for(timeout=120_000)
+        assert COURSE_ID in row.inner_text()
+        row.get_by_role("button", name="Fetch").click()
+        page.locator("#fetched_assignments_list .list_item", has_text=STEM).wait_for(
+            timeout=120_000)
+        page.screenshot(path=str(screenshot_path("hub-assignment-list")))
+        assert not page.guard.problems(), page.guard.problems()
+
+
 def test_a_class_on_the_hub(scratch, accounts):
     teach, ada, ben = (accounts.names[r] for r in ("teach", "ada", "ben"))
     exchange = scratch / "exchange"
@@ -149,9 +180,14 @@ def _live_the_exchange(accounts: LocalAccounts, teach: HubUser, ada: HubUser, be
     cases = {c.name: c for c in drill_submissions(source, released)}
 
     formgrader(teach, "release")
-    for student in (ada, ben):
-        assert "released" in assignment(student)
-        assert "fetched" in assignment(student, "fetch")
+    # ada logs in with Chromium and fetches from JupyterLab's assignment list, as she would;
+    # ben's server is driven through the same list's API
+    started = time.monotonic()
+    fetch_in_the_browser(ada)
+    print(f"ada in Chromium: {time.monotonic() - started:.0f} s")
+    assert "fetched" in assignment(ada)
+    assert "released" in assignment(ben)
+    assert "fetched" in assignment(ben, "fetch")
     # ben hands in the blank notebook, then his partial answers: the later one counts
     hand_in(ben, cases["blank"].content)
     time.sleep(1.1)  # nbgrader's submissions are told apart by their timestamps

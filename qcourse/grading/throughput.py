@@ -9,7 +9,11 @@ every submission got its expected score (``qcourse-course simulate``).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import platform
+import resource
 import shutil
 import statistics
 import time
@@ -47,26 +51,65 @@ def _hand_in(course: Path, stem: str, students: int, sandbox: bool) -> dict[str,
     return expected
 
 
+def _machine() -> dict[str, Any]:
+    """Where the measurement ran: host name, CPU model, cores, Python and kernel."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"host": platform.node(), "cpu": model or platform.processor(),
+            "cores": os.cpu_count(), "python": platform.python_version(),
+            "system": f"{platform.system()} {platform.release()}"}
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of the child processes waited for so far (grading workers and, through them,
+    the kernels and student processes they reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def simulate_class(course_dir: str | os.PathLike, *, students: int = 300,
                    stem: str = "fixed_point", jobs: int = 2, cell_timeout: float = 10,
                    sandbox: bool = True, progress: Any = None) -> dict[str, Any]:
-    """Grade a simulated class of ``students`` submissions of ``stem``; return the timings."""
+    """Grade a simulated class of ``students`` submissions of ``stem``; return the timings.
+
+    Besides the wall time, the record says when and where it was measured, the load average
+    before and after (the machine may be shared), and the CPU time grading used per submission
+    (this process and the processes it waited for), which depends much less on the load: a
+    class of N on C idle cores takes about N times that, divided by C.
+    """
     course = release(course_dir, stems=[stem]).course_dir
     expected = _hand_in(course, stem, students, sandbox)
+    load_before = os.getloadavg()
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    cpu_before = time.process_time() + _children_cpu_seconds()
     started = time.monotonic()
     report = grade(course / "simulated", course, jobs=jobs, cell_timeout=cell_timeout,
                    feedback=False, progress=progress, sandbox=sandbox)
     wall = time.monotonic() - started
+    cpu = time.process_time() + _children_cpu_seconds() - cpu_before
     per_notebook = sorted(r.seconds_nbgrader + r.seconds_split for r in report.results)
     wrong = sorted(r.student for r in report.results
                    if {c.grade_id: c.score for c in r.cells} != expected[r.student])
+    kinds = [MIX[k % len(MIX)] for k in range(students)]
     return {
-        "students": students, "stem": stem, "jobs": jobs, "cores": os.cpu_count(),
-        "sandbox": sandbox, "wall_seconds": round(wall, 1),
+        "measured_at": started_at.replace(microsecond=0).isoformat(),
+        "machine": _machine(),
+        "command": (f"qcourse-course simulate --students {students} --stem {stem} "
+                    f"--jobs {jobs} --timeout {cell_timeout:g}"),
+        "students": students, "mix": {k: kinds.count(k) for k in dict.fromkeys(MIX)},
+        "stem": stem, "jobs": jobs, "cores": os.cpu_count(), "sandbox": sandbox,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": round(wall, 1),
         "seconds_per_submission": round(wall / students, 2),
+        "cpu_seconds": round(cpu, 1),
+        "cpu_seconds_per_submission": round(cpu / students, 2),
         "notebook_seconds_median": round(statistics.median(per_notebook), 2),
         "notebook_seconds_p95": round(per_notebook[int(0.95 * (len(per_notebook) - 1))], 2),
         "notebook_seconds_max": round(per_notebook[-1], 2),
-        "load_average_after": round(os.getloadavg()[0], 1),
         "wrong_scores": wrong,
     }
