@@ -48,7 +48,7 @@ HUB_DIR = Path(__file__).resolve().parent.parent / "nbgrader" / "hub"
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("QCOURSE_HUB_TEST") != "1",
-                       reason="QCOURSE_HUB_TEST is unset: the Hub test runs in `make hub-test` (.ci/run)"),
+                       reason="QCOURSE_HUB_TEST is unset: `make hub-test` runs it (.ci/run)"),
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                        reason="needs root and useradd (the Hub starts servers as local users)"),
     pytest.mark.skipif(hub_missing() is not None, reason=str(hub_missing())),
