@@ -57,7 +57,7 @@ $(HUB_STAMP): $(STAMP) nbgrader/hub/package.json nbgrader/hub/package-lock.json 
 # A class on the Hub (tests/test_hub.py): needs root (useradd) and `make hub`; -rs prints why
 # when it skips (no root, or a checkout other accounts cannot read).
 hub-test: hub
-	QCOURSE_HUB_TEST=1 $(BIN)/python -m pytest tests/test_hub.py -n 0 -p no:cacheprovider -rs \
+	QCOURSE_HUB_TEST=1 $(BIN)/python -m pytest tests/test_hub.py -n 0 -p no:cacheprovider -rsP \
 	  --durations=5
 
 lint: venv

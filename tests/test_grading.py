@@ -906,6 +906,34 @@ def test_grading_package_files_and_functions_stay_small(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+# How long a class takes: the recorded simulated class the chapter shows (throughput.py).
+
+
+def test_the_recorded_class_is_what_simulate_writes(tmp_path):
+    """nbgrader/simulated-class.json is a record of `qcourse-course simulate --out`: the same
+    fields as a run made now (a class of 3), consistent, and every score as expected."""
+    import datetime
+
+    from qcourse.grading.throughput import recorded_class_timing
+
+    out = tmp_path / "simulated.json"
+    check(cli("simulate", "--course", str(tmp_path / "course"), "--students", "3", "--jobs", "1",
+              "--out", str(out)))
+    live, rec = load(out), recorded_class_timing()
+    assert live["wrong_scores"] == [] and live["mix"] == {"solution": 3}
+    assert set(rec) == set(live) and set(rec["machine"]) == set(live["machine"])
+    assert rec["wrong_scores"] == [] and rec["sandbox"] is True
+    assert rec["students"] >= 20 and sum(rec["mix"].values()) == rec["students"]
+    assert {"solution", "partial", "blank", "fork-bomb", "writes-outside"} <= set(rec["mix"])
+    assert rec["seconds_per_submission"] == pytest.approx(rec["wall_seconds"] / rec["students"],
+                                                          abs=0.01)
+    assert rec["cpu_seconds_per_submission"] == pytest.approx(
+        rec["cpu_seconds"] / rec["students"], abs=0.01)
+    assert f"--students {rec['students']} " in rec["command"]
+    assert datetime.datetime.fromisoformat(rec["measured_at"]).year >= 2026
+
+
+# ------------------------------------------------------------------------------------------
 # A class: roster, due date and late penalty, LMS exports (qcourse/grading/classroom.py).
 
 ROSTER = """\

@@ -21,9 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from .autograde import grade
+from .course import course_config_path
 from .drills import drill_submissions
 from .notebook import read_json
 from .releases import release
+
+# A recorded run of ``qcourse-course simulate --out``, kept next to the course config.
+RECORDING = "simulated-class.json"
+
+
+def recorded_class_timing() -> dict[str, Any]:
+    """The recorded simulated class (``nbgrader/simulated-class.json``) the grading chapter
+    shows: what ``simulate_class`` returned when it was run with ``--out`` on that file."""
+    return read_json(course_config_path().parent / RECORDING)
+
 
 # Out of every 20 students: 8 hand in the solution, 5 a partial one, 4 the blank release and 3
 # an attack (cycling through the drill's hostile cases).
@@ -32,23 +43,29 @@ HOSTILE = ["silenced-tests", "anything-objects", "infinite-loop", "writes-outsid
            "reads-others", "fork-bomb", "fills-disk", "kills-kernel"]
 
 
-def _hand_in(course: Path, stem: str, students: int, sandbox: bool) -> dict[str, dict]:
-    """Write ``students`` submissions into ``course/simulated``; return their expected scores."""
+def _hand_in(course: Path, stem: str, students: int,
+             sandbox: bool) -> tuple[dict[str, dict], dict[str, str]]:
+    """Write ``students`` submissions into ``course/simulated``; return their expected scores
+    and which drill case each student handed in."""
     source = read_json(course / "source" / stem / f"{stem}.ipynb")
     released = read_json(course / "release" / stem / f"{stem}.ipynb")
     cases = {c.name: c for c in drill_submissions(source, released, sandboxed=sandbox)}
     hostile = [name for name in HOSTILE if name in cases]
     folder = course / "simulated"
     shutil.rmtree(folder, ignore_errors=True)
-    expected = {}
+    expected, handed_in = {}, {}
+    attacks = 0
     for k in range(students):
         kind = MIX[k % len(MIX)]
-        name = hostile[(k // len(MIX)) % len(hostile)] if kind == "hostile" else kind
+        name = kind
+        if kind == "hostile":  # each attack in turn
+            name, attacks = hostile[attacks % len(hostile)], attacks + 1
         student = f"s{k:04d}"
         (folder / student).mkdir(parents=True)
         (folder / student / f"{stem}.ipynb").write_text(cases[name].content)
         expected[student] = cases[name].expected
-    return expected
+        handed_in[student] = name
+    return expected, handed_in
 
 
 def _machine() -> dict[str, Any]:
@@ -82,7 +99,7 @@ def simulate_class(course_dir: str | os.PathLike, *, students: int = 300,
     class of N on C idle cores takes about N times that, divided by C.
     """
     course = release(course_dir, stems=[stem]).course_dir
-    expected = _hand_in(course, stem, students, sandbox)
+    expected, handed_in = _hand_in(course, stem, students, sandbox)
     load_before = os.getloadavg()
     started_at = datetime.datetime.now(datetime.timezone.utc)
     cpu_before = time.process_time() + _children_cpu_seconds()
@@ -94,13 +111,13 @@ def simulate_class(course_dir: str | os.PathLike, *, students: int = 300,
     per_notebook = sorted(r.seconds_nbgrader + r.seconds_split for r in report.results)
     wrong = sorted(r.student for r in report.results
                    if {c.grade_id: c.score for c in r.cells} != expected[r.student])
-    kinds = [MIX[k % len(MIX)] for k in range(students)]
+    cases = list(handed_in.values())
     return {
         "measured_at": started_at.replace(microsecond=0).isoformat(),
         "machine": _machine(),
         "command": (f"qcourse-course simulate --students {students} --stem {stem} "
                     f"--jobs {jobs} --timeout {cell_timeout:g}"),
-        "students": students, "mix": {k: kinds.count(k) for k in dict.fromkeys(MIX)},
+        "students": students, "mix": {c: cases.count(c) for c in dict.fromkeys(cases)},
         "stem": stem, "jobs": jobs, "cores": os.cpu_count(), "sandbox": sandbox,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
