@@ -54,8 +54,8 @@ $(HUB_STAMP): $(STAMP) nbgrader/hub/package.json nbgrader/hub/package-lock.json 
 	$(BIN)/python nbgrader/hub/user_python.py $(VENV)/hub/python
 	touch $@
 
-# A class on the Hub (tests/test_hub.py): needs root (useradd) and `make hub`; -rs prints why
-# when it skips (no root, or a checkout other accounts cannot read).
+# A class on the Hub (tests/test_hub.py): needs root (useradd) and `make hub`; -rsP prints why
+# it skips (no root, or a checkout other accounts cannot read) and the phase times when it passes.
 hub-test: hub
 	QCOURSE_HUB_TEST=1 $(BIN)/python -m pytest tests/test_hub.py -n 0 -p no:cacheprovider -rsP \
 	  --durations=5
