@@ -64,7 +64,8 @@ def become_subreaper() -> None:
 
 
 def kill_descendants() -> int:
-    """Kill every process this one adopted or started (background processes a submission left)."""
+    """Kill every process this one adopted or started (background processes a submission left),
+    and reap the adopted ones that have exited (a sandbox's init, once its bwrap returned)."""
     if not Path("/proc").is_dir():
         return 0
     me, killed = os.getpid(), 0
@@ -78,8 +79,12 @@ def kill_descendants() -> int:
             except OSError:
                 continue
             fields = stat[stat.rfind(")") + 2:].split()
-            if len(fields) > 1 and int(fields[1]) == me and fields[0] != "Z":
-                children.append(int(entry))
+            if len(fields) > 1 and int(fields[1]) == me:
+                if fields[0] != "Z":
+                    children.append(int(entry))
+                else:  # reaped here, or it stays a zombie (and its CPU time uncounted)
+                    with contextlib.suppress(ChildProcessError, OSError):
+                        os.waitpid(int(entry), os.WNOHANG)
         if not children:
             break
         for pid in children:
