@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,24 @@ from .worker import worker_main
 _INTERNAL = {"_student": student_main, "_worker": worker_main, "_nbgrader-batch": batch_main}
 
 
+def _cores() -> int:
+    """The cores this process may run on: each grading worker keeps about one busy."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qcourse-course", description="Release and grade the qcourse exercises with nbgrader.")
@@ -40,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p_gr = sub.add_parser("grade", help="autograde a folder of submissions")
     p_gr.add_argument("submissions", help="folder with STUDENT/STEM.ipynb files")
     p_gr.add_argument("--course", default=DEFAULT_COURSE_DIR, help="course directory")
-    p_gr.add_argument("--jobs", type=int, default=2, help="submissions graded at once")
+    p_gr.add_argument("--jobs", type=_positive, default=_cores(),
+                      help="submissions graded at once (default: one per core, here %(default)s)")
     p_gr.add_argument("--timeout", type=float, default=30, help="seconds per cell")
     p_gr.add_argument("--no-feedback", action="store_true", help="skip feedback HTML")
     p_dr = sub.add_parser("drill", help="grade submissions with known scores, to test a setup")
@@ -48,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p_dr.add_argument("--notebooks", default=None)
     p_dr.add_argument("--stems", default=None)
     p_dr.add_argument("--cases", default=None, help="comma-separated case names (default all)")
-    p_dr.add_argument("--jobs", type=int, default=2)
+    p_dr.add_argument("--jobs", type=_positive, default=2)
     p_dr.add_argument("--timeout", type=float, default=10)
     p_ss = sub.add_parser("self-study", help="write MyST pages with solutions behind toggles")
     p_ss.add_argument("notebooks", nargs="+", help="exercise notebooks")
@@ -75,9 +95,10 @@ def _classroom_parsers(sub: argparse._SubParsersAction) -> None:
     p_ex.add_argument("--course", default=DEFAULT_COURSE_DIR, help="course directory")
     p_si = sub.add_parser("simulate", help="time the grading of a simulated class")
     p_si.add_argument("--course", default="_build/simulated-class", help="scratch course")
-    p_si.add_argument("--students", type=int, default=300)
+    p_si.add_argument("--students", type=_positive, default=300)
     p_si.add_argument("--stem", default="fixed_point")
-    p_si.add_argument("--jobs", type=int, default=2)
+    p_si.add_argument("--jobs", type=_positive, default=_cores(),
+                      help="submissions graded at once (default: one per core, here %(default)s)")
     p_si.add_argument("--timeout", type=float, default=10)
     p_si.add_argument("--out", default=None, help="also write the timings here (JSON)")
     p_si.add_argument("-v", "--verbose", action="store_true", help="report each submission")
