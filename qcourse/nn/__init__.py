@@ -11,6 +11,9 @@ activations (:func:`capture_activations`, for calibration) and to change them (a
 returns a fake-quantized copy of a layer's output, for post-training quantization).  Gradients
 flow through a hook as if it were the identity: the straight-through rule.
 
+:mod:`qcourse.nn.cnn` adds the convolutional layers (:class:`Conv2d` with stride, padding and
+groups, :class:`BatchNorm2d`, pooling, :class:`Flatten`) for images in NCHW layout.
+
 Everything is float32 by default; pass ``dtype=np.float64`` to build a model for gradient checks.
 """
 
@@ -34,6 +37,7 @@ from qcourse.nn.core import (
     train,
     train_epoch,
 )
+from qcourse.nn.cnn import AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d
 
 __all__ = [
     "MLP",
@@ -54,4 +58,9 @@ __all__ = [
     "softmax_cross_entropy",
     "train",
     "train_epoch",
+    "AvgPool2d",
+    "BatchNorm2d",
+    "Conv2d",
+    "Flatten",
+    "GlobalAvgPool2d",
 ]

@@ -53,13 +53,17 @@ def _check_positive(value, name: str) -> float:
     return float(value)
 
 
-def _check_features(x, name: str = "x", *, finite: bool = True) -> np.ndarray:
+def _check_features(x, name: str = "x", *, finite: bool = True,
+                    images: bool = False) -> np.ndarray:
+    """A float batch: 2-D (batch, features), or with ``images=True`` also 4-D (NCHW images)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (batch, features), got shape {x.shape}")
+    if x.ndim != 2 and not (images and x.ndim == 4):
+        wanted = "2-D (batch, features) or 4-D (batch, channels, height, width)" if images \
+            else "2-D (batch, features)"
+        raise ValueError(f"{name} must be {wanted}, got shape {x.shape}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} must not be empty, got shape {x.shape}")
     if finite and not np.all(np.isfinite(x)):
@@ -155,6 +159,13 @@ class Module:
     def parameters(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(param, grad)`` pairs; optimizers update ``param`` in place from ``grad``."""
         return []
+
+    def set_training(self, training: bool) -> None:
+        """Training or inference behaviour (batch norm's statistics); no-op for most layers.
+
+        :func:`train` switches the model to training for its epochs and back to inference at
+        the end; a :class:`Sequential` passes the switch on to its layers.
+        """
 
     def named_parameters(self) -> list[tuple[str, np.ndarray]]:
         return []
@@ -308,6 +319,10 @@ class Sequential(Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def set_training(self, training: bool) -> None:
+        for layer in self.layers:
+            layer.set_training(training)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         for layer in reversed(self.layers):
@@ -524,7 +539,7 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a qcourse.nn.Module, got {type(model).__name__}")
-    X = _check_features(X, "X")
+    X = _check_features(X, "X", images=True)
     y = _check_labels(y, X.shape[0], _num_outputs(model))
     epochs = _check_int(epochs, "epochs")
     batch_size = _check_int(batch_size, "batch_size")
@@ -535,26 +550,30 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
     n = X.shape[0]
     history: dict[str, list[float]] = {"loss": [], "train_accuracy": []}
     bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
-    for _ in bar:
-        loss, acc = train_epoch(model, X, y, rng.permutation(n), batch_size, opt)
-        history["loss"].append(loss)
-        history["train_accuracy"].append(acc)
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-    bar.close()
+    model.set_training(True)
+    try:
+        for _ in bar:
+            loss, acc = train_epoch(model, X, y, rng.permutation(n), batch_size, opt)
+            history["loss"].append(loss)
+            history["train_accuracy"].append(acc)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+    finally:
+        model.set_training(False)
+        bar.close()
     return history
 
 
 def predict(model: Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Predicted class (argmax of the logits) for each row of ``X``, as int64."""
-    X = _check_features(X, "X")
+    """Predicted class (argmax of the logits) for each row (or image) of ``X``, as int64."""
+    X = _check_features(X, "X", images=True)
     batch_size = _check_int(batch_size, "batch_size")
     out = [np.argmax(model(X[s:s + batch_size]), axis=1) for s in range(0, X.shape[0], batch_size)]
     return np.concatenate(out).astype(np.int64)
 
 
 def accuracy(model: Module, X: np.ndarray, y: np.ndarray, batch_size: int = 4096) -> float:
-    """Fraction of rows of ``X`` whose predicted class equals ``y``."""
-    X = _check_features(X, "X")
+    """Fraction of rows (or images) of ``X`` whose predicted class equals ``y``."""
+    X = _check_features(X, "X", images=True)
     y = _check_labels(y, X.shape[0])
     return float(np.mean(predict(model, X, batch_size) == y))
 
@@ -577,7 +596,7 @@ def capture_activations(model: Sequential, X: np.ndarray, layers=None,
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    X = _check_features(X, "X")
+    X = _check_features(X, "X", images=True)
     batch_size = _check_int(batch_size, "batch_size")
     names = list(model.names) if layers is None else list(layers)
     for name in names:
