@@ -7,7 +7,7 @@ All loops run without the GIL.  Loops that need particular instructions live in 
 compiled once per instruction set and chosen at run time.
 """
 
-from libc.stdint cimport int8_t, int32_t, uint8_t, uint32_t
+from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t, uint32_t
 
 
 cdef extern from "_qgemm.h" nogil:
@@ -181,3 +181,47 @@ def gemm_packed_requant(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
     if ran < 0:
         raise MemoryError("could not allocate the per-thread int32 buffer")
     return ran
+
+
+cdef extern from "_depthwise.h" nogil:
+    ctypedef struct qc_dw_args:
+        const int8_t *x
+        const int32_t *bias
+        const int16_t *wz
+        const float *mult
+        int32_t zx, zp, qmin, qmax
+        Py_ssize_t n, h, wd, c, kh, kw, stride, pad, oh, ow
+        uint8_t *y
+    void qc_dw_requant(int path, const qc_dw_args *a, int32_t *scratch, Py_ssize_t n0,
+                       Py_ssize_t n1)
+
+
+def depthwise_requant(int path, const int8_t[:, :, :, ::1] x, const int16_t[:, :, ::1] wz,
+                      const int32_t[::1] bias, const float[::1] mult, int x_zero_point,
+                      int zero_point, int qmin, int qmax, int stride, int pad,
+                      int32_t[::1] scratch, uint8_t[:, :, :, ::1] y):
+    """Depthwise convolution, NHWC, with requantization fused; wz = w - zw as int16 (kh, kw, c).
+
+    bias may be empty (none); mult and scratch have c entries."""
+    cdef qc_dw_args args
+    args.x = &x[0, 0, 0, 0]
+    args.bias = &bias[0] if bias.shape[0] > 0 else NULL
+    args.wz = &wz[0, 0, 0]
+    args.mult = &mult[0]
+    args.zx = x_zero_point
+    args.zp = zero_point
+    args.qmin = qmin
+    args.qmax = qmax
+    args.n = x.shape[0]
+    args.h = x.shape[1]
+    args.wd = x.shape[2]
+    args.c = x.shape[3]
+    args.kh = wz.shape[0]
+    args.kw = wz.shape[1]
+    args.stride = stride
+    args.pad = pad
+    args.oh = y.shape[1]
+    args.ow = y.shape[2]
+    args.y = &y[0, 0, 0, 0]
+    with nogil:
+        qc_dw_requant(path, &args, &scratch[0], 0, args.n)

@@ -34,10 +34,35 @@ The module has four parts:
 from __future__ import annotations
 
 import numbers
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["conv_output_size", "im2col"]
+from qcourse.affine import QParams, dequantize, quantize, storage_dtype
+from qcourse.int_matmul import (
+    ACTIVATIONS,
+    REQUANTIZATIONS,
+    QuantizedLinear,
+    activation_range,
+    float_multiplier,
+    requantize_fixed_point,
+    requantize_float,
+)
+from qcourse.kernels import _path_code, depthwise_conv_int8, depthwise_conv_int8_reference
+
+__all__ = [
+    "IntegerCNN",
+    "IntegerGlobalAvgPool",
+    "QuantizedConv2d",
+    "conv2d_accumulate",
+    "conv2d_int8",
+    "conv2d_int8_reference",
+    "conv_output_size",
+    "im2col",
+    "qlinear_conv",
+    "qlinear_conv_reference",
+]
 
 _LAYOUTS = ("NCHW", "NHWC")
 
@@ -114,3 +139,553 @@ def im2col(x, kernel_size, stride: int = 1, padding: int = 0, *, layout: str = "
         return np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5))
     win = win[:, :stride * oh:stride, :stride * ow:stride]   # (n, H', W', c, kh, kw)
     return np.ascontiguousarray(win.transpose(0, 1, 2, 4, 5, 3))
+
+
+# --- integer convolution, NHWC ---------------------------------------------------------------
+
+
+def _check_codes(name: str, x, ndim: int, layout: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of int8 or uint8 codes, got "
+                        f"{type(x).__name__}")
+    if x.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        raise TypeError(f"{name} must have dtype int8 or uint8, got {x.dtype}")
+    if x.ndim != ndim or x.size == 0:
+        raise ValueError(f"{name} must be a non-empty {ndim}-D array ({layout}), got shape "
+                         f"{x.shape}")
+    return x
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding, groups, layout="NHWC"):
+    """Check that a weight (out, in/groups, kh, kw) fits an input; return (oh, ow, groups)."""
+    c = x_shape[3] if layout == "NHWC" else x_shape[1]
+    h, wd = (x_shape[1], x_shape[2]) if layout == "NHWC" else (x_shape[2], x_shape[3])
+    groups = _check_int(groups, "groups", 1)
+    out, cg, kh, kw = w_shape
+    if c % groups or out % groups:
+        raise ValueError(f"groups={groups} must divide the input channels ({c}) and the output "
+                         f"channels ({out})")
+    if cg * groups != c:
+        axis = 3 if layout == "NHWC" else 1
+        raise ValueError(f"the weight expects {cg * groups} input channels ({cg} per group x "
+                         f"{groups} groups) but x has {c} (axis {axis}, {layout})")
+    oh = conv_output_size(h, kh, stride, padding, "height")
+    ow = conv_output_size(wd, kw, stride, padding, "width")
+    return oh, ow, groups
+
+
+def _zero_points(w_zero_point, out: int) -> np.ndarray:
+    zw = np.broadcast_to(np.asarray(0 if w_zero_point is None else w_zero_point), (out,))
+    if zw.dtype.kind not in "iu":
+        raise TypeError(f"w_zero_point must be integers, got dtype {zw.dtype}")
+    return zw.astype(np.int64)
+
+
+def conv2d_accumulate(x_q, w_q, *, x_zero_point: int = 0, w_zero_point=None, bias=None,
+                      stride: int = 1, padding: int = 0, groups: int = 1) -> np.ndarray:
+    r"""The exact int32 accumulators of an integer convolution (NumPy reference, NHWC).
+
+    .. math::
+
+        v_{n,i,j,o} = b_o + \sum_{c \in g(o)} \sum_{u,v}
+            (x_{n,\,s i + u - p,\,s j + v - p,\,c} - Z_x)\,(W_{o,c,u,v} - Z_{W,o})
+
+    with the input padded by :math:`Z_x` (so the padding contributes nothing, exactly as a float
+    convolution padded with 0).  ``x_q`` is (n, h, w, c) int8 or uint8; ``w_q`` is (out,
+    in/groups, kh, kw), integer codes; ``bias`` int32 (out,).  Computed in int64 by im2col and a
+    matrix product per group; a sum outside int32 raises ``ValueError``.
+
+    Returns
+    -------
+    numpy.ndarray, int32, (n, oh, ow, out)
+    """
+    x = _check_codes("x_q", x_q, 4, "n, h, w, c")
+    w = np.asarray(w_q)
+    if w.ndim != 4 or w.dtype.kind not in "iu":
+        raise ValueError(f"w_q must be a 4-D integer array (out, in/groups, kh, kw), got "
+                         f"{w.dtype} {w.shape}")
+    oh, ow, groups = _conv_geometry(x.shape, w.shape, stride, padding, groups)
+    out, cg, kh, kw = w.shape
+    zx = int(x_zero_point)
+    cols = im2col(x, (kh, kw), stride, padding, layout="NHWC", pad_value=zx)
+    n = x.shape[0]
+    cols = cols.reshape(n * oh * ow, kh * kw, groups, cg).astype(np.int64) - zx
+    wz = w.astype(np.int64) - _zero_points(w_zero_point, out)[:, None, None, None]
+    og = out // groups
+    acc = np.empty((n * oh * ow, out), np.int64)
+    for g in range(groups):
+        wg = wz[g * og:(g + 1) * og].transpose(0, 2, 3, 1).reshape(og, -1)   # (og, kh*kw*cg)
+        acc[:, g * og:(g + 1) * og] = cols[:, :, g, :].reshape(n * oh * ow, -1) @ wg.T
+    if bias is not None:
+        acc += np.asarray(bias, dtype=np.int64)
+    if np.any((acc < -(2**31)) | (acc > 2**31 - 1)):
+        raise ValueError("the convolution's int32 accumulator overflows for this input")
+    return acc.astype(np.int32).reshape(n, oh, ow, out)
+
+
+def _requant_float(acc, multiplier, zp, qmin, qmax, out_dtype):
+    f = acc.astype(np.float32) * np.asarray(multiplier, np.float32)
+    q = np.rint(np.clip(f, np.float32(qmin - zp), np.float32(qmax - zp))) + zp
+    return q.astype(np.int32).astype(out_dtype)
+
+
+def _out_range(out_dtype, qmin, qmax):
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        raise TypeError(f"out_dtype must be int8 or uint8, got {out_dtype}")
+    info = np.iinfo(out_dtype)
+    lo = int(info.min) if qmin is None else int(qmin)
+    hi = int(info.max) if qmax is None else int(qmax)
+    if not info.min <= lo <= hi <= info.max:
+        raise ValueError(f"need {info.min} <= qmin <= qmax <= {info.max}, got {lo}, {hi}")
+    return out_dtype, lo, hi
+
+
+def conv2d_int8_reference(x_q, w_q, multiplier, output_zero_point: int = 0, *, bias=None,
+                          x_zero_point: int = 0, w_zero_point=None, stride: int = 1,
+                          padding: int = 0, groups: int = 1, out_dtype=np.int8,
+                          qmin: int | None = None, qmax: int | None = None) -> np.ndarray:
+    r"""NumPy twin of :func:`conv2d_int8`: :func:`conv2d_accumulate`, then the float
+    requantization :math:`\mathrm{clamp}(\mathrm{rhe}(\mathrm{f32}(v)\, m_o) + Z_y, q_{\min},
+    q_{\max})` of :func:`qcourse.int_matmul.requantize_float`."""
+    out_dtype, lo, hi = _out_range(out_dtype, qmin, qmax)
+    acc = conv2d_accumulate(x_q, w_q, x_zero_point=x_zero_point, w_zero_point=w_zero_point,
+                            bias=bias, stride=stride, padding=padding, groups=groups)
+    m = np.broadcast_to(np.asarray(multiplier, np.float64), (acc.shape[3],))
+    if not np.all(np.isfinite(m) & (m > 0)):
+        raise ValueError("multiplier must be finite and > 0 (a scalar or one per output channel)")
+    zp = int(output_zero_point)
+    if not lo <= zp <= hi:
+        raise ValueError(f"output_zero_point must lie in [{lo}, {hi}], got {zp}")
+    return _requant_float(acc, m, zp, lo, hi, out_dtype)
+
+
+def _as_int8(x: np.ndarray, zp: int) -> tuple[np.ndarray, int]:
+    """uint8 codes -> int8 by subtracting 128 (x - zp unchanged when zp moves too)."""
+    if x.dtype == np.uint8:
+        return (x.astype(np.int16) - 128).astype(np.int8), zp - 128
+    return x, zp
+
+
+def conv2d_int8(x_q, w_q, multiplier, output_zero_point: int = 0, *, bias=None,
+                x_zero_point: int = 0, w_zero_point=None, stride: int = 1, padding: int = 0,
+                groups: int = 1, out_dtype=np.int8, qmin: int | None = None,
+                qmax: int | None = None, path: str | None = None) -> np.ndarray:
+    r"""Integer convolution with fused requantization, NHWC, on the compiled kernels.
+
+    The same result as :func:`conv2d_int8_reference`, bit for bit:
+
+    * a **regular** convolution (``groups=1``) is im2col (padding with :math:`Z_x`) onto the
+      int8 GEMM with fused requantization, :func:`qcourse.kernels.matmul_int8_requant`: rows
+      are output pixels, columns output channels, K = kh * kw * in; a 1x1 convolution with
+      stride 1 needs no im2col at all (the NHWC input *is* the patch matrix);
+    * a **depthwise** convolution (``groups == in == out``) runs
+      :func:`qcourse.kernels.depthwise_conv_int8`, vectorized across channels;
+    * other grouped convolutions run one GEMM per group.
+
+    ``x_q`` (n, h, w, c) int8 or uint8; ``w_q`` (out, in/groups, kh, kw) int8;
+    ``multiplier`` float or per output channel; ``path`` as in
+    :func:`qcourse.kernels.matmul_int8_packed`.  See the conv chapter.
+    """
+    from qcourse.kernels import matmul_int8_requant
+
+    x = _check_codes("x_q", x_q, 4, "n, h, w, c")
+    w = _check_codes("w_q", w_q, 4, "out, in/groups, kh, kw")
+    if w.dtype != np.int8:
+        raise TypeError(f"w_q must be int8, got {w.dtype}")
+    oh, ow, groups = _conv_geometry(x.shape, w.shape, stride, padding, groups)
+    out, cg, kh, kw = w.shape
+    n, c = x.shape[0], x.shape[3]
+    x8, zx = _as_int8(x, int(x_zero_point))
+    if not -128 <= zx <= 127:
+        raise ValueError(f"x_zero_point must lie in the range of x's dtype {x.dtype}, got "
+                         f"{x_zero_point}")
+    common = dict(bias=bias, x_zero_point=zx, w_zero_point=w_zero_point, out_dtype=out_dtype,
+                  qmin=qmin, qmax=qmax, path=path)
+    if groups == c == out and cg == 1:
+        return depthwise_conv_int8(x8, np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)),
+                                   multiplier, output_zero_point, stride=stride,
+                                   padding=padding, **common)
+    common.pop("x_zero_point")
+    zw = common.pop("w_zero_point")
+    zw_all = None if zw is None else np.broadcast_to(np.asarray(zw), (out,))
+    m_all = np.broadcast_to(np.asarray(multiplier, np.float64), (out,))
+    b_all = None if bias is None else np.asarray(bias)
+    common.pop("bias")
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        cols = x8.reshape(n * oh * ow, 1, groups, cg)      # a 1x1 convolution: no im2col
+    else:
+        cols = im2col(x8, (kh, kw), stride, padding, layout="NHWC", pad_value=zx)
+        cols = cols.reshape(n * oh * ow, kh * kw, groups, cg)
+    og = out // groups
+    parts = []
+    for g in range(groups):
+        sl = slice(g * og, (g + 1) * og)
+        a = np.ascontiguousarray(cols[:, :, g, :]).reshape(n * oh * ow, -1)
+        b = np.ascontiguousarray(w[sl].transpose(0, 2, 3, 1).reshape(og, -1).T)
+        parts.append(matmul_int8_requant(
+            a, b, m_all[sl], output_zero_point, a_zero_point=zx,
+            b_zero_point=None if zw_all is None else zw_all[sl],
+            bias=None if b_all is None else np.ascontiguousarray(b_all[sl]), **common))
+    y = parts[0] if groups == 1 else np.concatenate(parts, axis=1)
+    return y.reshape(n, oh, ow, out)
+
+
+# --- the ONNX operator ---------------------------------------------------------------------------
+
+
+def _onnx_conv_attrs(w_shape, strides, pads, dilations, group):
+    if dilations is not None and any(int(d) != 1 for d in np.atleast_1d(dilations)):
+        raise ValueError(f"dilations must be 1 (dilated convolutions are not supported), got "
+                         f"{dilations}")
+    s = np.atleast_1d(np.asarray(strides if strides is not None else 1))
+    if s.size not in (1, 2) or len(set(s.tolist())) != 1:
+        raise ValueError(f"strides must be one value or two equal values, got {strides}")
+    p = np.atleast_1d(np.asarray(pads if pads is not None else 0))
+    if p.size not in (1, 4) or len(set(p.tolist())) != 1:
+        raise ValueError(f"pads must be one value or four equal values (top, left, bottom, "
+                         f"right), got {pads}")
+    return int(s[0]), int(p[0]), _check_int(group, "group", 1)
+
+
+def _qlinear_conv_args(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                       y_zero_point, B, strides, pads, dilations, group):
+    x = _check_codes("x", x, 4, "N, C, H, W")
+    w = _check_codes("w", w, 4, "M, C/group, kH, kW")
+    stride, pad, group = _onnx_conv_attrs(w.shape, strides, pads, dilations, group)
+    _conv_geometry(x.shape, w.shape, stride, pad, group, layout="NCHW")
+    out = w.shape[0]
+    sx, sw, sy = (np.asarray(s, dtype=np.float32) for s in (x_scale, w_scale, y_scale))
+    if sx.size != 1 or sy.size != 1:
+        raise ValueError("x_scale and y_scale must be scalars (per tensor)")
+    if sw.size not in (1, out):
+        raise ValueError(f"w_scale must be a scalar or have {out} entries (per output channel), "
+                         f"got shape {sw.shape}")
+    zy = np.asarray(y_zero_point)
+    if zy.dtype != x.dtype:
+        raise TypeError(f"y_zero_point must have x's dtype {x.dtype} (ONNX: T3 = T1 here), got "
+                        f"{zy.dtype}")
+    zx = int(np.asarray(x_zero_point).reshape(()))
+    zw = np.broadcast_to(np.asarray(w_zero_point).astype(np.int64).reshape(-1), (out,))
+    mult = np.broadcast_to(float_multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(())),
+                           (out,))
+    bias = None if B is None else np.asarray(B)
+    if bias is not None and (bias.dtype != np.int32 or bias.shape != (out,)):
+        raise TypeError(f"B must be int32 of shape ({out},), got {bias.dtype} {bias.shape}")
+    w8 = w if w.dtype == np.int8 else (w.astype(np.int16) - 128).astype(np.int8)
+    zw8 = zw if w.dtype == np.int8 else zw - 128
+    return (np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w8, mult, zx, zw8, bias, stride,
+            pad, group, int(zy.reshape(())), x.dtype)
+
+
+def qlinear_conv_reference(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                           y_zero_point, B=None, *, strides=1, pads=0, dilations=None,
+                           group: int = 1) -> np.ndarray:
+    """NumPy twin of :func:`qlinear_conv` (same arguments, same result)."""
+    (xh, w8, mult, zx, zw, bias, stride, pad, group, zy,
+     dt) = _qlinear_conv_args(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                              y_zero_point, B, strides, pads, dilations, group)
+    y = conv2d_int8_reference(xh, w8, mult, zy, bias=bias, x_zero_point=zx,
+                              w_zero_point=zw, stride=stride, padding=pad, groups=group,
+                              out_dtype=dt)
+    return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+
+
+def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
+                 B=None, *, strides=1, pads=0, dilations=None, group: int = 1) -> np.ndarray:
+    r"""The ONNX ``QLinearConv`` operator (NCHW), bit for bit as ONNX Runtime computes it.
+
+    .. math::
+
+        y = \mathrm{saturate}\big(\mathrm{rhe}(\mathrm{fl}(v) \cdot m_o) + Z_y\big),\quad
+        v = B_o + \sum (x - Z_x)(w - Z_{w,o}),\quad
+        m_o = \mathrm{fl}(\mathrm{fl}(S_x S_{w,o}) / S_y)
+
+    with the input padded by :math:`Z_x`.  Arguments in the operator's order and types: ``x``
+    (N, C, H, W) uint8 or int8; ``w`` (M, C/group, kH, kW) int8 (or uint8); scales float32
+    (``w_scale`` per tensor or per output channel); ``B`` int32 (M,) at scale
+    :math:`S_x S_w`; ``y_zero_point`` of ``x``'s dtype.  ``strides`` and ``pads`` may be
+    given as ONNX lists if all entries are equal (``pads = [p, p, p, p]``); ``dilations`` must
+    be 1.  Runs :func:`conv2d_int8` in NHWC (the input is transposed once, the output back);
+    :func:`qlinear_conv_reference` is its NumPy twin.  See the conv chapter.
+    """
+    (xh, w8, mult, zx, zw, bias, stride, pad, group, zy,
+     dt) = _qlinear_conv_args(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                              y_zero_point, B, strides, pads, dilations, group)
+    y = conv2d_int8(xh, w8, mult, zy, bias=bias, x_zero_point=zx,
+                    w_zero_point=None if not np.any(zw) else zw, stride=stride, padding=pad,
+                    groups=group, out_dtype=dt)
+    return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+
+
+# --- a whole network ---------------------------------------------------------------------------
+
+_KINDS = ("conv", "depthwise", "pointwise")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedConv2d:
+    r"""A quantized convolution computed with integers only: ``y = act(conv(x, W) + b)``, NHWC.
+
+    .. math::
+
+        q_{y} = \mathrm{clamp}\big(Z_y + \mathrm{round}(M_o\, v),\ \mathrm{lo},\ \mathrm{hi}\big),
+        \qquad v = q_{b,o} + \sum (q_x - Z_x)(q_{W,o} - Z_{W,o}),
+        \qquad M_o = \frac{S_x S_{W,o}}{S_y}
+
+    Attributes (a plain record an exporter reads directly):
+
+    * ``weight_q`` int8 (out, in/groups, kh, kw), the ONNX/PyTorch layout; ``weight_qparams``
+      per tensor or per output channel (``axis=0``);
+    * ``bias_q`` int32 (out,), scale :math:`S_x S_{W,o}`, zero point 0 (the folded batch norm
+      lives here);
+    * ``input_qparams``, ``output_qparams``: per tensor, int8 or uint8 grids;
+    * ``stride``, ``padding`` (the same on all four sides; padding holds :math:`Z_x`),
+      ``groups`` (1, or the channel count for a depthwise layer);
+    * ``activation`` fused as the clamp ``output_range`` (ReLU6: ``[Z_y, Z_y + round(6/S_y)]``).
+
+    Derived: :attr:`kind`, :attr:`float_multiplier` (ONNX Runtime's :math:`m_o`),
+    :meth:`fixed_point_params` (TFLite's :math:`(M_0, \text{shift})` per channel),
+    :attr:`output_range`.  The arithmetic is that of
+    :class:`qcourse.int_matmul.QuantizedLinear` over im2col patches -- which this class holds as
+    :attr:`linear` (weight reshaped to (out, kh * kw * in/groups)) and reuses for its checks,
+    multipliers and requantizations.  :meth:`__call__` runs the compiled kernels
+    (:func:`conv2d_int8`, float requantization); :meth:`reference` runs NumPy in any of
+    :data:`qcourse.int_matmul.REQUANTIZATIONS`.  See the conv chapter.
+    """
+
+    weight_q: np.ndarray
+    bias_q: np.ndarray | None
+    input_qparams: QParams
+    weight_qparams: QParams
+    output_qparams: QParams
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    activation: str = "none"
+    linear: QuantizedLinear = field(init=False, repr=False)
+
+    def __post_init__(self):
+        w = np.asarray(self.weight_q)
+        if w.ndim != 4 or w.size == 0:
+            raise ValueError(f"weight_q must be a non-empty 4-D array (out, in/groups, kh, kw), "
+                             f"got shape {w.shape}")
+        out, cg, kh, kw = w.shape
+        groups = _check_int(self.groups, "groups", 1)
+        if out % groups:
+            raise ValueError(f"groups={groups} must divide the output channels ({out})")
+        if groups > 1 and not (cg == 1 and groups == out):
+            raise ValueError("only regular (groups=1) and depthwise (groups == in == out) "
+                             "convolutions are supported")
+        _check_int(self.stride, "stride", 1)
+        _check_int(self.padding, "padding", 0)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        # (out, kh, kw, in/groups): the order of an NHWC patch
+        flat = w.transpose(0, 2, 3, 1).reshape(out, -1)
+        linear = QuantizedLinear(flat, self.bias_q, self.input_qparams, self.weight_qparams,
+                                 self.output_qparams, self.activation)
+        w8 = w.astype(np.int8)
+        w8.flags.writeable = False
+        object.__setattr__(self, "weight_q", w8)
+        object.__setattr__(self, "bias_q", linear.bias_q)
+        for name in ("input_qparams", "weight_qparams", "output_qparams"):
+            object.__setattr__(self, name, getattr(linear, name))
+        object.__setattr__(self, "linear", linear)
+
+    @classmethod
+    def from_float(cls, weight, bias, input_qparams: QParams, output_qparams: QParams, *,
+                   stride: int = 1, padding: int = 0, groups: int = 1,
+                   activation: str = "none", per_channel: bool = True) -> QuantizedConv2d:
+        """Quantize a float (folded) convolution: int8 symmetric weights, int32 bias."""
+        w = np.asarray(weight, dtype=np.float64)
+        if w.ndim != 4:
+            raise ValueError(f"weight must be 4-D (out, in/groups, kh, kw), got {w.shape}")
+        lin = QuantizedLinear.from_float(w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1), bias,
+                                         input_qparams, output_qparams,
+                                         per_channel=per_channel, activation=activation)
+        w_q = lin.weight_q.reshape(w.shape[0], w.shape[2], w.shape[3], w.shape[1])
+        return cls(w_q.transpose(0, 3, 1, 2), lin.bias_q, lin.input_qparams,
+                   lin.weight_qparams, lin.output_qparams, stride, padding, groups, activation)
+
+    @property
+    def kind(self) -> str:
+        """``"depthwise"``, ``"pointwise"`` (1x1, groups 1) or ``"conv"``."""
+        if self.groups > 1:
+            return "depthwise"
+        return "pointwise" if self.weight_q.shape[2:] == (1, 1) else "conv"
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_q.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_q.shape[0]
+
+    @property
+    def float_multiplier(self) -> np.ndarray:
+        """:math:`m_o` per output channel, float32, as ONNX Runtime computes it."""
+        return self.linear.float_multiplier
+
+    def fixed_point_params(self, rounding: str = "double"):
+        """TFLite's per-channel ``(multiplier, shift)`` (see QuantizedLinear)."""
+        return self.linear.fixed_point_params(rounding)
+
+    @property
+    def output_range(self) -> tuple[int, int]:
+        return self.linear.output_range
+
+    def _check_input(self, x_q) -> np.ndarray:
+        qp = self.input_qparams
+        x = _check_codes("x_q", x_q, 4, "n, h, w, c")
+        if x.dtype != storage_dtype(qp.qmin, qp.qmax):
+            raise TypeError(f"x_q must have dtype {storage_dtype(qp.qmin, qp.qmax)}, got "
+                            f"{x.dtype}")
+        if x.shape[3] != self.in_channels:
+            raise ValueError(f"x_q must have {self.in_channels} channels on its last axis "
+                             f"(NHWC), got shape {x.shape}")
+        return x
+
+    def accumulate(self, x_q) -> np.ndarray:
+        """int32 accumulators (n, oh, ow, out): :func:`conv2d_accumulate` with this layer."""
+        x = self._check_input(x_q)
+        return conv2d_accumulate(x, self.weight_q, x_zero_point=int(self.input_qparams.zero_point),
+                                 w_zero_point=self.linear.weight_zero_point, bias=self.bias_q,
+                                 stride=self.stride, padding=self.padding, groups=self.groups)
+
+    def reference(self, x_q, requantization: str = "float") -> np.ndarray:
+        """Integer inference in NumPy with the named requantization (float or TFLite's)."""
+        if requantization not in REQUANTIZATIONS:
+            raise ValueError(f"requantization must be one of {REQUANTIZATIONS}, got "
+                             f"{requantization!r}")
+        acc = self.accumulate(x_q)
+        lo, hi = self.output_range
+        zy = int(self.output_qparams.zero_point)
+        dt = storage_dtype(self.output_qparams.qmin, self.output_qparams.qmax)
+        if requantization == "float":
+            return requantize_float(acc, self.float_multiplier, zy, lo, hi).astype(dt)
+        rounding = requantization.removeprefix("tflite_")
+        mult, shift = self.fixed_point_params(rounding)
+        return requantize_fixed_point(acc, mult, shift, zy, lo, hi,
+                                      rounding=rounding).astype(dt)
+
+    def __call__(self, x_q, requantization: str = "float", *, path: str | None = None):
+        """Integer inference; ``"float"`` on the compiled kernels, bit for bit
+        :meth:`reference`.  The fixed-point requantizations run :meth:`reference`."""
+        if requantization != "float":
+            return self.reference(x_q, requantization)
+        x = self._check_input(x_q)
+        lo, hi = self.output_range
+        zw = self.linear.weight_zero_point
+        return conv2d_int8(
+            x, self.weight_q, self.float_multiplier.astype(np.float64),
+            int(self.output_qparams.zero_point), bias=self.bias_q,
+            x_zero_point=int(self.input_qparams.zero_point),
+            w_zero_point=zw if np.any(zw != 0) else None, stride=self.stride,
+            padding=self.padding, groups=self.groups,
+            out_dtype=storage_dtype(self.output_qparams.qmin, self.output_qparams.qmax),
+            qmin=lo, qmax=hi, path=path)
+
+
+@dataclass(frozen=True)
+class IntegerGlobalAvgPool:
+    r"""Global average pooling on int8 codes, output on the input's grid (same scale and zero
+    point), as TFLite's ``MEAN`` / ``AVERAGE_POOL_2D`` require.
+
+    .. math:: q_{y,c} = \mathrm{round}\Big(\frac{1}{hw}\sum_{i,j} q_{x,i,j,c}\Big)
+
+    The mean of codes is the code of the mean (the affine map commutes with averaging); the
+    only question is the rounding of :math:`\sum / hw`: round half to even for ``"float"``
+    requantization (a float computation, as ONNX Runtime's), half away from zero for the
+    TFLite ones (``(sum + hw/2) / hw`` for positive sums, as TFLite's reference kernel).  NHWC
+    in, (n, c) out.
+    """
+
+    qparams: QParams
+
+    kind = "pool"
+
+    def __call__(self, x_q, requantization: str = "float", *, path: str | None = None):
+        x = _check_codes("x_q", x_q, 4, "n, h, w, c")
+        count = x.shape[1] * x.shape[2]
+        total = x.astype(np.int64).sum(axis=(1, 2))
+        if requantization == "float":
+            q = np.rint(total / count)
+        else:
+            q = np.sign(total) * ((np.abs(total) + count // 2) // count)
+        return q.astype(x.dtype)
+
+    reference = __call__
+
+
+@dataclass(eq=False)
+class IntegerCNN:
+    """A CNN that runs on integers end to end: float images in, int8 logits out.
+
+    ``input_qparams`` quantizes the float NCHW images once (to NHWC codes); ``layers`` is a list
+    of ``(name, layer)`` with each layer a :class:`QuantizedConv2d`, an
+    :class:`IntegerGlobalAvgPool` or a :class:`qcourse.int_matmul.QuantizedLinear` (the
+    classifier, on the pooled (n, c) codes): each layer's output codes are the next one's input
+    codes.  Built from a trained float model by :func:`qcourse.cnn.convert_cnn`; read by an
+    exporter as it is.  ``requantization`` is one of
+    :data:`qcourse.int_matmul.REQUANTIZATIONS`.
+    """
+
+    input_qparams: QParams
+    layers: list
+    requantization: str = "float"
+
+    def quantize_input(self, X) -> np.ndarray:
+        """Float NCHW images -> int8 NHWC codes (round half to even, saturate)."""
+        X = np.asarray(X)
+        if X.ndim != 4:
+            raise ValueError(f"X must be 4-D float images (n, c, h, w), got shape {X.shape}")
+        q = quantize(X.transpose(0, 2, 3, 1), self.input_qparams)
+        return np.ascontiguousarray(q.astype(storage_dtype(self.input_qparams.qmin,
+                                                           self.input_qparams.qmax)))
+
+    def _run(self, X, reference: bool, times: dict | None, path: str | None = None):
+        q = self.quantize_input(X)
+        for name, layer in self.layers:
+            t0 = time.perf_counter()
+            if isinstance(layer, QuantizedLinear):
+                q = q.reshape(q.shape[0], -1)
+                q = (layer.reference(q, self.requantization) if reference
+                     else layer(q, self.requantization))
+            elif reference:
+                q = layer.reference(q, self.requantization)
+            else:
+                q = layer(q, self.requantization, path=path)
+            if times is not None:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        return q
+
+    def logits_codes(self, X, *, path: str | None = None) -> np.ndarray:
+        """The int8 output codes of the last layer, through the compiled kernels."""
+        return self._run(X, False, None, path)
+
+    def logits_codes_reference(self, X) -> np.ndarray:
+        """The same codes computed by every layer's NumPy reference."""
+        return self._run(X, True, None)
+
+    def logits(self, X) -> np.ndarray:
+        """Dequantized logits (float32)."""
+        last = self.layers[-1][1]
+        return dequantize(self.logits_codes(X), last.output_qparams)
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted classes (argmax of the codes; first index on ties), int64."""
+        return np.argmax(self.logits_codes(X), axis=1).astype(np.int64)
+
+    def accuracy(self, X, y) -> float:
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+    def layer_times(self, X, repeat: int = 3) -> dict[str, float]:
+        """Seconds per layer (the fastest of ``repeat`` runs) for one pass over ``X``."""
+        best: dict[str, float] = {}
+        for _ in range(_check_int(repeat, "repeat", 1)):
+            times: dict[str, float] = {}
+            self._run(X, False, times)
+            best = {k: min(v, best.get(k, np.inf)) for k, v in times.items()}
+        return best

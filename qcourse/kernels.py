@@ -23,6 +23,8 @@ __all__ = [
     "PackedB",
     "available_paths",
     "best_path",
+    "depthwise_conv_int8",
+    "depthwise_conv_int8_reference",
     "get_num_threads",
     "matmul_int8",
     "matmul_int8_bt",
@@ -513,3 +515,106 @@ def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = No
         ``path`` is unknown or not supported by this CPU, or ``threads`` is not positive.
     """
     return matmul_int8_packed(a, b, path=path, threads=threads)
+
+
+# --- Depthwise convolution -----------------------------------------------------------------------
+
+def _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point, w_zero_point,
+                    stride, padding, out_dtype, qmin, qmax):
+    """Validate the depthwise arguments; return what the loop takes (see depthwise_conv_int8)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.int8:
+        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(f"x must be an int8 numpy.ndarray (n, h, w, c), got {got}")
+    if x.ndim != 4 or x.size == 0:
+        raise ValueError(f"x must be a non-empty 4-D NHWC array (n, h, w, c), got shape {x.shape}")
+    if not isinstance(w, np.ndarray) or w.dtype != np.int8:
+        got = w.dtype if isinstance(w, np.ndarray) else type(w).__name__
+        raise TypeError(f"w must be an int8 numpy.ndarray (kh, kw, c), got {got}")
+    if w.ndim != 3 or w.size == 0:
+        raise ValueError(f"w must be a non-empty 3-D array (kh, kw, c), got shape {w.shape}")
+    c = x.shape[3]
+    if w.shape[2] != c:
+        raise ValueError(f"w has {w.shape[2]} channels (axis 2) but x has {c} (axis 3, NHWC): a "
+                         f"depthwise convolution has one filter per channel")
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    stride, padding = int(stride), int(padding)
+    kh, kw = w.shape[:2]
+    h, wd = x.shape[1:3]
+    if h + 2 * padding < kh or wd + 2 * padding < kw:
+        raise ValueError(f"the {kh}x{kw} filter does not fit the {h}x{wd} input with padding "
+                         f"{padding}")
+    oh = (h + 2 * padding - kh) // stride + 1
+    ow = (wd + 2 * padding - kw) // stride + 1
+    out_dtype, qmin, qmax, zp, mult, bias, za, zb = _requant_args(
+        PackedB(k=kh * kw, n=c, data=_NO_U8, colsum=_NO_INT32), multiplier, output_zero_point,
+        bias, x_zero_point, w_zero_point, out_dtype, qmin, qmax)
+    mult = np.ascontiguousarray(np.broadcast_to(mult, (c,)))
+    zw = zb if zb.size else np.zeros(c, np.int32)
+    wz = (w.astype(np.int16) - zw.astype(np.int16)).astype(np.int16)
+    return (np.ascontiguousarray(x), np.ascontiguousarray(wz), bias, mult, za, zp, qmin, qmax,
+            stride, padding, oh, ow, out_dtype)
+
+
+_NO_U8 = np.zeros(0, np.uint8)
+
+
+def depthwise_conv_int8_reference(x, w, multiplier, output_zero_point: int = 0, *, bias=None,
+                                  x_zero_point: int = 0, w_zero_point=None, stride: int = 1,
+                                  padding: int = 0, out_dtype=np.int8, qmin: int | None = None,
+                                  qmax: int | None = None) -> np.ndarray:
+    r"""NumPy reference of :func:`depthwise_conv_int8`: same arguments, same bytes.
+
+    Pads the input with its zero point, gathers the ``kh x kw`` taps of every output by slicing,
+    and sums :math:`(x - z_x)(w - z_w)` in int64, then requantizes as
+    :func:`matmul_int8_requant_reference` does.
+    """
+    (x, wz, bias, mult, za, zp, qmin, qmax, stride, padding, oh, ow,
+     out_dtype) = _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point,
+                                  w_zero_point, stride, padding, out_dtype, qmin, qmax)
+    n, h, wd, c = x.shape
+    xp = np.pad(x.astype(np.int64) - za, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    acc = np.zeros((n, oh, ow, c), np.int64)
+    for u in range(wz.shape[0]):
+        for v in range(wz.shape[1]):
+            tap = xp[:, u:u + stride * oh:stride, v:v + stride * ow:stride, :]
+            acc += tap * wz[u, v].astype(np.int64)
+    if bias.size:
+        acc += bias.astype(np.int64)
+    f = ((acc & 0xFFFFFFFF).astype(np.uint32).view(np.int32)).astype(np.float32) * mult
+    q = np.rint(np.clip(f, np.float32(qmin - zp), np.float32(qmax - zp))) + zp
+    return q.astype(np.int32).astype(out_dtype)
+
+
+def depthwise_conv_int8(x, w, multiplier, output_zero_point: int = 0, *, bias=None,
+                        x_zero_point: int = 0, w_zero_point=None, stride: int = 1,
+                        padding: int = 0, out_dtype=np.int8, qmin: int | None = None,
+                        qmax: int | None = None, path: str | None = None) -> np.ndarray:
+    r"""int8 depthwise convolution (NHWC) with requantization fused, compiled.
+
+    .. math::
+
+        v_{n,i,j,c} = b_c + \sum_{u,v} (x_{n,\,s i + u - p,\,s j + v - p,\,c} - z_x)
+                      (w_{u,v,c} - z_{w,c}), \qquad
+        y = \mathrm{clamp}ig(\mathrm{rhe}(\mathrm{f32}(v) \cdot m_c) + z_y,
+            q_{\min}, q_{\max}ig)
+
+    with the input padded by its zero point (the code of the real 0), so that padded taps add
+    nothing; ``x`` is (n, h, w, c) int8, ``w`` is (kh, kw, c) int8 (one filter per channel),
+    ``multiplier`` a float or one per channel (rounded to float32), ``bias`` int32 (c,).  The
+    requantization is the float convention of :func:`matmul_int8_requant` (ONNX Runtime's
+    QLinearConv).  A GEMM does not serve this layer (nine products per output, different for
+    every channel); the loop runs across channels instead, which the compiler vectorizes for
+    each instruction set (``path``, as in :func:`matmul_int8_packed`; every path gives the same
+    bytes).  Single-threaded.  See the conv chapter.
+    """
+    (x, wz, bias, mult, za, zp, qmin, qmax, stride, padding, oh, ow,
+     out_dtype) = _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point,
+                                  w_zero_point, stride, padding, out_dtype, qmin, qmax)
+    code = _path_code(path)
+    y = np.empty((x.shape[0], oh, ow, x.shape[3]), dtype=np.uint8)
+    scratch = np.empty(x.shape[3], np.int32)
+    _kernels.depthwise_requant(code, x, wz, bias, mult, za, zp, qmin, qmax, stride, padding,
+                               scratch, y)
+    return y.view(out_dtype)
