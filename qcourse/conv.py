@@ -497,16 +497,36 @@ class QuantizedConv2d:
     def from_float(cls, weight, bias, input_qparams: QParams, output_qparams: QParams, *,
                    stride: int = 1, padding: int = 0, groups: int = 1,
                    activation: str = "none", per_channel: bool = True) -> QuantizedConv2d:
-        """Quantize a float (folded) convolution: int8 symmetric weights, int32 bias."""
+        """Quantize a float (folded) convolution: int8 symmetric weights, int32 bias.
+
+        Weights: min-max, symmetric on [-127, 127], per output channel (or per tensor).  The bias
+        is quantized at :math:`S_x S_{W,o}` (:func:`qcourse.int_matmul.quantize_bias`); where a
+        channel's weights are so small that its bias would not fit int32 (a dead channel after
+        batch-norm folding), that channel's weight scale is widened until it does.
+        """
+        from qcourse.affine import choose_qparams
+        from qcourse.int_matmul import quantize_bias
+
         w = np.asarray(weight, dtype=np.float64)
         if w.ndim != 4:
             raise ValueError(f"weight must be 4-D (out, in/groups, kh, kw), got {w.shape}")
-        lin = QuantizedLinear.from_float(w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1), bias,
-                                         input_qparams, output_qparams,
-                                         per_channel=per_channel, activation=activation)
-        w_q = lin.weight_q.reshape(w.shape[0], w.shape[2], w.shape[3], w.shape[1])
-        return cls(w_q.transpose(0, 3, 1, 2), lin.bias_q, lin.input_qparams,
-                   lin.weight_qparams, lin.output_qparams, stride, padding, groups, activation)
+        out = w.shape[0]
+        xs = float(np.float32(input_qparams.scale))
+        wqp = choose_qparams(w, bits=8, signed=True, symmetric=True, narrow_range=True,
+                             axis=0 if per_channel else None)
+        scale = np.broadcast_to(wqp.scale, (out,)).astype(np.float64)
+        b = None if bias is None else np.asarray(bias, dtype=np.float64)
+        if b is not None:
+            need = np.abs(b) / (xs * 2.0**30)
+            scale = np.maximum(scale, need if per_channel else need.max())
+        scale = scale.astype(np.float32).astype(np.float64)
+        wqp = QParams(scale=scale if per_channel else scale[:1].reshape(()),
+                      zero_point=np.zeros(out if per_channel else (), np.int64),
+                      qmin=-127, qmax=127, axis=0 if per_channel else None)
+        w_q = quantize(w, wqp)
+        b_q = None if b is None else quantize_bias(b, xs, wqp.scale)
+        return cls(w_q, b_q, input_qparams, wqp, output_qparams, stride, padding, groups,
+                   activation)
 
     @property
     def kind(self) -> str:
