@@ -32,8 +32,8 @@ from qcourse.kernels import (
     set_num_threads,
 )
 
-__all__ = ["Result", "competitors", "format_table", "machine_description", "peak_gops",
-           "run_benchmark", "thread_limit"]
+__all__ = ["Result", "cnn_benchmark", "cnn_onnx_model", "competitors", "format_cnn_table",
+           "format_table", "machine_description", "peak_gops", "run_benchmark", "thread_limit"]
 
 Result = dict  # one row: {"threads", "m", "k", "n", "shape", "size", "kernel", "seconds", "gops",
 #                          "pct_peak", "vs_numpy_f32", "vs_best_outside", "exact"}
@@ -364,6 +364,134 @@ def format_table(rows: list[Result]) -> str:
     return "\n".join(lines)
 
 
+# --- the integer CNN against ONNX Runtime ---------------------------------------------------------
+
+
+def cnn_onnx_model(model):
+    """A QOperator ONNX graph of an :class:`qcourse.conv.IntegerCNN`: the same integers.
+
+    float32 NCHW images -> ``QuantizeLinear`` -> one ``QLinearConv`` per convolution (per-channel
+    int8 weights, int32 bias; the fused ReLU6/ReLU clamp is the int8 saturation here, because
+    each activation grid was calibrated on the activation's own output, [0, max] with max <= 6)
+    -> ``QLinearGlobalAveragePool`` (com.microsoft) -> the classifier as a 1x1 ``QLinearConv``
+    -> int8 logits codes (n, 10, 1, 1).  A small builder for the benchmark only; the deploy
+    chapter's exporter is the general one.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcourse.conv import IntegerGlobalAvgPool, QuantizedConv2d
+
+    inits, nodes = [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name=name))
+        return name
+
+    def qparams(prefix, qp):
+        return (const(f"{prefix}_scale", np.float32(qp.scale)),
+                const(f"{prefix}_zp", np.int8(qp.zero_point)))
+
+    x_s, x_z = qparams("input", model.input_qparams)
+    nodes.append(helper.make_node("QuantizeLinear", ["images", x_s, x_z], ["t_input"]))
+    cur, cur_s, cur_z = "t_input", x_s, x_z
+    for name, layer in model.layers:
+        if isinstance(layer, IntegerGlobalAvgPool):
+            nodes.append(helper.make_node("QLinearGlobalAveragePool",
+                                          [cur, cur_s, cur_z, cur_s, cur_z], [f"t_{name}"],
+                                          domain="com.microsoft", channels_last=0))
+            cur = f"t_{name}"
+            continue
+        if isinstance(layer, QuantizedConv2d):
+            w, stride, pad, group = layer.weight_q, layer.stride, layer.padding, layer.groups
+        else:   # the classifier: a 1x1 convolution on the (n, c, 1, 1) pooled codes
+            w, stride, pad, group = layer.weight_q[:, :, None, None], 1, 0, 1
+        y_s, y_z = qparams(name, layer.output_qparams)
+        w_name = const(f"{name}_w", w.astype(np.int8))
+        ws = const(f"{name}_w_scale", np.broadcast_to(layer.weight_qparams.scale,
+                                                      (w.shape[0],)).astype(np.float32))
+        wz = const(f"{name}_w_zp", np.zeros(w.shape[0], np.int8))
+        b = const(f"{name}_b", layer.bias_q.astype(np.int32))
+        nodes.append(helper.make_node(
+            "QLinearConv", [cur, cur_s, cur_z, w_name, ws, wz, y_s, y_z, b], [f"t_{name}"],
+            strides=[stride, stride], pads=[pad] * 4, group=group,
+            kernel_shape=list(w.shape[2:])))
+        cur, cur_s, cur_z = f"t_{name}", y_s, y_z
+    graph = helper.make_graph(
+        nodes, "course_cnn",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info(cur, TensorProto.INT8, ["n", 10, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1):
+    """Integer CNN inference through qcourse's kernels against ONNX Runtime on the same graph.
+
+    For each batch size: the median seconds per batch of :meth:`IntegerCNN.logits_codes` and of
+    an ONNX Runtime session on :func:`cnn_onnx_model` (``intra_op_num_threads=threads``, all
+    graph optimizations), both pinned to ``threads``; images per second; and how many output
+    codes agree (every code is compared).  Rows: ``{"batch", "contender", "seconds",
+    "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX Runtime rows are omitted
+    when it is not installed.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    rows = []
+    with thread_limit(threads):
+        session = None
+        if ort is not None:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            session = ort.InferenceSession(cnn_onnx_model(model).SerializeToString(), opts,
+                                           providers=["CPUExecutionProvider"])
+        for batch in batches:
+            xb = np.ascontiguousarray(np.resize(X, (batch,) + X.shape[1:]), dtype=np.float32)
+            ours = model.logits_codes(xb)
+            row = {"batch": batch, "contender": "qcourse IntegerCNN", "agree": None,
+                   "compared": ours.size}
+            t = _median_seconds(lambda xb=xb: model.logits_codes(xb), repeat)
+            rows.append(dict(row, seconds=t, images_per_s=batch / t))
+            if session is not None:
+                theirs = session.run(None, {"images": xb})[0].reshape(ours.shape)
+                agree = int(np.count_nonzero(theirs == ours))
+                t_ort = _median_seconds(lambda xb=xb: session.run(None, {"images": xb}),
+                                        repeat)
+                rows[-1]["agree"] = agree
+                rows.append({"batch": batch, "contender": f"ONNX Runtime {ort.__version__}",
+                             "seconds": t_ort, "images_per_s": batch / t_ort, "agree": agree,
+                             "compared": ours.size})
+                for r in rows[-2:]:
+                    r["vs_onnxruntime"] = t_ort / r["seconds"]
+            else:
+                rows[-1]["vs_onnxruntime"] = None
+    return rows
+
+
+def format_cnn_table(rows) -> str:
+    """A Markdown table of :func:`cnn_benchmark`'s rows."""
+    lines = ["| batch | contender | ms per batch | images/s | vs ONNX Runtime | codes equal |",
+             "|---:|:---|---:|---:|---:|---:|"]
+    for r in rows:
+        vs = "–" if r["vs_onnxruntime"] is None else f"{r['vs_onnxruntime']:.2f}x"
+        eq = "–" if r["agree"] is None else f"{r['agree']}/{r['compared']}"
+        lines.append(f"| {r['batch']} | {r['contender']} | {1e3 * r['seconds']:.3f} | "
+                     f"{r['images_per_s']:.0f} | {vs} | {eq} |")
+    return "\n".join(lines)
+
+
+def _cnn_section(repeat: int) -> None:
+    from qcourse.cnn import convert_cnn, digits_images, load_course_cnn
+
+    X, _ = digits_images("test")
+    model = convert_cnn(load_course_cnn("relu6"), digits_images("train")[0][:512])
+    print("\nThe course CNN in integers (qcourse.conv.IntegerCNN) against ONNX Runtime on the "
+          "same QLinearConv graph, 1 thread each:\n")
+    print(format_cnn_table(cnn_benchmark(model, X, repeat=repeat)))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qcourse.bench", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024, 2048],
@@ -377,7 +505,14 @@ def main(argv=None) -> None:
     parser.add_argument("--no-outside", action="store_true", help="skip PyTorch / ONNX Runtime")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="thread counts to run, every contender pinned to each in turn")
+    parser.add_argument("--no-cnn", action="store_true",
+                        help="skip the integer CNN against ONNX Runtime (batch 1 and 256)")
+    parser.add_argument("--cnn-only", action="store_true", help="run only the CNN comparison")
     args = parser.parse_args(argv)
+    if args.cnn_only:
+        print(machine_description())
+        _cnn_section(max(args.repeat, 20))
+        return
     print(machine_description())
     for threads in args.threads:
         with thread_limit(threads):
@@ -389,6 +524,8 @@ def main(argv=None) -> None:
                      else "no VNNI: no peak measured")
         print(f"\n{threads} thread{'s' if threads > 1 else ''} per contender; {peak_text}:\n")
         print(format_table(rows))
+    if not args.no_cnn:
+        _cnn_section(max(args.repeat, 20))
 
 
 if __name__ == "__main__":

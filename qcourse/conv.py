@@ -492,6 +492,7 @@ class QuantizedConv2d:
         for name in ("input_qparams", "weight_qparams", "output_qparams"):
             object.__setattr__(self, name, getattr(linear, name))
         object.__setattr__(self, "linear", linear)
+        object.__setattr__(self, "_fast", _FastConv(self))
 
     @classmethod
     def from_float(cls, weight, bias, input_qparams: QParams, output_qparams: QParams, *,
@@ -592,20 +593,71 @@ class QuantizedConv2d:
 
     def __call__(self, x_q, requantization: str = "float", *, path: str | None = None):
         """Integer inference; ``"float"`` on the compiled kernels, bit for bit
-        :meth:`reference`.  The fixed-point requantizations run :meth:`reference`."""
+        :meth:`reference`.  The fixed-point requantizations run :meth:`reference`.
+
+        The weights are packed (or, for a depthwise layer, widened) once, when the layer is
+        built, and the multipliers computed once: a call checks its input and runs the loop.
+        """
         if requantization != "float":
             return self.reference(x_q, requantization)
-        x = self._check_input(x_q)
-        lo, hi = self.output_range
-        zw = self.linear.weight_zero_point
-        return conv2d_int8(
-            x, self.weight_q, self.float_multiplier.astype(np.float64),
-            int(self.output_qparams.zero_point), bias=self.bias_q,
-            x_zero_point=int(self.input_qparams.zero_point),
-            w_zero_point=zw if np.any(zw != 0) else None, stride=self.stride,
-            padding=self.padding, groups=self.groups,
-            out_dtype=storage_dtype(self.output_qparams.qmin, self.output_qparams.qmax),
-            qmin=lo, qmax=hi, path=path)
+        return self._fast(self._check_input(x_q), path)
+
+
+class _FastConv:
+    """What :meth:`QuantizedConv2d.__call__` needs, prepared once: packed weights or widened
+    depthwise filters, float32 multipliers, the clamp.  Runs :func:`conv2d_int8`'s arithmetic
+    without re-deriving any of it per call."""
+
+    def __init__(self, layer: QuantizedConv2d):
+        from qcourse.kernels import prepack
+
+        out, cg, kh, kw = layer.weight_q.shape
+        self.kh, self.kw, self.stride, self.pad = kh, kw, layer.stride, layer.padding
+        self.depthwise = layer.groups > 1
+        self.zx = int(layer.input_qparams.zero_point)
+        self.zp = int(layer.output_qparams.zero_point)
+        self.lo, self.hi = layer.output_range
+        self.out_dtype = storage_dtype(layer.output_qparams.qmin, layer.output_qparams.qmax)
+        self.mult = np.ascontiguousarray(layer.float_multiplier, dtype=np.float32)
+        self.bias = np.ascontiguousarray(layer.bias_q, dtype=np.int32)
+        zw = layer.linear.weight_zero_point
+        self.zw = zw.astype(np.int32) if np.any(zw != 0) else None
+        if self.depthwise:
+            self.wz = np.ascontiguousarray((layer.weight_q[:, 0].astype(np.int16)
+                                            - zw[:, None, None]).transpose(1, 2, 0),
+                                           dtype=np.int16)
+        else:
+            self.packed = prepack(np.ascontiguousarray(layer.linear.weight_q.T))
+
+    def __call__(self, x: np.ndarray, path: str | None) -> np.ndarray:
+        from qcourse import _kernels
+        from qcourse.kernels import _default_threads, _NO_INT32, _scratch
+
+        zx = self.zx
+        if x.dtype == np.uint8:
+            x, zx = (x.astype(np.int16) - 128).astype(np.int8), zx - 128
+        n, h, w, c = x.shape
+        oh = conv_output_size(h, self.kh, self.stride, self.pad, "height")
+        ow = conv_output_size(w, self.kw, self.stride, self.pad, "width")
+        code = _path_code(path)
+        if self.depthwise:
+            y = np.empty((n, oh, ow, c), dtype=np.uint8)
+            _kernels.depthwise_requant(code, np.ascontiguousarray(x), self.wz, self.bias,
+                                       self.mult, zx, self.zp, self.lo, self.hi, self.stride,
+                                       self.pad, np.empty(c, np.int32), y)
+            return y.view(self.out_dtype)
+        if self.kh == self.kw == 1 and self.stride == 1 and self.pad == 0:
+            a = np.ascontiguousarray(x).reshape(n * oh * ow, c)
+        else:
+            a = im2col(x, (self.kh, self.kw), self.stride, self.pad, layout="NHWC",
+                       pad_value=zx).reshape(n * oh * ow, -1)
+        p = self.packed
+        y = np.empty((a.shape[0], p.n), dtype=np.uint8)
+        _kernels.gemm_packed_requant(code, a, _scratch(a.shape[0], p.n), p.data, p.colsum,
+                                     self.bias, zx, _NO_INT32 if self.zw is None else self.zw,
+                                     self.mult, self.zp, self.lo, self.hi, y,
+                                     _default_threads(a.shape[0], p.n, p.k))
+        return y.view(self.out_dtype).reshape(n, oh, ow, p.n)
 
 
 @dataclass(frozen=True)
