@@ -34,8 +34,9 @@ typedef struct {
     uint8_t *y;          /* (n, oh, ow, c) */
 } qc_dw_args;
 
-/* One output row (n, i): for each output column j, the valid taps are added channel-wise into
- * acc[0..c), then requantized into y. acc is a caller-provided scratch of c int32. */
+/* [depthwise-loop]
+ * Images [n0, n1): for each output pixel, the valid taps are added channel-wise into acc[0..c),
+ * then requantized into y. acc is a caller-provided scratch of c int32. */
 #define QC_DW_BODY                                                                                \
     const ptrdiff_t c = a->c;                                                                     \
     const float lo = (float)(a->qmin - a->zp), hi = (float)(a->qmax - a->zp);                     \
@@ -69,6 +70,7 @@ typedef struct {
             }                                                                                     \
         }                                                                                         \
     }
+/* [end depthwise-loop] */
 
 static void qc_dw_portable(const qc_dw_args *a, int32_t *scratch, ptrdiff_t n0, ptrdiff_t n1) {
     QC_DW_BODY

@@ -753,6 +753,41 @@ class IntegerCNN:
     def accuracy(self, X, y) -> float:
         return float(np.mean(self.predict(X) == np.asarray(y)))
 
+    def summary(self) -> list[dict]:
+        """One dict per layer: what an exporter needs, in plain Python values.
+
+        Keys: ``name``, ``kind`` (conv, depthwise, pointwise, pool, linear), ``weight_shape``,
+        ``stride``, ``padding``, ``groups``, ``input_scale``, ``input_zero_point``,
+        ``output_scale``, ``output_zero_point``, ``multiplier_min``/``max`` (ONNX Runtime's
+        float32 :math:`m_o`), ``clamp`` (the output range after the fused activation),
+        ``activation``.
+        """
+        rows = []
+        qp = self.input_qparams
+        for name, layer in self.layers:
+            row = {"name": name, "input_scale": float(qp.scale),
+                   "input_zero_point": int(qp.zero_point)}
+            if isinstance(layer, IntegerGlobalAvgPool):
+                row.update(kind="pool", weight_shape=None, stride=None, padding=None,
+                           groups=None, output_scale=float(qp.scale),
+                           output_zero_point=int(qp.zero_point), multiplier_min=None,
+                           multiplier_max=None, clamp=(qp.qmin, qp.qmax), activation="none")
+            else:
+                conv = isinstance(layer, QuantizedConv2d)
+                m = layer.float_multiplier
+                row.update(kind=layer.kind if conv else "linear",
+                           weight_shape=tuple(layer.weight_q.shape),
+                           stride=layer.stride if conv else None,
+                           padding=layer.padding if conv else None,
+                           groups=layer.groups if conv else None,
+                           output_scale=float(layer.output_qparams.scale),
+                           output_zero_point=int(layer.output_qparams.zero_point),
+                           multiplier_min=float(m.min()), multiplier_max=float(m.max()),
+                           clamp=layer.output_range, activation=layer.activation)
+                qp = layer.output_qparams
+            rows.append(row)
+        return rows
+
     def layer_times(self, X, repeat: int = 3) -> dict[str, float]:
         """Seconds per layer (the fastest of ``repeat`` runs) for one pass over ``X``."""
         best: dict[str, float] = {}
