@@ -769,7 +769,7 @@ def qat_cnn(model: Sequential, X, y, X_calib, *, weight_bits: int = 4, act_bits:
     base = simulate_quantized(model, X_calib, weight_bits=None, act_bits=act_bits,
                               per_channel=per_channel)
     sim = base.model
-    for i, (name, layer) in enumerate(sim.named_modules()):
+    for i, layer in enumerate(sim.layers):
         if isinstance(layer, Conv2d | Linear):
             wrapped = WeightFakeQuant(layer, weight_bits, per_channel=per_channel)
             wrapped._forward_hooks.update(layer._forward_hooks)

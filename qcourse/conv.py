@@ -44,12 +44,11 @@ from qcourse.int_matmul import (
     ACTIVATIONS,
     REQUANTIZATIONS,
     QuantizedLinear,
-    activation_range,
     float_multiplier,
     requantize_fixed_point,
     requantize_float,
 )
-from qcourse.kernels import _path_code, depthwise_conv_int8, depthwise_conv_int8_reference
+from qcourse.kernels import _path_code, depthwise_conv_int8
 
 __all__ = [
     "IntegerCNN",
@@ -631,7 +630,7 @@ class _FastConv:
 
     def __call__(self, x: np.ndarray, path: str | None) -> np.ndarray:
         from qcourse import _kernels
-        from qcourse.kernels import _default_threads, _NO_INT32, _scratch
+        from qcourse.kernels import _NO_INT32, _default_threads, _scratch
 
         zx = self.zx
         if x.dtype == np.uint8:
@@ -787,6 +786,21 @@ class IntegerCNN:
                 qp = layer.output_qparams
             rows.append(row)
         return rows
+
+    def macs(self, image_shape) -> dict[str, int]:
+        """Multiply-accumulates per image of each weighted layer, for images of ``image_shape``
+        (c, h, w): output pixels times the weights each output reads."""
+        c, h, w = (int(v) for v in image_shape)
+        out = {}
+        for name, layer in self.layers:
+            if isinstance(layer, QuantizedConv2d):
+                kh, kw = layer.weight_q.shape[2:]
+                h = conv_output_size(h, kh, layer.stride, layer.padding, "height")
+                w = conv_output_size(w, kw, layer.stride, layer.padding, "width")
+                out[name] = h * w * layer.weight_q.size
+            elif isinstance(layer, QuantizedLinear):
+                out[name] = layer.weight_q.size
+        return out
 
     def layer_times(self, X, repeat: int = 3) -> dict[str, float]:
         """Seconds per layer (the fastest of ``repeat`` runs) for one pass over ``X``."""

@@ -193,7 +193,7 @@ def _ort_qlinear_conv(x, sx, zx, w, sw, zw, sy, zy, bias, stride, pad, group):
     et = TensorProto.INT8 if x.dtype == np.int8 else TensorProto.UINT8
     graph = helper.make_graph([node], "qlinearconv",
                               [helper.make_tensor_value_info("x", et, list(x.shape))],
-                              [helper.make_tensor_value_info("y", et, [])], inits)
+                              [helper.make_tensor_value_info("y", et, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1

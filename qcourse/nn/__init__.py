@@ -17,6 +17,7 @@ groups, :class:`BatchNorm2d`, pooling, :class:`Flatten`) for images in NCHW layo
 Everything is float32 by default; pass ``dtype=np.float64`` to build a model for gradient checks.
 """
 
+from qcourse.nn.cnn import AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d
 from qcourse.nn.core import (
     MLP,
     SGD,
@@ -37,7 +38,6 @@ from qcourse.nn.core import (
     train,
     train_epoch,
 )
-from qcourse.nn.cnn import AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d
 
 __all__ = [
     "MLP",

@@ -176,7 +176,7 @@ class Conv2d(Module):
         if self.bias is not None:
             self.grad_bias[...] = g.sum(axis=(0, 2, 3))
         kh, kw = self.kernel_size
-        p, s = self.padding, self.stride
+        p = self.padding
         dx = np.zeros((n, self.out_channels if self.in_channels == self.groups else c,
                        h + 2 * p, wd + 2 * p), dtype=self.weight.dtype)
         if self.in_channels == self.groups:
