@@ -35,65 +35,113 @@ typedef struct {
 } qc_dw_args;
 
 /* [depthwise-loop]
- * Images [n0, n1): for each output pixel, the valid taps are added channel-wise into acc[0..c),
- * then requantized into y. acc is a caller-provided scratch of c int32. */
+ * Images [n0, n1). Stride 1: one output row at a time; for each tap (u, v) the valid output
+ * columns [j0, j1) read one contiguous run of (j1 - j0) * c input bytes, multiplied by the tap's
+ * weights repeated along the row (wrow, prepared once per call), so the inner loop is long and
+ * contiguous whatever c is. Other strides: one output pixel at a time, the same sum. Then the row
+ * of int32 sums is requantized in place, channel c of every pixel by mult[c].
+ * acc: ow * c int32; wrow: kh * kw * ow * c int16; mrow: ow * c float; brow: ow * c int32. */
 #define QC_DW_BODY                                                                                \
-    const ptrdiff_t c = a->c;                                                                     \
+    const ptrdiff_t c = a->c, ow = a->ow, rowlen = ow * c;                                        \
     const float lo = (float)(a->qmin - a->zp), hi = (float)(a->qmax - a->zp);                     \
+    const int32_t zx = a->zx, zp = a->zp;                                                         \
     for (ptrdiff_t nb = n0; nb < n1; nb++) {                                                      \
         for (ptrdiff_t i = 0; i < a->oh; i++) {                                                   \
-            for (ptrdiff_t j = 0; j < a->ow; j++) {                                               \
-                int32_t *restrict acc = scratch;                                                  \
-                if (a->bias) memcpy(acc, a->bias, (size_t)c * sizeof(int32_t));                   \
-                else memset(acc, 0, (size_t)c * sizeof(int32_t));                                 \
-                for (ptrdiff_t u = 0; u < a->kh; u++) {                                           \
-                    ptrdiff_t r = i * a->stride + u - a->pad;                                     \
-                    if (r < 0 || r >= a->h) continue;                                             \
-                    for (ptrdiff_t v = 0; v < a->kw; v++) {                                       \
-                        ptrdiff_t q = j * a->stride + v - a->pad;                                 \
-                        if (q < 0 || q >= a->wd) continue;                                        \
-                        const int8_t *restrict xr = a->x + ((nb * a->h + r) * a->wd + q) * c;     \
-                        const int16_t *restrict wr = a->wz + (u * a->kw + v) * c;                 \
-                        const int32_t zx = a->zx;                                                 \
-                        for (ptrdiff_t ch = 0; ch < c; ch++)                                      \
-                            acc[ch] += ((int32_t)xr[ch] - zx) * (int32_t)wr[ch];                  \
+            int32_t *restrict acc = s->acc;                                                       \
+            memcpy(acc, s->brow, (size_t)rowlen * sizeof(int32_t));                               \
+            for (ptrdiff_t u = 0; u < a->kh; u++) {                                               \
+                ptrdiff_t r = i * a->stride + u - a->pad;                                         \
+                if (r < 0 || r >= a->h) continue;                                                 \
+                const int8_t *xrow = a->x + (nb * a->h + r) * a->wd * c;                          \
+                for (ptrdiff_t v = 0; v < a->kw; v++) {                                           \
+                    const int16_t *restrict wr = s->wrow + (u * a->kw + v) * rowlen;              \
+                    if (a->stride == 1) {                                                         \
+                        ptrdiff_t j0 = a->pad - v > 0 ? a->pad - v : 0;                           \
+                        ptrdiff_t j1 = a->wd + a->pad - v < ow ? a->wd + a->pad - v : ow;         \
+                        if (j1 <= j0) continue;                                                   \
+                        const int8_t *restrict xr = xrow + (j0 + v - a->pad) * c;                 \
+                        int32_t *restrict ac = acc + j0 * c;                                      \
+                        const int16_t *restrict wj = wr + j0 * c;                                 \
+                        const ptrdiff_t len = (j1 - j0) * c;                                      \
+                        for (ptrdiff_t t = 0; t < len; t++)                                       \
+                            ac[t] += ((int32_t)xr[t] - zx) * (int32_t)wj[t];                      \
+                    } else {                                                                      \
+                        for (ptrdiff_t j = 0; j < ow; j++) {                                      \
+                            ptrdiff_t q = j * a->stride + v - a->pad;                             \
+                            if (q < 0 || q >= a->wd) continue;                                    \
+                            const int8_t *restrict xr = xrow + q * c;                             \
+                            int32_t *restrict ac = acc + j * c;                                   \
+                            for (ptrdiff_t ch = 0; ch < c; ch++)                                  \
+                                ac[ch] += ((int32_t)xr[ch] - zx) * (int32_t)wr[ch];               \
+                        }                                                                         \
                     }                                                                             \
                 }                                                                                 \
-                uint8_t *restrict yr = a->y + ((nb * a->oh + i) * a->ow + j) * c;                 \
-                const float *restrict mult = a->mult;                                             \
-                const int32_t zp = a->zp;                                                         \
-                for (ptrdiff_t ch = 0; ch < c; ch++) {                                            \
-                    float f = (float)acc[ch] * mult[ch];                                          \
-                    f = f < lo ? lo : (f > hi ? hi : f);                                          \
-                    yr[ch] = (uint8_t)((int32_t)qc_round_half_even(f) + zp);                      \
-                }                                                                                 \
+            }                                                                                     \
+            uint8_t *restrict yr = a->y + (nb * a->oh + i) * rowlen;                              \
+            const float *restrict mult = s->mrow;                                                 \
+            for (ptrdiff_t t = 0; t < rowlen; t++) {                                              \
+                float f = (float)acc[t] * mult[t];                                                \
+                f = f < lo ? lo : (f > hi ? hi : f);                                              \
+                yr[t] = (uint8_t)((int32_t)qc_round_half_even(f) + zp);                           \
             }                                                                                     \
         }                                                                                         \
     }
 /* [end depthwise-loop] */
 
-static void qc_dw_portable(const qc_dw_args *a, int32_t *scratch, ptrdiff_t n0, ptrdiff_t n1) {
+typedef struct {
+    int32_t *acc, *brow;
+    int16_t *wrow;
+    float *mrow;
+} qc_dw_scratch;
+
+static void qc_dw_portable(const qc_dw_args *a, const qc_dw_scratch *s, ptrdiff_t n0,
+                           ptrdiff_t n1) {
     QC_DW_BODY
 }
 #if QC_X86
-__attribute__((target("avx2"))) static void qc_dw_avx2(const qc_dw_args *a, int32_t *scratch,
-                                                       ptrdiff_t n0, ptrdiff_t n1) {
+__attribute__((target("avx2"))) static void qc_dw_avx2(const qc_dw_args *a,
+                                                       const qc_dw_scratch *s, ptrdiff_t n0,
+                                                       ptrdiff_t n1) {
     QC_DW_BODY
 }
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void qc_dw_512(
-    const qc_dw_args *a, int32_t *scratch, ptrdiff_t n0, ptrdiff_t n1) {
+    const qc_dw_args *a, const qc_dw_scratch *s, ptrdiff_t n0, ptrdiff_t n1) {
     QC_DW_BODY
 }
 #endif
 
-/* Images [n0, n1) on the given path; scratch holds c int32. */
-static void qc_dw_requant(int path, const qc_dw_args *a, int32_t *scratch, ptrdiff_t n0,
-                          ptrdiff_t n1) {
+/* Images [n0, n1) on the given path. Returns 0, or -1 if the row buffers cannot be allocated.
+ * The per-channel weights, multipliers and biases are laid out along one output row first. */
+static int qc_dw_requant(int path, const qc_dw_args *a, ptrdiff_t n0, ptrdiff_t n1) {
+    const ptrdiff_t rowlen = a->ow * a->c, taps = a->kh * a->kw;
+    qc_dw_scratch s;
+    s.acc = (int32_t *)malloc((size_t)rowlen * sizeof(int32_t));
+    s.brow = (int32_t *)malloc((size_t)rowlen * sizeof(int32_t));
+    s.wrow = (int16_t *)malloc((size_t)(taps * rowlen) * sizeof(int16_t));
+    s.mrow = (float *)malloc((size_t)rowlen * sizeof(float));
+    int ok = s.acc && s.brow && s.wrow && s.mrow;
+    if (ok) {
+        for (ptrdiff_t j = 0; j < a->ow; j++) {
+            for (ptrdiff_t ch = 0; ch < a->c; ch++) {
+                s.brow[j * a->c + ch] = a->bias ? a->bias[ch] : 0;
+                s.mrow[j * a->c + ch] = a->mult[ch];
+                for (ptrdiff_t t = 0; t < taps; t++)
+                    s.wrow[t * rowlen + j * a->c + ch] = a->wz[t * a->c + ch];
+            }
+        }
 #if QC_X86
-    if (path == QC_PATH_VNNI512) { qc_dw_512(a, scratch, n0, n1); return; }
-    if (path == QC_PATH_AVX2) { qc_dw_avx2(a, scratch, n0, n1); return; }
+        if (path == QC_PATH_VNNI512) qc_dw_512(a, &s, n0, n1);
+        else if (path == QC_PATH_AVX2) qc_dw_avx2(a, &s, n0, n1);
+        else
 #endif
-    qc_dw_portable(a, scratch, n0, n1);
+            qc_dw_portable(a, &s, n0, n1);
+    }
+    free(s.acc);
+    free(s.brow);
+    free(s.wrow);
+    free(s.mrow);
+    return ok ? 0 : -1;
 }
+
 
 #endif

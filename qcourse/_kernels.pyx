@@ -192,18 +192,18 @@ cdef extern from "_depthwise.h" nogil:
         int32_t zx, zp, qmin, qmax
         Py_ssize_t n, h, wd, c, kh, kw, stride, pad, oh, ow
         uint8_t *y
-    void qc_dw_requant(int path, const qc_dw_args *a, int32_t *scratch, Py_ssize_t n0,
-                       Py_ssize_t n1)
+    int qc_dw_requant(int path, const qc_dw_args *a, Py_ssize_t n0, Py_ssize_t n1)
 
 
 def depthwise_requant(int path, const int8_t[:, :, :, ::1] x, const int16_t[:, :, ::1] wz,
                       const int32_t[::1] bias, const float[::1] mult, int x_zero_point,
                       int zero_point, int qmin, int qmax, int stride, int pad,
-                      int32_t[::1] scratch, uint8_t[:, :, :, ::1] y):
+                      uint8_t[:, :, :, ::1] y):
     """Depthwise convolution, NHWC, with requantization fused; wz = w - zw as int16 (kh, kw, c).
 
-    bias may be empty (none); mult and scratch have c entries."""
+    bias may be empty (none); mult has c entries."""
     cdef qc_dw_args args
+    cdef int status
     args.x = &x[0, 0, 0, 0]
     args.bias = &bias[0] if bias.shape[0] > 0 else NULL
     args.wz = &wz[0, 0, 0]
@@ -224,4 +224,6 @@ def depthwise_requant(int path, const int8_t[:, :, :, ::1] x, const int16_t[:, :
     args.ow = y.shape[2]
     args.y = &y[0, 0, 0, 0]
     with nogil:
-        qc_dw_requant(path, &args, &scratch[0], 0, args.n)
+        status = qc_dw_requant(path, &args, 0, args.n)
+    if status < 0:
+        raise MemoryError("could not allocate the depthwise row buffers")

@@ -643,7 +643,7 @@ class _FastConv:
             y = np.empty((n, oh, ow, c), dtype=np.uint8)
             _kernels.depthwise_requant(code, np.ascontiguousarray(x), self.wz, self.bias,
                                        self.mult, zx, self.zp, self.lo, self.hi, self.stride,
-                                       self.pad, np.empty(c, np.int32), y)
+                                       self.pad, y)
             return y.view(self.out_dtype)
         if self.kh == self.kw == 1 and self.stride == 1 and self.pad == 0:
             a = np.ascontiguousarray(x).reshape(n * oh * ow, c)

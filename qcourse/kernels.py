@@ -614,7 +614,5 @@ def depthwise_conv_int8(x, w, multiplier, output_zero_point: int = 0, *, bias=No
                                   w_zero_point, stride, padding, out_dtype, qmin, qmax)
     code = _path_code(path)
     y = np.empty((x.shape[0], oh, ow, x.shape[3]), dtype=np.uint8)
-    scratch = np.empty(x.shape[3], np.int32)
-    _kernels.depthwise_requant(code, x, wz, bias, mult, za, zp, qmin, qmax, stride, padding,
-                               scratch, y)
+    _kernels.depthwise_requant(code, x, wz, bias, mult, za, zp, qmin, qmax, stride, padding, y)
     return y.view(out_dtype)
