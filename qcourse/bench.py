@@ -430,7 +430,8 @@ def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1
     For each batch size: the median seconds per batch of :meth:`IntegerCNN.logits_codes` and of
     an ONNX Runtime session on :func:`cnn_onnx_model` (``intra_op_num_threads=threads``, all
     graph optimizations), both pinned to ``threads``; images per second; and how many output
-    codes agree (every code is compared).  Rows: ``{"batch", "contender", "seconds",
+    codes agree (every code is compared).  qcourse's codes are first checked against the
+    layers' NumPy references (``AssertionError`` if any differs).  Rows: ``{"batch", "contender", "seconds",
     "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX Runtime rows are omitted
     when it is not installed.
     """
@@ -450,6 +451,9 @@ def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1
         for batch in batches:
             xb = np.ascontiguousarray(np.resize(X, (batch,) + X.shape[1:]), dtype=np.float32)
             ours = model.logits_codes(xb)
+            if not np.array_equal(ours, model.logits_codes_reference(xb)):
+                raise AssertionError("qcourse IntegerCNN gave a wrong result (its codes differ "
+                                     "from the layers' NumPy references)")
             row = {"batch": batch, "contender": "qcourse IntegerCNN", "agree": None,
                    "compared": ours.size}
             t = _median_seconds(lambda xb=xb: model.logits_codes(xb), repeat)
