@@ -712,6 +712,10 @@ class IntegerCNN:
         X = np.asarray(X)
         if X.ndim != 4:
             raise ValueError(f"X must be 4-D float images (n, c, h, w), got shape {X.shape}")
+        first = self.layers[0][1]
+        if hasattr(first, "in_channels") and X.shape[1] != first.in_channels:
+            raise ValueError(f"X must be NCHW with {first.in_channels} channel(s) on axis 1, got "
+                             f"shape {X.shape} (an NHWC array must be transposed first)")
         q = quantize(X.transpose(0, 2, 3, 1), self.input_qparams)
         return np.ascontiguousarray(q.astype(storage_dtype(self.input_qparams.qmin,
                                                            self.input_qparams.qmax)))

@@ -341,3 +341,13 @@ def test_qlinear_conv_bad_attributes():
         qlinear_conv(*args, pads=[0, 1, 0, 1])
     with pytest.raises(TypeError, match="y_zero_point"):
         qlinear_conv(*args[:7], np.int8(0))
+
+
+def test_integer_cnn_names_a_wrong_image_layout():
+    from qcourse.cnn import convert_cnn, digits_images, load_course_cnn
+    X, _ = digits_images("test")
+    model = convert_cnn(load_course_cnn(), X[:64])
+    with pytest.raises(ValueError, match="NCHW with 1 channel"):
+        model.predict(X[:2].transpose(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="4-D"):
+        model.predict(X[:2].reshape(2, 64))
