@@ -431,8 +431,8 @@ def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1
     an ONNX Runtime session on :func:`cnn_onnx_model` (``intra_op_num_threads=threads``, all
     graph optimizations), both pinned to ``threads``; images per second; and how many output
     codes agree (every code is compared).  qcourse's codes are first checked against the
-    layers' NumPy references (``AssertionError`` if any differs).  Rows: ``{"batch", "contender", "seconds",
-    "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX Runtime rows are omitted
+    layers' NumPy references (``AssertionError`` if any differs).  Rows: ``{"batch",
+    "contender", "seconds", "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX Runtime rows are omitted
     when it is not installed.
     """
     try:

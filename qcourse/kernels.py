@@ -597,8 +597,8 @@ def depthwise_conv_int8(x, w, multiplier, output_zero_point: int = 0, *, bias=No
 
         v_{n,i,j,c} = b_c + \sum_{u,v} (x_{n,\,s i + u - p,\,s j + v - p,\,c} - z_x)
                       (w_{u,v,c} - z_{w,c}), \qquad
-        y = \mathrm{clamp}ig(\mathrm{rhe}(\mathrm{f32}(v) \cdot m_c) + z_y,
-            q_{\min}, q_{\max}ig)
+        y = \mathrm{clamp}\big(\mathrm{rhe}(\mathrm{f32}(v) \cdot m_c) + z_y,
+            q_{\min}, q_{\max}\big)
 
     with the input padded by its zero point (the code of the real 0), so that padded taps add
     nothing; ``x`` is (n, h, w, c) int8, ``w`` is (kh, kw, c) int8 (one filter per channel),
