@@ -432,8 +432,8 @@ def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1
     graph optimizations), both pinned to ``threads``; images per second; and how many output
     codes agree (every code is compared).  qcourse's codes are first checked against the
     layers' NumPy references (``AssertionError`` if any differs).  Rows: ``{"batch",
-    "contender", "seconds", "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX Runtime rows are omitted
-    when it is not installed.
+    "contender", "seconds", "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX
+    Runtime rows are omitted when it is not installed.
     """
     try:
         import onnxruntime as ort
