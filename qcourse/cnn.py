@@ -183,9 +183,9 @@ def train_cnn(model: Sequential, X, y, *, epochs: int = 30, lr: float = 1e-2,
     no channel died and the folded depthwise ranges stayed within a factor of 8).  Epoch
     :math:`e` (from 0) uses :math:`\eta_e = \eta \cdot \tfrac12 (1 + \cos(\pi e / E))`;
     batches are drawn as in :func:`qcourse.nn.train` (one ``np.random.default_rng(seed)``),
-    through the same :func:`qcourse.nn.train_epoch`.  ``stop_after`` ends the run after that many epochs of
-    the same schedule (the first epochs of a full run, bit for bit).  Returns the per-epoch
-    history.
+    through the same :func:`qcourse.nn.train_epoch`.  ``stop_after`` ends the run after that
+    many epochs of the same schedule (the first epochs of a full run, bit for bit).  Returns the
+    per-epoch history.
     """
     from tqdm.auto import tqdm
 
