@@ -23,7 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@ $(KERNEL_STAMP)
 
 # Rebuild the compiled kernels whenever their sources change (an editable install does not).
-$(KERNEL_STAMP): $(STAMP) $(wildcard qcourse/*.pyx qcourse/*.pxd qcourse/*.h)
+$(KERNEL_STAMP): $(STAMP) $(wildcard qcourse/*.pyx qcourse/*.pxd qcourse/csrc/*.h qcourse/csrc/*.c)
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -3,14 +3,15 @@
 
 Every function here trusts its caller: shapes, dtypes, contiguity and the int32 overflow bound
 are checked in ``qcourse/kernels.py``, which allocates the outputs and carries the documentation.
-All loops run without the GIL.  Loops that need particular instructions live in ``_qgemm.h``,
-compiled once per instruction set and chosen at run time.
+All loops run without the GIL.  Loops that need particular instructions are C, in
+``qcourse/csrc/`` (``qgemm.h`` states their contract), compiled once per instruction set and
+chosen at run time.
 """
 
 from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t, uint32_t
 
 
-cdef extern from "_qgemm.h" nogil:
+cdef extern from "csrc/qgemm.h" nogil:
     int QC_PATH_PORTABLE
     int QC_PATH_AVX2
     int QC_PATH_VNNI512
@@ -25,6 +26,8 @@ cdef extern from "_qgemm.h" nogil:
     Py_ssize_t qc_groups(Py_ssize_t n)
     int QC_NG
     int QC_MR
+    int QC_KCQ
+    int QC_MCT
     double qc_vnni_peak(Py_ssize_t iters, int threads)
     int QC_PEAK_MACS_PER_ITER
     ctypedef struct qc_requant_args:
@@ -51,6 +54,8 @@ PATH_VNNI512 = QC_PATH_VNNI512
 PANEL_WIDTH = QC_NR
 GROUP_WIDTH = QC_NR * QC_NG
 TILE_ROWS = QC_MR
+K_BLOCK = 4 * QC_KCQ  # values of k per cache block of the VNNI kernel
+CHUNK_ROWS = QC_MCT * QC_MR  # rows of A per chunk of row tiles of the VNNI kernel
 
 
 def packed_b_size(Py_ssize_t k, Py_ssize_t n):
@@ -183,7 +188,7 @@ def gemm_packed_requant(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
     return ran
 
 
-cdef extern from "_depthwise.h" nogil:
+cdef extern from "csrc/depthwise.h" nogil:
     ctypedef struct qc_dw_args:
         const int8_t *x
         const int32_t *bias

@@ -34,6 +34,7 @@ from nbformat.v4 import new_code_cell
 from notebook_runner import ROOT, chapters, exercise_notebooks
 
 from qcourse import grading
+from qcourse.grading.notebook import split_region
 
 BIN = Path(sys.executable).parent
 
@@ -146,7 +147,7 @@ def distinctive_secrets(repo: Path) -> dict[str, str]:
             secrets[line] = nb.stem
         for cell in source["cells"]:  # what the student release keeps of each cell
             src = grading.cell_source(cell)
-            outside, _ = grading._split_region(src, "### BEGIN SOLUTION", "### END SOLUTION")
+            outside, _ = split_region(src, "### BEGIN SOLUTION", "### END SOLUTION")
             public = grading.public_part("\n".join(outside))
             elsewhere.update(line.strip() for line in public.splitlines())
     for path in _tree_files(repo):
@@ -340,7 +341,8 @@ def test_dockerignore_keeps_git_history_out_of_the_binder_image(tmp_path):
     context = build.exclude_paths(str(repo), patterns)
     assert not [p for p in context if p == ".git" or p.startswith(".git/")], "no .git on Binder"
     for needed in ("postBuild", "requirements.txt", "pyproject.toml", "runtime.txt",
-                   "notebooks/floats.ipynb", "nbgrader/nbgrader_config.py", "qcourse/grading.py"):
+                   "notebooks/floats.ipynb", "nbgrader/nbgrader_config.py",
+                   "qcourse/grading/__init__.py"):
         assert needed in context, f"{needed} must reach the Binder build"
 
 

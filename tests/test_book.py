@@ -102,7 +102,7 @@ def test_stale_check_catches_an_edited_a_missing_and_an_extra_page(tmp_path):
     assert stale_self_study_pages(notebooks, pages) == []
     first, second = notebooks[0].stem, notebooks[1].stem
     edited = pages / f"{first}.md"
-    edited.write_text(edited.read_text().replace(":tags: [hide-input]", ":tags: []", 1))
+    edited.write_text(edited.read_text().replace("tags: [hide-input]", "tags: []", 1))
     (pages / f"{second}.md").unlink()
     (pages / "old_chapter.md").write_text("# gone\n")
     problems = "\n".join(stale_self_study_pages(notebooks, pages))
@@ -189,7 +189,7 @@ def test_self_study_page_folds_solutions_and_shows_no_hidden_test(built_book, no
     lines = {line.strip() for line in text.splitlines()}
     secrets = grading.secret_lines(source)
 
-    n_solutions = sum(grading._is_solution(c) for c in source["cells"])
+    n_solutions = sum(grading.is_solution(c) for c in source["cells"])
     assert page.count('class="cell tag_hide-input') == n_solutions
     assert page.count("hide above-input") == n_solutions, "a solution is not behind a toggle"
     missing = sorted(secrets["solution"] - lines)

@@ -213,7 +213,7 @@ def test_self_study_solution_is_hidden_until_its_toggle_is_clicked(server, page)
         pytest.skip("no self-study pages in the table of contents")
     stem = "floats" if "floats" in stems else stems[0]
     notebook = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())
-    solution = next(c for c in notebook["cells"] if grading._is_solution(c))
+    solution = next(c for c in notebook["cells"] if grading.is_solution(c))
     first_line = next(line for line in grading.cell_source(solution).splitlines()
                       if line.strip() and "### " not in line).strip()
 

@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 
 from qcourse import grading as G
+from qcourse.grading import channel
+from qcourse.grading.notebook import sha256
 
 pytestmark = pytest.mark.slow
 
@@ -78,14 +80,14 @@ def floats_submissions(course: Path) -> dict[str, tuple[str, dict[str, float], d
     points = {e.test_id: e.points for e in G.exercises(src)}
     solved = json.loads(next(c for c in G.drill_submissions(src, rel) if c.name == "solution")
                         .content)
-    ex1 = next(c for c in solved["cells"] if G._grade_id(c) == "floats_ex1_solution")
+    ex1 = next(c for c in solved["cells"] if G.grade_id(c) == "floats_ex1_solution")
     head = "def decode_fp16(bits):\n"
-    assert G._source(ex1).startswith(head), "the floats notebook changed: update this test"
+    assert G.cell_source(ex1).startswith(head), "the floats notebook changed: update this test"
     # Wrong for the binade just below infinity (except the largest finite value, which the
     # public checks test): public checks and the explicit hidden asserts pass, the comparison
     # against qcourse.floats.decode on all 65536 patterns does not.
     wrong = head + ("    if (bits >> 10) & 0x1F == 30 and bits & 0x3FF != 0x3FF:\n"
-                    "        return 0.0\n") + G._source(ex1)[len(head):]
+                    "        return 0.0\n") + G.cell_source(ex1)[len(head):]
     patch_qcourse = textwrap.dedent("""\
 
 
@@ -113,7 +115,7 @@ def floats_submissions(course: Path) -> dict[str, tuple[str, dict[str, float], d
     def variant(ex1_source: str, extra_cell: str | None = None) -> str:
         nb = json.loads(json.dumps(solved))
         for cell in nb["cells"]:
-            if G._grade_id(cell) == "floats_ex1_solution":
+            if G.grade_id(cell) == "floats_ex1_solution":
                 cell["source"] = ex1_source
         if extra_cell is not None:
             nb["cells"].insert(2, {"cell_type": "code", "execution_count": None,
@@ -128,7 +130,7 @@ def floats_submissions(course: Path) -> dict[str, tuple[str, dict[str, float], d
                             {"nbgrader": 14, "flagged": True}),
         "patched-numpy": (variant(wrong + patch_numpy), all_but_ex1,
                           {"nbgrader": 14, "flagged": True}),
-        "writes-course": (variant(G._source(ex1), write_course), zero,
+        "writes-course": (variant(G.cell_source(ex1), write_course), zero,
                           {"status": "tampered"}),
     }
 
@@ -298,7 +300,7 @@ def test_writes_never_reach_the_course_directory(graded):
     for stem, entry in manifest["assignments"].items():
         for kind in ("source", "release"):
             data = (course / kind / stem / f"{stem}.ipynb").read_bytes()
-            assert G._sha256(data) == entry[f"{kind}_sha256"], f"{kind}/{stem} was changed"
+            assert sha256(data) == entry[f"{kind}_sha256"], f"{kind}/{stem} was changed"
     assert (course / "source" / "floats" / "floats.ipynb").read_bytes() == graded[
         "source_before"]
     assert not (course / "autograded" / "someone_else").exists()
@@ -319,7 +321,7 @@ def released_secrets(source: dict, solutions_public: bool = False) -> tuple[set[
     public, solution, hidden = set(), set(), set()
     for cell in source["cells"]:
         region = None
-        for line in G._source(cell).splitlines():
+        for line in G.cell_source(cell).splitlines():
             if "### BEGIN SOLUTION" in line or "### BEGIN HIDDEN TESTS" in line:
                 region = solution if "SOLUTION" in line else hidden
             elif "### END SOLUTION" in line or "### END HIDDEN TESTS" in line:
@@ -342,14 +344,14 @@ def test_release_contains_no_solution_and_no_hidden_test(course, stem):
     solution, hidden = released_secrets(src)
     assert solution and hidden, "the scan must find secrets to look for"
     rel = load(rel_path)
-    released = {line.strip() for c in rel["cells"] for line in G._source(c).splitlines()}
+    released = {line.strip() for c in rel["cells"] for line in G.cell_source(c).splitlines()}
     assert not solution & released, sorted(solution & released)[:3]
     assert not hidden & released, sorted(hidden & released)[:3]
     assert G.verify_release(src, rel) == []
     assert [e.points for e in G.exercises(rel)] == [e.points for e in G.exercises(src)]
     for cell in rel["cells"]:
-        if G._is_solution(cell):
-            assert "raise NotImplementedError()" in G._source(cell)
+        if G.is_solution(cell):
+            assert "raise NotImplementedError()" in G.cell_source(cell)
     student_copy = course.parent / "students" / f"{stem}.ipynb"
     assert student_copy.read_bytes() == rel_path.read_bytes()
 
@@ -372,7 +374,7 @@ def test_hidden_tests_never_reach_a_learners_traceback(graded):
     hidden = {stem: released_secrets(load(course / "source" / stem / f"{stem}.ipynb"),
                                      solutions_public=True)[1] for stem in STEMS}
     autograded = load(course / "autograded" / "wrong-hidden" / "floats" / "floats.ipynb")
-    cell = next(c for c in autograded["cells"] if G._grade_id(c) == "floats_ex1_tests")
+    cell = next(c for c in autograded["cells"] if G.grade_id(c) == "floats_ex1_tests")
     errors = [o for o in cell["outputs"] if o["output_type"] == "error"]
     assert errors, "the hidden test must fail"
     raw_traceback = "\n".join(errors[0]["traceback"])
@@ -393,11 +395,11 @@ def test_hidden_tests_never_reach_a_learners_traceback(graded):
 def test_public_checks_speak_to_learners(stem):
     """Scan: public checks carry messages, then say that hidden tests run at grading time."""
     nb = load(NOTEBOOKS / f"{stem}.ipynb")
-    tests = [c for c in nb["cells"] if G._is_test(c)]
+    tests = [c for c in nb["cells"] if G.is_test(c)]
     assert len(tests) >= 4, "at least four graded exercises"
     for cell in tests:
-        gid = G._grade_id(cell)
-        public = G.public_part(G._source(cell))
+        gid = G.grade_id(cell)
+        public = G.public_part(G.cell_source(cell))
         tree = ast.parse(public)
         asserts = [n for n in ast.walk(tree) if isinstance(n, ast.Assert)]
         assert asserts, f"{gid}: no public check"
@@ -406,7 +408,7 @@ def test_public_checks_speak_to_learners(stem):
         last = tree.body[-1]
         assert isinstance(last, ast.Expr) and ast.unparse(last.value) == (
             f"print({G.PUBLIC_PASS_MESSAGE!r})"), f"{gid}: must end by saying hidden tests run"
-        assert G.hidden_part(G._source(cell)).strip(), f"{gid}: no hidden tests"
+        assert G.hidden_part(G.cell_source(cell)).strip(), f"{gid}: no hidden tests"
 
 
 # ------------------------------------------------------------------------------------------
@@ -523,11 +525,11 @@ def rebuild(rel: dict, cells: list[dict]) -> tuple[dict, list[str], bool]:
 
 def test_canonical_submission_restores_the_release_around_the_students_answers(course):
     rel = load(course / "release" / "floats" / "floats.ipynb")
-    ids = [G._grade_id(c) for c in rel["cells"]]
+    ids = [G.grade_id(c) for c in rel["cells"]]
     cells = json.loads(json.dumps(rel["cells"]))
-    sol = next(c for c in cells if G._grade_id(c) == "floats_ex1_solution")
+    sol = next(c for c in cells if G.grade_id(c) == "floats_ex1_solution")
     sol["source"] = "def decode_fp16(bits):\n    return 1.0\n"
-    test = next(c for c in cells if G._grade_id(c) == "floats_ex1_tests")
+    test = next(c for c in cells if G.grade_id(c) == "floats_ex1_tests")
     test["source"] = "pass"
     test["metadata"]["nbgrader"]["points"] = 99
     del cells[ids.index("floats_ex2_tests")]
@@ -535,13 +537,13 @@ def test_canonical_submission_restores_the_release_around_the_students_answers(c
                      "source": "helper = 1", "outputs": [], "execution_count": 3})
     nb, notes, readable = rebuild(rel, cells)
     assert readable
-    got = [G._grade_id(c) for c in nb["cells"] if G._grade_id(c)]
+    got = [G.grade_id(c) for c in nb["cells"] if G.grade_id(c)]
     assert got == [i for i in ids if i], "every release cell, in release order"
-    by_id = {G._grade_id(c): c for c in nb["cells"] if G._grade_id(c)}
-    assert G._source(by_id["floats_ex1_solution"]) == sol["source"]
+    by_id = {G.grade_id(c): c for c in nb["cells"] if G.grade_id(c)}
+    assert G.cell_source(by_id["floats_ex1_solution"]) == sol["source"]
     assert by_id["floats_ex1_tests"] == rel["cells"][ids.index("floats_ex1_tests")]
-    extra = [c for c in nb["cells"] if not G._grade_id(c)]
-    assert [G._source(c) for c in extra] == ["helper = 1"] and extra[0]["metadata"] == {}
+    extra = [c for c in nb["cells"] if not G.grade_id(c)]
+    assert [G.cell_source(c) for c in extra] == ["helper = 1"] and extra[0]["metadata"] == {}
     text = " ".join(notes)
     assert "floats_ex2_tests" in text and "Edits to locked cells" in text
     assert "metadata" in text
@@ -567,7 +569,7 @@ class Sub(int):
 
 def test_the_channel_from_the_students_process_carries_only_plain_data():
     def decode(obj):
-        return G._ReplyUnpickler(io.BytesIO(pickle.dumps(obj, protocol=5)), None).load()
+        return channel.ReplyUnpickler(io.BytesIO(pickle.dumps(obj, protocol=5)), None).load()
 
     import qcourse.floats as F
 
@@ -577,27 +579,27 @@ def test_the_channel_from_the_students_process_carries_only_plain_data():
         back = decode(value)
         assert type(back) is type(value)
         assert repr(back) == repr(value) or np.array_equal(back, value)
-    for bad in [Evil(), os.system, print, G.RemoteObject, Sub(3), [1, Sub(2)]]:
+    for bad in [Evil(), os.system, print, channel.RemoteObject, Sub(3), [1, Sub(2)]]:
         with pytest.raises(pickle.UnpicklingError):
             decode(bad)
-    assert not G._is_plain(Sub(3))
-    assert G._is_plain(np.zeros(3)) and G._is_plain(F.FP16)
+    assert not channel.is_plain(Sub(3))
+    assert channel.is_plain(np.zeros(3)) and channel.is_plain(F.FP16)
 
 
 def test_student_objects_do_not_compare_equal_to_anything():
-    remote = G.RemoteObject(None, 0)  # no process: comparisons must not need one
+    remote = channel.RemoteObject(None, 0)  # no process: comparisons must not need one
     assert remote != 1.0 and not remote == (1, 2) and remote == remote and bool(remote)
     with pytest.raises(AttributeError):
         remote.__eq__ = None
-    with pytest.raises(G.StudentCodeError):
-        G._raise_student_exception("SecretError", "x")
+    with pytest.raises(channel.StudentCodeError):
+        channel.raise_student_exception("SecretError", "x")
     with pytest.raises(ValueError, match="bad input"):
-        G._raise_student_exception("ValueError", "bad input")
+        channel.raise_student_exception("ValueError", "bad input")
     with pytest.raises(KeyError) as info:
-        G._raise_student_exception("KeyError", "'k'", pickle.dumps(("k",), protocol=5))
+        channel.raise_student_exception("KeyError", "'k'", pickle.dumps(("k",), protocol=5))
     assert info.value.args == ("k",)
-    with pytest.raises(G.StudentTimeout):
-        G._raise_student_exception("KeyboardInterrupt", "")
+    with pytest.raises(channel.StudentTimeout):
+        channel.raise_student_exception("KeyboardInterrupt", "")
 
 
 def notebook(*cells: tuple) -> dict:
@@ -617,8 +619,8 @@ def notebook(*cells: tuple) -> dict:
 def with_answers(source: dict, **answers: str) -> dict:
     nb = json.loads(json.dumps(source))
     for cell in nb["cells"]:
-        if G._grade_id(cell) in answers:
-            cell["source"] = textwrap.dedent(answers[G._grade_id(cell)])
+        if G.grade_id(cell) in answers:
+            cell["source"] = textwrap.dedent(answers[G.grade_id(cell)])
     return nb
 
 
@@ -725,11 +727,14 @@ def test_self_study_page_folds_solutions_and_hides_hidden_tests(stem, tmp_path):
     src = load(NOTEBOOKS / f"{stem}.ipynb")
     assert page.startswith("---\njupytext:") and f"(self-study-{stem})=" in page
     assert "BEGIN SOLUTION" not in page and "BEGIN HIDDEN TESTS" not in page
-    blocks = re.findall(r"```+\{code-cell\} ipython3\n(?::tags: \[([^\]]*)\]\n\n)?(.*?)\n```+",
-                        page, re.S)
-    tags = [t for t, _ in blocks]
-    n_solution = sum(G._is_solution(c) for c in src["cells"])
+    blocks = re.findall(r"```+\{code-cell\} ipython3\n(?::tags: \[([^\]]*)\]\n\n|---\n"
+                        r"tags: \[([^\]]*)\]\n(?:.*?\n)?---\n)?(.*?)\n```+", page, re.S)
+    tags = [t1 or t2 for t1, t2, _ in blocks]
+    blocks = [(t, code) for t, (_, _, code) in zip(tags, blocks, strict=True)]
+    n_solution = sum(G.is_solution(c) for c in src["cells"])
     assert tags.count("hide-input") == n_solution
+    # the toggle over each solution says "Solution", not MyST-NB's "Show code cell source"
+    assert page.count("  code_prompt_show: Solution\n") == n_solution
     assert tags.count("remove-cell") == len(G.exercises(src))
     visible = {line.strip() for t, code in blocks if t != "remove-cell"
                for line in code.splitlines()}
@@ -780,3 +785,46 @@ def test_instructor_chapter_builds_with_warnings_as_errors(tmp_path):
     assert "qcourse-course" in chapter and "grades.csv" in chapter
     study = (html_dir / "exercises" / f"{HOSTILE_STEM}.html").read_text()
     assert "tag_hide-input" in study and "BEGIN HIDDEN" not in study
+    n_solution = sum(G.is_solution(c) for c in load(NOTEBOOKS / f"{HOSTILE_STEM}.ipynb")["cells"])
+    assert study.count('<p class="collapsed admonition-title">Solution</p>') == n_solution
+    assert "Show code cell" not in study
+
+
+# ------------------------------------------------------------------------------------------
+# The package's shape: small files that name their parts, short functions.
+
+GRADING_DIR = ROOT / "qcourse" / "grading"
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 60
+
+
+def grading_budget_offenders(package: Path) -> list[str]:
+    """Files over MAX_FILE_LINES; functions over MAX_FUNCTION_LINES without a reason.
+
+    A long function states why on a ``# long because:`` line inside it or just above it.
+    """
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_FILE_LINES:
+            offenders.append(f"{path.name}: {len(lines)} lines")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            reason = any("# long because:" in line
+                         for line in lines[max(first - 3, 0):node.end_lineno])
+            if length > MAX_FUNCTION_LINES and not reason:
+                offenders.append(f"{path.name}: {node.name} has {length} lines")
+    return offenders
+
+
+def test_grading_package_files_and_functions_stay_small(tmp_path):
+    assert grading_budget_offenders(GRADING_DIR) == []
+    # the check itself: a 501-line file and a 61-line function are reported by name
+    (tmp_path / "big.py").write_text("x = 1\n" * 501)
+    body = "".join(f"    y{k} = {k}\n" for k in range(60))
+    (tmp_path / "long.py").write_text(f"def stretched():\n{body}")
+    (tmp_path / "reasoned.py").write_text(f"def stretched():\n    # long because: a test\n{body}")
+    assert grading_budget_offenders(tmp_path) == ["big.py: 501 lines",
+                                                  "long.py: stretched has 61 lines"]

@@ -1,7 +1,9 @@
 """qcourse.kernels: the compiled int8 matmul against its NumPy reference, and its input checks."""
 
 import importlib.machinery
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -105,33 +107,146 @@ def test_k_past_the_bound_is_refused_not_wrapped():
             f(a, b)
 
 
-# The VNNI kernel's blocking: row tiles of 6, chunks of QC_MCT tiles (16 x 6 = 96 rows), blocks of
-# QC_KCQ quads (64 x 4 = 256 values of k), a k % 4 tail read from scratch, 64-column groups. Each
-# shape straddles one or more of those edges (one past, one short), with every tile height 1..6.
-@pytest.mark.parametrize("shape", [(95, 257, 63), (96, 256, 64), (97, 255, 65), (193, 513, 129),
-                                   (101, 1027, 70), (2, 259, 200), (11, 4, 1), (190, 1, 3)])
+# The kernels' blocking, read from the extension: row tiles of TILE_ROWS (6 on the VNNI path, 2
+# on AVX2), chunks of CHUNK_ROWS rows (16 tiles), blocks of K_BLOCK values of k (1024 quads: 4096),
+# a k % 4 tail read from scratch, groups of GROUP_WIDTH (64) columns, threads over groups.
+TILE, CHUNK = _kernels.TILE_ROWS, _kernels.CHUNK_ROWS
+KB, GW = _kernels.K_BLOCK, _kernels.GROUP_WIDTH
+
+
+def _exact(a, b):
+    """The exact product through float64 BLAS (every partial sum is an integer below 2**53)."""
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int32)
+
+
+def _check_every_path(a, b, expected, *, heights=range(1, 7), threads=(1, 2, 3)):
+    packed = prepack(b)
+    m = a.shape[0]
+    for path in available_paths():
+        for rows in heights:  # every tile height, at the start and at the end of A
+            np.testing.assert_array_equal(matmul_int8(a[:rows], packed, path=path),
+                                          expected[:rows], err_msg=f"{path} {rows}")
+            np.testing.assert_array_equal(matmul_int8(a[m - rows:], packed, path=path),
+                                          expected[m - rows:], err_msg=f"{path} last {rows}")
+        for t in threads:
+            np.testing.assert_array_equal(matmul_int8(a, packed, path=path, threads=t),
+                                          expected, err_msg=f"{path} threads={t}")
+
+
+# Each shape straddles one or more of those edges (one short, exact, one past): rows around a
+# chunk and two chunks, columns around one and two groups (threads then get unequal shares),
+# k around the 4-value quad.
+@pytest.mark.parametrize("shape", [(CHUNK - 1, 257, GW - 1), (CHUNK, 256, GW),
+                                   (CHUNK + 1, 255, GW + 1), (2 * CHUNK + 1, 513, 2 * GW + 1),
+                                   (101, 1027, 70),
+                                   (2, 259, 200), (11, 4, 1), (190, 1, 3)])
 def test_vnni_blocking_edges(shape):
     m, k, n = shape
     rng = np.random.default_rng(m * k + n)
     a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
     b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
     expected = matmul_int8_reference(a, b)
+    _check_every_path(a, b, expected)
     packed = prepack(b)
+    mult = rng.uniform(1e-4, 1e-3, n)
+    zb = rng.integers(-128, 128, n)
     for path in available_paths():
-        for rows in range(1, 7):  # every tile height, at the start and at the end of A
-            np.testing.assert_array_equal(matmul_int8(a[:rows], packed, path=path),
-                                          expected[:rows], err_msg=f"{path} {rows}")
-            np.testing.assert_array_equal(matmul_int8(a[m - rows:], packed, path=path),
-                                          expected[m - rows:], err_msg=f"{path} last {rows}")
-        for threads in (1, 2, 3):
-            np.testing.assert_array_equal(matmul_int8(a, packed, path=path, threads=threads),
-                                          expected, err_msg=f"{path} threads={threads}")
-        mult = rng.uniform(1e-4, 1e-3, n)
-        zb = rng.integers(-128, 128, n)
         np.testing.assert_array_equal(
             matmul_int8_requant(a, packed, mult, 3, a_zero_point=-5, b_zero_point=zb, path=path),
             matmul_int8_requant_reference(a, b, mult, 3, a_zero_point=-5, b_zero_point=zb),
             err_msg=path)
+
+
+# The k blocks: K one short of a block, exactly one, one past (the second block is a single
+# value: all tail), one quad past, and past two blocks with a tail; each with rows that fill
+# and straddle a chunk, and columns that straddle a group.
+@pytest.mark.parametrize("k", [KB - 1, KB, KB + 1, KB + 4, 2 * KB + 3])
+def test_k_blocks_are_crossed_exactly(k):
+    rng = np.random.default_rng(k)
+    m, n = CHUNK + TILE + 1, GW + 3
+    a = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(k, n), dtype=np.int8)
+    expected = _exact(a, b)
+    _check_every_path(a, b, expected, heights=(1, TILE - 1, TILE), threads=(1, 2))
+    mult = rng.uniform(1e-5, 1e-4, n)
+    expected_q = matmul_int8_requant_reference(a, b, mult, -2, a_zero_point=7, b_zero_point=-3)
+    for path in available_paths():
+        np.testing.assert_array_equal(
+            matmul_int8_requant(a, b, mult, -2, a_zero_point=7, b_zero_point=-3, path=path),
+            expected_q, err_msg=path)
+
+
+def test_extremes_across_k_blocks():
+    # all -128 (the largest products) over two blocks plus a tail: a wrong block boundary moves
+    # the result by a multiple of 16384 that random inputs could mask.
+    k = 2 * KB + 1
+    a = np.full((TILE + 1, k), -128, np.int8)
+    b = np.full((k, GW + 1), -128, np.int8)
+    b[:, 1] = 127
+    for path in available_paths():
+        out = matmul_int8(a, b, path=path)
+        assert (out[:, 0] == 16384 * k).all() and (out[:, 1] == -16256 * k).all(), path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "qcourse" / "csrc"
+
+
+def test_every_c_file_is_built_packaged_and_watched():
+    # A new component in qcourse/csrc/ must be compiled (ext-modules sources / depends), shipped
+    # in the sdist and the wheel (Binder runs a non-editable `pip install .`), and rebuilt by
+    # `make` when it changes.
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    (ext,) = setuptools["ext-modules"]
+    c_files = sorted(f"qcourse/csrc/{p.name}" for p in CSRC.glob("*.c"))
+    headers = sorted(f"qcourse/csrc/{p.name}" for p in CSRC.glob("*.h"))
+    assert len(c_files) >= 5 and "qcourse/csrc/qgemm.h" in headers
+    assert sorted(s for s in ext["sources"] if s.endswith(".c")) == c_files
+    assert sorted(ext["depends"]) == headers
+    assert "qcourse.csrc" in setuptools["packages"]
+    assert set(setuptools["package-data"]["qcourse.csrc"]) == {"*.c", "*.h"}
+    assert not any("march" in flag for flag in ext["extra-compile-args"])
+    stamp = next(line for line in (ROOT / "Makefile").read_text().splitlines()
+                 if line.startswith("$(KERNEL_STAMP):"))
+    assert "qcourse/csrc/*.c" in stamp and "qcourse/csrc/*.h" in stamp
+    for path in c_files:
+        assert '#include "qgemm.h"' in (ROOT / path).read_text(), path
+
+
+def _csource_module():
+    spec = importlib.util.spec_from_file_location("qcourse_c", ROOT / "book/_ext/qcourse_c.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_book_shows_c_by_name_and_every_name_exists():
+    csource = _csource_module()
+    listings = []
+    for page in sorted((ROOT / "book").glob("*.md")):
+        text = page.read_text()
+        # C is shown only by name (csource), never by literalinclude's matched lines of text
+        assert not re.search(r"\{literalinclude\} \S+\.(c|h)\n", text), page.name
+        for found in re.finditer(r"```\{csource\} \.\./(\S+)\n:(function|region): (\S+)\n", text):
+            listings.append(found.groups())
+    assert len(listings) >= 8
+    for path, kind, name in listings:
+        source = (ROOT / path).read_text()
+        find = csource.find_function if kind == "function" else csource.find_region
+        first, last = find(source, name)
+        shown = "\n".join(source.splitlines()[first - 1:last])
+        assert 0 < first <= last and (kind == "region" or f"{name}(" in shown), (path, name)
+        assert "region:" not in shown, (path, name)  # no marker inside, none cut in half
+    # a name that is not there, or a declaration without a body, is an error, not an empty listing
+    header = (CSRC / "qgemm.h").read_text()
+    with pytest.raises(ValueError, match="function 'qc_pack_b': expected one definition"):
+        csource.find_function(header, "qc_pack_b")
+    with pytest.raises(ValueError, match="region 'nowhere'"):
+        csource.find_region(header, "nowhere")
+    # braces inside strings and comments do not end a function early
+    text = 'int f(void) {\n    g("}{");  /* } */\n    return 1;\n}\nint h(void) { return 2; }\n'
+    assert csource.find_function(text, "f") == (1, 4)
 
 
 def test_large_outputs_stored_non_temporally_are_exact():
