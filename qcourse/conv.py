@@ -661,16 +661,29 @@ class _FastConv:
 
 @dataclass(frozen=True)
 class IntegerGlobalAvgPool:
-    r"""Global average pooling on int8 codes, output on the input's grid (same scale and zero
-    point), as TFLite's ``MEAN`` / ``AVERAGE_POOL_2D`` require.
+    r"""Global average pooling on 8-bit codes, output on the input's grid (same scale and zero
+    point, as TFLite's ``AVERAGE_POOL_2D`` requires).  NHWC in, (n, c) out.
 
-    .. math:: q_{y,c} = \mathrm{round}\Big(\frac{1}{hw}\sum_{i,j} q_{x,i,j,c}\Big)
+    The mean of codes is the code of the mean (the affine map commutes with averaging); what
+    differs between runtimes is where the zero point goes and how the quotient is rounded,
+    which decides every exact tie (with :math:`hw = 16`, a sum that is 8 modulo 16):
 
-    The mean of codes is the code of the mean (the affine map commutes with averaging); the
-    only question is the rounding of :math:`\sum / hw`: round half to even for ``"float"``
-    requantization (a float computation, as ONNX Runtime's), half away from zero for the
-    TFLite ones (``(sum + hw/2) / hw`` for positive sums, as TFLite's reference kernel).  NHWC
-    in, (n, c) out.
+    * ``"float"``, ONNX Runtime's ``QLinearGlobalAveragePool`` (com.microsoft; MLAS): the zero
+      point is taken out in int32, the rest multiplied by the float32 scale
+      :math:`m = S_x / (S_y \cdot hw)` and rounded half to even, the zero point added back:
+
+      .. math:: q_{y,c} = Z + \mathrm{rhe}\Big(\mathrm{f32}ig(	extstyle\sum_{i,j} q_{x,i,j,c}
+                - hw\, Zig) \cdot m\Big)
+
+      On a tie this is *not* ``rhe(sum / hw)`` when :math:`Z` is odd (the parity of the nearest
+      even integer moves with :math:`Z`);
+    * the TFLite requantizations: ``AVERAGE_POOL_2D``'s integer kernels (the reference, the
+      built-in optimized and XNNPACK's all measured to agree): the raw codes summed and divided
+      with ties away from zero, ``(sum + hw/2) / hw`` for a positive sum, ``(sum - hw/2) / hw``
+      (truncating) for a negative one.
+
+    ``tests/test_conv.py`` compares the first with ONNX Runtime and the second with LiteRT's
+    three op resolvers, on random and tie-heavy codes with odd and even zero points.
     """
 
     qparams: QParams
@@ -678,11 +691,21 @@ class IntegerGlobalAvgPool:
     kind = "pool"
 
     def __call__(self, x_q, requantization: str = "float", *, path: str | None = None):
+        if requantization not in REQUANTIZATIONS:
+            raise ValueError(f"requantization must be one of {REQUANTIZATIONS}, got "
+                             f"{requantization!r}")
         x = _check_codes("x_q", x_q, 4, "n, h, w, c")
         count = x.shape[1] * x.shape[2]
+        if count >= 1 << 24:
+            raise ValueError(f"x_q has {count} pixels per channel; at most 2**24 - 1 can be "
+                             f"averaged exactly (shape {x.shape})")
         total = x.astype(np.int64).sum(axis=(1, 2))
+        qp = self.qparams
         if requantization == "float":
-            q = np.rint(total / count)
+            zp, scale = int(qp.zero_point), np.float32(qp.scale)
+            m = scale / (scale * np.float32(count))          # float32 steps, as MLAS
+            v = (total - count * zp).astype(np.float32) * m
+            q = np.clip(np.rint(v), qp.qmin - zp, qp.qmax - zp) + zp
         else:
             q = np.sign(total) * ((np.abs(total) + count // 2) // count)
         return q.astype(x.dtype)

@@ -292,13 +292,122 @@ def test_integer_pool_roundings():
     qp = QParams(scale=np.float64(0.1), zero_point=np.int64(-3), qmin=-128, qmax=127)
     pool = IntegerGlobalAvgPool(qp)
     x = np.zeros((1, 2, 2, 2), np.int8)
-    x[0, :, :, 0] = [[1, 2], [1, 2]]       # mean 1.5: ties
-    x[0, :, :, 1] = [[-1, -2], [-1, -2]]   # mean -1.5
-    assert pool(x, "float").tolist() == [[2, -2]]          # half to even
-    assert pool(x, "tflite_double").tolist() == [[2, -2]]  # half away from zero
-    x[0, :, :, 0] = [[2, 3], [2, 3]]       # 2.5
-    assert pool(x, "float").tolist()[0][0] == 2
-    assert pool(x, "tflite_double").tolist()[0][0] == 3
+    x[0, :, :, 0] = [[1, 2], [1, 2]]       # mean of the codes 1.5; of the offsets 4.5
+    x[0, :, :, 1] = [[-1, -2], [-1, -2]]   # -1.5; 1.5
+    # ONNX Runtime: Z + rhe(mean - Z): -3 + rhe(4.5) = 1 and -3 + rhe(1.5) = -1
+    assert pool(x, "float").tolist() == [[1, -1]]
+    assert pool(x, "tflite_double").tolist() == [[2, -2]]  # codes, half away from zero
+    even = IntegerGlobalAvgPool(QParams(scale=np.float64(0.1), zero_point=np.int64(-4),
+                                        qmin=-128, qmax=127))
+    assert even(x, "float").tolist() == [[2, -2]]          # an even Z: rhe(1.5), rhe(-1.5)
+    with pytest.raises(ValueError, match="requantization"):
+        pool(x, "nearest")
+
+
+def _pool_cases(rng, dtype, tie):
+    """(codes NHWC, zero point) pairs: random, or with every sum an exact tie (hw even)."""
+    lo, hi = (-128, 127) if dtype == np.int8 else (0, 255)
+    for h, w in [(4, 4), (2, 3), (3, 3), (7, 7), (1, 1)]:
+        for zp in (lo, lo + 1, lo + 125, lo + 126, hi - 1, hi):  # odd and even zero points
+            x = rng.integers(lo, hi + 1, (5, h, w, 19))
+            if tie and (h * w) % 2 == 0:     # move one pixel so that sum % hw == hw / 2
+                need = (h * w // 2 - x.sum(axis=(1, 2))) % (h * w)
+                first = x[:, 0, 0, :] + need
+                x[:, 0, 0, :] = np.where(first > hi, first - h * w, first)
+                assert np.all(x.sum(axis=(1, 2)) % (h * w) == h * w // 2)
+            yield x.astype(dtype), zp
+
+
+def _ort_global_pool(x, scale, zp):
+    ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
+    pytest.importorskip("onnx", reason="onnx is not installed")
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.float32(scale), name="s"),
+             numpy_helper.from_array(np.array(zp, dtype=x.dtype), name="z")]
+    node = helper.make_node("QLinearGlobalAveragePool", ["x", "s", "z", "s", "z"], ["y"],
+                            domain="com.microsoft", channels_last=1)
+    et = TensorProto.INT8 if x.dtype == np.int8 else TensorProto.UINT8
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", et, x.shape)],
+                              [helper.make_tensor_value_info("y", et, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0].reshape(x.shape[0], x.shape[3])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+def test_integer_pool_is_bit_exact_with_onnx_runtime(tie, dtype):
+    rng = np.random.default_rng(11 + tie)
+    compared = ties = 0
+    for x, zp in _pool_cases(rng, dtype, tie):
+        lo, hi = (-128, 127) if dtype == np.int8 else (0, 255)
+        pool = IntegerGlobalAvgPool(QParams(scale=np.float64(0.0625), zero_point=np.int64(zp),
+                                            qmin=lo, qmax=hi))
+        want = _ort_global_pool(x, 0.0625, zp)
+        np.testing.assert_array_equal(pool(x, "float"), want, err_msg=f"{x.shape} zp={zp}")
+        n = x.shape[1] * x.shape[2]
+        compared += want.size
+        ties += int(np.sum(x.astype(np.int64).sum(axis=(1, 2)) % n == n / 2))
+    assert compared == 5 * 6 * 5 * 19 and (ties >= 1140 if tie else 0 < ties < 300), ties
+
+
+def _litert_average_pool(x, scale, zp, resolver):
+    """One AVERAGE_POOL_2D (the whole image, VALID) as a .tflite flatbuffer, run in LiteRT."""
+    litert = pytest.importorskip("ai_edge_litert", reason="LiteRT (ai-edge-litert) is not "
+                                 "installed")
+    import flatbuffers
+    from ai_edge_litert import interpreter as tfl
+    from ai_edge_litert import schema_py_generated as fb
+
+    def tensor(name, shape):
+        t = fb.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, list(shape), fb.TensorType.INT8, 0
+        t.quantization = fb.QuantizationParametersT()
+        t.quantization.scale, t.quantization.zeroPoint = [float(scale)], [int(zp)]
+        return t
+
+    n, h, w, c = x.shape
+    opts = fb.Pool2DOptionsT()
+    opts.padding, opts.strideH, opts.strideW = fb.Padding.VALID, 1, 1
+    opts.filterHeight, opts.filterWidth = h, w
+    op = fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    op.builtinOptionsType, op.builtinOptions = fb.BuiltinOptions.Pool2DOptions, opts
+    sub = fb.SubGraphT()
+    sub.tensors, sub.inputs, sub.outputs = [tensor("x", x.shape), tensor("y", (n, 1, 1, c))], [0], [1]
+    sub.operators = [op]
+    code = fb.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.AVERAGE_POOL_2D
+    model = fb.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [sub]
+    model.buffers = [fb.BufferT()]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    it = tfl.Interpreter(model_content=bytes(builder.Output()),
+                         experimental_op_resolver_type=getattr(tfl.OpResolverType, resolver))
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    assert litert is not None
+    return it.get_tensor(it.get_output_details()[0]["index"]).reshape(n, c)
+
+
+@pytest.mark.parametrize("resolver", ["AUTO", "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "BUILTIN_REF"])
+def test_integer_pool_tflite_rounding_is_litert_average_pool(resolver):
+    # AUTO runs XNNPACK, the second LiteRT's optimized kernels, the third its reference kernels
+    rng = np.random.default_rng(13)
+    compared = 0
+    for tie in (False, True):
+        for x, zp in _pool_cases(rng, np.int8, tie):
+            pool = IntegerGlobalAvgPool(QParams(scale=np.float64(0.0625),
+                                                zero_point=np.int64(zp), qmin=-128, qmax=127))
+            want = _litert_average_pool(x, 0.0625, zp, resolver)
+            for rq in ("tflite_double", "tflite_single"):
+                np.testing.assert_array_equal(pool(x, rq), want, err_msg=f"{x.shape} zp={zp}")
+            compared += want.size
+    assert compared == 2 * 5 * 6 * 5 * 19
 
 
 # --------------------------------------------------------------------------- bad input
