@@ -33,6 +33,7 @@ The module has four parts:
 
 from __future__ import annotations
 
+import functools
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from qcourse.int_matmul import (
     requantize_fixed_point,
     requantize_float,
 )
-from qcourse.kernels import _path_code, depthwise_conv_int8
+from qcourse.kernels import _PATH_NAMES, _path_code, depthwise_conv_int8
 
 __all__ = [
     "IntegerCNN",
@@ -262,7 +263,7 @@ def conv2d_int8_reference(x_q, w_q, multiplier, output_zero_point: int = 0, *, b
 def _as_int8(x: np.ndarray, zp: int) -> tuple[np.ndarray, int]:
     """uint8 codes -> int8 by subtracting 128 (x - zp unchanged when zp moves too)."""
     if x.dtype == np.uint8:
-        return (x.astype(np.int16) - 128).astype(np.int8), zp - 128
+        return x.view(np.int8) ^ np.int8(-128), zp - 128   # flipping the top bit: x - 128
     return x, zp
 
 
@@ -599,64 +600,113 @@ class QuantizedConv2d:
         """
         if requantization != "float":
             return self.reference(x_q, requantization)
-        return self._fast(self._check_input(x_q), path)
+        x = self._check_input(x_q)
+        if self.linear._may_overflow:
+            self.accumulate(x)  # raises if this input overflows int32
+        return self._fast(x, _path_code(path))
 
 
-class _FastConv:
-    """What :meth:`QuantizedConv2d.__call__` needs, prepared once: packed weights or widened
-    depthwise filters, float32 multipliers, the clamp.  Runs :func:`conv2d_int8`'s arithmetic
-    without re-deriving any of it per call."""
+class _FastGemm:
+    """A weighted layer's GEMM with the requantization fused, prepared once from its
+    :class:`qcourse.int_matmul.QuantizedLinear`: packed weights, float32 multipliers, int32
+    bias, the clamp.  A call takes the (m, K) int8 rows (shifted to int8 if the codes were
+    uint8, with the shifted zero point) and a path code; nothing is checked or re-derived."""
 
-    def __init__(self, layer: QuantizedConv2d):
+    def __init__(self, linear: QuantizedLinear):
         from qcourse.kernels import prepack
 
-        out, cg, kh, kw = layer.weight_q.shape
-        self.kh, self.kw, self.stride, self.pad = kh, kw, layer.stride, layer.padding
-        self.depthwise = layer.groups > 1
-        self.zx = int(layer.input_qparams.zero_point)
-        self.zp = int(layer.output_qparams.zero_point)
-        self.lo, self.hi = layer.output_range
-        self.out_dtype = storage_dtype(layer.output_qparams.qmin, layer.output_qparams.qmax)
-        self.mult = np.ascontiguousarray(layer.float_multiplier, dtype=np.float32)
-        self.bias = np.ascontiguousarray(layer.bias_q, dtype=np.int32)
-        zw = layer.linear.weight_zero_point
-        self.zw = zw.astype(np.int32) if np.any(zw != 0) else None
-        if self.depthwise:
-            self.wz = np.ascontiguousarray((layer.weight_q[:, 0].astype(np.int16)
-                                            - zw[:, None, None]).transpose(1, 2, 0),
-                                           dtype=np.int16)
-        else:
-            self.packed = prepack(np.ascontiguousarray(layer.linear.weight_q.T))
+        self.zp = int(linear.output_qparams.zero_point)
+        self.lo, self.hi = linear.output_range
+        self.out_dtype = storage_dtype(linear.output_qparams.qmin, linear.output_qparams.qmax)
+        self.mult = np.ascontiguousarray(linear.float_multiplier, dtype=np.float32)
+        self.bias = np.ascontiguousarray(linear.bias_q, dtype=np.int32)
+        zw = linear.weight_zero_point
+        self.zw = np.ascontiguousarray(zw, dtype=np.int32) if np.any(zw != 0) else None
+        self.packed = prepack(np.ascontiguousarray(linear.weight_q.T))
 
-    def __call__(self, x: np.ndarray, path: str | None) -> np.ndarray:
+    def __call__(self, a: np.ndarray, zx: int, code: int) -> np.ndarray:
         from qcourse import _kernels
         from qcourse.kernels import _NO_INT32, _default_threads, _scratch
 
-        zx = self.zx
-        if x.dtype == np.uint8:
-            x, zx = (x.astype(np.int16) - 128).astype(np.int8), zx - 128
-        n, h, w, c = x.shape
-        oh = conv_output_size(h, self.kh, self.stride, self.pad, "height")
-        ow = conv_output_size(w, self.kw, self.stride, self.pad, "width")
-        code = _path_code(path)
-        if self.depthwise:
-            y = np.empty((n, oh, ow, c), dtype=np.uint8)
-            _kernels.depthwise_requant(code, np.ascontiguousarray(x), self.wz, self.bias,
-                                       self.mult, zx, self.zp, self.lo, self.hi, self.stride,
-                                       self.pad, y)
-            return y.view(self.out_dtype)
-        if self.kh == self.kw == 1 and self.stride == 1 and self.pad == 0:
-            a = np.ascontiguousarray(x).reshape(n * oh * ow, c)
-        else:
-            a = im2col(x, (self.kh, self.kw), self.stride, self.pad, layout="NHWC",
-                       pad_value=zx).reshape(n * oh * ow, -1)
         p = self.packed
         y = np.empty((a.shape[0], p.n), dtype=np.uint8)
         _kernels.gemm_packed_requant(code, a, _scratch(a.shape[0], p.n), p.data, p.colsum,
                                      self.bias, zx, _NO_INT32 if self.zw is None else self.zw,
                                      self.mult, self.zp, self.lo, self.hi, y,
                                      _default_threads(a.shape[0], p.n, p.k))
-        return y.view(self.out_dtype).reshape(n, oh, ow, p.n)
+        return y.view(self.out_dtype)
+
+
+class _FastConv:
+    """What :meth:`QuantizedConv2d.__call__` needs, prepared once: packed weights (a
+    :class:`_FastGemm`) or widened depthwise filters, float32 multipliers, the clamp, and the
+    output size for each input size seen.  Runs :func:`conv2d_int8`'s arithmetic without
+    re-deriving any of it per call; the caller has checked the input."""
+
+    def __init__(self, layer: QuantizedConv2d):
+        out, cg, kh, kw = layer.weight_q.shape
+        self.kh, self.kw, self.stride, self.pad = kh, kw, layer.stride, layer.padding
+        self.depthwise = layer.groups > 1
+        self.pointwise = kh == kw == 1 and self.stride == 1 and self.pad == 0
+        self.zx = int(layer.input_qparams.zero_point)
+        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
+        self._gather: dict[tuple[int, int, int], np.ndarray] = {}
+        if self.depthwise:
+            self.zp = int(layer.output_qparams.zero_point)
+            self.lo, self.hi = layer.output_range
+            self.out_dtype = storage_dtype(layer.output_qparams.qmin,
+                                           layer.output_qparams.qmax)
+            self.mult = np.ascontiguousarray(layer.float_multiplier, dtype=np.float32)
+            self.bias = np.ascontiguousarray(layer.bias_q, dtype=np.int32)
+            zw = layer.linear.weight_zero_point
+            self.wz = np.ascontiguousarray((layer.weight_q[:, 0].astype(np.int16)
+                                            - zw[:, None, None]).transpose(1, 2, 0),
+                                           dtype=np.int16)
+        else:
+            self.gemm = _FastGemm(layer.linear)
+
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        size = self._sizes.get((h, w))
+        if size is None:
+            size = self._sizes[h, w] = (
+                conv_output_size(h, self.kh, self.stride, self.pad, "height"),
+                conv_output_size(w, self.kw, self.stride, self.pad, "width"))
+        return size
+
+    def _patches(self, x: np.ndarray, zx: int, oh: int, ow: int) -> np.ndarray:
+        """:func:`im2col`'s (n * oh * ow, kh * kw * c) rows, by one gather from the input
+        padded with ``zx``; the gather's indices are computed once per input size."""
+        n, h, w, c = x.shape
+        p, s = self.pad, self.stride
+        idx = self._gather.get((h, w, c))
+        if idx is None:
+            wp = w + 2 * p
+            i = (np.arange(oh)[:, None, None, None, None] * s + np.arange(self.kh)[:, None, None])
+            j = (np.arange(ow)[None, :, None, None, None] * s + np.arange(self.kw)[:, None])
+            idx = ((i * wp + j) * c + np.arange(c)).reshape(oh * ow, -1).astype(np.intp)
+            self._gather[h, w, c] = idx
+        padded = np.full((n, h + 2 * p, w + 2 * p, c), zx, dtype=np.int8)
+        padded[:, p:p + h, p:p + w] = x
+        return padded.reshape(n, -1)[:, idx].reshape(n * oh * ow, -1)
+
+    def __call__(self, x: np.ndarray, code: int) -> np.ndarray:
+        from qcourse import _kernels
+
+        x, zx = _as_int8(x, self.zx)
+        n, h, w, c = x.shape
+        oh, ow = self._out_size(h, w)
+        if self.depthwise:
+            y = np.empty((n, oh, ow, c), dtype=np.uint8)
+            _kernels.depthwise_requant(code, np.ascontiguousarray(x), self.wz, self.bias,
+                                       self.mult, zx, self.zp, self.lo, self.hi, self.stride,
+                                       self.pad, y)
+            return y.view(self.out_dtype)
+        if self.pointwise:
+            a = np.ascontiguousarray(x).reshape(n * oh * ow, c)
+        else:
+            a = self._patches(x, zx, oh, ow)
+        y = self.gemm(a, zx, code)
+        return y.reshape(n, oh, ow, y.shape[1])
 
 
 @dataclass(frozen=True)
@@ -713,6 +763,17 @@ class IntegerGlobalAvgPool:
     reference = __call__
 
 
+def _linear_step(gemm: _FastGemm, zx: int, q: np.ndarray, code: int) -> np.ndarray:
+    a, zx = _as_int8(np.ascontiguousarray(q.reshape(q.shape[0], -1)), zx)
+    return gemm(a, zx, code)
+
+
+def _checked_step(layer, q: np.ndarray, code: int) -> np.ndarray:
+    if isinstance(layer, QuantizedLinear):
+        return layer(q.reshape(q.shape[0], -1))
+    return layer(q, path=_PATH_NAMES[code])
+
+
 @dataclass(eq=False)
 class IntegerCNN:
     """A CNN that runs on integers end to end: float images in, int8 logits out.
@@ -743,8 +804,33 @@ class IntegerCNN:
         return np.ascontiguousarray(q.astype(storage_dtype(self.input_qparams.qmin,
                                                            self.input_qparams.qmax)))
 
+    def _steps(self) -> list:
+        """One prepared callable ``(codes, path code) -> codes`` per layer, for the compiled
+        float-requantization path.  Made once (again if :attr:`layers` changes): each layer's
+        output is the next one's input by construction, so only the network's input is
+        checked; a layer whose int32 accumulator could overflow keeps its checked call."""
+        key = tuple(id(layer) for _, layer in self.layers)
+        if getattr(self, "_steps_key", None) != key:
+            steps = []
+            for name, layer in self.layers:
+                if isinstance(layer, QuantizedConv2d) and not layer.linear._may_overflow:
+                    step = layer._fast
+                elif isinstance(layer, QuantizedLinear) and not layer._may_overflow:
+                    step = functools.partial(_linear_step, _FastGemm(layer),
+                                             int(layer.input_qparams.zero_point))
+                else:
+                    step = functools.partial(_checked_step, layer)
+                steps.append((name, step))
+            self._steps_cache, self._steps_key = steps, key
+        return self._steps_cache
+
     def _run(self, X, reference: bool, times: dict | None, path: str | None = None):
         q = self.quantize_input(X)
+        if not reference and self.requantization == "float" and times is None:
+            code = _path_code(path)
+            for _, step in self._steps():
+                q = step(q, code)
+            return q
         for name, layer in self.layers:
             t0 = time.perf_counter()
             if isinstance(layer, QuantizedLinear):

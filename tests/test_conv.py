@@ -288,6 +288,31 @@ def test_layer_fast_path_equals_reference_and_float_result():
         assert layer(x).min() >= lo and layer(x).max() <= hi
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_layer_fast_path_equals_reference_on_every_geometry(path):
+    # the prepared path (packed weights, gathered patches cached per input size, uint8 codes
+    # shifted to int8) against the NumPy reference: kernel sizes, strides, paddings, both
+    # storage types, several input sizes through the same layer
+    rng = np.random.default_rng(12)
+    checked = 0
+    for kh, kw, stride, padding in [(3, 3, 1, 1), (3, 3, 2, 1), (3, 2, 2, 0), (5, 5, 1, 2),
+                                    (1, 1, 2, 0), (1, 1, 1, 1), (2, 3, 3, 2)]:
+        for signed in (True, False):
+            cin, out = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+            xq = qparams_from_range(-1.0, 3.0, bits=8, signed=signed)
+            yq = qparams_from_range(-2.0, 6.0, bits=8, signed=signed)
+            layer = QuantizedConv2d.from_float(rng.normal(0, 0.3, (out, cin, kh, kw)),
+                                               rng.normal(0, 0.1, out), xq, yq, stride=stride,
+                                               padding=padding)
+            lo, hi = (-128, 128) if signed else (0, 256)
+            for h, w in [(7, 6), (5, 9), (7, 6)]:
+                x = rng.integers(lo, hi, (2, h, w, cin)).astype(np.int8 if signed else np.uint8)
+                got = layer(x, path=path)
+                np.testing.assert_array_equal(got, layer.reference(x))
+                checked += got.size
+    assert checked > 5000
+
+
 def test_integer_pool_roundings():
     qp = QParams(scale=np.float64(0.1), zero_point=np.int64(-3), qmin=-128, qmax=127)
     pool = IntegerGlobalAvgPool(qp)
