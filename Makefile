@@ -9,7 +9,7 @@ KERNEL_STAMP := $(VENV)/.qcourse-kernels
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all book test lint clean venv
+.PHONY: all book pdf test lint clean venv
 
 all: test
 
@@ -30,6 +30,11 @@ $(KERNEL_STAMP): $(STAMP) $(wildcard qcourse/*.pyx qcourse/*.pxd qcourse/csrc/*.
 book: venv
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "The book is in _build/html/index.html"
+
+# The PDF edition: the built HTML pages printed by headless Chromium (offline), joined by
+# pdfunite (Debian's poppler-utils); also copied to _build/html/book.pdf, which the book links.
+pdf: book
+	$(BIN)/python book/_ext/qcourse_pdf.py _build/html _build/pdf/book.pdf
 
 test: venv
 	$(BIN)/python -m pytest -n 2 --dist loadfile

@@ -26,6 +26,13 @@ c.OverwriteCells.add_missing_cells = True
 c.LimitOutput.max_lines = 200
 c.LimitOutput.max_traceback = 60
 
+# Late work: each started day after the due date (`qcourse-course due STEM WHEN`) costs 10 % of
+# the score, after 15 minutes' grace (qcourse/grading/late.py). nbgrader applies it when it
+# autogrades; `qcourse-course grade` applies it again to the final score.
+c.AssignLatePenalties.plugin_class = "qcourse.grading.late.PercentPerDayPenalty"
+c.PercentPerDayPenalty.percent_per_day = 10.0
+c.PercentPerDayPenalty.grace_minutes = 15.0
+
 # Feedback shows the public checks and the error each failing cell raised, never the hidden
 # tests or a traceback that would quote them.
 c.GenerateFeedback.preprocessors = [

@@ -5,6 +5,7 @@ Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <
 here explicitly.
 """
 
+from qcourse import deploy as deploy  # a module, used as qcourse.deploy.<name>
 from qcourse.affine import (
     ErrorBreakdown,
     QParams,
@@ -150,6 +151,7 @@ from qcourse.kernels import (
     INT32_MAX,
     LADDER,
     PackedB,
+    PackedInt4,
     available_paths,
     best_path,
     depthwise_conv_int8,
@@ -164,9 +166,17 @@ from qcourse.kernels import (
     matmul_int8_requant,
     matmul_int8_requant_reference,
     matmul_int8_u8s8,
+    matmul_w4a8,
+    matmul_w4a8_reference,
+    max_group_w4a8,
     max_k_s8s8,
     prepack,
+    prepack_int4,
+    quantize_rows_int8,
     set_num_threads,
+    w4a8_epilogue_reference,
+    w4a8_group_sums,
+    w4a8_group_sums_reference,
 )
 from qcourse.lowbit import (
     FP8_FORMATS,
@@ -180,6 +190,7 @@ from qcourse.lowbit import (
     int4_group_accumulators_reference,
     int4_linear_int8,
     int4_linear_reference,
+    int4_packed,
     int4_weight_only,
     quantize_int4_groupwise,
 )
@@ -288,6 +299,8 @@ __all__ = [
     "im2col",
     "qlinear_conv",
     "qlinear_conv_reference",
+    # modules used by their own name
+    "deploy",
     # lowbit
     "FP8_FORMATS",
     "Int4Weight",
@@ -300,6 +313,7 @@ __all__ = [
     "int4_group_accumulators_reference",
     "int4_linear_int8",
     "int4_linear_reference",
+    "int4_packed",
     "int4_weight_only",
     "quantize_int4_groupwise",
     # mixed_precision
@@ -474,6 +488,7 @@ __all__ = [
     "INT32_MAX",
     "LADDER",
     "PackedB",
+    "PackedInt4",
     "available_paths",
     "best_path",
     "depthwise_conv_int8",
@@ -488,7 +503,15 @@ __all__ = [
     "matmul_int8_requant",
     "matmul_int8_requant_reference",
     "matmul_int8_u8s8",
+    "matmul_w4a8",
+    "matmul_w4a8_reference",
+    "max_group_w4a8",
     "max_k_s8s8",
     "prepack",
+    "prepack_int4",
+    "quantize_rows_int8",
     "set_num_threads",
+    "w4a8_epilogue_reference",
+    "w4a8_group_sums",
+    "w4a8_group_sums_reference",
 ]

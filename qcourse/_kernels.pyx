@@ -48,6 +48,20 @@ cdef extern from "csrc/qgemm.h" nogil:
                        Py_ssize_t k, int threads)
 
 
+cdef extern from "csrc/w4a8.h" nogil:
+    int QC_W4_GROUP_COLS
+    Py_ssize_t qc_w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, int has_zp)
+    void qc_w4_pack(const int8_t *codes, const float *scales, const int8_t *zp, Py_ssize_t k,
+                    Py_ssize_t n, Py_ssize_t g, uint8_t *packed)
+    void qc_w4_quantize_rows(int path, const float *x, Py_ssize_t m, Py_ssize_t k, Py_ssize_t g,
+                             int8_t *xq, int32_t *gsum, float *sx)
+    int qc_w4a8(int path, const int8_t *xq, const int32_t *gsum, const float *sx,
+                const uint8_t *packed, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, Py_ssize_t g,
+                int has_zp, float *y, int32_t *sums, int threads)
+    double qc_read_bandwidth(int path, const uint8_t *buf, Py_ssize_t nbytes, int threads,
+                             int rounds)
+
+
 PATH_PORTABLE = QC_PATH_PORTABLE
 PATH_AVX2 = QC_PATH_AVX2
 PATH_VNNI512 = QC_PATH_VNNI512
@@ -232,3 +246,68 @@ def depthwise_requant(int path, const int8_t[:, :, :, ::1] x, const int16_t[:, :
         status = qc_dw_requant(path, &args, 0, args.n)
     if status < 0:
         raise MemoryError("could not allocate the depthwise row buffers")
+
+
+# --- W4A8: int4 weights in groups, int8 activations per row (csrc/w4a8.h) -----------------------
+
+W4_GROUP_COLS = QC_W4_GROUP_COLS
+
+
+def w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, bint has_zp):
+    """Bytes of an (n x k) int4 weight packed by w4_pack with groups of g."""
+    return qc_w4_packed_size(k, n, g, has_zp)
+
+
+def w4_pack(const int8_t[:, ::1] codes, const float[:, ::1] scales, zero_points,
+            Py_ssize_t g, uint8_t[::1] packed):
+    """codes (n x k, in [-8, 7]), scales (n x k/g), zero_points (n x k/g int8 or None) -> packed."""
+    cdef const int8_t[:, ::1] zp
+    cdef const int8_t *zp_ptr = NULL
+    if zero_points is not None:
+        zp = zero_points
+        zp_ptr = &zp[0, 0]
+    with nogil:
+        qc_w4_pack(&codes[0, 0], &scales[0, 0], zp_ptr, codes.shape[1], codes.shape[0], g,
+                   &packed[0])
+
+
+def w4_quantize_rows(int path, const float[:, ::1] x, Py_ssize_t g, int8_t[:, ::1] xq,
+                     int32_t[:, ::1] gsum, float[::1] sx):
+    """Per-row int8 activations: xq, the per-group sums of xq, and the row scales sx."""
+    with nogil:
+        qc_w4_quantize_rows(path, &x[0, 0], x.shape[0], x.shape[1], g, &xq[0, 0], &gsum[0, 0],
+                            &sx[0])
+
+
+def w4a8(int path, const float[:, ::1] x, const uint8_t[::1] packed, Py_ssize_t n,
+         Py_ssize_t g, bint has_zp, int8_t[:, ::1] xq, int32_t[:, ::1] gsum, float[::1] sx,
+         float[:, ::1] y, int threads):
+    """y = the W4A8 product of x and the packed weights (activations quantized into xq, gsum, sx
+    on the way); returns the path that ran."""
+    cdef int ran
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1]
+    with nogil:
+        qc_w4_quantize_rows(path, &x[0, 0], m, k, g, &xq[0, 0], &gsum[0, 0], &sx[0])
+        ran = qc_w4a8(path, &xq[0, 0], &gsum[0, 0], &sx[0], &packed[0], m, n, k, g, has_zp,
+                      &y[0, 0], NULL, threads)
+    return ran
+
+
+def w4a8_group_sums(int path, const int8_t[:, ::1] xq, const int32_t[:, ::1] gsum,
+                    const uint8_t[::1] packed, Py_ssize_t n, Py_ssize_t g, bint has_zp,
+                    int32_t[:, :, ::1] sums, int threads):
+    """The kernel's integer partial sums P (m x n x k/g) instead of y; returns the path."""
+    cdef int ran
+    cdef float unused = 0
+    with nogil:
+        ran = qc_w4a8(path, &xq[0, 0], &gsum[0, 0], &unused, &packed[0], xq.shape[0], n,
+                      xq.shape[1], g, has_zp, NULL, &sums[0, 0, 0], threads)
+    return ran
+
+
+def read_bandwidth(int path, const uint8_t[::1] buf, int threads, int rounds):
+    """Bytes per second with which `threads` threads read their shares of buf (best round)."""
+    cdef double rate
+    with nogil:
+        rate = qc_read_bandwidth(path, &buf[0], buf.shape[0], threads, rounds)
+    return rate

@@ -1259,7 +1259,9 @@ def plot_quantization(x, qparams: QParams, axes=None):
     ax_data.set_title(f"{qparams.levels} levels, scale {float(qparams.scale):.3g}, "
                       f"zero point {int(qparams.zero_point)}", fontsize=9)
     ax_data.set_xlabel("x")
-    ax_data.legend(fontsize=8, loc="upper left")
+    ax_data.set_ylabel("values")
+    ax_data.set_ylim(0, 1.45 * ax_data.get_ylim()[1])  # headroom: the legend sits above the bars
+    ax_data.legend(fontsize=8, loc="upper right")
     clipped = (x < lo) | (x > hi)
     rounding = (inside - x_hat)[~clipped]
     clipping = (x - inside)[clipped]
@@ -1269,7 +1271,9 @@ def plot_quantization(x, qparams: QParams, axes=None):
     ax_err.set_title(f"SQNR {eb.sqnr_db:.1f} dB; MSE rounding {eb.rounding_mse:.2e}, "
                      f"clipping {eb.clipping_mse:.2e}", fontsize=9)
     ax_err.set_xlabel("error x - fake_quantize(x)")
-    ax_err.legend(fontsize=8)
+    ax_err.set_ylabel("values")
+    ax_err.set_ylim(0, 1.45 * ax_err.get_ylim()[1])
+    ax_err.legend(fontsize=8, loc="upper right")
     return axes
 
 

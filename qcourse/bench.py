@@ -32,8 +32,10 @@ from qcourse.kernels import (
     set_num_threads,
 )
 
-__all__ = ["Result", "cnn_benchmark", "cnn_onnx_model", "competitors", "format_cnn_table",
-           "format_table", "machine_description", "peak_gops", "run_benchmark", "thread_limit"]
+__all__ = ["INT4_TOLERANCE", "Result", "cnn_benchmark", "cnn_onnx_model", "competitors",
+           "format_cnn_table", "format_int4_table", "format_table", "int4_competitors",
+           "machine_description", "peak_gops", "read_bandwidth_gbs", "run_benchmark",
+           "run_int4_benchmark", "thread_limit", "unquiet_signs"]
 
 Result = dict  # one row: {"threads", "m", "k", "n", "shape", "size", "kernel", "seconds", "gops",
 #                          "pct_peak", "vs_numpy_f32", "vs_best_outside", "exact"}
@@ -357,7 +359,12 @@ def format_table(rows: list[Result]) -> str:
              "|---:|:---|:---|---:|---:|---:|---:|:---:|"]
     for r in rows:
         exact = {None: "(float)", True: "yes", "±1": "±1 step"}.get(r["exact"], "NO")
-        pct = "–" if r["pct_peak"] is None else f"{r['pct_peak']:.0f}%"
+        if r["pct_peak"] is None:
+            pct = "–"
+        elif r["pct_peak"] > 100:  # impossible: the peak was measured at another clock
+            pct = "over the peak (busy)"
+        else:
+            pct = f"{r['pct_peak']:.0f}%"
         vs_out = "–" if r["vs_best_outside"] is None else f"{r['vs_best_outside']:.2f}x"
         lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | {r['gops']:.1f} | "
                      f"{pct} | {r['vs_numpy_f32']:.2f}x | {vs_out} | {exact} |")
@@ -496,6 +503,275 @@ def _cnn_section(repeat: int) -> None:
     print(format_cnn_table(cnn_benchmark(model, X, repeat=repeat)))
 
 
+def unquiet_signs(rows: list[Result], peaks_before: dict[int, float | None],
+                  peaks_after: dict[int, float | None], moved: float = 0.15,
+                  slower: float = 0.9) -> list[str]:
+    """Signs that the machine was busy while ``rows`` were measured, as sentences (or none).
+
+    A benchmark measured on a machine that other work is using says more about that work than
+    about the kernels. Three signs give it away, each impossible on an idle machine:
+
+    - the peak (``peak_gops``, per thread count) measured again after the benchmark moved by
+      more than ``moved`` (15 %) from the peak measured before it: the clock or the share of the
+      core changed in between;
+    - a row reached more than 100 % of the peak measured for its thread count;
+    - a qcourse kernel ran slower with two threads than with one (below ``slower`` = 0.9 times
+      the one-thread speed) on a square product of at least 512: its threads share nothing but
+      the read-only inputs, so only a core taken by other work can do that.
+    """
+    signs = []
+    for threads, before in sorted(peaks_before.items()):
+        after = peaks_after.get(threads)
+        if before and after and abs(after - before) > moved * before:
+            signs.append(f"the {threads}-thread peak moved from {before:.0f} to {after:.0f} "
+                         f"GOP/s between the start and the end of the benchmark")
+    over = [r for r in rows if r.get("pct_peak") is not None and r["pct_peak"] > 100]
+    if over:
+        signs.append(f"{len(over)} measurement(s) exceeded the peak measured for their thread "
+                     f"count (e.g. {over[0]['kernel']} at {over[0]['shape']}, "
+                     f"{over[0]['threads']} thread(s))")
+    one = {(r["shape"], r["kernel"]): r["gops"] for r in rows if r["threads"] == 1}
+    slow2 = [r for r in rows if r["threads"] == 2 and r["kernel"].startswith("qcourse")
+             and r["m"] == r["k"] == r["n"] and r["m"] >= 512
+             and (r["shape"], r["kernel"]) in one
+             and r["gops"] < slower * one[r["shape"], r["kernel"]]]
+    if slow2:
+        first = slow2[0]
+        signs.append(f"{len(slow2)} qcourse kernel(s) ran slower on two threads than on one "
+                     f"(e.g. {first['kernel']} at {first['shape']}: {first['gops']:.0f} against "
+                     f"{one[first['shape'], first['kernel']]:.0f} GOP/s)")
+    return signs
+
+
+# --- int4 weights: the W4A8 kernel against the outside int4 kernels ------------------------------
+
+def read_bandwidth_gbs(threads: int = 1, mib: int = 256, rounds: int = 5) -> float:
+    """The memory read bandwidth of ``threads`` cores, measured: GB/s of a plain read loop.
+
+    Each thread sums its share of a ``mib`` MiB buffer (far larger than the last-level cache, so
+    it comes from DRAM) with the widest loads of the default path, ``rounds`` times after a
+    barrier, timing its own loop; the best round of each thread is summed.  The bandwidth wall
+    of the roofline, as :func:`peak_gops` is the arithmetic one.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    buf = np.ones(mib * 2**20, dtype=np.uint8)  # written once, so every page is really there
+    return _kernels.read_bandwidth(_PATH_CODES[best_path()], buf, threads, rounds) / 1e9
+
+
+_PATH_CODES = {"portable": _kernels.PATH_PORTABLE, "avx2": _kernels.PATH_AVX2,
+               "vnni512": _kernels.PATH_VNNI512}
+
+
+def _ort_matmul_nbits(accuracy_level: int):
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+
+    def prepare(x, codes, scales, group_size):
+        n, k = codes.shape
+        blocks = k // group_size
+        u = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(n, blocks, group_size)
+        packed = (u[:, :, 0::2] | (u[:, :, 1::2] << 4)).astype(np.uint8)  # first k: low nibble
+        node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"],
+                                domain="com.microsoft", K=k, N=n, bits=4, block_size=group_size,
+                                accuracy_level=accuracy_level)
+        graph = helper.make_graph(
+            [node], "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+            initializer=[helper.make_tensor("B", TensorProto.UINT8, list(packed.shape),
+                                            packed.tobytes(), raw=True),
+                         helper.make_tensor("scales", TensorProto.FLOAT, [n * blocks],
+                                            scales.astype(np.float32).tobytes(), raw=True)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = get_num_threads()
+        session = ort.InferenceSession(model.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        return (lambda: session.run(None, {"A": x})[0]), packed.nbytes + 4 * n * blocks
+
+    compute = "int8" if accuracy_level == 4 else "float"
+    prepare.__name__ = (f"ONNX Runtime MatMulNBits accuracy_level={accuracy_level} "
+                        f"({compute} compute, {ort.__version__})")
+    return prepare
+
+
+def _torch_int4(kind: str):
+    try:
+        import torch
+    except ImportError:
+        return None
+    aten = torch.ops.aten
+    if kind.startswith("int4pack") and not hasattr(aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    if kind == "dyn" and not hasattr(aten, "_dyn_quant_matmul_4bit"):
+        return None
+
+    def prepare(x, codes, scales, group_size):
+        n, k = codes.shape
+        u = (codes.astype(np.int32) + 8)  # torch's int4 codes are unsigned, zero point 8
+        tx = torch.from_numpy(x)
+        if kind.startswith("int4pack"):
+            # activations and (scale, zero) pairs in float32 or bfloat16, PyTorch's fast case
+            dtype = torch.bfloat16 if kind == "int4pack_bf16" else torch.float32
+            w = aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(u), 2)
+            sz = torch.stack([torch.from_numpy(np.ascontiguousarray(scales.T)),
+                              torch.zeros(k // group_size, n)], dim=-1).to(dtype).contiguous()
+            tx = tx.to(dtype)
+            return ((lambda: aten._weight_int4pack_mm_for_cpu(tx, w, group_size, sz).float()
+                     .numpy()), w.numel() * w.element_size() + sz.numel() * sz.element_size())
+        nib = u.astype(np.uint8)
+        two = torch.from_numpy(nib[:, 0::2] | (nib[:, 1::2] << 4))  # first k: low nibble
+        w = aten._dyn_quant_pack_4bit_weight(two, torch.from_numpy(scales.astype(np.float32)),
+                                             None, group_size, k, n)
+        return ((lambda: aten._dyn_quant_matmul_4bit(tx, w, group_size, k, n).numpy()),
+                w.numel() * w.element_size())
+
+    op = "_dyn_quant_matmul_4bit" if kind == "dyn" else "_weight_int4pack_mm_for_cpu"
+    dtype = "bfloat16" if kind == "int4pack_bf16" else "float32"
+    prepare.__name__ = f"torch {op} ({dtype}, torch {torch.__version__})"
+    return prepare
+
+
+def int4_competitors() -> dict[str, Callable]:
+    """Outside int4-weight kernels, where installed: name -> prepare(x, codes, scales, g) ->
+    (thunk, weight bytes).  Weights are codes in [-8, 7] with float32 scales per group."""
+    found = {}
+    for factory in (lambda: _ort_matmul_nbits(4), lambda: _ort_matmul_nbits(0),
+                    lambda: _torch_int4("int4pack"), lambda: _torch_int4("int4pack_bf16"),
+                    lambda: _torch_int4("dyn")):
+        f = factory()
+        if f is not None:
+            found[f.__name__] = f
+    return found
+
+
+# Every int4 contender's output must lie this close to the float64 product of x and the
+# dequantized weights, relative to the largest output: int8 activations move an output by at most
+# (s_x / 2) sum_k |W_nk|, which for random data stays near 1 % of the largest output.
+INT4_TOLERANCE = 0.03
+
+
+def _int4_layers(rng, k: int, n: int, count: int, group_size: int):
+    layers = []
+    for _ in range(count):
+        codes = rng.integers(-8, 8, size=(n, k), dtype=np.int8)
+        scales = rng.uniform(0.5, 1.5, size=(n, k // group_size)).astype(np.float32) / 64
+        layers.append((codes, scales))
+    return layers
+
+
+def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 11008),
+                       group_size: int = 32, repeat: int = 5, seed: int = 0,
+                       outside: bool = True, bandwidth: float | None = None,
+                       skip: tuple[str, ...] = ()) -> list[Result]:
+    """Time int4-weight layers: qcourse's :func:`~qcourse.kernels.matmul_w4a8` against ONNX
+    Runtime's MatMulNBits and PyTorch's int4 CPU kernels (where installed), NumPy float32 on the
+    dequantized weights and qcourse's int8 GEMM on the same shape.
+
+    Shapes: M x K x N for each M in ``linear`` with (K, N) = ``kn``; and ``stack`` = (layers,
+    K, N) at M = 1, a pass through several layers whose weights together exceed the last-level
+    cache, so that they come from memory.  Every output is first checked against the float64
+    product (within :data:`INT4_TOLERANCE` of the largest output; our int8 GEMM exactly).  Rows
+    add ``gbs`` (weight bytes read per second) and ``pct_bw`` (of ``bandwidth``, default
+    :func:`read_bandwidth_gbs` for the threads in force); ``vs_best_outside`` is relative to
+    the fastest outside int4 kernel.  ``skip``: outside kernels whose names contain any of these
+    strings are left out (e.g. ``("float32, torch",)`` for PyTorch's slow float32 variants).
+    """
+    from qcourse.kernels import matmul_w4a8, prepack_int4, quantize_rows_int8
+
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    threads = get_num_threads()
+    if bandwidth is None:
+        bandwidth = read_bandwidth_gbs(threads)
+    rng = np.random.default_rng(seed)
+    k, n = kn
+    cases = [(f"{m}×{k}×{n}", m, _int4_layers(rng, k, n, 1, group_size)) for m in linear]
+    if stack:
+        count, sk, sn = stack
+        cases.append((f"1×{sk}×{sn} ×{count} layers", 1,
+                      _int4_layers(rng, sk, sn, count, group_size)))
+    rows: list[Result] = []
+    for shape, m, layers in cases:
+        k = layers[0][0].shape[1]
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        dequant = [(c.reshape(c.shape[0], -1, group_size) * s[:, :, None]).reshape(c.shape)
+                   for c, s in layers]
+        expected = [x.astype(np.float64) @ w.T.astype(np.float64) for w in dequant]
+        runs: dict[str, tuple[list, int]] = {}
+        wf = [np.ascontiguousarray(w.T) for w in dequant]
+        runs["NumPy float32 matmul (dequantized weights)"] = (
+            [lambda w=w, x=x: x @ w for w in wf], sum(w.nbytes for w in wf))
+        packed = [prepack_int4(c, s, group_size=group_size) for c, s in layers]
+        runs[f"qcourse matmul_w4a8 ({best_path()})"] = (
+            [lambda p=p, x=x: matmul_w4a8(x, p) for p in packed],
+            sum(p.data.nbytes for p in packed))
+        xq, _ = quantize_rows_int8(x)
+        int8_packed = [prepack(np.ascontiguousarray(c.T)) for c, _ in layers]
+        runs["qcourse matmul_int8 (int8 weights, same shape)"] = (
+            [lambda p=p, xq=xq: matmul_int8(xq, p) for p in int8_packed],
+            sum(p.data.nbytes for p in int8_packed))
+        if outside:
+            for name, prepare in int4_competitors().items():
+                if any(part in name for part in skip):
+                    continue
+                try:
+                    made = [prepare(x, c, s, group_size) for c, s in layers]
+                except RuntimeError as err:
+                    print(f"skipping {name} at {shape}: {err}")
+                    continue
+                runs[name] = ([t for t, _ in made], sum(b for _, b in made))
+        shape_rows = []
+        for name, (thunks, nbytes) in runs.items():
+            for i, (thunk, (codes, _)) in enumerate(zip(thunks, layers, strict=True)):
+                out = np.asarray(thunk(), dtype=np.float64)
+                if "matmul_int8" in name:
+                    ok = np.array_equal(out, xq.astype(np.int64) @ codes.T.astype(np.int64))
+                else:
+                    ok = np.abs(out - expected[i]).max() <= INT4_TOLERANCE * np.abs(
+                        expected[i]).max()
+                if not ok:
+                    raise AssertionError(f"{name} gave a wrong result at {shape} (layer {i})")
+
+            def run_all(thunks=thunks):
+                for thunk in thunks:
+                    thunk()
+
+            seconds = _median_seconds(run_all, repeat)
+            ops = 2.0 * m * k * layers[0][0].shape[0] * len(layers)
+            gbs = nbytes / seconds / 1e9
+            shape_rows.append({
+                "threads": threads, "shape": shape, "m": m, "kernel": name, "seconds": seconds,
+                "gops": ops / seconds / 1e9, "gbs": gbs, "weight_bytes": nbytes,
+                "pct_bw": 100 * gbs / bandwidth if bandwidth else None})
+        base = shape_rows[0]["gops"]
+        best_outside = max((r["gops"] for r in shape_rows
+                            if r["kernel"].startswith(("torch", "ONNX"))), default=None)
+        for r in shape_rows:
+            r["vs_numpy_f32"] = r["gops"] / base
+            r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
+        rows += shape_rows
+    return rows
+
+
+def format_int4_table(rows: list[Result]) -> str:
+    """A Markdown table of :func:`run_int4_benchmark`'s rows."""
+    lines = ["| threads | shape | kernel | ms | GOP/s | weight GB/s | % of read bandwidth "
+             "| vs NumPy float32 | vs best outside int4 |",
+             "|---:|:---|:---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pct = "–" if r["pct_bw"] is None else f"{r['pct_bw']:.0f}%"
+        vs_out = "–" if r["vs_best_outside"] is None else f"{r['vs_best_outside']:.2f}x"
+        lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | "
+                     f"{1e3 * r['seconds']:.3f} | {r['gops']:.1f} | {r['gbs']:.1f} | {pct} | "
+                     f"{r['vs_numpy_f32']:.2f}x | {vs_out} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qcourse.bench", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024, 2048],
@@ -512,25 +788,50 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cnn", action="store_true",
                         help="skip the integer CNN against ONNX Runtime (batch 1 and 256)")
     parser.add_argument("--cnn-only", action="store_true", help="run only the CNN comparison")
+    parser.add_argument("--int4", choices=["also", "only", "no"], default="also",
+                        help="the int4-weight table (W4A8 against MatMulNBits and PyTorch's int4 "
+                             "kernels) after the int8 one, instead of it, or not")
+    parser.add_argument("--int4-group", type=int, default=32, help="group size of the int4 "
+                        "weights")
+    parser.add_argument("--int4-stack", type=int, nargs=3, default=[4, 4096, 11008],
+                        metavar=("LAYERS", "K", "N"), help="layers of a DRAM-sized stack at M = 1")
     args = parser.parse_args(argv)
     if args.cnn_only:
         print(machine_description())
         _cnn_section(max(args.repeat, 20))
         return
     print(machine_description())
-    for threads in args.threads:
+    for threads in args.threads if args.int4 != "no" else ():
         with thread_limit(threads):
-            peak = peak_gops(threads)
+            bandwidth = read_bandwidth_gbs(threads)
+            rows = run_int4_benchmark(args.linear, tuple(args.linear_kn), tuple(args.int4_stack),
+                                      args.int4_group, args.repeat, outside=not args.no_outside,
+                                      bandwidth=bandwidth)
+        print(f"\nint4 weights, groups of {args.int4_group}, {threads} thread"
+              f"{'s' if threads > 1 else ''} per contender; measured read bandwidth "
+              f"{bandwidth:.1f} GB/s:\n")
+        print(format_int4_table(rows))
+    all_rows, before, after = [], {}, {}
+    for threads in args.threads if args.int4 != "only" else ():
+        with thread_limit(threads):
+            before[threads] = peak = peak_gops(threads)
             rows = run_benchmark(args.sizes, args.repeat, include_slow=args.include_slow,
                                  outside=not args.no_outside, linear=args.linear,
                                  linear_kn=tuple(args.linear_kn), peak=peak)
+            after[threads] = peak_gops(threads)
+        all_rows += rows
         peak_text = (f"measured int8 peak {peak:.0f} GOP/s (register-only vpdpbusd)" if peak
                      else "no VNNI: no peak measured")
         print(f"\n{threads} thread{'s' if threads > 1 else ''} per contender; {peak_text}:\n")
         print(format_table(rows))
+    signs = unquiet_signs(all_rows, before, after)
+    if signs:
+        print("\nThe machine was not quiet during this run; measure again when it is idle:")
+        print("\n".join(f"- {sign}" for sign in signs))
     if not args.no_cnn:
         _cnn_section(max(args.repeat, 20))
 
 
 if __name__ == "__main__":
     main()
+

@@ -14,10 +14,13 @@ three parts:
   ``M = S_w * S_x / S_y``) is stored as a 31-bit integer ``multiplier`` and a power-of-two
   ``shift`` with ``M ~ multiplier * 2**(shift - 31)`` (:func:`quantize_multiplier`), and applied
   to int32 accumulators with integers only (:func:`srdhm`, :func:`rounding_divide_by_pot`,
-  :func:`multiply_by_quantized_multiplier`), bit for bit as TensorFlow Lite's reference kernels do
-  (``tensorflow/lite/kernels/internal/quantization_util.cc`` and ``common.cc``, and gemmlowp's
-  ``fixedpoint/fixedpoint.h``), in both of TFLite's builds: the default double rounding and the
-  ``TFLITE_SINGLE_ROUNDING`` single rounding.
+  :func:`multiply_by_quantized_multiplier`), bit for bit as gemmlowp's routines compute it as
+  TensorFlow Lite's source transcribes them (``tensorflow/lite/kernels/internal/
+  quantization_util.cc`` and ``common.cc``, and gemmlowp's ``fixedpoint/fixedpoint.h``), in both
+  of TFLite's builds: the default double rounding and the ``TFLITE_SINGLE_ROUNDING`` single
+  rounding.  LiteRT's kernels do not all use it: :func:`rounding_divide_by_pot_half_up` and
+  :func:`multiply_by_quantized_multiplier_half_up` are the rounding of its built-in kernels on
+  ruy (see the deploy chapter).
 
 Everything is vectorized over NumPy arrays and also accepts Python scalars: array in, array out;
 scalars in, a Python ``int`` (or ``float``) out.  Nothing ever wraps around silently: overflow
@@ -41,11 +44,13 @@ __all__ = [
     "min_accumulator_bits",
     "multiplier_to_real",
     "multiply_by_quantized_multiplier",
+    "multiply_by_quantized_multiplier_half_up",
     "power_of_two_exponent",
     "product_range",
     "quantize_multiplier",
     "round_shift",
     "rounding_divide_by_pot",
+    "rounding_divide_by_pot_half_up",
     "srdhm",
     "to_fixed",
 ]
@@ -744,7 +749,7 @@ def rounding_divide_by_pot(x, exponent):
 
 
 def multiply_by_quantized_multiplier(x, multiplier, shift, *, rounding="double"):
-    r"""Rescale int32 values by :math:`\text{multiplier} \cdot 2^{s - 31}` exactly as TFLite does.
+    r"""Rescale int32 values by :math:`\text{multiplier} \cdot 2^{s-31}` as TFLite's source does.
 
     This is TFLite's ``MultiplyByQuantizedMultiplier(int32 x, int32 multiplier, int shift)``
     (``tensorflow/lite/kernels/internal/common.cc``) in its two builds.
@@ -822,3 +827,68 @@ def multiply_by_quantized_multiplier(x, multiplier, shift, *, rounding="double")
                 "this with TFLITE_DCHECK)"
             )
     return _result(out.astype(np.int32), scalar)
+
+
+# --- The other fixed-point rescalings that ship in LiteRT ---------------------------------------
+
+
+def rounding_divide_by_pot_half_up(x, exponent):
+    r"""Divide by :math:`2^e` and round to nearest, **ties toward** :math:`+\infty`.
+
+    .. math:: \Bigl\lfloor \frac{x + 2^{e-1}}{2^{e}} \Bigr\rfloor
+              = \Bigl\lfloor \frac{x}{2^{e}} + \frac12 \Bigr\rfloor, \qquad 0 \le e \le 31
+
+    (:math:`e = 0` returns :math:`x`).  This is ARM's ``VRSHL`` by a negative amount, and the
+    "rounding right shift" of ruy's x86 kernels (``kernel_avx2_fma.cc``, ``kernel_avx512.cc``:
+    add the nudge :math:`2^{e-1}`, shift arithmetically).  It differs from gemmlowp's
+    :func:`rounding_divide_by_pot` only on negative ties: :math:`-2.5 \to -2` here, :math:`-3`
+    there.  Exact for every int32 ``x`` (computed in int64; ruy's overflow guard, which returns
+    :math:`2^{31-e}` when :math:`x + 2^{e-1}` would pass :math:`2^{31} - 1`, gives the same
+    value).  See the fixed-point chapter and the deploy chapter.
+
+    Returns
+    -------
+    int or numpy.ndarray of int32
+    """
+    scalar = _is_scalar(x) and _is_scalar(exponent)
+    xv = _int32("x", x)
+    e = _int_array("exponent", exponent, 0, 31, "an exponent from 0 to 31")
+    half = np.where(e > 0, np.int64(1) << np.maximum(e - 1, 0), 0)
+    return _result(((xv + half) >> e).astype(np.int32), scalar)
+
+
+def multiply_by_quantized_multiplier_half_up(x, multiplier, shift):
+    r"""Rescale by :math:`\text{multiplier} \cdot 2^{s-31}` in two roundings, both ties up.
+
+    .. math:: \Bigl\lfloor \frac{\operatorname{srdhm}(x \cdot 2^{\max(s,0)},\ \text{multiplier})
+              + 2^{r-1}}{2^{r}} \Bigr\rfloor, \qquad r = \max(-s, 0)
+
+    :func:`srdhm` (round half up) followed by :func:`rounding_divide_by_pot_half_up` (round half
+    up again), where gemmlowp's version (:func:`multiply_by_quantized_multiplier`,
+    ``rounding="double"``) rounds the second step half away from zero.  This is what LiteRT's
+    built-in optimized int8 kernels compute when they run on ruy -- ``FULLY_CONNECTED`` and
+    ``CONV_2D`` on x86 (ruy's AVX2/AVX-512 kernels, ``ruy/kernel_avx2_fma.cc``: a 64-bit
+    product plus :math:`2^{30}`, shifted right by 31, then the nudged rounding right shift) --
+    and what ARM's ``VQRDMULH`` + ``VRSHL`` compute (TFLite's NEON ``CustomGemv``).  It is
+    neither of TFLite's two ``MultiplyByQuantizedMultiplier`` builds: on a negative tie the
+    double-rounding build goes down, this one up.  The left shift wraps in int32 in the SIMD
+    code; here it raises ``ValueError`` instead.  ``multiplier`` and ``shift`` as for
+    :func:`multiply_by_quantized_multiplier`; broadcast together.  See the deploy chapter.
+
+    Returns
+    -------
+    int or numpy.ndarray of int32
+    """
+    scalar = _is_scalar(x) and _is_scalar(multiplier) and _is_scalar(shift)
+    xv = _int32("x", x)
+    m = _int_array("multiplier", multiplier, 0, _INT32_MAX, "a non-negative int32")
+    s = _int_array("shift", shift, -31, 30, "an exponent from -31 to 30")
+    shifted = xv << np.maximum(s, 0)
+    over = (shifted < _INT32_MIN) | (shifted > _INT32_MAX)
+    if np.any(over):
+        raise ValueError(f"x * 2**shift overflows int32 in {int(np.count_nonzero(over))} "
+                         "place(s) (the kernels shift x left in int32 first, which would wrap)")
+    high = _srdhm(shifted, m)
+    r = np.maximum(-s, 0)
+    half = np.where(r > 0, np.int64(1) << np.maximum(r - 1, 0), 0)
+    return _result(((high + half) >> r).astype(np.int32), scalar)

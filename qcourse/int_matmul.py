@@ -18,7 +18,9 @@ a clamp.  The module has four parts:
 * **requantization in the two conventions used in practice**: :func:`requantize_float` (a float32
   multiplier and round half to even, as ONNX Runtime and PyTorch do; :func:`float_multiplier`
   computes the multiplier the way ONNX Runtime does) and :func:`requantize_fixed_point` (a 31-bit
-  integer multiplier and a shift, as TensorFlow Lite does, through :mod:`qcourse.fixed_point`);
+  integer multiplier and a shift, as TensorFlow Lite's ``MultiplyByQuantizedMultiplier`` does,
+  through :mod:`qcourse.fixed_point`; LiteRT's kernels round in more ways, named at the end of
+  this module and compared in the deploy chapter);
 * **the ONNX operators** :func:`matmul_integer` (``MatMulInteger``) and :func:`qlinear_matmul`
   (``QLinearMatMul``), bit for bit as ONNX Runtime's CPU kernels compute them, each with a plain
   NumPy twin (:func:`matmul_integer_reference`, :func:`qlinear_matmul_reference`); the fast
@@ -47,7 +49,11 @@ from qcourse.affine import (
     quantize,
     storage_dtype,
 )
-from qcourse.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
+from qcourse.fixed_point import (
+    multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_half_up,
+    quantize_multiplier,
+)
 from qcourse.kernels import matmul_int8, matmul_int8_requant, max_k_s8s8
 
 __all__ = [
@@ -55,6 +61,7 @@ __all__ = [
     "REQUANTIZATIONS",
     "QuantizedLinear",
     "activation_range",
+    "double_multiplier",
     "float_multiplier",
     "fold_zero_points",
     "linear_float",
@@ -63,7 +70,9 @@ __all__ = [
     "qlinear_matmul",
     "qlinear_matmul_reference",
     "quantize_bias",
+    "requantize_double_half_away",
     "requantize_fixed_point",
+    "requantize_fixed_point_half_up",
     "requantize_float",
     "requantization_disagreements",
     "zero_point_terms",
@@ -527,7 +536,7 @@ def requantize_float(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarr
 
 def requantize_fixed_point(acc, multiplier, shift, output_zero_point, qmin, qmax, *,
                            rounding="double") -> np.ndarray:
-    r"""Requantize int32 accumulators with integers only, as TensorFlow Lite does.
+    r"""Requantize int32 accumulators with integers only, as TFLite's source does (gemmlowp).
 
     .. math::
         q_y = \operatorname{clamp}\big(\operatorname{MBQM}(v, M_0, s) + Z_y,\ q_{\min},
@@ -539,9 +548,12 @@ def requantize_fixed_point(acc, multiplier, shift, output_zero_point, qmin, qmax
     roundings (``rounding="double"``, TFLite's default build: SRDHM then a rounding divide by a
     power of two) or one (``"single"``, the ``TFLITE_SINGLE_ROUNDING`` build).  The offset, the
     clamp and their order are those of TFLite's reference integer kernels (e.g.
-    ``tensorflow/lite/kernels/internal/reference/integer_ops/fully_connected.h``: ``acc =
+    ``tensorflow/lite/kernels/internal/reference/integer_ops/conv.h``: ``acc =
     MultiplyByQuantizedMultiplier(acc, output_multiplier, output_shift); acc += output_offset;
-    acc = max(acc, output_activation_min); acc = min(acc, output_activation_max)``).
+    acc = max(acc, output_activation_min); acc = min(acc, output_activation_max)``); LiteRT's
+    reference fully-connected kernel rounds in double instead
+    (:func:`requantize_double_half_away`), its built-in kernels on ruy half up twice
+    (:func:`requantize_fixed_point_half_up`).
     ``multiplier`` and ``shift`` come from :func:`qcourse.fixed_point.quantize_multiplier`;
     per-channel arrays broadcast against ``acc``.  See the int_matmul chapter.
 
@@ -818,7 +830,10 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:
-    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+    """C's ``round`` on float64 values, exactly (``floor(|v| + 0.5)`` would round
+    0.49999999999999994 up)."""
+    whole = np.trunc(v)
+    return whole + np.sign(v) * (np.abs(v - whole) >= 0.5)  # v - whole is exact
 
 
 def activation_range(activation: str, output_qparams: QParams) -> tuple[int, int]:
@@ -934,7 +949,8 @@ class QuantizedLinear:
       on the compiled GEMM with fused requantization
       (:func:`qcourse.kernels.matmul_int8_requant`), :meth:`reference` in NumPy;
     * ``"tflite_double"`` / ``"tflite_single"``: :func:`requantize_fixed_point` with the
-      multipliers of :attr:`fixed_point_params`, TFLite's integer ``FullyConnected``.
+      multipliers of :attr:`fixed_point_params`: gemmlowp's ``MultiplyByQuantizedMultiplier``
+      in TFLite's two builds (what LiteRT's own kernels compute: the deploy chapter).
 
     Build one from float weights with :meth:`from_float`.  See the int_matmul chapter.
     """
@@ -1169,3 +1185,88 @@ class QuantizedLinear:
         if self.activation == "relu6":
             y = np.minimum(y, 6.0)
         return fake_quantize(y, self.output_qparams)
+
+
+# --- the requantizations of LiteRT's other kernels ---------------------------------------------
+
+
+def double_multiplier(input_scale, weight_scale, output_scale) -> np.ndarray:
+    r"""The real multiplier in double precision, as LiteRT's int8 reference kernels compute it.
+
+    .. math:: M = \mathrm{fl}_{64}\big(\mathrm{fl}_{64}(S_x S_W) / S_y\big)
+
+    with the three float32 scales widened to double first (the product of two float32 values is
+    exact in double; the division rounds once).  LiteRT's reference ``FULLY_CONNECTED``
+    (``reference_integer_ops/fully_connected.h``, the variant that receives the float scales) and
+    the per-channel preparation of ``QuantizeMultiplier``'s input (``kernel_util.cc``) use this
+    value; ``weight_scale`` may be per channel.  See the deploy chapter.
+
+    Returns
+    -------
+    numpy.ndarray, float64
+    """
+    sx, sw, sy = (np.asarray(s, dtype=np.float64).astype(np.float32).astype(np.float64)
+                  for s in (input_scale, weight_scale, output_scale))
+    for name, s in (("input_scale", sx), ("weight_scale", sw), ("output_scale", sy)):
+        if s.size == 0 or not np.all(np.isfinite(s) & (s > 0)):
+            raise ValueError(f"{name} must be finite and > 0 (and non-empty)")
+    return sx * sw / sy
+
+
+def requantize_double_half_away(acc, multiplier, output_zero_point, qmin, qmax) -> np.ndarray:
+    r"""Requantize with one rounding of :math:`v \cdot M` in double, ties away from zero.
+
+    .. math:: q_y = \operatorname{clamp}\big(\operatorname{round}(\mathrm{fl}_{64}(v \cdot M))
+              + Z_y,\ q_{\min},\ q_{\max}\big)
+
+    with C's ``round`` (half away from zero).  This is LiteRT's int8 reference
+    ``FULLY_CONNECTED`` (``BUILTIN_REF`` op resolver): instead of
+    ``MultiplyByQuantizedMultiplier`` it computes ``static_cast<int32_t>(round(double(acc) *
+    effective_output_scale))`` with the double multiplier of :func:`double_multiplier`.
+    ``multiplier`` is that float64 value (per output column: an array broadcasting against
+    ``acc``).  A product outside int32 raises ``ValueError`` (C's cast would be undefined).
+    See the deploy chapter.
+
+    Returns
+    -------
+    numpy.ndarray
+        dtype :func:`qcourse.affine.storage_dtype` ``(qmin, qmax)``.
+    """
+    a = _check_acc(acc)
+    m = np.asarray(multiplier)
+    if m.dtype != np.float64:
+        raise TypeError(f"multiplier must be float64 (use double_multiplier), got {m.dtype}")
+    if m.size == 0 or not np.all(np.isfinite(m) & (m > 0)):
+        raise ValueError("multiplier must be finite and > 0")
+    lo, hi = _check_range(qmin, qmax)
+    zp = _check_output_zero_point(output_zero_point, lo, hi)
+    r = _round_half_away(a.astype(np.float64) * m)
+    if np.any((r < _INT32_MIN) | (r > _INT32_MAX)):
+        raise ValueError("acc * multiplier does not fit int32 (the C cast would be undefined)")
+    return np.clip(r.astype(np.int64) + zp, lo, hi).astype(storage_dtype(lo, hi))
+
+
+def requantize_fixed_point_half_up(acc, multiplier, shift, output_zero_point, qmin,
+                                   qmax) -> np.ndarray:
+    r"""Requantize with the fixed-point multiplier, both roundings half up (ruy's x86 kernels).
+
+    .. math:: q_y = \operatorname{clamp}\big(\operatorname{MBQM}_{\uparrow\uparrow}(v, M_0, s)
+              + Z_y,\ q_{\min},\ q_{\max}\big)
+
+    :func:`qcourse.fixed_point.multiply_by_quantized_multiplier_half_up` (SRDHM, then a rounding
+    shift with ties up), the output zero point and the clamp: LiteRT's built-in optimized int8
+    ``FULLY_CONNECTED`` and ``CONV_2D`` (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), which run their
+    GEMM on ruy.  ``multiplier`` and ``shift`` from :func:`qcourse.fixed_point.quantize_multiplier`
+    (per channel: arrays that broadcast against ``acc``).  See the deploy chapter.
+
+    Returns
+    -------
+    numpy.ndarray
+        dtype :func:`qcourse.affine.storage_dtype` ``(qmin, qmax)``.
+    """
+    a = _check_acc(acc)
+    lo, hi = _check_range(qmin, qmax)
+    zp = _check_output_zero_point(output_zero_point, lo, hi)
+    scaled = multiply_by_quantized_multiplier_half_up(a, multiplier, shift)
+    out = np.clip(np.asarray(scaled, dtype=np.int64) + zp, lo, hi)
+    return out.astype(storage_dtype(lo, hi))

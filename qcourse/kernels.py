@@ -21,6 +21,7 @@ __all__ = [
     "INT32_MAX",
     "LADDER",
     "PackedB",
+    "PackedInt4",
     "available_paths",
     "best_path",
     "depthwise_conv_int8",
@@ -35,9 +36,17 @@ __all__ = [
     "matmul_int8_requant",
     "matmul_int8_requant_reference",
     "matmul_int8_u8s8",
+    "matmul_w4a8",
+    "matmul_w4a8_reference",
+    "max_group_w4a8",
     "max_k_s8s8",
     "prepack",
+    "prepack_int4",
+    "quantize_rows_int8",
     "set_num_threads",
+    "w4a8_epilogue_reference",
+    "w4a8_group_sums",
+    "w4a8_group_sums_reference",
 ]
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -616,3 +625,260 @@ def depthwise_conv_int8(x, w, multiplier, output_zero_point: int = 0, *, bias=No
     y = np.empty((x.shape[0], oh, ow, x.shape[3]), dtype=np.uint8)
     _kernels.depthwise_requant(code, x, wz, bias, mult, za, zp, qmin, qmax, stride, padding, y)
     return y.view(out_dtype)
+
+
+# --- W4A8: int4 weights in groups, int8 activations -----------------------------------------------
+
+@dataclass(frozen=True)
+class PackedInt4:
+    r"""An int4 weight matrix packed once for :func:`matmul_w4a8` (from :func:`prepack_int4`).
+
+    ``data`` holds, for each group of 64 output columns and each group of ``group_size`` values
+    of K, the codes :math:`q + 8` two to a byte in the order the kernel reads them, then the 64
+    float32 scales (and the 64 zero points, if any); ``qcourse/csrc/w4a8.h`` gives the layout.
+    ``n`` (output channels, rows of the codes), ``k`` (inputs), ``group_size``.
+    """
+
+    n: int
+    k: int
+    group_size: int
+    has_zero_points: bool
+    data: np.ndarray
+
+    def unpack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(codes, scales, zero_points)`` as given to :func:`prepack_int4`, read back from
+        ``data`` (int8 (N, K), float32 (N, K/g), int8 (N, K/g) or None)."""
+        n, k, g = self.n, self.k, self.group_size
+        groups, octs, col_groups = k // g, g // 8, -(-n // 64)
+        block = self.data.reshape(col_groups, groups, -1)
+        cb = block[:, :, :octs * 256].reshape(col_groups, groups, octs, 4, 16, 4)
+        nibbles = np.stack([cb & 15, cb >> 4], axis=-2).astype(np.int8) - 8  # cg j o p c h t
+        codes = nibbles.transpose(0, 3, 4, 1, 2, 5, 6).reshape(col_groups * 64, k)[:n]
+        scales = np.ascontiguousarray(block[:, :, octs * 256:octs * 256 + 256]).view(np.float32)
+        scales = scales.transpose(0, 2, 1).reshape(col_groups * 64, groups)[:n]
+        zero_points = None
+        if self.has_zero_points:
+            zp = block[:, :, octs * 256 + 256:].astype(np.int16) - 8
+            zero_points = zp.transpose(0, 2, 1).reshape(col_groups * 64, groups)[:n].astype(np.int8)
+        return np.ascontiguousarray(codes), np.ascontiguousarray(scales), zero_points
+
+
+def max_group_w4a8() -> int:
+    r"""Largest group size for which :func:`matmul_w4a8`'s integer sums cannot overflow int32.
+
+    A product :math:`x_q (q - z)` has :math:`|x_q| \le 128` and :math:`|q - z| \le 15` (codes
+    and zero points in [-8, 7]), so a group of g sums to at most :math:`1920 g`, and the kernel's
+    corrections :math:`(8 + z) \sum x_q` stay within the same bound: :math:`1920 g \le 2^{31} -
+    1` gives :math:`g \le 1118481`.
+    """
+    return (2**31 - 1) // (128 * 15)
+
+
+def _check_group_size_w4(group_size, k: int) -> int:
+    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, (int, np.integer)):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    g = int(group_size)
+    if g < 8 or g % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8 (the kernel reads codes "
+                         f"eight k at a time), got {g}")
+    if k % g:
+        raise ValueError(f"group_size={g} does not divide K={k}: every group must be whole")
+    if g > max_group_w4a8():
+        raise ValueError(f"group_size={g} is too large: a group's int32 sum could overflow "
+                         f"(at most {max_group_w4a8()}, max_group_w4a8())")
+    return g
+
+
+def _check_int4_grid(name: str, values, shape: tuple) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if arr.min() < -8 or arr.max() > 7:
+        raise ValueError(f"{name} must lie in [-8, 7] (signed 4-bit), got values in "
+                         f"[{arr.min()}, {arr.max()}]")
+    return np.ascontiguousarray(arr, dtype=np.int8)
+
+
+def prepack_int4(codes: np.ndarray, scales, *, group_size: int,
+                 zero_points=None) -> PackedInt4:
+    r"""Pack int4 weights with one scale per group for :func:`matmul_w4a8` (once per layer).
+
+    The weight is :math:`W_{nk} = s_{n,\lfloor k/g \rfloor}\,(q_{nk} - z_{n,\lfloor k/g
+    \rfloor})` with codes :math:`q \in [-8, 7]`, float32 scales :math:`s > 0` and optional zero
+    points :math:`z \in [-8, 7]` (0 when None).  See the kernels chapter.
+
+    Parameters
+    ----------
+    codes : numpy.ndarray, int8, shape (N, K)
+        N output channels (rows), K inputs; K even (two codes per byte).
+    scales : float array, shape (N, K / group_size)
+        Finite and > 0; stored as float32.
+    group_size : int
+        Consecutive values of K sharing a scale: a multiple of 8 that divides K (32, 64, 128 ...).
+    zero_points : int array (N, K / group_size) in [-8, 7], optional
+
+    Raises
+    ------
+    TypeError, ValueError
+        naming the argument: a non-int8 or non-2-D ``codes``, codes outside [-8, 7], odd K, a
+        group size that is not a multiple of 8 or does not divide K, scales of the wrong shape,
+        NaN, infinite or <= 0, zero points of the wrong shape or outside [-8, 7].
+    """
+    _check_matrix("codes", codes)
+    n, k = codes.shape
+    if k % 2:
+        raise ValueError(f"codes must have an even number of columns K (two 4-bit codes per "
+                         f"byte), got K={k}")
+    g = _check_group_size_w4(group_size, k)
+    if codes.min() < -8 or codes.max() > 7:
+        raise ValueError(f"codes must lie in [-8, 7] (signed 4-bit), got values in "
+                         f"[{codes.min()}, {codes.max()}]")
+    s = np.asarray(scales)
+    if s.dtype.kind != "f":
+        raise TypeError(f"scales must be a float array, got dtype {s.dtype}")
+    if s.shape != (n, k // g):
+        raise ValueError(f"scales must have shape (N, K / group_size) = {(n, k // g)}, got "
+                         f"{s.shape}")
+    if not np.all(np.isfinite(s)) or not np.all(s > 0):
+        raise ValueError("scales must be finite and > 0 (one per row and group)")
+    s32 = np.ascontiguousarray(s, dtype=np.float32)
+    if not np.all(s32 > 0) or not np.all(np.isfinite(s32)):
+        raise ValueError("scales must be finite and > 0 in float32 (a value under- or "
+                         "overflowed)")
+    zp = None if zero_points is None else _check_int4_grid("zero_points", zero_points,
+                                                           (n, k // g))
+    data = _aligned_empty(_kernels.w4_packed_size(k, n, g, zp is not None), np.uint8)
+    _kernels.w4_pack(np.ascontiguousarray(codes), s32, zp, g, data)
+    return PackedInt4(n=n, k=k, group_size=g, has_zero_points=zp is not None, data=data)
+
+
+def _check_w4a8_operands(x, packed) -> np.ndarray:
+    if not isinstance(packed, PackedInt4):
+        raise TypeError(f"packed must be a PackedInt4 (from prepack_int4), got "
+                        f"{type(packed).__name__}")
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy.ndarray of floats, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"x must have a float dtype (it is used as float32), got {x.dtype}")
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be 2-D (M, K) with M >= 1, got shape {x.shape}")
+    if x.shape[1] != packed.k:
+        raise ValueError(f"x has K={x.shape[1]} columns but the weights have K={packed.k}")
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x32)):
+        raise ValueError("x contains NaN or Inf (or values beyond float32); expected finite "
+                         "values")
+    return x32
+
+
+def matmul_w4a8(x: np.ndarray, packed: PackedInt4, *, path: str | None = None,
+                threads: int | None = None) -> np.ndarray:
+    r"""y = x Wᵀ with int4 weights in groups and int8 activations, float32 out (compiled).
+
+    Each row of ``x`` is quantized to int8 on the fly, :math:`x_q = \mathrm{rhe}(x \cdot 127 /
+    \max|x_{i,:}|)`; each group's integer dot product :math:`P_{inj} = \sum_{k \in j} x_{q,ik}
+    (q_{nk} - z_{nj})` is exact in int32; the group scales are applied in float32,
+    :math:`y_{in} = s_{x,i} \sum_j \mathrm{f32}(P_{inj})\, s_{nj}` (groups in order, one rounding
+    per operation), :math:`s_{x,i} = \max|x_{i,:}| / 127`.  The same on every path
+    (``path``), and bit for bit :func:`matmul_w4a8_reference`.  ``threads`` splits the output
+    columns (default: as :func:`matmul_int8`).  See the kernels chapter.
+
+    Parameters
+    ----------
+    x : float array (M, K), finite (used as float32)
+    packed : PackedInt4 from :func:`prepack_int4`
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape (M, N)
+    """
+    x32 = _check_w4a8_operands(x, packed)
+    code = _path_code(path)
+    m, k, g = x32.shape[0], packed.k, packed.group_size
+    threads = (_default_threads(m, packed.n, k) if threads is None else _check_threads(threads))
+    xq = np.empty((m, k), np.int8)
+    gsum = np.empty((m, k // g), np.int32)
+    sx = np.empty(m, np.float32)
+    y = np.empty((m, packed.n), np.float32)
+    _kernels.w4a8(code, x32, packed.data, packed.n, g, packed.has_zero_points, xq, gsum, sx, y,
+                  threads)
+    return y
+
+
+def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""The activations of :func:`matmul_w4a8`, in NumPy: ``(x_q, s_x)``, int8 (M, K) and
+    float32 (M,).
+
+    :math:`s_{x,i} = \max_k|x_{ik}| / 127` and :math:`x_q = \mathrm{rhe}(x \cdot (127 /
+    \max_k|x_{ik}|))` in float32 (both 0 for a row of zeros; the factor is capped at
+    :math:`2^{100}`, and then :math:`s_x = 2^{-100}`, for rows so small that it would overflow).
+    """
+    x32 = np.asarray(x, dtype=np.float32)
+    amax = np.abs(x32).max(axis=1)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        sx = np.where(amax > 0, amax / np.float32(127), np.float32(0)).astype(np.float32)
+    capped = inv > np.float32(2.0**100)
+    inv[capped], sx[capped] = np.float32(2.0**100), np.float32(2.0**-100)
+    return np.rint(x32 * inv[:, None]).astype(np.int8), sx
+
+
+def w4a8_group_sums_reference(x_q: np.ndarray, packed: PackedInt4) -> np.ndarray:
+    r"""The exact integer partial sums :math:`P_{inj} = \sum_{k \in j} x_{q,ik}(q_{nk} -
+    z_{nj})`, int32 (M, N, K/g), from the codes read back out of ``packed`` (NumPy, int64)."""
+    codes, _, zp = packed.unpack()
+    g, groups = packed.group_size, packed.k // packed.group_size
+    w = codes.astype(np.int64).reshape(packed.n, groups, g)
+    if zp is not None:
+        w = w - zp.astype(np.int64)[:, :, None]
+    xg = np.asarray(x_q, dtype=np.int64).reshape(x_q.shape[0], groups, g)
+    return np.einsum("mjg,njg->mnj", xg, w).astype(np.int32)
+
+
+def w4a8_group_sums(x_q: np.ndarray, packed: PackedInt4, *, path: str | None = None,
+                    threads: int | None = None) -> np.ndarray:
+    """The compiled kernel's integer partial sums for int8 activations ``x_q`` (M, K): int32
+    (M, N, K/g), what :func:`matmul_w4a8` scales; equal to :func:`w4a8_group_sums_reference`."""
+    if not isinstance(packed, PackedInt4):
+        raise TypeError(f"packed must be a PackedInt4 (from prepack_int4), got "
+                        f"{type(packed).__name__}")
+    _check_matrix("x_q", x_q)
+    if x_q.shape[1] != packed.k:
+        raise ValueError(f"x_q has K={x_q.shape[1]} columns but the weights have K={packed.k}")
+    code = _path_code(path)
+    threads = 1 if threads is None else _check_threads(threads)
+    g = packed.group_size
+    xq = np.ascontiguousarray(x_q)
+    gsum = xq.reshape(xq.shape[0], -1, g).sum(axis=2, dtype=np.int32)
+    sums = np.empty((xq.shape[0], packed.n, packed.k // g), np.int32)
+    _kernels.w4a8_group_sums(code, xq, gsum, packed.data, packed.n, g, packed.has_zero_points,
+                             sums, threads)
+    return sums
+
+
+def matmul_w4a8_reference(x: np.ndarray, packed: PackedInt4) -> np.ndarray:
+    r"""NumPy reference of :func:`matmul_w4a8`, same signature, same float32 operations in the
+    same order: equal bit for bit.
+
+    :func:`quantize_rows_int8`, then :func:`w4a8_group_sums_reference`, then
+    ``acc = acc + f32(P[:, :, j]) * s[:, j]`` for each group ``j`` in order, ``y = acc * s_x``.
+    """
+    x32 = _check_w4a8_operands(x, packed)
+    xq, sx = quantize_rows_int8(x32)
+    _, scales, _ = packed.unpack()
+    return w4a8_epilogue_reference(w4a8_group_sums_reference(xq, packed), scales, sx)
+
+
+def w4a8_epilogue_reference(sums: np.ndarray, scales: np.ndarray, sx: np.ndarray) -> np.ndarray:
+    r"""The float steps of :func:`matmul_w4a8`, in NumPy: ``acc = acc + f32(P[:, :, j]) *
+    s[:, j]`` for each group ``j`` in order (float32, from 0), then ``y = acc * s_x``.
+
+    ``sums`` int32 (M, N, G), ``scales`` float32 (N, G), ``sx`` float32 (M,).
+    """
+    acc = np.zeros(sums.shape[:2], np.float32)
+    for j in range(sums.shape[2]):
+        acc = acc + sums[:, :, j].astype(np.float32) * scales[:, j]
+    return acc * sx[:, None]

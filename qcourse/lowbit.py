@@ -6,9 +6,10 @@ The lowbit chapter (``book/lowbit.md``) explains everything in this module.  Two
   4-bit codes with one scale per *group* of ``group_size`` consecutive weights along K
   (:func:`quantize_int4_groupwise`, an :class:`Int4Weight`).  The layer is then computed either
   by dequantizing and multiplying in float (:func:`int4_linear_reference`) or with int8
-  activations and one int8 GEMM of :mod:`qcourse.kernels` per group of K, scaled per group
-  (:func:`int4_linear_int8`, whose integer part is checked against
-  :func:`int4_group_accumulators_reference`).
+  activations and integer dot products per group, scaled per group (:func:`int4_linear_int8`):
+  on the compiled W4A8 kernel of :mod:`qcourse.kernels` when the groups fit it (a multiple of 8
+  that divides K), else one int8 GEMM per group; its integer part is checked against
+  :func:`int4_group_accumulators_reference`.
 * **fp8 or int8.** The same tensor is scaled into fp8 (e4m3fn or e5m2: its abs-max onto the
   format's largest finite value) and back (:func:`fp8_fake_quantize`), and compared with int8
   per-tensor abs-max (:func:`format_sqnr`).
@@ -38,13 +39,23 @@ from qcourse.affine import (
     unpack_int,
 )
 from qcourse.floats import FP8_E4M3FN, FP8_E5M2, FloatFormat, decode, encode
-from qcourse.kernels import matmul_int8
+from qcourse.kernels import (
+    PackedInt4,
+    matmul_int8,
+    matmul_w4a8,
+    matmul_w4a8_reference,
+    prepack_int4,
+    quantize_rows_int8,
+    w4a8_epilogue_reference,
+    w4a8_group_sums,
+)
 from qcourse.nn import Linear, Sequential
 
 __all__ = [
     "FP8_FORMATS", "Int4Weight", "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize",
     "fp8_scale", "format_sqnr", "int4_group_accumulators", "int4_group_accumulators_reference",
-    "int4_linear_int8", "int4_linear_reference", "int4_weight_only", "quantize_int4_groupwise",
+    "int4_linear_int8", "int4_linear_reference", "int4_packed", "int4_weight_only",
+    "quantize_int4_groupwise",
 ]
 
 #: The two fp8 formats of Micikevicius et al. (2022), by the names :func:`format_sqnr` uses.
@@ -253,12 +264,6 @@ def int4_linear_reference(x, w4: Int4Weight, bias=None) -> np.ndarray:
     return y if bias is None else y + bias.astype(np.float32)
 
 
-def _activation_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row symmetric int8 codes of ``x`` (-127 … 127) and their float64 scales (M,)."""
-    qp = choose_qparams(x, bits=8, signed=True, symmetric=True, narrow_range=True, axis=0)
-    return quantize(x, qp), qp.scale
-
-
 def _group_slices(k: int, g: int) -> list[slice]:
     return [slice(j, min(j + g, k)) for j in range(0, k, g)]
 
@@ -288,18 +293,33 @@ def _check_codes(x_q, k: int) -> np.ndarray:
     return x_q
 
 
+def int4_packed(w4: Int4Weight) -> PackedInt4 | None:
+    """``w4`` packed for the compiled W4A8 kernel (:func:`qcourse.kernels.prepack_int4`), or None
+    when its groups do not fit the kernel (``group_size`` must be a multiple of 8 dividing K).
+
+    Pack once and pass the result to :func:`int4_linear_int8` to skip packing on every call."""
+    w4 = _check_int4(w4)
+    g, k = w4.group_size, w4.shape[1]
+    if g % 8 or k % g:
+        return None
+    return prepack_int4(w4.codes(), w4.scale.astype(np.float32), group_size=g)
+
+
 def int4_group_accumulators(x_q, w4: Int4Weight) -> np.ndarray:
-    r"""Per-group integer dot products with the int8 GEMM: one
-    :func:`qcourse.kernels.matmul_int8` per group of K.
+    r"""Per-group integer dot products, compiled:
 
     .. math:: A_{mnj} = \sum_{k \in \text{group } j} x_{q,mk}\, q_{nk}
 
-    The int4 codes are unpacked to int8 (the kernel's operand type) one group at a time; the
-    result, int32 of shape ``(M, N, G)``, equals :func:`int4_group_accumulators_reference` bit
-    for bit.  See the lowbit chapter.
+    on the W4A8 kernel's integer part (:func:`qcourse.kernels.w4a8_group_sums`) when the groups
+    fit it, else with one :func:`qcourse.kernels.matmul_int8` per group of K (the int4 codes
+    unpacked to int8, the kernel's operand type).  The result, int32 of shape ``(M, N, G)``,
+    equals :func:`int4_group_accumulators_reference` bit for bit.  See the lowbit chapter.
     """
     w4 = _check_int4(w4)
     xq = _check_codes(x_q, w4.shape[1])
+    packed = int4_packed(w4)
+    if packed is not None:
+        return w4a8_group_sums(xq, packed)
     q = w4.codes()
     slices = _group_slices(w4.shape[1], w4.group_size)
     out = np.empty((xq.shape[0], w4.shape[0], len(slices)), dtype=np.int32)
@@ -308,32 +328,44 @@ def int4_group_accumulators(x_q, w4: Int4Weight) -> np.ndarray:
     return out
 
 
-def int4_linear_int8(x, w4: Int4Weight, bias=None, *, reference: bool = False) -> np.ndarray:
+def int4_linear_int8(x, w4: Int4Weight, bias=None, *, reference: bool = False,
+                     packed: PackedInt4 | None = None) -> np.ndarray:
     r"""Weight-only int4 layer with int8 activations: integer products, scaled per group.
 
     Each row of ``x`` is quantized to int8 with its own symmetric scale
-    :math:`s_{x,m} = \max_k |x_{mk}| / 127` (dynamic, per row), and
+    :math:`s_{x,m} = \max_k |x_{mk}| / 127` (dynamic, per row;
+    :func:`qcourse.kernels.quantize_rows_int8`), and
 
     .. math::
 
         y_{mn} = s_{x,m} \sum_{j} s_{nj}\, A_{mnj} + b_n, \qquad
         A_{mnj} = \sum_{k \in \text{group } j} x_{q,mk}\, q_{nk},
 
-    with the integer :math:`A` from :func:`int4_group_accumulators` (or, with
-    ``reference=True``, :func:`int4_group_accumulators_reference`; the two results are then
-    identical, because the float part is the same code on the same integers).  The sum over
-    groups is in float64, the result float32.  Against :func:`int4_linear_reference` the only
-    difference is the rounding of the activations, :math:`|x_{mk} - s_{x,m} x_{q,mk}| \le
-    s_{x,m}/2`, so :math:`|y - y_{\text{ref}}|_{mn} \le \tfrac{s_{x,m}}{2} \sum_k |\hat W_{nk}|`
-    plus float rounding.  See the lowbit chapter.
+    in float32, the groups added in order: the arithmetic of the compiled W4A8 kernel
+    (:func:`qcourse.kernels.matmul_w4a8`), which computes it when the groups fit it (``packed``,
+    from :func:`int4_packed`, saves packing ``w4`` on every call); other group sizes take the
+    integer :math:`A` from :func:`int4_group_accumulators` and the same float steps
+    (:func:`qcourse.kernels.w4a8_epilogue_reference`).  With ``reference=True`` everything is
+    NumPy (:func:`qcourse.kernels.matmul_w4a8_reference`, or
+    :func:`int4_group_accumulators_reference`), and the result is identical.  Against
+    :func:`int4_linear_reference` the only difference is the rounding of the activations,
+    :math:`|x_{mk} - s_{x,m} x_{q,mk}| \le s_{x,m}/2`, so :math:`|y - y_{\text{ref}}|_{mn} \le
+    \tfrac{s_{x,m}}{2} \sum_k |\hat W_{nk}|` plus float rounding.  See the lowbit chapter.
     """
     w4 = _check_int4(w4)
     x = _check_input(x, w4.shape[1])
     bias = _check_bias(bias, w4.shape[0])
-    xq, sx = _activation_codes(x)
-    acc = (int4_group_accumulators_reference if reference else int4_group_accumulators)(xq, w4)
-    y = np.einsum("mnj,nj->mn", acc.astype(np.float64), w4.scale.astype(np.float64))
-    y = (sx[:, None] * y).astype(np.float32)
+    if packed is None:
+        packed = int4_packed(w4)
+    elif not isinstance(packed, PackedInt4) or (packed.n, packed.k) != w4.shape:
+        raise ValueError(f"packed must be int4_packed(w4) for this weight of shape {w4.shape}")
+    if packed is not None:
+        y = (matmul_w4a8_reference if reference else matmul_w4a8)(x, packed)
+    else:
+        xq, sx = quantize_rows_int8(x)
+        acc = (int4_group_accumulators_reference if reference else int4_group_accumulators)(
+            xq, w4)
+        y = w4a8_epilogue_reference(acc, w4.scale.astype(np.float32), sx)
     return y if bias is None else y + bias.astype(np.float32)
 
 

@@ -96,7 +96,7 @@ def test_bad_arguments():
 
 def test_cli_prints_machine_and_table(capsys):
     bench.main(["--sizes", "16", "--linear", "2", "--linear-kn", "8", "8", "--repeat", "1",
-                "--no-outside", "--threads", "1", "2"])
+                "--no-outside", "--threads", "1", "2", "--int4", "no"])
     out = capsys.readouterr().out
     assert "qcourse paths:" in out and "| 1 | 16×16×16 | NumPy float32 matmul |" in out
     assert "| 2 | 2×8×8 | qcourse matmul_int8_requant" in out and "2 threads per contender" in out
@@ -138,3 +138,91 @@ def test_cnn_benchmark_checks_and_compares_with_onnx_runtime(monkeypatch):
     monkeypatch.setattr(type(model), "logits_codes", off_by_one)
     with pytest.raises(AssertionError, match="IntegerCNN gave a wrong result"):
         bench.cnn_benchmark(model, X[:4], batches=(2,), repeat=1)
+
+
+def _row(threads, m, kernel, gops, peak):
+    return {"threads": threads, "m": m, "k": m, "n": m, "shape": f"{m}×{m}×{m}", "size": m,
+            "kernel": kernel, "seconds": 1.0, "gops": gops,
+            "pct_peak": None if peak is None else 100 * gops / peak,
+            "vs_numpy_f32": 1.0, "vs_best_outside": None, "exact": True}
+
+
+def test_unquiet_signs_are_silent_on_a_quiet_run_and_name_each_sign():
+    quiet = [_row(1, 1024, "qcourse matmul_int8", 80, 100),
+             _row(2, 1024, "qcourse matmul_int8", 150, 200)]
+    assert bench.unquiet_signs(quiet, {1: 100, 2: 200}, {1: 104, 2: 195}) == []
+    busy = [_row(1, 1024, "qcourse matmul_int8", 120, 100),   # over the peak
+            _row(2, 1024, "qcourse matmul_int8", 90, 200)]    # two threads slower than one
+    signs = "\n".join(bench.unquiet_signs(busy, {1: 100, 2: 200}, {1: 100, 2: 120}))
+    assert "the 2-thread peak moved from 200 to 120 GOP/s" in signs
+    assert "1 measurement(s) exceeded the peak" in signs
+    assert "ran slower on two threads than on one" in signs
+    # an impossible share of the peak is never printed as a number
+    table = bench.format_table(busy)
+    assert "120%" not in table and "over the peak (busy)" in table
+
+
+# --- int4 contenders ------------------------------------------------------------------------------
+
+def test_read_bandwidth_is_measured():
+    gbs = bench.read_bandwidth_gbs(1, mib=8, rounds=2)
+    assert gbs > 0.1
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        bench.read_bandwidth_gbs(0)
+
+
+def test_small_int4_run_checks_every_result():
+    rows = bench.run_int4_benchmark(linear=(1, 3), kn=(64, 96), stack=(2, 64, 128),
+                                    group_size=32, repeat=1, outside=False, bandwidth=10.0)
+    shapes = {r["shape"] for r in rows}
+    assert shapes == {"1×64×96", "3×64×96", "1×64×128 ×2 layers"}
+    names = {r["kernel"] for r in rows}
+    assert {"NumPy float32 matmul (dequantized weights)",
+            "qcourse matmul_int8 (int8 weights, same shape)"} <= names
+    assert any(n.startswith("qcourse matmul_w4a8") for n in names)
+    for r in rows:
+        assert r["seconds"] > 0
+        assert r["gbs"] == pytest.approx(r["weight_bytes"] / r["seconds"] / 1e9)
+        assert r["pct_bw"] == pytest.approx(10 * r["gbs"])
+    stack = [r for r in rows if "layers" in r["shape"]]
+    w4 = next(r for r in stack if r["kernel"].startswith("qcourse matmul_w4a8"))
+    f32 = next(r for r in stack if r["kernel"].startswith("NumPy"))
+    assert f32["weight_bytes"] == 2 * 64 * 128 * 4 and w4["weight_bytes"] < f32["weight_bytes"] / 6
+    table = bench.format_int4_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "% of read bandwidth" in table
+
+
+def test_a_wrong_int4_kernel_is_caught(monkeypatch):
+    import qcourse.kernels as kernels
+    real = kernels.matmul_w4a8
+
+    def off(x, packed, **kw):
+        y = real(x, packed, **kw)
+        y[0, 0] += 0.1 * np.abs(y).max() + 1
+        return y
+
+    monkeypatch.setattr(kernels, "matmul_w4a8", off)
+    with pytest.raises(AssertionError, match="matmul_w4a8.*gave a wrong result"):
+        bench.run_int4_benchmark(linear=(2,), kn=(64, 64), stack=None, repeat=1, outside=False,
+                                 bandwidth=1.0)
+
+
+def test_outside_int4_kernels_agree_where_installed():
+    found = bench.int4_competitors()
+    if not found:
+        pytest.skip("neither PyTorch nor ONNX Runtime is installed")
+    rows = bench.run_int4_benchmark(linear=(1, 5), kn=(256, 128), stack=None, repeat=1,
+                                    bandwidth=1.0)  # raises if any of them is wrong
+    names = {r["kernel"] for r in rows}
+    assert set(found) <= names
+    assert all(r["vs_best_outside"] is not None for r in rows)
+
+
+def test_cli_prints_the_int4_table(capsys):
+    bench.main(["--linear", "1", "2", "--linear-kn", "64", "64", "--repeat", "1", "--no-outside",
+                "--threads", "1", "--int4", "only", "--int4-group", "16", "--int4-stack", "2",
+                "64", "128"])
+    out = capsys.readouterr().out
+    assert "int4 weights, groups of 16, 1 thread per contender; measured read bandwidth" in out
+    assert "| 1 | 1×64×128 ×2 layers | qcourse matmul_w4a8" in out
+    assert "| 1 | 2×64×64 | NumPy float32" in out and "NumPy float32 matmul |" not in out

@@ -223,3 +223,56 @@ def test_instructor_chapter_has_no_binder_button(built_book):
     # It releases and grades notebooks/, which the Binder image leaves out (postBuild).
     page = (built_book / "book" / "grading.html").read_text()
     assert "mybinder.org" not in page
+
+
+# --------------------------------------------------------------------------------------------
+# Long library listings: behind a toggle, after the walk-through.
+
+LONG_LISTING = 60  # lines of a literal-included function or class
+
+
+def unfolded_long_listings(text: str, root: Path = ROOT) -> list[str]:
+    """``:pyobject:`` listings longer than ``LONG_LISTING`` lines that a reader meets unfolded.
+
+    A long listing must sit in a ``:class: dropdown`` admonition (folded until clicked) and
+    follow a paragraph of prose (the walk-through), not another listing or a code cell.
+    """
+    import ast
+
+    problems = []
+    for m in re.finditer(r"```\{literalinclude\} \.\./(\S+)\n(.*?)```\n", text, re.S):
+        obj = re.search(r":pyobject: (\S+)", m.group(2))
+        if not obj or not m.group(1).endswith(".py"):
+            continue
+        node = ast.parse((root / m.group(1)).read_text())
+        for name in obj.group(1).split("."):
+            node = next(x for x in ast.iter_child_nodes(node) if getattr(x, "name", None) == name)
+        length = node.end_lineno - node.lineno + 1
+        if length <= LONG_LISTING:
+            continue
+        before = text[:m.start()].rstrip()
+        if not before.endswith(":class: dropdown"):
+            problems.append(f"{obj.group(1)} ({length} lines) is not behind a dropdown toggle")
+            continue
+        opening = before.rsplit(":::", 1)[0].rstrip()
+        if opening.endswith("```") or opening.endswith(":::"):
+            problems.append(f"{obj.group(1)} ({length} lines) has no walk-through before it")
+    return problems
+
+
+@pytest.mark.parametrize("chapter", chapters(), ids=lambda p: p.stem)
+def test_long_listings_are_folded_after_a_walk_through(chapter):
+    problems = unfolded_long_listings(chapter.read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_listing_check_catches_an_unfolded_or_unexplained_listing():
+    listing = ("```{literalinclude} ../qcourse/affine.py\n:language: python\n"
+               ":pyobject: QParams\n```\n")
+    folded = f":::{{admonition}} The source\n:class: dropdown\n\n{listing}:::\n"
+    unfolded = unfolded_long_listings(f"Some prose.\n\n{listing}")
+    assert len(unfolded) == 1 and unfolded[0].startswith("QParams (")
+    assert unfolded[0].endswith("is not behind a dropdown toggle")
+    assert unfolded_long_listings(f"```python\nx = 1\n```\n\n{folded}")[0].endswith(
+        "has no walk-through before it")
+    assert unfolded_long_listings(f"The walk-through.\n\n{folded}") == []

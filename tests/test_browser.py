@@ -235,6 +235,17 @@ def test_self_study_solution_is_hidden_until_its_toggle_is_clicked(server, page)
     assert not page.guard.problems(), page.guard.problems()
 
 
+def test_self_study_toggle_says_solution(server, page):
+    """A learner looking for the answer sees a toggle labelled "Solution"."""
+    stems = self_study_stems()
+    if not stems:
+        pytest.skip("no self-study pages in the table of contents")
+    open_page(page, server.url + f"book/exercises/{stems[0]}.html")
+    labels = page.locator("article div.cell.tag_hide-input summary").all_inner_texts()
+    assert labels, "no folded solution on the page"
+    assert all("Solution" in label for label in labels), f"toggle labels: {sorted(set(labels))}"
+
+
 def test_guard_catches_a_request_off_the_machine(server, page):
     """The fence works: a page that asks for a CDN script is caught (the test can fail)."""
     page.goto(server.url + "book/intro.html", wait_until="load")
@@ -307,6 +318,8 @@ def test_every_page_is_reachable_from_the_toc_and_no_internal_link_is_broken(bui
             target_rel = (Path(urljoin("/" + rel, target)).as_posix().lstrip("/") if target
                           else rel)
             path = built_book / target_rel
+            if target_rel == "book.pdf":
+                continue  # the PDF edition: written by `make pdf` after the HTML (test_pdf.py)
             if not path.exists():
                 broken.append(f"{rel}: {href} (no {target_rel})")
                 continue

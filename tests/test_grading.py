@@ -10,6 +10,7 @@ real command line (``python -m qcourse.grading``), as an instructor would run it
 from __future__ import annotations
 
 import ast
+import csv
 import html
 import io
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sandbox_support import Listener
 
 from qcourse import grading as G
 from qcourse.grading import channel
@@ -123,27 +125,30 @@ def floats_submissions(course: Path) -> dict[str, tuple[str, dict[str, float], d
         return json.dumps(nb)
 
     all_but_ex1 = dict(points, floats_ex1_tests=0.0)
-    zero = dict.fromkeys(points, 0.0)
     return {
         "wrong-hidden": (variant(wrong), all_but_ex1, {"nbgrader": 11}),
         "patched-qcourse": (variant(wrong + patch_qcourse), all_but_ex1,
                             {"nbgrader": 14, "flagged": True}),
         "patched-numpy": (variant(wrong + patch_numpy), all_but_ex1,
                           {"nbgrader": 14, "flagged": True}),
-        "writes-course": (variant(G.cell_source(ex1), write_course), zero,
-                          {"status": "tampered"}),
+        # prevented by the sandbox (the course is not in its file system): the answers count
+        "writes-course": (variant(G.cell_source(ex1), write_course), dict(points), {}),
     }
 
 
 @pytest.fixture(scope="module")
 def graded(course, tmp_path_factory):
-    """Grade every notebook's basic submissions and every hostile one, in one run."""
+    """Grade every notebook's basic submissions and every hostile one, in one run.
+
+    A listener on 127.0.0.1 waits for the opens-socket submission, which must never reach it.
+    """
     subs = tmp_path_factory.mktemp("submissions")
     expected: dict[tuple[str, str], G.DrillCase] = {}
+    listener = Listener()
     for stem in STEMS:
         src = load(course / "source" / stem / f"{stem}.ipynb")
         rel = load(course / "release" / stem / f"{stem}.ipynb")
-        for case in G.drill_submissions(src, rel):
+        for case in G.drill_submissions(src, rel, ports=(listener.port,)):
             if case.name in BASIC or stem == HOSTILE_STEM:
                 path = subs / case.name / f"{stem}.ipynb"
                 path.parent.mkdir(exist_ok=True)
@@ -165,13 +170,17 @@ def graded(course, tmp_path_factory):
     (subs / "bad id!" / "floats.ipynb").write_text("{}")
     source_before = (course / "source" / "floats" / "floats.ipynb").read_bytes()
     started = time.monotonic()
-    proc = check(cli("grade", str(subs), "--course", str(course), "--jobs", "2",
-                     "--timeout", str(CELL_TIMEOUT), "-v"))
+    try:
+        proc = check(cli("grade", str(subs), "--course", str(course), "--jobs", "2",
+                         "--timeout", str(CELL_TIMEOUT), "-v"))
+    finally:
+        connections = listener.close()
     report = load(course / "grading-report.json")
     by_key = {(s["student"], s["stem"]): s for s in report["submissions"]}
     return {"course": course, "subs": subs, "expected": expected, "facts": facts,
             "report": report, "by_key": by_key, "stdout": proc.stdout, "stderr": proc.stderr,
-            "seconds": time.monotonic() - started, "source_before": source_before}
+            "seconds": time.monotonic() - started, "source_before": source_before,
+            "connections": connections}
 
 
 def scores(result: dict) -> dict[str, float]:
@@ -218,12 +227,12 @@ def test_partly_solved_submission_scores_exactly_its_cells(graded, stem):
 GENERIC = ["raises", "infinite-loop", "huge-output", "deleted-cells", "duplicated-cells",
            "edited-tests", "retagged-cells", "redefined-assert", "silenced-tests",
            "anything-objects",
-           "writes-outside", "reads-solutions", "not-json", "kills-kernel", "kills-grader"]
+           "writes-outside", "reads-solutions", "not-json", "kills-kernel", "kills-grader",
+           "reads-others", "opens-socket", "fork-bomb", "fills-disk"]
 HOSTILE = [(case, HOSTILE_STEM) for case in GENERIC] + [
     (case, "floats") for case in ("wrong-hidden", "patched-qcourse", "patched-numpy",
                                   "writes-course")]
-STATUS = {"not-json": "unreadable", "kills-kernel": "failed", "kills-grader": "failed",
-          "writes-outside": "tampered", "writes-course": "tampered"}
+STATUS = {"not-json": "unreadable", "kills-kernel": "failed"}
 
 
 @pytest.mark.parametrize("case, stem", HOSTILE, ids=[f"{c}-{s}" for c, s in HOSTILE])
@@ -261,7 +270,39 @@ def test_other_students_scores_are_intact(graded):
         assert r["score"] == r["max_score"] and not r["flagged"]
     tampered = sorted(s["student"] for s in graded["report"]["submissions"]
                       if s["status"] == "tampered")
-    assert tampered == ["writes-course", "writes-outside"]
+    assert tampered == [], "in the sandbox the writes fail: there is nothing to detect"
+
+
+def outputs_of(course: Path, student: str, stem: str) -> str:
+    """Everything a graded notebook printed (its cells' outputs, as JSON text)."""
+    nb = load(course / "autograded" / student / stem / f"{stem}.ipynb")
+    return json.dumps([c.get("outputs", []) for c in nb["cells"]])
+
+
+def test_hostile_code_is_prevented_not_repaired(graded):
+    """Done-when 2 of issue 18, end to end: each attack failed inside the sandbox."""
+    course = graded["course"]
+    assert graded["connections"] == 0, "a submission reached a listener on 127.0.0.1"
+    assert "Connection refused" in outputs_of(course, "opens-socket", HOSTILE_STEM) or (
+        "Network is unreachable" in outputs_of(course, "opens-socket", HOSTILE_STEM))
+    secrets = set()
+    for stem in STEMS:
+        found = G.secret_lines(load(course / "source" / stem / f"{stem}.ipynb"))
+        secrets |= found["solution"] | found["hidden"]
+    for student in ("reads-others", "reads-solutions"):
+        text = outputs_of(course, student, HOSTILE_STEM)
+        page = (course / "feedback" / student / HOSTILE_STEM / f"{HOSTILE_STEM}.html").read_text()
+        leaked = sorted(line for line in secrets if line in text or html.escape(line) in page)
+        assert not leaked, f"{student} shows other content: {leaked[:2]}"
+        assert "gradebook.db" not in text and "submitted/" not in text
+    bomb = outputs_of(course, "fork-bomb", HOSTILE_STEM)
+    children = int(re.search(r"fork refused after (\d+) children", bomb).group(1))
+    assert 0 < children < 64
+    written = int(re.search(r"bytes written: (\d+)", outputs_of(course, "fills-disk",
+                                                                 HOSTILE_STEM)).group(1))
+    assert written <= 2 * 64 * 2**20
+    kill = outputs_of(course, "kills-grader", HOSTILE_STEM)
+    assert "PermissionError" in kill or "ProcessLookupError" in kill
 
 
 def test_every_submission_is_accounted_for(graded):
@@ -305,8 +346,8 @@ def test_writes_never_reach_the_course_directory(graded):
         "source_before"]
     assert not (course / "autograded" / "someone_else").exists()
     assert "get_config" in (course / "nbgrader_config.py").read_text()
-    notes = " ".join(graded["by_key"]["writes-course", "floats"]["notes"])
-    assert "source/floats/floats.ipynb" in notes
+    attempt = outputs_of(course, "writes-course", "floats")
+    assert "FileNotFoundError" in attempt or "PermissionError" in attempt, "the write failed"
 
 
 # ------------------------------------------------------------------------------------------
@@ -507,6 +548,28 @@ def test_a_crash_mid_grading_loses_nothing_and_doubles_nothing(small, recovered)
     got = {(student, gid): score for student, _, gid, score, _, _ in final["grades"]}
     want = {(case, gid): p for case, exp in small["expected"].items() for gid, p in exp.items()}
     assert got == want
+
+
+def test_unsandboxed_grading_still_detects_and_repairs(small):
+    """--no-sandbox (trusted submissions only): writes are detected, undone and score zero."""
+    course = small["root"] / "unsandboxed"
+    shutil.copytree(small["root"] / "pristine", course)
+    src = load(course / "source" / SMALL_STEM / f"{SMALL_STEM}.ipynb")
+    rel = load(course / "release" / SMALL_STEM / f"{SMALL_STEM}.ipynb")
+    subs = small["root"] / "unsandboxed-subs"
+    cases = {c.name: c for c in G.drill_submissions(src, rel, sandboxed=False)}
+    assert "fork-bomb" not in cases, "never generated for unsandboxed grading"
+    for name in ("solution", "writes-outside", "kills-grader"):
+        (subs / name).mkdir(parents=True)
+        (subs / name / f"{SMALL_STEM}.ipynb").write_text(cases[name].content)
+    before = (course / "source" / SMALL_STEM / f"{SMALL_STEM}.ipynb").read_bytes()
+    check(cli("grade", str(subs), "--course", str(course), "--timeout", str(CELL_TIMEOUT),
+              "--no-feedback", "--no-sandbox"))
+    by = {s["student"]: s for s in load(course / "grading-report.json")["submissions"]}
+    assert by["writes-outside"]["status"] == "tampered" and by["writes-outside"]["score"] == 0
+    assert by["kills-grader"]["status"] == "failed" and by["kills-grader"]["score"] == 0
+    assert by["solution"]["score"] == by["solution"]["max_score"]
+    assert (course / "source" / SMALL_STEM / f"{SMALL_STEM}.ipynb").read_bytes() == before
 
 
 def test_grading_twice_gives_the_same_gradebook(small, recovered):
@@ -828,3 +891,93 @@ def test_grading_package_files_and_functions_stay_small(tmp_path):
     (tmp_path / "reasoned.py").write_text(f"def stretched():\n    # long because: a test\n{body}")
     assert grading_budget_offenders(tmp_path) == ["big.py: 501 lines",
                                                   "long.py: stretched has 61 lines"]
+
+
+# ------------------------------------------------------------------------------------------
+# A class: roster, due date and late penalty, LMS exports (qcourse/grading/classroom.py).
+
+ROSTER = """\
+id,first_name,last_name,email
+solution,Ada,Lovelace,ada@example.org
+partial,Ben,Okri,ben@example.org
+blank,Cy,Young,cy@example.org
+absent,Dee,Jones,dee@example.org
+"""
+DUE = "2026-03-01T12:00:00+00:00"
+HANDED_IN = {"solution": "2026-03-01 11:00:00.000000 UTC",   # on time
+             "partial": "2026-03-02 23:30:00.000000 UTC",    # 35.5 h late: 2 started days
+             "blank": "2026-03-01 12:10:00.000000 UTC"}      # within the 15 min grace
+
+
+@pytest.fixture(scope="module")
+def classroom(small):
+    course = small["root"] / "class"
+    shutil.copytree(small["root"] / "pristine", course)
+    (small["root"] / "roster.csv").write_text(ROSTER)
+    check(cli("roster", str(small["root"] / "roster.csv"), "--course", str(course)))
+    check(cli("due", SMALL_STEM, DUE, "--course", str(course)))
+    subs = small["root"] / "class-subs"
+    for student, stamp in HANDED_IN.items():
+        folder = subs / student / SMALL_STEM
+        folder.mkdir(parents=True)
+        shutil.copy(small["subs"] / student / f"{SMALL_STEM}.ipynb", folder)
+        (folder / "timestamp.txt").write_text(stamp)
+    exports = []
+    for _ in range(2):  # grading the class twice gives the same grades
+        check(cli("grade", str(subs), "--course", str(course), "--timeout", str(CELL_TIMEOUT),
+                  "--no-feedback"))
+        for lms in ("canvas", "moodle"):
+            check(cli("export", "--lms", lms, "--out", str(course / f"{lms}.csv"), "--course",
+                      str(course)))
+        exports.append({lms: (course / f"{lms}.csv").read_text() for lms in ("canvas", "moodle")})
+    report = {s["student"]: s for s in load(course / "grading-report.json")["submissions"]}
+    return {"course": course, "exports": exports, "report": report}
+
+
+def test_late_work_loses_ten_percent_per_started_day(classroom, small):
+    report = classroom["report"]
+    partial = sum(small["expected"]["partial"].values())
+    assert report["partial"]["score"] == partial > 0
+    assert report["partial"]["seconds_late"] == 35.5 * 3600
+    assert report["partial"]["late_penalty"] == pytest.approx(0.2 * partial)
+    assert report["solution"]["late_penalty"] == 0 and report["blank"]["late_penalty"] == 0
+    from qcourse.grading.late import late_penalty
+
+    assert late_penalty(10, 15 * 60, 10, grace_minutes=15) == 0
+    assert late_penalty(10, 15 * 60 + 1, 10, grace_minutes=15) == 1
+    assert late_penalty(10, 86_400 + 15 * 60 + 1, 10, grace_minutes=15) == 2
+    assert late_penalty(10, 30 * 86_400, 10) == 10 and late_penalty(0, 10**6, 10) == 0
+
+
+def test_lms_exports_follow_the_documented_layouts(classroom, small):
+    from qcourse.grading.classroom import LMS_LAYOUTS
+
+    partial = 0.8 * sum(small["expected"]["partial"].values())
+    full = sum(small["expected"]["solution"].values())
+    first, second = classroom["exports"]
+    assert first == second, "grading the class twice changed the export"
+    want = {"solution": full, "partial": partial, "blank": 0.0, "absent": 0.0}
+    for lms, layout in LMS_LAYOUTS.items():
+        rows = list(csv.DictReader(io.StringIO(first[lms])))
+        assert list(rows[0]) == [*layout, SMALL_STEM], lms
+        key = "SIS User ID" if lms == "canvas" else "ID number"
+        assert {r[key]: float(r[SMALL_STEM]) for r in rows} == pytest.approx(want), lms
+    canvas = {r["SIS User ID"]: r for r in csv.DictReader(io.StringIO(first["canvas"]))}
+    assert canvas["partial"]["Student"] == "Okri, Ben"
+    moodle = {r["ID number"]: r for r in csv.DictReader(io.StringIO(first["moodle"]))}
+    assert moodle["absent"]["Email address"] == "dee@example.org"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("name,email\nx,x@example.org\n", "needs an 'id' column"),
+    ("id,email,phone\nx,x@example.org,1\n", "unknown roster columns"),
+    ("id,email\nbad id,x@example.org\n", "line 2: 'bad id' is not a valid student id"),
+    ("id\nx\nx\n", "line 3: student 'x' appears twice"),
+    ("id,email\nx,not-an-email\n", "line 2: 'not-an-email' is not an email"),
+])
+def test_a_bad_roster_is_refused_with_the_line(tmp_path, text, problem):
+    from qcourse.grading.classroom import read_roster
+
+    (tmp_path / "roster.csv").write_text(text)
+    with pytest.raises(G.GradingError, match=re.escape(problem)):
+        read_roster(tmp_path / "roster.csv")

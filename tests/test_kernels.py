@@ -210,8 +210,9 @@ def test_every_c_file_is_built_packaged_and_watched():
     stamp = next(line for line in (ROOT / "Makefile").read_text().splitlines()
                  if line.startswith("$(KERNEL_STAMP):"))
     assert "qcourse/csrc/*.c" in stamp and "qcourse/csrc/*.h" in stamp
-    for path in c_files:
-        assert '#include "qgemm.h"' in (ROOT / path).read_text(), path
+    for path in c_files:  # every source states its contract through a header of csrc/
+        text = (ROOT / path).read_text()
+        assert any(f'#include "{Path(h).name}"' in text for h in headers), path
 
 
 def _csource_module():
@@ -550,3 +551,160 @@ def test_an_unknown_simulated_path_is_refused():
     assert proc.returncode != 0
     assert "QCOURSE_MAX_PATH must be one of ['portable', 'avx2', 'vnni512'], got 'sse9'" in (
         proc.stderr)
+
+
+# --- W4A8: int4 weights in groups, int8 activations ---------------------------------------------
+
+def _w4_case(seed, m, n, k, g, zero_points=False):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-8, 8, size=(n, k), dtype=np.int8)
+    scales = rng.uniform(0.01, 0.1, size=(n, k // g)).astype(np.float32)
+    zp = rng.integers(-8, 8, size=(n, k // g)).astype(np.int8) if zero_points else None
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
+    return x, codes, scales, zp
+
+
+# Rows: every tile height 1..6 and past one tile; columns: short of, at and past a 64-column
+# group; groups of 8 (the smallest), 32, 64, 128 and one group per row; with and without zero
+# points; threads splitting the column groups unevenly.
+@pytest.mark.parametrize("m, n, k, g, zp", [
+    (1, 64, 64, 32, False), (2, 63, 128, 32, True), (3, 65, 256, 64, False),
+    (4, 130, 128, 128, True), (5, 7, 16, 8, False), (6, 200, 96, 96, True), (7, 129, 64, 8, False),
+    (13, 70, 512, 32, True), (32, 64, 256, 64, False)])
+def test_w4a8_is_the_reference_bit_for_bit_on_every_path(m, n, k, g, zp):
+    x, codes, scales, z = _w4_case(m * n + k, m, n, k, g, zp)
+    packed = kernels.prepack_int4(codes, scales, group_size=g, zero_points=z)
+    back = packed.unpack()
+    assert np.array_equal(back[0], codes) and np.array_equal(back[1], scales)
+    assert (back[2] is None) if z is None else np.array_equal(back[2], z)
+    expected = kernels.matmul_w4a8_reference(x, packed)
+    x_q, _ = kernels.quantize_rows_int8(x)
+    sums = kernels.w4a8_group_sums_reference(x_q, packed)
+    # the integer sums against an independent int64 computation from the codes themselves
+    w = codes.astype(np.int64) - (0 if z is None else np.repeat(z.astype(np.int64), g, axis=1))
+    for j in range(k // g):
+        part = x_q[:, j * g:(j + 1) * g].astype(np.int64) @ w[:, j * g:(j + 1) * g].T
+        np.testing.assert_array_equal(sums[:, :, j], part)
+    for path in available_paths():
+        for threads in (1, 2, 3):
+            y = kernels.matmul_w4a8(x, packed, path=path, threads=threads)
+            assert y.dtype == np.float32 and y.shape == (m, n)
+            np.testing.assert_array_equal(y, expected, err_msg=f"{path} threads={threads}")
+        np.testing.assert_array_equal(kernels.w4a8_group_sums(x_q, packed, path=path), sums,
+                                      err_msg=path)
+
+
+def test_w4a8_activations_are_the_reference_quantization():
+    # ties, a zero row, a row too small for 127 / max|x| to stay below 2**100, huge rows
+    x = np.array([[0.5, -1.5, 2.5, 127.0] + [0.0] * 4,
+                  [0.0] * 8,
+                  [1e-35, -3e-36] + [0.0] * 6,
+                  [3e38, -1e38, 2.5e37] + [0.0] * 5], np.float32)
+    x_q, sx = kernels.quantize_rows_int8(x)
+    assert x_q[0, :4].tolist() == [0, -2, 2, 127] and sx[0] == np.float32(1.0)  # half to even
+    assert not x_q[1].any() and sx[1] == 0
+    assert sx[2] == np.float32(2.0**-100) and x_q[2, 0] == round(1e-35 * 2**100)
+    assert x_q[3, 0] == 127 and sx[3] == np.float32(3e38) / np.float32(127)
+    codes = np.ones((64, 8), np.int8)
+    packed = kernels.prepack_int4(codes, np.ones((64, 1), np.float32), group_size=8)
+    expected = kernels.matmul_w4a8_reference(x, packed)
+    assert np.all(expected[1] == 0)
+    for path in available_paths():
+        np.testing.assert_array_equal(kernels.matmul_w4a8(x, packed, path=path), expected)
+
+
+@pytest.mark.parametrize("code, zero_point", [(-8, None), (7, None), (-8, 7), (7, -8)])
+def test_w4a8_extremes_at_the_group_bound(code, zero_point):
+    # One group as long as the int32 bound allows: activations -128 and 127 against the extreme
+    # codes (and zero points), each partial sum exactly its closed form, on every path.
+    g = kernels.max_group_w4a8() // 8 * 8
+    codes = np.full((2, g), code, np.int8)
+    zp = None if zero_point is None else np.full((2, 1), zero_point, np.int8)
+    packed = kernels.prepack_int4(codes, np.ones((2, 1), np.float32), group_size=g,
+                                  zero_points=zp)
+    x_q = np.full((2, g), -128, np.int8)
+    x_q[1] = 127
+    w = code - (zero_point or 0)
+    for path in available_paths():
+        sums = kernels.w4a8_group_sums(x_q, packed, path=path)
+        assert sums[:, :, 0].tolist() == [[-128 * w * g] * 2, [127 * w * g] * 2], path
+    assert abs(128 * 15 * kernels.max_group_w4a8()) <= np.iinfo(np.int32).max
+    assert 128 * 15 * (kernels.max_group_w4a8() + 1) > np.iinfo(np.int32).max
+
+
+def test_w4a8_float_output_within_its_derived_bound():
+    # Against the float64 product with the dequantized weights: the int8 activations move an
+    # output by at most (s_x / 2) sum_k |W_nk|; the float32 steps (one conversion, product and
+    # sum per group, one final product) add at most (G + 3) 2**-24 s_x sum_j |s_nj P_nj|.
+    for m, n, k, g, zp in ((3, 70, 512, 32, False), (8, 65, 1024, 128, True)):
+        x, codes, scales, z = _w4_case(k + g, m, n, k, g, zp)
+        packed = kernels.prepack_int4(codes, scales, group_size=g, zero_points=z)
+        w = (codes.astype(np.float64) - (0 if z is None else np.repeat(z, g, axis=1))) * \
+            np.repeat(scales.astype(np.float64), g, axis=1)
+        exact = x.astype(np.float64) @ w.T
+        x_q, sx = kernels.quantize_rows_int8(x)
+        sums = kernels.w4a8_group_sums_reference(x_q, packed).astype(np.float64)
+        rounding = (k // g + 3) * 2.0**-24 * sx[:, None] * np.einsum(
+            "mnj,nj->mn", np.abs(sums), scales.astype(np.float64))
+        bound = sx[:, None] / 2 * np.abs(w).sum(axis=1)[None, :] + rounding
+        for path in available_paths():
+            err = np.abs(kernels.matmul_w4a8(x, packed, path=path) - exact)
+            assert np.all(err <= bound), path
+            assert err.max() > 0.02 * bound.max()  # within 50x of what happens: not vacuous
+
+
+def _w4_bad(**kw):
+    args = dict(codes=np.zeros((4, 64), np.int8), scales=np.ones((4, 2), np.float32),
+                group_size=32)
+    args.update(kw)
+    codes, scales = args.pop("codes"), args.pop("scales")
+    return kernels.prepack_int4(codes, scales, **args)
+
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    (dict(codes=np.zeros((4, 63), np.int8)), ValueError, r"even number of columns K.*K=63"),
+    (dict(group_size=48), ValueError, r"group_size=48 does not divide K=64"),
+    (dict(group_size=12, scales=np.ones((4, 5), np.float32)), ValueError, r"multiple of 8"),
+    (dict(group_size=32.0), TypeError, r"group_size must be an int"),
+    (dict(scales=np.ones((4, 3), np.float32)), ValueError, r"scales must have shape.*\(4, 2\)"),
+    (dict(scales=np.ones((2, 4), np.float32)), ValueError, r"scales must have shape"),
+    (dict(scales=np.array([[1, np.nan]] * 4, np.float32)), ValueError, r"scales must be finite"),
+    (dict(scales=np.array([[1, 0]] * 4, np.float32)), ValueError, r"scales must be finite and > 0"),
+    (dict(scales=np.array([[1, -2]] * 4, np.float32)), ValueError, r"> 0"),
+    (dict(scales=np.ones((4, 2), np.int32)), TypeError, r"scales must be a float array"),
+    (dict(scales=np.full((4, 2), 1e-50)), ValueError, r"under- or\s+overflowed|in float32"),
+    (dict(codes=np.full((4, 64), 8, np.int8)), ValueError, r"codes must lie in \[-8, 7\]"),
+    (dict(codes=np.full((4, 64), -9, np.int8)), ValueError, r"codes must lie in \[-8, 7\]"),
+    (dict(codes=np.zeros((4, 64), np.int16)), TypeError, r"codes must have dtype int8"),
+    (dict(codes=np.zeros(64, np.int8)), ValueError, r"codes must be 2-D"),
+    (dict(zero_points=np.full((4, 2), 9)), ValueError, r"zero_points must lie in \[-8, 7\]"),
+    (dict(zero_points=np.zeros((4, 3), np.int8)), ValueError, r"zero_points must have shape"),
+    (dict(zero_points=np.zeros((4, 2), np.float32)), TypeError, r"zero_points must be integers"),
+])
+def test_prepack_int4_bad_arguments_are_named(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        _w4_bad(**kwargs)
+
+
+def test_matmul_w4a8_bad_arguments_are_named():
+    packed = _w4_bad()
+    x = np.ones((2, 64), np.float32)
+    cases = [
+        ((x[:, :32], packed), ValueError, r"x has K=32 columns but the weights have K=64"),
+        ((x.astype(np.int32), packed), TypeError, r"x must have a float dtype"),
+        ((x.tolist(), packed), TypeError, r"x must be a numpy.ndarray"),
+        ((x[0], packed), ValueError, r"x must be 2-D"),
+        ((np.full((2, 64), np.nan, np.float32), packed), ValueError, r"x contains NaN or Inf"),
+        ((np.full((2, 64), 1e300), packed), ValueError, r"x contains NaN or Inf"),
+        ((x, np.zeros((4, 64), np.int8)), TypeError, r"packed must be a PackedInt4"),
+    ]
+    for f in (kernels.matmul_w4a8, kernels.matmul_w4a8_reference):
+        for args, exc, pattern in cases:
+            with pytest.raises(exc, match=pattern):
+                f(*args)
+    with pytest.raises(ValueError, match="path must be one of"):
+        kernels.matmul_w4a8(x, packed, path="sse9")
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        kernels.matmul_w4a8(x, packed, threads=0)
+    with pytest.raises(ValueError, match="x_q has K=32"):
+        kernels.w4a8_group_sums(np.zeros((1, 32), np.int8), packed)

@@ -16,6 +16,7 @@ Binder button at all: it releases and grades ``notebooks/``, which Binder's imag
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -74,7 +75,24 @@ def _drop_self_study_sources(app: Sphinx, exception: Exception | None) -> None:
         shutil.rmtree(Path(app.outdir) / "_sources" / SELF_STUDY, ignore_errors=True)
 
 
+HERE = Path(__file__).resolve().parent
+
+
+def _audit_figures() -> None:
+    """Every figure the chapters' kernels draw records what it shows in its PNG.
+
+    The kernels inherit this process's environment: ``MATPLOTLIBRC`` names
+    ``book/_ext/matplotlibrc`` (its ``figure.hooks``), and ``PYTHONPATH`` lets the kernel import
+    the hook, ``qcourse_figure_audit``. See that module and ``tests/reader_view.py``.
+    """
+    os.environ["MATPLOTLIBRC"] = str(HERE / "matplotlibrc")
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(HERE) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *paths])
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    _audit_figures()
     # After every other handler has added its per-page scripts (myst-nb's widget scripts, ...).
     app.connect("html-page-context", _dedupe_scripts, priority=1000)
     # After sphinx-book-theme's header buttons (priority 501), before the page is written.

@@ -1,13 +1,7 @@
 /* qcourse/csrc/gemm.c -- the packed GEMM's driver (rungs 5 and 6): per-call preparation of A,
- * threads over groups of 64 output columns, and the group kernel of the chosen path; and the
- * multi-threaded measurement of the VNNI peak. */
+ * threads over groups of 64 output columns, and the group kernel of the chosen path. */
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static double omp_get_wtime(void) { return 0.0; }
-#endif
 
 #include "qgemm.h"
 
@@ -88,25 +82,4 @@ int qc_gemm_packed_requant(int path, const int8_t *a, int32_t *scratch, const ui
                            const int32_t *colsum, const qc_requant_args *args, ptrdiff_t m,
                            ptrdiff_t n, ptrdiff_t k, int threads) {
     return qc_gemm_packed_any(path, a, scratch, bp, colsum, NULL, args, m, n, k, threads);
-}
-
-/* Each thread times its own loop after a barrier, so that waking the threads is not counted. */
-static volatile uint32_t qc_peak_sink;
-double qc_vnni_peak(ptrdiff_t iters, int threads) {
-    double rate = 0.0;
-#if QC_X86
-#pragma omp parallel num_threads(threads) reduction(+ : rate)
-    {
-#pragma omp barrier
-        double t0 = omp_get_wtime();
-        uint32_t sum = qc_vnni_peak_loop(iters);
-        double seconds = omp_get_wtime() - t0;
-        qc_peak_sink = sum;
-        rate += seconds > 0 ? (double)iters * QC_PEAK_MACS_PER_ITER / seconds : 0.0;
-    }
-#else
-    (void)iters;
-    (void)threads;
-#endif
-    return rate;
 }

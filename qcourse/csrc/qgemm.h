@@ -15,6 +15,8 @@
  *   gemm_portable.c   the packed GEMM's group kernel, plain C
  *   gemm_avx2.c       ... with AVX2 vpmaddwd
  *   gemm_vnni512.c    ... with AVX-512 VNNI vpdpbusd (the micro-kernel, its cache blocking)
+ *   measure.c         the machine's ceilings: the VNNI peak and the memory read bandwidth
+ *   w4a8.h, w4a8*.c   the int4-weight (W4A8) kernel, a component with its own contract
  *
  * INSTRUCTION SETS. The build has no -march flag (a wheel or a Binder image is built on one
  * machine and run on others). A function that uses wider instructions carries QC_TARGET_AVX2 or
@@ -196,9 +198,9 @@ QC_INTERNAL int qc_gemm_packed_requant(int path, const int8_t *a, int32_t *scrat
                                        const uint8_t *bp, const int32_t *colsum,
                                        const qc_requant_args *args, ptrdiff_t m, ptrdiff_t n,
                                        ptrdiff_t k, int threads);
-/* The instruction's own speed: `iters` x 16 independent register-only vpdpbusd on each of
- * `threads` threads, each timing its own loop; returns MACs per second summed over the threads
- * (0 without VNNI). */
+/* The instruction's own speed (measure.c): `iters` x 16 independent register-only vpdpbusd on
+ * each of `threads` threads, each timing its own loop; returns MACs per second summed over the
+ * threads (0 without VNNI). */
 #define QC_PEAK_MACS_PER_ITER (16 * 64)
 QC_INTERNAL double qc_vnni_peak(ptrdiff_t iters, int threads);
 

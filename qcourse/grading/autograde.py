@@ -24,11 +24,14 @@ from .gradebook import (
     combine,
     export_by_cell_csv,
     export_csv,
+    late_rule,
     make_template,
     merge,
 )
 from .notebook import cell_source, exercises, grade_id, is_solution, read_json, write_json_atomic
 from .processes import ProtectedFiles, lock_course
+from .sandbox import BASE_UID, SANDBOX_ADVICE
+from .sandbox import probe as probe_sandbox
 from .submissions import Submission, canonical_submission, find_submissions
 from .worker import WorkerSlot
 
@@ -93,9 +96,10 @@ class _Scheduler:
     """
 
     def __init__(self, course: Path, tasks: list[dict], protected: ProtectedFiles,
-                 jobs: int, cell_timeout: float, log: Any) -> None:
+                 jobs: int, cell_timeout: float, log: Any, sandboxed: bool = True) -> None:
         self.course, self.tasks, self.protected, self.log = course, tasks, protected, log
         self.cell_timeout = cell_timeout
+        self.sandboxed = sandboxed
         kernel = tasks[0]["source"].get("metadata", {}).get("kernelspec", {}).get(
             "name", "python3")
         self.answers: queue.Queue = queue.Queue()
@@ -110,11 +114,14 @@ class _Scheduler:
         self.db_path = course / "gradebook.db"
         self.db_state = ProtectedFiles.stat_of(self.db_path)
         self.results: dict[tuple[str, str], SubmissionResult] = {}
+        self.late = late_rule(course)
 
     def dispatch(self, i: int) -> None:
         slot = self.idle.pop()
         self.running[i] = slot
         sent = {k: v for k, v in self.tasks[i].items() if k not in _PARENT_ONLY}
+        # each worker's student code runs as a user id of its own (a fork bomb's limit is its own)
+        sent["sandbox_uid"] = BASE_UID + 1 + slot if self.sandboxed else None
         timeout = _hard_timeout(self.tasks[i]["source"], self.cell_timeout)
         self.slots[slot].tasks.put((sent | {"id": i}, timeout))
 
@@ -150,6 +157,10 @@ class _Scheduler:
     def record(self, i: int, reply: dict) -> None:
         task = self.tasks[i]
         result = combine(task, reply, task["notes"])
+        result.seconds_late = float(reply.get("seconds_late") or 0.0)
+        result.late_penalty = self.late(task["student"], result.score, result.seconds_late)
+        result.seconds_nbgrader = float(reply.get("seconds_nbgrader") or 0.0)
+        result.seconds_split = float(reply.get("seconds_split") or 0.0)
         merge(self.course, result, task, reply)
         self.db_state = ProtectedFiles.stat_of(self.db_path)
         self.protected.add(self.course / "autograded" / task["student"] / task["stem"]
@@ -185,7 +196,7 @@ class _Scheduler:
 
 def grade(submissions_dir: str | os.PathLike, course_dir: str | os.PathLike = DEFAULT_COURSE_DIR,
           *, jobs: int = 2, cell_timeout: float = 30, feedback: bool = True,
-          progress: Any = None) -> GradingReport:
+          progress: Any = None, sandbox: bool = True) -> GradingReport:
     """Autograde every submission in ``submissions_dir`` into the course's gradebook.
 
     For each submission (``find_submissions``): rebuild it from the release
@@ -199,8 +210,14 @@ def grade(submissions_dir: str | os.PathLike, course_dir: str | os.PathLike = DE
     ``nbgrader generate_feedback`` writes ``COURSE/feedback/STUDENT/STEM/STEM.html`` and the
     gradebook is exported to ``COURSE/grades.csv`` (nbgrader's CSV) and
     ``COURSE/grades_by_cell.csv``; ``COURSE/grading-report.json`` records every submission and
-    every file that was not graded. See the grading chapter.
+    every file that was not graded. Student code runs inside bubblewrap (``sandbox.py``); with
+    ``sandbox=False`` it runs as this user, and only the detection and repair of the course's
+    files protects the course (for trusted submissions only). See the grading chapter.
     """
+    if sandbox:
+        problem = probe_sandbox()
+        if problem:
+            raise GradingError(f"{problem}. {SANDBOX_ADVICE}")
     course = Path(course_dir).resolve()
     manifest = load_course(course)
     subs, ignored = find_submissions(submissions_dir, sorted(manifest["assignments"]))
@@ -216,7 +233,7 @@ def grade(submissions_dir: str | os.PathLike, course_dir: str | os.PathLike = DE
         results: dict[tuple[str, str], SubmissionResult] = {}
         if tasks:
             scheduler = _Scheduler(course, tasks, protected, jobs, cell_timeout,
-                                   progress or (lambda message: None))
+                                   progress or (lambda message: None), sandbox)
             results = scheduler.run()
             scheduler.stop()
         ordered = [results[s.student, s.stem] for s in subs]

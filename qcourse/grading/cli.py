@@ -8,16 +8,20 @@ grading tool's own child processes and are not for people.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .autograde import grade
 from .batch import batch_main
+from .classroom import LMS_LAYOUTS, export_lms, import_roster, set_due_date
 from .course import DEFAULT_COURSE_DIR, GradingError
 from .drills import drill
 from .processes import fast_nbformat
 from .releases import release
 from .self_study import write_self_study_pages
 from .student import student_main
+from .throughput import simulate_class
 from .worker import worker_main
 
 _INTERNAL = {"_student": student_main, "_worker": worker_main, "_nbgrader-batch": batch_main}
@@ -51,7 +55,32 @@ def _parser() -> argparse.ArgumentParser:
     p_ss.add_argument("--out", required=True, help="output directory")
     for p in (p_gr, p_dr):
         p.add_argument("-v", "--verbose", action="store_true", help="report each submission")
+        p.add_argument("--no-sandbox", action="store_true",
+                       help="run student code without bubblewrap (trusted submissions only)")
+    _classroom_parsers(sub)
     return parser
+
+
+def _classroom_parsers(sub: argparse._SubParsersAction) -> None:
+    p_ro = sub.add_parser("roster", help="import a roster CSV (id,first_name,last_name,email)")
+    p_ro.add_argument("csv", help="roster file")
+    p_ro.add_argument("--course", default=DEFAULT_COURSE_DIR, help="course directory")
+    p_du = sub.add_parser("due", help="set an assignment's due date (ISO 8601, UTC by default)")
+    p_du.add_argument("stem", help="assignment (chapter stem)")
+    p_du.add_argument("when", help="e.g. 2026-03-01T23:59:00+00:00")
+    p_du.add_argument("--course", default=DEFAULT_COURSE_DIR, help="course directory")
+    p_ex = sub.add_parser("export", help="grades as an LMS gradebook-import CSV")
+    p_ex.add_argument("--lms", choices=sorted(LMS_LAYOUTS), required=True)
+    p_ex.add_argument("--out", required=True, help="CSV file to write")
+    p_ex.add_argument("--course", default=DEFAULT_COURSE_DIR, help="course directory")
+    p_si = sub.add_parser("simulate", help="time the grading of a simulated class")
+    p_si.add_argument("--course", default="_build/simulated-class", help="scratch course")
+    p_si.add_argument("--students", type=int, default=300)
+    p_si.add_argument("--stem", default="fixed_point")
+    p_si.add_argument("--jobs", type=int, default=2)
+    p_si.add_argument("--timeout", type=float, default=10)
+    p_si.add_argument("--out", default=None, help="also write the timings here (JSON)")
+    p_si.add_argument("-v", "--verbose", action="store_true", help="report each submission")
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -70,7 +99,8 @@ def _release(args: argparse.Namespace) -> int:
 
 def _grade(args: argparse.Namespace) -> int:
     rep = grade(args.submissions, args.course, jobs=args.jobs, cell_timeout=args.timeout,
-                feedback=not args.no_feedback, progress=args.progress)
+                feedback=not args.no_feedback, progress=args.progress,
+                sandbox=not args.no_sandbox)
     print(rep.table())
     print(f"gradebook: {rep.course_dir / 'gradebook.db'}")
     print(f"grades:    {rep.course_dir / 'grades.csv'} and grades_by_cell.csv")
@@ -82,7 +112,7 @@ def _grade(args: argparse.Namespace) -> int:
 def _drill(args: argparse.Namespace) -> int:
     _, rows = drill(args.course, notebooks_dir=args.notebooks, stems=_split(args.stems),
                     cases=_split(args.cases), jobs=args.jobs, cell_timeout=args.timeout,
-                    progress=args.progress)
+                    progress=args.progress, sandbox=not args.no_sandbox)
     print(f"{'case':<18}{'assignment':<14}{'expected':>9}{'nbgrader':>9}{'score':>7}  ok")
     for row in rows:
         print(f"{row['case']:<18}{row['assignment']:<14}{row['expected']:>9g}"
@@ -96,7 +126,33 @@ def _self_study(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"release": _release, "grade": _grade, "drill": _drill, "self-study": _self_study}
+def _roster(args: argparse.Namespace) -> int:
+    print(f"{import_roster(args.course, args.csv)} students in the gradebook of {args.course}")
+    return 0
+
+
+def _due(args: argparse.Namespace) -> int:
+    print(f"{args.stem} is due {set_due_date(args.course, args.stem, args.when)} UTC")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    print(f"wrote {export_lms(args.course, args.lms, args.out)} ({args.lms} layout)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    timings = simulate_class(args.course, students=args.students, stem=args.stem,
+                             jobs=args.jobs, cell_timeout=args.timeout, progress=args.progress)
+    text = json.dumps(timings, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0 if not timings["wrong_scores"] else 1
+
+
+_COMMANDS = {"release": _release, "grade": _grade, "drill": _drill, "self-study": _self_study,
+             "roster": _roster, "due": _due, "export": _export, "simulate": _simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,73 @@ _READS_SOLUTIONS = textwrap.dedent("""\
                 exec("".join(_cell["source"]))
     """)
 
+# Prevented by the sandbox only (never run unsandboxed: the fork bomb would be real).
+_READS_OTHERS = textwrap.dedent("""\
+    import os
+
+    _found = []
+    for _root, _dirs, _files in os.walk("/"):
+        _dirs[:] = [d for d in _dirs if d not in ("proc", "sys", "dev", "usr", "etc")]
+        for _name in _files:
+            if _name.endswith((".ipynb", ".db", ".csv", "nbgrader_config.py")):
+                _found.append(os.path.join(_root, _name))
+        if len(_found) > 40:
+            break
+    for _path in _found:
+        try:
+            print(_path, open(_path, errors="replace").read(3000))
+        except OSError as _error:
+            print(_path, _error)
+    """)
+
+_OPENS_SOCKET = textwrap.dedent("""\
+    import socket
+
+    for _port in PORTS:
+        try:
+            with socket.create_connection(("127.0.0.1", _port), timeout=2) as _s:
+                _s.sendall(b"a submission was here")
+                print("connected to", _port)
+        except OSError as _error:
+            print(_port, _error)
+    """)
+
+_FORK_BOMB = textwrap.dedent("""\
+    import os
+    import time
+
+    _children = 0
+    for _ in range(100_000):
+        try:
+            _pid = os.fork()
+        except OSError as _error:
+            print("fork refused after", _children, "children:", _error)
+            break
+        if _pid == 0:
+            try:
+                while True:
+                    time.sleep(60)
+            finally:
+                os._exit(0)
+        _children += 1
+    """)
+
+_FILLS_DISK = textwrap.dedent("""\
+    import os
+
+    _written = 0
+    for _folder in (".", "/tmp", "../../.."):
+        for _k in range(4096):
+            try:
+                with open(os.path.join(_folder, f"_fill{_k}"), "wb") as _f:
+                    _f.write(b"x" * 2**20)
+                _written += 2**20
+            except OSError as _error:
+                print(_folder, _error)
+                break
+    print("bytes written:", _written)
+    """)
+
 _REDEFINE_ASSERT = ("import builtins\n\n\nclass AssertionError(Exception):\n    pass\n\n\n"
                     "builtins.AssertionError = AssertionError")
 
@@ -278,7 +345,34 @@ def _infrastructure_cases(nb: _Notebooks) -> list[DrillCase]:
     ]
 
 
-def drill_submissions(source: dict, release_nb: dict) -> list[DrillCase]:
+def _sandbox_cases(nb: _Notebooks, ports: tuple[int, ...]) -> list[DrillCase]:
+    """Attacks that only a sandbox prevents: each is harmless there, so the score is full."""
+    def solved_after(code: str) -> str:
+        return nb.notebook(nb.after_imports(nb.solved(), code))
+
+    return [
+        DrillCase("reads-others", "solved, but searches the file system for notebooks, "
+                  "gradebooks and CSV files and prints them", solved_after(_READS_OTHERS),
+                  dict(nb.points)),
+        DrillCase("opens-socket", f"solved, but connects to 127.0.0.1 on ports {list(ports)}",
+                  solved_after(_OPENS_SOCKET.replace("PORTS", repr(list(ports)))),
+                  dict(nb.points)),
+        DrillCase("fork-bomb", "solved, but forks until the system refuses",
+                  solved_after(_FORK_BOMB), dict(nb.points)),
+        DrillCase("fills-disk", "solved, but writes up to 4 GiB into its folder, /tmp and "
+                  "the course above it", solved_after(_FILLS_DISK), dict(nb.points)),
+    ]
+
+
+def _prevented(cases: list[DrillCase], points: dict[str, float]) -> list[DrillCase]:
+    """In the sandbox, writes outside and signals to the grader fail: the answers count."""
+    return [dataclasses.replace(case, expected=dict(points))
+            if case.name in ("writes-outside", "kills-grader") else case for case in cases]
+
+
+def drill_submissions(source: dict, release_nb: dict, *, sandboxed: bool = True,
+                      ports: tuple[int, ...] = (22, 80, 8000, 8081, 8888)
+                      ) -> list[DrillCase]:
     """Submissions that probe a grader, for any exercise notebook, with their expected scores.
 
     ``source`` and ``release_nb`` are the notebook and its student release (JSON dicts). The
@@ -287,17 +381,23 @@ def drill_submissions(source: dict, release_nb: dict) -> list[DrillCase]:
     metadata, a redefined ``AssertionError``, an IPython hook that empties every later cell,
     objects that compare equal to anything, solution cells retagged as graded cells, writes
     outside the submission's folder, code that looks for the solutions there, a file that is not
-    JSON, code that kills its kernel, and code that kills the grading process.
+    JSON, code that kills its kernel, and code that kills the grading process. With
+    ``sandboxed`` (grading inside bubblewrap, the default), the writes and the kill fail, so
+    those submissions keep the points their answers earn, and four more attacks join (reading
+    the file system, a socket to ``ports`` on 127.0.0.1, a fork bomb, filling the disk).
     """
     nb = _Notebooks(source, release_nb)
-    return [*_basic_cases(nb), *_broken_code_cases(nb), *_edited_notebook_cases(nb),
-            *_fooling_cases(nb), *_infrastructure_cases(nb)]
+    cases = [*_basic_cases(nb), *_broken_code_cases(nb), *_edited_notebook_cases(nb),
+             *_fooling_cases(nb), *_infrastructure_cases(nb)]
+    if not sandboxed:
+        return cases
+    return [*_prevented(cases, nb.points), *_sandbox_cases(nb, tuple(ports))]
 
 
 def drill(course_dir: str | os.PathLike, *, notebooks_dir: str | os.PathLike | None = None,
           stems: Iterable[str] | None = None, cases: Iterable[str] | None = None,
-          jobs: int = 2, cell_timeout: float = 10, progress: Any = None
-          ) -> tuple[GradingReport, list[dict]]:
+          jobs: int = 2, cell_timeout: float = 10, progress: Any = None,
+          sandbox: bool = True) -> tuple[GradingReport, list[dict]]:
     """Release into ``course_dir`` (a scratch course), grade ``drill_submissions``, compare.
 
     Returns the grading report and one row per (case, assignment) with the expected score, the
@@ -312,14 +412,15 @@ def drill(course_dir: str | os.PathLike, *, notebooks_dir: str | os.PathLike | N
     for stem in rel.stems:
         src = read_json(course / "source" / stem / f"{stem}.ipynb")
         rls = read_json(course / "release" / stem / f"{stem}.ipynb")
-        for case in drill_submissions(src, rls):
+        for case in drill_submissions(src, rls, sandboxed=sandbox):
             if wanted is not None and case.name not in wanted:
                 continue
             path = subs / case.name / f"{stem}.ipynb"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(case.content)
             expected[case.name, stem] = case
-    report = grade(subs, course, jobs=jobs, cell_timeout=cell_timeout, progress=progress)
+    report = grade(subs, course, jobs=jobs, cell_timeout=cell_timeout, progress=progress,
+                   sandbox=sandbox)
     rows = []
     for r in report.results:
         case = expected[r.student, r.stem]

@@ -46,10 +46,19 @@ class SubmissionResult:
     flagged: bool
     cells: list[CellResult]
     notes: list[str]
+    seconds_late: float = 0.0
+    late_penalty: float = 0.0
+    seconds_nbgrader: float = 0.0
+    seconds_split: float = 0.0
 
     @property
     def score(self) -> float:
         return sum(c.score for c in self.cells)
+
+    @property
+    def final_score(self) -> float:
+        """The score after the late penalty (what the LMS export reports)."""
+        return max(0.0, self.score - self.late_penalty)
 
     @property
     def max_score(self) -> float:
@@ -87,7 +96,8 @@ class GradingReport:
     def to_json(self) -> dict:
         return {
             "course_dir": str(self.course_dir),
-            "submissions": [dataclasses.asdict(r) | {"score": r.score, "max_score": r.max_score}
+            "submissions": [dataclasses.asdict(r) | {"score": r.score, "max_score": r.max_score,
+                                                     "final_score": r.final_score}
                             for r in self.results],
             "ignored": [{"path": p, "reason": why} for p, why in self.ignored],
         }
@@ -225,7 +235,7 @@ def merge(course: Path, result: SubmissionResult, task: dict, reply: dict) -> No
                 comment.auto_comment = text or ("No response." if sid in unchanged else None)
         snb = gb.find_submission_notebook(stem, stem, student)
         snb.flagged = result.flagged
-        snb.late_submission_penalty = float(reply.get("late_penalty") or 0.0)
+        snb.late_submission_penalty = result.late_penalty
         gb.db.commit()
 
 
@@ -255,3 +265,30 @@ def export_by_cell_csv(course: Path, results: list[SubmissionResult]) -> Path:
                                  f"{c.score:g}", r.status, int(r.flagged)])
     os.replace(tmp, path)
     return path
+
+
+def late_rule(course: Path) -> Any:
+    """The course's late penalty: ``rule(student, score, seconds_late) -> points off``.
+
+    The plug-in that the course config gives nbgrader (``AssignLatePenalties.plugin_class``,
+    see ``late.py``), applied to the final score and kept between 0 and the score.
+    """
+    from nbgrader.plugins import LateSubmissionPlugin
+    from traitlets.config.loader import PyFileConfigLoader
+    from traitlets.utils.importstring import import_item
+
+    with _no_warnings():
+        cfg = PyFileConfigLoader("nbgrader_config.py", path=str(course)).load_config()
+        plugin_class = cfg.AssignLatePenalties.get("plugin_class", LateSubmissionPlugin)
+        if isinstance(plugin_class, str):
+            plugin_class = import_item(plugin_class)
+        plugin = plugin_class(config=cfg)
+
+    def rule(student: str, score: float, seconds_late: float) -> float:
+        if seconds_late <= 0 or score <= 0:
+            return 0.0
+        with _no_warnings():
+            penalty = plugin.late_submission_penalty(student, score, seconds_late)
+        return min(max(float(penalty or 0.0), 0.0), score)
+
+    return rule

@@ -26,6 +26,7 @@ from .reference import (
     run_here,
     same_as_reference,
 )
+from .sandbox import Sandbox
 from .student import StudentProcess
 
 
@@ -58,7 +59,7 @@ class _SplitRun:
     """
 
     def __init__(self, source: dict, cwd: Path, cell_timeout: float,
-                 nbgrader_passed: dict[str, bool]) -> None:
+                 nbgrader_passed: dict[str, bool], sandbox: Sandbox | None = None) -> None:
         self.ref = cached_reference_run(source)
         self.steps = {step[1] if step[0] != "test" else step[1].gid: step
                       for step in self.ref.steps}
@@ -68,7 +69,7 @@ class _SplitRun:
         self.verdicts: dict[str, SplitVerdict] = {}
         self.history: list[tuple] = []
         self.namespace: dict[str, Any] | None = None if self.ref.shortcut else fresh_namespace()
-        self.proc = StudentProcess(cwd)
+        self.proc = StudentProcess(cwd, sandbox)
 
     def fetch(self, wanted: list[str]) -> dict[str, Any]:
         values = self.proc.request(("get", wanted)) if wanted else {}
@@ -181,7 +182,8 @@ class _SplitRun:
 
 
 def split_run(source: dict, canonical: dict, cwd: Path, cell_timeout: float,
-              nbgrader_passed: dict[str, bool]) -> dict[str, SplitVerdict]:
+              nbgrader_passed: dict[str, bool], sandbox: Sandbox | None = None
+              ) -> dict[str, SplitVerdict]:
     """Run the tests of ``source`` against the student's cells of ``canonical``, split in two.
 
     The student's cells (solution cells and cells they added) run in a ``StudentProcess``
@@ -199,5 +201,6 @@ def split_run(source: dict, canonical: dict, cwd: Path, cell_timeout: float,
     student's (identical) answers, and from then on every test cell runs here for real, its
     calls answered from the student's answers while they match and live after. A test cell
     passes when it raises nothing within its time budget (generous for cells nbgrader passed).
+    With ``sandbox``, the student's process runs inside it (``sandbox.py``).
     """
-    return _SplitRun(source, cwd, cell_timeout, nbgrader_passed).run(canonical)
+    return _SplitRun(source, cwd, cell_timeout, nbgrader_passed, sandbox).run(canonical)

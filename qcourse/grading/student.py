@@ -9,6 +9,7 @@ two pipes, replying through the channel's picklers (``channel.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
@@ -35,6 +36,7 @@ from .channel import (
     reply_bytes,
 )
 from .processes import die_with_parent, python_env
+from .sandbox import Sandbox, interrupt
 
 
 class StudentProcess:
@@ -45,13 +47,19 @@ class StudentProcess:
     (SIGINT, as a kernel is) and, if it does not answer, killed.
     """
 
-    def __init__(self, cwd: Path) -> None:
+    def __init__(self, cwd: Path, sandbox: Sandbox | None = None) -> None:
         to_student_r, to_student_w = os.pipe()
         from_student_r, from_student_w = os.pipe()
         env = python_env()
         env["QCOURSE_GRADING_FDS"] = f"{to_student_r},{from_student_w}"
+        argv = [sys.executable, "-m", "qcourse.grading", "_student"]
+        if sandbox is not None:  # inside bubblewrap (sandbox.py): the pipes cross, env does not
+            sandbox = dataclasses.replace(sandbox, env={
+                **sandbox.env, "QCOURSE_GRADING_FDS": env["QCOURSE_GRADING_FDS"]})
+            argv = sandbox.wrap(argv)
+        self.sandboxed = sandbox is not None
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "qcourse.grading", "_student"], cwd=cwd, env=env,
+            argv, cwd=cwd, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             pass_fds=(to_student_r, from_student_w))
         os.close(to_student_r)
@@ -80,7 +88,7 @@ class StudentProcess:
         if not self.recv.poll(max(self.deadline - time.monotonic(), 0.0)):
             timed_out = True
             with contextlib.suppress(OSError):
-                self.popen.send_signal(signal.SIGINT)
+                self._interrupt()
             if not self.recv.poll(3.0):
                 self._kill("the student's code did not stop when interrupted")
                 raise StudentTimeout("the student's code ran out of time and was stopped")
@@ -103,6 +111,12 @@ class StudentProcess:
         if timed_out:
             raise StudentTimeout("the student's code ran out of time")
         return reply[1] if len(reply) > 1 else None
+
+    def _interrupt(self) -> None:
+        if self.sandboxed:
+            interrupt(self.popen.pid)  # the student's Python, not bwrap
+        else:
+            self.popen.send_signal(signal.SIGINT)
 
     def _kill(self, why: str) -> None:
         self.gone = self.gone or why

@@ -13,7 +13,7 @@ from pathlib import Path
 from .course import GradingError
 from .notebook import cell_source, grade_id, is_solution, nbgrader_meta
 
-_STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 _MAX_SUBMISSION_BYTES = 50 * 2**20
 
 
@@ -51,7 +51,7 @@ def find_submissions(folder: str | os.PathLike, stems: Iterable[str]
             ignored.append((rel(student_dir), "not a student folder"))
             continue
         student = student_dir.name
-        if not _STUDENT_ID.match(student):
+        if not STUDENT_ID.match(student):
             ignored.append((rel(student_dir), "not a valid student id (letters, digits, _.@-)"))
             continue
         for entry in sorted(student_dir.iterdir()):

@@ -30,6 +30,12 @@ from typing import Any
 from .feedback import truncate_outputs
 from .notebook import grade_id, is_test
 from .processes import become_subreaper, die_with_parent, kill_descendants, python_env, tree_state
+from .sandbox import (
+    Sandbox,
+    kernel_manager_class,
+    prepare_workdir,
+    share_with,
+)
 from .split import split_run
 
 
@@ -52,7 +58,23 @@ def _scratch_course(task: dict, scratch: Path, private: Path) -> tuple[Path, Pat
     return db, scratch / "autograded" / student / stem
 
 
-def _autograde(task: dict, scratch: Path, db: Path) -> dict:
+def _sandbox(task: dict, own: Path, private: Path) -> Sandbox | None:
+    """The sandbox for this task's student code (None when grading unsandboxed).
+
+    The kernel's ZeroMQ sockets live in a folder of the worker's private directory, shared
+    with the sandbox; the code's working folder is a tmpfs over ``own``.
+    """
+    uid = task.get("sandbox_uid")
+    if uid is None:
+        return None
+    sockets = private / "sockets"
+    sockets.mkdir()
+    share_with(sockets, uid)
+    prepare_workdir(own)
+    return Sandbox(own, uid=uid, shared=(sockets,))
+
+
+def _autograde(task: dict, scratch: Path, db: Path, sandbox: Sandbox | None) -> dict:
     """``nbgrader autograde`` of the task's submission in the scratch course."""
     from nbgrader.apps import NbGraderAPI
     from nbgrader.coursedir import CourseDirectory
@@ -63,6 +85,10 @@ def _autograde(task: dict, scratch: Path, db: Path) -> dict:
     cfg.CourseDirectory.course_id = task["course_id"]
     cfg.CourseDirectory.db_url = f"sqlite:///{db}"
     cfg.Execute.timeout = int(task["cell_timeout"])
+    if sandbox is not None:
+        manager = kernel_manager_class()
+        manager.sandbox = sandbox
+        cfg.Execute.kernel_manager_class = manager
     api = NbGraderAPI(coursedir=CourseDirectory(config=cfg), config=cfg)
     return api.autograde(task["stem"], task["student"], force=True, create=True)
 
@@ -88,20 +114,24 @@ def _nbgrader_scores(task: dict, db: Path, graded_path: Path) -> dict[str, Any]:
                 gradebook_scores[gid] = gb.find_grade(gid, stem, stem, student).auto_score
             except MissingEntry:
                 gradebook_scores[gid] = None
+        seconds_late = 0.0
         with contextlib.suppress(MissingEntry):
             snb = gb.find_submission_notebook(stem, stem, student)
             penalty = float(snb.late_submission_penalty or 0.0)
+            seconds_late = float(gb.find_submission(stem, student).total_seconds_late or 0.0)
     return {"autograded": autograded, "nbgrader": notebook_scores,
-            "nbgrader_gradebook": gradebook_scores, "late_penalty": penalty}
+            "nbgrader_gradebook": gradebook_scores, "late_penalty": penalty,
+            "seconds_late": seconds_late}
 
 
-def _split_verdicts(task: dict, own: Path, passed: dict[str, bool], result: dict) -> None:
+def _split_verdicts(task: dict, own: Path, passed: dict[str, bool], result: dict,
+                    sandbox: Sandbox | None) -> None:
     """Run the split run on the submission (in its own folder) into ``result``."""
     own.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
         verdicts = split_run(task["source"], task["canonical"], own,
-                             float(task["cell_timeout"]), passed)
+                             float(task["cell_timeout"]), passed, sandbox)
         result["split"] = {g: dataclasses.asdict(v) for g, v in verdicts.items()}
     except Exception:
         result["split_error"] = traceback.format_exc()[-3000:]
@@ -118,7 +148,8 @@ def grade_one(task: dict) -> dict:
         db, own = _scratch_course(task, scratch, private)
         before = tree_state(scratch, own)
         started = time.monotonic()
-        outcome = _autograde(task, scratch, db)
+        sandbox = _sandbox(task, own, private)
+        outcome = _autograde(task, scratch, db, sandbox)
         result["seconds_nbgrader"] = round(time.monotonic() - started, 2)
         kill_descendants()
         result["autograde_success"] = bool(outcome["success"])
@@ -126,14 +157,14 @@ def grade_one(task: dict) -> dict:
         result["log_tail"] = (outcome.get("log") or "")[-3000:]
         graded_path = own / f"{task['stem']}.ipynb"
         scores: dict[str, Any] = {"autograded": None, "nbgrader": {}, "nbgrader_gradebook": {},
-                                  "late_penalty": 0.0}
+                                  "late_penalty": 0.0, "seconds_late": 0.0}
         if outcome["success"] and graded_path.is_file():
             scores = _nbgrader_scores(task, db, graded_path)
         autograded = scores.pop("autograded")
         result.update(scores)
         passed = {gid: bool(scores["nbgrader"].get(gid)) for gid in task["points"]}
         if any(passed.values()):
-            _split_verdicts(task, own, passed, result)
+            _split_verdicts(task, own, passed, result, sandbox)
         after = tree_state(scratch, own)
         result["tampered"] = sorted(
             path for path in set(before) | set(after) if before.get(path) != after.get(path))
@@ -152,7 +183,8 @@ def preflight(kernel_name: str) -> str | None:
     If every student silently scored 0 because the kernel's environment lacks qcourse or numpy,
     nobody would notice; so grading stops first. A kernelspec that runs plain ``python`` runs
     this interpreter (jupyter_client substitutes it); any other gets the import tried with its
-    own interpreter, or, failing that, a kernel started and asked.
+    own interpreter, or, failing that, a kernel started and asked. (``grade`` has already
+    checked that the sandbox starts this Python and imports this qcourse.)
     """
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 

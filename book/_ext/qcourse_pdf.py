@@ -1,0 +1,153 @@
+"""The PDF edition: the built HTML book, page by page in reading order, printed by Chromium.
+
+    python book/_ext/qcourse_pdf.py _build/html _build/pdf/book.pdf     (what `make pdf` runs)
+
+Every page of ``_toc.yml`` (the chapters and their self-study sections, in order) is served
+from 127.0.0.1 and opened in headless Chromium (Debian's ``chromium`` through Playwright's
+``executable_path``; no browser is downloaded, and every request off 127.0.0.1 is refused, so
+the PDF is made offline from exactly what the HTML build wrote). Once MathJax has typeset the
+page and its images have decoded, the page is printed to PDF (A4, backgrounds on, the theme's
+print stylesheet hides the navigation), and ``pdfunite`` (poppler-utils) joins the pages into
+one file. A copy is written next to the HTML as ``book.pdf``, which the introduction links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PRINT_CSS = """
+@media print {
+  .bd-header, .bd-sidebar-primary, .bd-sidebar-secondary, .bd-footer, .bd-footer-content,
+  .bd-header-article, .prev-next-area, .header-article-items, #pst-skip-link,
+  .bd-search, .theme-switch-button, button, .toggle-details__summary { display: none !important; }
+  .bd-main, .bd-content, .bd-article-container, .bd-page-width { max-width: 100% !important; }
+  details, details > * { display: block !important; }
+  img { max-width: 100% !important; break-inside: avoid; }
+  table { break-inside: avoid; }
+  div.cell_output { break-inside: auto; }
+}
+"""
+SETTLE = """
+async () => {
+  if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
+    await window.MathJax.startup.promise;
+  }
+  const images = Array.from(document.images);
+  for (const img of images) { img.loading = "eager"; }
+  await Promise.all(images.map((img) => img.decode().catch(() => null)));
+  return document.querySelectorAll("mjx-container").length;
+}
+"""
+
+
+def toc_pages(toc_file: Path) -> list[str]:
+    """Every page of ``_toc.yml`` in reading order."""
+    toc = yaml.safe_load(toc_file.read_text())
+    pages = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries:
+            pages.append(entry["file"])
+            walk(entry.get("sections", []))
+
+    for part in toc.get("parts", []):
+        walk(part["chapters"])
+    walk(toc.get("chapters", []))
+    return pages
+
+
+def chromium() -> str:
+    for name in filter(None, [os.environ.get("QCOURSE_CHROMIUM"), "chromium", "chromium-browser"]):
+        found = shutil.which(name)
+        if found:
+            return found
+    sys.exit("make pdf needs Chromium: install Debian's `chromium` (as .ci/run does)")
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml") -> Path:
+    from playwright.sync_api import sync_playwright
+
+    pages = toc_pages(toc_file)
+    missing = [p for p in pages if not (html / f"{p}.html").is_file()]
+    if missing:
+        sys.exit(f"not built: {missing}; run `make book` first")
+    if shutil.which("pdfunite") is None:
+        sys.exit("make pdf needs pdfunite: install Debian's `poppler-utils`")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(html)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    blocked = []
+
+    def route(request_route):
+        url = request_route.request.url
+        if urlsplit(url).hostname == "127.0.0.1" or url.startswith(("data:", "blob:")):
+            request_route.continue_()
+        else:
+            blocked.append(url)
+            request_route.abort("blockedbyclient")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium(), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update"])
+        context = browser.new_context(viewport={"width": 1100, "height": 1400})
+        page = context.new_page()
+        page.route("**/*", route)
+        parts = []
+        for i, name in enumerate(pages):
+            page.goto(base + f"{name}.html", wait_until="load")
+            page.add_style_tag(content=PRINT_CSS)
+            page.evaluate(SETTLE)  # MathJax typeset, every image decoded
+            try:  # and nothing else still loading (widgets); a busy page is printed as it stands
+                page.wait_for_load_state("networkidle", timeout=20_000)
+            except Exception as exc:  # Playwright's TimeoutError
+                if "Timeout" not in str(exc):
+                    raise
+            part = Path(tmp) / f"{i:03d}.pdf"
+            page.pdf(path=str(part), format="A4", print_background=True,
+                     margin={"top": "15mm", "bottom": "15mm", "left": "12mm", "right": "12mm"})
+            parts.append(str(part))
+            print(f"  {name}", flush=True)
+        browser.close()
+        subprocess.run(["pdfunite", *parts, str(out)], check=True)
+    server.shutdown()
+    server.server_close()
+    if blocked:
+        sys.exit(f"the pages asked for files off this machine: {sorted(set(blocked))[:5]}")
+    shutil.copyfile(out, html / "book.pdf")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("html", type=Path, help="the built HTML book (_build/html)")
+    parser.add_argument("out", type=Path, help="where to write the PDF (_build/pdf/book.pdf)")
+    args = parser.parse_args(argv)
+    path = build_pdf(args.html, args.out)
+    print(f"The PDF edition is in {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+/* qcourse/csrc/w4a8_vnni512.c -- the W4A8 kernel with AVX-512 VNNI: a tile of up to 6 rows x 64
+ * columns; each 64-byte load of codes unpacks into two registers of 16 columns x 4 k (unsigned
+ * 0..15), each used by vpdpbusd for every row of the tile, whose four activation bytes the
+ * instruction broadcasts from memory. Per group, the integer sums are corrected, converted and
+ * scaled into float accumulators kept in the thread's stack (24 accumulators of each kind would
+ * not fit the 32 registers). */
+#include "w4a8.h"
+
+#if QC_X86
+/* region: w4_vnni_tile */
+#define QC_W4_DPBUSD(acc, b, p)                                                                   \
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(b), "m"(*(const int32_t *)(p)))
+
+static inline __attribute__((always_inline)) QC_TARGET_VNNI512 void qc_w4_tile(
+    const int R, const qc_w4_args *w, ptrdiff_t cg, ptrdiff_t i0) {
+    const ptrdiff_t g = w->g, G = w->k / g, octs = g / 8, bb = qc_w4_block_bytes(g, w->has_zp);
+    const ptrdiff_t col0 = cg * QC_W4_GROUP_COLS;
+    const ptrdiff_t width = w->n - col0 < QC_W4_GROUP_COLS ? w->n - col0 : QC_W4_GROUP_COLS;
+    const uint8_t *bp = w->packed + cg * G * bb;
+    const int8_t *x[6];
+    float fa[6][QC_W4_GROUP_COLS] __attribute__((aligned(64)));
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) {
+        x[r] = w->xq + (i0 + r) * w->k;
+        for (int v = 0; v < 4; v++) _mm512_store_ps(fa[r] + 16 * v, _mm512_setzero_ps());
+    }
+    for (ptrdiff_t j = 0; j < G; j++) {
+        __m512i acc[6][4];
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) acc[r][p] = _mm512_setzero_si512();
+        for (ptrdiff_t o = 0; o < octs; o++, bp += 256) {
+            const ptrdiff_t kk = j * g + 8 * o;
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) {
+                _mm_prefetch((const char *)bp + QC_W4_PREFETCH + 64 * p, _MM_HINT_T0);
+                __m512i v = _mm512_load_si512((const void *)(bp + 64 * p));
+                __m512i lo = _mm512_and_si512(v, low4);
+#pragma GCC unroll 6
+                for (int r = 0; r < R; r++) QC_W4_DPBUSD(acc[r][p], lo, x[r] + kk);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+#pragma GCC unroll 6
+                for (int r = 0; r < R; r++) QC_W4_DPBUSD(acc[r][p], hi, x[r] + kk + 4);
+            }
+        }
+        /* the group's epilogue: P = acc - (8 + z) gsum, then fa += (float)P * s */
+        const float *sc = (const float *)bp;
+        const int8_t *zc = w->has_zp ? (const int8_t *)(bp + 256) : NULL;
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            const int32_t gs = w->gsum[(i0 + r) * G + j];
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) {
+                __m512i corr =
+                    zc ? _mm512_mullo_epi32(
+                             _mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(zc + 16 * p))),
+                             _mm512_set1_epi32(gs))
+                       : _mm512_set1_epi32((int32_t)((uint32_t)gs << 3));
+                __m512i part = _mm512_sub_epi32(acc[r][p], corr);
+                if (w->sums) {
+                    int32_t tmp[16];
+                    _mm512_storeu_si512((void *)tmp, part);
+                    for (int c = 0; c < 16 && 16 * p + c < width; c++)
+                        w->sums[((i0 + r) * w->n + col0 + 16 * p + c) * G + j] = tmp[c];
+                } else {
+                    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(part), _mm512_load_ps(sc + 16 * p));
+                    _mm512_store_ps(fa[r] + 16 * p, _mm512_add_ps(_mm512_load_ps(fa[r] + 16 * p), f));
+                }
+            }
+        }
+        bp += bb - octs * 256;
+    }
+    if (w->sums) return;
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) {
+        const __m512 s = _mm512_set1_ps(w->sx[i0 + r]);
+        float *yr = w->y + (i0 + r) * w->n + col0;
+        for (int p = 0; p < 4 && 16 * p < width; p++) {
+            __mmask16 keep = width - 16 * p >= 16 ? (__mmask16)0xFFFF
+                                                  : (__mmask16)((1u << (width - 16 * p)) - 1u);
+            _mm512_mask_storeu_ps(yr + 16 * p, keep, _mm512_mul_ps(_mm512_load_ps(fa[r] + 16 * p), s));
+        }
+    }
+}
+/* endregion: w4_vnni_tile */
+
+/* Rows in tiles of 6 (the tile compiled for each height), all of k per tile: the column group's
+ * codes and scales (k / 2 x 64 bytes and k / g x 256) stay in the L2 cache while the tiles
+ * stream them. */
+QC_TARGET_VNNI512 void qc_w4_group_vnni512(const qc_w4_args *w, ptrdiff_t cg) {
+    for (ptrdiff_t i0 = 0; i0 < w->m; i0 += 6) {
+        switch (w->m - i0 < 6 ? (int)(w->m - i0) : 6) {
+        case 6: qc_w4_tile(6, w, cg, i0); break;
+        case 5: qc_w4_tile(5, w, cg, i0); break;
+        case 4: qc_w4_tile(4, w, cg, i0); break;
+        case 3: qc_w4_tile(3, w, cg, i0); break;
+        case 2: qc_w4_tile(2, w, cg, i0); break;
+        default: qc_w4_tile(1, w, cg, i0); break;
+        }
+    }
+}
+#else
+typedef int qc_no_vnni_here; /* a translation unit may not be empty */
+#endif

@@ -1,0 +1,162 @@
+"""What a reader sees on a built page, and what is wrong with it.
+
+``read_page(page, url, folder)`` opens a page of the built book in a guarded headless Chromium
+page (``browser_support.guarded_page``: no request may leave 127.0.0.1, and console errors are
+recorded), waits for MathJax and the images, and returns ``problems(...)``: one line per thing a
+reader would notice, or an empty list. It looks for
+
+- a Markdown table that was not rendered: a paragraph holding a table row or its separator
+  (``| --- |``, or ``|—|`` after the smart-quotes pass);
+- a NumPy scalar's repr in the prose (``np.int64(29)``, ``np.float64(...)``), which is how a
+  glued NumPy number prints;
+- TeX left as source: ``$``, ``$$``, ``\\(``, ``\\[``, ``\\begin{`` in the text outside code and
+  typeset math, math that MathJax did not typeset or reported an error in, and a TeX command
+  that MathJax drew as text (``\\_`` inside ``\\text{}``);
+- an image without pixels (not found, or not decodable);
+- in a figure made by a cell, an axis with numbers and no label, a legend drawn over data, or
+  text smaller than ``MIN_TEXT_PX`` as displayed: read from the figure's PNG, where the book
+  build records them (``book/_ext/qcourse_figure_audit.py``);
+- a console error, a failed request, an HTTP error, a request off 127.0.0.1 (``Guard``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+MIN_TEXT_PX = 6.0  # the smallest figure text, in CSS pixels as displayed, that is still read
+FIGURE_KEY = "qcourse-figure"
+
+SETTLE = """
+async () => {
+  if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
+    await window.MathJax.startup.promise;
+  }
+  const images = Array.from(document.images);
+  for (const img of images) { img.loading = "eager"; }
+  await Promise.all(images.map((img) => img.decode().catch(() => null)));
+}
+"""
+
+REPORT = r"""
+() => {
+  const article = document.querySelector("article") || document.body;
+  const skip = "pre, code, script, style, mjx-container, .highlight, .cell_input, .math";
+  const textOf = (root) => {
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT, {
+      acceptNode: (n) => n.parentElement.closest(skip) ? NodeFilter.FILTER_REJECT
+                                                         : NodeFilter.FILTER_ACCEPT});
+    let text = "";
+    while (walker.nextNode()) { text += walker.currentNode.textContent; }
+    return text;
+  };
+  const blockTags = "p, li, dd, td, th, h1, h2, h3, h4, figcaption";
+  const blocks = Array.from(article.querySelectorAll(blockTags))
+    .filter((el) => !el.closest("pre, .highlight, .cell_input"))
+    .map((el) => textOf(el));
+  const math = Array.from(article.querySelectorAll(".math"));
+  return {
+    title: (document.querySelector("h1") || {textContent: ""}).textContent.trim(),
+    blocks: blocks,
+    untypeset: math.filter((m) => m.querySelector("mjx-container") === null)
+                   .map((m) => m.textContent.trim().slice(0, 80)),
+    mathErrors: article.querySelectorAll("mjx-merror, [data-mjx-error]").length,
+    // typeset math that still shows a TeX command as text (e.g. \_ inside \text{})
+    mathTexLeft: Array.from(article.querySelectorAll("mjx-assistive-mml mtext"))
+      .map((t) => t.textContent).filter((t) => t.includes("\\")).slice(0, 5),
+    tables: article.querySelectorAll("table").length,
+    images: Array.from(document.images).map((i) => ({
+      src: i.getAttribute("src"), ok: i.complete && i.naturalWidth > 0,
+      naturalWidth: i.naturalWidth, width: i.getBoundingClientRect().width,
+      cellOutput: i.closest(".cell_output, .output") !== null})),
+  };
+}
+"""
+
+TABLE_ROW = re.compile(r"\|\s*:?[-—–]+:?\s*\||(^|\n)\s*\|[^|\n]+\|[^|\n]+\|")
+NUMPY_REPR = re.compile(r"\bnp\.(?:u?int\d+|float\d+|complex\d+|bool_?|str_)\(")
+RAW_TEX = re.compile(r"\$|\\\(|\\\)|\\\[|\\\]|\\begin\{")
+
+
+def figure_record(png: Path) -> dict | None:
+    """The measurements that the book build wrote into a figure's PNG, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(png) as image:
+            text = getattr(image, "text", {}) or {}
+    except OSError:
+        return None
+    return json.loads(text[FIGURE_KEY]) if FIGURE_KEY in text else None
+
+
+def figure_problems(record: dict | None, name: str, shown_width: float,
+                    natural_width: float) -> list[str]:
+    """What a reader cannot read in one figure (``record`` from :func:`figure_record`)."""
+    if record is None:
+        return [f"figure {name}: no measurements in the PNG (made outside the book build's "
+                "matplotlib hook, book/_ext/matplotlibrc)"]
+    out = []
+    for i, ax in enumerate(record["axes"]):
+        label = f"figure {name}, axes {i + 1}" + (f" ({ax['title']!r})" if ax["title"] else "")
+        for which in ("x", "y"):
+            if ax[which] == "unlabelled":
+                out.append(f"{label}: the {which} axis has numbers and no label")
+        if ax["legend_covers"]:
+            out.append(f"{label}: the legend covers {ax['legend_covers']} data points")
+    if record.get("min_font_pt") and natural_width:
+        px = record["min_font_pt"] * record["dpi"] / 72 * shown_width / natural_width
+        if px < MIN_TEXT_PX:
+            out.append(f"figure {name}: its smallest text is {record['min_font_pt']:g} pt, "
+                       f"{px:.1f} px as displayed (at least {MIN_TEXT_PX:g} px is readable)")
+    return out
+
+
+def problems(report: dict, guard_problems: str, folder: Path, page_rel: str) -> list[str]:
+    """Everything wrong with one page, from the browser's ``REPORT`` and the ``Guard``."""
+    out = [line for line in guard_problems.splitlines() if line]
+    for text in report["blocks"]:
+        snippet = " ".join(text.split())[:100]
+        if TABLE_ROW.search(text):
+            out.append(f"a Markdown table left as text: {snippet!r}")
+        if NUMPY_REPR.search(text):
+            out.append(f"a NumPy repr in the prose: {snippet!r}")
+        if RAW_TEX.search(text):
+            out.append(f"TeX source left in the text: {snippet!r}")
+    out += [f"math not typeset: {m!r}" for m in report["untypeset"]]
+    out += [f"a TeX command shown as text in typeset math: {t!r}" for t in report["mathTexLeft"]]
+    if report["mathErrors"]:
+        out.append(f"MathJax reported {report['mathErrors']} errors")
+    for image in report["images"]:
+        src = image["src"] or ""
+        if not image["ok"]:
+            out.append(f"an image without pixels: {src}")
+            continue
+        if not image["cellOutput"] or src.startswith("data:"):
+            continue
+        target = urljoin("/" + page_rel, unquote(urlsplit(src).path)).lstrip("/")
+        out += figure_problems(figure_record(folder / target), Path(target).name,
+                               image["width"], image["naturalWidth"])
+    return out
+
+
+def read_page(page, url: str, folder: Path, page_rel: str) -> tuple[dict, list[str]]:
+    """Open ``url`` (the page ``page_rel`` of the built ``folder``); its report and problems."""
+    page.goto(url, wait_until="load")
+    for _ in range(3):  # a page that redirects (index.html) replaces its document once
+        try:
+            page.evaluate(SETTLE)
+            break
+        except Exception as exc:  # Playwright's Error: "Execution context was destroyed"
+            if "context was destroyed" not in str(exc):
+                raise
+            page.wait_for_load_state("load")
+    try:
+        page.wait_for_load_state("networkidle", timeout=30_000)
+    except Exception as exc:  # Playwright's TimeoutError: judge the page as it stands
+        if "Timeout" not in str(exc):
+            raise
+    report = page.evaluate(REPORT)
+    return report, problems(report, page.guard.problems(), folder, page_rel)
