@@ -5,8 +5,10 @@ PyTorch's ...") must show it: a code cell in the same section (or anywhere on th
 chapter's opening, which announces what follows) that runs the oracle and prints its version
 with the comparison. PyTorch is not in the book's environment, so a sentence about PyTorch must
 also be conditional: glued from the cell that knows whether it ran, or worded "where installed".
-TFLite has no package here: a sentence about it must sit in a section that says so and names
-what stands in for it (the transcription in the tests, TFLite's own published expectations).
+TFLite itself has no package here, but LiteRT (its successor, ``ai-edge-litert``) does: a
+sentence about TFLite or LiteRT needs a cell that runs LiteRT and prints its version (as for the
+other oracles), or else must sit in a section that says no TFLite runs here and names what
+stands in for it (the transcription in the tests, TFLite's own published expectations).
 A sentence that says where the comparison lives instead (``tests/test_STEM.py``, the test
 suite, another chapter) needs no cell here, but about PyTorch it too must be conditional. The
 Exercises section describes tasks and is not scanned.
@@ -29,6 +31,7 @@ ORACLES = {  # name in prose -> evidence that a cell ran it and printed its vers
     "ml_dtypes": re.compile(r"ml_dtypes\.__version__"),
     "ONNX Runtime": re.compile(r"\b(ort|onnxruntime)\.__version__"),
     "PyTorch": re.compile(r"\btorch\.__version__"),
+    "LiteRT": re.compile(r"\bai_edge_litert\.__version__|version\(\"ai-edge-litert\"\)"),
 }
 PROSE_NAMES = {"ml_dtypes": r"ml_dtypes", "ONNX Runtime": r"ONNX Runtime|onnxruntime",
                "PyTorch": r"PyTorch|\btorch\b", "TFLite": r"TFLite|TensorFlow Lite|LiteRT"}
@@ -88,6 +91,8 @@ def unbacked_claims(text: str) -> list[str]:
                                         sentence)
                 short = sentence[:140]
                 if oracle == "TFLite":
+                    if ORACLES["LiteRT"].search(where):
+                        continue   # LiteRT ran next to the sentence, and printed its version
                     if not TFLITE_ABSENT.search(part.prose if i else text):
                         problems.append(f"[{part.title}] TFLite claim in a section that does not "
                                         f"say TFLite does not run here: {short!r}")
@@ -143,3 +148,11 @@ def test_the_scan_catches_claims_without_checks():
     fixed = fixed.replace("import onnxruntime as ort",
                           "import onnxruntime as ort\nimport torch\nprint(torch.__version__)")
     assert "PyTorch" not in "\n".join(unbacked_claims(fixed))
+    # a LiteRT run that prints its version backs a TFLite/LiteRT sentence in its section
+    litert = fixed.replace("print(torch.__version__)",
+                           "print(torch.__version__)\n```\n\n## Elsewhere too\n\n"
+                           "LiteRT's interpreter gives the same codes.\n\n"
+                           "```{code-cell} ipython3\nimport ai_edge_litert\n"
+                           "print(ai_edge_litert.__version__)")
+    problems = "\n".join(unbacked_claims(litert))
+    assert "[## Elsewhere] TFLite claim" in problems and "Elsewhere too" not in problems
