@@ -73,6 +73,7 @@ __all__ = [
     "COURSE_CALIBRATION_IMAGES",
     "from_integer_model",
     "main",
+    "ops_outside_delegates",
     "predict_codes",
     "quantize_input",
     "quantize_reciprocal_rne",
@@ -1028,9 +1029,10 @@ def _interpreter(model_bytes: bytes, runtime: str, batch_shape: tuple):
 _BUILTIN_UNDER_XNNPACK = frozenset({"AVERAGE_POOL_2D"})
 
 
-def _outside_xnnpack(it) -> list[str]:
-    """The operators an interpreter runs itself (not inside a ``DELEGATE`` node): walk back from
-    the outputs, through delegate nodes and the original operators that produce their inputs."""
+def ops_outside_delegates(it) -> list[str]:
+    """The operators a LiteRT interpreter ``it`` runs itself, not inside a ``DELEGATE`` node
+    (names, from the outputs back): walk back from the outputs through the delegate nodes and
+    the original operators that produce their inputs."""
     ops = it._get_ops_details()
     producer = {}
     for o in ops:                       # a DELEGATE comes after the operators it replaces
@@ -1076,7 +1078,7 @@ def run_tflite(model_bytes: bytes, X, runtime: str = "tflite-xnnpack", *,
         raise ValueError(f"X has shape {X.shape} but the model takes {tuple(inp['shape'])} "
                          f"(NHWC in the file)")
     if runtime == "tflite-xnnpack" and check_delegated:
-        outside = _outside_xnnpack(it)
+        outside = ops_outside_delegates(it)
         if set(outside) - _BUILTIN_UNDER_XNNPACK:
             raise RuntimeError("XNNPACK did not take the model's operators "
                                + ", ".join(outside) + " (the prediction assumes that only "
@@ -1119,8 +1121,9 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
     group back into an integer kernel (the tests check that no float ``Conv``/``Gemm`` survives).
     An activation narrower than the output grid becomes an int8 ``Clip`` after the
     ``QuantizeLinear``.  A global average pool stays ``QLinearGlobalAveragePool`` in this form
-    too: ONNX Runtime does not fuse a Q/DQ pool and would average in float.  Input (N, C, H, W) or (N, features), batch dynamic; int8 codes instead
-    of float32 with ``float_input=False``.  See the deploy chapter.
+    too: ONNX Runtime does not fuse a Q/DQ pool and would average in float.  Input (N, C, H, W)
+    or (N, features), batch dynamic; int8 codes instead of float32 with ``float_input=False``.
+    See the deploy chapter.
     """
     if not isinstance(model, DeployModel):
         raise TypeError(f"model must be a DeployModel, got {type(model).__name__}")
@@ -1356,7 +1359,7 @@ def from_integer_model(integer_model, *, name: str = "qcourse",
         layers = _cnn_layers(integer_model)
         shape = tuple(input_shape)
     elif isinstance(integer_model, IntegerModel):
-        for lname, ql in zip(integer_model.names, integer_model.layers):
+        for lname, ql in zip(integer_model.names, integer_model.layers, strict=True):
             _check_int8_grids(lname, ql)
         layers = [_dense(ql) for ql in integer_model.layers]
         shape = (integer_model.layers[0].in_features,)
@@ -1502,8 +1505,12 @@ def _help_epilog() -> str:
     return (f"Input layouts: {layout}\n\n`run` reads X.npy: float32 images of shape {shape} in "
             f"the course's layout (for images NCHW, whichever runtime is named) and writes "
             f"Y.npy: int8 codes, qcourse's prediction of that runtime's output.\n\nRuntimes: "
-            + "; ".join(f"{rt} ({RUNTIME_ARITHMETIC[rt]['dense'].split(':')[0]})"
-                        for rt in RUNTIMES))
+            + "; ".join(f"{rt} (convolutions: {_function_name(rt, 'conv')}, fully connected: "
+                        f"{_function_name(rt, 'dense')})" for rt in RUNTIMES))
+
+
+def _function_name(runtime: str, step: str) -> str:
+    return RUNTIME_ARITHMETIC[runtime][step].split(":")[0].split(" (")[0]
 
 
 def main(argv=None) -> int:

@@ -425,7 +425,7 @@ def test_xnnpack_relu6_clamp_rounds_a_tie_to_even():
 # --------------------------------------------------------------------------- the course CNN
 
 
-def _pool_model(channels: int, zero_point: int, scale=np.float32(0.0625)):
+def _pool_model(channels: int, zero_point: int, scale: float = 0.0625):
     """GlobalAvgPool, then a Dense that copies its input (identity weights, M = 1 exactly), so
     the model's output codes are the pool's."""
     copy = d.Dense(np.eye(channels, dtype=np.int8), None, 1.0, scale, zero_point)
@@ -488,7 +488,7 @@ def test_xnnpack_check_names_operators_left_outside_the_delegate(monkeypatch):
     model, X_test, _ = d.course_model()
     tfl = d.to_tflite(model)
     it = d._interpreter(tfl, "tflite-xnnpack", (2, 8, 8, 1))
-    assert d._outside_xnnpack(it) == ["AVERAGE_POOL_2D"]
+    assert d.ops_outside_delegates(it) == ["AVERAGE_POOL_2D"]
     d.run_tflite(tfl, X_test[:2], "tflite-xnnpack")           # allowed: the pool only
     monkeypatch.setattr(d, "_BUILTIN_UNDER_XNNPACK", frozenset())
     with pytest.raises(RuntimeError, match="did not take the model's operators AVERAGE_POOL_2D"):
