@@ -208,20 +208,27 @@ SEEDS = range(4)
 
 
 def test_per_tensor_loses_to_per_channel_and_cle_with_bias_correction_repairs_it(data, folded):
+    # the conv chapter asserts each ordering on draw 0; here every draw, counted
     Xtr, _, Xte, yte = data
-    held = {"per-tensor below per-channel": 0, "per-channel within 1 point of float": 0,
-            "CLE+BC within 1 point of per-channel": 0}
+    held = {"per-tensor more than 1 point below per-channel": 0,
+            "per-channel within 1 point of float": 0,
+            "CLE+BC within 1 point of per-channel": 0,
+            "ReLU6 and ReLU within 1 point at 7 bits": 0}
     float_acc = accuracy(folded, Xte, yte)
+    twin = fold_batch_norms(load_course_cnn("relu"))
     for seed in SEEDS:
         Xc = _calibration(Xtr, seed)
         pt = simulate_quantized(folded, Xc, per_channel=False).accuracy(Xte, yte)
         pc = simulate_quantized(folded, Xc, per_channel=True).accuracy(Xte, yte)
         eq = bias_correction(cross_layer_equalization(folded), Xc, per_channel=False)
         cle = simulate_quantized(eq, Xc, per_channel=False).accuracy(Xte, yte)
-        held["per-tensor below per-channel"] += pt < pc
+        relu6, relu = (simulate_quantized(m, Xc, weight_bits=7, act_bits=7).accuracy(Xte, yte)
+                       for m in (folded, twin))
+        held["per-tensor more than 1 point below per-channel"] += pt < pc - 0.01
         held["per-channel within 1 point of float"] += pc >= float_acc - 0.01
         held["CLE+BC within 1 point of per-channel"] += cle >= pc - 0.01
-    print(held)
+        held["ReLU6 and ReLU within 1 point at 7 bits"] += abs(relu6 - relu) <= 0.01
+    print(f"held on {len(SEEDS)} calibration draws:", held)
     assert all(v == len(SEEDS) for v in held.values()), held
 
 
@@ -229,7 +236,7 @@ def test_adaround_beats_nearest_at_4_bits_and_qat_recovers(data, folded):
     Xtr, ytr, Xte, yte = data
     float_acc = accuracy(folded, Xte, yte)
     held = {"AdaRound above nearest": 0, "QAT within 1 point of float": 0}
-    for seed in SEEDS[:2]:   # QAT on the first only (it trains for 3 epochs)
+    for seed in SEEDS[:2]:   # the two cost about 10 s each (QAT trains for 3 epochs)
         Xc = _calibration(Xtr, seed)
         near = simulate_quantized(folded, Xc, weight_bits=4).accuracy(Xte, yte)
         res = adaround(folded, Xc, weight_bits=4, iterations=1000)
@@ -237,11 +244,13 @@ def test_adaround_beats_nearest_at_4_bits_and_qat_recovers(data, folded):
                                  weights={n: r.weight for n, r in res.items()}
                                  ).accuracy(Xte, yte)
         held["AdaRound above nearest"] += ada > near
+        qat = qat_cnn(folded, Xtr, ytr, Xc, weight_bits=4, epochs=3, seed=seed)
+        ok = qat.accuracy(Xte, yte) >= float_acc - 0.01
+        held["QAT within 1 point of float"] += ok
         if seed == 0:
-            qat = qat_cnn(folded, Xtr, ytr, Xc, weight_bits=4, epochs=3, seed=seed)
-            held["QAT within 1 point of float"] += qat.accuracy(Xte, yte) >= float_acc - 0.01
-    print(held)
-    assert held == {"AdaRound above nearest": 2, "QAT within 1 point of float": 1}, held
+            assert ok, "QAT on draw 0 (the conv chapter's) no longer recovers"
+    print("held on 2 calibration draws:", held)
+    assert held["AdaRound above nearest"] == 2, held
 
 
 # --------------------------------------------------------------------------- the script
