@@ -374,61 +374,15 @@ def format_table(rows: list[Result]) -> str:
 # --- the integer CNN against ONNX Runtime ---------------------------------------------------------
 
 
-def cnn_onnx_model(model):
-    """A QOperator ONNX graph of an :class:`qcourse.conv.IntegerCNN`: the same integers.
+def cnn_onnx_model(model, input_shape=(1, 8, 8)):
+    """The ONNX model of an :class:`qcourse.conv.IntegerCNN` that ``python -m qcourse.deploy
+    export`` writes (QOperator form: ``QuantizeLinear``, one ``QLinearConv`` per convolution,
+    ``QLinearGlobalAveragePool``, the classifier as a 1x1 ``QLinearConv``; float32 NCHW images
+    of ``input_shape`` in, int8 logits codes (n, 10) out): :func:`qcourse.deploy.to_onnx` of
+    :func:`qcourse.deploy.from_integer_model`, so the benchmark times the deployed file."""
+    from qcourse import deploy
 
-    float32 NCHW images -> ``QuantizeLinear`` -> one ``QLinearConv`` per convolution (per-channel
-    int8 weights, int32 bias; the fused ReLU6/ReLU clamp is the int8 saturation here, because
-    each activation grid was calibrated on the activation's own output, [0, max] with max <= 6)
-    -> ``QLinearGlobalAveragePool`` (com.microsoft) -> the classifier as a 1x1 ``QLinearConv``
-    -> int8 logits codes (n, 10, 1, 1).  A small builder for the benchmark only; the deploy
-    chapter's exporter is the general one.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    from qcourse.conv import IntegerGlobalAvgPool, QuantizedConv2d
-
-    inits, nodes = [], []
-
-    def const(name, value):
-        inits.append(numpy_helper.from_array(np.asarray(value), name=name))
-        return name
-
-    def qparams(prefix, qp):
-        return (const(f"{prefix}_scale", np.float32(qp.scale)),
-                const(f"{prefix}_zp", np.int8(qp.zero_point)))
-
-    x_s, x_z = qparams("input", model.input_qparams)
-    nodes.append(helper.make_node("QuantizeLinear", ["images", x_s, x_z], ["t_input"]))
-    cur, cur_s, cur_z = "t_input", x_s, x_z
-    for name, layer in model.layers:
-        if isinstance(layer, IntegerGlobalAvgPool):
-            nodes.append(helper.make_node("QLinearGlobalAveragePool",
-                                          [cur, cur_s, cur_z, cur_s, cur_z], [f"t_{name}"],
-                                          domain="com.microsoft", channels_last=0))
-            cur = f"t_{name}"
-            continue
-        if isinstance(layer, QuantizedConv2d):
-            w, stride, pad, group = layer.weight_q, layer.stride, layer.padding, layer.groups
-        else:   # the classifier: a 1x1 convolution on the (n, c, 1, 1) pooled codes
-            w, stride, pad, group = layer.weight_q[:, :, None, None], 1, 0, 1
-        y_s, y_z = qparams(name, layer.output_qparams)
-        w_name = const(f"{name}_w", w.astype(np.int8))
-        ws = const(f"{name}_w_scale", np.broadcast_to(layer.weight_qparams.scale,
-                                                      (w.shape[0],)).astype(np.float32))
-        wz = const(f"{name}_w_zp", np.zeros(w.shape[0], np.int8))
-        b = const(f"{name}_b", layer.bias_q.astype(np.int32))
-        nodes.append(helper.make_node(
-            "QLinearConv", [cur, cur_s, cur_z, w_name, ws, wz, y_s, y_z, b], [f"t_{name}"],
-            strides=[stride, stride], pads=[pad] * 4, group=group,
-            kernel_shape=list(w.shape[2:])))
-        cur, cur_s, cur_z = f"t_{name}", y_s, y_z
-    graph = helper.make_graph(
-        nodes, "course_cnn",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 1, 8, 8])],
-        [helper.make_tensor_value_info(cur, TensorProto.INT8, ["n", 10, 1, 1])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                   helper.make_opsetid("com.microsoft", 1)])
+    return deploy.to_onnx(deploy.from_integer_model(model, input_shape=tuple(input_shape)))
 
 
 def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1):
@@ -453,8 +407,9 @@ def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-            session = ort.InferenceSession(cnn_onnx_model(model).SerializeToString(), opts,
-                                           providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                cnn_onnx_model(model, X.shape[1:]).SerializeToString(), opts,
+                providers=["CPUExecutionProvider"])
         for batch in batches:
             xb = np.ascontiguousarray(np.resize(X, (batch,) + X.shape[1:]), dtype=np.float32)
             ours = model.logits_codes(xb)
@@ -499,7 +454,7 @@ def _cnn_section(repeat: int) -> None:
     X, _ = digits_images("test")
     model = convert_cnn(load_course_cnn("relu6"), digits_images("train")[0][:512])
     print("\nThe course CNN in integers (qcourse.conv.IntegerCNN) against ONNX Runtime on the "
-          "same QLinearConv graph, 1 thread each:\n")
+          "exported model (python -m qcourse.deploy export), 1 thread each:\n")
     print(format_cnn_table(cnn_benchmark(model, X, repeat=repeat)))
 
 

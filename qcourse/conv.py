@@ -722,8 +722,8 @@ class IntegerGlobalAvgPool:
       point is taken out in int32, the rest multiplied by the float32 scale
       :math:`m = S_x / (S_y \cdot hw)` and rounded half to even, the zero point added back:
 
-      .. math:: q_{y,c} = Z + \mathrm{rhe}\Big(\mathrm{f32}ig(	extstyle\sum_{i,j} q_{x,i,j,c}
-                - hw\, Zig) \cdot m\Big)
+      .. math:: q_{y,c} = Z + \mathrm{rhe}\Big(\mathrm{f32}\big(\textstyle\sum_{i,j} q_{x,i,j,c}
+                - hw\, Z\big) \cdot m\Big)
 
       On a tie this is *not* ``rhe(sum / hw)`` when :math:`Z` is odd (the parity of the nearest
       even integer moves with :math:`Z`);

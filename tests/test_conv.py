@@ -401,7 +401,8 @@ def _litert_average_pool(x, scale, zp, resolver):
     op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
     op.builtinOptionsType, op.builtinOptions = fb.BuiltinOptions.Pool2DOptions, opts
     sub = fb.SubGraphT()
-    sub.tensors, sub.inputs, sub.outputs = [tensor("x", x.shape), tensor("y", (n, 1, 1, c))], [0], [1]
+    sub.tensors = [tensor("x", x.shape), tensor("y", (n, 1, 1, c))]
+    sub.inputs, sub.outputs = [0], [1]
     sub.operators = [op]
     code = fb.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.AVERAGE_POOL_2D
