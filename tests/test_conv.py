@@ -288,6 +288,28 @@ def test_layer_fast_path_equals_reference_and_float_result():
         assert layer(x).min() >= lo and layer(x).max() <= hi
 
 
+def test_a_layer_that_can_overflow_int32_checks_each_input():
+    # K = 70,000 taps of 255 * 127: the worst case overflows int32, so the compiled call first
+    # computes the accumulators exactly and refuses an input that overflows (never a wrap);
+    # an input that fits runs, and the IntegerCNN keeps the checked call for such a layer
+    from qcourse.conv import IntegerCNN
+
+    k = 70_000
+    xq = QParams(scale=np.float64(0.01), zero_point=np.int64(127), qmin=-128, qmax=127)
+    wq = QParams(scale=np.float64(0.01), zero_point=np.int64(0), qmin=-127, qmax=127)
+    yq = QParams(scale=np.float64(1e4), zero_point=np.int64(0), qmin=-128, qmax=127)
+    layer = QuantizedConv2d(np.full((1, k, 1, 1), 127, np.int8), None, xq, wq, yq)
+    assert layer.linear._may_overflow
+    with pytest.raises(ValueError, match="overflows"):
+        layer(np.full((1, 1, 1, k), -128, np.int8))
+    fits = np.full((1, 1, 1, k), 127, np.int8)
+    fits[0, 0, 0, :100] = -128
+    np.testing.assert_array_equal(layer(fits), layer.reference(fits))
+    net = IntegerCNN(xq, [("big", layer)])
+    with pytest.raises(ValueError, match="overflows"):
+        net._steps()[0][1](np.full((1, 1, 1, k), -128, np.int8), 0)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_layer_fast_path_equals_reference_on_every_geometry(path):
     # the prepared path (packed weights, gathered patches cached per input size, uint8 codes
