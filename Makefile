@@ -9,7 +9,7 @@ KERNEL_STAMP := $(VENV)/.qcourse-kernels
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all book pdf test lint clean venv
+.PHONY: all book pdf test lint clean venv hub
 
 all: test
 
@@ -38,6 +38,20 @@ pdf: book
 
 test: venv
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# The course's JupyterHub (nbgrader/hub/): configurable-http-proxy from npm (pinned by
+# nbgrader/hub/package-lock.json) and a Python every local account can run, both in .venv/hub/.
+# tests/test_hub.py needs them (it runs when QCOURSE_HUB_TEST=1, as .ci/run sets).
+HUB_STAMP := $(VENV)/hub/.qcourse-hub
+
+hub: $(HUB_STAMP)
+
+$(HUB_STAMP): $(STAMP) nbgrader/hub/package.json nbgrader/hub/package-lock.json nbgrader/hub/user_python.py
+	rm -rf $(VENV)/hub && mkdir -p $(VENV)/hub/proxy
+	cp nbgrader/hub/package.json nbgrader/hub/package-lock.json $(VENV)/hub/proxy/
+	cd $(VENV)/hub/proxy && npm ci --no-audit --no-fund --loglevel=error
+	$(BIN)/python nbgrader/hub/user_python.py $(VENV)/hub/python
+	touch $@
 
 lint: venv
 	$(BIN)/ruff check .

@@ -6,6 +6,8 @@ here explicitly.
 """
 
 from qcourse import deploy as deploy  # a module, used as qcourse.deploy.<name>
+from qcourse import kv_cache as kv_cache  # a module, used as qcourse.kv_cache.<name>
+from qcourse import transformer as transformer  # a module, used as qcourse.transformer.<name>
 from qcourse.affine import (
     ErrorBreakdown,
     QParams,
@@ -301,6 +303,8 @@ __all__ = [
     "qlinear_conv_reference",
     # modules used by their own name
     "deploy",
+    "kv_cache",
+    "transformer",
     # lowbit
     "FP8_FORMATS",
     "Int4Weight",

@@ -1,19 +1,34 @@
-"""The small real data set the course trains on: the UCI 8x8 handwritten digits.
+"""The small real data sets the course trains on: the UCI 8x8 handwritten digits, and the text
+of the Python reference documentation.
 
 The file ``qcourse/data/digits.npz`` ships inside the package (its source, citation and licence
 are in ``qcourse/data/README.md``), so every chapter runs offline and sees the same numbers.
 The calibration, ptq, qat and mixed_precision chapters all start from :func:`load_digits`.
+
+The language-model chapters (transformer, kv_cache, weight_only) read English prose that every
+Python installation carries: the topics of the language reference in the standard library's
+``pydoc_data.topics`` (what ``help("return")`` prints), split by topic (:func:`load_pydoc_text`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import numbers
 from importlib import resources
 
 import numpy as np
 
-__all__ = ["DIGITS_CLASSES", "DIGITS_FEATURES", "load_digits", "load_digits_raw"]
+__all__ = [
+    "DIGITS_CLASSES",
+    "DIGITS_FEATURES",
+    "PYDOC_HELDOUT_EVERY",
+    "load_digits",
+    "load_digits_raw",
+    "load_pydoc_text",
+    "pydoc_text_digest",
+    "pydoc_topics",
+]
 
 #: Number of classes (the digits 0..9).
 DIGITS_CLASSES = 10
@@ -117,3 +132,51 @@ def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.25
     train, test = _stratified_split(y, int(seed), float(test_fraction))
     idx = train if split == "train" else test
     return X[idx], y[idx]
+
+
+# --------------------------------------------------------------------------- the Python reference
+
+#: Every this-many-th topic of ``pydoc_data.topics``, in alphabetical order starting with the first,
+#: is held out from training.
+PYDOC_HELDOUT_EVERY = 8
+
+_TEXT_SPLITS = ("train", "heldout", "all")
+
+
+def pydoc_topics(split: str = "all") -> list[str]:
+    """The names of the reference topics in ``split``, in alphabetical order.
+
+    ``"heldout"`` is every :data:`PYDOC_HELDOUT_EVERY`-th name (``names[0::8]``: "assert",
+    "await", "break", ...), ``"train"`` the others, ``"all"`` every topic.
+    """
+    if not isinstance(split, str) or split not in _TEXT_SPLITS:
+        raise ValueError(f"split must be one of {_TEXT_SPLITS}, got {split!r}")
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    if split == "all":
+        return names
+    held = set(names[0::PYDOC_HELDOUT_EVERY])
+    return [n for n in names if (n in held) == (split == "heldout")]
+
+
+@functools.lru_cache(maxsize=3)
+def load_pydoc_text(split: str = "train") -> bytes:
+    """The Python language reference's help topics as UTF-8 bytes, split by topic.
+
+    The text is ``pydoc_data.topics.topics`` from the running Python's standard library (about
+    465 KB of English technical prose under the PSF licence; see ``qcourse/data/README.md``).
+    The topics of ``split`` (:func:`pydoc_topics`) are concatenated in alphabetical order, each
+    followed by a newline.  Held-out topics never appear in the training text, so the held-out
+    loss measures prose the model has not seen.  The text differs a little between Python
+    versions; :func:`pydoc_text_digest` identifies it.
+    """
+    from pydoc_data.topics import topics
+
+    return b"".join(topics[name].encode("utf-8") + b"\n" for name in pydoc_topics(split))
+
+
+def pydoc_text_digest() -> str:
+    """SHA-256 (hex) of the whole text, ``load_pydoc_text("all")``; with the Python version, it
+    says which text a model was trained on."""
+    return hashlib.sha256(load_pydoc_text("all")).hexdigest()

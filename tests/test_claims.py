@@ -5,10 +5,9 @@ PyTorch's ...") must show it: a code cell in the same section (or anywhere on th
 chapter's opening, which announces what follows) that runs the oracle and prints its version
 with the comparison. PyTorch is not in the book's environment, so a sentence about PyTorch must
 also be conditional: glued from the cell that knows whether it ran, or worded "where installed".
-TFLite itself has no package here, but LiteRT (its successor, ``ai-edge-litert``) does: a
-sentence about TFLite or LiteRT needs a cell that runs LiteRT and prints its version (as for the
-other oracles), or else must sit in a section that says no TFLite runs here and names what
-stands in for it (the transcription in the tests, TFLite's own published expectations).
+TFLite's runtime is LiteRT (``ai-edge-litert``): a sentence about TFLite/LiteRT needs a cell in
+its section that runs LiteRT (the page printing ``ai_edge_litert.__version__``), or must sit in a
+section that says LiteRT does not run there and names what stands in for it.
 A sentence that says where the comparison lives instead (``tests/test_STEM.py``, the test
 suite, another chapter) needs no cell here, but about PyTorch it too must be conditional. The
 Exercises section describes tasks and is not scanned.
@@ -31,12 +30,13 @@ ORACLES = {  # name in prose -> evidence that a cell ran it and printed its vers
     "ml_dtypes": re.compile(r"ml_dtypes\.__version__"),
     "ONNX Runtime": re.compile(r"\b(ort|onnxruntime)\.__version__"),
     "PyTorch": re.compile(r"\btorch\.__version__"),
-    "LiteRT": re.compile(r"\bai_edge_litert\.__version__|version\(\"ai-edge-litert\"\)"),
 }
 PROSE_NAMES = {"ml_dtypes": r"ml_dtypes", "ONNX Runtime": r"ONNX Runtime|onnxruntime",
                "PyTorch": r"PyTorch|\btorch\b", "TFLite": r"TFLite|TensorFlow Lite|LiteRT"}
 CONDITIONAL = re.compile(r"\{glue:text\}|\b(where|when|if)\b[^.;]{0,40}\b(installed|available)\b",
                          re.IGNORECASE)
+LITERT_RUNS = re.compile(r"\brun_tflite\(|\bai_edge_litert\b")
+LITERT_VERSION = re.compile(r"\bai_edge_litert\.__version__")
 TFLITE_ABSENT = re.compile(r"no (TFLite|LiteRT)[^.]*(runs|is installed|package)", re.IGNORECASE)
 CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 FENCE = re.compile(r"^(```|:::)[^\n]*\n.*?^\1\s*$", re.MULTILINE | re.DOTALL)
@@ -91,8 +91,8 @@ def unbacked_claims(text: str) -> list[str]:
                                         sentence)
                 short = sentence[:140]
                 if oracle == "TFLite":
-                    if ORACLES["LiteRT"].search(where):
-                        continue   # LiteRT ran next to the sentence, and printed its version
+                    if LITERT_RUNS.search(where) and LITERT_VERSION.search(page_code):
+                        continue  # LiteRT, TFLite's runtime, runs in the section
                     if not TFLITE_ABSENT.search(part.prose if i else text):
                         problems.append(f"[{part.title}] TFLite claim in a section that does not "
                                         f"say TFLite does not run here: {short!r}")
@@ -148,11 +148,14 @@ def test_the_scan_catches_claims_without_checks():
     fixed = fixed.replace("import onnxruntime as ort",
                           "import onnxruntime as ort\nimport torch\nprint(torch.__version__)")
     assert "PyTorch" not in "\n".join(unbacked_claims(fixed))
-    # a LiteRT run that prints its version backs a TFLite/LiteRT sentence in its section
-    litert = fixed.replace("print(torch.__version__)",
-                           "print(torch.__version__)\n```\n\n## Elsewhere too\n\n"
-                           "LiteRT's interpreter gives the same codes.\n\n"
-                           "```{code-cell} ipython3\nimport ai_edge_litert\n"
-                           "print(ai_edge_litert.__version__)")
-    problems = "\n".join(unbacked_claims(litert))
-    assert "[## Elsewhere] TFLite claim" in problems and "Elsewhere too" not in problems
+
+
+def test_a_tflite_claim_passes_only_where_litert_runs_in_its_section():
+    runs = BROKEN + ("\n```{code-cell} ipython3\nimport ai_edge_litert\n"
+                     "print(ai_edge_litert.__version__)\ngot = deploy.run_tflite(model, x)\n```\n")
+    assert "TFLite claim" not in "\n".join(unbacked_claims(runs))
+    no_version = runs.replace("print(ai_edge_litert.__version__)", "")
+    assert "[## Elsewhere] TFLite claim" in "\n".join(unbacked_claims(no_version))
+    elsewhere = runs.replace("\n```{code-cell} ipython3\nimport ai_edge_litert",
+                             "\n## Later\n\n```{code-cell} ipython3\nimport ai_edge_litert")
+    assert "[## Elsewhere] TFLite claim" in "\n".join(unbacked_claims(elsewhere))

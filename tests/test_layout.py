@@ -13,6 +13,7 @@ import qcourse
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that serve several chapters rather than being one chapter's library.
 SHARED_MODULES = {"__init__", "datasets", "nn", "bench", "grading"}
+# Chapter modules the package exports as modules, not name by name.
 
 
 # Pages of the book that are not chapters with a module and exercises.

@@ -33,9 +33,9 @@ def run(code: str, workdir: Path, sandboxed: bool = True, limits: S.Limits | Non
     """Run ``code`` with this Python in ``workdir``: inside a Sandbox, or as plain Python."""
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-c", textwrap.dedent(code)]
-    if sandboxed:
+    if sandboxed:  # returns when every process of the sandbox has ended
         box = S.Sandbox(workdir, uid=UID, limits=limits or S.Limits())
-        argv = box.wrap(argv)
+        return box.run(argv, cwd=workdir, timeout=timeout)
     return subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
 
 
@@ -180,6 +180,34 @@ def test_a_fork_bomb_stops_at_the_process_limit(tmp_path, limit):
     children = int(proc.stdout.split("CHILDREN")[1])
     assert limit // 2 < children < limit, (children, proc.stderr[-500:])
     assert sandbox_processes() == [], "every process of the sandbox ends with it"
+
+
+HIDE_AND_WAIT = """\
+    import os, sys, time
+    for _ in range(8):
+        if os.fork() == 0:
+            os.setsid()  # a new session and process group: what a kill by group would miss
+            if os.fork() == 0:
+                time.sleep(120)
+            os._exit(0)
+    print("READY", flush=True)
+    time.sleep(120)
+    """
+
+
+def test_ending_a_sandbox_ends_and_waits_for_every_process_in_it(tmp_path):
+    box = S.Sandbox(tmp_path / "work", uid=UID)
+    S.prepare_workdir(box.workdir)
+    proc, init = S.launch(box, [sys.executable, "-c", textwrap.dedent(HIDE_AND_WAIT)],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        assert init is not None and proc.stdout.readline().strip() == "READY"
+        assert len(sandbox_processes()) >= 9, "the grandchildren, orphaned, run on"
+    finally:
+        S.end(init)
+    assert sandbox_processes() == [], "end returns once none is left"
+    assert proc.wait(30) != 0  # bwrap saw its sandbox killed
+    proc.stdout.close()
 
 
 SIGNALS = """\

@@ -67,13 +67,18 @@ class Limits:
 
 
 def _read_only_roots() -> list[Path]:
-    """What student code needs to read: Python, the environment, qcourse itself."""
+    """What student code needs to read: Python, the environment, qcourse itself, and any
+    package folder a ``.pth`` file added to ``sys.path`` (outside ``/usr``, bound whole)."""
     import qcourse
 
     roots = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(),
              Path(qcourse.__file__).resolve().parent]
+    roots += [Path(p).resolve() for p in sys.path
+              if p and Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
     kept: list[Path] = []
     for root in sorted(set(roots), key=lambda p: len(p.parts)):
+        if root.parts[1:2] in (("usr",), ("etc",)):
+            continue
         if not any(root == k or k in root.parents for k in kept):
             kept.append(root)
     return kept
@@ -144,21 +149,124 @@ class Sandbox:
             args += ["--setenv", key, value]
         return args
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """``argv`` as a command that runs inside the sandbox."""
+    def _identity(self) -> list[str]:
+        """Root: no user namespace (``_drop_privileges`` changes the user inside). Any other
+        user: a user namespace of its own, where the code is ``uid`` and may not make another;
+        ``RLIMIT_NPROC`` then counts only the processes of that namespace (Linux 5.14 and
+        later), so a fork bomb meets its limit without counting the grader's own processes."""
+        if os.geteuid() == 0:
+            return []
+        return ["--unshare-user", "--uid", str(self.uid), "--gid", str(self.uid),
+                "--disable-userns"]
+
+    def _drop_privileges(self) -> list[str]:
+        """As root, become ``uid`` (rlimits do not bind root) with no way back."""
+        if os.geteuid() != 0:
+            return []
+        return [shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={self.uid}",
+                f"--regid={self.uid}", "--clear-groups", "--no-new-privs", "--"]
+
+    def wrap(self, argv: list[str], info_fd: int | None = None) -> list[str]:
+        """``argv`` as a command that runs inside the sandbox (``launch`` starts it: with
+        ``info_fd``, bwrap writes there which process is the sandbox's init)."""
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         limits = self.limits
+        info = [] if info_fd is None else ["--info-fd", str(info_fd)]
         return [
-            bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+            bwrap, *info, *self._identity(), "--unshare-ipc", "--unshare-pid", "--unshare-net",
+            "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+            "--hostname", "sandbox",
             *self._file_system(), *self._environment(), "--chdir", str(self.workdir), "--",
-            shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={self.uid}",
-            f"--regid={self.uid}", "--clear-groups", "--no-new-privs", "--",
+            *self._drop_privileges(),
             shutil.which("prlimit") or "/usr/bin/prlimit", f"--cpu={limits.cpu_seconds}",
             f"--as={limits.memory_bytes}", f"--nproc={limits.processes}",
             f"--fsize={limits.file_bytes}", f"--nofile={limits.open_files}", "--", *argv]
+
+
+    def run(self, argv: list[str], timeout: float, **popen: Any) -> subprocess.CompletedProcess:
+        """``subprocess.run`` of ``argv`` inside the sandbox, output captured as text; returns
+        once every process of the sandbox has ended (``end``), on time-out too."""
+        proc, init = launch(self, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            end(init)
+            proc.communicate()
+            raise
+        end(init)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch(box: Sandbox, argv: list[str], **popen: Any) -> tuple[subprocess.Popen, int | None]:
+    """Start ``argv`` inside ``box``: the bwrap process, and a pidfd of the sandbox's init.
+
+    bwrap returns as soon as the code it ran exits, while the kernel is still ending the rest
+    of the sandbox (a fork bomb's children, a kernel's subprocesses): give the pidfd to ``end``
+    to stop them all and wait until they are gone. ``None``: the sandbox had already ended.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        popen["pass_fds"] = (*popen.get("pass_fds", ()), write_end)
+        proc = subprocess.Popen(box.wrap(argv, info_fd=write_end), **popen)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return proc, _init_pidfd(proc.pid, read_end)
+
+
+def _init_pidfd(bwrap_pid: int, info_fd: int) -> int | None:
+    """A pidfd of the init that bwrap ``bwrap_pid`` reports on ``info_fd`` (its ``--info-fd``
+    JSON; closed here), once checked to be that process: bwrap's child, in the PID namespace
+    it named."""
+    import json
+
+    with os.fdopen(info_fd, "rb") as info:  # bwrap writes it and closes it right after clone
+        text = info.read()
+    try:
+        fields = json.loads(text)
+        pid, namespace = int(fields["child-pid"]), int(fields["pid-namespace"])
+    except (ValueError, KeyError, TypeError):
+        return None  # bwrap failed before making the sandbox
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        parent = int(stat[stat.rfind(")") + 2:].split()[1])
+        if parent == bwrap_pid and os.stat(f"/proc/{pid}/ns/pid").st_ino == namespace:
+            return pidfd
+    except (OSError, ValueError, IndexError):
+        pass
+    os.close(pidfd)  # gone already, and with it the whole sandbox
+    return None
+
+
+def end(init: int | None, timeout: float = 60.0) -> None:
+    """Stop every process of a sandbox and wait until all have exited.
+
+    ``init`` is the pidfd ``launch`` returned (closed here). Killing a PID namespace's init
+    kills every process in it, and the init exits only after all of them have (Linux's
+    ``zap_pid_ns_processes``): when its pidfd becomes readable, nothing of the sandbox runs,
+    and its user id counts no process against the next sandbox's ``RLIMIT_NPROC``.
+    """
+    import select
+
+    if init is None:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(init, signal.SIGKILL)
+        if not select.select([init], [], [], timeout)[0]:
+            raise RuntimeError(f"the sandbox's processes did not exit within {timeout} s")
+    finally:
+        os.close(init)
 
 
 def sandboxed_descendants(pid: int) -> list[int]:
@@ -216,8 +324,8 @@ def probe(workdir: Path | None = None) -> str | None:
     try:
         box = Sandbox(scratch / "work")
         prepare_workdir(box.workdir)
-        cmd = box.wrap([sys.executable, "-c", "import numpy, qcourse; print(qcourse.__file__)"])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = box.run([sys.executable, "-c", "import numpy, qcourse; print(qcourse.__file__)"],
+                       timeout=120)
     except SandboxUnavailable as exc:
         return str(exc)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -236,7 +344,8 @@ def kernel_manager_class() -> type:
 
     The kernel talks to nbgrader over ZeroMQ IPC sockets in a folder shared with the sandbox
     (TCP on 127.0.0.1 would not cross the network namespace); interrupts go to the kernel, not
-    to bwrap. ``configure`` sets the sandbox for the kernels started next in this process.
+    to bwrap; shutting the kernel down waits until every process of its sandbox has ended.
+    ``configure`` sets the sandbox for the kernels started next in this process.
     """
     from jupyter_client.manager import AsyncKernelManager
 
@@ -258,7 +367,26 @@ def kernel_manager_class() -> type:
             box = type(self).sandbox
             with contextlib.suppress(OSError):
                 os.chown(self.connection_file, box.uid, box.uid)
-            return box.wrap(cmd)
+            return cmd
+
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            read_end, write_end = os.pipe()
+            kw["pass_fds"] = (*kw.get("pass_fds", ()), write_end)
+            try:
+                await super()._async_launch_kernel(
+                    type(self).sandbox.wrap(kernel_cmd, info_fd=write_end), **kw)
+            except BaseException:
+                os.close(read_end)
+                raise
+            finally:
+                os.close(write_end)
+            self.sandbox_init = _init_pidfd(self.provisioner.process.pid, read_end)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            """The kernel is stopped: so is everything it started, before the next kernel."""
+            init, self.sandbox_init = getattr(self, "sandbox_init", None), None
+            end(init)
+            await super()._async_cleanup_resources(restart)
 
         async def _async_signal_kernel(self, signum: int) -> None:
             process = getattr(self.provisioner, "process", None)

@@ -36,7 +36,7 @@ from .channel import (
     reply_bytes,
 )
 from .processes import die_with_parent, python_env
-from .sandbox import Sandbox, interrupt
+from .sandbox import Sandbox, end, interrupt, launch
 
 
 class StudentProcess:
@@ -56,12 +56,14 @@ class StudentProcess:
         if sandbox is not None:  # inside bubblewrap (sandbox.py): the pipes cross, env does not
             sandbox = dataclasses.replace(sandbox, env={
                 **sandbox.env, "QCOURSE_GRADING_FDS": env["QCOURSE_GRADING_FDS"]})
-            argv = sandbox.wrap(argv)
         self.sandboxed = sandbox is not None
-        self.popen = subprocess.Popen(
-            argv, cwd=cwd, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(to_student_r, from_student_w))
+        popen = dict(cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, pass_fds=(to_student_r, from_student_w))
+        self.sandbox_init: int | None = None
+        if sandbox is not None:
+            self.popen, self.sandbox_init = launch(sandbox, argv, **popen)
+        else:
+            self.popen = subprocess.Popen(argv, **popen)
         os.close(to_student_r)
         os.close(from_student_w)
         self.send = Connection(to_student_w, readable=False)
@@ -131,6 +133,8 @@ class StudentProcess:
             self.popen.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
+        init, self.sandbox_init = self.sandbox_init, None
+        end(init)  # and whatever the student's code left running in the sandbox
 
 
 class _StudentServer:

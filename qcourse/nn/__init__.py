@@ -15,6 +15,11 @@ flow through a hook as if it were the identity: the straight-through rule.
 groups, :class:`BatchNorm2d`, pooling, :class:`Flatten`) for images in NCHW layout.
 
 Everything is float32 by default; pass ``dtype=np.float64`` to build a model for gradient checks.
+
+``qcourse/nn/lm.py`` adds a decoder-only byte-level transformer (:class:`TransformerLM`) with its
+layers (:class:`Embedding`, :class:`LayerNorm`, :class:`GELU`, :class:`CausalSelfAttention`,
+...), trained on the Python reference text; the transformer, kv_cache and weight_only chapters
+quantize it.
 """
 
 from qcourse.nn.cnn import AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d
@@ -37,6 +42,32 @@ from qcourse.nn.core import (
     softmax_cross_entropy,
     train,
     train_epoch,
+)
+from qcourse.nn.lm import (
+    GELU,
+    CausalSelfAttention,
+    Embedding,
+    FeedForward,
+    KVCache,
+    LayerNorm,
+    LMConfig,
+    LMEvaluation,
+    LMTraining,
+    TrainedLM,
+    TransformerBlock,
+    TransformerLM,
+    evaluate_lm,
+    generate,
+    linear_inputs,
+    lm_loss,
+    lm_windows,
+    load_lm,
+    one_blas_thread,
+    random_windows,
+    save_lm,
+    shipped_lm_path,
+    train_lm,
+    train_reference_lm,
 )
 
 __all__ = [
@@ -63,4 +94,29 @@ __all__ = [
     "Conv2d",
     "Flatten",
     "GlobalAvgPool2d",
+    # the language model (qcourse/nn/lm.py)
+    "CausalSelfAttention",
+    "Embedding",
+    "FeedForward",
+    "GELU",
+    "KVCache",
+    "LMConfig",
+    "LMEvaluation",
+    "LMTraining",
+    "LayerNorm",
+    "TrainedLM",
+    "TransformerBlock",
+    "TransformerLM",
+    "evaluate_lm",
+    "generate",
+    "linear_inputs",
+    "lm_loss",
+    "lm_windows",
+    "load_lm",
+    "one_blas_thread",
+    "random_windows",
+    "save_lm",
+    "shipped_lm_path",
+    "train_lm",
+    "train_reference_lm",
 ]
