@@ -106,7 +106,8 @@ def best_path():
     return qc_best_path()
 
 
-def matmul_s8s8_naive(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, ::1] out):
+def matmul_s8s8_naive(const int8_t[:, ::1] a not None, const int8_t[:, ::1] b not None,
+                      int32_t[:, ::1] out not None):
     """Rung 1: out[i, j] = sum_k a[i, k] * b[k, j], the textbook i-j-k order (b read down a column)."""
     cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = b.shape[1]
     cdef Py_ssize_t i, j, k
@@ -120,7 +121,8 @@ def matmul_s8s8_naive(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:,
                 out[i, j] = acc
 
 
-def matmul_s8s8_ikj(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, ::1] out):
+def matmul_s8s8_ikj(const int8_t[:, ::1] a not None, const int8_t[:, ::1] b not None,
+                    int32_t[:, ::1] out not None):
     """Rung 2: i-k-j order, b read along its rows; out must be zero on entry."""
     cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = b.shape[1]
     cdef Py_ssize_t i, k, j
@@ -133,7 +135,8 @@ def matmul_s8s8_ikj(const int8_t[:, ::1] a, const int8_t[:, ::1] b, int32_t[:, :
                     out[i, j] += aik * b[k, j]
 
 
-def matmul_s8s8_bt(const int8_t[:, ::1] a, const int8_t[:, ::1] bt, int32_t[:, ::1] out):
+def matmul_s8s8_bt(const int8_t[:, ::1] a not None, const int8_t[:, ::1] bt not None,
+                   int32_t[:, ::1] out not None):
     """Rung 3: out[i, j] = a[i, :] . bt[j, :] with bt = b transposed, both rows contiguous."""
     cdef Py_ssize_t m = a.shape[0], kk = a.shape[1], n = bt.shape[0]
     cdef Py_ssize_t i, j, k
@@ -147,25 +150,39 @@ def matmul_s8s8_bt(const int8_t[:, ::1] a, const int8_t[:, ::1] bt, int32_t[:, :
                 out[i, j] = acc
 
 
-def matmul_u8s8(int path, const uint8_t[:, ::1] au, const int8_t[:, ::1] bt,
-                const int32_t[::1] colsum, int32_t[:, ::1] out):
+def matmul_u8s8(int path, const uint8_t[:, ::1] au not None, const int8_t[:, ::1] bt not None,
+                const int32_t[::1] colsum not None, int32_t[:, ::1] out not None):
     """Rung 4: out = (a + 128) . bt^T - 128 * colsum, with au = a + 128 given as uint8."""
     cdef Py_ssize_t m = au.shape[0], kk = au.shape[1], n = bt.shape[0]
     with nogil:
         qc_u8s8(path, &au[0, 0], &bt[0, 0], &colsum[0], &out[0, 0], m, n, kk)
 
 
-def pack_b(const int8_t[:, ::1] b, uint8_t[::1] packed, int32_t[::1] colsum):
+def pack_b(const int8_t[:, ::1] b not None, uint8_t[::1] packed not None,
+           int32_t[::1] colsum not None):
     """Pack b (k x n) as b + 128 into groups of 64 columns of k-quads, and sum its columns."""
     with nogil:
         qc_pack_b(&b[0, 0], b.shape[0], b.shape[1], &packed[0], &colsum[0])
 
 
-def gemm_packed(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
-                const uint8_t[::1] packed, const int32_t[::1] colsum, int32_t[:, ::1] out,
-                int threads):
+cdef int _check_packed(const uint8_t[::1] packed, const int32_t[::1] colsum, Py_ssize_t k,
+                       Py_ssize_t n) except -1:
+    """The packed operand must cover k x n and start on a 64-byte boundary (aligned loads)."""
+    if (packed.shape[0] < qc_packed_b_size(k, n)
+            or colsum.shape[0] < qc_groups(n) * QC_NR * QC_NG):
+        raise ValueError(f"packed B holds {packed.shape[0]} bytes and {colsum.shape[0]} column "
+                         f"sums, too few for K={k}, N={n}")
+    if <size_t>&packed[0] % 64:
+        raise ValueError("packed B must start on a 64-byte boundary")
+    return 0
+
+
+def gemm_packed(int path, const int8_t[:, ::1] a not None, int32_t[::1] scratch not None,
+                const uint8_t[::1] packed not None, const int32_t[::1] colsum not None,
+                int32_t[:, ::1] out not None, int threads):
     """Rung 5: out = a . b from b packed by pack_b; returns the path that ran."""
     cdef int ran
+    _check_packed(packed, colsum, a.shape[1], out.shape[1])
     with nogil:
         ran = qc_gemm_packed(path, &a[0, 0], &scratch[0], &packed[0], &colsum[0], &out[0, 0],
                              a.shape[0], out.shape[1], a.shape[1], threads)
@@ -174,17 +191,19 @@ def gemm_packed(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
     return ran
 
 
-def gemm_packed_requant(int path, const int8_t[:, ::1] a, int32_t[::1] scratch,
-                        const uint8_t[::1] packed, const int32_t[::1] colsum,
-                        const int32_t[::1] bias, int a_zero_point, const int32_t[::1] b_zero_point,
-                        const float[::1] mult, int zero_point, int qmin, int qmax,
-                        uint8_t[:, ::1] y, int threads):
+def gemm_packed_requant(int path, const int8_t[:, ::1] a not None, int32_t[::1] scratch not None,
+                        const uint8_t[::1] packed not None, const int32_t[::1] colsum not None,
+                        const int32_t[::1] bias not None, int a_zero_point,
+                        const int32_t[::1] b_zero_point not None,
+                        const float[::1] mult not None, int zero_point, int qmin, int qmax,
+                        uint8_t[:, ::1] y not None, int threads):
     """Rung 6: the packed GEMM with requantization to 8 bits fused into the write-out.
 
     bias and b_zero_point may be empty (none, zero); mult has 1 or n entries.  Returns the path
     that ran."""
     cdef qc_requant_args args
     cdef int ran
+    _check_packed(packed, colsum, a.shape[1], y.shape[1])
     args.bias = &bias[0] if bias.shape[0] > 0 else NULL
     args.zb = &b_zero_point[0] if b_zero_point.shape[0] > 0 else NULL
     args.za = a_zero_point
@@ -258,34 +277,74 @@ def w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, bint has_zp):
     return qc_w4_packed_size(k, n, g, has_zp)
 
 
-def w4_pack(const int8_t[:, ::1] codes, const float[:, ::1] scales, zero_points,
-            Py_ssize_t g, uint8_t[::1] packed):
+cdef int _check_w4(const uint8_t[::1] packed, Py_ssize_t k, Py_ssize_t n, Py_ssize_t g,
+                   bint has_zp) except -1:
+    """Packed int4 weights must describe whole groups of 8k values, cover k x n and start on a
+    64-byte boundary (the kernels' aligned loads)."""
+    if n < 1 or k < 1 or g < 8 or g % 8 or k % g:
+        raise ValueError(f"packed int4 weights need n >= 1 and groups g of a multiple of 8 "
+                         f"dividing k, got n={n}, k={k}, g={g}")
+    if packed.shape[0] < qc_w4_packed_size(k, n, g, has_zp):
+        raise ValueError(f"packed int4 weights hold {packed.shape[0]} bytes, too few for K={k}, "
+                         f"N={n}, group size {g}")
+    if <size_t>&packed[0] % 64:
+        raise ValueError("packed int4 weights must start on a 64-byte boundary")
+    return 0
+
+
+cdef int _check_w4_rows(Py_ssize_t m, Py_ssize_t k, Py_ssize_t g, const int8_t[:, ::1] xq,
+                        const int32_t[:, ::1] gsum) except -1:
+    if m < 1 or xq.shape[0] != m or xq.shape[1] != k or gsum.shape[0] != m or (
+            gsum.shape[1] != k // g):
+        raise ValueError(f"activation buffers do not fit m={m}, k={k}, g={g}")
+    return 0
+
+
+def w4_pack(const int8_t[:, ::1] codes not None, const float[:, ::1] scales not None,
+            zero_points, Py_ssize_t g, uint8_t[::1] packed not None):
     """codes (n x k, in [-8, 7]), scales (n x k/g), zero_points (n x k/g int8 or None) -> packed."""
     cdef const int8_t[:, ::1] zp
     cdef const int8_t *zp_ptr = NULL
+    cdef Py_ssize_t n = codes.shape[0], k = codes.shape[1]
+    _check_w4(packed, k, n, g, zero_points is not None)
+    if scales.shape[0] != n or scales.shape[1] != k // g:
+        raise ValueError(f"scales must be ({n}, {k // g}), got ({scales.shape[0]}, "
+                         f"{scales.shape[1]})")
     if zero_points is not None:
         zp = zero_points
+        if zp.shape[0] != n or zp.shape[1] != k // g:
+            raise ValueError(f"zero points must be ({n}, {k // g})")
         zp_ptr = &zp[0, 0]
     with nogil:
-        qc_w4_pack(&codes[0, 0], &scales[0, 0], zp_ptr, codes.shape[1], codes.shape[0], g,
-                   &packed[0])
+        qc_w4_pack(&codes[0, 0], &scales[0, 0], zp_ptr, k, n, g, &packed[0])
 
 
-def w4_quantize_rows(int path, const float[:, ::1] x, Py_ssize_t g, int8_t[:, ::1] xq,
-                     int32_t[:, ::1] gsum, float[::1] sx):
+def w4_quantize_rows(int path, const float[:, ::1] x not None, Py_ssize_t g,
+                     int8_t[:, ::1] xq not None, int32_t[:, ::1] gsum not None,
+                     float[::1] sx not None):
     """Per-row int8 activations: xq, the per-group sums of xq, and the row scales sx."""
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1]
+    if g < 1 or k % g:
+        raise ValueError(f"g={g} must divide k={k}")
+    _check_w4_rows(m, k, g, xq, gsum)
+    if sx.shape[0] != m:
+        raise ValueError(f"sx must hold {m} row scales")
     with nogil:
-        qc_w4_quantize_rows(path, &x[0, 0], x.shape[0], x.shape[1], g, &xq[0, 0], &gsum[0, 0],
-                            &sx[0])
+        qc_w4_quantize_rows(path, &x[0, 0], m, k, g, &xq[0, 0], &gsum[0, 0], &sx[0])
 
 
-def w4a8(int path, const float[:, ::1] x, const uint8_t[::1] packed, Py_ssize_t n,
-         Py_ssize_t g, bint has_zp, int8_t[:, ::1] xq, int32_t[:, ::1] gsum, float[::1] sx,
-         float[:, ::1] y, int threads):
+def w4a8(int path, const float[:, ::1] x not None, const uint8_t[::1] packed not None,
+         Py_ssize_t n, Py_ssize_t g, bint has_zp, int8_t[:, ::1] xq not None,
+         int32_t[:, ::1] gsum not None, float[::1] sx not None, float[:, ::1] y not None,
+         int threads):
     """y = the W4A8 product of x and the packed weights (activations quantized into xq, gsum, sx
     on the way); returns the path that ran."""
     cdef int ran
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1]
+    _check_w4(packed, k, n, g, has_zp)
+    _check_w4_rows(m, k, g, xq, gsum)
+    if sx.shape[0] != m or y.shape[0] != m or y.shape[1] != n:
+        raise ValueError(f"sx and y must fit m={m}, n={n}")
     with nogil:
         qc_w4_quantize_rows(path, &x[0, 0], m, k, g, &xq[0, 0], &gsum[0, 0], &sx[0])
         ran = qc_w4a8(path, &xq[0, 0], &gsum[0, 0], &sx[0], &packed[0], m, n, k, g, has_zp,
@@ -293,19 +352,25 @@ def w4a8(int path, const float[:, ::1] x, const uint8_t[::1] packed, Py_ssize_t 
     return ran
 
 
-def w4a8_group_sums(int path, const int8_t[:, ::1] xq, const int32_t[:, ::1] gsum,
-                    const uint8_t[::1] packed, Py_ssize_t n, Py_ssize_t g, bint has_zp,
-                    int32_t[:, :, ::1] sums, int threads):
+def w4a8_group_sums(int path, const int8_t[:, ::1] xq not None,
+                    const int32_t[:, ::1] gsum not None, const uint8_t[::1] packed not None,
+                    Py_ssize_t n, Py_ssize_t g, bint has_zp, int32_t[:, :, ::1] sums not None,
+                    int threads):
     """The kernel's integer partial sums P (m x n x k/g) instead of y; returns the path."""
     cdef int ran
     cdef float unused = 0
+    cdef Py_ssize_t m = xq.shape[0], k = xq.shape[1]
+    _check_w4(packed, k, n, g, has_zp)
+    _check_w4_rows(m, k, g, xq, gsum)
+    if sums.shape[0] != m or sums.shape[1] != n or sums.shape[2] != k // g:
+        raise ValueError(f"sums must be ({m}, {n}, {k // g})")
     with nogil:
-        ran = qc_w4a8(path, &xq[0, 0], &gsum[0, 0], &unused, &packed[0], xq.shape[0], n,
-                      xq.shape[1], g, has_zp, NULL, &sums[0, 0, 0], threads)
+        ran = qc_w4a8(path, &xq[0, 0], &gsum[0, 0], &unused, &packed[0], m, n, k, g, has_zp,
+                      NULL, &sums[0, 0, 0], threads)
     return ran
 
 
-def read_bandwidth(int path, const uint8_t[::1] buf, int threads, int rounds):
+def read_bandwidth(int path, const uint8_t[::1] buf not None, int threads, int rounds):
     """Bytes per second with which `threads` threads read their shares of buf (best round)."""
     cdef double rate
     with nogil:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qcourse import _kernels
+from qcourse import _checks, _kernels
 from qcourse.kernels import (
     LADDER,
     available_paths,
@@ -69,7 +69,11 @@ def peak_gops(threads: int = 1, seconds: float = 0.02, rounds: int = 5) -> float
     (each thread times its own loop; the rates are summed).
     This is the ceiling of an int8 GEMM on this CPU at the clock it actually runs (a virtual
     machine's /proc/cpuinfo may report a nominal clock far from it).  ``None`` without VNNI.
+    ``threads`` in [1, 1024], ``seconds`` in (0, 60], ``rounds`` in [1, 1000].
     """
+    threads = _checks.check_threads(threads)
+    seconds = _checks.check_real(seconds, "seconds", 0.0, 60.0, lo_open=True)
+    rounds = _checks.check_int(rounds, "rounds", 1, 1000)
     if "vnni512" not in available_paths():
         return None
     iters = 1 << 16
@@ -94,9 +98,7 @@ class thread_limit:
     """
 
     def __init__(self, threads: int):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        self.threads = threads
+        self.threads = _checks.check_threads(threads)
 
     def __enter__(self):
         self._saved = [get_num_threads()]
@@ -265,18 +267,18 @@ def _contenders(a: np.ndarray, b: np.ndarray, include_slow: bool, outside: bool,
     return kernels
 
 
+#: Largest side the benchmark accepts (an 8192^3 product is 1.1e12 operations: seconds to
+#: minutes per kernel, and the slow rungs are skipped there).
+_MAX_SIDE = 8192
+
+
 def _shapes(sizes, linear, linear_kn) -> list[tuple[int, int, int]]:
-    shapes = []
-    for n in sizes:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"sizes must be positive integers, got {n!r}")
-        shapes.append((int(n), int(n), int(n)))
-    k, n = linear_kn
-    for m in linear:
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise ValueError(f"linear must be positive integers (rows M), got {m!r}")
-        shapes.append((int(m), int(k), int(n)))
-    return shapes
+    shapes = [(n, n, n) for n in _checks.check_int_sequence(sizes, "sizes", 1, _MAX_SIDE,
+                                                             min_len=0)]
+    k, n = _checks.check_int_sequence(linear_kn, "linear_kn", 1, _MAX_SIDE, min_len=2,
+                                      max_len=2)
+    rows = _checks.check_int_sequence(linear, "linear", 1, _MAX_SIDE, min_len=0)
+    return shapes + [(m, k, n) for m in rows]
 
 
 def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
@@ -290,9 +292,10 @@ def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
     Parameters
     ----------
     sizes : iterable of int
-        Square shapes M = N = K.
+        Square shapes M = N = K, each in [1, 8192] (as are ``linear`` and ``linear_kn``).
     repeat : int
-        Timed runs per kernel (after one untimed warm-up that also checks the result).
+        Timed runs per kernel (after one untimed warm-up that also checks the result), in
+        [1, 10000].
     include_slow : bool
         Also time the naive rung above 256 and the rungs below "packed" above 1024 (they are one
         to two orders of magnitude slower).
@@ -307,8 +310,13 @@ def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
         Include the ladder's rungs and NumPy's int32 product (else only NumPy float32, the
         prepacked and fused qcourse kernels, and the outside systems).
     """
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    repeat = _checks.check_int(repeat, "repeat", 1, 10_000)
+    seed = _checks.check_int(seed, "seed", 0)
+    include_slow = _checks.check_bool(include_slow, "include_slow")
+    outside = _checks.check_bool(outside, "outside")
+    rungs = _checks.check_bool(rungs, "rungs")
+    if peak is not None:
+        peak = _checks.check_real(peak, "peak", 0.0, lo_open=True)
     shapes = _shapes(sizes, linear, linear_kn)
     threads = get_num_threads()
     if peak is None:
@@ -342,18 +350,37 @@ def run_benchmark(sizes=(256, 512), repeat: int = 5, seed: int = 0,
                 "threads": threads, "m": m, "k": k, "n": n, "shape": f"{m}×{k}×{n}",
                 "size": n if m == k == n else None, "kernel": name, "seconds": seconds,
                 "gops": gops, "pct_peak": 100 * gops / peak if peak else None, "exact": exact})
-        base = shape_rows[0]["gops"]
-        best_outside = max((r["gops"] for r in shape_rows
-                            if r["kernel"].startswith(("torch", "ONNX"))), default=None)
-        for r in shape_rows:
-            r["vs_numpy_f32"] = r["gops"] / base
-            r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
-        rows += shape_rows
+        rows += _with_ratios(shape_rows)
+    return rows
+
+
+def _with_ratios(shape_rows: list[Result]) -> list[Result]:
+    """One shape's rows with their speed-ups: ``vs_numpy_f32`` (the first row is NumPy float32)
+    and ``vs_best_outside`` (the fastest PyTorch or ONNX Runtime row, None without one)."""
+    base = shape_rows[0]["gops"]
+    best_outside = max((r["gops"] for r in shape_rows
+                        if r["kernel"].startswith(("torch", "ONNX"))), default=None)
+    for r in shape_rows:
+        r["vs_numpy_f32"] = r["gops"] / base
+        r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
+    return shape_rows
+_RESULT_KEYS = frozenset(("threads", "shape", "kernel", "gops", "pct_peak", "vs_numpy_f32",
+                          "vs_best_outside", "exact"))
+
+
+def _check_rows(rows, keys: frozenset, source: str) -> list:
+    """``rows`` as a list of result dicts of ``source``, each with at least ``keys``."""
+    rows = _checks.check_sequence(rows, "rows")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not keys <= r.keys():
+            raise TypeError(f"rows[{i}] must be a row of {source} (a dict with the keys "
+                            f"{sorted(keys)}), got {_checks.describe(r)}")
     return rows
 
 
 def format_table(rows: list[Result]) -> str:
     """A Markdown table of :func:`run_benchmark`'s rows."""
+    rows = _check_rows(rows, _RESULT_KEYS, "run_benchmark")
     lines = ["| threads | M×K×N | kernel | GOP/s | % of peak | vs NumPy float32 "
              "| vs best outside | exact |",
              "|---:|:---|:---|---:|---:|---:|---:|:---:|"]
@@ -458,6 +485,17 @@ def _cnn_section(repeat: int) -> None:
     print(format_cnn_table(cnn_benchmark(model, X, repeat=repeat)))
 
 
+def _check_peaks(peaks, name: str) -> dict:
+    if not isinstance(peaks, dict):
+        raise TypeError(f"{name} must be a dict from thread counts to GOP/s, got "
+                        f"{_checks.describe(peaks)}")
+    for threads, gops in peaks.items():
+        _checks.check_threads(threads, f"{name}'s thread count")
+        if gops is not None:
+            _checks.check_real(gops, f"{name}[{threads}]", 0.0)
+    return peaks
+
+
 def unquiet_signs(rows: list[Result], peaks_before: dict[int, float | None],
                   peaks_after: dict[int, float | None], moved: float = 0.15,
                   slower: float = 0.9) -> list[str]:
@@ -473,7 +511,16 @@ def unquiet_signs(rows: list[Result], peaks_before: dict[int, float | None],
     - a qcourse kernel ran slower with two threads than with one (below ``slower`` = 0.9 times
       the one-thread speed) on a square product of at least 512: its threads share nothing but
       the read-only inputs, so only a core taken by other work can do that.
+
+    ``rows`` from :func:`run_benchmark`; ``peaks_before`` and ``peaks_after`` map thread
+    counts to GOP/s (or None where not measured); ``moved`` and ``slower`` are fractions in
+    (0, 1].
     """
+    rows = _check_rows(rows, _RESULT_KEYS | {"m", "k", "n"}, "run_benchmark")
+    peaks_before = _check_peaks(peaks_before, "peaks_before")
+    peaks_after = _check_peaks(peaks_after, "peaks_after")
+    moved = _checks.check_real(moved, "moved", 0.0, 1.0, lo_open=True)
+    slower = _checks.check_real(slower, "slower", 0.0, 1.0, lo_open=True)
     signs = []
     for threads, before in sorted(peaks_before.items()):
         after = peaks_after.get(threads)
@@ -507,9 +554,12 @@ def read_bandwidth_gbs(threads: int = 1, mib: int = 256, rounds: int = 5) -> flo
     it comes from DRAM) with the widest loads of the default path, ``rounds`` times after a
     barrier, timing its own loop; the best round of each thread is summed.  The bandwidth wall
     of the roofline, as :func:`peak_gops` is the arithmetic one.
+
+    Bounds: ``threads`` an int in [1, 1024], ``mib`` in [1, 4096], ``rounds`` in [1, 1000].
     """
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    threads = _checks.check_threads(threads)
+    mib = _checks.check_int(mib, "mib", 1, 4096)
+    rounds = _checks.check_int(rounds, "rounds", 1, 1000)
     buf = np.ones(mib * 2**20, dtype=np.uint8)  # written once, so every page is really there
     return _kernels.read_bandwidth(_PATH_CODES[best_path()], buf, threads, rounds) / 1e9
 
@@ -619,6 +669,30 @@ def _int4_layers(rng, k: int, n: int, count: int, group_size: int):
     return layers
 
 
+_MAX_INT4_SIDE = 32768
+
+
+def _check_int4_shapes(linear, kn, stack, group_size):
+    from qcourse.kernels import max_group_w4a8
+
+    linear = _checks.check_int_sequence(linear, "linear", 1, _MAX_SIDE, min_len=0)
+    kn = _checks.check_int_sequence(kn, "kn", 1, _MAX_INT4_SIDE, min_len=2, max_len=2)
+    stack = () if stack is None else _checks.check_int_sequence(stack, "stack", 1,
+                                                                _MAX_INT4_SIDE, min_len=0,
+                                                                max_len=3)
+    if len(stack) not in (0, 3):
+        raise ValueError(f"stack must be empty or (layers, K, N), got {stack}")
+    if stack and stack[0] * stack[1] * stack[2] > _checks.MAX_ELEMENTS:
+        raise ValueError(f"stack must hold at most {_checks.MAX_ELEMENTS} weights in all, got "
+                         f"{stack}")
+    g = _checks.check_int(group_size, "group_size", 8, max_group_w4a8())
+    for name, k in (("kn", kn[0]), ("stack", stack[1] if stack else g)):
+        if g % 8 or k % g:
+            raise ValueError(f"group_size must be a multiple of 8 dividing K={k} of {name}, "
+                             f"got {g}")
+    return linear, kn, stack, g
+
+
 def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 11008),
                        group_size: int = 32, repeat: int = 5, seed: int = 0,
                        outside: bool = True, bandwidth: float | None = None,
@@ -635,11 +709,22 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
     :func:`read_bandwidth_gbs` for the threads in force); ``vs_best_outside`` is relative to
     the fastest outside int4 kernel.  ``skip``: outside kernels whose names contain any of these
     strings are left out (e.g. ``("float32, torch",)`` for PyTorch's slow float32 variants).
+
+    Bounds: the rows M in [1, 8192]; K and N in [1, 32768] with K a multiple of ``group_size``;
+    ``stack`` None, empty or (layers, K, N) with at most 2**28 weights in all; ``group_size`` a
+    multiple of 8 up to :func:`~qcourse.kernels.max_group_w4a8`; ``repeat`` in [1, 10000].
     """
     from qcourse.kernels import matmul_w4a8, prepack_int4, quantize_rows_int8
 
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    linear, kn, stack, group_size = _check_int4_shapes(linear, kn, stack, group_size)
+    repeat = _checks.check_int(repeat, "repeat", 1, 10_000)
+    seed = _checks.check_int(seed, "seed", 0)
+    outside = _checks.check_bool(outside, "outside")
+    if bandwidth is not None:
+        bandwidth = _checks.check_real(bandwidth, "bandwidth", 0.0, lo_open=True)
+    skip = _checks.check_sequence(skip, "skip")
+    for i, part in enumerate(skip):
+        _checks.check_instance(part, f"skip[{i}]", str, "a string")
     threads = get_num_threads()
     if bandwidth is None:
         bandwidth = read_bandwidth_gbs(threads)
@@ -703,18 +788,15 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
                 "threads": threads, "shape": shape, "m": m, "kernel": name, "seconds": seconds,
                 "gops": ops / seconds / 1e9, "gbs": gbs, "weight_bytes": nbytes,
                 "pct_bw": 100 * gbs / bandwidth if bandwidth else None})
-        base = shape_rows[0]["gops"]
-        best_outside = max((r["gops"] for r in shape_rows
-                            if r["kernel"].startswith(("torch", "ONNX"))), default=None)
-        for r in shape_rows:
-            r["vs_numpy_f32"] = r["gops"] / base
-            r["vs_best_outside"] = r["gops"] / best_outside if best_outside else None
-        rows += shape_rows
+        rows += _with_ratios(shape_rows)
     return rows
 
 
 def format_int4_table(rows: list[Result]) -> str:
     """A Markdown table of :func:`run_int4_benchmark`'s rows."""
+    rows = _check_rows(rows, frozenset(("threads", "shape", "kernel", "seconds", "gops", "gbs",
+                                        "pct_bw", "vs_numpy_f32", "vs_best_outside")),
+                       "run_int4_benchmark")
     lines = ["| threads | shape | kernel | ms | GOP/s | weight GB/s | % of read bandwidth "
              "| vs NumPy float32 | vs best outside int4 |",
              "|---:|:---|:---|---:|---:|---:|---:|---:|---:|"]

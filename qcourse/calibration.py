@@ -26,11 +26,22 @@ it on every batch at run time (:func:`dynamic_qparams`, :func:`compare_static_dy
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_BINS,
+    MAX_ELEMENTS,
+    MAX_SQUARABLE,
+    check_bool,
+    check_instance,
+    check_int,
+    check_real,
+    real_array,
+)
+from qcourse._deprecated import moved_names
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -46,12 +57,9 @@ __all__ = [
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "Observer",
-    "ObserverResult",
     "PercentileObserver",
-    "StaticDynamicReport",
+    "StaticDynamicComparison",
     "StreamingHistogram",
-    "calibrate",
-    "compare_observers",
     "compare_static_dynamic",
     "dynamic_fake_quant_hook",
     "dynamic_qparams",
@@ -61,44 +69,6 @@ __all__ = [
     "kl_divergence",
     "kl_threshold_search",
 ]
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_batch(batch, name: str = "batch") -> np.ndarray:
-    """``batch`` as a float64 array: real numbers, not empty, all finite."""
-    arr = np.asarray(batch)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers (a float or integer array), "
-                        f"got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        n_bad = int(np.count_nonzero(~np.isfinite(arr)))
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf value(s); calibration data must be "
-                         f"finite")
-    return arr
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_fraction(value, name: str, low: float, high: float, *, low_open: bool = True) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    ok = (low < value if low_open else low <= value) and value <= high
-    if not (ok and math.isfinite(value)):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------- the histogram
@@ -131,11 +101,13 @@ class StreamingHistogram:
     counts : numpy.ndarray, int64, shape (bins,)
     total : int
         Number of values seen.
+
+    Bounds: ``bins`` is an int in [8, 2**24].
     """
 
     def __init__(self, bins: int = 2048, *, include_zero: bool = False):
-        self.bins = _check_int(bins, "bins", 8)
-        self.include_zero = bool(include_zero)
+        self.bins = check_int(bins, "bins", 8, MAX_BINS)
+        self.include_zero = check_bool(include_zero, "include_zero")
         self.reset()
 
     def reset(self) -> None:
@@ -161,7 +133,7 @@ class StreamingHistogram:
 
     def update(self, x) -> StreamingHistogram:
         """Add the values of ``x`` (finite reals, any shape, not empty); returns ``self``."""
-        x = _check_batch(x, "x").ravel()
+        x = real_array(x, "x").ravel()
         lo, hi = float(x.min()), float(x.max())
         if self.include_zero:  # keep real 0 inside the window (it is not counted)
             lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -217,6 +189,27 @@ class StreamingHistogram:
         return np.arange(n + 1, dtype=np.float64) * self.width, np.rint(folded).astype(np.int64)
 
 
+#: Largest |edge| and count of a histogram: edges are cubed by histogram_mse (1e100 cubed is
+#: 1e300) and counts summed.
+_MAX_EDGE = 1e100
+_MAX_COUNT = 1e250
+
+
+def _check_histogram(edges, counts) -> tuple[np.ndarray, np.ndarray]:
+    """``(edges, counts)`` of a histogram: 1-D, ``len(edges) == len(counts) + 1``, edges finite
+    and strictly increasing, counts finite, non-negative, with a positive total."""
+    edges = real_array(edges, "edges", ndim=1, max_abs=_MAX_EDGE)
+    counts = real_array(counts, "counts", ndim=1, max_abs=_MAX_COUNT)
+    if edges.size != counts.size + 1:
+        raise ValueError(f"edges must have one more entry than counts, got {edges.shape} and "
+                         f"{counts.shape}")
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError("edges must be strictly increasing")
+    if np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError("counts must be non-negative with a positive total")
+    return edges, counts
+
+
 def histogram_percentile(edges, counts, percentile: float) -> float:
     r"""The ``percentile``-th percentile of histogrammed data, interpolated inside its bin.
 
@@ -226,14 +219,8 @@ def histogram_percentile(edges, counts, percentile: float) -> float:
     uniformly over the bin.  The answer is within one bin width of ``numpy.percentile`` on the
     raw data (up to the spacing of neighbouring samples).  See the calibration chapter.
     """
-    edges = np.asarray(edges, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
-    if edges.ndim != 1 or counts.ndim != 1 or edges.size != counts.size + 1:
-        raise ValueError(f"edges must have one more entry than counts, got {edges.shape} and "
-                         f"{counts.shape}")
-    if np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError("counts must be non-negative with a positive total")
-    p = _check_fraction(percentile, "percentile", 0.0, 100.0, low_open=False)
+    edges, counts = _check_histogram(edges, counts)
+    p = check_real(percentile, "percentile", 0.0, 100.0, lo_open=False)
     cum = np.cumsum(counts)
     target = cum[-1] * p / 100.0
     if target <= 0:
@@ -272,15 +259,7 @@ def histogram_mse(edges, counts, qparams: QParams) -> float:
         raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
     if qparams.axis is not None:
         raise ValueError("histogram_mse needs per-tensor qparams (axis=None)")
-    edges = np.asarray(edges, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
-    if edges.ndim != 1 or counts.ndim != 1 or edges.size != counts.size + 1:
-        raise ValueError(f"edges must have one more entry than counts, got {edges.shape} and "
-                         f"{counts.shape}")
-    if np.any(np.diff(edges) <= 0):
-        raise ValueError("edges must be strictly increasing")
-    if np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError("counts must be non-negative with a positive total")
+    edges, counts = _check_histogram(edges, counts)
     return float(_grid_mse(edges, counts, qparams.scale.reshape(1), qparams.zero_point.reshape(1),
                            qparams.qmin, qparams.qmax)[0])
 
@@ -311,13 +290,11 @@ def kl_divergence(p, q) -> float:
     :math:`Q_i = 0` makes the divergence infinite (smooth ``q`` first to avoid that, as
     :func:`kl_threshold_search` does).  See the calibration chapter.
     """
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    if p.shape != q.shape or p.ndim != 1:
+    p = real_array(p, "p", ndim=1, max_abs=_MAX_COUNT)
+    q = real_array(q, "q", ndim=1, max_abs=_MAX_COUNT)
+    if p.shape != q.shape:
         raise ValueError(f"p and q must be 1-D histograms of the same length, got {p.shape} "
                          f"and {q.shape}")
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(q))):
-        raise ValueError("p and q must be finite")
     if np.any(p < 0) or np.any(q < 0) or p.sum() <= 0 or q.sum() <= 0:
         raise ValueError("p and q must be non-negative with positive sums")
     p = p / p.sum()
@@ -360,11 +337,14 @@ def kl_threshold_search(abs_counts, levels: int, *, eps: float = 1e-4):
         Number of bins kept; ``n`` (no clipping) if the histogram has at most ``levels`` bins.
     candidates : numpy.ndarray of int
     divergences : numpy.ndarray of float
+
+    Bounds: ``levels`` in [2, 2**24], ``eps`` in (0, 1]; counts finite, at most 1e250.
     """
-    hist = np.asarray(abs_counts, dtype=np.float64)
-    levels = _check_int(levels, "levels", 2)
-    if hist.ndim != 1 or hist.size == 0 or np.any(hist < 0) or hist.sum() <= 0:
-        raise ValueError("abs_counts must be a non-empty 1-D histogram with a positive total")
+    hist = real_array(abs_counts, "abs_counts", ndim=1, max_abs=_MAX_COUNT)
+    levels = check_int(levels, "levels", 2, MAX_BINS)
+    eps = check_real(eps, "eps", 0.0, 1.0, lo_open=True)
+    if np.any(hist < 0) or hist.sum() <= 0:
+        raise ValueError("abs_counts must be a 1-D histogram: non-negative, positive total")
     n = hist.size
     if n <= levels:
         return n, np.array([n]), np.array([0.0])
@@ -435,7 +415,7 @@ class Observer:
         self.num_values = 0
 
     def update(self, batch) -> Observer:
-        x = _check_batch(batch)
+        x = real_array(batch, "batch")
         self._observe(x)
         self.num_batches += 1
         self.num_values += x.size
@@ -548,8 +528,8 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def __init__(self, averaging_constant: float = 0.01, *, bits: int = 8, signed: bool = True,
                  symmetric: bool = False, narrow_range: bool = False, axis: int | None = None):
-        self.averaging_constant = _check_fraction(averaging_constant, "averaging_constant",
-                                                  0.0, 1.0)
+        self.averaging_constant = check_real(averaging_constant, "averaging_constant", 0.0,
+                                             1.0, lo_open=True)
         super().__init__(bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range, axis=axis)
 
@@ -573,11 +553,14 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
 
 class _HistogramObserver(Observer):
-    """Shared machinery: a :class:`StreamingHistogram` of the values (per tensor)."""
+    """Shared machinery: a :class:`StreamingHistogram` of the values (per tensor), or of their
+    magnitudes :math:`|x|` when the class sets ``_magnitudes`` (bins from real 0 up)."""
+
+    _magnitudes = False
 
     def __init__(self, *, bins: int = 2048, bits: int = 8, signed: bool = True,
                  symmetric: bool = False, narrow_range: bool = False):
-        self.histogram = StreamingHistogram(bins)
+        self.histogram = StreamingHistogram(bins, include_zero=self._magnitudes)
         super().__init__(bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
 
@@ -587,7 +570,7 @@ class _HistogramObserver(Observer):
 
     def _observe(self, x: np.ndarray) -> None:
         super()._observe(x)
-        self.histogram.update(x)
+        self.histogram.update(np.abs(x) if self._magnitudes else x)
 
 
 class PercentileObserver(_HistogramObserver):
@@ -599,11 +582,13 @@ class PercentileObserver(_HistogramObserver):
     :math:`|x|` and the range is :math:`[-t, t]` (intersected with the data's range).  A fixed
     percentile clips a fixed *fraction* of the values, however far out they lie.  See the
     calibration chapter.
+
+    Bounds: ``percentile`` in (50, 100], ``bins`` in [8, 2**24].
     """
 
     def __init__(self, percentile: float = 99.99, *, bins: int = 2048, bits: int = 8,
                  signed: bool = True, symmetric: bool = False, narrow_range: bool = False):
-        self.percentile = _check_fraction(percentile, "percentile", 50.0, 100.0)
+        self.percentile = check_real(percentile, "percentile", 50.0, 100.0, lo_open=True)
         super().__init__(bins=bins, bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
 
@@ -630,11 +615,13 @@ class MSEObserver(_HistogramObserver):
     upper end fixed, then the upper end over :math:`\beta M` with the lower end fixed (same
     grid).  After :meth:`range`, ``candidates_`` and ``mse_`` hold the shrink search
     (ranges and MSEs) for plotting.  See the calibration chapter.
+
+    Bounds: ``num_candidates`` in [2, 2**24], ``bins`` in [8, 2**24].
     """
 
     def __init__(self, num_candidates: int = 200, *, bins: int = 2048, bits: int = 8,
                  signed: bool = True, symmetric: bool = False, narrow_range: bool = False):
-        self.num_candidates = _check_int(num_candidates, "num_candidates", 2)
+        self.num_candidates = check_int(num_candidates, "num_candidates", 2, MAX_BINS)
         super().__init__(bins=bins, bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
 
@@ -670,7 +657,7 @@ class MSEObserver(_HistogramObserver):
         return self._clip_to_seen(float(lo), float(hi))
 
 
-class EntropyObserver(Observer):
+class EntropyObserver(_HistogramObserver):
     r"""KL-divergence (entropy) calibration, TensorRT's procedure (Migacz 2017).
 
     Keeps a :class:`StreamingHistogram` of :math:`|x|` (``bins=2048`` as in TensorRT) and runs
@@ -686,23 +673,18 @@ class EntropyObserver(Observer):
     both distributions and the search clips far too hard.  After :meth:`range`,
     ``thresholds_`` and ``divergences_`` hold the search for plotting.  See the calibration
     chapter.
+
+    Bounds: ``bins`` in [8, 2**24]; ``bits`` as for :func:`qcourse.affine.qrange`.
     """
+
+    _magnitudes = True
 
     def __init__(self, *, bins: int = 2048, bits: int = 8, signed: bool = True,
                  symmetric: bool = False, narrow_range: bool = False,
                  flatten_zero_bin: bool = True):
-        self.flatten_zero_bin = bool(flatten_zero_bin)
-        self.histogram = StreamingHistogram(bins, include_zero=True)
-        super().__init__(bits=bits, signed=signed, symmetric=symmetric,
+        self.flatten_zero_bin = check_bool(flatten_zero_bin, "flatten_zero_bin")
+        super().__init__(bins=bins, bits=bits, signed=signed, symmetric=symmetric,
                          narrow_range=narrow_range)
-
-    def reset(self) -> None:
-        super().reset()
-        self.histogram.reset()
-
-    def _observe(self, x: np.ndarray) -> None:
-        super()._observe(x)
-        self.histogram.update(np.abs(x))
 
     @property
     def levels(self) -> int:
@@ -728,37 +710,7 @@ class EntropyObserver(Observer):
         return self._clip_to_seen(-t, t)
 
 
-# --------------------------------------------------------------------------- using observers
-
-
-def calibrate(model, layer: str, X, observer: Observer, *, batch_size: int = 128,
-              where: str = "output") -> Observer:
-    """Feed the ``where`` (``"input"`` or ``"output"``) activations of ``model[layer]`` to
-    ``observer``, one batch of ``batch_size`` rows of ``X`` at a time; returns the observer.
-
-    This is static calibration: the model runs in float on representative data, a forward hook
-    hands each batch's activations to the observer, and the hook is removed afterwards.  See
-    the calibration chapter.
-    """
-    from qcourse.nn import Sequential
-
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    if not isinstance(observer, Observer):
-        raise TypeError(f"observer must be a qcourse.calibration.Observer, got "
-                        f"{type(observer).__name__}")
-    if where not in ("input", "output"):
-        raise ValueError(f"where must be 'input' or 'output', got {where!r}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    X = _check_batch(X, "X").astype(np.float32)
-
-    def hook(module, inp, out):
-        observer.update(out if where == "output" else inp)
-
-    with model[layer].register_forward_hook(hook):
-        for s in range(0, X.shape[0], batch_size):
-            model(X[s:s + batch_size])
-    return observer
+# ------------------------------------------------------------------ static and dynamic ranges
 
 
 def fake_quant_hook(qparams: QParams) -> Callable:
@@ -784,8 +736,8 @@ def dynamic_qparams(x, *, bits: int = 8, signed: bool = True, symmetric: bool = 
     ``x`` (a min and a max per element) before quantizing, and a requantization multiplier
     that cannot be folded in ahead of time.  See the calibration chapter.
     """
-    x = _check_batch(x, "x")
-    if per_row:
+    x = real_array(x, "x")
+    if check_bool(per_row, "per_row"):
         if x.ndim != 2:
             raise ValueError(f"per_row=True needs a 2-D (batch, features) x, got shape {x.shape}")
         return choose_qparams(x, bits=bits, signed=signed, symmetric=symmetric,
@@ -799,6 +751,8 @@ def dynamic_fake_quant_hook(*, bits: int = 8, signed: bool = True, symmetric: bo
     """A forward hook that fake-quantizes each output with :func:`dynamic_qparams` of that very
     output (dynamic quantization).  See the calibration chapter."""
     qrange(bits, signed)  # validate now, not at the first forward
+    symmetric = check_bool(symmetric, "symmetric")
+    per_row = check_bool(per_row, "per_row")
 
     def hook(module, inp, out):
         qp = dynamic_qparams(out, bits=bits, signed=signed, symmetric=symmetric, per_row=per_row)
@@ -808,7 +762,7 @@ def dynamic_fake_quant_hook(*, bits: int = 8, signed: bool = True, symmetric: bo
 
 
 @dataclass(frozen=True)
-class StaticDynamicReport:
+class StaticDynamicComparison:
     """Error and run-time cost of static versus dynamic ranges (see
     :func:`compare_static_dynamic`)."""
 
@@ -825,7 +779,7 @@ class StaticDynamicReport:
 
 def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits: int = 8,
                            signed: bool = True, symmetric: bool = False,
-                           per_row: bool = False) -> StaticDynamicReport:
+                           per_row: bool = False) -> StaticDynamicComparison:
     r"""Quantize the rows of ``x`` batch by batch with a fixed range and with per-batch ranges.
 
     Static: every batch uses ``static_qparams`` (from calibration).  Dynamic: every batch gets
@@ -835,13 +789,13 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
     (``range_comparisons``), and ``qparams_computed`` scale/zero-point pairs are computed at run
     time (one per batch, or one per row).  A static range costs none of these.  See the
     calibration chapter.
+
+    Bounds: ``batch_size`` in [1, 2**28]; ``|x|`` at most 1e150 (the errors are squared).
     """
-    x = _check_batch(x, "x")
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D (rows, features), got shape {x.shape}")
-    if not isinstance(static_qparams, QParams):
-        raise TypeError(f"static_qparams must be a QParams, got {type(static_qparams).__name__}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    x = real_array(x, "x", ndim=2, max_abs=MAX_SQUARABLE)
+    check_instance(static_qparams, "static_qparams", QParams)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    per_row = check_bool(per_row, "per_row")
     static_hat, dynamic_hat = np.empty_like(x), np.empty_like(x)
     n_batches = 0
     n_params = 0
@@ -860,7 +814,7 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
             return math.nan
         return math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
 
-    return StaticDynamicReport(
+    return StaticDynamicComparison(
         static_mse=float(np.mean((x - static_hat) ** 2)),
         dynamic_mse=float(np.mean((x - dynamic_hat) ** 2)),
         static_sqnr_db=sqnr(static_hat),
@@ -873,54 +827,7 @@ def compare_static_dynamic(x, static_qparams: QParams, *, batch_size: int, bits:
     )
 
 
-@dataclass(frozen=True)
-class ObserverResult:
-    """One row of :func:`compare_observers`."""
-
-    name: str
-    rmin: float
-    rmax: float
-    qparams: QParams
-    mse: float
-    sqnr_db: float
-    clipped_fraction: float
-    accuracy: float
-
-
-def compare_observers(model, layer: str, observers: Mapping[str, Observer] | Iterable,
-                      X_calib, X_eval, y_eval, *, batch_size: int = 128) -> list[ObserverResult]:
-    """Calibrate each observer on ``model[layer]``'s output over ``X_calib``, then measure it.
-
-    For each ``(name, observer)`` (fresh observers; they are updated here): the range and
-    qparams from the layer's output on ``X_calib``, fed in batches of ``batch_size`` rows
-    exactly as :func:`calibrate` does (the float model runs once and every observer sees the
-    same batches); the MSE, SQNR and clipped fraction of the layer's output on ``X_eval`` when
-    fake-quantized with them (:func:`qcourse.affine.error_breakdown`); and the model's
-    accuracy on ``(X_eval, y_eval)`` with that layer's output fake-quantized
-    (:func:`fake_quant_hook`) and every other layer in float.  See the calibration chapter.
-    """
-    from qcourse.nn import accuracy, capture_activations
-
-    items = list(observers.items() if isinstance(observers, Mapping) else observers)
-    for name, obs in items:
-        if not isinstance(obs, Observer):
-            raise TypeError(f"observer {name!r} must be a qcourse.calibration.Observer, got "
-                            f"{type(obs).__name__}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    X_calib = _check_batch(X_calib, "X_calib").astype(np.float32)
-    X_eval = _check_batch(X_eval, "X_eval").astype(np.float32)
-    cal = capture_activations(model, X_calib, layers=[layer], batch_size=batch_size)[layer].output
-    acts = capture_activations(model, X_eval, layers=[layer])[layer].output
-    rows = []
-    for name, obs in items:
-        for s in range(0, cal.shape[0], batch_size):
-            obs.update(cal[s:s + batch_size])
-        qp = obs.qparams()
-        rmin, rmax = obs.range()
-        eb = error_breakdown(acts, qp)
-        with model[layer].register_forward_hook(fake_quant_hook(qp)):
-            acc = accuracy(model, X_eval, y_eval)
-        rows.append(ObserverResult(name=str(name), rmin=float(rmin), rmax=float(rmax),
-                                   qparams=qp, mse=eb.total_mse, sqnr_db=eb.sqnr_db,
-                                   clipped_fraction=eb.clipped_fraction, accuracy=acc))
-    return rows
+__getattr__ = moved_names(__name__, {
+    "calibrate": "qcourse.nn.calibrate",
+    "compare_observers": "qcourse.nn.compare_observers",
+})

@@ -160,7 +160,6 @@ def pydoc_topics(split: str = "all") -> list[str]:
     return [n for n in names if (n in held) == (split == "heldout")]
 
 
-@functools.lru_cache(maxsize=3)
 def load_pydoc_text(split: str = "train") -> bytes:
     """The Python language reference's help topics as UTF-8 bytes, split by topic.
 
@@ -171,6 +170,13 @@ def load_pydoc_text(split: str = "train") -> bytes:
     loss measures prose the model has not seen.  The text differs a little between Python
     versions; :func:`pydoc_text_digest` identifies it.
     """
+    if not isinstance(split, str) or split not in _TEXT_SPLITS:   # before the cache hashes it
+        raise ValueError(f"split must be one of {_TEXT_SPLITS}, got {split!r}")
+    return _pydoc_text(split)
+
+
+@functools.lru_cache(maxsize=3)
+def _pydoc_text(split: str) -> bytes:
     from pydoc_data.topics import topics
 
     return b"".join(topics[name].encode("utf-8") + b"\n" for name in pydoc_topics(split))

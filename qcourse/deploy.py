@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qcourse import _checks
 from qcourse.affine import QParams, quantize_linear
 from qcourse.fixed_point import (
     quantize_multiplier,
@@ -53,6 +54,9 @@ from qcourse.int_matmul import (
     requantize_fixed_point,
     requantize_fixed_point_half_up,
     requantize_float,
+)
+from qcourse.int_matmul.arithmetic import (
+    _round_half_away,  # C's round, exactly: one helper for int_matmul and deploy
 )
 
 __all__ = [
@@ -179,9 +183,9 @@ def _pair(value, name: str, lo: int) -> tuple[int, int]:
 
 
 def _scale(value, name: str) -> np.float32:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    s = np.float32(value)
+    _checks.check_real(value, name, 0.0, lo_open=True)
+    with np.errstate(over="ignore", under="ignore"):
+        s = np.float32(value)
     if not (np.isfinite(s) and s > 0):
         raise ValueError(f"{name} must be finite and > 0 in float32, got {value!r}")
     return s
@@ -203,11 +207,12 @@ def _int_codes(value, name: str, dtype, ndim: int) -> np.ndarray:
 
 
 def _weight_scales(value, name: str, channels: int) -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    arr = np.atleast_1d(_checks.real_array(value, name))
     if arr.ndim != 1 or arr.size not in (1, channels):
         raise ValueError(f"{name} must be one scale (per tensor) or {channels} (per output "
                          f"channel), got shape {arr.shape}")
-    arr = arr.astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        arr = arr.astype(np.float32)
     if not np.all(np.isfinite(arr) & (arr > 0)):
         raise ValueError(f"{name} must be finite and > 0 in float32")
     arr.flags.writeable = False
@@ -225,6 +230,15 @@ def _clamp(value, zero_point: int) -> tuple[int, int]:
         raise ValueError(f"clamp's lo={lo} lies above the output zero point {zero_point}: the "
                          f"fused activation would remove the real value 0")
     return lo, hi
+
+
+def _check_deploy_model(model, name: str = "model") -> DeployModel:
+    return _checks.check_instance(model, name, DeployModel, "a qcourse.deploy.DeployModel")
+
+
+def _check_deploy_layer(layer, name: str = "layer"):
+    return _checks.check_instance(layer, name, (Dense, Conv2D),
+                                  "a qcourse.deploy.Dense or Conv2D layer")
 
 
 # --------------------------------------------------------------------------- the layers
@@ -472,7 +486,11 @@ class DeployModel:
     shapes: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        shape = tuple(_int(d, "input_shape entry", 1) for d in self.input_shape)
+        shape = _checks.check_int_sequence(self.input_shape, "input_shape", 1,
+                                           _checks.MAX_ELEMENTS)
+        if int(np.prod(shape, dtype=np.int64)) > _checks.MAX_ELEMENTS:
+            raise ValueError(f"input_shape must describe at most {_checks.MAX_ELEMENTS} values "
+                             f"per example, got {shape}")
         if len(shape) not in (1, 3):
             raise ValueError(f"input_shape must be (features,) or (channels, height, width), "
                              f"got {self.input_shape!r}")
@@ -480,9 +498,7 @@ class DeployModel:
         object.__setattr__(self, "input_scale", _scale(self.input_scale, "input_scale"))
         object.__setattr__(self, "input_zero_point",
                            _int(self.input_zero_point, "input_zero_point", _INT8_MIN, _INT8_MAX))
-        layers = tuple(self.layers)
-        if not layers:
-            raise ValueError("layers must not be empty")
+        layers = tuple(_checks.check_sequence(self.layers, "layers", min_len=1))
         shapes = []
         for i, layer in enumerate(layers):
             if not isinstance(layer, _LAYER_TYPES):
@@ -549,9 +565,10 @@ def _add_zero_point_wrap_clamp(q: np.ndarray, zero_point: int) -> np.ndarray:
     return np.clip(s, _INT8_MIN, _INT8_MAX).astype(np.int8)
 
 
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-    whole = np.trunc(v)
-    return whole + np.sign(v) * (np.abs(v - whole) >= 0.5)
+def _check_quantize_args(x, name: str, scale, zero_point):
+    """Finite float values (as float32), a float32 scale > 0 and an int8 zero point."""
+    x = _checks.real_array(x, name, kinds="f", dtype=np.float32)
+    return x, _scale(scale, "scale"), _int(zero_point, "zero_point", _INT8_MIN, _INT8_MAX)
 
 
 def quantize_reciprocal_rne(x, scale, zero_point) -> np.ndarray:
@@ -564,8 +581,8 @@ def quantize_reciprocal_rne(x, scale, zero_point) -> np.ndarray:
     by a rounded reciprocal is not a division: for some ``x`` the product and the quotient
     :math:`x / s` round to different codes.  See the deploy chapter.
     """
-    x = np.asarray(x, dtype=np.float32)
-    r = np.float32(1) / np.float32(scale)
+    x, scale, zero_point = _check_quantize_args(x, "x", scale, zero_point)
+    r = np.float32(1) / scale
     with np.errstate(over="ignore", invalid="ignore"):
         v = x * r
     q = np.clip(v, np.float32(_INT8_MIN - zero_point), np.float32(_INT8_MAX - zero_point))
@@ -581,9 +598,9 @@ def quantize_divide_half_away(x, scale, zero_point) -> np.ndarray:
     same quotient half to even (:func:`qcourse.affine.quantize_linear`).  See the deploy
     chapter.
     """
-    x = np.asarray(x, dtype=np.float32)
+    x, scale, zero_point = _check_quantize_args(x, "x", scale, zero_point)
     with np.errstate(over="ignore", invalid="ignore"):
-        v = x / np.float32(scale)
+        v = x / scale
     return _add_zero_point_wrap_clamp(_x86_int32(_round_half_away(v.astype(np.float64))),
                                       zero_point)
 
@@ -599,7 +616,8 @@ def quantize_litert_builtin(x_flat, scale, zero_point) -> np.ndarray:
     away from zero.  ``x_flat`` is the buffer in the tensor's memory order (NHWC for an image),
     as a 1-D float32 array.  See the deploy chapter.
     """
-    x = np.asarray(x_flat, dtype=np.float32).ravel()
+    x, scale, zero_point = _check_quantize_args(x_flat, "x_flat", scale, zero_point)
+    x = x.ravel()
     n_blocks = (x.size // 8) * 8
     s = np.float64(np.float32(scale))
     r = np.float32(1.0 / s)
@@ -612,7 +630,7 @@ def quantize_litert_builtin(x_flat, scale, zero_point) -> np.ndarray:
 def quantize_input(model: DeployModel, X, runtime: str) -> np.ndarray:
     """The int8 input codes each runtime computes for float32 images ``X`` (NCHW or flat)."""
     _check_runtime(runtime)
-    X = model.check_images(X)
+    X = _check_deploy_model(model).check_images(X)
     s, z = model.input_scale, model.input_zero_point
     if runtime == "onnx":
         return quantize_linear(X, np.float32(s), np.int8(z))
@@ -645,6 +663,7 @@ def tflite_fused_activation(layer) -> str:
     """The fused activation ("NONE", "RELU", "RELU6") whose clamp LiteRT computes as
     ``layer.clamp`` (``CalculateActivationRangeQuantized``, which
     :func:`qcourse.int_matmul.activation_range` reproduces), or ExportError if none does."""
+    _check_deploy_layer(layer)
     qp = QParams(scale=np.float64(layer.output_scale),
                  zero_point=np.int64(layer.output_zero_point), qmin=_INT8_MIN, qmax=_INT8_MAX)
     for act, name in (("none", "NONE"), ("relu", "RELU"), ("relu6", "RELU6")):
@@ -662,7 +681,7 @@ def xnnpack_clamp(layer) -> tuple[int, int]:
     """The clamp XNNPACK derives from the fused activation: ``lrintf(v / scale + zero_point)``
     in float32 for the activation's real bounds (0 and 6), saturated to int8
     (``xnn_qs8_quantize``)."""
-    act = tflite_fused_activation(layer)
+    act = tflite_fused_activation(_check_deploy_layer(layer))
     if act == "NONE":
         return _INT8_MIN, _INT8_MAX
 
@@ -708,11 +727,14 @@ def requantize_layer(layer, acc, input_scale, convention: str, clamp=None) -> np
     fully-connected layer the float32 product :math:`S_x S_W` divided in double, otherwise all
     in double).  ``clamp`` overrides ``layer.clamp``.  Returns int8 codes.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}; got "
-                         f"{convention!r}")
+    _check_deploy_layer(layer)
+    _checks.check_choice(convention, "convention", CONVENTIONS)
+    input_scale = _scale(input_scale, "input_scale")
     zy = layer.output_zero_point
-    lo, hi = layer.clamp if clamp is None else clamp
+    lo, hi = layer.clamp if clamp is None else _checks.check_int_sequence(
+        clamp, "clamp", _INT8_MIN, _INT8_MAX, min_len=2, max_len=2)
+    if lo > hi:
+        raise ValueError(f"clamp must be (lo, hi) with lo <= hi, got {clamp!r}")
     sw = np.broadcast_to(layer.weight_scale, (layer.out_channels,))
     if convention == "float32_rne":
         m = float_multiplier(np.float32(input_scale), sw, layer.output_scale)
@@ -780,15 +802,17 @@ def predict_codes(model: DeployModel, X, runtime: str, *, all_layers: bool = Fal
     one of the named float steps of :data:`RUNTIME_ARITHMETIC`.  See the deploy chapter.
     """
     _check_runtime(runtime)
+    _check_deploy_model(model)
+    all_layers = _checks.check_bool(all_layers, "all_layers")
     if isinstance(X, np.ndarray) and X.dtype == np.int8:
-        x_q = _check_codes(model, X)
+        x_q = _check_input_codes(model, X)
     else:
         x_q = quantize_input(model, X, runtime)
     codes = _forward(model, x_q, runtime)
     return codes if all_layers else codes[-1]
 
 
-def _check_codes(model: DeployModel, X: np.ndarray) -> np.ndarray:
+def _check_input_codes(model: DeployModel, X: np.ndarray) -> np.ndarray:
     if X.ndim != 1 + len(model.input_shape) or X.shape[1:] != model.input_shape \
             or X.shape[0] == 0:
         raise ValueError(f"X (int8 codes) must have shape {('N',) + model.input_shape}, got "
@@ -898,6 +922,7 @@ def to_tflite(model: DeployModel, *, float_input: bool = True) -> bytes:
     """
     if not isinstance(model, DeployModel):
         raise TypeError(f"model must be a DeployModel, got {type(model).__name__}")
+    float_input = _checks.check_bool(float_input, "float_input")
     S, _, _ = _litert()
     g = _TFLiteGraph(S)
     BO, TT = S.BuiltinOperator, S.TensorType
@@ -1052,6 +1077,15 @@ def ops_outside_delegates(it) -> list[str]:
     return outside
 
 
+def _check_runtime_input(X) -> np.ndarray:
+    """Images for a runtime: float32 (finite) or int8 codes, with a batch axis."""
+    _checks.check_ndarray(X, "X", (np.dtype(np.float32), np.dtype(np.int8)))
+    if X.ndim < 2:
+        raise ValueError(f"X must have a batch axis and the model's input shape, got shape "
+                         f"{X.shape}")
+    return _checks.check_finite(X, "X")
+
+
 def run_tflite(model_bytes: bytes, X, runtime: str = "tflite-xnnpack", *,
                check_delegated: bool = True) -> np.ndarray:
     """Run a ``.tflite`` model in LiteRT's interpreter with the runtime's op resolver.
@@ -1068,9 +1102,8 @@ def run_tflite(model_bytes: bytes, X, runtime: str = "tflite-xnnpack", *,
     if not isinstance(model_bytes, (bytes, bytearray)):
         raise TypeError(f"model_bytes must be bytes (a .tflite file's content), got "
                         f"{type(model_bytes).__name__}")
-    if not isinstance(X, np.ndarray) or X.dtype not in (np.float32, np.int8):
-        raise TypeError("X must be a float32 numpy.ndarray (or int8 codes for a model exported "
-                        "with float_input=False)")
+    check_delegated = _checks.check_bool(check_delegated, "check_delegated")
+    _check_runtime_input(X)
     xin = np.ascontiguousarray(_to_nhwc(X))
     it = _interpreter(bytes(model_bytes), runtime, xin.shape)
     inp = it.get_input_details()[0]
@@ -1129,6 +1162,7 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
         raise TypeError(f"model must be a DeployModel, got {type(model).__name__}")
     if form not in ("qoperator", "qdq"):
         raise ValueError(f"form must be 'qoperator' or 'qdq', got {form!r}")
+    float_input = _checks.check_bool(float_input, "float_input")
     onnx, TP, helper, nph = _onnx()
     nodes, inits = [], []
 
@@ -1256,24 +1290,35 @@ def run_onnx(onnx_model, X, *, optimized_model_path=None) -> np.ndarray:
     """
     import onnxruntime as ort
 
-    data = onnx_model if isinstance(onnx_model, (bytes, bytearray)) \
-        else onnx_model.SerializeToString()
+    if isinstance(onnx_model, (bytes, bytearray)):
+        data = onnx_model
+    elif type(onnx_model).__name__ == "ModelProto" and hasattr(onnx_model, "SerializeToString"):
+        data = onnx_model.SerializeToString()
+    else:
+        raise TypeError(f"onnx_model must be an onnx.ModelProto or the bytes of one, got "
+                        f"{_checks.describe(onnx_model)}")
+    _check_runtime_input(X)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
-    sess = ort.InferenceSession(bytes(data), so, providers=["CPUExecutionProvider"])
-    if not isinstance(X, np.ndarray) or X.dtype not in (np.float32, np.int8):
-        raise TypeError("X must be a float32 numpy.ndarray (int8 for float_input=False)")
-    return sess.run(None, {sess.get_inputs()[0].name: X})[0]
+    try:
+        sess = ort.InferenceSession(bytes(data), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own exception types
+        raise ValueError(f"onnx_model is not a model ONNX Runtime can load: {exc}") from None
+    inp = sess.get_inputs()[0]
+    if len(inp.shape) != X.ndim or any(isinstance(d, int) and d != x for d, x in
+                                       zip(inp.shape, X.shape, strict=True)):
+        raise ValueError(f"X has shape {X.shape} but the model takes {tuple(inp.shape)}")
+    return sess.run(None, {inp.name: X})[0]
 
 
 def run_runtime(model: DeployModel, X, runtime: str, *, form: str = "qoperator") -> np.ndarray:
     """Export ``model`` and run it in ``runtime`` itself (the outside system, not qcourse)."""
     _check_runtime(runtime)
-    X = model.check_images(X)
+    X = _check_deploy_model(model).check_images(X)
     if runtime == "onnx":
         return run_onnx(to_onnx(model, form), X)
     return run_tflite(to_tflite(model), X, runtime)
@@ -1282,6 +1327,10 @@ def run_runtime(model: DeployModel, X, runtime: str, *, form: str = "qoperator")
 def agreement(model: DeployModel, X, runtimes=RUNTIMES, *, form: str = "qoperator") -> dict:
     """For each runtime: ``(matching codes, codes compared)`` between :func:`predict_codes` and
     the runtime's own output on ``X``."""
+    _check_deploy_model(model).check_images(X)
+    runtimes = _checks.check_sequence(runtimes, "runtimes", min_len=1)
+    for i, rt in enumerate(runtimes):
+        _checks.check_choice(rt, f"runtimes[{i}]", RUNTIMES)
     out = {}
     for rt in runtimes:
         got = run_runtime(model, X, rt, form=form)
@@ -1434,6 +1483,7 @@ def random_dense_model(seed: int, *, tie_heavy: bool = False):
     :math:`\tfrac12` for a large share of the outputs.  Returns ``(model, x_codes)``.
     """
     rng = np.random.default_rng(_int(seed, "seed", 0))
+    tie_heavy = _checks.check_bool(tie_heavy, "tie_heavy")
     out_f, in_f, batch = (int(rng.integers(1, 33)), int(rng.integers(1, 48)),
                           int(rng.integers(1, 9)))
     n = out_f if out_f > 1 and rng.integers(0, 2) else 1
@@ -1466,8 +1516,11 @@ def adversarial_images(model: DeployModel, n: int, seed: int) -> np.ndarray:
     exact ties of the input grid (:math:`x / S = k + 1/2` in exact arithmetic, rounded to
     float32), and ``n`` ties mixed with saturating values (:math:`\pm 3 \cdot 10^3`,
     :math:`\pm 10^4`, :math:`\pm 10^9`: far beyond the int8 grid, and beyond int32 after the
-    division for the largest)."""
-    n = _int(n, "n", 1)
+    division for the largest).
+
+    Bounds: ``n`` is an int in [1, 2**28 / (3 x the input's size)] (at most 2**28 values)."""
+    _check_deploy_model(model)
+    n = _int(n, "n", 1, max(1, _checks.MAX_ELEMENTS // (3 * int(np.prod(model.input_shape)))))
     rng = np.random.default_rng(_int(seed, "seed", 0))
     shape = (n,) + model.input_shape
     s = np.float64(model.input_scale)
@@ -1514,7 +1567,13 @@ def _function_name(runtime: str, step: str) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m qcourse.deploy {export,run}``; see ``--help``."""
+    """``python -m qcourse.deploy {export,run}``; see ``--help``.
+
+    ``argv``: the arguments (a list of strings; None reads ``sys.argv``).  Arguments argparse
+    refuses end the program with its message and status 2 (``SystemExit``)."""
+    if argv is not None:
+        for i, arg in enumerate(_checks.check_sequence(argv, "argv")):
+            _checks.check_instance(arg, f"argv[{i}]", str, "a string")
     parser = argparse.ArgumentParser(
         prog="python -m qcourse.deploy",
         description="Export the course's trained integer network to ONNX and LiteRT, and "

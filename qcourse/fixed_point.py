@@ -29,9 +29,17 @@ saturates or raises, except where the caller asks for ``overflow="wrap"`` to see
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
+
+from qcourse._checks import (
+    INT32_MAX,
+    INT32_MIN,
+    check_bool,
+    check_choice,
+    check_int,
+    int_array,
+    real_array,
+)
 
 __all__ = [
     "ROUNDING_MODES",
@@ -78,8 +86,11 @@ ROUNDING_MODES = (
 _OVERFLOW_POLICIES = ("saturate", "raise", "wrap")
 _TFLITE_ROUNDINGS = ("double", "single")
 
-_INT32_MIN = -(2**31)
-_INT32_MAX = 2**31 - 1
+#: Largest operand or accumulator width the accumulator-sizing functions accept (exact Python
+#: integers; far beyond any hardware, small enough to answer at once).
+MAX_OPERAND_BITS = 1024
+#: Largest number of products ``k`` they accept.
+MAX_K_TERMS = 2**64
 # round_shift keeps |x| below 2**62 so that x plus a rounding offset (< 2**61) fits int64.
 _ROUND_SHIFT_LIMIT = 2**62
 
@@ -101,83 +112,14 @@ def _result(array: np.ndarray, scalar: bool):
     return array
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def _check_int_param(name: str, value, lo: int, hi: int | None = None) -> int:
-    """A plain integer parameter (a bit count, a shift) within [lo, hi]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    return value
-
-
-def _int_array(name: str, value, lo: int, hi: int, what: str) -> np.ndarray:
-    """Integers in [lo, hi] as an int64 array; a clear error for anything else.
-
-    Accepts Python ints, NumPy integer scalars and integer-dtype arrays.  Floats (even integral
-    ones), booleans, strings and objects are rejected with ``TypeError``; values outside
-    [lo, hi] with ``ValueError``.  ``what`` names the range in the message (e.g. "int32").
-    """
-    if isinstance(value, bool) or isinstance(value, np.bool_):
-        raise TypeError(f"{name} must be integers, got a bool")
-    if isinstance(value, numbers.Integral):
-        v = int(value)
-        if v < lo or v > hi:
-            raise ValueError(f"{name} must be {what} (in [{lo}, {hi}]), got {v}")
-        return np.asarray(v, dtype=np.int64)
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
-        raise TypeError(f"{name} must be an integer or an integer array: {exc}") from None
-    if arr.dtype.kind not in "iu":
-        raise TypeError(
-            f"{name} must be an integer or an array of integer dtype, got dtype {arr.dtype}"
-        )
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    bad = (arr < lo) | (arr > hi)
-    if np.any(bad):
-        first = arr[bad].flat[0]
-        raise ValueError(
-            f"{name} must be {what} (in [{lo}, {hi}]); {int(np.count_nonzero(bad))} value(s) "
-            f"are outside, e.g. {int(first)}"
-        )
-    return arr.astype(np.int64)
-
-
-def _real_array(name: str, value) -> np.ndarray:
-    """Finite real numbers as a float64 array (ints are converted exactly when they can be)."""
-    if isinstance(value, bool) or isinstance(value, np.bool_):
-        raise TypeError(f"{name} must be real numbers, got a bool")
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:
-        raise TypeError(f"{name} must be a real number or a real array: {exc}") from None
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must be a real number or a real array, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    arr = arr.astype(np.float64)
-    if np.any(np.isnan(arr)):
-        raise ValueError(f"{name} must not contain NaN")
-    if np.any(np.isinf(arr)):
-        raise ValueError(f"{name} must be finite, got an infinity")
-    return arr
-
-
-def _check_format(int_bits, frac_bits) -> tuple[int, int]:
-    m = _check_int_param("int_bits", int_bits, 0)
-    n = _check_int_param("frac_bits", frac_bits, 0)
+def _check_q_format(int_bits, frac_bits) -> tuple[int, int]:
+    m = check_int(int_bits, "int_bits", 0, 31)
+    n = check_int(frac_bits, "frac_bits", 0, 31)
     if 1 + m + n > 32:
         raise ValueError(
-            f"a Q{m}.{n} number needs 1 + {m} + {n} = {1 + m + n} bits; at most 32 are supported "
-            f"(so that a product of two of them is exact in int64)"
+            f"int_bits + frac_bits must be at most 31: a Q{m}.{n} number needs 1 + {m} + {n} = "
+            f"{1 + m + n} bits, and at most 32 are supported (so that a product of two of them "
+            f"is exact in int64)"
         )
     return m, n
 
@@ -235,10 +177,11 @@ def round_shift(x, shift, mode="nearest_even", *, seed=None):
     -------
     int or numpy.ndarray of int64
     """
-    _check_choice("mode", mode, ROUNDING_MODES)
-    s = _check_int_param("shift", shift, 0, 62)
+    check_choice(mode, "mode", ROUNDING_MODES)
+    s = check_int(shift, "shift", 0, 62)
     scalar = _is_scalar(x)
-    x = _int_array("x", x, -_ROUND_SHIFT_LIMIT + 1, _ROUND_SHIFT_LIMIT - 1, "below 2**62 in size")
+    x = int_array(x, "x", -_ROUND_SHIFT_LIMIT + 1, _ROUND_SHIFT_LIMIT - 1,
+                  what="below 2**62 in size")
     rng = _rng(seed, mode)
     return _result(_round_shift(x, s, mode, rng), scalar)
 
@@ -303,7 +246,7 @@ def fixed_range(int_bits: int, frac_bits: int) -> tuple[int, int]:
     -------
     (qmin, qmax) : tuple of int
     """
-    m, n = _check_format(int_bits, frac_bits)
+    m, n = _check_q_format(int_bits, frac_bits)
     return -(2 ** (m + n)), 2 ** (m + n) - 1
 
 
@@ -360,11 +303,11 @@ def to_fixed(x, int_bits: int, frac_bits: int, *, rounding="nearest_even",
     int or numpy.ndarray of int64
         The raw integers :math:`q`; :func:`from_fixed` turns them back into reals.
     """
-    m, n = _check_format(int_bits, frac_bits)
-    _check_choice("rounding", rounding, ROUNDING_MODES)
-    _check_choice("overflow", overflow, _OVERFLOW_POLICIES)
+    m, n = _check_q_format(int_bits, frac_bits)
+    check_choice(rounding, "rounding", ROUNDING_MODES)
+    check_choice(overflow, "overflow", _OVERFLOW_POLICIES)
     scalar = _is_scalar(x)
-    xv = _real_array("x", x)
+    xv = real_array(x, "x")
     rng = _rng(seed, rounding)
     qmin, qmax = fixed_range(m, n)
     r = _round_real(xv * 2.0**n, rounding, rng)  # integral float64 values, possibly huge
@@ -396,10 +339,10 @@ def from_fixed(q, int_bits: int, frac_bits: int):
     -------
     float or numpy.ndarray of float64
     """
-    m, n = _check_format(int_bits, frac_bits)
+    m, n = _check_q_format(int_bits, frac_bits)
     qmin, qmax = fixed_range(m, n)
     scalar = _is_scalar(q)
-    q = _int_array("q", q, qmin, qmax, f"a raw Q{m}.{n} integer")
+    q = int_array(q, "q", qmin, qmax, what=f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}")
     return _result(np.ldexp(q.astype(np.float64), -n), scalar)
 
 
@@ -416,13 +359,13 @@ def fixed_add(a, b, int_bits: int, frac_bits: int, *, overflow="saturate"):
     -------
     int or numpy.ndarray of int64
     """
-    m, n = _check_format(int_bits, frac_bits)
-    _check_choice("overflow", overflow, _OVERFLOW_POLICIES)
+    m, n = _check_q_format(int_bits, frac_bits)
+    check_choice(overflow, "overflow", _OVERFLOW_POLICIES)
     qmin, qmax = fixed_range(m, n)
     scalar = _is_scalar(a) and _is_scalar(b)
-    fmt = f"a raw Q{m}.{n} integer"
-    qa = _int_array("a", a, qmin, qmax, fmt)
-    qb = _int_array("b", b, qmin, qmax, fmt)
+    fmt = f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}"
+    qa = int_array(a, "a", qmin, qmax, what=fmt)
+    qb = int_array(b, "b", qmin, qmax, what=fmt)
     return _result(_apply_overflow(qa + qb, qmin, qmax, overflow, "a + b"), scalar)
 
 
@@ -443,14 +386,14 @@ def fixed_mul(a, b, int_bits: int, frac_bits: int, *, rounding="nearest_even",
     -------
     int or numpy.ndarray of int64
     """
-    m, n = _check_format(int_bits, frac_bits)
-    _check_choice("rounding", rounding, ROUNDING_MODES)
-    _check_choice("overflow", overflow, _OVERFLOW_POLICIES)
+    m, n = _check_q_format(int_bits, frac_bits)
+    check_choice(rounding, "rounding", ROUNDING_MODES)
+    check_choice(overflow, "overflow", _OVERFLOW_POLICIES)
     qmin, qmax = fixed_range(m, n)
     scalar = _is_scalar(a) and _is_scalar(b)
-    fmt = f"a raw Q{m}.{n} integer"
-    qa = _int_array("a", a, qmin, qmax, fmt)
-    qb = _int_array("b", b, qmin, qmax, fmt)
+    fmt = f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}"
+    qa = int_array(a, "a", qmin, qmax, what=fmt)
+    qb = int_array(b, "b", qmin, qmax, what=fmt)
     rng = _rng(seed, rounding)
     q = _round_shift(qa * qb, n, rounding, rng)
     return _result(_apply_overflow(q, qmin, qmax, overflow, "a * b"), scalar)
@@ -470,16 +413,17 @@ def product_range(a_bits: int, b_bits: int, *, a_signed=True, b_signed=True) -> 
     :math:`[0, 2^N - 1]`; the extremes of the product are among the four corner products.
     For int8 × int8: :math:`[-128 \cdot 127, (-128)^2] = [-16256, 16384]`; for
     uint8 × int8: :math:`[255 \cdot (-128), 255 \cdot 127] = [-32640, 32385]`.  Either way the
-    product needs 16 bits: :math:`8 + 8`.  See the fixed-point chapter.
+    product needs 16 bits: :math:`8 + 8`.  ``a_bits`` and ``b_bits`` lie in [1, 1024]
+    (:data:`MAX_OPERAND_BITS`).  See the fixed-point chapter.
 
     Returns
     -------
     (lo, hi) : tuple of int
     """
-    a_bits = _check_int_param("a_bits", a_bits, 1)
-    b_bits = _check_int_param("b_bits", b_bits, 1)
-    a_lo, a_hi = _operand_range(a_bits, bool(a_signed))
-    b_lo, b_hi = _operand_range(b_bits, bool(b_signed))
+    a_bits = check_int(a_bits, "a_bits", 1, MAX_OPERAND_BITS)
+    b_bits = check_int(b_bits, "b_bits", 1, MAX_OPERAND_BITS)
+    a_lo, a_hi = _operand_range(a_bits, check_bool(a_signed, "a_signed"))
+    b_lo, b_hi = _operand_range(b_bits, check_bool(b_signed, "b_signed"))
     corners = [a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi]
     return min(corners), max(corners)
 
@@ -493,11 +437,12 @@ def accumulator_bits(a_bits: int, b_bits: int, k: int) -> int:
     whenever at least one operand is signed, and is then exact or one bit generous (for int8 ×
     int8 the largest product is :math:`2^{14}`, not :math:`2^{15}`); for unsigned × unsigned it
     can be one bit short, because the sum also needs a sign bit.  :func:`min_accumulator_bits`
-    gives the exact count.  See the fixed-point chapter.
+    gives the exact count.  Bounds: bit widths in [1, 1024], ``k`` in [1, 2**64].  See the
+    fixed-point chapter.
     """
-    a_bits = _check_int_param("a_bits", a_bits, 1)
-    b_bits = _check_int_param("b_bits", b_bits, 1)
-    k = _check_int_param("k", k, 1)
+    a_bits = check_int(a_bits, "a_bits", 1, MAX_OPERAND_BITS)
+    b_bits = check_int(b_bits, "b_bits", 1, MAX_OPERAND_BITS)
+    k = check_int(k, "k", 1, MAX_K_TERMS)
     return a_bits + b_bits + (k - 1).bit_length()
 
 
@@ -509,10 +454,11 @@ def min_accumulator_bits(a_bits: int, b_bits: int, k: int, *, a_signed=True,
     them lies in :math:`[K p_{lo}, K p_{hi}]`, and both ends are reached (all operands at the
     same corner).  A :math:`B`-bit two's complement accumulator holds
     :math:`[-2^{B-1}, 2^{B-1} - 1]`, so :math:`B` is the smallest integer with
-    :math:`2^{B-1} \ge \max(K p_{hi} + 1, -K p_{lo})`.  See the fixed-point chapter.
+    :math:`2^{B-1} \ge \max(K p_{hi} + 1, -K p_{lo})`.  Bounds: bit widths in [1, 1024],
+    ``k`` in [1, 2**64].  See the fixed-point chapter.
     """
     lo, hi = product_range(a_bits, b_bits, a_signed=a_signed, b_signed=b_signed)
-    k = _check_int_param("k", k, 1)
+    k = check_int(k, "k", 1, MAX_K_TERMS)
     need = max(k * hi + 1, -k * lo, 1)
     return 1 + (need - 1).bit_length()
 
@@ -528,9 +474,9 @@ def max_k(acc_bits: int, a_bits: int, b_bits: int, *, a_signed=True, b_signed=Tr
     bound is 0 imposes no limit).  For int8 × int8 into int32 the positive side binds
     (:math:`(-128)^2 = 2^{14}`): :math:`K_{\max} = 2^{17} - 1 = 131071`; for uint8 × int8 the
     negative side binds: :math:`\lfloor 2^{31} / 32640 \rfloor = 65793`.  Returns 0 when even
-    one product does not fit.  See the fixed-point chapter.
+    one product does not fit.  Bit widths lie in [1, 1024].  See the fixed-point chapter.
     """
-    acc_bits = _check_int_param("acc_bits", acc_bits, 1)
+    acc_bits = check_int(acc_bits, "acc_bits", 1, MAX_OPERAND_BITS)
     lo, hi = product_range(a_bits, b_bits, a_signed=a_signed, b_signed=b_signed)
     limits = []
     if hi > 0:
@@ -559,7 +505,7 @@ def power_of_two_exponent(real_multiplier):
     int or numpy.ndarray of int64
     """
     scalar = _is_scalar(real_multiplier)
-    r = _real_array("real_multiplier", real_multiplier)
+    r = real_array(real_multiplier, "real_multiplier")
     if np.any(r <= 0):
         raise ValueError("real_multiplier must be > 0 to have a nearest power of two")
     q, k = np.frexp(r)
@@ -610,9 +556,9 @@ def quantize_multiplier(real_multiplier, *, rounding="double"):
     -------
     (multiplier, shift) : tuple of int, or of numpy.ndarray of int32
     """
-    _check_choice("rounding", rounding, _TFLITE_ROUNDINGS)
+    check_choice(rounding, "rounding", _TFLITE_ROUNDINGS)
     scalar = _is_scalar(real_multiplier)
-    r = _real_array("real_multiplier", real_multiplier)
+    r = real_array(real_multiplier, "real_multiplier")
     if np.any(r < 0):
         raise ValueError(
             "real_multiplier must be >= 0 (a ratio of scales S_w*S_x/S_y is positive; "
@@ -631,7 +577,7 @@ def quantize_multiplier(real_multiplier, *, rounding="double"):
     shift = np.where(flush, 0, shift)
     if rounding == "single":
         clamp = shift > 30
-        multiplier = np.where(clamp, _INT32_MAX, multiplier)
+        multiplier = np.where(clamp, INT32_MAX, multiplier)
         shift = np.where(clamp, 30, shift)
     multiplier = multiplier.astype(np.int32)
     shift = shift.astype(np.int32)
@@ -652,19 +598,19 @@ def multiplier_to_real(multiplier, shift):
     float or numpy.ndarray of float64
     """
     scalar = _is_scalar(multiplier) and _is_scalar(shift)
-    m = _int_array("multiplier", multiplier, 0, _INT32_MAX, "a non-negative int32")
-    s = _int_array("shift", shift, -1100, 1100, "a power-of-two exponent")
+    m = int_array(multiplier, "multiplier", 0, INT32_MAX, what="a non-negative int32")
+    s = int_array(shift, "shift", -1100, 1100, what="a power-of-two exponent")
     return _result(np.ldexp(m.astype(np.float64), (s - 31).astype(np.int32)), scalar)
 
 
-def _int32(name: str, value) -> np.ndarray:
-    return _int_array(name, value, _INT32_MIN, _INT32_MAX, "int32-representable")
+def _as_int32(value, name: str) -> np.ndarray:
+    return int_array(value, name, INT32_MIN, INT32_MAX, what="int32-representable")
 
 
 def _srdhm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # a, b: int64 arrays holding int32 values.  |a*b| <= 2**62, so a*b + 2**30 fits int64.
     out = (a * b + (1 << 30)) >> 31
-    return np.where((a == _INT32_MIN) & (b == _INT32_MIN), _INT32_MAX, out)
+    return np.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, out)
 
 
 def srdhm(a, b):
@@ -702,7 +648,7 @@ def srdhm(a, b):
     int or numpy.ndarray of int32
     """
     scalar = _is_scalar(a) and _is_scalar(b)
-    out = _srdhm(_int32("a", a), _int32("b", b))
+    out = _srdhm(_as_int32(a, "a"), _as_int32(b, "b"))
     return _result(out.astype(np.int32), scalar)
 
 
@@ -743,8 +689,8 @@ def rounding_divide_by_pot(x, exponent):
     int or numpy.ndarray of int32
     """
     scalar = _is_scalar(x) and _is_scalar(exponent)
-    xv = _int32("x", x)
-    e = _int_array("exponent", exponent, 0, 31, "an exponent from 0 to 31")
+    xv = _as_int32(x, "x")
+    e = int_array(exponent, "exponent", 0, 31, what="an exponent from 0 to 31")
     return _result(_rdbpot(xv, e).astype(np.int32), scalar)
 
 
@@ -794,21 +740,21 @@ def multiply_by_quantized_multiplier(x, multiplier, shift, *, rounding="double")
     -------
     int or numpy.ndarray of int32
     """
-    _check_choice("rounding", rounding, _TFLITE_ROUNDINGS)
+    check_choice(rounding, "rounding", _TFLITE_ROUNDINGS)
     scalar = _is_scalar(x) and _is_scalar(multiplier) and _is_scalar(shift)
-    xv = _int32("x", x)
-    m = _int_array("multiplier", multiplier, 0, _INT32_MAX, "a non-negative int32")
+    xv = _as_int32(x, "x")
+    m = int_array(multiplier, "multiplier", 0, INT32_MAX, what="a non-negative int32")
     bad = (m != 0) & (m < 2**30)
     if np.any(bad):
         raise ValueError(
             "multiplier must be 0 or in [2**30, 2**31 - 1] (a Q0.31 significand in [0.5, 1) "
             f"from quantize_multiplier), got {int(m[bad].flat[0])}"
         )
-    s = _int_array("shift", shift, -31, 30, "an exponent from -31 to 30")
+    s = int_array(shift, "shift", -31, 30, what="an exponent from -31 to 30")
     if rounding == "double":
         left = np.maximum(s, 0)
         shifted = xv << left
-        over = (shifted < _INT32_MIN) | (shifted > _INT32_MAX)
+        over = (shifted < INT32_MIN) | (shifted > INT32_MAX)
         if np.any(over):
             raise ValueError(
                 f"x * 2**shift overflows int32 in {int(np.count_nonzero(over))} place(s) "
@@ -819,7 +765,7 @@ def multiply_by_quantized_multiplier(x, multiplier, shift, *, rounding="double")
     else:
         total = 31 - s
         out = (xv * m + (np.int64(1) << (total - 1))) >> total
-        over = (out < _INT32_MIN) | (out > _INT32_MAX)
+        over = (out < INT32_MIN) | (out > INT32_MAX)
         if np.any(over):
             raise ValueError(
                 f"the result x * multiplier * 2**(shift - 31) does not fit int32 in "
@@ -851,8 +797,8 @@ def rounding_divide_by_pot_half_up(x, exponent):
     int or numpy.ndarray of int32
     """
     scalar = _is_scalar(x) and _is_scalar(exponent)
-    xv = _int32("x", x)
-    e = _int_array("exponent", exponent, 0, 31, "an exponent from 0 to 31")
+    xv = _as_int32(x, "x")
+    e = int_array(exponent, "exponent", 0, 31, what="an exponent from 0 to 31")
     half = np.where(e > 0, np.int64(1) << np.maximum(e - 1, 0), 0)
     return _result(((xv + half) >> e).astype(np.int32), scalar)
 
@@ -880,11 +826,11 @@ def multiply_by_quantized_multiplier_half_up(x, multiplier, shift):
     int or numpy.ndarray of int32
     """
     scalar = _is_scalar(x) and _is_scalar(multiplier) and _is_scalar(shift)
-    xv = _int32("x", x)
-    m = _int_array("multiplier", multiplier, 0, _INT32_MAX, "a non-negative int32")
-    s = _int_array("shift", shift, -31, 30, "an exponent from -31 to 30")
+    xv = _as_int32(x, "x")
+    m = int_array(multiplier, "multiplier", 0, INT32_MAX, what="a non-negative int32")
+    s = int_array(shift, "shift", -31, 30, what="an exponent from -31 to 30")
     shifted = xv << np.maximum(s, 0)
-    over = (shifted < _INT32_MIN) | (shifted > _INT32_MAX)
+    over = (shifted < INT32_MIN) | (shifted > INT32_MAX)
     if np.any(over):
         raise ValueError(f"x * 2**shift overflows int32 in {int(np.count_nonzero(over))} "
                          "place(s) (the kernels shift x left in int32 first, which would wrap)")

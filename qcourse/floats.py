@@ -26,20 +26,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qcourse._checks import check_bool, describe
+from qcourse._deprecated import moved_names
+
 __all__ = [
     "BF16",
     "ENERGY_45NM_PJ",
     "ENERGY_SOURCE",
     "FORMATS",
+    "FP4_E2M1",
+    "FP6_E2M3",
+    "FP6_E3M2",
     "FP8_E4M3FN",
+    "FP8_E4M3FNUZ",
     "FP8_E5M2",
+    "FP8_E5M2FNUZ",
     "FP16",
     "FP32",
     "FP64",
     "FloatFormat",
     "FloatParts",
     "bit_string",
-    "breakdown",
+    "float_parts",
     "decode",
     "double_rounding_inputs",
     "encode",
@@ -50,7 +58,7 @@ __all__ = [
 ]
 
 _U64 = np.uint64
-_CONVENTIONS = ("ieee", "fn")
+_CONVENTIONS = ("ieee", "fn", "fnuz", "finite")
 
 
 # --- The format --------------------------------------------------------------------------------
@@ -78,12 +86,16 @@ class FloatFormat:
         needs a nonzero mantissa to spell NaN).  ``1 + exp_bits + man_bits`` must be at most 64.
     bias : int, optional
         :math:`B`; defaults to :math:`2^{e-1} - 1` (127 for fp32, 15 for fp16, 7 for e4m3fn).
-    convention : {"ieee", "fn"}
+    convention : {"ieee", "fn", "fnuz", "finite"}
         What the all-ones exponent field means.  ``"ieee"``: it holds :math:`\pm\infty`
         (mantissa 0) and NaN (any other mantissa), as in fp32, fp16, bf16 and float8_e5m2.
         ``"fn"`` (finite, NaN-only, as float8_e4m3fn): there is no infinity, the single NaN is
         the pattern S.11…1.11…1, and the other all-ones-exponent patterns are ordinary normal
-        numbers.
+        numbers.  ``"fnuz"`` (finite, NaN-only, unsigned zero, as float8_e4m3fnuz and
+        float8_e5m2fnuz, usually with bias :math:`2^{e-1}`): every pattern is a number except
+        the "negative zero" 1.00…0.00…0, which is the one NaN.  ``"finite"`` (as the OCP
+        Microscaling elements float4_e2m1fn, float6_e2m3fn and float6_e3m2fn): no infinity and
+        no NaN, every pattern is a number.
     """
 
     name: str
@@ -148,7 +160,7 @@ class FloatFormat:
 
     @property
     def has_inf(self) -> bool:
-        """True for the ``"ieee"`` convention, False for ``"fn"`` (no infinities)."""
+        """True for the ``"ieee"`` convention, False for the others (no infinities)."""
         return self.convention == "ieee"
 
     @property
@@ -159,7 +171,7 @@ class FloatFormat:
     @property
     def emax(self) -> int:
         r"""Unbiased exponent of the largest finite number: :math:`2^e - 2 - B` for ``"ieee"``
-        (the all-ones field is reserved), :math:`2^e - 1 - B` for ``"fn"``."""
+        (the all-ones field is reserved), :math:`2^e - 1 - B` for the others."""
         top = 2**self.exp_bits - (2 if self.convention == "ieee" else 1)
         return top - self.bias
 
@@ -174,21 +186,29 @@ class FloatFormat:
 
         ``"ieee"``: all-ones exponent with only the top mantissa bit set (0x7FC00000 for fp32,
         0x7E00 for fp16, 0x7FC0 for bf16, 0x7E for e5m2).  ``"fn"``: all ones (0x7F for e4m3fn).
+        ``"fnuz"``: the sign bit alone (0x80).  ``"finite"``: None (there is no NaN).
         """
         if self.convention == "fn":
             return self.sign_mask - 1
+        if self.convention == "fnuz":
+            return self.sign_mask
+        if self.convention == "finite":
+            return None
         return self.inf_bits | (1 << (self.man_bits - 1))
 
     @property
     def inf_bits(self) -> int | None:
-        """The +infinity pattern (all-ones exponent, zero mantissa), or None for ``"fn"``."""
-        if self.convention == "fn":
+        """The +infinity pattern (all-ones exponent, zero mantissa), or None (no infinity)."""
+        if self.convention != "ieee":
             return None
         return (2**self.exp_bits - 1) << self.man_bits
 
     @property
     def max_bits(self) -> int:
-        """The pattern of the largest finite value (just below +inf, or just below NaN for fn)."""
+        """The pattern of the largest finite value (just below +inf, or just below NaN for fn;
+        all ones but the sign for fnuz and finite)."""
+        if self.convention in ("fnuz", "finite"):
+            return self.sign_mask - 1
         overflow = self.nan_bits if self.convention == "fn" else self.inf_bits
         return overflow - 1
 
@@ -196,9 +216,12 @@ class FloatFormat:
     def num_finite(self) -> int:
         r"""Number of finite bit patterns, counting +0 and -0 separately.
 
-        ``"ieee"``: :math:`2 (2^e - 1) 2^p`; ``"fn"``: :math:`2^{1+e+p} - 2`.  Distinct finite
-        *values* are one fewer (the two zeros compare equal).
+        ``"ieee"``: :math:`2 (2^e - 1) 2^p`; ``"fn"``: :math:`2^{1+e+p} - 2`; ``"finite"``:
+        :math:`2^{1+e+p}`.  Distinct finite *values* are one fewer (the two zeros compare equal).
+        ``"fnuz"`` has a single zero: :math:`2^{1+e+p} - 1` patterns, as many values.
         """
+        if self.convention == "fnuz":
+            return 2 * self.sign_mask - 1
         return 2 * (self.max_bits + 1)
 
     # --- values (Python floats; exact for formats that fit in float64) ------------------------
@@ -247,20 +270,27 @@ FP16 = FloatFormat("fp16", 5, 10)
 BF16 = FloatFormat("bf16", 8, 7)
 FP8_E4M3FN = FloatFormat("e4m3fn", 4, 3, convention="fn")
 FP8_E5M2 = FloatFormat("e5m2", 5, 2)
+#: The fnuz float8 variants (one NaN at 0x80, no -0, bias 2^(e-1)) and the OCP Microscaling
+#: element formats (no infinity, no NaN), as ml_dtypes and ONNX define them.
+FP8_E4M3FNUZ = FloatFormat("e4m3fnuz", 4, 3, bias=8, convention="fnuz")
+FP8_E5M2FNUZ = FloatFormat("e5m2fnuz", 5, 2, bias=16, convention="fnuz")
+FP6_E3M2 = FloatFormat("e3m2fn", 3, 2, convention="finite")
+FP6_E2M3 = FloatFormat("e2m3fn", 2, 3, convention="finite")
+FP4_E2M1 = FloatFormat("e2m1fn", 2, 1, convention="finite")
 
 #: The named formats, by name; a ``fmt`` argument may also be one of these names.
 FORMATS = {f.name: f for f in (FP64, FP32, FP16, BF16, FP8_E4M3FN, FP8_E5M2)}
 
 
-def _check_format(fmt, arg: str = "fmt") -> FloatFormat:
+def _check_format(fmt, name: str = "fmt") -> FloatFormat:
     if isinstance(fmt, FloatFormat):
         return fmt
     if isinstance(fmt, str):
         if fmt in FORMATS:
             return FORMATS[fmt]
-        raise ValueError(f"{arg} must be a FloatFormat or one of {sorted(FORMATS)}, got {fmt!r}")
+        raise ValueError(f"{name} must be a FloatFormat or one of {sorted(FORMATS)}, got {fmt!r}")
     raise TypeError(
-        f"{arg} must be a FloatFormat (e.g. qcourse.floats.FP16) or a format name, "
+        f"{name} must be a FloatFormat (e.g. qcourse.floats.FP16) or a format name, "
         f"got {type(fmt).__name__}"
     )
 
@@ -286,7 +316,8 @@ def _round_pack(m: np.ndarray, e: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     :math:`2^{k-p}` after rounding, and the pattern is simply :math:`(k - e_{\min}) 2^p + N`:
     a carry out of the mantissa, a subnormal rounding up to the smallest normal and a rounding
     up past the largest finite value all fall out of the addition.  Patterns at or past the
-    overflow pattern become +inf (``"ieee"``) or NaN (``"fn"``).
+    overflow pattern become +inf (``"ieee"``), NaN (``"fn"``, ``"fnuz"``) or the largest
+    finite pattern (``"finite"``: saturation).
     """
     p = fmt.man_bits
     emin, emax = fmt.emin, fmt.emax
@@ -312,7 +343,9 @@ def _round_pack(m: np.ndarray, e: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     sl = np.clip(-s, 0, 63).astype(_U64)
     n = np.where(s < 0, m << sl, n)
     code = ((k - emin).astype(_U64) << _U64(p)) + n
-    limit = _U64(fmt.nan_bits if fmt.convention == "fn" else fmt.inf_bits)
+    if fmt.convention == "finite":
+        return np.minimum(code, _U64(fmt.max_bits))
+    limit = _U64(fmt.inf_bits if fmt.convention == "ieee" else fmt.nan_bits)
     return np.where(code >= limit, limit, code)
 
 
@@ -363,28 +396,28 @@ def _decompose(x, arg: str = "x"):
     return sign, m, e, special & (f64 != 0), special & (f64 == 0), scalar
 
 
-def _check_bits(bits, fmt: FloatFormat, arg: str = "bits"):
+def _bit_patterns(bits, name: str, fmt: FloatFormat):
     """Validate bit patterns for ``fmt``; return them as a uint64 array and a scalar flag."""
     if isinstance(bits, bool | np.bool_):
-        raise TypeError(f"{arg} must be integer bit patterns, got bool")
+        raise TypeError(f"{name} must be integer bit patterns, got bool")
     if isinstance(bits, int) and not isinstance(bits, np.integer):
         if not 0 <= bits < 2**fmt.total_bits:
             raise ValueError(
-                f"{arg}={bits} is out of range for {fmt.name}: bit patterns are integers in "
+                f"{name}={bits} is out of range for {fmt.name}: bit patterns are integers in "
                 f"[0, 2**{fmt.total_bits})"
             )
         return np.asarray(bits, dtype=_U64), True
     arr = np.asarray(bits)
     if arr.dtype.kind not in "iu":
         raise TypeError(
-            f"{arg} must be integer bit patterns (e.g. x.view(np.uint16)), got dtype {arr.dtype}"
+            f"{name} must be integer bit patterns (e.g. x.view(np.uint16)), got dtype {arr.dtype}"
         )
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= 2**fmt.total_bits:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"{arg} holds {bad}, out of range for {fmt.name}: bit patterns are integers in "
+                f"{name} holds {bad}, out of range for {fmt.name}: bit patterns are integers in "
                 f"[0, 2**{fmt.total_bits}) (use an unsigned view such as np.uint16)"
             )
     return arr.astype(_U64), arr.ndim == 0
@@ -416,7 +449,7 @@ def fields(bits, fmt):
         See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
     p = _U64(fmt.man_bits)
     sign = b >> _U64(fmt.exp_bits + fmt.man_bits)
     expo = (b >> p) & _U64(2**fmt.exp_bits - 1)
@@ -440,12 +473,19 @@ def encode(x, fmt):
     float8_e4m3fn conversion (which does *not* saturate) the value becomes NaN with the sign
     kept; for e4m3fn that is every :math:`|x| > 464`, while 464 itself, the tie between 448 and
     the NaN pattern, rounds to even, 448.  Infinite inputs become :math:`\pm\infty`
-    (``"ieee"``) or the signed NaN (``"fn"``).
+    (``"ieee"``) or the signed NaN (``"fn"``).  ``"fnuz"``: overflow, infinities and NaN all
+    become the one NaN (0x80), and a zero, or a negative value that rounds to zero, is +0 (there
+    is no -0).  ``"finite"``: overflow and infinities *saturate* to the largest finite value,
+    sign kept, as ml_dtypes' float4_e2m1fn and float6 conversions do; NaN, which such a format
+    cannot hold, becomes a zero whose sign is the *opposite* of the NaN's sign bit -- an
+    arbitrary choice that this function copies from ml_dtypes (and that ONNX's reference shares)
+    so that the two agree bit for bit.
 
     NaN becomes the format's canonical quiet NaN, sign kept, payload dropped (:attr:`FloatFormat.
     nan_bits`, or'ed with the sign bit).  This is what ml_dtypes does for every NaN and what
     numpy does for the default NaN; numpy's float16 cast also carries payload bits across,
-    which this function deliberately does not.  Signed zeros keep their sign.
+    which this function deliberately does not.  Signed zeros keep their sign (but see
+    ``"fnuz"``).
 
     Parameters
     ----------
@@ -462,9 +502,16 @@ def encode(x, fmt):
     fmt = _check_format(fmt)
     sign, m, e, nan, inf, scalar = _decompose(x)
     code = _round_pack(m, e, fmt)
-    inf_code = fmt.nan_bits if fmt.convention == "fn" else fmt.inf_bits
-    code = np.where(inf, _U64(inf_code), code)
-    code = np.where(nan, _U64(fmt.nan_bits), code)
+    if fmt.convention == "finite":
+        code = np.where(inf, _U64(fmt.max_bits), code)
+        code = np.where(nan, _U64(0), code)
+        sign = np.where(nan, _U64(1) - sign, sign)
+    else:
+        inf_code = fmt.inf_bits if fmt.convention == "ieee" else fmt.nan_bits
+        code = np.where(inf, _U64(inf_code), code)
+        code = np.where(nan, _U64(fmt.nan_bits), code)
+    if fmt.convention == "fnuz":            # no -0; NaN is the sign bit alone
+        sign = np.where(code == 0, _U64(0), sign)
     code = code | (sign << _U64(fmt.exp_bits + fmt.man_bits))
     return _out(code, scalar, fmt.dtype)
 
@@ -478,7 +525,8 @@ def decode(bits, fmt):
         x = (-1)^s\, \frac{M}{2^p}\, 2^{1 - B}\ (E = 0),
 
     with the all-ones exponent field read per the convention (inf/NaN for ``"ieee"``, NaN only
-    at all-ones for ``"fn"``).  Exact whenever the format's values are float64 values (every
+    at all-ones for ``"fn"``, numbers for ``"fnuz"`` and ``"finite"``; ``"fnuz"``'s one NaN is
+    the sign bit alone).  Exact whenever the format's values are float64 values (every
     format with ``man_bits <= 52`` and its exponent range inside float64's, which includes all
     the named ones); otherwise rounded once to nearest float64.
 
@@ -494,7 +542,7 @@ def decode(bits, fmt):
     See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
     p = fmt.man_bits
     sign = b >> _U64(fmt.exp_bits + p)
     ef = ((b >> _U64(p)) & _U64(2**fmt.exp_bits - 1)).astype(np.int64)
@@ -506,6 +554,10 @@ def decode(bits, fmt):
     if fmt.convention == "ieee":
         m = np.where(top, _U64(0), m)
         inf, nan = top & (mf == 0), top & (mf != 0)
+    elif fmt.convention in ("fnuz", "finite"):
+        nan = (b == _U64(fmt.sign_mask)) if fmt.convention == "fnuz" else np.zeros(b.shape, bool)
+        inf = np.zeros_like(nan)
+        m = np.where(nan, _U64(0), m)
     else:
         nan = top & (mf == 2**p - 1)
         inf = np.zeros_like(nan)
@@ -589,6 +641,7 @@ def enumerate_format(fmt, finite_only: bool = True):
             f"fmt must be at most 16 bits wide to enumerate, got {fmt.name} with "
             f"{fmt.total_bits} bits ({2**fmt.total_bits} patterns)"
         )
+    finite_only = check_bool(finite_only, "finite_only")
     bits = np.arange(2**fmt.total_bits, dtype=np.uint64).astype(fmt.dtype)
     values = decode(bits, fmt)
     if not finite_only:
@@ -644,7 +697,9 @@ def bit_string(bits, fmt, sep: str = " ") -> str:
     See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
+    if not isinstance(sep, str):
+        raise TypeError(f"sep must be a str, got {describe(sep)}")
     if not scalar and b.size != 1:
         raise ValueError(f"bits must be a single bit pattern, got an array of shape {b.shape}")
     s, ex, man = fields(int(b.reshape(-1)[0]), fmt)
@@ -656,7 +711,7 @@ def bit_string(bits, fmt, sep: str = " ") -> str:
 
 @dataclass(frozen=True)
 class FloatParts:
-    """One bit pattern taken apart; made by :func:`breakdown`.
+    """One bit pattern taken apart; made by :func:`float_parts`.
 
     ``kind`` is one of ``"zero"``, ``"subnormal"``, ``"normal"``, ``"inf"``, ``"nan"``;
     ``unbiased_exponent`` is :math:`E - B` for normal numbers, :math:`1 - B` for zero and
@@ -703,7 +758,7 @@ class FloatParts:
         )
 
 
-def breakdown(bits, fmt) -> FloatParts:
+def float_parts(bits, fmt) -> FloatParts:
     """Take one bit pattern apart: fields, kind (zero/subnormal/normal/inf/nan) and value.
 
     This is what the chapter's bit explorer shows.  For a number rather than a pattern, pass
@@ -721,7 +776,7 @@ def breakdown(bits, fmt) -> FloatParts:
     See the floats chapter.
     """
     fmt = _check_format(fmt)
-    b, scalar = _check_bits(bits, fmt)
+    b, scalar = _bit_patterns(bits, "bits", fmt)
     if not scalar and b.size != 1:
         raise ValueError(f"bits must be a single bit pattern, got an array of shape {b.shape}")
     b = int(b.reshape(-1)[0])
@@ -765,3 +820,6 @@ ENERGY_45NM_PJ = {
     "DRAM read (low)": 1300.0,
     "DRAM read (high)": 2600.0,
 }
+
+
+__getattr__ = moved_names(__name__, {"breakdown": "qcourse.floats.float_parts"})

@@ -8,17 +8,17 @@ the output and is the only place a learner calls.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
-from qcourse import _kernels
+from qcourse import _checks, _kernels
+from qcourse._deprecated import moved_names
 from qcourse.fixed_point import max_k
 
 __all__ = [
     "INT32_MAX",
+    "INT32_MIN",
     "LADDER",
     "PackedB",
     "PackedInt4",
@@ -31,7 +31,6 @@ __all__ = [
     "matmul_int8_bt",
     "matmul_int8_ikj",
     "matmul_int8_naive",
-    "matmul_int8_packed",
     "matmul_int8_reference",
     "matmul_int8_requant",
     "matmul_int8_requant_reference",
@@ -49,8 +48,8 @@ __all__ = [
     "w4a8_group_sums_reference",
 ]
 
-INT32_MAX = np.iinfo(np.int32).max
-INT32_MIN = np.iinfo(np.int32).min
+INT32_MAX = _checks.INT32_MAX
+INT32_MIN = _checks.INT32_MIN
 
 
 def max_k_s8s8() -> int:
@@ -68,15 +67,20 @@ def max_k_s8s8() -> int:
 _MAX_K = max_k_s8s8()
 
 
-def _check_matrix(name: str, x) -> None:
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of dtype int8, got {type(x).__name__}")
-    if x.dtype != np.int8:
-        raise TypeError(f"{name} must have dtype int8, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows, columns), got {x.ndim}-D shape {x.shape}")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
+_INT8 = (np.dtype(np.int8),)
+
+
+def _check_matrix(x, name: str) -> None:
+    _checks.check_ndarray(x, name, _INT8, ndim=2)
+
+def _check_k(k: int, name: str) -> None:
+    if k > _MAX_K:
+        raise ValueError(
+            f"K={k} is too large ({name} has {k} {'columns' if name == 'a' else 'rows'}): an "
+            f"int8 x int8 sum of more than {_MAX_K} products can overflow the int32 accumulator "
+            f"((-128)*(-128)*K > 2**31 - 1); split K into chunks and add the int32 partial sums "
+            f"in int64"
+        )
 
 
 def _check_inner(a_shape: tuple, b_shape: tuple) -> None:
@@ -85,18 +89,12 @@ def _check_inner(a_shape: tuple, b_shape: tuple) -> None:
             f"inner dimensions differ: a has shape {a_shape} (K={a_shape[1]}) but b has shape "
             f"{b_shape} (K={b_shape[0]}); a.shape[1] must equal b.shape[0]"
         )
-    k = a_shape[1]
-    if k > _MAX_K:
-        raise ValueError(
-            f"K={k} is too large: an int8 x int8 sum of more than {_MAX_K} products can "
-            f"overflow the int32 accumulator ((-128)*(-128)*K > 2**31 - 1); split K into chunks "
-            f"and add the int32 partial sums in int64"
-        )
+    _check_k(a_shape[1], "a")
 
 
 def _check_operands(a, b) -> tuple[np.ndarray, np.ndarray]:
-    _check_matrix("a", a)
-    _check_matrix("b", b)
+    _check_matrix(a, "a")
+    _check_matrix(b, "b")
     _check_inner(a.shape, b.shape)
     return a, b
 
@@ -169,8 +167,7 @@ def best_path() -> str:
 def _path_code(path: str | None) -> int:
     if path is None:
         return _PATHS[best_path()]
-    if path not in _PATHS:
-        raise ValueError(f"path must be one of {sorted(_PATHS)} or None, got {path!r}")
+    _checks.check_choice(path, "path", sorted(_PATHS))
     if path not in available_paths():
         hidden = (f" (QCOURSE_MAX_PATH={_MAX_PATH} hides the paths above it)" if _MAX_PATH
                   else "")
@@ -228,16 +225,15 @@ def matmul_int8_u8s8(a: np.ndarray, b: np.ndarray, *, path: str | None = None) -
     """
     a, b = _check_operands(a, b)
     code = _path_code(path)
-    au = (a.astype(np.int16) + 128).astype(np.uint8)
+    au = np.ascontiguousarray((a.astype(np.int16) + 128).astype(np.uint8))
     colsum = b.sum(axis=0, dtype=np.int32)
     out = _new_output(a, b.shape[1])
     _kernels.matmul_u8s8(code, au, np.ascontiguousarray(b.T), colsum, out)
     return out
 
 
-@dataclass(frozen=True)
 class PackedB:
-    r"""B packed once for :func:`matmul_int8_packed`: keep it and reuse it for every call.
+    r"""B packed once for :func:`matmul_int8`: keep it and reuse it for every call.
 
     ``data`` holds :math:`B + 128` as uint8 in groups of 64 columns; inside a group, for each run
     of four consecutive k values, four 64-byte blocks (one AVX-512 register each: 16 columns x 4
@@ -245,12 +241,57 @@ class PackedB:
     is the one held in a register, so B (loaded once per tile) is the one shifted to uint8.
     ``colsum`` is :math:`\sum_k B_{kj}` (padded with zeros to a multiple of 64), used to fold
     the input zero point into the requantization.
+
+    A checked, immutable value: built only by :func:`prepack` (calling ``PackedB(...)`` raises
+    ``TypeError``), its arrays read-only and ``data`` starting on a 64-byte boundary, which the
+    kernel's aligned loads need.  ``copy.copy``, ``copy.deepcopy`` and pickling store B itself
+    (:meth:`unpack`) and pack it again, so a copy, a model sent to another process or loaded
+    from a file is aligned like the original and gives the identical result.
     """
 
+    __slots__ = ("k", "n", "data", "colsum")
     k: int
     n: int
     data: np.ndarray
     colsum: np.ndarray
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PackedB is built by qcourse.kernels.prepack(b), not by calling PackedB")
+
+    @classmethod
+    def _from_packing(cls, k: int, n: int, data: np.ndarray, colsum: np.ndarray) -> PackedB:
+        data.flags.writeable = False
+        colsum.flags.writeable = False
+        obj = object.__new__(cls)
+        for name, value in (("k", k), ("n", n), ("data", data), ("colsum", colsum)):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"PackedB is immutable: cannot set {name!r}; pack a new B with "
+                             f"prepack")
+
+    __delattr__ = __setattr__
+
+    def unpack(self) -> np.ndarray:
+        """B itself, int8 of shape (K, N), read back from the packed bytes."""
+        groups = self.data.size // (self.k + 3 & ~3) // 64
+        blocks = self.data.reshape(groups, -1, 4, 16, 4)       # group, quad, panel, column, t
+        b = blocks.transpose(1, 4, 0, 2, 3).reshape(-1, groups * 64)
+        return (b[:self.k, :self.n].astype(np.int16) - 128).astype(np.int8)
+
+    def __reduce__(self):
+        return prepack, (self.unpack(),)
+
+    def __eq__(self, other):
+        if not isinstance(other, PackedB):
+            return NotImplemented
+        return (self.k, self.n) == (other.k, other.n) and np.array_equal(self.data, other.data)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"PackedB(k={self.k}, n={self.n}, {self.data.size} bytes)"
 
 
 def _aligned_empty(size: int, dtype, alignment: int = 64) -> np.ndarray:
@@ -267,15 +308,26 @@ def _scratch(m: int, n: int) -> np.ndarray:
 
 
 def prepack(b: np.ndarray) -> PackedB:
-    """Pack an int8 (K, N) matrix for :func:`matmul_int8_packed` (the weights of a layer, once)."""
-    if not isinstance(b, np.ndarray):
-        raise TypeError(f"b must be a numpy.ndarray of dtype int8, got {type(b).__name__}")
-    _, b = _check_operands(np.zeros((1, b.shape[0] if b.ndim == 2 else 1), np.int8), b)
+    """Pack an int8 (K, N) matrix for :func:`matmul_int8` (the weights of a layer, once).
+
+    The only way to build a :class:`PackedB`.  Same checks on ``b`` as :func:`matmul_int8`:
+    an int8 ndarray, 2-D, not empty, K at most :func:`max_k_s8s8`.
+    """
+    _check_matrix(b, "b")
+    _check_k(b.shape[0], "b")
     k, n = b.shape
     data = _aligned_empty(_kernels.packed_b_size(k, n), np.uint8)
     colsum = np.empty(_kernels.padded_columns(n), dtype=np.int32)
     _kernels.pack_b(np.ascontiguousarray(b), data, colsum)
-    return PackedB(k=k, n=n, data=data, colsum=colsum)
+    return PackedB._from_packing(k, n, data, colsum)
+
+
+def _packed_operand(b) -> PackedB:
+    """``b`` as the kernel receives it: a PackedB from :func:`prepack`, or an int8 matrix packed
+    now.  The compiled function checks the packed sizes against K and N and the alignment."""
+    if isinstance(b, PackedB):
+        return b
+    return prepack(b)
 
 
 _threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -291,9 +343,12 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(threads: int) -> None:
-    """Set the default thread count of the packed kernel (OpenMP, over groups of 64 columns)."""
+    """Set the default thread count of the packed kernel (OpenMP, over groups of 64 columns).
+
+    Bounds: ``threads`` is an int in [1, 1024].
+    """
     global _threads
-    _threads = _check_threads(threads)
+    _threads = _checks.check_threads(threads)
 
 
 # Work per extra thread before the default thread count uses it: 2**24 operations, about 40 us of
@@ -310,30 +365,51 @@ def _default_threads(m: int, n: int, k: int) -> int:
     return max(1, min(_threads, (2 * m * n * k) // MIN_OPS_PER_THREAD))
 
 
-def _check_threads(threads) -> int:
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    return int(threads)
+def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
+                threads: int | None = None) -> np.ndarray:
+    r"""Exact int8 x int8 -> int32 matrix product, run by the compiled extension without the GIL.
 
+    .. math:: C_{ij} = \sum_{k=0}^{K-1} A_{ik} B_{kj}
 
-def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
-                       threads: int | None = None) -> np.ndarray:
-    r"""Rung 5: B packed into register-sized blocks, output computed in register tiles.
+    Each product of two int8 values fits in 16 bits and the sum is accumulated in int32, as a
+    hardware MAC unit does.  K is limited to :func:`max_k_s8s8` (131071) so that the int32
+    accumulator can never overflow; a larger K raises ``ValueError`` rather than wrapping.
+    Non-contiguous inputs are copied to C order first.  This is rung 5 of the kernels chapter's
+    ladder, the one the other chapters call: B packed into register-sized blocks, the output
+    computed in register tiles.  Each micro-tile of C (6 rows x 64 columns on the VNNI path, 24
+    registers) stays in registers for the whole k loop; per group of four k values it reads 256
+    bytes of packed B and issues 24 ``vpdpbusd``, each of which broadcasts four bytes of a row
+    of A straight from A's memory (A is not copied).  See the kernels chapter.
 
-    Each micro-tile of C (6 rows x 64 columns on the VNNI path, 24 registers) stays in registers
-    for the whole k loop; per group of four k values it reads 256 bytes of packed B and issues 24
-    ``vpdpbusd``, each of which broadcasts four bytes of a row of A straight from A's memory (A
-    is not copied).  ``b`` may be a :class:`PackedB` from
-    :func:`prepack` (pack once, multiply many times).  ``path`` forces an instruction set (see
-    :func:`available_paths`); every path gives the identical exact result.  ``threads`` splits the
-    columns between OpenMP threads (default :func:`get_num_threads`).
+    Parameters
+    ----------
+    a : numpy.ndarray, int8, shape (M, K)
+    b : numpy.ndarray, int8, shape (K, N), or PackedB
+        A :class:`PackedB` from :func:`prepack` is packed once and multiplied many times.
+    path : {"portable", "avx2", "vnni512"}, optional
+        Force an instruction set (see :func:`available_paths`); default: the best this CPU
+        supports (:func:`best_path`).  Every path gives the identical exact result.
+    threads : int, optional
+        OpenMP threads over the columns, 1 to 1024; default :func:`get_num_threads`.
+
+    Returns
+    -------
+    numpy.ndarray, int32, shape (M, N)
+
+    Raises
+    ------
+    TypeError
+        if ``a`` or ``b`` is not an int8 ndarray.
+    ValueError
+        if either is not 2-D or is empty, the inner dimensions differ, K exceeds the bound, or
+        ``path`` is unknown or not supported by this CPU, or ``threads`` is not in [1, 1024].
     """
-    packed = b if isinstance(b, PackedB) else prepack(b)
-    _check_matrix("a", a)
+    _check_matrix(a, "a")
+    packed = _packed_operand(b)
     _check_inner(a.shape, (packed.k, packed.n))
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
-               else _check_threads(threads))
+               else _checks.check_threads(threads))
     a = np.ascontiguousarray(a)
     # every entry is written; a C of 2 MiB or more 64-byte aligned, so that the kernel can store
     # it non-temporally (the alignment costs microseconds, which only a large product hides)
@@ -346,6 +422,16 @@ def matmul_int8_packed(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | No
 
 
 _NO_INT32 = np.zeros(0, np.int32)
+_OUT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def _per_column(values: np.ndarray, name: str, n: int) -> np.ndarray:
+    """A scalar or one value per column of B, broadcast to (n,)."""
+    if values.ndim > 1 or values.size not in (1, n):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},) (one per column of b), "
+                         f"got shape {values.shape}")
+    return np.broadcast_to(values.reshape(-1), (n,))
 
 
 def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_point,
@@ -357,51 +443,52 @@ def _requant_args(packed: PackedB, multiplier, output_zero_point, bias, a_zero_p
     entries and ``bias``/``zb`` int32 of N entries or empty (none / zero).
     """
     n = packed.n
-    out_dtype = np.dtype(out_dtype)
-    if out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
-        raise TypeError(f"out_dtype must be int8 or uint8, got {out_dtype}")
-    lo, hi = (-128, 127) if out_dtype == np.dtype(np.int8) else (0, 255)
-    qmin = lo if qmin is None else int(qmin)
-    qmax = hi if qmax is None else int(qmax)
-    if not lo <= qmin <= qmax <= hi:
-        raise ValueError(f"need {lo} <= qmin <= qmax <= {hi} for {out_dtype}, "
-                         f"got qmin={qmin}, qmax={qmax}")
-    zp = int(output_zero_point)
-    if not lo <= zp <= hi:
-        raise ValueError(f"output_zero_point must lie in [{lo}, {hi}] for {out_dtype}, got {zp}")
-    if isinstance(multiplier, (float, int, np.floating, np.integer)):
-        m = float(multiplier)
-        if not (math.isfinite(m) and m > 0):
-            raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
-        mult = np.array([m], dtype=np.float32)
-        if not mult[0] > 0:
-            raise ValueError("multiplier underflows to 0 in float32")
+    try:
+        out_dtype = np.dtype(out_dtype)
+    except TypeError:
+        out_dtype = None
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be int8 or uint8, got {_checks.describe(out_dtype)}")
+    lo, hi = (-128, 127) if out_dtype == _OUT_DTYPES[0] else (0, 255)
+    qmin = lo if qmin is None else _checks.check_int(qmin, "qmin", lo, hi)
+    qmax = hi if qmax is None else _checks.check_int(qmax, "qmax", lo, hi)
+    if qmin > qmax:
+        raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
+    zp = _checks.check_int(output_zero_point, "output_zero_point", lo, hi)
+    if not isinstance(multiplier, (list, tuple, np.ndarray)):
+        m = _checks.check_real(multiplier, "multiplier", 0, lo_open=True)
+        mult = np.array([min(m, _FLT_MAX)], dtype=np.float32)   # no overflow warning
+        if not mult[0] > 0 or m > _FLT_MAX:
+            raise ValueError(f"multiplier must be a positive float32 (it is rounded to "
+                             f"float32 once), got {m}, which rounds to "
+                             f"{'inf' if m > _FLT_MAX else mult[0]}")
+    elif (isinstance(multiplier, np.ndarray) and multiplier.dtype == np.float64
+          and multiplier.shape == (n,) and np.all((multiplier > 0) & (multiplier <= _FLT_MAX))
+          and np.all((mult := multiplier.astype(np.float32)) > 0)):
+        pass                  # one per column, float64, in range (NaN fails > 0): the fast path
     else:
-        m64 = np.broadcast_to(np.asarray(multiplier, dtype=np.float64), (n,))
-        if not (np.all(np.isfinite(m64)) and np.all(m64 > 0)):
-            raise ValueError("multiplier must be finite and > 0 (a scalar or one per column)")
-        mult = np.ascontiguousarray(m64, dtype=np.float32)
-        if not np.all(mult > 0):
-            raise ValueError("multiplier underflows to 0 in float32")
-    za = int(a_zero_point)
-    if not -128 <= za <= 127:
-        raise ValueError(f"a_zero_point must lie in [-128, 127] for int8 a, got {za}")
-    if b_zero_point is None or (isinstance(b_zero_point, (int, np.integer))
-                                and not isinstance(b_zero_point, bool) and b_zero_point == 0):
+        m64 = _per_column(_checks.real_array(multiplier, "multiplier"), "multiplier", n)
+        if not np.all(m64 > 0):
+            raise ValueError("multiplier must be > 0 (a scalar or one per column)")
+        with np.errstate(over="ignore"):
+            mult = np.ascontiguousarray(m64, dtype=np.float32)
+        if not (np.all(mult > 0) and np.all(np.isfinite(mult))):
+            raise ValueError("multiplier must be a positive float32 (it is rounded to float32 "
+                             "once): a value underflows to 0 or overflows")
+    za = _checks.check_int(a_zero_point, "a_zero_point", -128, 127)
+    if b_zero_point is None or (_checks.is_int(b_zero_point) and b_zero_point == 0):
         zb = _NO_INT32
     else:
-        zb = np.broadcast_to(np.asarray(b_zero_point), (n,))
-        if zb.dtype.kind not in "iu" or zb.min() < -128 or zb.max() > 127:
-            raise ValueError("b_zero_point must be integers in [-128, 127], a scalar or one per "
-                             "column")
+        zb = _per_column(_checks.int_array(b_zero_point, "b_zero_point", -128, 127),
+                         "b_zero_point", n)
         zb = np.ascontiguousarray(zb, dtype=np.int32) if np.any(zb != 0) else _NO_INT32
     if bias is None:
         bias = _NO_INT32
     else:
-        bias = np.asarray(bias)
-        if bias.dtype != np.int32 or bias.shape != (n,):
-            raise TypeError(f"bias must be an int32 array of shape ({n},), got "
-                            f"{bias.dtype} {bias.shape}")
+        bias = _checks.check_ndarray(bias, "bias", (np.dtype(np.int32),), ndim=1)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},) (one per column of b), got "
+                             f"{bias.shape}")
         bias = np.ascontiguousarray(bias)
     return out_dtype, qmin, qmax, zp, mult, bias, za, zb
 
@@ -440,14 +527,17 @@ def matmul_int8_requant(a: np.ndarray, b: np.ndarray | PackedB, multiplier,
     bias : int32 (N,), optional
     a_zero_point : int in [-128, 127];  b_zero_point : int or int array (N,) in [-128, 127]
     out_dtype : numpy.int8 or numpy.uint8
+
+    Bounds: ``threads`` is an int in [1, 1024]; K at most :func:`max_k_s8s8` (131071);
+    ``multiplier`` finite, > 0 and representable in float32.
     """
-    packed = b if isinstance(b, PackedB) else prepack(b)
-    _check_matrix("a", a)
+    _check_matrix(a, "a")
+    packed = _packed_operand(b)
     _check_inner(a.shape, (packed.k, packed.n))
     a = np.ascontiguousarray(a)
     code = _path_code(path)
     threads = (_default_threads(a.shape[0], packed.n, packed.k) if threads is None
-               else _check_threads(threads))
+               else _checks.check_threads(threads))
     out_dtype, qmin, qmax, zp, mult, bias, za, zb = _requant_args(
         packed, multiplier, output_zero_point, bias, a_zero_point, b_zero_point, out_dtype,
         qmin, qmax)
@@ -482,48 +572,11 @@ LADDER = {
     "loop order (i-k-j)": matmul_int8_ikj,
     "transposed B": matmul_int8_bt,
     "u8 x s8": matmul_int8_u8s8,
-    "packed, register-tiled": matmul_int8_packed,
+    "packed, register-tiled": matmul_int8,
 }
 # Rung 6, matmul_int8_requant, returns int8 rather than int32 and takes requantization
 # parameters, so it is benchmarked and tested beside the ladder rather than in it.
 """The kernels chapter's ladder, slowest first; every rung has the signature ``f(a, b)``."""
-
-
-def matmul_int8(a: np.ndarray, b: np.ndarray | PackedB, *, path: str | None = None,
-                threads: int | None = None) -> np.ndarray:
-    r"""Exact int8 x int8 -> int32 matrix product, run by the compiled extension without the GIL.
-
-    .. math:: C_{ij} = \sum_{k=0}^{K-1} A_{ik} B_{kj}
-
-    Each product of two int8 values fits in 16 bits and the sum is accumulated in int32, as a
-    hardware MAC unit does.  K is limited to :func:`max_k_s8s8` (131071) so that the int32
-    accumulator can never overflow; a larger K raises ``ValueError`` rather than wrapping.
-    Non-contiguous inputs are copied to C order first.  Uses the fastest kernel of the ladder for
-    this CPU (:func:`best_path`); ``b`` may be pre-packed with :func:`prepack`.  See the kernels
-    chapter.
-
-    Parameters
-    ----------
-    a : numpy.ndarray, int8, shape (M, K)
-    b : numpy.ndarray, int8, shape (K, N), or PackedB
-    path : {"portable", "avx2", "vnni512"}, optional
-        Force an instruction-set path; default: the best this CPU supports.
-    threads : int, optional
-        OpenMP threads; default :func:`get_num_threads`.
-
-    Returns
-    -------
-    numpy.ndarray, int32, shape (M, N)
-
-    Raises
-    ------
-    TypeError
-        if ``a`` or ``b`` is not an int8 ndarray.
-    ValueError
-        if either is not 2-D or is empty, the inner dimensions differ, K exceeds the bound, or
-        ``path`` is unknown or not supported by this CPU, or ``threads`` is not positive.
-    """
-    return matmul_int8_packed(a, b, path=path, threads=threads)
 
 
 # --- Depthwise convolution -----------------------------------------------------------------------
@@ -556,17 +609,16 @@ def _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point, w_z
                          f"{padding}")
     oh = (h + 2 * padding - kh) // stride + 1
     ow = (wd + 2 * padding - kw) // stride + 1
+    shape_only = PackedB._from_packing(kh * kw, c, np.zeros(0, np.uint8), np.zeros(0, np.int32))
     out_dtype, qmin, qmax, zp, mult, bias, za, zb = _requant_args(
-        PackedB(k=kh * kw, n=c, data=_NO_U8, colsum=_NO_INT32), multiplier, output_zero_point,
-        bias, x_zero_point, w_zero_point, out_dtype, qmin, qmax)
+        shape_only, multiplier, output_zero_point, bias, x_zero_point, w_zero_point, out_dtype,
+        qmin, qmax)
     mult = np.ascontiguousarray(np.broadcast_to(mult, (c,)))
     zw = zb if zb.size else np.zeros(c, np.int32)
     wz = (w.astype(np.int16) - zw.astype(np.int16)).astype(np.int16)
     return (np.ascontiguousarray(x), np.ascontiguousarray(wz), bias, mult, za, zp, qmin, qmax,
             stride, padding, oh, ow, out_dtype)
 
-
-_NO_U8 = np.zeros(0, np.uint8)
 
 
 def depthwise_conv_int8_reference(x, w, multiplier, output_zero_point: int = 0, *, bias=None,
@@ -615,7 +667,7 @@ def depthwise_conv_int8(x, w, multiplier, output_zero_point: int = 0, *, bias=No
     requantization is the float convention of :func:`matmul_int8_requant` (ONNX Runtime's
     QLinearConv).  A GEMM does not serve this layer (nine products per output, different for
     every channel); the loop runs across channels instead, which the compiler vectorizes for
-    each instruction set (``path``, as in :func:`matmul_int8_packed`; every path gives the same
+    each instruction set (``path``, as in :func:`matmul_int8`; every path gives the same
     bytes).  Single-threaded.  See the conv chapter.
     """
     (x, wz, bias, mult, za, zp, qmin, qmax, stride, padding, oh, ow,
@@ -629,7 +681,6 @@ def depthwise_conv_int8(x, w, multiplier, output_zero_point: int = 0, *, bias=No
 
 # --- W4A8: int4 weights in groups, int8 activations -----------------------------------------------
 
-@dataclass(frozen=True)
 class PackedInt4:
     r"""An int4 weight matrix packed once for :func:`matmul_w4a8` (from :func:`prepack_int4`).
 
@@ -637,13 +688,40 @@ class PackedInt4:
     of K, the codes :math:`q + 8` two to a byte in the order the kernel reads them, then the 64
     float32 scales (and the 64 zero points, if any); ``qcourse/csrc/w4a8.h`` gives the layout.
     ``n`` (output channels, rows of the codes), ``k`` (inputs), ``group_size``.
+
+    A checked, immutable value like :class:`PackedB`: built only by :func:`prepack_int4`
+    (calling ``PackedInt4(...)`` raises ``TypeError``), ``data`` read-only and starting on a
+    64-byte boundary (the kernel's aligned loads need it).  ``copy.copy``, ``copy.deepcopy`` and
+    pickling store the codes, scales and zero points (:meth:`unpack`) and pack them again, so a
+    copy is aligned like the original and gives the identical result.
     """
 
+    __slots__ = ("n", "k", "group_size", "has_zero_points", "data")
     n: int
     k: int
     group_size: int
     has_zero_points: bool
     data: np.ndarray
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PackedInt4 is built by qcourse.kernels.prepack_int4(codes, scales, "
+                        "group_size=...), not by calling PackedInt4")
+
+    @classmethod
+    def _from_packing(cls, n: int, k: int, group_size: int, has_zero_points: bool,
+                      data: np.ndarray) -> PackedInt4:
+        data.flags.writeable = False
+        obj = object.__new__(cls)
+        for name, value in (("n", n), ("k", k), ("group_size", group_size),
+                            ("has_zero_points", has_zero_points), ("data", data)):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"PackedInt4 is immutable: cannot set {name!r}; pack new weights "
+                             f"with prepack_int4")
+
+    __delattr__ = __setattr__
 
     def unpack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(codes, scales, zero_points)`` as given to :func:`prepack_int4`, read back from
@@ -662,6 +740,28 @@ class PackedInt4:
             zero_points = zp.transpose(0, 2, 1).reshape(col_groups * 64, groups)[:n].astype(np.int8)
         return np.ascontiguousarray(codes), np.ascontiguousarray(scales), zero_points
 
+    def __reduce__(self):
+        codes, scales, zero_points = self.unpack()
+        return _repack_int4, (codes, scales, self.group_size, zero_points)
+
+    def __eq__(self, other):
+        if not isinstance(other, PackedInt4):
+            return NotImplemented
+        return ((self.n, self.k, self.group_size, self.has_zero_points)
+                == (other.n, other.k, other.group_size, other.has_zero_points)
+                and np.array_equal(self.data, other.data))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return (f"PackedInt4(n={self.n}, k={self.k}, group_size={self.group_size}, "
+                f"has_zero_points={self.has_zero_points}, {self.data.size} bytes)")
+
+
+def _repack_int4(codes, scales, group_size, zero_points) -> PackedInt4:
+    """Unpickling and copying of a :class:`PackedInt4`: pack the stored values again."""
+    return prepack_int4(codes, scales, group_size=group_size, zero_points=zero_points)
+
 
 def max_group_w4a8() -> int:
     r"""Largest group size for which :func:`matmul_w4a8`'s integer sums cannot overflow int32.
@@ -675,29 +775,19 @@ def max_group_w4a8() -> int:
 
 
 def _check_group_size_w4(group_size, k: int) -> int:
-    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, (int, np.integer)):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    g = int(group_size)
-    if g < 8 or g % 8:
+    g = _checks.check_int(group_size, "group_size", 8, max_group_w4a8())
+    if g % 8:
         raise ValueError(f"group_size must be a positive multiple of 8 (the kernel reads codes "
                          f"eight k at a time), got {g}")
     if k % g:
         raise ValueError(f"group_size={g} does not divide K={k}: every group must be whole")
-    if g > max_group_w4a8():
-        raise ValueError(f"group_size={g} is too large: a group's int32 sum could overflow "
-                         f"(at most {max_group_w4a8()}, max_group_w4a8())")
     return g
 
 
-def _check_int4_grid(name: str, values, shape: tuple) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+def _check_int4_grid(values, name: str, shape: tuple) -> np.ndarray:
+    arr = _checks.int_array(values, name, -8, 7, what="signed 4-bit")
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-    if arr.min() < -8 or arr.max() > 7:
-        raise ValueError(f"{name} must lie in [-8, 7] (signed 4-bit), got values in "
-                         f"[{arr.min()}, {arr.max()}]")
     return np.ascontiguousarray(arr, dtype=np.int8)
 
 
@@ -726,7 +816,7 @@ def prepack_int4(codes: np.ndarray, scales, *, group_size: int,
         group size that is not a multiple of 8 or does not divide K, scales of the wrong shape,
         NaN, infinite or <= 0, zero points of the wrong shape or outside [-8, 7].
     """
-    _check_matrix("codes", codes)
+    _check_matrix(codes, "codes")
     n, k = codes.shape
     if k % 2:
         raise ValueError(f"codes must have an even number of columns K (two 4-bit codes per "
@@ -735,43 +825,55 @@ def prepack_int4(codes: np.ndarray, scales, *, group_size: int,
     if codes.min() < -8 or codes.max() > 7:
         raise ValueError(f"codes must lie in [-8, 7] (signed 4-bit), got values in "
                          f"[{codes.min()}, {codes.max()}]")
-    s = np.asarray(scales)
+    s = _checks.as_array(scales, "scales")
     if s.dtype.kind != "f":
-        raise TypeError(f"scales must be a float array, got dtype {s.dtype}")
+        raise TypeError(f"scales must be a float array, got {_checks.describe(s)}")
     if s.shape != (n, k // g):
         raise ValueError(f"scales must have shape (N, K / group_size) = {(n, k // g)}, got "
                          f"{s.shape}")
     if not np.all(np.isfinite(s)) or not np.all(s > 0):
         raise ValueError("scales must be finite and > 0 (one per row and group)")
-    s32 = np.ascontiguousarray(s, dtype=np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        s32 = np.ascontiguousarray(s, dtype=np.float32)
     if not np.all(s32 > 0) or not np.all(np.isfinite(s32)):
         raise ValueError("scales must be finite and > 0 in float32 (a value under- or "
                          "overflowed)")
-    zp = None if zero_points is None else _check_int4_grid("zero_points", zero_points,
+    zp = None if zero_points is None else _check_int4_grid(zero_points, "zero_points",
                                                            (n, k // g))
     data = _aligned_empty(_kernels.w4_packed_size(k, n, g, zp is not None), np.uint8)
     _kernels.w4_pack(np.ascontiguousarray(codes), s32, zp, g, data)
-    return PackedInt4(n=n, k=k, group_size=g, has_zero_points=zp is not None, data=data)
+    return PackedInt4._from_packing(n, k, g, zp is not None, data)
+
+
+def _check_packed_int4(packed, name: str = "packed") -> PackedInt4:
+    return _checks.check_instance(packed, name, PackedInt4, "a PackedInt4 (from prepack_int4)")
+
+
+def _check_w4a8_input(x, k: int) -> np.ndarray:
+    """``x`` as the W4A8 kernel reads it: a finite float (M, K) array, as C-contiguous float32."""
+    _checks.check_float_matrix(x, "x", finite=False)
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} columns but the weights have K={k}")
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        x32 = x
+    else:
+        with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x32)):                     # one pass when all is well
+        _checks.check_finite(x, "x")
+        raise ValueError("x must fit float32 (magnitude at most 3.4e38), got a value beyond it")
+    return x32
 
 
 def _check_w4a8_operands(x, packed) -> np.ndarray:
-    if not isinstance(packed, PackedInt4):
-        raise TypeError(f"packed must be a PackedInt4 (from prepack_int4), got "
-                        f"{type(packed).__name__}")
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a numpy.ndarray of floats, got {type(x).__name__}")
-    if x.dtype.kind != "f":
-        raise TypeError(f"x must have a float dtype (it is used as float32), got {x.dtype}")
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be 2-D (M, K) with M >= 1, got shape {x.shape}")
-    if x.shape[1] != packed.k:
-        raise ValueError(f"x has K={x.shape[1]} columns but the weights have K={packed.k}")
-    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x32)):
-        raise ValueError("x contains NaN or Inf (or values beyond float32); expected finite "
-                         "values")
-    return x32
+    return _check_w4a8_input(x, _check_packed_int4(packed).k)
+
+
+def _finite_w4a8_output(y: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(y)):
+        raise ValueError("x is too large for these weights: the product overflows float32 "
+                         "(scale x or the weights' scales down)")
+    return y
 
 
 def matmul_w4a8(x: np.ndarray, packed: PackedInt4, *, path: str | None = None,
@@ -798,14 +900,15 @@ def matmul_w4a8(x: np.ndarray, packed: PackedInt4, *, path: str | None = None,
     x32 = _check_w4a8_operands(x, packed)
     code = _path_code(path)
     m, k, g = x32.shape[0], packed.k, packed.group_size
-    threads = (_default_threads(m, packed.n, k) if threads is None else _check_threads(threads))
+    threads = (_default_threads(m, packed.n, k) if threads is None
+               else _checks.check_threads(threads))
     xq = np.empty((m, k), np.int8)
     gsum = np.empty((m, k // g), np.int32)
     sx = np.empty(m, np.float32)
     y = np.empty((m, packed.n), np.float32)
     _kernels.w4a8(code, x32, packed.data, packed.n, g, packed.has_zero_points, xq, gsum, sx, y,
                   threads)
-    return y
+    return _finite_w4a8_output(y)
 
 
 def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -816,7 +919,11 @@ def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     \max_k|x_{ik}|))` in float32 (both 0 for a row of zeros; the factor is capped at
     :math:`2^{100}`, and then :math:`s_x = 2^{-100}`, for rows so small that it would overflow).
     """
-    x32 = np.asarray(x, dtype=np.float32)
+    _checks.check_float_matrix(x, "x")
+    with np.errstate(over="ignore"):
+        x32 = np.asarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x32)):
+        raise ValueError("x must fit float32 (magnitude at most 3.4e38), got a value beyond it")
     amax = np.abs(x32).max(axis=1)
     with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
@@ -826,9 +933,17 @@ def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.rint(x32 * inv[:, None]).astype(np.int8), sx
 
 
+def _check_codes_w4(x_q, packed: PackedInt4) -> np.ndarray:
+    _check_matrix(x_q, "x_q")
+    if x_q.shape[1] != packed.k:
+        raise ValueError(f"x_q has K={x_q.shape[1]} columns but the weights have K={packed.k}")
+    return x_q
+
+
 def w4a8_group_sums_reference(x_q: np.ndarray, packed: PackedInt4) -> np.ndarray:
     r"""The exact integer partial sums :math:`P_{inj} = \sum_{k \in j} x_{q,ik}(q_{nk} -
     z_{nj})`, int32 (M, N, K/g), from the codes read back out of ``packed`` (NumPy, int64)."""
+    x_q = _check_codes_w4(x_q, _check_packed_int4(packed))
     codes, _, zp = packed.unpack()
     g, groups = packed.group_size, packed.k // packed.group_size
     w = codes.astype(np.int64).reshape(packed.n, groups, g)
@@ -842,14 +957,9 @@ def w4a8_group_sums(x_q: np.ndarray, packed: PackedInt4, *, path: str | None = N
                     threads: int | None = None) -> np.ndarray:
     """The compiled kernel's integer partial sums for int8 activations ``x_q`` (M, K): int32
     (M, N, K/g), what :func:`matmul_w4a8` scales; equal to :func:`w4a8_group_sums_reference`."""
-    if not isinstance(packed, PackedInt4):
-        raise TypeError(f"packed must be a PackedInt4 (from prepack_int4), got "
-                        f"{type(packed).__name__}")
-    _check_matrix("x_q", x_q)
-    if x_q.shape[1] != packed.k:
-        raise ValueError(f"x_q has K={x_q.shape[1]} columns but the weights have K={packed.k}")
+    x_q = _check_codes_w4(x_q, _check_packed_int4(packed))
     code = _path_code(path)
-    threads = 1 if threads is None else _check_threads(threads)
+    threads = 1 if threads is None else _checks.check_threads(threads)
     g = packed.group_size
     xq = np.ascontiguousarray(x_q)
     gsum = xq.reshape(xq.shape[0], -1, g).sum(axis=2, dtype=np.int32)
@@ -869,16 +979,41 @@ def matmul_w4a8_reference(x: np.ndarray, packed: PackedInt4) -> np.ndarray:
     x32 = _check_w4a8_operands(x, packed)
     xq, sx = quantize_rows_int8(x32)
     _, scales, _ = packed.unpack()
-    return w4a8_epilogue_reference(w4a8_group_sums_reference(xq, packed), scales, sx)
+    return _finite_w4a8_output(_w4a8_epilogue(w4a8_group_sums_reference(xq, packed), scales, sx))
 
 
 def w4a8_epilogue_reference(sums: np.ndarray, scales: np.ndarray, sx: np.ndarray) -> np.ndarray:
     r"""The float steps of :func:`matmul_w4a8`, in NumPy: ``acc = acc + f32(P[:, :, j]) *
     s[:, j]`` for each group ``j`` in order (float32, from 0), then ``y = acc * s_x``.
 
-    ``sums`` int32 (M, N, G), ``scales`` float32 (N, G), ``sx`` float32 (M,).
+    ``sums`` int32 (M, N, G), ``scales`` float32 (N, G), ``sx`` float32 (M,), the scales finite
+    and >= 0.  The result overflowing float32 is refused (``ValueError``), not returned as Inf.
     """
+    _checks.check_ndarray(sums, "sums", (np.dtype(np.int32),), ndim=3)
+    m, n, groups = sums.shape
+    _checks.check_ndarray(scales, "scales", (np.dtype(np.float32),), ndim=2)
+    if scales.shape != (n, groups):
+        raise ValueError(f"scales must have shape (N, G) = {(n, groups)} to match sums, got "
+                         f"{scales.shape}")
+    _checks.check_ndarray(sx, "sx", (np.dtype(np.float32),), ndim=1)
+    if sx.shape != (m,):
+        raise ValueError(f"sx must have shape (M,) = ({m},) to match sums, got {sx.shape}")
+    for arr, name in ((scales, "scales"), (sx, "sx")):
+        _checks.check_finite(arr, name)
+        if np.any(arr < 0):
+            raise ValueError(f"{name} must be >= 0, got {float(arr.min())}")
+    y = _w4a8_epilogue(sums, scales, sx)
+    if not np.all(np.isfinite(y)):
+        raise ValueError("sums, scales and sx are too large: the result overflows float32")
+    return y
+
+
+def _w4a8_epilogue(sums: np.ndarray, scales: np.ndarray, sx: np.ndarray) -> np.ndarray:
     acc = np.zeros(sums.shape[:2], np.float32)
-    for j in range(sums.shape[2]):
-        acc = acc + sums[:, :, j].astype(np.float32) * scales[:, j]
-    return acc * sx[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for j in range(sums.shape[2]):
+            acc = acc + sums[:, :, j].astype(np.float32) * scales[:, j]
+        return acc * sx[:, None]
+
+
+__getattr__ = moved_names(__name__, {"matmul_int8_packed": "qcourse.kernels.matmul_int8"})

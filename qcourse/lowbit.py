@@ -20,13 +20,21 @@ bit patterns from :mod:`qcourse.floats`, the GEMM from :mod:`qcourse.kernels`.
 
 from __future__ import annotations
 
-import copy
-import math
-import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_bool,
+    check_int,
+    check_ndarray,
+    check_real,
+    describe,
+    is_int,
+    real_array,
+)
 from qcourse.affine import (
     QParams,
     choose_qparams,
@@ -38,24 +46,35 @@ from qcourse.affine import (
     sqnr_db,
     unpack_int,
 )
-from qcourse.floats import FP8_E4M3FN, FP8_E5M2, FloatFormat, decode, encode
+from qcourse.floats import (
+    FP4_E2M1,
+    FP6_E2M3,
+    FP6_E3M2,
+    FP8_E4M3FN,
+    FP8_E5M2,
+    FloatFormat,
+    decode,
+    encode,
+)
 from qcourse.kernels import (
     PackedInt4,
     matmul_int8,
     matmul_w4a8,
     matmul_w4a8_reference,
+    max_k_s8s8,
     prepack_int4,
     quantize_rows_int8,
     w4a8_epilogue_reference,
     w4a8_group_sums,
 )
-from qcourse.nn import Linear, Sequential
+from qcourse.nn import Linear, Sequential, copy_model
 
 __all__ = [
-    "FP8_FORMATS", "Int4Weight", "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize",
-    "fp8_scale", "format_sqnr", "int4_group_accumulators", "int4_group_accumulators_reference",
-    "int4_linear_int8", "int4_linear_reference", "int4_packed", "int4_weight_only",
-    "quantize_int4_groupwise",
+    "FP8_FORMATS", "MXFormat", "MX_FORMATS", "Int4Weight",
+    "fp8_dequantize", "fp8_fake_quantize", "fp8_quantize", "fp8_scale", "format_sqnr",
+    "int4_group_accumulators", "int4_group_accumulators_reference", "int4_linear_int8",
+    "int4_linear_reference", "int4_packed", "int4_weight_only", "mx_dequantize", "mx_quantize",
+    "nvfp4_dequantize", "nvfp4_quantize", "quantize_int4_groupwise",
 ]
 
 #: The two fp8 formats of Micikevicius et al. (2022), by the names :func:`format_sqnr` uses.
@@ -68,32 +87,7 @@ _SCALE_DTYPES = {np.dtype(np.float16): 16, np.dtype(np.float32): 32}
 # --------------------------------------------------------------------------- validation
 
 
-def _float_matrix(w, name: str) -> np.ndarray:
-    """``w`` as a finite, non-empty 2-D float array, or a TypeError/ValueError naming ``name``."""
-    arr = np.asarray(w)
-    checks = (
-        (arr.dtype.kind == "f", TypeError, f"must be a float array, got dtype {arr.dtype}"),
-        (arr.ndim == 2 and arr.size > 0, ValueError,
-         f"must be a non-empty 2-D array, got shape {arr.shape}"),
-    )
-    for ok, exc, message in checks:
-        if not ok:
-            raise exc(f"{name} {message}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return arr
-
-
-def _check_group_size(group_size) -> int:
-    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, numbers.Integral):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} "
-                        f"{group_size!r}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    return int(group_size)
-
-
-def _check_format(fmt) -> FloatFormat:
+def _check_fp8_format(fmt) -> FloatFormat:
     if isinstance(fmt, str):
         if fmt not in FP8_FORMATS:
             raise ValueError(f"fmt must be one of {sorted(FP8_FORMATS)}, got {fmt!r}")
@@ -110,7 +104,7 @@ def _check_format(fmt) -> FloatFormat:
 # --------------------------------------------------------------------------- int4 weights
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Int4Weight:
     r"""A weight matrix in int4 with one scale per group: :math:`\hat W_{nk} = s_{n,\lfloor k/g
     \rfloor}\, q_{nk}`.
@@ -134,6 +128,9 @@ class Int4Weight:
     scale: np.ndarray
     shape: tuple[int, int]
     group_size: int
+
+    def __post_init__(self):
+        _check_int4(self, "Int4Weight")
 
     @property
     def qparams(self) -> QParams:
@@ -179,7 +176,7 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
     where :math:`\operatorname{fl}` rounds the scale to ``scale_dtype`` (float16: what is
     stored) *before* the weights are rounded, so that the codes belong to the stored scale.
     The grid is the narrow symmetric one (-7 … 7, no zero point), the weight grid of
-    :func:`qcourse.ptq.quantize_weight`.  An all-zero group gets scale 1 and codes 0.
+    :func:`qcourse.affine.quantize_weight`.  An all-zero group gets scale 1 and codes 0.
     ``group_size >= K`` is one group per row, per-channel quantization (stored as
     ``group_size = K``).  Computed with
     :func:`qcourse.affine.choose_qparams` and :func:`qcourse.affine.quantize`, packed with
@@ -202,9 +199,12 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
         on a non-float, non-2-D, empty or non-finite ``weight``, a bad ``group_size`` or
         ``scale_dtype``, or a scale that under- or overflows ``scale_dtype`` (float16 holds
         scales from about 6e-8 to 65504).
+
+    Bounds: ``group_size`` is an int >= 1 (any larger than K means one group per row:
+    nothing is allocated for it).
     """
-    w = _float_matrix(weight, "weight")
-    g = _check_group_size(group_size)
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
+    g = check_int(group_size, "group_size", 1)
     try:
         sdt = np.dtype(scale_dtype)
     except TypeError:
@@ -221,21 +221,57 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
     if np.any(stored == 0):
         raise ValueError(f"weight has a group whose max|W|/7 underflows to 0 in {sdt}; "
                          f"use scale_dtype=np.float32 or rescale the weights")
-    w4 = Int4Weight(packed=np.empty(0, np.uint8), scale=stored, shape=w.shape, group_size=g)
-    q = quantize(w, w4.qparams)
-    object.__setattr__(w4, "packed", pack_int(q, 4, signed=True))
-    return w4
+    q = quantize(w, QParams(scale=stored.astype(np.float64), zero_point=0, qmin=_INT4_QMIN,
+                            qmax=_INT4_QMAX, axis=1, group_size=g))
+    return Int4Weight(packed=pack_int(q, 4, signed=True), scale=stored, shape=w.shape,
+                      group_size=g)
 
 
-def _check_int4(w4) -> Int4Weight:
+def _check_int4(w4, name: str = "w4") -> Int4Weight:
+    """``w4`` as the int4 kernels may trust it, or a TypeError/ValueError naming ``name``.
+
+    The one check of an :class:`Int4Weight`, run when one is built and again by every function
+    that computes with one (an unpickled or hand-built object does not pass through the
+    constructor): ``shape`` two positive ints with K at most the int8 GEMM's bound,
+    ``group_size`` in [1, K], ``packed`` uint8 holding exactly ceil(N K / 2) bytes, ``scale``
+    float16 or float32 of shape (N, ceil(K / group_size)), finite and > 0.
+    """
     if not isinstance(w4, Int4Weight):
-        raise TypeError(f"w4 must be an Int4Weight (from quantize_int4_groupwise), got "
+        raise TypeError(f"{name} must be an Int4Weight (from quantize_int4_groupwise), got "
                         f"{type(w4).__name__}")
+    shape = w4.shape
+    if (not isinstance(shape, tuple) or len(shape) != 2
+            or not all(is_int(d) and 1 <= d for d in shape)
+            or shape[0] * shape[1] > MAX_ELEMENTS):
+        raise ValueError(f"{name}.shape must be two ints (N, K) >= 1 with N K <= "
+                         f"{MAX_ELEMENTS}, got {describe(shape)}")
+    n, k = (int(d) for d in shape)
+    if k > max_k_s8s8():
+        raise ValueError(f"{name}.shape has K={k}, more than the int8 GEMM's bound "
+                         f"{max_k_s8s8()}")
+    g = w4.group_size
+    if not (is_int(g) and 1 <= g <= k):
+        raise ValueError(f"{name}.group_size must be an int in [1, K={k}], got {g!r}")
+    packed = w4.packed
+    if (not isinstance(packed, np.ndarray) or packed.dtype != np.uint8
+            or packed.shape != ((n * k + 1) // 2,)):
+        raise ValueError(f"{name}.packed must be a uint8 array of {(n * k + 1) // 2} bytes (two "
+                         f"int4 codes a byte), got {describe(packed)}")
+    scale = w4.scale
+    groups = -(-k // int(g))
+    if not isinstance(scale, np.ndarray) or scale.dtype not in _SCALE_DTYPES or (
+            scale.shape != (n, groups)):
+        raise ValueError(f"{name}.scale must be a float16 or float32 array of shape "
+                         f"({n}, {groups}), got {describe(scale)}")
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ValueError(f"{name}.scale must be finite and > 0")
     return w4
 
 
 def _check_input(x, k: int) -> np.ndarray:
-    x = _float_matrix(x, "x")
+    x = real_array(x, "x", kinds="f", dtype=None, ndim=2)
+    if x.dtype != np.float32:
+        real_array(x, "x", dtype=np.float32)            # refuses values beyond float32
     if x.shape[1] != k:
         raise ValueError(f"x must have K={k} columns to match the weight, got shape {x.shape}")
     return x
@@ -244,10 +280,16 @@ def _check_input(x, k: int) -> np.ndarray:
 def _check_bias(bias, n: int):
     if bias is None:
         return None
-    b = np.asarray(bias)
-    if b.dtype.kind != "f" or b.shape != (n,):
-        raise ValueError(f"bias must be a float array of shape ({n},), got {b.dtype} {b.shape}")
+    b = real_array(bias, "bias", kinds="f", dtype=np.float32, ndim=1)
+    if b.shape != (n,):
+        raise ValueError(f"bias must be a float array of shape ({n},), got shape {b.shape}")
     return b
+
+
+def _finite_output(y: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(y)):
+        raise ValueError("x is too large for this weight: the layer's output overflows float32")
+    return y
 
 
 def int4_linear_reference(x, w4: Int4Weight, bias=None) -> np.ndarray:
@@ -260,8 +302,9 @@ def int4_linear_reference(x, w4: Int4Weight, bias=None) -> np.ndarray:
     w4 = _check_int4(w4)
     x = _check_input(x, w4.shape[1]).astype(np.float32)
     bias = _check_bias(bias, w4.shape[0])
-    y = x @ w4.dequantize().T
-    return y if bias is None else y + bias.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x @ w4.dequantize().T
+        return _finite_output(y if bias is None else y + bias)
 
 
 def _group_slices(k: int, g: int) -> list[slice]:
@@ -303,6 +346,18 @@ def int4_packed(w4: Int4Weight) -> PackedInt4 | None:
     if g % 8 or k % g:
         return None
     return prepack_int4(w4.codes(), w4.scale.astype(np.float32), group_size=g)
+
+
+def _check_packed_for(packed, w4: Int4Weight) -> None:
+    """``packed`` must be :func:`int4_packed` of ``w4``: a PackedInt4 of the same shape and groups,
+    without zero points (what is checked; the codes themselves are not compared)."""
+    if not isinstance(packed, PackedInt4):
+        raise TypeError(f"packed must be a PackedInt4 from int4_packed(w4), got "
+                        f"{type(packed).__name__}")
+    if ((packed.n, packed.k) != w4.shape or packed.group_size != w4.group_size
+            or packed.has_zero_points):
+        raise ValueError(f"packed must be int4_packed(w4) for this weight of shape {w4.shape} "
+                         f"and group_size {w4.group_size}, got {packed!r}")
 
 
 def int4_group_accumulators(x_q, w4: Int4Weight) -> np.ndarray:
@@ -355,18 +410,23 @@ def int4_linear_int8(x, w4: Int4Weight, bias=None, *, reference: bool = False,
     w4 = _check_int4(w4)
     x = _check_input(x, w4.shape[1])
     bias = _check_bias(bias, w4.shape[0])
+    reference = check_bool(reference, "reference")
     if packed is None:
         packed = int4_packed(w4)
-    elif not isinstance(packed, PackedInt4) or (packed.n, packed.k) != w4.shape:
-        raise ValueError(f"packed must be int4_packed(w4) for this weight of shape {w4.shape}")
-    if packed is not None:
-        y = (matmul_w4a8_reference if reference else matmul_w4a8)(x, packed)
     else:
-        xq, sx = quantize_rows_int8(x)
-        acc = (int4_group_accumulators_reference if reference else int4_group_accumulators)(
-            xq, w4)
-        y = w4a8_epilogue_reference(acc, w4.scale.astype(np.float32), sx)
-    return y if bias is None else y + bias.astype(np.float32)
+        _check_packed_for(packed, w4)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if packed is not None:
+            y = (matmul_w4a8_reference if reference else matmul_w4a8)(x, packed)
+        else:
+            xq, sx = quantize_rows_int8(x)
+            acc = (int4_group_accumulators_reference if reference else int4_group_accumulators)(
+                xq, w4)
+            try:
+                y = w4a8_epilogue_reference(acc, w4.scale.astype(np.float32), sx)
+            except ValueError:      # its operands are ours: only an overflow can be refused
+                y = np.full_like(acc[:, :, 0], np.inf, dtype=np.float32)
+        return _finite_output(y if bias is None else y + bias)
 
 
 def int4_weight_only(model, group_size: int, *, scale_dtype=np.float16) -> Sequential:
@@ -379,8 +439,8 @@ def int4_weight_only(model, group_size: int, *, scale_dtype=np.float16) -> Seque
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    g = _check_group_size(group_size)
-    out = copy.deepcopy(model)
+    g = check_int(group_size, "group_size", 1)
+    out = copy_model(model)
     found = False
     for _, layer in out.named_modules():
         if isinstance(layer, Linear):
@@ -404,30 +464,14 @@ def fp8_scale(x, fmt) -> float:
     (1.0 for an all-zero tensor).  ``fmt`` is ``"e4m3fn"``, ``"e5m2"`` or an 8-bit
     :class:`qcourse.floats.FloatFormat`.  See the lowbit chapter.
     """
-    fmt = _check_format(fmt)
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"x must hold real numbers, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError("x must not be empty")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains NaN or Inf; expected finite values")
+    fmt = _check_fp8_format(fmt)
+    arr = real_array(x, "x")
     amax = float(np.max(np.abs(arr)))
     if amax == 0.0:
         return 1.0
     scale = amax / fmt.max_finite
     if scale == 0.0:
         raise ValueError("max|x| is too small: its fp8 scale underflows to 0 in float64")
-    return scale
-
-
-def _check_scale(scale) -> float:
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
     return scale
 
 
@@ -441,14 +485,9 @@ def fp8_quantize(x, fmt, scale=None) -> tuple[np.ndarray, float]:
     the cast *saturating*: without it e4m3fn would turn anything above 464 into NaN.  See the
     lowbit chapter.
     """
-    fmt = _check_format(fmt)
-    s = fp8_scale(x, fmt) if scale is None else _check_scale(scale)
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"x must hold real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains NaN or Inf; expected finite values")
+    fmt = _check_fp8_format(fmt)
+    s = fp8_scale(x, fmt) if scale is None else check_real(scale, "scale", 0, lo_open=True)
+    arr = real_array(x, "x")
     m = fmt.max_finite
     return encode(np.clip(arr / s, -m, m), fmt), s
 
@@ -456,11 +495,10 @@ def fp8_quantize(x, fmt, scale=None) -> tuple[np.ndarray, float]:
 def fp8_dequantize(bits, scale, fmt) -> np.ndarray:
     r"""Back from fp8: :math:`\hat x = s \cdot \operatorname{decode}(b)`, float64.  See the lowbit
     chapter."""
-    fmt = _check_format(fmt)
-    b = np.asarray(bits)
-    if b.dtype != np.uint8:
-        raise TypeError(f"bits must be uint8 fp8 bit patterns, got dtype {b.dtype}")
-    return decode(b, fmt) * _check_scale(scale)
+    fmt = _check_fp8_format(fmt)
+    b = check_ndarray(np.asarray(bits) if isinstance(bits, np.generic) else bits, "bits",
+                      np.uint8, nonempty=False)
+    return decode(b, fmt) * check_real(scale, "scale", 0, lo_open=True)
 
 
 def fp8_fake_quantize(x, fmt, scale=None) -> np.ndarray:
@@ -491,3 +529,245 @@ def format_sqnr(x) -> dict[str, float]:
     for name, fmt in FP8_FORMATS.items():
         out[name] = sqnr_db(arr, fp8_fake_quantize(arr, fmt))
     return out
+
+
+# --------------------------------------------------------------------------- MX and NVFP4 blocks
+
+
+class MXFormat(NamedTuple):
+    r"""One concrete MX format: the element type and what the shared-exponent rule needs.
+
+    ``element`` is the element's :class:`qcourse.floats.FloatFormat` (None for MXINT8, whose
+    elements are 8-bit two's complement with an implicit scale :math:`2^{-6}`); ``emax`` is
+    :math:`e_{\max}^{\text{elem}}`, the exponent of the element type's largest normal number;
+    ``bits`` the width of one element.
+    """
+
+    name: str
+    element: FloatFormat | None
+    emax: int
+    bits: int
+
+
+#: The six concrete MX formats of the OCP MX v1.0 specification, by the names
+#: :func:`mx_quantize` takes: fp8 e4m3/e5m2 elements as in OFP8, and the fp6/fp4 elements that
+#: have neither infinity nor NaN (:data:`qcourse.floats.FP4_E2M1` ...).
+MX_FORMATS = {
+    "mxfp8_e4m3": MXFormat("mxfp8_e4m3", FP8_E4M3FN, FP8_E4M3FN.emax, 8),
+    "mxfp8_e5m2": MXFormat("mxfp8_e5m2", FP8_E5M2, FP8_E5M2.emax, 8),
+    "mxfp6_e3m2": MXFormat("mxfp6_e3m2", FP6_E3M2, FP6_E3M2.emax, 6),
+    "mxfp6_e2m3": MXFormat("mxfp6_e2m3", FP6_E2M3, FP6_E2M3.emax, 6),
+    "mxfp4": MXFormat("mxfp4", FP4_E2M1, FP4_E2M1.emax, 4),
+    "mxint8": MXFormat("mxint8", None, 0, 8),
+}
+
+_E8M0_BIAS, _E8M0_NAN = 127, 255
+_NVFP4_SCALE_MIN = 2.0**-9          # the smallest positive e4m3fn value (a subnormal)
+
+
+def _mx_format(fmt) -> MXFormat:
+    if isinstance(fmt, MXFormat):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"fmt must be a format name (one of {sorted(MX_FORMATS)}), got "
+                        f"{type(fmt).__name__}")
+    if fmt not in MX_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(MX_FORMATS)}, got {fmt!r}")
+    return MX_FORMATS[fmt]
+
+
+def _blocks(x, block, name: str = "x") -> tuple[np.ndarray, int]:
+    """``x`` (a float array) reshaped to (..., n_blocks, block), checked."""
+    block = check_int(block, "block", 1)
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a float16/float32/float64 array, got dtype {arr.dtype}")
+    if arr.ndim == 0 or arr.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last axis, got shape {arr.shape}")
+    if arr.shape[-1] % block:
+        raise ValueError(f"block={block} must divide the last axis of {name} (length "
+                         f"{arr.shape[-1]}): the formats have no partial blocks; pad {name}")
+    return arr.reshape(arr.shape[:-1] + (arr.shape[-1] // block, block)), block
+
+
+def _check_codes_shape(scales, elements, block, scale_name: str):
+    s, e = np.asarray(scales), np.asarray(elements)
+    for arr, what in ((s, scale_name), (e, "elements")):
+        if arr.dtype != np.uint8:
+            raise TypeError(f"{what} must be uint8 codes, got dtype {arr.dtype}")
+    block = check_int(block, "block", 1)
+    if e.ndim == 0 or e.shape[-1] % block or s.shape != e.shape[:-1] + (e.shape[-1] // block,):
+        raise ValueError(f"{scale_name} must have shape elements.shape[:-1] + "
+                         f"(elements.shape[-1] // block,) = one per block of {block}; got "
+                         f"{scale_name} {s.shape}, elements {e.shape}")
+    return s, e.reshape(s.shape + (int(block),))
+
+
+def mx_quantize(x, fmt, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    r"""Encode ``x`` in an OCP Microscaling (MX) format: one E8M0 scale per block of ``block``
+    values along the last axis, and one element code per value.
+
+    The shared-exponent rule of the MX v1.0 specification (its conversion algorithm):
+
+    .. math::
+
+        e = \lfloor \log_2 \max_i |v_i| \rfloor - e_{\max}^{\text{elem}}, \qquad
+        X = 2^{e}, \qquad P_i = \operatorname{quantize}(v_i / X)
+
+    where :math:`e_{\max}^{\text{elem}}` is the exponent of the element type's largest normal
+    number (8 for e4m3, 15 for e5m2, 4 for e3m2, 2 for e2m3 and e2m1, 0 for int8), the element
+    quantization rounds to nearest, ties to even, and *clamps* normal numbers that overflow to
+    the largest finite element (so the block maximum, which can exceed the element range by
+    up to a factor of two, saturates).  :math:`X` is stored as the E8M0 byte :math:`e + 127`.
+    Edge cases, as the specification and its reference implementation (microsoft/microxcaling)
+    treat them:
+
+    * :math:`e` below the E8M0 range (:math:`< -127`, which includes a block of zeros, whose
+      :math:`\log_2 0 = -\infty`) is raised to :math:`-127`: scale byte 0, and the elements are
+      quantized against that scale (zeros stay zeros, with their signs);
+    * a block holding NaN or :math:`\pm\infty` (or, from float64 input, a maximum whose
+      :math:`e` exceeds 127) gets the NaN scale byte 0xFF; the specification makes every value
+      of a block with a NaN scale NaN whatever its elements, which are stored as 0.
+
+    MXINT8 elements are 8-bit two's complement integers with an implicit scale :math:`2^{-6}`
+    (values :math:`q/64`), rounded to nearest even and clamped to :math:`\pm 127` (the code
+    0x80 = -2 is valid on decode but never produced).  See the lowbit chapter.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float16, float32 or float64
+        Its last axis is cut into blocks; ``block`` must divide it.
+    fmt : str
+        ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``, ``"mxfp4"`` or
+        ``"mxint8"``.
+    block : int, default 32
+        The specification's :math:`k` (32 for all six concrete formats).
+
+    Returns
+    -------
+    (scales, elements) : (numpy.ndarray of uint8, numpy.ndarray of uint8)
+        ``scales`` has shape ``x.shape[:-1] + (x.shape[-1] // block,)`` (E8M0 bytes);
+        ``elements`` has ``x``'s shape (the element bit patterns in the low bits; two's
+        complement bytes for MXINT8).
+    """
+    spec = _mx_format(fmt)
+    xb, block = _blocks(x, block)
+    v = xb.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        amax = np.max(np.abs(v), axis=-1)
+    _, e2 = np.frexp(np.where(np.isfinite(amax), amax, 0.0))   # amax = m 2^e2, m in [0.5, 1)
+    shared = np.where(amax > 0, e2.astype(np.int64) - 1, -(2**20)) - spec.emax
+    shared = np.maximum(shared, -_E8M0_BIAS)
+    nan_block = ~np.isfinite(amax) | (shared > _E8M0_BIAS)
+    shared = np.where(nan_block, 0, shared)
+    scales = np.where(nan_block, _E8M0_NAN, shared + _E8M0_BIAS).astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        scaled = np.ldexp(np.where(nan_block[..., None], 0.0, v), -shared[..., None])
+    if spec.element is None:
+        codes = np.clip(np.rint(scaled * 64.0), -127, 127).astype(np.int8).view(np.uint8)
+    else:
+        m = spec.element.max_finite
+        codes = encode(np.clip(scaled, -m, m), spec.element).astype(np.uint8)
+    return scales, codes.reshape(np.shape(x))
+
+
+def mx_dequantize(scales, elements, fmt, block: int = 32) -> np.ndarray:
+    r"""Decode an MX tensor: :math:`v_i = X \cdot P_i` with :math:`X = 2^{s - 127}` from the
+    E8M0 byte :math:`s` (NaN for 0xFF, which makes the whole block NaN), as float32.
+
+    The product of an element and a power of two is exact before the one rounding to float32
+    (which matters only where it leaves float32's range: subnormals round to nearest even,
+    overflow gives :math:`\pm\infty`).  Element NaNs (e4m3 0x7F/0xFF, e5m2's NaN patterns) and
+    e5m2 infinities decode as such.  The inverse of :func:`mx_quantize`; see the lowbit chapter.
+
+    Returns
+    -------
+    numpy.ndarray of float32, the shape of ``elements``
+    """
+    spec = _mx_format(fmt)
+    s, e = _check_codes_shape(scales, elements, block, "scales")
+    if spec.element is None:
+        values = e.view(np.int8).astype(np.float64) / 64.0
+    else:
+        if np.any(e >> np.uint8(spec.bits)):
+            raise ValueError(f"elements hold codes wider than {spec.bits} bits for {spec.name}")
+        values = decode(e, spec.element)
+    exp = s.astype(np.int64) - _E8M0_BIAS
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ldexp(values, exp[..., None])
+        out = np.where((s == _E8M0_NAN)[..., None], np.nan, out).astype(np.float32)
+    return out.reshape(np.shape(elements))
+
+
+def nvfp4_quantize(x, block: int = 16, *, tensor_scale=None):
+    r"""Encode ``x`` in NVFP4: fp4 e2m1 elements, one fp8 e4m3 scale per block of 16 along the
+    last axis, and one float32 scale for the whole tensor.
+
+    All arithmetic is float32, in this order (the recipe of NVIDIA's TensorRT Model Optimizer
+    and torchao):
+
+    .. math::
+
+        s_T = \frac{\max|x|}{448 \cdot 6}, \quad
+        s_b = \operatorname{e4m3}\Big(\operatorname{clamp}\big(\tfrac{\max_{i \in b}|x_i| / 6}
+        {s_T},\ 2^{-9},\ 448\big)\Big), \quad
+        P_i = \operatorname{e2m1}\big(x_i / (s_b\, s_T)\big)
+
+    with both casts rounding to nearest even and the e2m1 cast saturating at :math:`\pm 6`
+    (a block maximum can round its scale *down*, pushing elements past 6).  The clamp from
+    below keeps a block of zeros (or one far below the tensor's maximum) on the smallest
+    positive e4m3 scale instead of dividing by zero.  An all-zero tensor gets :math:`s_T = 1`.
+    Unlike MX, the block scale is not a power of two: e4m3 keeps three mantissa bits of the
+    block maximum.  NaN and Inf have no representation in e2m1 and raise ``ValueError``.  See
+    the lowbit chapter.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float16/float32/float64 (computed in float32)
+    block : int, default 16
+    tensor_scale : float, optional
+        :math:`s_T`; computed from ``x`` when absent (pass one to share it between tensors).
+
+    Returns
+    -------
+    (tensor_scale, scales, elements) : (numpy.float32, uint8 array, uint8 array)
+        e4m3fn bytes of shape ``x.shape[:-1] + (x.shape[-1] // block,)`` and e2m1 codes
+        (0..15) of ``x``'s shape.
+    """
+    xb, block = _blocks(x, block)
+    v = xb.astype(np.float32)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("x contains NaN or Inf (in float32), which NVFP4 cannot represent")
+    if tensor_scale is None:
+        amax = np.max(np.abs(v))
+        ts = np.float32(amax) / np.float32(448 * 6) if amax > 0 else np.float32(1)
+    else:
+        ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, lo_open=True))
+    if not (np.isfinite(ts) and ts > 0):
+        raise ValueError(f"the tensor scale is {ts} in float32; expected finite and > 0")
+    with np.errstate(over="ignore", under="ignore"):
+        per_block = (np.max(np.abs(v), axis=-1) / np.float32(6)) / ts
+        per_block = np.clip(per_block, np.float32(_NVFP4_SCALE_MIN), np.float32(448))
+        scales = encode(per_block, FP8_E4M3FN).astype(np.uint8)
+        total = decode(scales, FP8_E4M3FN).astype(np.float32) * ts
+        scaled = v / total[..., None]
+    codes = encode(scaled, FP4_E2M1).astype(np.uint8)
+    return np.float32(ts), scales, codes.reshape(np.shape(x))
+
+
+def nvfp4_dequantize(tensor_scale, scales, elements, block: int = 16) -> np.ndarray:
+    r"""Decode NVFP4: :math:`x_i = \operatorname{fl}_{32}\big(P_i\, s_b\, s_T\big)`, float32.
+
+    :math:`P_i s_b` (an e2m1 value times an e4m3 value) is exact in float32; the product with
+    the tensor scale rounds once.  An e4m3 NaN scale byte (0x7F/0xFF) makes its block NaN.
+    The inverse of :func:`nvfp4_quantize`; see the lowbit chapter.
+    """
+    ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, lo_open=True))
+    s, e = _check_codes_shape(scales, elements, block, "scales")
+    if np.any(e > 15):
+        raise ValueError("elements hold codes wider than 4 bits (e2m1 codes are 0..15)")
+    p = decode(e, FP4_E2M1).astype(np.float32)
+    sb = decode(s, FP8_E4M3FN).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = (p * sb[..., None]) * ts
+    return out.reshape(np.shape(elements))

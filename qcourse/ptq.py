@@ -33,15 +33,30 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from qcourse.affine import QParams, choose_qparams, dequantize, fake_quantize, quantize
-from qcourse.calibration import MinMaxObserver, Observer, dynamic_qparams
+from qcourse import affine
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_EPOCHS,
+    check_bool,
+    check_choice,
+    check_float_matrix,
+    check_instance,
+    check_int,
+    check_int_sequence,
+    check_labels,
+    check_real,
+    check_sequence,
+    real_array,
+)
+from qcourse._deprecated import moved_names
+from qcourse.affine import QParams, dequantize, fake_quantize, quantize
+from qcourse.calibration import MinMaxObserver, Observer, dynamic_qparams, fake_quant_hook
 from qcourse.datasets import load_digits
 from qcourse.int_matmul import (
     REQUANTIZATIONS,
@@ -50,7 +65,20 @@ from qcourse.int_matmul import (
     requantize_fixed_point,
 )
 from qcourse.kernels import matmul_int8, prepack
-from qcourse.nn import MLP, Linear, ReLU, ReLU6, Sequential, train
+from qcourse.nn import (
+    Classifier,
+    Linear,
+    ReLU,
+    ReLU6,
+    Sequential,
+    accuracy,
+    capture_activations,
+    copy_model,
+    feed_activations,
+    make_mlp,
+    train,
+)
+from qcourse.nn.core import _check_model_input
 
 __all__ = [
     "INCEPTION_V3_RELU6_TABLE",
@@ -59,13 +87,12 @@ __all__ = [
     "IntegerModel",
     "PTQModel",
     "ReferenceModel",
-    "SizeReport",
+    "ModelSize",
     "compare_fake_quant_integer",
     "convert_to_integer",
     "dynamic_ptq",
     "fold_batch_norm",
     "model_size",
-    "quantize_weight",
     "static_ptq",
     "train_reference_model",
     "weight_only_ptq",
@@ -79,56 +106,6 @@ INCEPTION_V3_RELU6_TABLE = {
     "relu6": {"float": 78.4, 8: 75.4, 7: 75.0},
     "relu": {"float": 78.3, 8: 74.2, 7: 73.7},
 }
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an integer {bound}, got {value}")
-    return value
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_features(X, name: str = "X") -> np.ndarray:
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(X).__name__}")
-    if X.dtype.kind != "f":
-        raise TypeError(f"{name} must have a floating dtype, got {X.dtype}")
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D (batch, features) array, got shape "
-                         f"{X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return X
-
-
-def _check_labels(y, n: int) -> np.ndarray:
-    if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu":
-        raise TypeError("y must be a numpy.ndarray of integer labels")
-    if y.shape != (n,):
-        raise ValueError(f"y must have shape ({n},) to match X, got {y.shape}")
-    return y
-
-
-def _f32_qparams(qp: QParams) -> QParams:
-    """The same parameters with the scale rounded to float32, as a model file stores it.
-
-    The simulated and the integer model then share bit-identical scales.
-    """
-    return QParams(scale=qp.scale.astype(np.float32).astype(np.float64),
-                   zero_point=qp.zero_point, qmin=qp.qmin, qmax=qp.qmax, axis=qp.axis,
-                   group_size=qp.group_size)
 
 
 # --------------------------------------------------------------------------- the network
@@ -169,20 +146,6 @@ def _units(model) -> list[_Unit]:
     return units
 
 
-def _clone(model: Sequential) -> Sequential:
-    """A copy of ``model`` with its own parameters and no hooks."""
-    layers = []
-    for name, layer in model.named_modules():
-        if isinstance(layer, Linear):
-            new = Linear(layer.in_features, layer.out_features, seed=0, dtype=layer.weight.dtype)
-            new.weight[...] = layer.weight
-            new.bias[...] = layer.bias
-        else:
-            new = type(layer)()
-        layers.append((name, new))
-    return Sequential(*layers)
-
-
 class ReferenceModel(NamedTuple):
     """The trained float network and its data (see :func:`train_reference_model`)."""
 
@@ -199,7 +162,7 @@ class ReferenceModel(NamedTuple):
 @functools.lru_cache(maxsize=32)
 def _trained_state(seed, activation, sizes, epochs, lr, batch_size, split_seed):
     X, y = load_digits("train", seed=split_seed)
-    model = MLP(sizes, activation=activation, seed=seed)
+    model = make_mlp(sizes, activation=activation, seed=seed)
     history = train(model, X, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                     progress=False)
     return model.state_dict(), {k: tuple(v) for k, v in history.items()}
@@ -211,7 +174,7 @@ def train_reference_model(seed: int = 0, *, activation: str = "relu",
                           calib_size: int = 256) -> ReferenceModel:
     r"""Train the float network the quantization chapters start from (cached, deterministic).
 
-    An :func:`qcourse.nn.MLP` of widths ``sizes`` (default 64-128-64-10) with ``activation``
+    A :func:`qcourse.nn.make_mlp` of widths ``sizes`` (default 64-128-64-10) with ``activation``
     (``"relu"`` or ``"relu6"``) is trained with Adam for ``epochs`` epochs on the training split
     of the 8x8 digits (:func:`qcourse.datasets.load_digits` with ``split_seed``); ``seed`` sets
     both the initial weights and the order of the mini-batches, so the same arguments give
@@ -227,64 +190,30 @@ def train_reference_model(seed: int = 0, *, activation: str = "relu",
     -------
     ReferenceModel
         ``(model, X_train, y_train, X_test, y_test, X_calib, float_accuracy, history)``.
+
+    Bounds: ``epochs`` in [1, 100000], ``batch_size`` and each width in ``sizes`` in [1,
+    2**28], ``calib_size`` in [1, the training set's size].
     """
-    seed = _check_int(seed, "seed", 0)
-    split_seed = _check_int(split_seed, "split_seed", 0)
-    epochs = _check_int(epochs, "epochs", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    if activation not in ("relu", "relu6"):
-        raise ValueError(f"activation must be 'relu' or 'relu6', got {activation!r}")
-    sizes = tuple(_check_int(s, "each entry of sizes", 1) for s in sizes)
+    seed = check_int(seed, "seed", 0)
+    split_seed = check_int(split_seed, "split_seed", 0)
+    epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    check_choice(activation, "activation", ("relu", "relu6"))
+    sizes = check_int_sequence(sizes, "sizes", 1, MAX_ELEMENTS, min_len=2)
     if len(sizes) < 2 or sizes[0] != 64 or sizes[-1] != 10:
         raise ValueError(f"sizes must start with 64 (pixels) and end with 10 (classes), got "
                          f"{sizes}")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    lr = check_real(lr, "lr", 0.0, lo_open=True)
     X_train, y_train = load_digits("train", seed=split_seed)
     X_test, y_test = load_digits("test", seed=split_seed)
-    calib_size = _check_int(calib_size, "calib_size", 1, X_train.shape[0])
+    calib_size = check_int(calib_size, "calib_size", 1, X_train.shape[0])
     state, history = _trained_state(seed, activation, sizes, epochs, float(lr), batch_size,
                                     split_seed)
-    model = MLP(sizes, activation=activation, seed=seed)
+    model = make_mlp(sizes, activation=activation, seed=seed)
     model.load_state_dict(state)
-    acc = float(np.mean(np.argmax(model(X_test), axis=1) == y_test))
+    acc = accuracy(model, X_test, y_test)
     return ReferenceModel(model, X_train, y_train, X_test, y_test, X_train[:calib_size].copy(),
                           acc, {k: list(v) for k, v in history.items()})
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def quantize_weight(weight, *, bits: int = 8, per_channel: bool = True,
-                    symmetric: bool = True) -> tuple[np.ndarray, QParams]:
-    r"""Min-max quantization of a weight matrix (out, in) to signed ``bits``-bit integers.
-
-    Symmetric (the default, as TFLite and ONNX Runtime quantize weights): zero point 0 on the
-    narrow grid :math:`[-(2^{b-1}-1), 2^{b-1}-1]` (int8: -127..127; int4: -7..7; int2: -1..1,
-    a ternary weight), scale :math:`s = \max|W| / (2^{b-1} - 1)`.  Asymmetric: the full grid
-    :math:`[-2^{b-1}, 2^{b-1}-1]` over :math:`[\min W, \max W]` with a zero point.
-    ``per_channel=True`` takes one range per output row (``axis=0``): a row of small weights is
-    no longer rounded on the grid of the row with the largest weight.  The scale is rounded to
-    float32, as a model file stores it, before the weights are rounded.  See the ptq chapter.
-
-    Returns
-    -------
-    (numpy.ndarray, QParams)
-        The integer codes (int8 storage for every ``bits`` <= 8) and their parameters.
-    """
-    bits = _check_int(bits, "bits", 2, 8)
-    per_channel = _check_bool(per_channel, "per_channel")
-    symmetric = _check_bool(symmetric, "symmetric")
-    w = np.asarray(weight)
-    if w.dtype.kind != "f":
-        raise TypeError(f"weight must be a float array, got dtype {w.dtype}")
-    if w.ndim != 2 or w.size == 0:
-        raise ValueError(f"weight must be a non-empty 2-D (out, in) array, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight contains NaN or Inf; expected finite values")
-    qp = _f32_qparams(choose_qparams(w, bits=bits, signed=True, symmetric=symmetric,
-                                     narrow_range=symmetric, axis=0 if per_channel else None))
-    return quantize(w, qp), qp
 
 
 # --------------------------------------------------------------------------- PTQ models
@@ -302,7 +231,7 @@ class _Config:
     int32_bias: bool = False
 
 
-class PTQModel:
+class PTQModel(Classifier):
     """A float network with post-training quantization simulated (fake quantization).
 
     Built by :func:`weight_only_ptq`, :func:`dynamic_ptq` or :func:`static_ptq`; not meant to be
@@ -338,16 +267,7 @@ class PTQModel:
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """Logits of the simulated quantized network (float)."""
-        return self.model(_check_features(X))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted classes (int64)."""
-        return np.argmax(self(X), axis=1).astype(np.int64)
-
-    def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
-        """Fraction of rows of ``X`` classified as ``y``."""
-        pred = self.predict(X)
-        return float(np.mean(pred == _check_labels(y, X.shape[0])))
+        return self.model(_check_model_input(self.model, X, "X"))
 
     def __repr__(self) -> str:
         c = self.config
@@ -359,28 +279,29 @@ class PTQModel:
                 + (f", {c.observer}" if c.observer else "") + ")")
 
 
-def _bits_per_layer(weight_bits, units: list[_Unit]) -> dict[str, int]:
-    """``weight_bits`` (one int, or a mapping linear layer name -> int) as a dict per layer."""
+def _bits_per_layer(weight_bits, units: list[_Unit], name: str) -> dict[str, int]:
+    """``weight_bits`` (one int, or a mapping linear layer name -> int) as a dict per layer;
+    ``name`` is the argument's name in the caller (``bits`` or ``weight_bits``)."""
     names = [u.linear for u in units]
     if isinstance(weight_bits, Mapping):
         if set(weight_bits) != set(names):
-            raise ValueError(f"weight_bits must give the bits of exactly the linear layers "
-                             f"{names}, got keys {sorted(weight_bits)}")
-        return {n: _check_int(weight_bits[n], f"weight_bits[{n!r}]", 2, 8) for n in names}
-    bits = _check_int(weight_bits, "weight_bits", 2, 8)
+            raise ValueError(f"{name} must give the bits of exactly the linear layers "
+                             f"{names}, got keys {sorted(map(str, weight_bits))}")
+        return {n: check_int(weight_bits[n], f"{name}[{n!r}]", 2, 8) for n in names}
+    bits = check_int(weight_bits, name, 2, 8)
     return dict.fromkeys(names, bits)
 
 
-def _quantized_copy(model, weight_bits, per_channel, symmetric):
+def _quantized_copy(model, weight_bits, per_channel, symmetric, name="weight_bits"):
     """Clone ``model`` and replace each Linear's weights by their dequantized integer copy."""
     units = _units(model)
-    bits = _bits_per_layer(weight_bits, units)
-    sim = _clone(model)
+    bits = _bits_per_layer(weight_bits, units, name)
+    sim = copy_model(model)
     weights, biases = {}, {}
     for unit in units:
         layer = sim[unit.linear]
-        q, qp = quantize_weight(layer.weight, bits=bits[unit.linear], per_channel=per_channel,
-                                symmetric=symmetric)
+        q, qp = affine.quantize_weight(layer.weight, bits=bits[unit.linear],
+                                       per_channel=per_channel, symmetric=symmetric)
         weights[unit.linear] = (q, qp)
         biases[unit.linear] = layer.bias.copy()
         layer.weight[...] = dequantize(q, qp)
@@ -397,12 +318,12 @@ def weight_only_ptq(model, *, bits: int = 8, per_channel: bool = True,
                     symmetric: bool = True) -> PTQModel:
     r"""Weight-only PTQ: :math:`W \to \hat W = s_W (q_W - z_W)`, everything else in float.
 
-    Each linear layer's weight is quantized by :func:`quantize_weight` (``bits``: one width, or
-    a mapping from linear layer name to width) and stored as integers;
+    Each linear layer's weight is quantized by :func:`qcourse.affine.quantize_weight`
+    (``bits``: one width, or a mapping from linear layer name to width) and stored as integers;
     at run time it is dequantized and the layer computes :math:`x \hat W^T + b` in float.  It
     saves memory (and memory bandwidth), not arithmetic.  See the ptq chapter.
     """
-    units, sim, weights, biases = _quantized_copy(model, bits, per_channel, symmetric)
+    units, sim, weights, biases = _quantized_copy(model, bits, per_channel, symmetric, "bits")
     cfg = _Config("weight_only", _bits_label(bits), None, bool(per_channel), bool(symmetric))
     return PTQModel("weight_only", sim, units, weights, {}, biases, cfg)
 
@@ -422,13 +343,13 @@ def dynamic_ptq(model, *, weight_bits: int = 8, activation_bits: int = 8,
     activation at run time.  Note that a per-tensor dynamic range depends on *which examples
     share the batch*.  See the ptq chapter.
     """
-    activation_bits = _check_int(activation_bits, "activation_bits", 2, 8)
-    per_row = _check_bool(per_row, "per_row")
+    activation_bits = check_int(activation_bits, "activation_bits", 2, 8)
+    per_row = check_bool(per_row, "per_row")
     units, sim, weights, biases = _quantized_copy(model, weight_bits, per_channel, symmetric)
 
     def hook(module, x):
-        qp = _f32_qparams(dynamic_qparams(x, bits=activation_bits, signed=True,
-                                          per_row=per_row))
+        qp = dynamic_qparams(x, bits=activation_bits, signed=True,
+                             per_row=per_row).with_float32_scale()
         return fake_quantize(x, qp)
 
     for unit in units:
@@ -448,41 +369,20 @@ def _observer_factory(observer) -> tuple[Callable[..., Observer], str]:
                     f"functools.partial of one), got {observer!r}")
 
 
-def _static_hook(qp: QParams):
-    def hook(module, inp, out):
-        return fake_quantize(out, qp)
-    return hook
-
-
 def _calibrate_points(model: Sequential, units: list[_Unit], X: np.ndarray, make_observer,
                       batch_size: int) -> dict[str, QParams]:
     """One float pass over ``X``: each quantization point's activations feed its own observer.
 
     The points are the input of the first linear layer (``"input"``) and each unit's output.
-    This is :func:`qcourse.calibration.calibrate` for all points at once (one pass instead of
-    one per point); the hooks are removed afterwards, even on error.
+    This is :func:`qcourse.nn.calibrate` for all points at once (one pass of
+    :func:`qcourse.nn.feed_activations` instead of one per point).
     """
     observers = {"input": make_observer()}
     observers.update({u.output: make_observer() for u in units})
-
-    def input_hook(module, inp, out):
-        observers["input"].update(inp)
-
-    def output_hook(name):
-        def hook(module, inp, out):
-            observers[name].update(out)
-        return hook
-
-    handles = [model[units[0].linear].register_forward_hook(input_hook)]
-    try:
-        for u in units:
-            handles.append(model[u.output].register_forward_hook(output_hook(u.output)))
-        for s in range(0, X.shape[0], batch_size):
-            model(X[s:s + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: _f32_qparams(obs.qparams()) for name, obs in observers.items()}
+    sinks = {(units[0].linear, "input"): observers["input"].update}
+    sinks.update({(u.output, "output"): observers[u.output].update for u in units})
+    feed_activations(model, X, sinks, batch_size=batch_size)
+    return {name: obs.qparams().with_float32_scale() for name, obs in observers.items()}
 
 
 def static_ptq(model, X_calib, *, weight_bits: int = 8, activation_bits: int = 8,
@@ -510,11 +410,12 @@ def static_ptq(model, X_calib, *, weight_bits: int = 8, activation_bits: int = 8
     then dequantized), so that the simulation rounds the bias as the integer model does.
     Convert it to an integer network with :func:`convert_to_integer`.  See the ptq chapter.
     """
-    activation_bits = _check_int(activation_bits, "activation_bits", 2, 8)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    int32_bias = _check_bool(int32_bias, "int32_bias")
+    activation_bits = check_int(activation_bits, "activation_bits", 2, 8)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    int32_bias = check_bool(int32_bias, "int32_bias")
     factory, obs_name = _observer_factory(observer)
-    X_calib = _check_features(X_calib, "X_calib")
+    units = _units(model)
+    X_calib = _check_model_input(model, X_calib, "X_calib")
     units, sim, weights, biases = _quantized_copy(model, weight_bits, per_channel, symmetric)
     activations = _calibrate_points(
         model, units, X_calib,
@@ -530,7 +431,7 @@ def static_ptq(model, X_calib, *, weight_bits: int = 8, activation_bits: int = 8
     sim[units[0].linear].register_forward_pre_hook(
         lambda module, x: fake_quantize(x, input_qp))
     for unit in units:
-        sim[unit.output].register_forward_hook(_static_hook(activations[unit.output]))
+        sim[unit.output].register_forward_hook(fake_quant_hook(activations[unit.output]))
     cfg = _Config("static", _bits_label(weight_bits), activation_bits, bool(per_channel),
                   bool(symmetric), observer=obs_name, int32_bias=int32_bias)
     return PTQModel("static", sim, units, weights, activations, biases, cfg)
@@ -539,7 +440,7 @@ def static_ptq(model, X_calib, *, weight_bits: int = 8, activation_bits: int = 8
 # --------------------------------------------------------------------------- integer models
 
 
-class IntegerModel:
+class IntegerModel(Classifier):
     r"""A statically quantized network that computes with integers only, on the int8 kernels.
 
     .. math::
@@ -570,8 +471,8 @@ class IntegerModel:
 
     def __init__(self, layers: Sequence[QuantizedLinear], names: Sequence[str],
                  requantization: str = "float"):
-        layers = list(layers)
-        names = list(names)
+        layers = check_sequence(layers, "layers")
+        names = check_sequence(names, "names")
         if not layers or len(layers) != len(names):
             raise ValueError("layers and names must be non-empty lists of the same length")
         for i, layer in enumerate(layers):
@@ -608,7 +509,7 @@ class IntegerModel:
     def quantize_input(self, X: np.ndarray) -> np.ndarray:
         """The network input as int8 codes: :math:`q = \\operatorname{clamp}(\\operatorname{round}
         (x / S_0) + Z_0)` (the one float operation before the integers take over)."""
-        X = _check_features(X)
+        X = check_float_matrix(X, "X")
         if X.shape[1] != self.layers[0].in_features:
             raise ValueError(f"X must have {self.layers[0].in_features} features, got shape "
                              f"{X.shape}")
@@ -643,22 +544,13 @@ class IntegerModel:
         """Dequantized logits, :math:`S_L (q^{(L)} - Z_L)`, float32."""
         return dequantize(self.forward_codes(X)[-1], self.output_qparams)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted classes: the argmax of the integer logits (the first one on ties)."""
-        return np.argmax(self.forward_codes(X)[-1], axis=1).astype(np.int64)
-
-    def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
-        """Fraction of rows of ``X`` classified as ``y``."""
-        pred = self.predict(X)
-        return float(np.mean(pred == _check_labels(y, X.shape[0])))
-
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}: {ly.out_features}x{ly.in_features} {ly.activation}"
                           for n, ly in zip(self.names, self.layers, strict=True))
         return f"IntegerModel([{inner}], requantization={self.requantization!r})"
 
 
-class DynamicIntegerModel:
+class DynamicIntegerModel(Classifier):
     r"""A dynamically quantized network: int8 GEMMs on the kernels, float between layers.
 
     For each linear layer, on every batch :math:`x`:
@@ -676,8 +568,10 @@ class DynamicIntegerModel:
     """
 
     def __init__(self, ptq_model: PTQModel):
-        if not isinstance(ptq_model, PTQModel) or ptq_model.mode != "dynamic":
-            raise TypeError("DynamicIntegerModel needs a PTQModel built by dynamic_ptq")
+        check_instance(ptq_model, "ptq_model", PTQModel, "a PTQModel built by dynamic_ptq")
+        if ptq_model.mode != "dynamic":
+            raise ValueError(f"ptq_model must be built by dynamic_ptq, got a {ptq_model.mode} "
+                             f"PTQModel")
         self.config = ptq_model.config
         self.units = ptq_model.units
         self._layers = []
@@ -693,10 +587,10 @@ class DynamicIntegerModel:
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """Logits (float32)."""
-        x = _check_features(X).astype(np.float32)
+        x = real_array(X, "X", kinds="f", ndim=2, dtype=np.float32)
         for packed, sw, zw, colsum, k, bias, kind in self._layers:
-            qp = _f32_qparams(dynamic_qparams(x, bits=self.config.activation_bits, signed=True,
-                                              per_row=self.config.per_row))
+            qp = dynamic_qparams(x, bits=self.config.activation_bits, signed=True,
+                                 per_row=self.config.per_row).with_float32_scale()
             xq = quantize(x, qp).astype(np.int8)
             acc = matmul_int8(xq, packed).astype(np.int64)           # compiled int8 GEMM
             sx = np.broadcast_to(qp.scale, (x.shape[0],))[:, None]
@@ -710,12 +604,6 @@ class DynamicIntegerModel:
             x = y.astype(np.float32)
         return x
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.argmax(self(X), axis=1).astype(np.int64)
-
-    def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
-        pred = self.predict(X)
-        return float(np.mean(pred == _check_labels(y, X.shape[0])))
 
 
 def convert_to_integer(ptq_model: PTQModel, *, requantization: str = "float"):
@@ -821,9 +709,7 @@ def compare_fake_quant_integer(ptq_model: PTQModel, integer_model: IntegerModel,
                         f"{type(integer_model).__name__}")
     if len(integer_model.layers) != len(ptq_model.units):
         raise ValueError("integer_model does not have one layer per unit of ptq_model")
-    X = _check_features(X)
-    from qcourse.nn import capture_activations
-
+    X = check_float_matrix(X, "X")
     acts = capture_activations(ptq_model.model, X, layers=[u.output for u in ptq_model.units])
     int_in = fq_in = integer_model.quantize_input(X).astype(np.int64)
     int_codes = integer_model.forward_codes(X)
@@ -862,7 +748,7 @@ def compare_fake_quant_integer(ptq_model: PTQModel, integer_model: IntegerModel,
     margins = (top2[:, 1] - top2[:, 0]).astype(np.int64)
     fq_acc = int_acc = None
     if y is not None:
-        y = _check_labels(y, X.shape[0])
+        y = check_labels(y, "y", X.shape[0])
         fq_acc = float(np.mean(fq_pred == y))
         int_acc = float(np.mean(int_pred == y))
     return FakeQuantIntegerComparison(
@@ -878,7 +764,7 @@ def compare_fake_quant_integer(ptq_model: PTQModel, integer_model: IntegerModel,
 
 
 @dataclass(frozen=True)
-class SizeReport:
+class ModelSize:
     """Bytes a deployed model needs, by kind (see :func:`model_size`)."""
 
     weights: int
@@ -901,7 +787,19 @@ def _packed_bytes(n_values: int, bits: int) -> int:
     return -(-n_values * bits // 8)
 
 
-def model_size(model) -> SizeReport:
+def _quantized_size(codes: list[int], weight_qparams: list[QParams], biases: int,
+                    activation_ranges: int) -> ModelSize:
+    """Bytes of a quantized model: the weight codes packed at their grid's width, a float32
+    scale per weight scale and per activation range, a byte per zero point (weights: only when
+    they are not all 0), and 4 bytes per bias (float32 or int32)."""
+    weights = sum(_packed_bytes(n, _grid_bits(qp)) for n, qp in zip(codes, weight_qparams,
+                                                                      strict=True))
+    scales = sum(4 * qp.scale.size for qp in weight_qparams) + 4 * activation_ranges
+    zps = sum(qp.zero_point.size for qp in weight_qparams if np.any(qp.zero_point != 0))
+    return ModelSize(int(weights), int(4 * biases), int(scales), int(zps + activation_ranges))
+
+
+def model_size(model) -> ModelSize:
     r"""Bytes needed to store a float, PTQ or integer model, counted by kind.
 
     * float (:class:`qcourse.nn.Sequential`): every weight and bias at its dtype's size (4
@@ -922,26 +820,17 @@ def model_size(model) -> SizeReport:
         units = _units(model)
         w = sum(model[u.linear].weight.nbytes for u in units)
         b = sum(model[u.linear].bias.nbytes for u in units)
-        return SizeReport(int(w), int(b), 0, 0)
+        return ModelSize(int(w), int(b), 0, 0)
     if isinstance(model, PTQModel):
-        wq = [model.weights[u.linear] for u in model.units]
-        weights = sum(_packed_bytes(q.size, _grid_bits(qp)) for q, qp in wq)
-        biases = sum(4 * model.biases[u.linear].size for u in model.units)
-        scales = sum(4 * qp.scale.size for _, qp in wq)
-        zps = sum(qp.zero_point.size for _, qp in wq if np.any(qp.zero_point != 0))
-        act = list(model.activations.values())
-        return SizeReport(int(weights), int(biases), int(scales + 4 * len(act)),
-                          int(zps + len(act)))
+        weights = [model.weights[u.linear][1] for u in model.units]
+        codes = [model.weights[u.linear][0].size for u in model.units]
+        biases = sum(model.biases[u.linear].size for u in model.units)
+        return _quantized_size(codes, weights, biases, len(model.activations))
     if isinstance(model, IntegerModel):
         layers = model.layers
-        weights = sum(_packed_bytes(ly.weight_q.size, _grid_bits(ly.weight_qparams))
-                      for ly in layers)
-        biases = sum(ly.bias_q.nbytes for ly in layers)
-        scales = sum(4 * ly.weight_qparams.scale.size for ly in layers)
-        zps = sum(ly.weight_qparams.zero_point.size for ly in layers
-                  if np.any(ly.weight_qparams.zero_point != 0))
-        n_act = len(layers) + 1
-        return SizeReport(int(weights), int(biases), int(scales + 4 * n_act), int(zps + n_act))
+        return _quantized_size([ly.weight_q.size for ly in layers],
+                               [ly.weight_qparams for ly in layers],
+                               sum(ly.bias_q.size for ly in layers), len(layers) + 1)
     raise TypeError(f"model must be a qcourse.nn.Sequential, PTQModel or IntegerModel, got "
                     f"{type(model).__name__}")
 
@@ -968,31 +857,31 @@ def fold_batch_norm(weight, bias, gamma, beta, running_mean, running_var, *,
     per-channel weight scales.  ``bias`` may be None (zeros).  Computed in float64, returned in
     the dtype of ``weight``.  See the ptq chapter.
     """
-    w = np.asarray(weight)
-    if w.dtype.kind != "f" or w.ndim != 2 or w.size == 0:
-        raise ValueError(f"weight must be a non-empty 2-D float array (out, in), got "
-                         f"{w.dtype} {w.shape}")
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=2)
     out_f = w.shape[0]
     named = {"bias": np.zeros(out_f) if bias is None else bias, "gamma": gamma, "beta": beta,
              "running_mean": running_mean, "running_var": running_var}
     vals = {}
     for name, v in named.items():
-        arr = np.asarray(v)
-        if arr.dtype.kind not in "fiu":
-            raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-        arr = arr.astype(np.float64)
+        arr = real_array(v, name, nonempty=False)
         if arr.shape != (out_f,):
             raise ValueError(f"{name} must have shape ({out_f},) (one per output channel), got "
                              f"{arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} must be finite")
         vals[name] = arr
     if np.any(vals["running_var"] < 0):
         raise ValueError("running_var must be >= 0")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    factor = vals["gamma"] / np.sqrt(vals["running_var"] + float(eps))
-    w_f = w.astype(np.float64) * factor[:, None]
-    b_f = factor * (vals["bias"] - vals["running_mean"]) + vals["beta"]
-    return w_f.astype(w.dtype), b_f.astype(w.dtype)
+    eps = check_real(eps, "eps", 0.0, lo_open=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        factor = vals["gamma"] / np.sqrt(vals["running_var"] + eps)
+        w_f = (w.astype(np.float64) * factor[:, None]).astype(w.dtype)
+        b_f = (factor * (vals["bias"] - vals["running_mean"]) + vals["beta"]).astype(w.dtype)
+    if not np.all(np.isfinite(w_f)):
+        raise ValueError(f"the folded weight, weight * gamma / sqrt(running_var + eps), "
+                         f"overflows {w.dtype}")
+    if not np.all(np.isfinite(b_f)):
+        raise ValueError(f"the folded bias, gamma * (bias - running_mean) / sqrt(running_var + "
+                         f"eps) + beta, overflows {w.dtype}")
+    return w_f, b_f
 
+
+__getattr__ = moved_names(__name__, {"quantize_weight": "qcourse.affine.quantize_weight"})

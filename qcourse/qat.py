@@ -10,12 +10,12 @@ forward pass, so that the weights learn to live on the integer grid:
 
       \hat x = s\,\big(\operatorname{clamp}(\lfloor x/s \rceil + z,\ q_{\min},\ q_{\max}) - z\big),
 
-  a staircase whose derivative is zero almost everywhere (:func:`fake_quant_ste_forward`);
+  a staircase whose derivative is zero almost everywhere (:func:`fake_quantize_torch`);
 * backward, the *straight-through estimator* (STE) pretends the staircase is the identity,
   either everywhere (*plain*) or only where the value was not clipped (*clipped*, the rule of
   PyTorch's ``fake_quantize_per_tensor_affine``): :func:`ste_mask`, :func:`ste_backward`;
 * with *learned step size quantization* (LSQ, Esser et al. 2020) the scale :math:`s` is a
-  trained parameter too, with the gradient :func:`lsq_scale_grad` damped by the factor
+  trained parameter too, with the gradient :func:`lsq_step_size_grad` damped by the factor
   :func:`lsq_grad_scale`, starting from :func:`lsq_init_scale`; :func:`lsq_update_ratio`
   measures whether the step learns at the weights' pace.
 
@@ -36,34 +36,47 @@ the *rounded* code: a value passes the gradient iff :math:`q_{\min} \le \lfloor 
 
 from __future__ import annotations
 
-import copy
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_EPOCHS,
+    check_bool,
+    check_int,
+    check_labels,
+    check_real,
+    check_sequence,
+    describe,
+    float_array,
+)
+from qcourse._deprecated import moved_names
 from qcourse.affine import QParams, choose_qparams, qrange
 from qcourse.calibration import MovingAverageMinMaxObserver
 from qcourse.nn import (
     Linear,
     Sequential,
     accuracy,
+    copy_model,
+    linear_layers,
     make_optimizer,
     train_epoch,
 )
+from qcourse.nn.core import _check_model_input
 
 __all__ = [
     "FakeQuantLinear",
-    "PTQvsQAT",
+    "PTQQATComparison",
     "QATModel",
     "compare_ptq_qat",
-    "fake_quant_ste_forward",
+    "fake_quantize_torch",
     "lsq_grad_scale",
     "lsq_init_scale",
-    "lsq_scale_grad",
+    "lsq_step_size_grad",
     "lsq_update_ratio",
     "prepare_qat",
     "qat_finetune",
@@ -79,48 +92,6 @@ SCALE_FLOOR = 1e-8
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def _check_bits(value, name: str) -> int:
-    return _check_int(value, name, MIN_BITS, MAX_BITS)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
-
-
-def _float_array(x, name: str, *, finite: bool = True) -> np.ndarray:
-    """``x`` as a float32 or float64 array (its own dtype kept), not empty, finite."""
-    arr = np.asarray(x)
-    if arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if finite and not np.all(np.isfinite(arr)):
-        n_bad = int(np.count_nonzero(~np.isfinite(arr)))
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf value(s); expected finite values")
-    return arr
 
 
 def _check_qparams(qparams, ndim: int) -> QParams:
@@ -171,7 +142,7 @@ def _fake_quant(x: np.ndarray, qparams: QParams):
 # --------------------------------------------------------------------------- STE functions
 
 
-def fake_quant_ste_forward(x, qparams: QParams) -> np.ndarray:
+def fake_quantize_torch(x, qparams: QParams) -> np.ndarray:
     r"""Fake quantization, the forward pass of QAT:
     :math:`\hat x = s\,(\operatorname{clamp}(\lfloor x/s \rceil + z, q_{\min}, q_{\max}) - z)`.
 
@@ -195,7 +166,7 @@ def fake_quant_ste_forward(x, qparams: QParams) -> np.ndarray:
     numpy.ndarray
         Same shape and dtype as ``x``.
     """
-    x = _float_array(x, "x")
+    x = float_array(x, "x")
     qparams = _check_qparams(qparams, x.ndim)
     return _fake_quant(x, qparams)[0]
 
@@ -214,7 +185,7 @@ def ste_mask(x, qparams: QParams) -> np.ndarray:
     -------
     numpy.ndarray of bool, shape of ``x``
     """
-    x = _float_array(x, "x")
+    x = float_array(x, "x")
     qparams = _check_qparams(qparams, x.ndim)
     code = _fake_quant(x, qparams)[1]
     return (code >= qparams.qmin) & (code <= qparams.qmax)
@@ -223,7 +194,7 @@ def ste_mask(x, qparams: QParams) -> np.ndarray:
 def ste_backward(grad, x, qparams: QParams, clipped: bool = True) -> np.ndarray:
     r"""The straight-through estimator: the gradient of the loss with respect to ``x``, given
     ``grad`` :math:`= \partial L / \partial \hat x` for :math:`\hat x` =
-    :func:`fake_quant_ste_forward` ``(x, qparams)``.
+    :func:`fake_quantize_torch` ``(x, qparams)``.
 
     The true derivative of the staircase is zero almost everywhere (and undefined on the
     steps), which would stop all learning.  The STE replaces it:
@@ -254,9 +225,9 @@ def ste_backward(grad, x, qparams: QParams, clipped: bool = True) -> np.ndarray:
     numpy.ndarray
         Same shape and dtype as ``grad`` (a new array).
     """
-    grad = _float_array(grad, "grad")
-    x = _float_array(x, "x")
-    clipped = _check_bool(clipped, "clipped")
+    grad = float_array(grad, "grad")
+    x = float_array(x, "x")
+    clipped = check_bool(clipped, "clipped")
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {x.shape}, got {grad.shape}")
     qparams = _check_qparams(qparams, x.ndim)
@@ -278,9 +249,11 @@ def lsq_grad_scale(num_elements: int, qmax: int) -> float:
     weights' updates relative to the weights: without it the step size receives the summed
     gradient of :math:`N` values and moves far too fast (with SGD; Adam normalizes gradients
     and is nearly indifferent to a constant factor).  See the qat chapter.
+
+    Bounds: ``num_elements`` in [1, 2**63], ``qmax`` in [1, 2**31].
     """
-    n = _check_int(num_elements, "num_elements", minimum=1)
-    qmax = _check_int(qmax, "qmax", minimum=1)
+    n = check_int(num_elements, "num_elements", 1, 2**63)
+    qmax = check_int(qmax, "qmax", 1, 2**31)
     return 1.0 / math.sqrt(n * qmax)
 
 
@@ -296,12 +269,12 @@ def lsq_init_scale(x, qmax: int, axis: int | None = None):
     -------
     float, or a 1-D float64 array (one step per channel) when ``axis`` is given.
     """
-    x = _float_array(x, "x").astype(np.float64)
-    qmax = _check_int(qmax, "qmax", minimum=1)
+    x = float_array(x, "x").astype(np.float64)
+    qmax = check_int(qmax, "qmax", 1, 2**31)
     if axis is None:
         mean_abs = np.mean(np.abs(x))
     else:
-        axis = _check_int(axis, "axis")
+        axis = check_int(axis, "axis")
         if not -x.ndim <= axis < x.ndim:
             raise ValueError(f"axis={axis} is out of range for a {x.ndim}-D x")
         others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
@@ -310,7 +283,7 @@ def lsq_init_scale(x, qmax: int, axis: int | None = None):
     return float(s0) if axis is None else s0
 
 
-def lsq_scale_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.ndarray:
+def lsq_step_size_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.ndarray:
     r"""LSQ's gradient of the loss with respect to the step size :math:`s` (Esser et al. 2020).
 
     With :math:`\hat x = s\,(\operatorname{clamp}(\lfloor x/s \rceil + z, q_{\min}, q_{\max})
@@ -340,18 +313,18 @@ def lsq_scale_grad(grad, x, qparams: QParams, grad_scale: float = 1.0) -> np.nda
     numpy.ndarray, float64
         Shape of ``qparams.scale`` (0-d per tensor, ``(C,)`` per channel).
     """
-    grad = _float_array(grad, "grad")
-    x = _float_array(x, "x")
+    grad = float_array(grad, "grad")
+    x = float_array(x, "x")
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {x.shape}, got {grad.shape}")
     qparams = _check_qparams(qparams, x.ndim)
-    g = _check_positive(grad_scale, "grad_scale")
+    g = check_real(grad_scale, "grad_scale", 0, lo_open=True)
     x_hat, code = _fake_quant(x, qparams)
-    return _lsq_scale_grad(grad, x, x_hat, code, qparams, g)
+    return _lsq_step_size_grad(grad, x, x_hat, code, qparams, g)
 
 
-def _lsq_scale_grad(grad, x, x_hat, code, qparams: QParams, g: float) -> np.ndarray:
-    """:func:`lsq_scale_grad` from the forward's ``x_hat`` and unclamped ``code``."""
+def _lsq_step_size_grad(grad, x, x_hat, code, qparams: QParams, g: float) -> np.ndarray:
+    """:func:`lsq_step_size_grad` from the forward's ``x_hat`` and unclamped ``code``."""
     scale, zp = _broadcast(x, qparams)
     inv = np.ones((), dtype=x.dtype) / scale
     inside = (x_hat - x) * inv
@@ -382,7 +355,7 @@ def lsq_update_ratio(layer: FakeQuantLinear, *, with_grad_scale: bool = True) ->
     """
     if not isinstance(layer, FakeQuantLinear) or not layer.lsq:
         raise TypeError("layer must be a FakeQuantLinear with lsq=True")
-    with_grad_scale = _check_bool(with_grad_scale, "with_grad_scale")
+    with_grad_scale = check_bool(with_grad_scale, "with_grad_scale")
     if layer._cache is None:
         raise RuntimeError("lsq_update_ratio needs a forward and a backward of the layer first")
     grad_w = float(np.linalg.norm(layer.grad_weight))
@@ -405,7 +378,7 @@ class FakeQuantLinear(Linear):
     -1..1), per output channel (``per_channel=True``, one scale per row of ``weight``) or per
     tensor.  Its scale is either read from the current weights (abs-max, recomputed at every
     forward, with no gradient; PyTorch's default QAT weight observer keeps a moving average of
-    the same extremes) or learned (``lsq=True``, :func:`lsq_scale_grad`).  With ``act_bits``
+    the same extremes) or learned (``lsq=True``, :func:`lsq_step_size_grad`).  With ``act_bits``
     set, the *input* is fake-quantized too, on an unsigned ``act_bits``-bit grid: its range
     follows a moving average of the batches' min and max while ``training`` is True (PyTorch's
     QAT activation observer, averaging constant 0.01) and is frozen otherwise; with
@@ -418,7 +391,7 @@ class FakeQuantLinear(Linear):
     \hat x`, :math:`\partial L/\partial \hat x = g \hat W`, then the straight-through estimator
     (:func:`ste_backward`, ``ste="clipped"`` or ``"plain"``) carries :math:`\partial L/\partial
     \hat W` to the float weight and :math:`\partial L/\partial \hat x` to the input; with LSQ
-    the scales get :func:`lsq_scale_grad` times :func:`lsq_grad_scale`.  The float weights are
+    the scales get :func:`lsq_step_size_grad` times :func:`lsq_grad_scale`.  The float weights are
     the "shadow" weights the optimizer updates; only their fake-quantized copy is ever used.
     See the qat chapter.
 
@@ -437,19 +410,23 @@ class FakeQuantLinear(Linear):
         As for :class:`qcourse.nn.Linear`.
     averaging_constant : float, default 0.01
         Of the input range's moving average (without LSQ).
+
+    Bounds: ``bits`` and ``act_bits`` in [2, 8]; ``in_features`` and ``out_features`` as for
+    :class:`qcourse.nn.Linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bits: int = 8,
                  act_bits: int | None = None, per_channel: bool = True, ste: str = "clipped",
                  lsq: bool = False, seed=0, dtype=np.float32, averaging_constant: float = 0.01):
         super().__init__(in_features, out_features, seed=seed, dtype=dtype)
-        self.bits = _check_bits(bits, "bits")
-        self.act_bits = None if act_bits is None else _check_bits(act_bits, "act_bits")
-        self.per_channel = _check_bool(per_channel, "per_channel")
+        self.bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+        self.act_bits = (None if act_bits is None
+                         else check_int(act_bits, "act_bits", MIN_BITS, MAX_BITS))
+        self.per_channel = check_bool(per_channel, "per_channel")
         if ste not in ("clipped", "plain"):
             raise ValueError(f"ste must be 'clipped' or 'plain', got {ste!r}")
         self.ste = ste
-        self.lsq = _check_bool(lsq, "lsq")
+        self.lsq = check_bool(lsq, "lsq")
         self.training = True
         self.wmin, self.wmax = qrange(self.bits, True, narrow_range=True)
         dt = self.weight.dtype
@@ -545,7 +522,7 @@ class FakeQuantLinear(Linear):
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (batch >= 1, {self.in_features}) for this "
                              f"layer, got {x.shape}")
-        x = _float_array(x, "x").astype(self.weight.dtype, copy=False)
+        x = float_array(x, "x").astype(self.weight.dtype, copy=False)
         act_qp, x_hat, act_code = None, x, None
         if self.act_bits is not None:
             if self.training:
@@ -582,14 +559,14 @@ class FakeQuantLinear(Linear):
             self.grad_weight[...] = grad_w_hat
         if self.lsq:
             gs = self.weight_grad_scale
-            self.grad_weight_scale[...] = _lsq_scale_grad(grad_w_hat, self.weight, w_hat,
+            self.grad_weight_scale[...] = _lsq_step_size_grad(grad_w_hat, self.weight, w_hat,
                                                           w_code, w_qp, gs)
         grad_x_hat = g @ w_hat
         if act_qp is None:
             return grad_x_hat
         if self.lsq:
             gs = lsq_grad_scale(self.in_features, act_qp.qmax)
-            self.grad_act_scale[...] = _lsq_scale_grad(grad_x_hat, x, x_hat, act_code, act_qp,
+            self.grad_act_scale[...] = _lsq_step_size_grad(grad_x_hat, x, x_hat, act_code, act_qp,
                                                        gs)
         if self.ste == "plain":
             return grad_x_hat
@@ -631,6 +608,8 @@ class QATModel(Sequential):
 
     def __init__(self, *layers, config: dict | None = None):
         super().__init__(*layers)
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict or None, got {describe(config)}")
         self.config = dict(config or {})
         self.history: dict[str, list[float]] = {}
 
@@ -644,7 +623,7 @@ def set_qat_training(model: Sequential, training: bool) -> None:
     data) or frozen (ranges fixed, as at deployment).  See the qat chapter."""
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    training = _check_bool(training, "training")
+    training = check_bool(training, "training")
     for layer in model:
         if isinstance(layer, FakeQuantLinear):
             layer.training = training
@@ -667,28 +646,14 @@ def _per_layer(value, names: list[str], name: str, allow_none: bool) -> dict[str
     for n, v in out.items():
         if v is None and allow_none:
             continue
-        _check_bits(v, f"{name}[{n!r}]" if isinstance(value, Mapping) else name)
+        check_int(v, f"{name}[{n!r}]" if isinstance(value, Mapping) else name, MIN_BITS, MAX_BITS)
     return out
 
 
-def _check_xy(X, y, name_x: str = "X", name_y: str = "y"):
-    if not isinstance(X, np.ndarray) or X.dtype not in (np.float32, np.float64):
-        got = X.dtype if isinstance(X, np.ndarray) else type(X).__name__
-        raise TypeError(f"{name_x} must be a float32 or float64 numpy.ndarray, got {got}")
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"{name_x} must be 2-D (examples, features) and not empty, "
-                         f"got shape {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{name_x} contains NaN or Inf; expected finite values")
-    if y is None:
-        return X, None
-    if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer):
-        got = y.dtype if isinstance(y, np.ndarray) else type(y).__name__
-        raise TypeError(f"{name_y} must be a numpy.ndarray of integer labels, got {got}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"{name_y} must have shape ({X.shape[0]},) to match {name_x}, "
-                         f"got {y.shape}")
-    return X, y
+def _check_xy(model, X, y, name_x: str = "X", name_y: str = "y"):
+    """Inputs of ``model`` (finite floats of its width and dtype) and their integer labels."""
+    X = _check_model_input(model, X, name_x)
+    return X, check_labels(y, name_y, X.shape[0])
 
 
 def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = True,
@@ -711,7 +676,7 @@ def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = Tr
     if any(isinstance(m, FakeQuantLinear) for _, m in named):
         raise ValueError("model already contains FakeQuantLinear layers; prepare_qat takes the "
                          "float model")
-    linear_names = [n for n, m in named if isinstance(m, Linear)]
+    linear_names = linear_layers(model)
     if not linear_names:
         raise ValueError("model has no Linear layer to quantize")
     w_bits = _per_layer(bits, linear_names, "bits", allow_none=False)
@@ -720,7 +685,7 @@ def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = Tr
         if calib_X is None:
             raise ValueError("calib_X is required when inputs are quantized (act_bits is not "
                              "None): it sets the activation ranges")
-        calib_X, _ = _check_xy(calib_X, None, "calib_X")
+        calib_X = _check_model_input(model, calib_X, "calib_X")
     layers = []
     for name, module in named:
         if isinstance(module, Linear):
@@ -728,9 +693,7 @@ def prepare_qat(model: Sequential, bits=8, *, act_bits=8, per_channel: bool = Tr
                 module, bits=w_bits[name], act_bits=a_bits[name], per_channel=per_channel,
                 ste=ste, lsq=lsq, averaging_constant=averaging_constant)
         else:
-            module = copy.deepcopy(module)
-            module._forward_hooks.clear()
-            module._forward_pre_hooks.clear()
+            module = copy_model(module)
         layers.append((name, module))
     config = {"bits": w_bits, "act_bits": a_bits, "per_channel": per_channel, "ste": ste,
               "lsq": lsq}
@@ -762,19 +725,22 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     fly), and, with ``X_val``/``y_val``, ``val_accuracy`` of the frozen model *before* training
     and after each epoch (``epochs + 1`` entries).  ``progress=True`` shows a tqdm bar.  The
     same arguments give bit-identical weights.  See the qat chapter.
+
+    Bounds: ``epochs`` in [0, 100000], ``batch_size`` in [1, 2**28], bit widths in [2, 8]; a
+    step that makes a weight NaN or Inf (too large an ``lr``) raises ``ValueError``.
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    X, y = _check_xy(X, y)
-    epochs = _check_int(epochs, "epochs", minimum=0)
-    seed = _check_int(seed, "seed", minimum=0)
-    batch_size = _check_int(batch_size, "batch_size", minimum=1)
-    lr = _check_positive(lr, "lr")
-    _check_bool(progress, "progress")
+    X, y = _check_xy(model, X, y)
+    epochs = check_int(epochs, "epochs", 0, MAX_EPOCHS)
+    seed = check_int(seed, "seed", 0)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    lr = check_real(lr, "lr", 0, lo_open=True)
+    check_bool(progress, "progress")
     if X_val is not None or y_val is not None:
         if X_val is None or y_val is None:
             raise ValueError("X_val and y_val must be given together")
-        X_val, y_val = _check_xy(X_val, y_val, "X_val", "y_val")
+        X_val, y_val = _check_xy(model, X_val, y_val, "X_val", "y_val")
     if calib_X is None:
         calib_X = X[:512]
     qmodel = prepare_qat(model, bits, act_bits=act_bits, per_channel=per_channel, ste=ste,
@@ -788,7 +754,7 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
         history["val_accuracy"] = [accuracy(qmodel, X_val, y_val)]
     rng = np.random.default_rng(seed)
     n = X.shape[0]
-    bar = tqdm(range(epochs), desc=f"QAT ({_bits_label(qmodel.config['bits'])})", unit="epoch",
+    bar = tqdm(range(epochs), desc=f"QAT ({_bits_text(qmodel.config['bits'])})", unit="epoch",
                disable=not progress)
     for _ in bar:
         set_qat_training(qmodel, True)
@@ -808,7 +774,7 @@ def qat_finetune(model: Sequential, X, y, bits=4, epochs: int = 5, seed: int = 0
     return qmodel
 
 
-def _bits_label(bits: dict) -> str:
+def _bits_text(bits: dict) -> str:
     values = sorted(set(bits.values()))
     return f"{values[0]}-bit" if len(values) == 1 else "mixed"
 
@@ -817,7 +783,7 @@ def _bits_label(bits: dict) -> str:
 
 
 @dataclass(frozen=True)
-class PTQvsQAT:
+class PTQQATComparison:
     """One row of :func:`compare_ptq_qat`: accuracies (fractions) at ``bits``."""
 
     bits: int
@@ -838,7 +804,8 @@ class PTQvsQAT:
 
 
 def compare_ptq_qat(model: Sequential, X, y, X_test, y_test, bits=(8, 4, 2), *,
-                    epochs: int = 5, seed: int = 0, act_bits="same", **kwargs) -> list[PTQvsQAT]:
+                    epochs: int = 5, seed: int = 0, act_bits="same",
+                    **kwargs) -> list[PTQQATComparison]:
     """Float, post-training-quantized and quantization-aware-trained accuracy on
     ``(X_test, y_test)`` for each weight bit width in ``bits``.
 
@@ -848,20 +815,26 @@ def compare_ptq_qat(model: Sequential, X, y, X_test, y_test, bits=(8, 4, 2), *,
     weights' bit width; an int or None is used as is.  ``kwargs`` go to :func:`qat_finetune`
     (``lsq``, ``lr``, ``per_channel``, ...).  ``val_history`` holds the QAT model's test
     accuracy before training and after each epoch.  See the qat chapter.
+
+    Bounds: ``epochs`` in [0, 100000]; each entry of ``bits`` in [2, 8].
     """
-    X, y = _check_xy(X, y)
-    X_test, y_test = _check_xy(X_test, y_test, "X_test", "y_test")
-    bits = tuple(bits)
-    if not bits:
-        raise ValueError("bits must list at least one bit width")
+    X, y = _check_xy(model, X, y)
+    X_test, y_test = _check_xy(model, X_test, y_test, "X_test", "y_test")
+    bits = check_sequence(bits, "bits", min_len=1)
     float_acc = accuracy(model, X_test, y_test)
     rows = []
     for b in bits:
-        b = _check_bits(b, "each entry of bits")
+        b = check_int(b, "each entry of bits", MIN_BITS, MAX_BITS)
         a = b if act_bits == "same" else act_bits
         qat = qat_finetune(model, X, y, bits=b, epochs=epochs, seed=seed, act_bits=a,
                            X_val=X_test, y_val=y_test, **kwargs)
         hist = tuple(qat.history["val_accuracy"])
-        rows.append(PTQvsQAT(bits=b, float_accuracy=float_acc, ptq_accuracy=hist[0],
+        rows.append(PTQQATComparison(bits=b, float_accuracy=float_acc, ptq_accuracy=hist[0],
                              qat_accuracy=hist[-1], val_history=hist))
     return rows
+
+
+__getattr__ = moved_names(__name__, {
+    "fake_quant_ste_forward": "qcourse.qat.fake_quantize_torch",
+    "lsq_scale_grad": "qcourse.qat.lsq_step_size_grad",
+})

@@ -267,7 +267,7 @@ def test_long_listings_are_folded_after_a_walk_through(chapter):
 
 
 def test_listing_check_catches_an_unfolded_or_unexplained_listing():
-    listing = ("```{literalinclude} ../qcourse/affine.py\n:language: python\n"
+    listing = ("```{literalinclude} ../qcourse/affine/quantizer.py\n:language: python\n"
                ":pyobject: QParams\n```\n")
     folded = f":::{{admonition}} The source\n:class: dropdown\n\n{listing}:::\n"
     unfolded = unfolded_long_listings(f"Some prose.\n\n{listing}")

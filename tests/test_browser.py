@@ -23,7 +23,7 @@ import nbformat
 import pytest
 import yaml
 from book_build import built_book_html, toc_entries
-from browser_support import ROOT, StaticServer, chromium_browser, guarded_page, screenshot_path
+from browser_support import ROOT, StaticServer, guarded_page, screenshot_path
 from notebook_runner import chapters
 
 from qcourse import grading
@@ -65,12 +65,6 @@ def built_book() -> Path:
 def server(built_book):
     with StaticServer(built_book) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium_browser() as chromium:
-        yield chromium
 
 
 @pytest.fixture

@@ -29,8 +29,6 @@ from qcourse.calibration import (
     MSEObserver,
     PercentileObserver,
     StreamingHistogram,
-    calibrate,
-    compare_observers,
     compare_static_dynamic,
     dynamic_fake_quant_hook,
     dynamic_qparams,
@@ -40,6 +38,7 @@ from qcourse.calibration import (
     kl_divergence,
     kl_threshold_search,
 )
+from qcourse.nn import calibrate, compare_observers
 
 ALL_OBSERVERS = [
     MinMaxObserver,
@@ -92,7 +91,7 @@ def test_minmax_per_channel():
     assert MinMaxObserver(axis=0).update(w).qparams() == choose_qparams(w, axis=0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     hnp.arrays(np.float64, st.integers(1, 60), elements=st.floats(-1e6, 1e6)),
     st.integers(1, 5),
@@ -143,7 +142,7 @@ def test_moving_average_per_channel_and_default_constant():
 # --------------------------------------------------------------------------- the histogram
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     st.lists(
         st.tuples(st.floats(-1e3, 1e3), st.floats(1e-3, 1e3), st.integers(1, 40)),
@@ -327,7 +326,7 @@ def test_kl_divergence_values():
     assert kl_divergence([0, 1], [1, 1]) == pytest.approx(math.log(2))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(
     hnp.arrays(np.float64, 12, elements=st.floats(0, 100)),
     hnp.arrays(np.float64, 12, elements=st.floats(0.01, 100)),
@@ -589,14 +588,9 @@ def test_compare_static_dynamic_errors_and_costs():
 
 
 @pytest.fixture(scope="module")
-def model_and_data():
-    from qcourse.datasets import load_digits
-    from qcourse.nn import MLP, train
-
-    Xtr, ytr = load_digits("train")
-    Xte, yte = load_digits("test")
-    model = MLP((64, 32, 10), seed=0)
-    train(model, Xtr, ytr, epochs=5, lr=1e-2, seed=0, progress=False)
+def model_and_data(digits, trained_mlp):
+    (Xtr, _), (Xte, yte) = digits
+    model, _ = trained_mlp((64, 32, 10), epochs=5)
     return model, Xtr, Xte, yte
 
 

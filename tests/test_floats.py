@@ -488,19 +488,19 @@ def float64_formats(draw):
     return fmt
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(x=finite64, fmt=fmt_strategy)
 def test_encode_is_the_exactly_nearest_value(x, fmt):
     assert_matches_reference(x, fmt)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=finite64, fmt=float64_formats())
 def test_encode_random_formats_is_the_exactly_nearest_value(x, fmt):
     assert_matches_reference(x, fmt)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=st.integers(-(2**63), 2**64 - 1), fmt=fmt_strategy)
 def test_encode_integers_rounds_once(x, fmt):
     assert_matches_reference(x, fmt)
@@ -537,13 +537,13 @@ def test_encode_a_56_bit_integer_that_float64_cannot_hold():
     assert int(encode(2**64 - 768, fmt)) == ((63 + 127) << 55) | (2**55 - 3)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(x=st.one_of(finite64, st.integers(-(2**63), 2**64 - 1)), fmt=st.sampled_from(WIDE))
 def test_encode_wide_formats_is_the_exactly_nearest_value(x, fmt):
     assert_matches_reference(x, fmt)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(data=st.data(), fmt=float64_formats())
 def test_decode_then_encode_gives_the_pattern_back(data, fmt):
     b = data.draw(st.integers(0, 2**fmt.total_bits - 1))
@@ -553,7 +553,7 @@ def test_decode_then_encode_gives_the_pattern_back(data, fmt):
     assert encode(np.float64(v), fmt) == b
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=finite64, y=finite64, fmt=fmt_strategy)
 def test_rounding_is_monotonic(x, y, fmt):
     x, y = min(x, y), max(x, y)
@@ -562,13 +562,13 @@ def test_rounding_is_monotonic(x, y, fmt):
     assert decode(encode(x, fmt), fmt) <= decode(encode(y, fmt), fmt)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=st.floats(), fmt=st.sampled_from(ALL_FORMATS))
 def test_negation_flips_only_the_sign_bit(x, fmt):
     assert int(encode(-x, fmt)) == int(encode(x, fmt)) ^ fmt.sign_mask
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(x=finite64, fmt=st.sampled_from(ALL_FORMATS))
 def test_error_is_at_most_half_an_ulp(x, fmt):
     r = decode(encode(x, fmt), fmt)
@@ -576,7 +576,7 @@ def test_error_is_at_most_half_an_ulp(x, fmt):
     assert abs(Fraction(float(r)) - Fraction(x)) <= Fraction(float(F.ulp(x, fmt))) / 2
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(data=st.data(), fmt=float64_formats())
 def test_pattern_order_is_value_order(data, fmt):
     a = data.draw(st.integers(0, fmt.sign_mask - 1))
@@ -635,8 +635,8 @@ def test_fields_and_bit_string_of_the_worked_example():
         (BF16, 0x0080, "normal", 2.0**-126),
     ],
 )
-def test_breakdown(fmt, bits, kind, value):
-    parts = F.breakdown(bits, fmt)
+def test_float_parts(fmt, bits, kind, value):
+    parts = F.float_parts(bits, fmt)
     assert parts.kind == kind and parts.bits == bits
     assert same_float(parts.value, value)
     assert (parts.sign, parts.exponent, parts.mantissa) == F.fields(bits, fmt)
@@ -650,7 +650,7 @@ def test_breakdown(fmt, bits, kind, value):
 
 
 def test_breakdown_formula_of_the_worked_example():
-    parts = F.breakdown(encode(3.125, FP32), FP32)
+    parts = F.float_parts(encode(3.125, FP32), FP32)
     assert parts.unbiased_exponent == 1 and parts.significand == 1.5625  # 1.1001b
     assert parts.formula == "+1.1001b x 2^(128-127) = 3.125"
 
@@ -718,10 +718,68 @@ def test_bad_name():
         (lambda: F.enumerate_format(FP32), ValueError, "at most 16 bits"),
         (lambda: F.double_rounding_inputs(FP32), ValueError, "at most 16 bits"),
         (lambda: F.bit_string(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
-        (lambda: F.breakdown(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
-        (lambda: F.breakdown(0x1FF, FP8_E4M3FN), ValueError, "out of range for e4m3fn"),
+        (lambda: F.float_parts(np.array([1, 2]), FP16), ValueError, "single bit pattern"),
+        (lambda: F.float_parts(0x1FF, FP8_E4M3FN), ValueError, "out of range for e4m3fn"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------
+# The conventions without infinities: "fnuz" (float8 e4m3fnuz / e5m2fnuz) and "finite" (the OCP
+# Microscaling elements fp4 e2m1, fp6 e2m3 / e3m2), against ml_dtypes on every pattern and on
+# random, tie, subnormal, overflowing and special inputs.
+# ------------------------------------------------------------------------------------------------
+
+NO_INF_FORMATS = {
+    "float4_e2m1fn": F.FP4_E2M1,
+    "float6_e2m3fn": F.FP6_E2M3,
+    "float6_e3m2fn": F.FP6_E3M2,
+    "float8_e4m3fnuz": F.FP8_E4M3FNUZ,
+    "float8_e5m2fnuz": F.FP8_E5M2FNUZ,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_INF_FORMATS))
+def test_no_inf_conventions_match_ml_dtypes_on_every_pattern_and_on_hard_inputs(name):
+    md = pytest.importorskip("ml_dtypes", reason="ml_dtypes is the oracle for fp4/fp6/fnuz")
+    fmt, t = NO_INF_FORMATS[name], getattr(md, name)
+    codes = np.arange(2**fmt.total_bits, dtype=np.uint8)
+    ref = codes.view(t).astype(np.float64)
+    got = decode(codes, fmt)
+    assert np.array_equal(got, ref, equal_nan=True)
+    assert np.array_equal(np.signbit(got), np.signbit(ref))
+    assert fmt.max_finite == float(md.finfo(t).max)
+    assert fmt.min_subnormal == float(md.finfo(t).smallest_subnormal)
+    assert fmt.num_finite == int(np.isfinite(ref).sum())
+    finite = np.unique(got[np.isfinite(got)])
+    ties = (finite[1:] + finite[:-1]) / 2                     # every midpoint between values
+    rng = np.random.default_rng(7)
+    x = np.concatenate([
+        rng.standard_t(2, 50_000) * fmt.max_finite / 4,       # random, heavy-tailed
+        finite, ties, np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf),
+        rng.uniform(-2, 2, 5000) * fmt.min_normal,             # subnormal range
+        fmt.max_finite * np.array([1.01, 1.2, 2.0, 1e6, -1.01, -1e6]),   # overflow
+        [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, -1e-30, 1e-30],
+    ]).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        oracle = x.astype(t).view(np.uint8)
+    assert np.array_equal(encode(x, fmt), oracle)
+    print(f"{name}: {2**fmt.total_bits} patterns and {x.size} inputs match ml_dtypes "
+          f"{md.__version__}")
+
+
+def test_finite_saturates_and_fnuz_has_one_nan_and_no_negative_zero():
+    e2m1 = NO_INF_FORMATS["float4_e2m1fn"]
+    assert encode(np.array([7.0, 1e9, np.inf, -np.inf]), e2m1).tolist() == [7, 7, 7, 15]
+    # NaN has no pattern: a zero of the opposite sign (ml_dtypes' and ONNX's arbitrary choice)
+    nan = np.array([0x7FC00000, 0xFFC00000], np.uint32).view(np.float32)
+    assert encode(nan, e2m1).tolist() == [8, 0]
+    assert e2m1.nan_bits is None and e2m1.inf_bits is None and e2m1.max_bits == 7
+    fnuz = NO_INF_FORMATS["float8_e4m3fnuz"]
+    assert encode(np.array([-0.0, -1e-9, np.nan, -np.inf, 1e9]), fnuz).tolist() == [0, 0, 128,
+                                                                                 128, 128]
+    assert np.isnan(decode(0x80, fnuz)) and fnuz.max_finite == 240 and fnuz.num_finite == 255
+    assert F.enumerate_format(fnuz)[1].size == 255

@@ -414,13 +414,13 @@ def _qlinear_inputs(draw):
             F32(np.exp(rng.uniform(-4, 2))), _rand_q(rng, ty, ())[()]]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(_qlinear_inputs())
 def test_qlinear_matmul_kernel_equals_reference(inputs):
     np.testing.assert_array_equal(qlinear_matmul(*inputs), qlinear_matmul_reference(*inputs))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.sampled_from(ALL_TYPES), st.integers(1, 5), st.integers(1, 90), st.integers(1, 40),
        st.booleans(), st.integers(0, 2**32 - 1))
 def test_matmul_integer_kernel_equals_reference(types, m, k, n, per_column, seed):
@@ -465,7 +465,7 @@ def test_requantize_float_rounds_half_to_even_in_float32():
                                   requantize_float(np.arange(-999, 999), F32(m64), 0, -128, 127))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.floats(1e-6, 4.0, allow_nan=False), st.integers(-128, 127), st.integers(0, 2**32 - 1))
 def test_requantize_float_is_monotone_and_within_half_a_step(m, zp, seed):
     rng = np.random.default_rng(seed)
@@ -573,8 +573,6 @@ def test_seed_worked_example_m_001():
     # EE-508 slides: M = 0.01 = 0.64 * 2**-6, M0 * 2**31 stored as an integer, 1234 * M = 12.34
     mult, shift = quantize_multiplier(0.01)
     assert shift == -6 and mult == 1374389535   # round(0.64 * 2**31); the slides truncate (...534)
-    assert 1234 * 1374389534 == 1695996684956
-    assert (1234 * 1374389534) >> 6 == 26499948202
     for rounding in ("double", "single"):
         assert requantize_fixed_point([1234], mult, shift, 0, -128, 127,
                                       rounding=rounding).tolist() == [12]
@@ -586,7 +584,7 @@ def test_seed_worked_example_m_001():
 # ------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(st.integers(1, 6), st.integers(1, 40), st.integers(1, 9), st.integers(-128, 255),
        st.booleans(), st.integers(0, 2**32 - 1))
 def test_zero_point_terms_add_up(batch, k, out, zx, per_channel, seed):
@@ -1011,13 +1009,13 @@ def test_qlinear_matmul_bad_inputs(fn):
         call(3, np.zeros((4, 4), S8))
     with pytest.raises(ValueError, match="must not be empty"):
         call(0, np.zeros((0, 3), U8))
-    with pytest.raises(ValueError, match=r"a_zero_point must lie in \[0, 255\]"):
+    with pytest.raises(ValueError, match=r"a_zero_point must be integers in \[0, 255\]"):
         call(2, 300)
-    with pytest.raises(ValueError, match=r"b_zero_point must lie in \[-128, 127\]"):
+    with pytest.raises(ValueError, match=r"b_zero_point must be integers in \[-128, 127\]"):
         call(5, -129)
     with pytest.raises(TypeError, match="a_zero_point has dtype int8 but a is uint8"):
         call(2, S8(0))
-    with pytest.raises(TypeError, match="zero_point must be an integer"):
+    with pytest.raises(TypeError, match="zero_point must be integers"):
         call(2, 1.5)
     for bad in (F32(0), F32(-0.1), F32(np.nan), F32(np.inf)):
         with pytest.raises(ValueError, match="a_scale must be finite and > 0"):
@@ -1048,7 +1046,7 @@ def test_matmul_integer_bad_inputs():
         matmul_integer(a, b, np.zeros(3, U8))
     with pytest.raises(ValueError, match="do not broadcast"):
         matmul_integer(np.zeros((2, 2, 3), U8), np.zeros((3, 3, 4), U8))
-    with pytest.raises(TypeError, match="b_zero_point must be an integer"):
+    with pytest.raises(TypeError, match="b_zero_point must be integers"):
         matmul_integer_reference(a, b, None, True)
 
 
@@ -1059,7 +1057,7 @@ def test_requantize_and_layer_bad_inputs():
         requantize_float([1], -0.5, 0, -128, 127)
     with pytest.raises(TypeError, match="multiplier must be a float"):
         requantize_float([1], 1, 0, -128, 127)
-    with pytest.raises(ValueError, match="acc must hold int32"):
+    with pytest.raises(ValueError, match=r"acc must be integers in .* \(int32\)"):
         requantize_float([2**31], 0.5, 0, -128, 127)
     with pytest.raises(ValueError, match="qmin < qmax"):
         requantize_fixed_point([1], 2**30, -1, 0, 5, 5)

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser_support import ROOT, chromium_browser, guarded_page, screenshot_path
+from browser_support import ROOT, guarded_page, screenshot_path
 
 from qcourse.floats import FORMATS, encode
 from qcourse.grading import PUBLIC_PASS_MESSAGE
@@ -144,12 +144,6 @@ def _kernels(base: str, token: str) -> list[dict]:
         return json.loads(_get(f"{base}api/kernels?token={token}"))
     except OSError:
         return []
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium_browser() as chromium:
-        yield chromium
 
 
 @pytest.fixture

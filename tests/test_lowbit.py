@@ -7,6 +7,7 @@ accounting, and ml_dtypes for the fp8 round trip (bit for bit, where installed).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from qcourse import lowbit as lb
 from qcourse.affine import choose_qparams, effective_bits, fake_quantize, pack_int, quantize
 from qcourse.floats import FP8_E4M3FN, FP16
-from qcourse.nn import MLP
+from qcourse.nn import make_mlp
 
 # ------------------------------------------------------------------------------------------------
 # int4 group-wise quantization
@@ -128,9 +129,9 @@ def test_smaller_groups_never_lose_sqnr_on_heavy_tails():
 
 
 @pytest.mark.parametrize("bad, exc, match", [
-    (np.ones((2, 3), np.int32), TypeError, "weight must be a float"),
+    (np.ones((2, 3), np.int32), TypeError, "weight must hold floating-point numbers"),
     (np.ones(3, np.float32), ValueError, "2-D"),
-    (np.ones((0, 3), np.float32), ValueError, "non-empty"),
+    (np.ones((0, 3), np.float32), ValueError, "weight must not be empty"),
     (np.array([[1.0, np.nan]]), ValueError, "NaN"),
     (np.array([[1e6, 1.0]]), ValueError, "overflows"),
     (np.array([[1e-9, 0.0]]), ValueError, "underflows"),
@@ -170,7 +171,7 @@ def _layer(seed, m, n, k, g):
     return x, w4
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(m=st.integers(1, 6), n=st.integers(1, 9), k=st.integers(1, 70), g=st.integers(1, 80),
        seed=st.integers(0, 2**16))
 def test_kernel_accumulators_equal_the_reference_exactly(m, n, k, g, seed):
@@ -244,7 +245,7 @@ def test_layer_rejects_bad_input():
     x, w4 = _layer(10, 2, 3, 8, 4)
     with pytest.raises(ValueError, match="K=8"):
         lb.int4_linear_int8(x[:, :7], w4)
-    with pytest.raises(TypeError, match="x must be a float"):
+    with pytest.raises(TypeError, match="x must hold floating-point numbers"):
         lb.int4_linear_reference(x.astype(np.int32), w4)
     with pytest.raises(ValueError, match="bias"):
         lb.int4_linear_int8(x, w4, np.zeros(4, np.float32))
@@ -256,8 +257,36 @@ def test_layer_rejects_bad_input():
         lb.int4_group_accumulators_reference(np.zeros((2, 9), np.int8), w4)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("scale", lambda s: np.full_like(s, np.nan), "w4.scale must be finite and > 0"),
+    ("scale", lambda s: np.zeros_like(s), "w4.scale must be finite and > 0"),
+    ("scale", lambda s: -s, "w4.scale must be finite and > 0"),
+    ("scale", lambda s: s[:, :1], r"w4.scale must be a float16 or float32 array of shape"),
+    ("scale", lambda s: s.astype(np.float64), r"w4.scale must be a float16 or float32"),
+    ("packed", lambda p: p[:-1], r"w4.packed must be a uint8 array of 12 bytes"),
+    ("packed", lambda p: None, r"w4.packed must be a uint8 array"),
+    ("packed", lambda p: p.astype(np.int8), r"w4.packed must be a uint8 array"),
+    ("shape", lambda s: (3, 9), r"w4.scale must be .* shape \(3, 3\)|w4.packed"),
+    ("shape", lambda s: (3, 2**40), r"w4.shape must be two ints"),
+    ("shape", lambda s: (3.0, 8), r"w4.shape must be two ints"),
+    ("group_size", lambda g: 9, r"w4.group_size must be an int in \[1, K=8\]"),
+    ("group_size", lambda g: 0, r"w4.group_size must be an int in \[1, K=8\]"),
+])
+def test_an_int4_weight_is_checked_where_it_is_used(field, value, match):
+    # An Int4Weight built by hand, or unpickled (which skips the constructor), is checked again
+    # by every function that computes with it: a bad scale or buffer never gives a wrong answer.
+    x, w4 = _layer(10, 2, 3, 8, 4)
+    forged = copy.copy(w4)
+    object.__setattr__(forged, field, value(getattr(w4, field)))
+    for f in (lb.int4_linear_int8, lb.int4_linear_reference):
+        with pytest.raises((TypeError, ValueError), match=match):
+            f(x, forged)
+    with pytest.raises((TypeError, ValueError), match=match.replace("w4.", "Int4Weight.")):
+        lb.Int4Weight(forged.packed, forged.scale, forged.shape, forged.group_size)
+
+
 def test_weight_only_model_copies_and_quantizes():
-    model = MLP((64, 32, 10), seed=0)
+    model = make_mlp((64, 32, 10), seed=0)
     before = model["fc1"].weight.copy()
     q_model = lb.int4_weight_only(model, 16)
     assert np.array_equal(model["fc1"].weight, before)           # original untouched
@@ -324,9 +353,9 @@ def test_fp8_rejects_bad_input():
         lb.fp8_quantize([1.0, np.inf], "e5m2")
     with pytest.raises(ValueError, match="empty"):
         lb.fp8_scale([], "e5m2")
-    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+    with pytest.raises(ValueError, match="scale must be a finite real number > 0"):
         lb.fp8_quantize([1.0], "e5m2", scale=0.0)
-    with pytest.raises(TypeError, match="bits must be uint8"):
+    with pytest.raises(TypeError, match="bits must have dtype uint8"):
         lb.fp8_dequantize(np.array([1, 2]), 1.0, "e5m2")
     with pytest.raises(TypeError, match="real numbers"):
         lb.format_sqnr(np.array(["a"]))
@@ -345,3 +374,214 @@ def test_format_sqnr_orderings():
     expect = fake_quantize(x, choose_qparams(x, bits=8, symmetric=True))
     assert math.isclose(lb.format_sqnr(x)["int8"],
                         10 * math.log10(np.sum(x**2) / np.sum((x - expect) ** 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# MX (OCP Microscaling v1.0) and NVFP4 blocks, bit for bit against ml_dtypes
+# ------------------------------------------------------------------------------------------------
+
+MX_ML_DTYPES = {"mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2",
+                "mxfp6_e3m2": "float6_e3m2fn", "mxfp6_e2m3": "float6_e2m3fn",
+                "mxfp4": "float4_e2m1fn"}
+
+
+def _md():
+    return pytest.importorskip("ml_dtypes", reason="ml_dtypes is the oracle for the MX elements")
+
+
+def _mx_oracle(x, name, block, emax=None):
+    """MX v1.0's conversion computed with NumPy's log2 and ml_dtypes' casts (no qcourse code)."""
+    md = _md()
+    xb = x.astype(np.float64).reshape(x.shape[:-1] + (-1, block))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amax = np.max(np.abs(xb), axis=-1)
+        e = np.floor(np.log2(amax)) - (lb.MX_FORMATS[name].emax if emax is None else emax)
+    nan_block = ~np.isfinite(amax)
+    e = np.where(nan_block, 0, np.maximum(np.where(amax == 0, -127, e), -127))
+    scale = np.where(nan_block, np.nan, np.exp2(e)).astype(np.float32)
+    scales = scale.astype(md.float8_e8m0fnu).view(np.uint8)
+    v = np.where(nan_block[..., None], 0.0, xb / np.exp2(e)[..., None])
+    if name == "mxint8":
+        elements = np.clip(np.rint(v * 64), -127, 127).astype(np.int8).view(np.uint8)
+    else:
+        t = getattr(md, MX_ML_DTYPES[name])
+        m = float(md.finfo(t).max)
+        elements = np.clip(v, -m, m).astype(t).view(np.uint8)
+    return scales, elements.reshape(x.shape)
+
+
+def _hard_mx_inputs(name, rng):
+    """Blocks of 32: random heavy-tailed at many magnitudes, exact ties between element values,
+    element subnormals, block maxima that round past the element range (saturation), float32
+    subnormal inputs, scales below E8M0's range, zero blocks (signed), NaN and Inf blocks."""
+    md = _md()
+    spec = lb.MX_FORMATS[name]
+    if name == "mxint8":
+        grid = np.arange(-127, 128) / 64.0
+    else:
+        t = getattr(md, MX_ML_DTYPES[name])
+        grid = np.arange(2**spec.bits, dtype=np.uint8).view(t).astype(np.float64)
+        grid = np.unique(grid[np.isfinite(grid)])
+    top = 2.0**spec.emax                        # a block max in [top, 2 top) keeps X = 1
+    blocks = []
+    for _ in range(300):                        # random, each block at its own magnitude
+        blocks.append(rng.standard_t(3, 32) * 2.0 ** rng.integers(-140, 120))
+    mids = (grid[1:] + grid[:-1]) / 2           # ties between neighbouring element values
+    for i in range(0, mids.size, 31):
+        blk = np.zeros(32)
+        chunk = mids[i:i + 31]
+        blk[:chunk.size] = chunk
+        blk[31] = top                           # pins X = 1 so the ties stay ties
+        for k in (-3, 0, 5):
+            blocks.append(blk * 2.0**k)
+            blocks.append(np.nextafter(blk, np.inf) * 2.0**k)
+            blocks.append(np.nextafter(blk, -np.inf) * 2.0**k)
+    sub = np.zeros(32)
+    sub[:31] = rng.uniform(-1, 1, 31) * grid[grid > 0].min() * 4
+    sub[31] = top
+    blocks.append(sub)
+    sat = rng.uniform(-1, 1, 32) * top
+    sat[:4] = [1.999 * top, -1.9 * top, 1.75 * top, np.nextafter(2 * top, 0)]
+    blocks.append(sat)
+    blocks.append(rng.uniform(-1, 1, 32) * 2.0**-140)          # float32 subnormals
+    blocks.append(rng.uniform(-1, 1, 32) * 2.0**-135)          # X clamped at 2^-127
+    blocks.append(np.zeros(32))
+    blocks.append(-np.zeros(32))
+    for special in (np.nan, np.inf, -np.inf):
+        blk = rng.standard_normal(32)
+        blk[7] = special
+        blocks.append(blk)
+    blocks.append(np.full(32, 3.0e38))                          # near float32's maximum
+    return np.array(blocks).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(lb.MX_FORMATS))
+def test_mx_quantize_matches_ml_dtypes_on_hard_inputs(name):
+    x = _hard_mx_inputs(name, np.random.default_rng(5))
+    scales, elements = lb.mx_quantize(x, name)
+    want_scales, want_elements = _mx_oracle(x, name, 32)
+    assert scales.dtype == np.uint8 and elements.dtype == np.uint8
+    np.testing.assert_array_equal(scales, want_scales)
+    np.testing.assert_array_equal(elements, want_elements)
+    # 3-D input, blocks along the last axis only
+    x3 = x[:40].reshape(5, 8, 32 * 1)
+    s3, e3 = lb.mx_quantize(x3, name)
+    assert s3.shape == (5, 8, 1) and e3.shape == x3.shape
+    np.testing.assert_array_equal(e3, elements[:40].reshape(x3.shape))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxfp8_e4m3", "mxint8"])
+def test_the_oracle_comparison_catches_a_wrong_shared_exponent(name):
+    """A check proves itself: an off-by-one e_max (ceil instead of floor, in effect) fails."""
+    x = _hard_mx_inputs(name, np.random.default_rng(6))
+    broken = lb.MX_FORMATS[name]._replace(emax=lb.MX_FORMATS[name].emax - 1)
+    scales, elements = lb.mx_quantize(x, broken)
+    want_scales, want_elements = _mx_oracle(x, name, 32)
+    assert np.mean(scales != want_scales) > 0.5
+    assert np.any(elements != want_elements)
+
+
+@pytest.mark.parametrize("name", sorted(lb.MX_FORMATS))
+def test_mx_dequantize_matches_ml_dtypes_on_every_element_and_scale_code(name):
+    md = _md()
+    spec = lb.MX_FORMATS[name]
+    n = 2**spec.bits
+    elements = np.tile(np.arange(n, dtype=np.uint8), (256, 1))   # every code ...
+    scales = np.arange(256, dtype=np.uint8)[:, None]             # ... under every scale byte
+    got = lb.mx_dequantize(scales, elements, name, block=n)
+    scale = scales[:, 0].view(md.float8_e8m0fnu).astype(np.float32)
+    if name == "mxint8":
+        values = elements.view(np.int8).astype(np.float64) / 64
+        with np.errstate(over="ignore"):
+            want = (values * scale.astype(np.float64)[:, None]).astype(np.float32)
+    else:
+        values = elements.view(getattr(md, MX_ML_DTYPES[name])).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = values * scale[:, None]
+    assert got.dtype == np.float32 and got.shape == elements.shape
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), np.argwhere(~same)[:5]
+    assert np.all(np.isnan(got[255]))                             # the NaN scale byte
+    print(f"{name}: {got.size} (scale, element) pairs decode as ml_dtypes {md.__version__}")
+
+
+@pytest.mark.parametrize("name", sorted(lb.MX_FORMATS))
+def test_mx_round_trip_and_the_special_blocks(name):
+    x = np.zeros((5, 32), np.float32)
+    x[1] = -0.0
+    x[2] = np.linspace(-3, 3, 32)
+    x[3] = np.linspace(-3, 3, 32)
+    x[3, 4] = np.nan
+    x[4] = np.linspace(-3, 3, 32)
+    x[4, 9] = -np.inf
+    scales, elements = lb.mx_quantize(x, name)
+    assert scales[0, 0] == 0 and scales[1, 0] == 0                # zero blocks: X = 2^-127
+    assert np.all(elements[0] == 0)
+    sign = 0x80 if name in ("mxfp8_e4m3", "mxfp8_e5m2", "mxint8") else 1 << (
+        lb.MX_FORMATS[name].bits - 1)
+    assert np.all(elements[1] == (0 if name == "mxint8" else sign))   # -0 kept (no int -0)
+    assert scales[3, 0] == 255 and scales[4, 0] == 255            # NaN / Inf: NaN scale
+    y = lb.mx_dequantize(scales, elements, name)
+    assert np.all(np.isnan(y[3])) and np.all(np.isnan(y[4]))      # the whole block
+    assert np.all(y[:2] == 0)
+    again = lb.mx_quantize(y[:3], name)                           # decoded values re-encode
+    np.testing.assert_array_equal(again[1], elements[:3])
+
+
+def test_nvfp4_matches_ml_dtypes_float32_recipe():
+    md = _md()
+    rng = np.random.default_rng(8)
+    x = (rng.standard_t(3, (64, 128)) * 2.0 ** rng.integers(-20, 20, (64, 1))).astype(np.float32)
+    x[0, :16] = 0.0                                               # a zero block
+    x[1, :16] = 1e-30                                             # far below the tensor max
+    x[2, :16] = np.linspace(-6, 6, 16) * 2.0**-3                  # ties and grid points
+    ts, scales, elements = lb.nvfp4_quantize(x)
+    amax = np.max(np.abs(x))
+    want_ts = np.float32(amax) / np.float32(2688)
+    per = (np.max(np.abs(x.reshape(64, 8, 16)), axis=-1) / np.float32(6)) / want_ts
+    per = np.clip(per, np.float32(2.0**-9), np.float32(448))
+    want_scales = per.astype(md.float8_e4m3fn)
+    total = want_scales.astype(np.float32) * want_ts
+    want_el = (x.reshape(64, 8, 16) / total[..., None]).astype(md.float4_e2m1fn)
+    assert ts == want_ts and ts.dtype == np.float32
+    np.testing.assert_array_equal(scales, want_scales.view(np.uint8))
+    np.testing.assert_array_equal(elements, want_el.view(np.uint8).reshape(x.shape))
+    y = lb.nvfp4_dequantize(ts, scales, elements)
+    want_y = (want_el.astype(np.float32) * want_scales.astype(np.float32)[..., None]) * want_ts
+    np.testing.assert_array_equal(y, want_y.reshape(x.shape))
+    assert np.all(y[0, :16] == 0)
+    # every (scale byte, element code) pair decodes as ml_dtypes does
+    codes = np.tile(np.arange(16, dtype=np.uint8), (256, 1))
+    got = lb.nvfp4_dequantize(1.0, np.arange(256, dtype=np.uint8)[:, None], codes)
+    want = (codes.view(md.float4_e2m1fn).astype(np.float32)
+            * np.arange(256, dtype=np.uint8).view(md.float8_e4m3fn).astype(np.float32)[:, None])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp5"), ValueError, "fmt must be"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), 4), TypeError, "fmt must be"),
+    (lambda: lb.mx_quantize(np.ones((2, 30), np.float32), "mxfp4"), ValueError,
+     "block=32 must divide"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.int8), "mxfp4"), TypeError, "x must be a float"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp4", block=0), ValueError,
+     "block must be an int >= 1"),
+    (lambda: lb.mx_quantize(np.ones((2, 32), np.float32), "mxfp4", block=2.0), TypeError,
+     "block must be an int"),
+    (lambda: lb.mx_dequantize(np.zeros(3, np.uint8), np.zeros(64, np.uint8), "mxfp4"),
+     ValueError, "scales must have shape"),
+    (lambda: lb.mx_dequantize(np.zeros(2, np.uint8), np.full(64, 16, np.uint8), "mxfp4"),
+     ValueError, "wider than 4 bits"),
+    (lambda: lb.mx_dequantize(np.zeros(2, np.int8), np.zeros(64, np.uint8), "mxfp4"),
+     TypeError, "scales must be uint8"),
+    (lambda: lb.nvfp4_quantize(np.array([[np.nan] + [0.0] * 15], np.float32)), ValueError,
+     "NaN or Inf"),
+    (lambda: lb.nvfp4_quantize(np.ones((1, 24), np.float32)), ValueError, "block=16"),
+    (lambda: lb.nvfp4_quantize(np.ones((1, 16), np.float32), tensor_scale=0.0), ValueError,
+     "tensor_scale must be a finite real number > 0"),
+    (lambda: lb.nvfp4_dequantize(1.0, np.zeros(1, np.uint8), np.full(16, 17, np.uint8)),
+     ValueError, "wider than 4 bits"),
+])
+def test_mx_and_nvfp4_reject_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -18,20 +18,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import derivative
 
 from qcourse.affine import choose_qparams, fake_quantize
 from qcourse.datasets import load_digits
 from qcourse.mixed_precision import (
-    FLOAT_BITS,
     HAWQ_RESNET50,
     HAWQ_SOURCE,
     Allocation,
-    LayerInfo,
     all_configurations,
     allocate_bits_exhaustive,
     allocate_bits_greedy,
     bops,
-    evaluate_model,
     exact_hessian_trace,
     fake_quantize_weight,
     hawq_omega,
@@ -40,10 +38,8 @@ from qcourse.mixed_precision import (
     hvp,
     layer_gradient,
     layer_hessian_trace,
-    layer_info,
     layer_loss_grad,
     layer_sensitivity,
-    linear_layers,
     mixed_precision_shares,
     model_size_bits,
     pareto_front,
@@ -51,7 +47,18 @@ from qcourse.mixed_precision import (
     spearman,
     temporarily_quantized,
 )
-from qcourse.nn import MLP, Linear, ReLU, Sequential, softmax_cross_entropy, train
+from qcourse.nn import (
+    LayerInfo,
+    Linear,
+    ReLU,
+    Sequential,
+    evaluate,
+    layer_info,
+    linear_layers,
+    make_mlp,
+    softmax_cross_entropy,
+    train,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -59,7 +66,7 @@ from qcourse.nn import MLP, Linear, ReLU, Sequential, softmax_cross_entropy, tra
 def tiny_problem(seed=0, activation="relu", sizes=(5, 4, 3, 3), n=40):
     """A float64 network with random (untrained) weights and random data: every layer has a
     Hessian small enough to build in full."""
-    model = MLP(sizes, activation=activation, seed=seed, dtype=np.float64)
+    model = make_mlp(sizes, activation=activation, seed=seed, dtype=np.float64)
     rng = np.random.default_rng(seed + 1000)
     for name in linear_layers(model):
         model[name].bias[...] = rng.normal(scale=0.3, size=model[name].bias.shape)
@@ -103,7 +110,7 @@ def second_difference_hessian(model, layer, X, y, h=1e-4):
 def chapter_model(seed):
     """The chapter's recipe: 64-96-64-48-32-10, Adam at 1e-2 then 1e-3."""
     X, y = load_digits("train", seed=0)
-    model = MLP((64, 96, 64, 48, 32, 10), seed=seed)
+    model = make_mlp((64, 96, 64, 48, 32, 10), seed=seed)
     train(model, X, y, epochs=15, lr=1e-2, seed=seed, progress=False)
     train(model, X, y, epochs=10, lr=1e-3, seed=seed + 1, progress=False)
     return model
@@ -132,9 +139,8 @@ def test_layer_loss_grad_matches_finite_differences_of_the_loss():
         _, grad = layer_loss_grad(model, name, X, y)
         for _ in range(3):
             v = rng.standard_normal(w0.shape)
-            h = 1e-6
-            fd = (loss_at(model, name, X, y, w0 + h * v)
-                  - loss_at(model, name, X, y, w0 - h * v)) / (2 * h)
+            fd = derivative(
+                lambda t, n=name, w=w0, v=v: loss_at(model, n, X, y, w + t * v), 0.0)
             assert np.vdot(grad, v) == pytest.approx(fd, rel=1e-6, abs=1e-10)
 
 
@@ -195,7 +201,7 @@ def test_hvp_is_linear_and_zero_for_zero():
     assert not np.any(hvp(model, "fc1", X, y, np.zeros(shape), method="fd"))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(seed=st.integers(0, 10_000), layer=st.sampled_from(["fc1", "fc2", "fc3"]))
 def test_hvp_is_symmetric(seed, layer):
     model, X, y = tiny_problem(seed % 7)
@@ -362,8 +368,9 @@ def test_fake_quantize_weight_golden_and_grid():
         np.testing.assert_allclose(codes, np.rint(codes), atol=1e-4)
         assert np.abs(codes).max() <= 2 ** (bits - 1) - 1 + 1e-4
         assert np.all(np.abs(q - w) <= s / 2 + 1e-6)
-        ref = fake_quantize(w, choose_qparams(w, bits=bits, symmetric=True, narrow_range=True,
-                                              axis=0))
+        # the scale is rounded to float32 as a model file stores it (affine.quantize_weight)
+        qp = choose_qparams(w, bits=bits, symmetric=True, narrow_range=True, axis=0)
+        ref = fake_quantize(w, qp.with_float32_scale())
         np.testing.assert_array_equal(q, ref)
 
 
@@ -465,12 +472,12 @@ def test_quantized_rejects_bad_input():
 def test_layer_sensitivity_is_the_one_at_a_time_difference():
     model, X, y = tiny_problem(16, sizes=(5, 8, 6, 3), n=80)
     saved = model.state_dict()
-    base = evaluate_model(model, X, y)
+    base = evaluate(model, X, y)
     sens = layer_sensitivity(model, X, y, 2)
     assert list(sens) == linear_layers(model)
     for name, s in sens.items():
         with temporarily_quantized(model, {name: 2}):
-            ev = evaluate_model(model, X, y)
+            ev = evaluate(model, X, y)
         assert s.layer == name and s.bits == 2
         assert s.loss == ev.loss and s.accuracy == ev.accuracy
         assert s.delta_loss == pytest.approx(ev.loss - base.loss)
@@ -491,7 +498,7 @@ def test_all_configurations_equals_quantizing_each_configuration():
         for row in range(27):
             bits = dict(zip(sweep.layers, (int(b) for b in sweep.bits[row]), strict=True))
             with temporarily_quantized(model, bits, bits if a_bits else None, X_cal=X[:30]):
-                ev = evaluate_model(model, X, y)
+                ev = evaluate(model, X, y)
             assert sweep.loss[row] == ev.loss and sweep.accuracy[row] == ev.accuracy
             assert sweep.size_bits[row] == model_size_bits(layer_info(model), bits)
             assert sweep.index(bits) == row
@@ -534,7 +541,7 @@ def test_size_and_bops_golden():
     assert bops(INFOS, 32) == 300 * 1024
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(wa=st.sampled_from([1, 2, 4, 8, 16, 32]), wb=st.sampled_from([2, 4, 8, 32]),
        aa=st.sampled_from([2, 4, 8, 32]))
 def test_accounting_is_linear_per_layer(wa, wb, aa):
@@ -545,7 +552,7 @@ def test_accounting_is_linear_per_layer(wa, wb, aa):
 
 
 def test_layer_info_of_a_model():
-    model = MLP((64, 96, 10))
+    model = make_mlp((64, 96, 10))
     infos = layer_info(model)
     assert infos == [LayerInfo("fc1", 64, 96, 6144, 96, 6144),
                      LayerInfo("fc2", 96, 10, 960, 10, 960)]
@@ -640,7 +647,7 @@ def allocation_problems(draw):
     return costs, n_weights, budget, choices
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(problem=allocation_problems())
 def test_exhaustive_allocation_is_optimal_and_greedy_is_feasible(problem):
     costs, n_weights, budget, choices = problem
@@ -698,7 +705,7 @@ def test_allocation_rejects_bad_input():
 # --------------------------------------------------------------------------- front and ranks
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(pts=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=30))
 def test_pareto_front_properties(pts):
     s = np.array([p[0] for p in pts], dtype=float)
@@ -736,7 +743,7 @@ def test_spearman_values():
         spearman([1], [1])
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(seed=st.integers(0, 10_000))
 def test_spearman_is_invariant_to_monotone_maps(seed):
     rng = np.random.default_rng(seed)
@@ -769,7 +776,7 @@ def test_curvature_functions_reject_bad_input():
         hvp(model, "fc1", X, y, v, method="ad")
     with pytest.raises(ValueError, match="step"):
         hvp(model, "fc1", X, y, v, method="fd", step=0.0)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="X must have a float dtype"):
         hvp(model, "fc1", X.astype(np.int64), y, v)
     with pytest.raises(ValueError, match="NaN"):
         hvp(model, "fc1", np.where(X > 0, np.nan, X), y, v)
@@ -781,15 +788,11 @@ def test_curvature_functions_reject_bad_input():
         hvp(model, "fc1", X, y.astype(float), v)
     with pytest.raises(ValueError, match="label"):
         exact_hessian_trace(model, "fc1", X, np.full_like(y, 7))
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="X must not be empty"):
         layer_loss_grad(model, "fc1", X[:0], y[:0])
     odd = Sequential(("fc1", Linear(5, 3)), ("act", ReLU()))
     with pytest.raises(ValueError, match="last layer"):
         layer_loss_grad(odd, "fc1", X, y)
-
-
-def test_float_bits_constant():
-    assert FLOAT_BITS == 32
 
 
 # --------------------------------------------------------------------------- the chapter's claims
@@ -819,7 +822,7 @@ def test_the_chapters_sensitivity_claims_hold_on_other_seeds(seed):
     model, traces = chapter_run(seed)
     names = linear_layers(model)
     grad_norm = math.sqrt(sum(np.sum(layer_loss_grad(model, n, X, y)[1] ** 2) for n in names))
-    assert evaluate_model(model, Xt, yt).accuracy > 0.95 and grad_norm < 1e-2
+    assert evaluate(model, Xt, yt).accuracy > 0.95 and grad_norm < 1e-2
     sens = {b: layer_sensitivity(model, Xt, yt, b) for b in (8, 4, 2)}
     one = 1 / len(yt)
     assert max(abs(s.delta_accuracy) for s in sens[8].values()) <= 2 * one + 1e-12
@@ -846,7 +849,7 @@ def test_the_chapters_allocation_claims_hold_on_other_seeds(seed):
     omega = {n: {b: hawq_omega(traces[n].trace, model[n].weight, b) for b in (2, 4, 8)}
              for n in names}
     sweep48 = all_configurations(model, Xt, yt, (4, 8), a_bits="same", X_cal=X[:512])
-    assert evaluate_model(model, Xt, yt).accuracy - sweep48.accuracy.min() <= 0.02
+    assert evaluate(model, Xt, yt).accuracy - sweep48.accuracy.min() <= 0.02
     sweep = all_configurations(model, Xt, yt, (2, 4, 8))
     avg = sweep.size_bits / total
     for budget in (3.0, 3.5, 4.0):

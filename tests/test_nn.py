@@ -11,22 +11,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import numeric_gradient
 
 from qcourse import datasets
 from qcourse.datasets import load_digits, load_digits_raw
 from qcourse.nn import (
-    MLP,
     SGD,
     Adam,
+    Classifier,
     Linear,
     ReLU,
     ReLU6,
     Sequential,
     accuracy,
     capture_activations,
+    copy_model,
+    evaluate,
+    feed_activations,
+    layer_info,
+    linear_layers,
+    make_mlp,
     predict,
     softmax,
     softmax_cross_entropy,
+    swapped_weights,
     train,
 )
 
@@ -109,22 +117,6 @@ def test_load_digits_rejects_bad_arguments(kwargs, exc, match):
 # --------------------------------------------------------------------------- gradients
 
 
-def _numeric_grad(f, x, eps=1e-6):
-    """Central differences of the scalar function f() with respect to the array x (in place)."""
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        fp = f()
-        x[i] = old - eps
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
-
-
 def _assert_close(analytic, numeric, tol=1e-6):
     scale = max(1.0, np.abs(numeric).max())
     err = np.abs(analytic - numeric).max() / scale
@@ -138,7 +130,7 @@ def test_softmax_cross_entropy_value_and_gradient():
     loss, grad = softmax_cross_entropy(z, y)
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     assert loss == pytest.approx(-np.mean(np.log(p[np.arange(5), y])), rel=1e-12)
-    numeric = _numeric_grad(lambda: softmax_cross_entropy(z, y)[0], z)
+    numeric = numeric_gradient(lambda: softmax_cross_entropy(z, y)[0], z)
     _assert_close(grad, numeric)
 
 
@@ -162,14 +154,14 @@ def test_layer_input_gradient(layer_cls):
     w = rng.normal(size=layer(x).shape)  # loss = sum(w * layer(x)), so dL/dy = w
     layer(x)
     analytic = layer.backward(w)
-    numeric = _numeric_grad(lambda: float(np.sum(w * layer.forward(x))), x)
+    numeric = numeric_gradient(lambda: float(np.sum(w * layer.forward(x))), x)
     _assert_close(analytic, numeric)
 
 
 @pytest.mark.parametrize("activation", ["relu", "relu6"])
 def test_mlp_parameter_and_input_gradients(activation):
     rng = np.random.default_rng(2)
-    model = MLP((7, 6, 5, 3), activation=activation, seed=4, dtype=np.float64)
+    model = make_mlp((7, 6, 5, 3), activation=activation, seed=4, dtype=np.float64)
     # scale the weights so that some pre-activations exceed 6 (exercises the ReLU6 upper clamp)
     for layer in model:
         if isinstance(layer, Linear):
@@ -183,11 +175,11 @@ def test_mlp_parameter_and_input_gradients(activation):
     _, g = softmax_cross_entropy(model(x), y)
     grad_x = model.backward(g)
     for (p, grad), (name, _) in zip(model.parameters(), model.named_parameters(), strict=True):
-        numeric = _numeric_grad(loss, p)
+        numeric = numeric_gradient(loss, p)
         scale = max(1.0, np.abs(numeric).max())
         err = np.abs(grad - numeric).max() / scale
         assert err < 1e-6, f"{name}: relative gradient error {err:.3g}"
-    _assert_close(grad_x, _numeric_grad(loss, x))
+    _assert_close(grad_x, numeric_gradient(loss, x))
     if activation == "relu6":
         pre = model["fc1"](x)
         assert (pre > 6).any(), "test setup: the upper clamp of ReLU6 was never active"
@@ -200,7 +192,7 @@ def test_relu6_clamps_and_relu_does_not():
     assert ReLU6()(x).dtype == np.float32
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(
     hnp.arrays(np.float64, (3, 4), elements=st.floats(-50, 50)),
     st.floats(-100, 100),
@@ -251,16 +243,8 @@ def test_adam_matches_the_recursion():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits("train"), load_digits("test")
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    (Xtr, ytr), _ = digits
-    model = MLP(seed=0)
-    history = train(model, Xtr, ytr, epochs=10, batch_size=32, lr=1e-2, seed=0, progress=False)
-    return model, history
+def trained(trained_mlp):
+    return trained_mlp((64, 128, 64, 10), epochs=10)
 
 
 def test_training_reaches_a_real_accuracy(trained, digits):
@@ -276,26 +260,26 @@ def test_training_reaches_a_real_accuracy(trained, digits):
 
 def test_sgd_training_also_learns(digits):
     (Xtr, ytr), (Xte, yte) = digits
-    model = MLP(seed=1)
+    model = make_mlp(seed=1)
     train(model, Xtr, ytr, epochs=8, lr=0.05, seed=1, progress=False, optimizer="sgd")
     assert accuracy(model, Xte, yte) > 0.9
 
 
 def test_training_is_deterministic(digits, trained):
     (Xtr, ytr), _ = digits
-    again = MLP(seed=0)
+    again = make_mlp(seed=0)
     train(again, Xtr, ytr, epochs=10, batch_size=32, lr=1e-2, seed=0, progress=False)
     for (a, _), (b, _) in zip(trained[0].parameters(), again.parameters(), strict=True):
         np.testing.assert_array_equal(a, b)
-    other = MLP(seed=0)
+    other = make_mlp(seed=0)
     train(other, Xtr, ytr, epochs=1, batch_size=32, lr=1e-2, seed=1, progress=False)
-    once = MLP(seed=0)
+    once = make_mlp(seed=0)
     train(once, Xtr, ytr, epochs=1, batch_size=32, lr=1e-2, seed=0, progress=False)
     assert not np.array_equal(other["fc1"].weight, once["fc1"].weight)
 
 
 def test_initialization_depends_on_seed_only():
-    a, b, c = MLP(seed=5), MLP(seed=5), MLP(seed=6)
+    a, b, c = make_mlp(seed=5), make_mlp(seed=5), make_mlp(seed=6)
     np.testing.assert_array_equal(a["fc2"].weight, b["fc2"].weight)
     assert not np.array_equal(a["fc2"].weight, c["fc2"].weight)
     bound = np.sqrt(6 / 64)
@@ -306,7 +290,7 @@ def test_initialization_depends_on_seed_only():
 
 def test_progress_bar_runs(digits, capsys):
     (Xtr, ytr), _ = digits
-    train(MLP(seed=0), Xtr[:64], ytr[:64], epochs=2, progress=True)
+    train(make_mlp(seed=0), Xtr[:64], ytr[:64], epochs=2, progress=True)
     assert "training" in capsys.readouterr().err
 
 
@@ -359,10 +343,120 @@ def test_capture_activations_records_what_each_layer_saw(trained, digits):
     assert list(only) == ["act2"] and only["act2"].output.shape == (5, 64)
 
 
+# --------------------------------------------------------------------------- whole-model tools
+
+
+def test_copy_model_has_its_own_parameters_and_no_hooks(trained, digits):
+    model, _ = trained
+    _, (Xte, _) = digits
+    seen = []
+    observer = type("Recorder", (), {"calls": seen})()
+
+    def hook(module, inp, out, observer=observer):
+        observer.calls.append(out.shape)
+
+    with model["act1"].register_forward_hook(hook), model.register_forward_pre_hook(
+            lambda m, x: x * 0):
+        twin = copy_model(model)
+        model(Xte[:3])
+    assert seen == [(3, 128)], "the original keeps its hooks"
+    assert type(twin) is type(model) and twin.names == model.names
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in [twin, *twin])
+    np.testing.assert_array_equal(twin(Xte[:50]), model(Xte[:50]))
+    twin["fc1"].weight[...] = 0
+    assert np.any(model["fc1"].weight != 0), "the copy's parameters are its own"
+    layer = copy_model(model["fc2"])
+    assert isinstance(layer, Linear) and layer.weight is not model["fc2"].weight
+    with pytest.raises(TypeError, match="model must be a qcourse.nn.Module"):
+        copy_model([model])
+
+
+def test_swapped_weights_restores_bit_for_bit_even_on_error(trained, digits):
+    model, _ = trained
+    _, (Xte, _) = digits
+    before = model.state_dict()
+    zeros = np.zeros_like(model["fc3"].weight)
+    with swapped_weights(model, {"fc3": zeros}) as m:
+        assert m is model and not np.any(model["fc3"].weight)
+        np.testing.assert_array_equal(model(Xte[:4]), np.tile(model["fc3"].bias, (4, 1)))
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+    with pytest.raises(RuntimeError, match="inside"):
+        with swapped_weights(model, {"fc1": model["fc1"].weight * 2}):
+            raise RuntimeError("inside the block")
+    np.testing.assert_array_equal(model["fc1"].weight, before["fc1.weight"])
+    with pytest.raises(ValueError, match="shape"):   # checked before any weight is swapped
+        with swapped_weights(model, {"fc1": model["fc1"].weight * 2, "fc2": zeros}):
+            pass
+    np.testing.assert_array_equal(model["fc1"].weight, before["fc1.weight"])
+    with pytest.raises(ValueError, match="no weight"):
+        with swapped_weights(model, {"act1": zeros}):
+            pass
+
+
+def test_feed_activations_hands_every_batch_to_its_sink_and_cleans_up(trained, digits):
+    model, _ = trained
+    _, (Xte, _) = digits
+    got = {"in": [], "out": [], "logits": []}
+    feed_activations(model, Xte, {("fc2", "input"): got["in"].append,
+                                  ("fc2", "output"): got["out"].append,
+                                  ("fc3", "output"): got["logits"].append}, batch_size=64)
+    assert [len(b) for b in got["in"]] == [len(r) for r in np.array_split(
+        Xte, range(64, len(Xte), 64))]
+    acts = capture_activations(model, Xte, batch_size=64)
+    np.testing.assert_array_equal(np.concatenate(got["in"]), acts["fc2"].input)
+    np.testing.assert_array_equal(np.concatenate(got["out"]), acts["fc2"].output)
+    np.testing.assert_array_equal(np.concatenate(got["logits"]), acts["fc3"].output)
+
+    def broken(a):
+        raise RuntimeError("sink failed")
+
+    with pytest.raises(RuntimeError, match="sink failed"):
+        feed_activations(model, Xte, {("act1", "output"): broken})
+    assert all(not layer._forward_hooks for layer in model), "a hook was left behind"
+    for sinks, exc, match in [({("nope", "output"): print}, ValueError, "must be one of"),
+                              ({("fc1", "weights"): print}, ValueError, "where"),
+                              ({"fc1": print}, TypeError, "pair"),
+                              ({("fc1", "input"): 3}, TypeError, "callable")]:
+        with pytest.raises(exc, match=match):
+            feed_activations(model, Xte, sinks)
+
+
+def test_evaluate_and_classifier_use_one_pass(trained, digits):
+    model, _ = trained
+    _, (Xte, yte) = digits
+    ev = evaluate(model, Xte, yte)
+    logits = model(Xte)
+    loss, _ = softmax_cross_entropy(logits.astype(np.float64), yte)
+    assert ev == (loss, float(np.mean(np.argmax(logits, axis=1) == yte)))
+    assert ev.accuracy == accuracy(model, Xte, yte)
+
+    class Halves(Classifier):
+        """Logits that depend on the whole batch: predicting in pieces would change them."""
+
+        def __call__(self, X):
+            return X[:, :10] - X[:, :10].mean(axis=0)
+
+    h = Halves()
+    np.testing.assert_array_equal(h.predict(Xte), np.argmax(h(Xte), axis=1))
+    assert not np.array_equal(predict(h, Xte, batch_size=5), h.predict(Xte))
+    assert h.accuracy(Xte, yte) == float(np.mean(h.predict(Xte) == yte))
+    with pytest.raises(ValueError, match="features"):
+        evaluate(model, Xte[:, :10], yte)
+
+
+def test_layer_counts(trained):
+    model, _ = trained
+    assert linear_layers(model) == ["fc1", "fc2", "fc3"]
+    assert [tuple(i) for i in layer_info(model)] == [
+        ("fc1", 64, 128, 8192, 128, 8192), ("fc2", 128, 64, 8192, 64, 8192),
+        ("fc3", 64, 10, 640, 10, 640)]
+
+
 def test_state_dict_round_trip(trained):
     model, _ = trained
     state = model.state_dict()
-    fresh = MLP(seed=9)
+    fresh = make_mlp(seed=9)
     fresh.load_state_dict(state)
     for (a, _), (b, _) in zip(model.parameters(), fresh.parameters(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -388,14 +482,14 @@ def _xy(n=8):
 @pytest.mark.parametrize(
     "change, exc, match",
     [
-        (lambda X, y: (X.astype(np.int32), y), TypeError, "floating"),
+        (lambda X, y: (X.astype(np.int32), y), TypeError, "float dtype"),
         (lambda X, y: (X.tolist(), y), TypeError, "numpy.ndarray"),
         (lambda X, y: (X[0], y), ValueError, "2-D"),
         (lambda X, y: (X[:0], y[:0]), ValueError, "empty"),
         (lambda X, y: (np.where(X == 0, np.nan, X), y), ValueError, "NaN"),
         (lambda X, y: (X, y[:-1]), ValueError, "shape"),
         (lambda X, y: (X, y.astype(np.float32)), TypeError, "integer"),
-        (lambda X, y: (X, y + 10), ValueError, "10 outputs"),
+        (lambda X, y: (X, y + 10), ValueError, "labels < 10"),
         (lambda X, y: (X, y - 1), ValueError, ">= 0"),
         (lambda X, y: (X[:, :10], y), ValueError, "64 features"),
     ],
@@ -403,7 +497,7 @@ def _xy(n=8):
 def test_train_rejects_bad_data(change, exc, match):
     X, y = change(*_xy())
     with pytest.raises(exc, match=match):
-        train(MLP(seed=0), X, y, epochs=1, progress=False)
+        train(make_mlp(seed=0), X, y, epochs=1, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -421,7 +515,7 @@ def test_train_rejects_bad_data(change, exc, match):
 def test_train_rejects_bad_settings(kwargs, exc, match):
     X, y = _xy()
     with pytest.raises(exc, match=match):
-        train(MLP(seed=0), X, y, **{"epochs": 1, "progress": False, **kwargs})
+        train(make_mlp(seed=0), X, y, **{"epochs": 1, "progress": False, **kwargs})
 
 
 def test_construction_rejects_bad_arguments():
@@ -432,11 +526,11 @@ def test_construction_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least one"):
         Sequential()
     with pytest.raises(ValueError, match="activation"):
-        MLP(activation="tanh")
+        make_mlp(activation="tanh")
     with pytest.raises(ValueError, match="sizes"):
-        MLP(sizes=(64,))
+        make_mlp(sizes=(64,))
     with pytest.raises(ValueError, match="sizes"):
-        MLP(sizes=(64, 0, 10))
+        make_mlp(sizes=(64, 0, 10))
     with pytest.raises(TypeError, match="dtype"):
         Linear(3, 2, dtype=np.int8)
     with pytest.raises(ValueError, match="in_features"):
@@ -444,9 +538,9 @@ def test_construction_rejects_bad_arguments():
     with pytest.raises(TypeError, match="callable"):
         ReLU().register_forward_hook(3)
     with pytest.raises(KeyError, match="no layer"):
-        MLP()["fc9"]
+        make_mlp()["fc9"]
     with pytest.raises(ValueError, match="not in the model"):
-        capture_activations(MLP(), np.zeros((2, 64), dtype=np.float32), layers=["fc9"])
+        capture_activations(make_mlp(), np.zeros((2, 64), dtype=np.float32), layers=["fc9"])
     with pytest.raises(TypeError, match="Sequential"):
         capture_activations(ReLU(), np.zeros((2, 64), dtype=np.float32))
 
@@ -464,7 +558,7 @@ def test_backward_before_forward_is_an_error():
 
 def test_loss_rejects_bad_labels():
     z = np.zeros((2, 3))
-    with pytest.raises(ValueError, match="3 outputs"):
+    with pytest.raises(ValueError, match="labels < 3"):
         softmax_cross_entropy(z, np.array([0, 3]))
     with pytest.raises(ValueError, match="NaN"):
         softmax_cross_entropy(np.full((2, 3), np.inf), np.array([0, 1]))

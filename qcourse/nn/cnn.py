@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qcourse._checks import check_int
 from qcourse.conv import conv_output_size, im2col
-from qcourse.nn.core import Module, _check_int
+from qcourse.nn.core import Module
 
 __all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "Flatten", "GlobalAvgPool2d"]
 
@@ -36,7 +37,7 @@ def _check_dtype(dtype) -> np.dtype:
 def _rng(seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(_check_int(seed, "seed", minimum=0))
+    return np.random.default_rng(check_int(seed, "seed", 0))
 
 
 def _check_images(x, name: str, channels: int | None, layer: str) -> np.ndarray:
@@ -86,14 +87,14 @@ class Conv2d(Module):
                  padding: int = 0, groups: int = 1, bias: bool = True, seed=0,
                  dtype=np.float32):
         super().__init__()
-        self.in_channels = _check_int(in_channels, "in_channels")
-        self.out_channels = _check_int(out_channels, "out_channels")
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        self.out_channels = check_int(out_channels, "out_channels", 1)
         kh, kw = ((kernel_size, kernel_size) if not isinstance(kernel_size, tuple)
                   else kernel_size)
-        self.kernel_size = (_check_int(kh, "kernel_size"), _check_int(kw, "kernel_size"))
-        self.stride = _check_int(stride, "stride")
-        self.padding = _check_int(padding, "padding", minimum=0)
-        self.groups = _check_int(groups, "groups")
+        self.kernel_size = (check_int(kh, "kernel_size", 1), check_int(kw, "kernel_size", 1))
+        self.stride = check_int(stride, "stride", 1)
+        self.padding = check_int(padding, "padding", 0)
+        self.groups = check_int(groups, "groups", 1)
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"groups={self.groups} must divide in_channels={self.in_channels} "
                              f"and out_channels={self.out_channels}")
@@ -254,7 +255,7 @@ class BatchNorm2d(Module):
     def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1,
                  dtype=np.float32):
         super().__init__()
-        self.channels = _check_int(channels, "channels")
+        self.channels = check_int(channels, "channels", 1)
         if not (isinstance(eps, float | int) and eps > 0):
             raise ValueError(f"eps must be a positive number, got {eps!r}")
         if not (isinstance(momentum, float | int) and 0 < momentum <= 1):
@@ -331,7 +332,7 @@ class AvgPool2d(Module):
 
     def __init__(self, kernel_size: int):
         super().__init__()
-        self.kernel_size = _check_int(kernel_size, "kernel_size")
+        self.kernel_size = check_int(kernel_size, "kernel_size", 1)
         self._shape = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:

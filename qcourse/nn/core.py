@@ -5,28 +5,38 @@ Re-exported by :mod:`qcourse.nn` (see its docstring for the conventions).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_EPOCHS,
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_float_matrix,
+    check_int,
+    check_int_sequence,
+    check_labels,
+    check_real,
+    check_sequence,
+    describe,
+    int_array,
+)
+
 __all__ = [
-    "MLP",
     "SGD",
     "Adam",
     "HookHandle",
-    "LayerActivations",
     "Linear",
     "Module",
     "ReLU",
     "ReLU6",
     "Sequential",
-    "accuracy",
-    "capture_activations",
+    "make_mlp",
     "make_optimizer",
-    "predict",
     "softmax",
     "softmax_cross_entropy",
     "train",
@@ -35,56 +45,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
-
-
-def _check_features(x, name: str = "x", *, finite: bool = True,
-                    images: bool = False) -> np.ndarray:
-    """A float batch: 2-D (batch, features), or with ``images=True`` also 4-D (NCHW images)."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
-    if x.ndim != 2 and not (images and x.ndim == 4):
-        wanted = "2-D (batch, features) or 4-D (batch, channels, height, width)" if images \
-            else "2-D (batch, features)"
-        raise ValueError(f"{name} must be {wanted}, got shape {x.shape}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
-    if finite and not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return x
-
-
-def _check_labels(y, n: int, num_classes: int | None = None, name: str = "y") -> np.ndarray:
-    if not isinstance(y, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of integer labels, got {type(y).__name__}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"{name} must have an integer dtype, got {y.dtype}")
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) to match the inputs, got {y.shape}")
-    if y.size and y.min() < 0:
-        raise ValueError(f"{name} must hold labels >= 0, got {int(y.min())}")
-    if num_classes is not None and y.size and y.max() >= num_classes:
-        raise ValueError(
-            f"{name} holds label {int(y.max())} but the model has only {num_classes} outputs"
-        )
-    return y
 
 
 # --------------------------------------------------------------------------- modules
@@ -184,20 +144,22 @@ class Linear(Module):
 
     The weights start He-uniform, :math:`W_{ij} \sim U(-\sqrt{6/\text{in}}, \sqrt{6/\text{in}})`
     (suited to ReLU), and the bias at zero.  ``seed`` is an integer or a
-    ``numpy.random.Generator``.  The input is cast to the layer's dtype.
+    ``numpy.random.Generator``.  The input is cast to the layer's dtype.  ``in_features`` and
+    ``out_features`` are ints >= 1 with at most 2**28 weights in all.
     """
 
     def __init__(self, in_features: int, out_features: int, *, seed=0, dtype=np.float32):
         super().__init__()
-        self.in_features = _check_int(in_features, "in_features")
-        self.out_features = _check_int(out_features, "out_features")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.in_features = check_int(in_features, "in_features", 1, MAX_ELEMENTS)
+        self.out_features = check_int(out_features, "out_features", 1, MAX_ELEMENTS)
+        dtype = check_dtype(dtype, "dtype", (np.float32, np.float64))
+        if self.in_features * self.out_features > MAX_ELEMENTS:
+            raise ValueError(f"in_features * out_features must be at most {MAX_ELEMENTS} "
+                             f"weights, got {self.in_features} * {self.out_features}")
         if isinstance(seed, np.random.Generator):
             rng = seed
         else:
-            rng = np.random.default_rng(_check_int(seed, "seed", minimum=0))
+            rng = np.random.default_rng(check_int(seed, "seed", 0))
         bound = np.sqrt(6.0 / self.in_features)
         w = rng.uniform(-bound, bound, size=(self.out_features, self.in_features))
         self.weight = w.astype(dtype)
@@ -207,7 +169,7 @@ class Linear(Module):
         self._x: np.ndarray | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_features(x, "x", finite=False)
+        x = check_float_matrix(x, "x", finite=False)
         if x.shape[1] != self.in_features:
             raise ValueError(
                 f"x must have {self.in_features} features (columns) for this Linear layer, "
@@ -289,9 +251,8 @@ class Sequential(Module):
             else:
                 name, layer = str(i), item
             if not isinstance(layer, Module):
-                raise TypeError(
-                    f"layer {i} must be a qcourse.nn.Module, got {type(layer).__name__}"
-                )
+                raise TypeError(f"layers[{i}] must be a qcourse.nn.Module (or a (name, module) "
+                                f"pair), got {describe(layer)}")
             if name in self.names:
                 raise ValueError(f"layer names must be unique, {name!r} appears twice")
             self.names.append(name)
@@ -359,21 +320,23 @@ class Sequential(Module):
         return f"Sequential(\n{inner}\n)"
 
 
-def MLP(sizes=(64, 128, 64, 10), *, activation: str = "relu", seed: int = 0, dtype=np.float32):
+def make_mlp(sizes=(64, 128, 64, 10), *, activation: str = "relu", seed: int = 0,
+             dtype=np.float32) -> Sequential:
     """A multilayer perceptron: ``fc1, act1, fc2, act2, ..., fcN`` (no activation at the end).
 
     ``sizes`` lists the widths from input to output; ``activation`` is ``"relu"`` or
     ``"relu6"``.  All weights are drawn from one ``np.random.default_rng(seed)``.
+
+    Bounds: every width in ``sizes`` in [1, 2**28], and at most 2**28 weights per layer.
     """
-    sizes = tuple(sizes)
-    if len(sizes) < 2:
-        raise ValueError(f"sizes must list at least an input and an output width, got {sizes}")
-    for s in sizes:
-        _check_int(s, "each entry of sizes")
+    sizes = check_int_sequence(sizes, "sizes", 1, MAX_ELEMENTS, min_len=2)
+    for i in range(len(sizes) - 1):
+        if sizes[i] * sizes[i + 1] > MAX_ELEMENTS:
+            raise ValueError(f"sizes[{i}] * sizes[{i + 1}] must be at most {MAX_ELEMENTS} "
+                             f"weights, got {sizes[i]} * {sizes[i + 1]}")
     acts = {"relu": ReLU, "relu6": ReLU6}
-    if activation not in acts:
-        raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
-    rng = np.random.default_rng(_check_int(seed, "seed", minimum=0))
+    check_choice(activation, "activation", sorted(acts))
+    rng = np.random.default_rng(check_int(seed, "seed", 0))
     layers = []
     n = len(sizes) - 1
     for i in range(n):
@@ -387,7 +350,10 @@ def MLP(sizes=(64, 128, 64, 10), *, activation: str = "relu", seed: int = 0, dty
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    r"""Row-wise :math:`\mathrm{softmax}(z)_k = e^{z_k - \max z} / \sum_j e^{z_j - \max z}`."""
+    r"""Row-wise :math:`\mathrm{softmax}(z)_k = e^{z_k - \max z} / \sum_j e^{z_j - \max z}`.
+
+    ``logits`` is a finite float array of shape (batch, classes)."""
+    logits = check_float_matrix(logits, "logits")
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -404,8 +370,8 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.
     The log-sum-exp is computed after subtracting each row's maximum, so large logits do not
     overflow.  Returns ``(loss, grad)`` with ``grad`` in the dtype of ``logits``.
     """
-    logits = _check_features(logits, "logits")
-    y = _check_labels(y, logits.shape[0], logits.shape[1])
+    logits = check_float_matrix(logits, "logits")
+    y = check_labels(y, "y", logits.shape[0], logits.shape[1])
     n = logits.shape[0]
     z = logits - logits.max(axis=1, keepdims=True)
     log_sum = np.log(np.exp(z).sum(axis=1))
@@ -419,20 +385,32 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.
 # --------------------------------------------------------------------------- optimizers
 
 
+def _check_params(params) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(param, grad)`` pairs of float arrays of one shape, as ``Module.parameters()`` gives."""
+    if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"params must be (param, grad) pairs such as model.parameters(), got "
+                        f"{describe(params)}")
+    pairs = list(params)
+    for i, pair in enumerate(pairs):
+        ok = (isinstance(pair, tuple) and len(pair) == 2
+              and all(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in pair)
+              and pair[0].shape == pair[1].shape)
+        if not ok:
+            raise TypeError(f"params[{i}] must be a (param, grad) pair of float arrays of one "
+                            f"shape, got {describe(pair)}")
+    return pairs
+
+
 class SGD:
     r"""Stochastic gradient descent with momentum: :math:`v \leftarrow \mu v + g`,
     :math:`p \leftarrow p - \eta v` (PyTorch's form), plus optional L2 weight decay."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 0.0):
-        self.params = list(params)
-        self.lr = _check_positive(lr, "lr")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
+        self.params = _check_params(params)
+        self.lr = check_real(lr, "lr", 0, lo_open=True)
+        self.momentum = check_real(momentum, "momentum", 0.0, 1.0, hi_open=True)
+        self.weight_decay = check_real(weight_decay, "weight_decay", 0.0)
         self._velocity = [np.zeros_like(p) for p, _ in self.params]
 
     def step(self) -> None:
@@ -455,16 +433,13 @@ class Adam:
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        self.params = list(params)
-        self.lr = _check_positive(lr, "lr")
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must both lie in [0, 1), got {betas}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.b1, self.b2 = float(b1), float(b2)
-        self.eps = _check_positive(eps, "eps")
-        self.weight_decay = float(weight_decay)
+        self.params = _check_params(params)
+        self.lr = check_real(lr, "lr", 0, lo_open=True)
+        b1, b2 = check_sequence(betas, "betas", min_len=2, max_len=2)
+        self.b1 = check_real(b1, "betas[0]", 0.0, 1.0, hi_open=True)
+        self.b2 = check_real(b2, "betas[1]", 0.0, 1.0, hi_open=True)
+        self.eps = check_real(eps, "eps", 0, lo_open=True)
+        self.weight_decay = check_real(weight_decay, "weight_decay", 0.0)
         self.t = 0
         self._m = [np.zeros_like(p) for p, _ in self.params]
         self._v = [np.zeros_like(p) for p, _ in self.params]
@@ -496,11 +471,48 @@ def _num_outputs(model: Module) -> int | None:
 
 def make_optimizer(params, optimizer: str, lr: float, weight_decay: float = 0.0):
     """``Adam`` (``optimizer="adam"``) or ``SGD`` with momentum (``"sgd"``) over ``params``."""
+    check_choice(optimizer, "optimizer", ("adam", "sgd"))
     if optimizer == "adam":
         return Adam(params, lr=lr, weight_decay=weight_decay)
     if optimizer == "sgd":
         return SGD(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+
+
+_DIVERGED = ("training diverged: a weight or a logit became NaN or Inf; lower lr (or "
+             "weight_decay)")
+
+
+def _check_model_input(model, X, name: str) -> np.ndarray:
+    """``X`` for ``model``: a finite float matrix that fits the model's dtype and width."""
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a qcourse.nn.Module, got {describe(model)}")
+    X = check_float_matrix(X, name, images=True)
+    first = model.layers[0] if isinstance(model, Sequential) else model
+    if isinstance(first, Linear):
+        if X.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (batch, features) for a model that starts "
+                             f"with a Linear layer, got shape {X.shape}")
+        if X.shape[1] != first.in_features:
+            raise ValueError(f"{name} must have {first.in_features} features (the model's "
+                             f"input width), got shape {X.shape}")
+        limit = np.finfo(first.weight.dtype).max
+        if X.dtype.itemsize > first.weight.dtype.itemsize and np.abs(X).max() > limit:
+            raise ValueError(f"{name} must fit the model's {first.weight.dtype} (magnitude at "
+                             f"most {float(limit):.4g}), got a value beyond it")
+    return X
+
+
+def _check_layer_name(model, layer, name: str = "layer") -> str:
+    """The name of one of ``model``'s layers (a Sequential), or a TypeError/ValueError."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be a qcourse.nn.Sequential, got {describe(model)}")
+    if not isinstance(layer, str):
+        raise TypeError(f"{name} must be a layer name (a str), got {describe(layer)}")
+    if layer not in model.names:
+        raise ValueError(f"{name} must be one of the model's layers {model.names}, got "
+                         f"{layer!r}")
+    return layer
 
 
 def train_epoch(model: Module, X: np.ndarray, y: np.ndarray, order: np.ndarray,
@@ -510,15 +522,31 @@ def train_epoch(model: Module, X: np.ndarray, y: np.ndarray, order: np.ndarray,
     For each batch: forward, :func:`softmax_cross_entropy`, ``model.backward``, ``opt.step()``.
     Returns the epoch's mean loss and training accuracy, both measured on the fly (each batch
     before its step).  The loop of :func:`train` and of ``qcourse.qat.qat_finetune``.
+
+    Bounds: ``batch_size`` in [1, 2**28]; ``order`` holds row indices of ``X``.
     """
+    X = _check_model_input(model, X, "X")
+    y = check_labels(y, "y", X.shape[0], _num_outputs(model))
+    order = int_array(order, "order", 0, X.shape[0] - 1, what="row indices of X")
+    if order.ndim != 1:
+        raise ValueError(f"order must be 1-D (row indices of X), got shape {order.shape}")
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    if not isinstance(opt, (SGD, Adam)):
+        raise TypeError(f"opt must be a qcourse.nn.SGD or Adam (see make_optimizer), got "
+                        f"{describe(opt)}")
     n = len(order)
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        logits = model(X[idx])
-        loss, grad = softmax_cross_entropy(logits, y[idx])
-        model.backward(grad)
-        opt.step()
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = model(X[idx])
+            if not np.all(np.isfinite(logits)):
+                raise ValueError(_DIVERGED)
+            loss, grad = softmax_cross_entropy(logits, y[idx])
+            model.backward(grad)
+            opt.step()
+        if not all(np.all(np.isfinite(p)) for p, _ in opt.params):
+            raise ValueError(_DIVERGED)
         total_loss += loss * idx.size
         correct += int(np.sum(np.argmax(logits, axis=1) == y[idx]))
     return total_loss / n, correct / n
@@ -536,15 +564,16 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
 
     Returns a history ``{"loss": [...], "train_accuracy": [...]}`` with one entry per epoch
     (batch-averaged, measured on the fly).  ``progress=True`` shows a tqdm bar over epochs.
+    ``epochs`` lies in [1, 100000], ``batch_size`` in [1, 2**28]; a step that turns a weight
+    into NaN or Inf (too large an ``lr``) stops the training with ``ValueError``.
     """
-    if not isinstance(model, Module):
-        raise TypeError(f"model must be a qcourse.nn.Module, got {type(model).__name__}")
-    X = _check_features(X, "X", images=True)
-    y = _check_labels(y, X.shape[0], _num_outputs(model))
-    epochs = _check_int(epochs, "epochs")
-    batch_size = _check_int(batch_size, "batch_size")
-    lr = _check_positive(lr, "lr")
-    seed = _check_int(seed, "seed", minimum=0)
+    X = _check_model_input(model, X, "X")
+    y = check_labels(y, "y", X.shape[0], _num_outputs(model))
+    epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    lr = check_real(lr, "lr", 0, lo_open=True)
+    seed = check_int(seed, "seed", 0)
+    progress = check_bool(progress, "progress")
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     rng = np.random.default_rng(seed)
     n = X.shape[0]
@@ -561,65 +590,3 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
         model.set_training(False)
         bar.close()
     return history
-
-
-def predict(model: Module, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Predicted class (argmax of the logits) for each row (or image) of ``X``, as int64."""
-    X = _check_features(X, "X", images=True)
-    batch_size = _check_int(batch_size, "batch_size")
-    out = [np.argmax(model(X[s:s + batch_size]), axis=1) for s in range(0, X.shape[0], batch_size)]
-    return np.concatenate(out).astype(np.int64)
-
-
-def accuracy(model: Module, X: np.ndarray, y: np.ndarray, batch_size: int = 4096) -> float:
-    """Fraction of rows (or images) of ``X`` whose predicted class equals ``y``."""
-    X = _check_features(X, "X", images=True)
-    y = _check_labels(y, X.shape[0])
-    return float(np.mean(predict(model, X, batch_size) == y))
-
-
-class LayerActivations(NamedTuple):
-    """What one layer saw (``input``) and produced (``output``) over the captured data."""
-
-    input: np.ndarray
-    output: np.ndarray
-
-
-def capture_activations(model: Sequential, X: np.ndarray, layers=None,
-                        batch_size: int = 4096) -> dict[str, LayerActivations]:
-    """Run ``X`` through ``model`` and record each named layer's input and output.
-
-    Uses temporary forward hooks (removed afterwards, even on error) and returns
-    ``{name: LayerActivations(input, output)}`` for the layers named in ``layers`` (default:
-    all), with the batches concatenated in order.  Other hooks already on the model still run,
-    so what is recorded is what the layer really saw.
-    """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    X = _check_features(X, "X", images=True)
-    batch_size = _check_int(batch_size, "batch_size")
-    names = list(model.names) if layers is None else list(layers)
-    for name in names:
-        if name not in model.names:
-            raise ValueError(f"layers names {name!r}, which is not in the model {model.names}")
-    record: dict[str, tuple[list, list]] = {name: ([], []) for name in names}
-    handles = []
-
-    def make_hook(name):
-        def hook(module, inp, out):
-            record[name][0].append(np.array(inp, copy=True))
-            record[name][1].append(np.array(out, copy=True))
-        return hook
-
-    try:
-        for name in names:
-            handles.append(model[name].register_forward_hook(make_hook(name)))
-        for s in range(0, X.shape[0], batch_size):
-            model(X[s:s + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {
-        name: LayerActivations(np.concatenate(ins), np.concatenate(outs))
-        for name, (ins, outs) in record.items()
-    }

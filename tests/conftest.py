@@ -1,0 +1,69 @@
+"""What the test files share: the Hypothesis settings, the digits data, trained models, a browser.
+
+Hypothesis runs every property test under the ``qcourse`` profile, loaded here before any test
+module is imported: no deadline (a machine shared with other builds makes single examples slow
+now and then, and a deadline turns that into a flaky failure). Each test still chooses its own
+``max_examples`` with ``@settings(max_examples=N)``, which inherits the rest from this profile.
+
+The finite-difference helpers are in ``support.py``; the headless browser and the guarded page in
+``browser_support.py`` (the ``browser`` fixture below opens one per test module).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from browser_support import chromium_browser
+from hypothesis import settings
+
+settings.register_profile("qcourse", deadline=None)
+settings.load_profile("qcourse")
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The 8x8 digits, ``((X_train, y_train), (X_test, y_test))``, the default split (seed 0)."""
+    from qcourse.datasets import load_digits
+
+    return load_digits("train"), load_digits("test")
+
+
+@functools.cache
+def _trained_mlp(sizes: tuple[int, ...], epochs: int, lr: float, seed: int):
+    from qcourse.datasets import load_digits
+    from qcourse.nn import make_mlp, train
+
+    X, y = load_digits("train")
+    model = make_mlp(sizes, seed=seed)
+    history = train(model, X, y, epochs=epochs, lr=lr, seed=seed, progress=False)
+    return model.state_dict(), history
+
+
+@pytest.fixture(scope="session")
+def trained_mlp():
+    """``trained_mlp(sizes, epochs, lr=1e-2, seed=0)``: an MLP trained on the digits' training
+    split (cached per worker; each call returns a fresh model, which the test may change) and
+    its training history."""
+    from qcourse.nn import make_mlp
+
+    def make(sizes, epochs: int, lr: float = 1e-2, seed: int = 0):
+        state, history = _trained_mlp(tuple(sizes), epochs, lr, seed)
+        model = make_mlp(tuple(sizes), seed=seed)
+        model.load_state_dict(state)
+        return model, {k: list(v) for k, v in history.items()}
+
+    return make
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (``browser_support.chromium_browser``), one per test module."""
+    with chromium_browser() as chromium:
+        yield chromium
