@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import dataclass
 from importlib import resources
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ from qcourse.datasets import load_digits
 from qcourse.nn import (
     Adam,
     BatchNorm2d,
+    Classifier,
     Conv2d,
     Flatten,
     GlobalAvgPool2d,
@@ -44,7 +46,6 @@ from qcourse.nn import (
     ReLU,
     ReLU6,
     Sequential,
-    accuracy,
     train_epoch,
 )
 
@@ -353,7 +354,8 @@ def _quant_points(model: Sequential) -> list[str]:
     return points
 
 
-class QuantSim(NamedTuple):
+@dataclass(frozen=True)
+class QuantSim(Classifier):
     """A fake-quantized copy of a folded network and how it was made (:func:`simulate_quantized`).
 
     ``model`` runs in float with quantized weights and fake-quantized activations (hooks);
@@ -366,9 +368,10 @@ class QuantSim(NamedTuple):
     activation_qparams: dict[str, QParams]
     weight_qparams: dict[str, QParams]
 
-    def accuracy(self, X, y) -> float:
-        """Accuracy of the simulated quantized network on ``(X, y)``."""
-        return accuracy(self.model, X, y)
+    def __call__(self, X) -> np.ndarray:
+        """The simulated network's float logits (``predict`` and ``accuracy`` come from
+        :class:`qcourse.nn.Classifier`)."""
+        return self.model(X)
 
 
 def _minmax_qparams(x: np.ndarray, bits: int) -> QParams:

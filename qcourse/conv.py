@@ -858,12 +858,11 @@ class IntegerCNN:
         last = self.layers[-1][1]
         return dequantize(self.logits_codes(X), last.output_qparams)
 
-    def predict(self, X) -> np.ndarray:
-        """Predicted classes (argmax of the codes; first index on ties), int64."""
-        return np.argmax(self.logits_codes(X), axis=1).astype(np.int64)
-
-    def accuracy(self, X, y) -> float:
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+    def __call__(self, X) -> np.ndarray:
+        """The int8 logits codes (:meth:`logits_codes`): the model is a callable that maps a batch
+        to logits, so :func:`qcourse.nn.predict` and :func:`qcourse.nn.accuracy` apply to it
+        (the argmax of the codes is the argmax of the dequantized logits: one scale)."""
+        return self.logits_codes(X)
 
     def summary(self) -> list[dict]:
         """One dict per layer: what an exporter needs, in plain Python values.

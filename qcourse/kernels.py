@@ -584,31 +584,19 @@ LADDER = {
 def _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point, w_zero_point,
                     stride, padding, out_dtype, qmin, qmax):
     """Validate the depthwise arguments; return what the loop takes (see depthwise_conv_int8)."""
-    if not isinstance(x, np.ndarray) or x.dtype != np.int8:
-        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
-        raise TypeError(f"x must be an int8 numpy.ndarray (n, h, w, c), got {got}")
-    if x.ndim != 4 or x.size == 0:
-        raise ValueError(f"x must be a non-empty 4-D NHWC array (n, h, w, c), got shape {x.shape}")
-    if not isinstance(w, np.ndarray) or w.dtype != np.int8:
-        got = w.dtype if isinstance(w, np.ndarray) else type(w).__name__
-        raise TypeError(f"w must be an int8 numpy.ndarray (kh, kw, c), got {got}")
-    if w.ndim != 3 or w.size == 0:
-        raise ValueError(f"w must be a non-empty 3-D array (kh, kw, c), got shape {w.shape}")
+    _checks.check_ndarray(x, "x (NHWC: n, h, w, c)", _INT8, ndim=4)
+    _checks.check_ndarray(w, "w (kh, kw, c)", _INT8, ndim=3)
     c = x.shape[3]
     if w.shape[2] != c:
         raise ValueError(f"w has {w.shape[2]} channels (axis 2) but x has {c} (axis 3, NHWC): a "
                          f"depthwise convolution has one filter per channel")
-    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    stride, padding = int(stride), int(padding)
-    kh, kw = w.shape[:2]
-    h, wd = x.shape[1:3]
+    stride = _checks.check_int(stride, "stride", 1, 2**20)
+    padding = _checks.check_int(padding, "padding", 0, 2**20)
+    (kh, kw), (h, wd) = w.shape[:2], x.shape[1:3]
     if h + 2 * padding < kh or wd + 2 * padding < kw:
         raise ValueError(f"the {kh}x{kw} filter does not fit the {h}x{wd} input with padding "
                          f"{padding}")
-    oh = (h + 2 * padding - kh) // stride + 1
-    ow = (wd + 2 * padding - kw) // stride + 1
+    oh, ow = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
     shape_only = PackedB._from_packing(kh * kw, c, np.zeros(0, np.uint8), np.zeros(0, np.int32))
     out_dtype, qmin, qmax, zp, mult, bias, za, zb = _requant_args(
         shape_only, multiplier, output_zero_point, bias, x_zero_point, w_zero_point, out_dtype,
@@ -620,17 +608,13 @@ def _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point, w_z
             stride, padding, oh, ow, out_dtype)
 
 
-
 def depthwise_conv_int8_reference(x, w, multiplier, output_zero_point: int = 0, *, bias=None,
                                   x_zero_point: int = 0, w_zero_point=None, stride: int = 1,
                                   padding: int = 0, out_dtype=np.int8, qmin: int | None = None,
                                   qmax: int | None = None) -> np.ndarray:
-    r"""NumPy reference of :func:`depthwise_conv_int8`: same arguments, same bytes.
-
-    Pads the input with its zero point, gathers the ``kh x kw`` taps of every output by slicing,
-    and sums :math:`(x - z_x)(w - z_w)` in int64, then requantizes as
-    :func:`matmul_int8_requant_reference` does.
-    """
+    r"""NumPy reference of :func:`depthwise_conv_int8` (same arguments, same bytes): the taps
+    gathered by slicing the zero-point-padded input, :math:`(x - z_x)(w - z_w)` summed in int64,
+    requantized as :func:`matmul_int8_requant_reference` does."""
     (x, wz, bias, mult, za, zp, qmin, qmax, stride, padding, oh, ow,
      out_dtype) = _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point,
                                   w_zero_point, stride, padding, out_dtype, qmin, qmax)
@@ -661,15 +645,11 @@ def depthwise_conv_int8(x, w, multiplier, output_zero_point: int = 0, *, bias=No
         y = \mathrm{clamp}\big(\mathrm{rhe}(\mathrm{f32}(v) \cdot m_c) + z_y,
             q_{\min}, q_{\max}\big)
 
-    with the input padded by its zero point (the code of the real 0), so that padded taps add
-    nothing; ``x`` is (n, h, w, c) int8, ``w`` is (kh, kw, c) int8 (one filter per channel),
-    ``multiplier`` a float or one per channel (rounded to float32), ``bias`` int32 (c,).  The
-    requantization is the float convention of :func:`matmul_int8_requant` (ONNX Runtime's
-    QLinearConv).  A GEMM does not serve this layer (nine products per output, different for
-    every channel); the loop runs across channels instead, which the compiler vectorizes for
-    each instruction set (``path``, as in :func:`matmul_int8`; every path gives the same
-    bytes).  Single-threaded.  See the conv chapter.
-    """
+    with the input padded by its zero point (padded taps add nothing); ``x`` (n, h, w, c) and
+    ``w`` (kh, kw, c) int8, ``multiplier`` one float or one per channel (float32), ``bias``
+    int32 (c,); requantized as :func:`matmul_int8_requant` (ONNX Runtime's QLinearConv).  No
+    GEMM serves this layer: the loop runs across channels, vectorized per instruction set
+    (``path``; every path gives the same bytes).  Single-threaded.  See the conv chapter."""
     (x, wz, bias, mult, za, zp, qmin, qmax, stride, padding, oh, ow,
      out_dtype) = _depthwise_args(x, w, multiplier, output_zero_point, bias, x_zero_point,
                                   w_zero_point, stride, padding, out_dtype, qmin, qmax)

@@ -33,7 +33,7 @@ from qcourse.cnn import (
     quantize_conv_weight,
     simulate_quantized,
 )
-from qcourse.nn import BatchNorm2d, Conv2d, ReLU, ReLU6, accuracy
+from qcourse.nn import BatchNorm2d, Conv2d, ReLU, ReLU6, accuracy, predict
 
 
 @pytest.fixture(autouse=True)
@@ -176,16 +176,16 @@ def test_integer_network_matches_its_simulation(data):
     model = load_course_cnn("relu6")
     ic = convert_cnn(model, Xtr[:512])
     sim = simulate_quantized(fold_batch_norms(model), Xtr[:512])
-    p_int = ic.predict(Xte)
+    p_int = predict(ic, Xte)
     p_sim = np.argmax(sim.model(Xte), axis=1)
     assert np.mean(p_int == p_sim) > 0.99
-    assert abs(ic.accuracy(Xte, yte) - accuracy(model, Xte, yte)) < 0.01
+    assert abs(accuracy(ic, Xte, yte) - accuracy(model, Xte, yte)) < 0.01
     np.testing.assert_array_equal(ic.logits_codes(Xte), ic.logits_codes_reference(Xte))
     kinds = [row["kind"] for row in ic.summary()]
     assert kinds == ["conv"] + ["depthwise", "pointwise"] * 3 + ["pool", "linear"]
     for rq in ("tflite_double", "tflite_single"):
         ic.requantization = rq
-        assert abs(ic.accuracy(Xte, yte) - accuracy(model, Xte, yte)) < 0.01
+        assert abs(accuracy(ic, Xte, yte) - accuracy(model, Xte, yte)) < 0.01
 
 
 def test_convert_rejects_layers_without_an_integer_twin(data):

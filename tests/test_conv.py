@@ -505,6 +505,6 @@ def test_integer_cnn_names_a_wrong_image_layout():
     X, _ = digits_images("test")
     model = convert_cnn(load_course_cnn(), X[:64])
     with pytest.raises(ValueError, match="NCHW with 1 channel"):
-        model.predict(X[:2].transpose(0, 2, 3, 1))
+        model.logits_codes(X[:2].transpose(0, 2, 3, 1))
     with pytest.raises(ValueError, match="4-D"):
-        model.predict(X[:2].reshape(2, 64))
+        model.logits_codes(X[:2].reshape(2, 64))
