@@ -152,7 +152,8 @@ class _Fixtures:
         of this process."""
         if not hasattr(self, "_deploy_dir"):
             self._deploy_dir = tempfile.mkdtemp(prefix="qcourse-fuzz-")
-            np.save(os.path.join(self._deploy_dir, "X.npy"), self.x32[:, :1].repeat(64, axis=1))
+            np.save(os.path.join(self._deploy_dir, "X.npy"),  # (N, 1, 8, 8) images of the CNN
+                    self.x32[:, :1].repeat(64, axis=1).reshape(-1, 1, 8, 8))
         return os.path.join(self._deploy_dir, "X.npy")
 
     def lm(self):
@@ -324,10 +325,11 @@ def _valid_calls():
         "GlobalAvgPool": lambda: c(),
         "nn.Flatten": lambda: c(),
         "depthwise_conv_int8": lambda: c(F.a8[:2, :4].reshape(1, 2, 2, 2).repeat(2, axis=3),
-                                         F.b8[:3, :3].reshape(3, 3, 1).repeat(4, axis=2), 0.01),
+                                         F.b8[:3, :3].reshape(3, 3, 1).repeat(4, axis=2), 0.01,
+                                         padding=1),
         "depthwise_conv_int8_reference": lambda: c(
             F.a8[:2, :4].reshape(1, 2, 2, 2).repeat(2, axis=3),
-            F.b8[:3, :3].reshape(3, 3, 1).repeat(4, axis=2), 0.01),
+            F.b8[:3, :3].reshape(3, 3, 1).repeat(4, axis=2), 0.01, padding=1),
         "MaxPool2D": lambda: c(kernel=(2, 2), stride=None),
         "adversarial_images": lambda: c(F.deploy()[0], 2, 0),
         "agreement": lambda: c(*F.deploy()[:2], ("onnx", "tflite-reference"), form="qoperator"),

@@ -531,9 +531,9 @@ def train_epoch(model: Module, X: np.ndarray, y: np.ndarray, order: np.ndarray,
     if order.ndim != 1:
         raise ValueError(f"order must be 1-D (row indices of X), got shape {order.shape}")
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
-    if not isinstance(opt, (SGD, Adam)):
-        raise TypeError(f"opt must be a qcourse.nn.SGD or Adam (see make_optimizer), got "
-                        f"{describe(opt)}")
+    if not callable(getattr(opt, "step", None)):    # SGD, Adam or a group of them
+        raise TypeError(f"opt must be an optimizer with a step() method (qcourse.nn.SGD or Adam, "
+                        f"see make_optimizer), got {describe(opt)}")
     n = len(order)
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
