@@ -153,6 +153,11 @@ class _Optimizers:
         self.opts = opts
 
     @property
+    def params(self) -> list:
+        """Every ``(param, grad)`` pair of the group (what train_epoch checks after a step)."""
+        return [pair for o in self.opts for pair in o.params]
+
+    @property
     def lr(self) -> float:
         return self.opts[0].lr
 
