@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy as np
 
 from qcourse.affine import QParams, effective_bits, qparams_from_range, quantize
+from qcourse.affine.quantizer import _group_minmax, _stored_scale
 
 __all__ = [
     "METHODS",
@@ -251,13 +252,7 @@ def _group_params(lo, hi, *, bits: int, symmetric: bool, scale_dtype: np.dtype, 
     qp = qparams_from_range(lo, hi, bits=bits, signed=symmetric, symmetric=symmetric,
                             narrow_range=symmetric, axis=1 if grouped else 0,
                             group_size=group_size if grouped else None)
-    with np.errstate(over="ignore", under="ignore"):
-        stored = qp.scale.astype(scale_dtype)
-    if not np.all(np.isfinite(stored)):
-        raise ValueError(f"weight is too large: a group's scale overflows {scale_dtype}")
-    if np.any(stored == 0):
-        raise ValueError(f"weight has a group whose scale underflows to 0 in {scale_dtype}; "
-                         f"pass scale_dtype=np.float32 or rescale the weights")
+    stored = _stored_scale(qp.scale, scale_dtype)
     s64 = stored.astype(np.float64)
     if symmetric:
         return stored, s64, None
@@ -284,10 +279,7 @@ def _clip_ratios(clip, shape) -> np.ndarray | None:
 def _group_ranges(w: np.ndarray, g: int, clip) -> tuple[np.ndarray, np.ndarray]:
     r"""Per-row, per-group min and max of ``w`` (N, K), each shrunk by its clip ratio ``c``:
     :math:`[\max(\min w, -c \max|w|),\ \min(\max w, c \max|w|)]` (AWQ's clipping)."""
-    n, k = w.shape
-    n_groups = -(-k // g)
-    padded = np.pad(w, [(0, 0), (0, n_groups * g - k)], mode="edge").reshape(n, n_groups, g)
-    lo, hi = padded.min(axis=2), padded.max(axis=2)
+    lo, hi = _group_minmax(w, 1, g)
     c = _clip_ratios(clip, lo.shape)
     if c is not None:
         amax = np.maximum(-lo, hi)
