@@ -122,6 +122,15 @@ def _check_width(d, name: str) -> int:
     return check_size(d, name, MAX_ELEMENTS)
 
 
+def _check_sizes(a, name_a: str, b, name_b: str, what: str) -> tuple[int, int]:
+    """Two sizes whose product (the size of ``what``) is at most ``MAX_ELEMENTS``."""
+    a, b = _check_width(a, name_a), _check_width(b, name_b)
+    if a * b > MAX_ELEMENTS:
+        raise ValueError(f"{name_a} * {name_b} must be at most {MAX_ELEMENTS} ({what}), got "
+                         f"{a} * {b}")
+    return a, b
+
+
 def _check_heads(n_heads, d: int, name: str = "n_heads") -> int:
     n_heads = check_size(n_heads, name, d)
     if d % n_heads:
@@ -168,11 +177,7 @@ class Embedding(Module):
 
     def __init__(self, num: int, d: int, *, seed=0, std: float = 0.02, dtype=np.float32):
         super().__init__()
-        self.num = _check_width(num, "num")
-        self.d = _check_width(d, "d")
-        if self.num * self.d > MAX_ELEMENTS:
-            raise ValueError(f"num * d must be at most {MAX_ELEMENTS} (the table's size), got "
-                             f"{self.num} * {self.d}")
+        self.num, self.d = _check_sizes(num, "num", d, "d", "the table's size")
         dtype = _float_dtype(dtype)
         std = _init_std(std)
         self.weight = (_init_rng(seed).normal(0.0, std, size=(self.num, self.d))).astype(dtype)
@@ -423,11 +428,7 @@ class FeedForward(Module):
     def __init__(self, d: int, d_ff: int, *, seed=0, std: float = 0.02,
                  proj_std: float | None = None, dtype=np.float32):
         super().__init__()
-        self.d = _check_width(d, "d")
-        self.d_ff = _check_width(d_ff, "d_ff")
-        if self.d * self.d_ff > MAX_ELEMENTS:
-            raise ValueError(f"d * d_ff must be at most {MAX_ELEMENTS} (the weights' size), got "
-                             f"{self.d} * {self.d_ff}")
+        self.d, self.d_ff = _check_sizes(d, "d", d_ff, "d_ff", "the weights' size")
         std = _init_std(std)
         proj_std = std if proj_std is None else _init_std(proj_std, "proj_std")
         dtype = _float_dtype(dtype)
