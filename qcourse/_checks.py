@@ -38,6 +38,8 @@ MAX_THREADS = 1024
 MAX_BINS = 2**24
 #: Most training epochs in one call.
 MAX_EPOCHS = 100_000
+#: Most optimizer steps in one training call (a language model trains by steps, not epochs).
+MAX_STEPS = 10_000_000
 #: Most elements of a tensor that a size-like argument may ask the library to allocate (2**28:
 #: 2 GiB of float64, far beyond what the course's functions are for).
 MAX_ELEMENTS = 2**28

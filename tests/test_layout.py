@@ -539,9 +539,6 @@ EXEMPT = {
     # Issue 14 (the CNN) is moving the deploy chapter and this module onto the CNN right now; it
     # is split along its ideas (export, runtimes' conventions, the command) once that lands.
     "deploy.py": "being extended by issue 14; split after it lands",
-    # Issue 15 (the language model) landed nn/lm.py at 1,080 lines and is still working on it;
-    # its layers (embedding, attention, block) and its training are the two files to split into.
-    "nn/lm.py": "issue 15's language model, still being worked on; split after it settles",
 }
 
 
