@@ -230,7 +230,21 @@ def competitors() -> dict[str, Callable]:
     return found
 
 
+def _wait_for_idle_threads(window: float = 0.01, quiet: int = 3, limit: float = 0.5) -> None:
+    """Sleep until no thread of this process burns CPU (``quiet`` windows in a row, at most
+    ``limit`` seconds): a library's pool spins for a while after its call (OpenBLAS's workers
+    about 0.1 s), and a contender timed meanwhile shares a core with the spinner (two threads
+    then ran slower than one)."""
+    end, calm = time.perf_counter() + limit, 0
+    while calm < quiet and time.perf_counter() < end:
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(window)
+        busy = time.process_time() - cpu0 > 0.1 * (time.perf_counter() - t0)
+        calm = 0 if busy else calm + 1
+
+
 def _median_seconds(f: Callable[[], object], repeat: int) -> float:
+    _wait_for_idle_threads()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

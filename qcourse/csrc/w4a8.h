@@ -45,6 +45,10 @@
 #include "qgemm.h"
 
 #define QC_W4_GROUP_COLS 64 /* columns per column group */
+/* A deliberately broken kernel, for the tests that must show they catch one: path | QC_W4_BROKEN
+ * runs that path with the nibble mask 0x0E for 0x0F (bit 0 of every code + 8 dropped, an
+ * off-by-one on odd codes). Never set by the library itself. */
+#define QC_W4_BROKEN 0x100
 /* Software prefetch distance of the VNNI kernel, in bytes ahead of the codes being read. */
 #ifndef QC_W4_PREFETCH
 #define QC_W4_PREFETCH 1024
@@ -69,8 +73,8 @@ QC_INTERNAL void qc_w4_quantize_rows(int path, const float *x, ptrdiff_t m, ptrd
                                      ptrdiff_t g, int8_t *xq, int32_t *gsum, float *sx);
 
 /* y (m x n float32) from xq, gsum, sx and packed weights; or, when sums is not NULL, the integer
- * partial sums P (m x n x G int32) into sums and no y. threads: OpenMP threads over column
- * groups. Returns the path that ran. */
+ * partial sums P (m x n x G int32) into sums and no y. threads: OpenMP threads taking column
+ * groups one at a time. Returns the path that ran. */
 QC_INTERNAL int qc_w4a8(int path, const int8_t *xq, const int32_t *gsum, const float *sx,
                         const uint8_t *packed, ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, ptrdiff_t g,
                         int has_zp, float *y, int32_t *sums, int threads);
@@ -85,6 +89,7 @@ typedef struct {
     int has_zp;
     float *y;
     int32_t *sums;
+    uint8_t mask; /* 0x0F, the nibble mask (0x0E: QC_W4_BROKEN) */
 } qc_w4_args;
 QC_INTERNAL void qc_w4_group_portable(const qc_w4_args *w, ptrdiff_t cg);
 #if QC_X86

@@ -19,7 +19,7 @@ static inline __attribute__((always_inline)) QC_TARGET_VNNI512 void qc_w4_tile(
     const uint8_t *bp = w->packed + cg * G * bb;
     const int8_t *x[6];
     float fa[6][QC_W4_GROUP_COLS] __attribute__((aligned(64)));
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i low4 = _mm512_set1_epi8((char)w->mask);
 #pragma GCC unroll 6
     for (int r = 0; r < R; r++) {
         x[r] = w->xq + (i0 + r) * w->k;
