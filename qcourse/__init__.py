@@ -3,9 +3,10 @@
 Each module matches one chapter of the book by its stem (``qcourse/floats.py`` <->
 ``book/floats.md``); ``qcourse.nn`` is the small NumPy network the quantization chapters work on,
 ``qcourse.datasets`` the data they share, ``qcourse.deploy`` the export to ONNX Runtime and
-LiteRT and the check of what they compute; ``qcourse.nn.lm`` is the byte-level language model of
-the transformer, kv_cache and weight_only chapters.  Reach a name through its module, as the
-chapters do: ``qcourse.calibration.MinMaxObserver``, ``from qcourse.ptq import static_ptq``.
+LiteRT and the check of what they compute; ``qcourse.nn.lm`` (with ``qcourse.nn.lm_training``) is
+the byte-level language model of the transformer, kv_cache and weight_only chapters.  Reach a name
+through its module, as the chapters do: ``qcourse.calibration.MinMaxObserver``,
+``from qcourse.ptq import static_ptq``.
 
 The package itself exports the modules and the small core a reader meets in every chapter: the
 affine quantizer (``QParams`` ... ``quantize_weight``), the ONNX operators it reproduces bit for
@@ -23,6 +24,8 @@ import warnings
 from qcourse import (
     affine,
     calibration,
+    cnn,
+    conv,
     datasets,
     deploy,
     fixed_point,
@@ -61,6 +64,8 @@ __all__ = [
     # the modules
     "affine",
     "calibration",
+    "cnn",
+    "conv",
     "datasets",
     "deploy",
     "fixed_point",

@@ -38,6 +38,8 @@ MAX_THREADS = 1024
 MAX_BINS = 2**24
 #: Most training epochs in one call.
 MAX_EPOCHS = 100_000
+#: Most optimizer steps in one training call (a language model trains by steps, not epochs).
+MAX_STEPS = 10_000_000
 #: Most elements of a tensor that a size-like argument may ask the library to allocate (2**28:
 #: 2 GiB of float64, far beyond what the course's functions are for).
 MAX_ELEMENTS = 2**28
@@ -293,16 +295,20 @@ def _dtype_names(dtypes) -> str:
     return " or ".join(np.dtype(d).name for d in dtypes)
 
 
-def check_float_matrix(value, name: str, *, finite: bool = True) -> np.ndarray:
-    """A non-empty 2-D (rows, features) ndarray of a float dtype, kept as it is."""
+def check_float_matrix(value, name: str, *, finite: bool = True,
+                       images: bool = False) -> np.ndarray:
+    """A non-empty 2-D (rows, features) ndarray of a float dtype, kept as it is; with
+    ``images=True`` also a 4-D (batch, channels, height, width) batch of images."""
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of floats, got {describe(value)}")
     if value.dtype.kind != "f":
         raise TypeError(f"{name} must have a float dtype (float32 or float64), got "
                         f"{value.dtype}{_dtype_note(value)}")
-    if value.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (batch, features), got shape {value.shape}")
-    if value.shape[0] == 0 or value.shape[1] == 0:
+    if value.ndim != 2 and not (images and value.ndim == 4):
+        wanted = ("2-D (batch, features) or 4-D (batch, channels, height, width)" if images
+                  else "2-D (batch, features)")
+        raise ValueError(f"{name} must be {wanted}, got shape {value.shape}")
+    if 0 in value.shape:
         raise ValueError(f"{name} must not be empty, got shape {value.shape}")
     return check_finite(value, name) if finite else value
 

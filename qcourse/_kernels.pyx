@@ -8,7 +8,7 @@ All loops run without the GIL.  Loops that need particular instructions are C, i
 chosen at run time.
 """
 
-from libc.stdint cimport int8_t, int32_t, uint8_t, uint32_t
+from libc.stdint cimport int8_t, int16_t, int32_t, uint8_t, uint32_t
 
 
 cdef extern from "csrc/qgemm.h" nogil:
@@ -50,6 +50,8 @@ cdef extern from "csrc/qgemm.h" nogil:
 
 cdef extern from "csrc/w4a8.h" nogil:
     int QC_W4_GROUP_COLS
+    int QC_W4_BROKEN
+    Py_ssize_t qc_w4_set_prefetch(Py_ssize_t nbytes)
     Py_ssize_t qc_w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, int has_zp)
     void qc_w4_pack(const int8_t *codes, const float *scales, const int8_t *zp, Py_ssize_t k,
                     Py_ssize_t n, Py_ssize_t g, uint8_t *packed)
@@ -221,9 +223,64 @@ def gemm_packed_requant(int path, const int8_t[:, ::1] a not None, int32_t[::1] 
     return ran
 
 
+cdef extern from "csrc/depthwise.h" nogil:
+    ctypedef struct qc_dw_args:
+        const int8_t *x
+        const int32_t *bias
+        const int16_t *wz
+        const float *mult
+        int32_t zx, zp, qmin, qmax
+        Py_ssize_t n, h, wd, c, kh, kw, stride, pad, oh, ow
+        uint8_t *y
+    int qc_dw_requant(int path, const qc_dw_args *a, Py_ssize_t n0, Py_ssize_t n1)
+
+
+def depthwise_requant(int path, const int8_t[:, :, :, ::1] x, const int16_t[:, :, ::1] wz,
+                      const int32_t[::1] bias, const float[::1] mult, int x_zero_point,
+                      int zero_point, int qmin, int qmax, int stride, int pad,
+                      uint8_t[:, :, :, ::1] y):
+    """Depthwise convolution, NHWC, with requantization fused; wz = w - zw as int16 (kh, kw, c).
+
+    bias may be empty (none); mult has c entries."""
+    cdef qc_dw_args args
+    cdef int status
+    args.x = &x[0, 0, 0, 0]
+    args.bias = &bias[0] if bias.shape[0] > 0 else NULL
+    args.wz = &wz[0, 0, 0]
+    args.mult = &mult[0]
+    args.zx = x_zero_point
+    args.zp = zero_point
+    args.qmin = qmin
+    args.qmax = qmax
+    args.n = x.shape[0]
+    args.h = x.shape[1]
+    args.wd = x.shape[2]
+    args.c = x.shape[3]
+    args.kh = wz.shape[0]
+    args.kw = wz.shape[1]
+    args.stride = stride
+    args.pad = pad
+    args.oh = y.shape[1]
+    args.ow = y.shape[2]
+    args.y = &y[0, 0, 0, 0]
+    with nogil:
+        status = qc_dw_requant(path, &args, 0, args.n)
+    if status < 0:
+        raise MemoryError("could not allocate the depthwise row buffers")
+
+
 # --- W4A8: int4 weights in groups, int8 activations per row (csrc/w4a8.h) -----------------------
 
 W4_GROUP_COLS = QC_W4_GROUP_COLS
+W4_BROKEN = QC_W4_BROKEN  # path | W4_BROKEN: a deliberately broken kernel, for the tests
+
+
+def w4_set_prefetch(Py_ssize_t nbytes):
+    """Set the W4A8 VNNI kernel's software prefetch distance (bytes ahead, 0 for none; rounded
+    down to a cache line) for later calls; returns the previous one. For tuning on a machine."""
+    if nbytes < 0 or nbytes > 1 << 20:
+        raise ValueError(f"nbytes must be in [0, 1048576], got {nbytes}")
+    return qc_w4_set_prefetch(nbytes)
 
 
 def w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, bint has_zp):

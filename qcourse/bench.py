@@ -32,9 +32,10 @@ from qcourse.kernels import (
     set_num_threads,
 )
 
-__all__ = ["INT4_TOLERANCE", "Result", "competitors", "format_int4_table", "format_table",
-           "int4_competitors", "machine_description", "peak_gops", "read_bandwidth_gbs",
-           "run_benchmark", "run_int4_benchmark", "thread_limit", "unquiet_signs"]
+__all__ = ["INT4_TOLERANCE", "Result", "cnn_benchmark", "cnn_onnx_model", "competitors",
+           "format_cnn_table", "format_int4_table", "format_table", "int4_competitors",
+           "machine_description", "peak_gops", "read_bandwidth_gbs", "run_benchmark",
+           "run_int4_benchmark", "thread_limit", "unquiet_signs"]
 
 Result = dict  # one row: {"threads", "m", "k", "n", "shape", "size", "kernel", "seconds", "gops",
 #                          "pct_peak", "vs_numpy_f32", "vs_best_outside", "exact"}
@@ -229,7 +230,21 @@ def competitors() -> dict[str, Callable]:
     return found
 
 
+def _wait_for_idle_threads(window: float = 0.01, quiet: int = 3, limit: float = 0.5) -> None:
+    """Sleep until no thread of this process burns CPU (``quiet`` windows in a row, at most
+    ``limit`` seconds): a library's pool spins for a while after its call (OpenBLAS's workers
+    about 0.1 s), and a contender timed meanwhile shares a core with the spinner (two threads
+    then ran slower than one)."""
+    end, calm = time.perf_counter() + limit, 0
+    while calm < quiet and time.perf_counter() < end:
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(window)
+        busy = time.process_time() - cpu0 > 0.1 * (time.perf_counter() - t0)
+        calm = 0 if busy else calm + 1
+
+
 def _median_seconds(f: Callable[[], object], repeat: int) -> float:
+    _wait_for_idle_threads()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -395,6 +410,93 @@ def format_table(rows: list[Result]) -> str:
         lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | {r['gops']:.1f} | "
                      f"{pct} | {r['vs_numpy_f32']:.2f}x | {vs_out} | {exact} |")
     return "\n".join(lines)
+
+
+# --- the integer CNN against ONNX Runtime ---------------------------------------------------------
+
+
+def cnn_onnx_model(model, input_shape=(1, 8, 8)):
+    """The ONNX model of an :class:`qcourse.conv.IntegerCNN` that ``python -m qcourse.deploy
+    export`` writes (QOperator form: ``QuantizeLinear``, one ``QLinearConv`` per convolution,
+    ``QLinearGlobalAveragePool``, the classifier as a 1x1 ``QLinearConv``; float32 NCHW images
+    of ``input_shape`` in, int8 logits codes (n, 10) out): :func:`qcourse.deploy.to_onnx` of
+    :func:`qcourse.deploy.from_integer_model`, so the benchmark times the deployed file."""
+    from qcourse import deploy
+
+    return deploy.to_onnx(deploy.from_integer_model(model, input_shape=tuple(input_shape)))
+
+
+def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1):
+    """Integer CNN inference through qcourse's kernels against ONNX Runtime on the same graph.
+
+    For each batch size: the median seconds per batch of :meth:`IntegerCNN.logits_codes` and of
+    an ONNX Runtime session on :func:`cnn_onnx_model` (``intra_op_num_threads=threads``, all
+    graph optimizations), both pinned to ``threads``; images per second; and how many output
+    codes agree (every code is compared).  qcourse's codes are first checked against the
+    layers' NumPy references (``AssertionError`` if any differs).  Rows: ``{"batch",
+    "contender", "seconds", "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX
+    Runtime rows are omitted when it is not installed.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    rows = []
+    with thread_limit(threads):
+        session = None
+        if ort is not None:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            session = ort.InferenceSession(
+                cnn_onnx_model(model, X.shape[1:]).SerializeToString(), opts,
+                providers=["CPUExecutionProvider"])
+        for batch in batches:
+            xb = np.ascontiguousarray(np.resize(X, (batch,) + X.shape[1:]), dtype=np.float32)
+            ours = model.logits_codes(xb)
+            if not np.array_equal(ours, model.logits_codes_reference(xb)):
+                raise AssertionError("qcourse IntegerCNN gave a wrong result (its codes differ "
+                                     "from the layers' NumPy references)")
+            row = {"batch": batch, "contender": "qcourse IntegerCNN", "agree": None,
+                   "compared": ours.size}
+            t = _median_seconds(lambda xb=xb: model.logits_codes(xb), repeat)
+            rows.append(dict(row, seconds=t, images_per_s=batch / t))
+            if session is not None:
+                theirs = session.run(None, {"images": xb})[0].reshape(ours.shape)
+                agree = int(np.count_nonzero(theirs == ours))
+                t_ort = _median_seconds(lambda xb=xb: session.run(None, {"images": xb}),
+                                        repeat)
+                rows[-1]["agree"] = agree
+                rows.append({"batch": batch, "contender": f"ONNX Runtime {ort.__version__}",
+                             "seconds": t_ort, "images_per_s": batch / t_ort, "agree": agree,
+                             "compared": ours.size})
+                for r in rows[-2:]:
+                    r["vs_onnxruntime"] = t_ort / r["seconds"]
+            else:
+                rows[-1]["vs_onnxruntime"] = None
+    return rows
+
+
+def format_cnn_table(rows) -> str:
+    """A Markdown table of :func:`cnn_benchmark`'s rows."""
+    lines = ["| batch | contender | ms per batch | images/s | vs ONNX Runtime | codes equal |",
+             "|---:|:---|---:|---:|---:|---:|"]
+    for r in rows:
+        vs = "–" if r["vs_onnxruntime"] is None else f"{r['vs_onnxruntime']:.2f}x"
+        eq = "–" if r["agree"] is None else f"{r['agree']}/{r['compared']}"
+        lines.append(f"| {r['batch']} | {r['contender']} | {1e3 * r['seconds']:.3f} | "
+                     f"{r['images_per_s']:.0f} | {vs} | {eq} |")
+    return "\n".join(lines)
+
+
+def _cnn_section(repeat: int) -> None:
+    from qcourse.cnn import convert_cnn, digits_images, load_course_cnn
+
+    X, _ = digits_images("test")
+    model = convert_cnn(load_course_cnn("relu6"), digits_images("train")[0][:512])
+    print("\nThe course CNN in integers (qcourse.conv.IntegerCNN) against ONNX Runtime on the "
+          "exported model (python -m qcourse.deploy export), 1 thread each:\n")
+    print(format_cnn_table(cnn_benchmark(model, X, repeat=repeat)))
 
 
 def _check_peaks(peaks, name: str) -> dict:
@@ -734,6 +836,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-outside", action="store_true", help="skip PyTorch / ONNX Runtime")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="thread counts to run, every contender pinned to each in turn")
+    parser.add_argument("--no-cnn", action="store_true",
+                        help="skip the integer CNN against ONNX Runtime (batch 1 and 256)")
+    parser.add_argument("--cnn-only", action="store_true", help="run only the CNN comparison")
     parser.add_argument("--int4", choices=["also", "only", "no"], default="also",
                         help="the int4-weight table (W4A8 against MatMulNBits and PyTorch's int4 "
                              "kernels) after the int8 one, instead of it, or not")
@@ -742,6 +847,10 @@ def main(argv=None) -> None:
     parser.add_argument("--int4-stack", type=int, nargs=3, default=[4, 4096, 11008],
                         metavar=("LAYERS", "K", "N"), help="layers of a DRAM-sized stack at M = 1")
     args = parser.parse_args(argv)
+    if args.cnn_only:
+        print(machine_description())
+        _cnn_section(max(args.repeat, 20))
+        return
     print(machine_description())
     for threads in args.threads if args.int4 != "no" else ():
         with thread_limit(threads):
@@ -770,6 +879,8 @@ def main(argv=None) -> None:
     if signs:
         print("\nThe machine was not quiet during this run; measure again when it is idle:")
         print("\n".join(f"- {sign}" for sign in signs))
+    if not args.no_cnn:
+        _cnn_section(max(args.repeat, 20))
 
 
 if __name__ == "__main__":

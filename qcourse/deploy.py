@@ -2,17 +2,20 @@ r"""Ship an integer model: export it to ONNX and to a .tflite flatbuffer, and pr
 
 The deploy chapter (``book/deploy.md``) explains this module.  An integer network is described by
 a small list of layers (:class:`Dense`, :class:`Conv2D` -- regular or depthwise --,
-:class:`MaxPool2D`, :class:`Flatten`) inside a :class:`DeployModel`; every layer holds int8
+:class:`MaxPool2D`, :class:`GlobalAvgPool`, :class:`Flatten`) inside a :class:`DeployModel`;
+every weighted layer holds int8
 weights, an int32 bias, float32 scales, the output zero point and the clamp of its fused
 activation.  From that one description:
 
 * :func:`to_onnx` writes an ONNX model in the **QOperator** form (``QuantizeLinear``,
-  ``QLinearConv``, ``QLinearMatMul``, integer ``Clip``, ``MaxPool``, ``Flatten``) or in the
+  ``QLinearConv``, ``QLinearMatMul``, ``QLinearGlobalAveragePool``, integer ``Clip``,
+  ``MaxPool``, ``Flatten``) or in the
   **QDQ** form that quantization tools emit (float ``Conv``/``Gemm`` between
   ``DequantizeLinear`` and ``QuantizeLinear`` nodes, which ONNX Runtime fuses back into integer
   kernels);
 * :func:`to_tflite` writes a ``.tflite`` flatbuffer (``QUANTIZE``, ``PAD``, ``CONV_2D``,
-  ``DEPTHWISE_CONV_2D``, ``MAX_POOL_2D``, ``RESHAPE``, ``FULLY_CONNECTED``) with the schema
+  ``DEPTHWISE_CONV_2D``, ``MAX_POOL_2D``, ``AVERAGE_POOL_2D``, ``RESHAPE``,
+  ``FULLY_CONNECTED``) with the schema
   module and ``flatbuffers`` that the ``ai-edge-litert`` wheel brings -- no TensorFlow;
 * :func:`predict_codes` computes, with qcourse's own integer arithmetic, the int8 codes that each
   runtime (:data:`RUNTIMES`) returns for float32 images: ONNX Runtime, and LiteRT's interpreter
@@ -66,12 +69,15 @@ __all__ = [
     "DeployModel",
     "ExportError",
     "Flatten",
+    "GlobalAvgPool",
     "MaxPool2D",
     "adversarial_images",
     "agreement",
     "course_model",
+    "COURSE_CALIBRATION_IMAGES",
     "from_integer_model",
     "main",
+    "ops_outside_delegates",
     "predict_codes",
     "quantize_input",
     "quantize_reciprocal_rne",
@@ -111,6 +117,8 @@ RUNTIME_ARITHMETIC = {
                  "round half to even",
         "conv": "qcourse.int_matmul.requantize_float (as dense)",
         "depthwise": "qcourse.int_matmul.requantize_float (as dense)",
+        "pool": "qcourse.conv.IntegerGlobalAvgPool, 'float': QLinearGlobalAveragePool, the "
+                "zero point out in int32, a float32 multiplier, round half to even",
     },
     "tflite-xnnpack": {
         "input": "qcourse.deploy.quantize_reciprocal_rne: x * (1/s) in float32, round half to "
@@ -119,6 +127,9 @@ RUNTIME_ARITHMETIC = {
                  "round half to even (XNNPACK's fp32 requantization)",
         "conv": "qcourse.int_matmul.requantize_float (as dense)",
         "depthwise": "qcourse.int_matmul.requantize_float (as dense)",
+        "pool": "qcourse.conv.IntegerGlobalAvgPool, 'tflite_double': AVERAGE_POOL_2D stays in "
+                "LiteRT's built-in kernel (XNNPACK does not take it), codes summed, divided "
+                "with ties away from zero",
     },
     "tflite-builtin": {
         "input": "qcourse.deploy.quantize_litert_builtin: blocks of 8 as "
@@ -129,6 +140,8 @@ RUNTIME_ARITHMETIC = {
         "depthwise": "qcourse.fixed_point.multiply_by_quantized_multiplier_half_up for the "
                      "channels in whole blocks of 8, multiply_by_quantized_multiplier "
                      "(gemmlowp's double rounding) for the rest",
+        "pool": "qcourse.conv.IntegerGlobalAvgPool, 'tflite_double': AVERAGE_POOL_2D, codes "
+                "summed, divided with ties away from zero",
     },
     "tflite-reference": {
         "input": "qcourse.deploy.quantize_divide_half_away: x / s in float32, round half away "
@@ -137,6 +150,7 @@ RUNTIME_ARITHMETIC = {
                  "half away from zero",
         "conv": "qcourse.int_matmul.requantize_fixed_point: gemmlowp's SRDHM + RDBPOT",
         "depthwise": "qcourse.int_matmul.requantize_fixed_point (as conv)",
+        "pool": "qcourse.conv.IntegerGlobalAvgPool, 'tflite_double' (as tflite-builtin)",
     },
 }
 
@@ -412,6 +426,33 @@ class MaxPool2D:
 
 
 @dataclass(frozen=True)
+class GlobalAvgPool:
+    """Global average pooling on int8 codes, (C, H, W) -> (C,): the output keeps the input's
+    scale and zero point (as LiteRT's ``AVERAGE_POOL_2D`` requires), so only the rounding of the
+    mean is the runtime's (:class:`qcourse.conv.IntegerGlobalAvgPool` names both roundings).
+    Exported as ``QLinearGlobalAveragePool`` and ``Flatten`` (ONNX) or ``AVERAGE_POOL_2D`` over
+    the whole image and ``RESHAPE`` (LiteRT)."""
+
+    kind = "pool"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if len(shape) != 3:
+            raise ValueError(f"GlobalAvgPool needs a (channels, height, width) input, got "
+                             f"{shape}")
+        return (shape[0],)
+
+    def apply(self, x_q: np.ndarray, scale, zero_point: int, runtime: str) -> np.ndarray:
+        """The (N, C) codes ``runtime`` computes from NCHW int8 codes ``x_q``."""
+        from qcourse.conv import IntegerGlobalAvgPool
+
+        pool = IntegerGlobalAvgPool(QParams(scale=np.float64(scale),
+                                            zero_point=np.int64(zero_point), qmin=_INT8_MIN,
+                                            qmax=_INT8_MAX))
+        return pool(np.ascontiguousarray(x_q.transpose(0, 2, 3, 1)),
+                    "float" if runtime == "onnx" else "tflite_double")
+
+
+@dataclass(frozen=True)
 class Flatten:
     """(C, H, W) -> (C * H * W,) in NCHW order (the order of NumPy's and ONNX's flatten)."""
 
@@ -424,7 +465,7 @@ class Flatten:
         return x_q.reshape(x_q.shape[0], -1)
 
 
-_LAYER_TYPES = (Dense, Conv2D, MaxPool2D, Flatten)
+_LAYER_TYPES = (Dense, Conv2D, MaxPool2D, GlobalAvgPool, Flatten)
 
 
 @dataclass(frozen=True, eq=False)
@@ -734,6 +775,8 @@ def _forward(model: DeployModel, x_q: np.ndarray, runtime: str) -> list[np.ndarr
     for i, layer in enumerate(model.layers):
         if isinstance(layer, (MaxPool2D, Flatten)):
             x_q = layer.apply(x_q)
+        elif isinstance(layer, GlobalAvgPool):
+            x_q = layer.apply(x_q, *model.input_qparams(i), runtime)
         else:
             s_in, z_in = model.input_qparams(i)
             acc = layer.accumulate(x_q, z_in)
@@ -868,7 +911,8 @@ def to_tflite(model: DeployModel, *, float_input: bool = True) -> bytes:
 
     Operators: ``QUANTIZE`` (float32 -> int8 input), ``PAD`` (with the input zero point, where a
     convolution's padding is not TensorFlow's SAME), ``CONV_2D``, ``DEPTHWISE_CONV_2D``,
-    ``MAX_POOL_2D``, ``RESHAPE`` (flatten) and ``FULLY_CONNECTED``, each with its fused activation
+    ``MAX_POOL_2D``, ``AVERAGE_POOL_2D`` (global, then ``RESHAPE``), ``RESHAPE`` (flatten) and
+    ``FULLY_CONNECTED``, each with its fused activation
     (:func:`tflite_fused_activation`); weights int8 per output channel (``quantized_dimension``
     0 for convolutions and fully-connected layers, 3 for depthwise filters, which LiteRT stores
     as (1, kh, kw, C)), biases int32 at scale :math:`S_x S_W`.  A Dense after a Flatten of a
@@ -915,6 +959,21 @@ def to_tflite(model: DeployModel, *, float_input: bool = True) -> bytes:
             opts.strideH, opts.strideW = layer.stride
             opts.filterHeight, opts.filterWidth = layer.kernel
             g.op(BO.MAX_POOL_2D, [x], [y], S.BuiltinOptions.Pool2DOptions, opts)
+        elif isinstance(layer, GlobalAvgPool):
+            c, h, wd = shape
+            pooled = g.tensor(f"layer{i}_avgpool", (1, 1, 1, c), TT.INT8, s_in, z_in)
+            opts = S.Pool2DOptionsT()
+            opts.padding = S.Padding.VALID
+            opts.strideH = opts.strideW = 1
+            opts.filterHeight, opts.filterWidth = h, wd
+            g.op(BO.AVERAGE_POOL_2D, [x], [pooled], S.BuiltinOptions.Pool2DOptions, opts)
+            new = g.tensor(f"shape_{i}", (2,), TT.INT32, data=np.array([-1, c], np.int32),
+                           dynamic_batch=False)
+            y = g.tensor(f"layer{i}_pooled", (1, c), TT.INT8, s_in, z_in)
+            opts = S.ReshapeOptionsT()
+            opts.newShape = [-1, c]
+            g.op(BO.RESHAPE, [pooled, new], [y], S.BuiltinOptions.ReshapeOptions, opts)
+            flattened_from = None      # (C,) in channel order: no column permutation
         elif isinstance(layer, Dense):
             w = layer.weight
             if flattened_from is not None and len(flattened_from) == 3:
@@ -989,6 +1048,35 @@ def _interpreter(model_bytes: bytes, runtime: str, batch_shape: tuple):
     return it
 
 
+#: Operators that LiteRT's XNNPACK delegate leaves to the built-in kernels in the course's
+#: models: ``AVERAGE_POOL_2D`` on int8 (measured with ai-edge-litert 2.3.0), whose integer
+#: rounding every resolver shares (the ``pool`` entries of :data:`RUNTIME_ARITHMETIC`).
+_BUILTIN_UNDER_XNNPACK = frozenset({"AVERAGE_POOL_2D"})
+
+
+def ops_outside_delegates(it) -> list[str]:
+    """The operators a LiteRT interpreter ``it`` runs itself, not inside a ``DELEGATE`` node
+    (names, from the outputs back): walk back from the outputs through the delegate nodes and
+    the original operators that produce their inputs."""
+    ops = it._get_ops_details()
+    producer = {}
+    for o in ops:                       # a DELEGATE comes after the operators it replaces
+        for t in o["outputs"]:
+            producer[int(t)] = o
+    need = [int(d["index"]) for d in it.get_output_details()]
+    seen, outside = set(), []
+    while need:
+        t = need.pop()
+        o = producer.get(t)
+        if o is None or o["index"] in seen:
+            continue
+        seen.add(o["index"])
+        if o["op_name"] != "DELEGATE":
+            outside.append(o["op_name"])
+        need += [int(i) for i in o["inputs"] if int(i) >= 0]
+    return outside
+
+
 def _check_runtime_input(X) -> np.ndarray:
     """Images for a runtime: float32 (finite) or int8 codes, with a batch axis."""
     _checks.check_ndarray(X, "X", (np.dtype(np.float32), np.dtype(np.int8)))
@@ -1005,8 +1093,8 @@ def run_tflite(model_bytes: bytes, X, runtime: str = "tflite-xnnpack", *,
     ``X`` is float32 in the course's layout (NCHW images or (N, features)); it is transposed to
     NHWC for LiteRT and the output transposed back, so the codes compare directly with
     :func:`predict_codes`.  With ``runtime="tflite-xnnpack"`` and ``check_delegated`` (default),
-    a model that XNNPACK did not take whole raises ``RuntimeError`` (the prediction assumes
-    every operator runs in XNNPACK).
+    a model of which XNNPACK did not take every operator but an ``AVERAGE_POOL_2D`` raises
+    ``RuntimeError`` (the prediction assumes XNNPACK's arithmetic for the rest).
     """
     _check_runtime(runtime)
     if runtime == "onnx":
@@ -1023,13 +1111,11 @@ def run_tflite(model_bytes: bytes, X, runtime: str = "tflite-xnnpack", *,
         raise ValueError(f"X has shape {X.shape} but the model takes {tuple(inp['shape'])} "
                          f"(NHWC in the file)")
     if runtime == "tflite-xnnpack" and check_delegated:
-        ops = it._get_ops_details()
-        delegates = [o for o in ops if o["op_name"] == "DELEGATE"]
-        outs = [o["index"] for o in it.get_output_details()]
-        if len(delegates) != 1 or list(delegates[0]["outputs"]) != outs \
-                or list(delegates[0]["inputs"][:1]) != [inp["index"]]:
-            raise RuntimeError("XNNPACK did not take the whole model: "
-                               + ", ".join(o["op_name"] for o in ops))
+        outside = ops_outside_delegates(it)
+        if set(outside) - _BUILTIN_UNDER_XNNPACK:
+            raise RuntimeError("XNNPACK did not take the model's operators "
+                               + ", ".join(outside) + " (the prediction assumes that only "
+                               + ", ".join(sorted(_BUILTIN_UNDER_XNNPACK)) + " run outside it)")
     it.set_tensor(inp["index"], xin)
     it.invoke()
     out = it.get_tensor(it.get_output_details()[0]["index"]).copy()
@@ -1058,15 +1144,19 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
     pads a ``QLinearConv`` input with its zero point) and for a Dense with a bias (ONNX's
     ``QLinearMatMul`` has no bias input; a 1x1 ``QLinearConv`` on an (N, K, 1, 1) view has one),
     ``QLinearMatMul`` for a Dense without bias, an int8 ``Clip`` where the fused activation
-    narrows the output grid, and ``MaxPool`` / ``Flatten`` on int8 codes.
+    narrows the output grid, ``MaxPool`` / ``Flatten`` on int8 codes, and ONNX Runtime's
+    ``QLinearGlobalAveragePool`` (domain ``com.microsoft``; ONNX has no integer global pool)
+    followed by ``Flatten``.
 
     ``form="qdq"``: the graph a quantization tool emits -- float ``Conv`` / ``Gemm`` / ``MaxPool``
     between ``DequantizeLinear`` (int8 weights per output channel, int32 bias at
     :math:`S_x S_W`) and ``QuantizeLinear`` nodes; ONNX Runtime's graph optimizer fuses each
     group back into an integer kernel (the tests check that no float ``Conv``/``Gemm`` survives).
     An activation narrower than the output grid becomes an int8 ``Clip`` after the
-    ``QuantizeLinear``.  Input (N, C, H, W) or (N, features), batch dynamic; int8 codes instead
-    of float32 with ``float_input=False``.  See the deploy chapter.
+    ``QuantizeLinear``.  A global average pool stays ``QLinearGlobalAveragePool`` in this form
+    too: ONNX Runtime does not fuse a Q/DQ pool and would average in float.  Input (N, C, H, W)
+    or (N, features), batch dynamic; int8 codes instead of float32 with ``float_input=False``.
+    See the deploy chapter.
     """
     if not isinstance(model, DeployModel):
         raise TypeError(f"model must be a DeployModel, got {type(model).__name__}")
@@ -1098,6 +1188,17 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
         y = f"x{i + 1}"
         if isinstance(layer, Flatten):
             nodes.append(helper.make_node("Flatten", [x], [y], axis=1))
+            x = y
+            continue
+        if isinstance(layer, GlobalAvgPool):
+            # ONNX Runtime's contrib operator (com.microsoft), in both forms: its graph
+            # optimizer does not fuse DequantizeLinear -> GlobalAveragePool (or AveragePool) ->
+            # QuantizeLinear, and the float mean it runs instead is not the integer one
+            # (measured with onnxruntime 1.32: codes differ on ties)
+            nodes.append(helper.make_node(
+                "QLinearGlobalAveragePool", [x, in_s, in_z, in_s, in_z], [f"{y}_4d"],
+                domain="com.microsoft", channels_last=0))
+            nodes.append(helper.make_node("Flatten", [f"{y}_4d"], [y], axis=1))
             x = y
             continue
         if isinstance(layer, MaxPool2D):
@@ -1170,7 +1271,10 @@ def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = 
         [helper.make_tensor_value_info("images", TP.FLOAT if float_input else TP.INT8,
                                        in_shape)],
         [helper.make_tensor_value_info(x, TP.INT8, out_shape)], initializer=inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _ONNX_OPSET)],
+    opsets = [helper.make_opsetid("", _ONNX_OPSET)]
+    if any(n.domain == "com.microsoft" for n in nodes):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    m = helper.make_model(graph, opset_imports=opsets,
                           producer_name="qcourse.deploy")
     m.ir_version = 10
     onnx.checker.check_model(m)
@@ -1238,51 +1342,110 @@ def agreement(model: DeployModel, X, runtimes=RUNTIMES, *, form: str = "qoperato
 # --------------------------------------------------------------------------- from qcourse models
 
 
-def from_integer_model(integer_model, *, name: str = "qcourse") -> DeployModel:
+def _check_int8_grids(name: str, layer) -> None:
+    weights = layer.linear.weight_qparams if hasattr(layer, "linear") else layer.weight_qparams
+    if np.any(np.asarray(weights.zero_point) != 0):
+        raise ExportError(f"layer {name!r} has asymmetric weights (zero point != 0); LiteRT's "
+                          f"int8 kernels and XNNPACK need symmetric weights")
+    for what, qp in (("input", layer.input_qparams), ("output", layer.output_qparams)):
+        if (qp.qmin, qp.qmax) != (_INT8_MIN, _INT8_MAX):
+            raise ExportError(f"layer {name!r}: the {what} grid [{qp.qmin}, {qp.qmax}] is not "
+                              f"int8 [-128, 127]")
+
+
+def _dense(ql) -> Dense:
+    return Dense(ql.weight_q, ql.bias_q, ql.weight_qparams.scale,
+                 float(ql.output_qparams.scale), int(ql.output_qparams.zero_point),
+                 ql.output_range)
+
+
+def _cnn_layers(integer_model) -> list:
+    from qcourse.conv import IntegerGlobalAvgPool, QuantizedConv2d
+    from qcourse.int_matmul import QuantizedLinear
+
+    layers = []
+    for name, layer in integer_model.layers:
+        if isinstance(layer, IntegerGlobalAvgPool):
+            layers.append(GlobalAvgPool())
+            continue
+        if not isinstance(layer, (QuantizedConv2d, QuantizedLinear)):
+            raise ExportError(f"layer {name!r} is a {type(layer).__name__}, which the exporter "
+                              f"cannot write (QuantizedConv2d, IntegerGlobalAvgPool, "
+                              f"QuantizedLinear)")
+        _check_int8_grids(name, layer)
+        if isinstance(layer, QuantizedLinear):
+            if layers and isinstance(layers[-1], Conv2D):
+                layers.append(Flatten())
+            layers.append(_dense(layer))
+            continue
+        layers.append(Conv2D(layer.weight_q, layer.bias_q, layer.linear.weight_qparams.scale,
+                             float(layer.output_qparams.scale),
+                             int(layer.output_qparams.zero_point), layer.output_range,
+                             stride=layer.stride, padding=layer.padding, groups=layer.groups))
+    return layers
+
+
+def from_integer_model(integer_model, *, name: str = "qcourse",
+                       input_shape: tuple | None = None) -> DeployModel:
     """The :class:`DeployModel` of a qcourse integer network.
 
-    Accepts a :class:`qcourse.ptq.IntegerModel` (the digits MLP: one :class:`Dense` per
-    :class:`qcourse.int_matmul.QuantizedLinear`, the fused ReLU/ReLU6 as its clamp).  Weights
-    must be symmetric (zero point 0) and activations int8 on the full grid [-128, 127].
+    Accepts a :class:`qcourse.conv.IntegerCNN` (the course CNN: one :class:`Conv2D` per
+    :class:`qcourse.conv.QuantizedConv2d`, regular or depthwise, a :class:`GlobalAvgPool` for
+    its pool, a :class:`Dense` for the classifier; ``input_shape`` (channels, height, width) is
+    then required, since a convolutional network takes any image size) or a
+    :class:`qcourse.ptq.IntegerModel` (the digits MLP: one :class:`Dense` per
+    :class:`qcourse.int_matmul.QuantizedLinear`).  The fused ReLU/ReLU6 is each layer's clamp.
+    Weights must be symmetric (zero point 0) and activations int8 on the full grid [-128, 127];
+    anything else raises :class:`ExportError` naming the layer.
     """
+    from qcourse.conv import IntegerCNN
     from qcourse.ptq import IntegerModel
 
-    if not isinstance(integer_model, IntegerModel):
-        raise TypeError(f"integer_model must be a qcourse.ptq.IntegerModel, got "
-                        f"{type(integer_model).__name__}")
-    layers = []
-    for i, ql in enumerate(integer_model.layers):
-        if np.any(ql.weight_zero_point != 0):
-            raise ExportError(f"layer {integer_model.names[i]!r} has asymmetric weights (zero "
-                              f"point != 0); LiteRT's int8 kernels and XNNPACK need symmetric "
-                              f"weights")
-        for what, qp in (("input", ql.input_qparams), ("output", ql.output_qparams)):
-            if (qp.qmin, qp.qmax) != (_INT8_MIN, _INT8_MAX):
-                raise ExportError(f"layer {integer_model.names[i]!r}: the {what} grid "
-                                  f"[{qp.qmin}, {qp.qmax}] is not int8 [-128, 127]")
-        layers.append(Dense(ql.weight_q, ql.bias_q, ql.weight_qparams.scale,
-                            float(ql.output_qparams.scale), int(ql.output_qparams.zero_point),
-                            ql.output_range))
+    if isinstance(integer_model, IntegerCNN):
+        if input_shape is None:
+            raise ValueError("input_shape (channels, height, width) is required for an "
+                             "IntegerCNN")
+        layers = _cnn_layers(integer_model)
+        shape = tuple(input_shape)
+    elif isinstance(integer_model, IntegerModel):
+        for lname, ql in zip(integer_model.names, integer_model.layers, strict=True):
+            _check_int8_grids(lname, ql)
+        layers = [_dense(ql) for ql in integer_model.layers]
+        shape = (integer_model.layers[0].in_features,)
+    else:
+        raise TypeError(f"integer_model must be a qcourse.conv.IntegerCNN or a "
+                        f"qcourse.ptq.IntegerModel, got {type(integer_model).__name__}")
     qp = integer_model.input_qparams
-    return DeployModel((integer_model.layers[0].in_features,), float(qp.scale),
-                       int(qp.zero_point), tuple(layers), name=name)
+    if (qp.qmin, qp.qmax) != (_INT8_MIN, _INT8_MAX):
+        raise ExportError(f"the input grid [{qp.qmin}, {qp.qmax}] is not int8 [-128, 127]")
+    return DeployModel(shape, float(qp.scale), int(qp.zero_point), tuple(layers), name=name)
+
+
+#: How the course's integer CNN is made for deployment: the ReLU6 network of
+#: :func:`qcourse.cnn.load_course_cnn`, converted by :func:`qcourse.cnn.convert_cnn` with this
+#: many training images for calibration (the conv chapter's network).
+COURSE_CALIBRATION_IMAGES = 512
 
 
 @functools.lru_cache(maxsize=1)
 def _course_model_cached():
-    from qcourse.ptq import convert_to_integer, static_ptq, train_reference_model
+    from qcourse.cnn import convert_cnn, digits_images, load_course_cnn
 
-    ref = train_reference_model()
-    integer = convert_to_integer(static_ptq(ref.model, ref.X_calib))
-    X_test = ref.X_test.astype(np.float32)
-    return from_integer_model(integer, name="digits_mlp"), X_test, ref.y_test
+    X_train, _ = digits_images("train")
+    integer = convert_cnn(load_course_cnn("relu6"), X_train[:COURSE_CALIBRATION_IMAGES])
+    X_test, y_test = digits_images("test")
+    X_test = X_test.astype(np.float32)
+    return (from_integer_model(integer, name="digits_cnn", input_shape=X_test.shape[1:]),
+            X_test, y_test)
 
 
 def course_model():
     """The course's trained integer network as a :class:`DeployModel`, with its test images.
 
-    Today the 8x8-digits MLP of the ptq chapter (:func:`qcourse.ptq.train_reference_model`,
-    static PTQ with min-max ranges, per-channel int8 weights), input (N, 64) float32.  Returns
+    The course CNN of the conv chapter (a small MobileNet for the 8x8 digits: a 3x3
+    convolution, three depthwise-separable blocks with ReLU6, global average pooling, a fully
+    connected classifier), statically quantized with per-channel int8 weights
+    (:func:`qcourse.cnn.convert_cnn`); input (N, 1, 8, 8) float32, NCHW.  Returns
     ``(model, X_test, y_test)``; cached per process.
     """
     model, X, y = _course_model_cached()
@@ -1395,8 +1558,12 @@ def _help_epilog() -> str:
     return (f"Input layouts: {layout}\n\n`run` reads X.npy: float32 images of shape {shape} in "
             f"the course's layout (for images NCHW, whichever runtime is named) and writes "
             f"Y.npy: int8 codes, qcourse's prediction of that runtime's output.\n\nRuntimes: "
-            + "; ".join(f"{rt} ({RUNTIME_ARITHMETIC[rt]['dense'].split(':')[0]})"
-                        for rt in RUNTIMES))
+            + "; ".join(f"{rt} (convolutions: {_function_name(rt, 'conv')}, fully connected: "
+                        f"{_function_name(rt, 'dense')})" for rt in RUNTIMES))
+
+
+def _function_name(runtime: str, step: str) -> str:
+    return RUNTIME_ARITHMETIC[runtime][step].split(":")[0].split(" (")[0]
 
 
 def main(argv=None) -> int:

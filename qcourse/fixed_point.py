@@ -346,6 +346,14 @@ def from_fixed(q, int_bits: int, frac_bits: int):
     return _result(np.ldexp(q.astype(np.float64), -n), scalar)
 
 
+def _raw_operands(a, b, m: int, n: int) -> tuple[bool, np.ndarray, np.ndarray]:
+    """(both scalars?, ``a``, ``b``): two raw Qm.n integers (int64), each inside the format."""
+    qmin, qmax = fixed_range(m, n)
+    fmt = f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}"
+    return (_is_scalar(a) and _is_scalar(b), int_array(a, "a", qmin, qmax, what=fmt),
+            int_array(b, "b", qmin, qmax, what=fmt))
+
+
 def fixed_add(a, b, int_bits: int, frac_bits: int, *, overflow="saturate"):
     r"""Add two Qm.n numbers (raw integers) in the same format.
 
@@ -362,10 +370,7 @@ def fixed_add(a, b, int_bits: int, frac_bits: int, *, overflow="saturate"):
     m, n = _check_q_format(int_bits, frac_bits)
     check_choice(overflow, "overflow", _OVERFLOW_POLICIES)
     qmin, qmax = fixed_range(m, n)
-    scalar = _is_scalar(a) and _is_scalar(b)
-    fmt = f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}"
-    qa = int_array(a, "a", qmin, qmax, what=fmt)
-    qb = int_array(b, "b", qmin, qmax, what=fmt)
+    scalar, qa, qb = _raw_operands(a, b, m, n)
     return _result(_apply_overflow(qa + qb, qmin, qmax, overflow, "a + b"), scalar)
 
 
@@ -390,10 +395,7 @@ def fixed_mul(a, b, int_bits: int, frac_bits: int, *, rounding="nearest_even",
     check_choice(rounding, "rounding", ROUNDING_MODES)
     check_choice(overflow, "overflow", _OVERFLOW_POLICIES)
     qmin, qmax = fixed_range(m, n)
-    scalar = _is_scalar(a) and _is_scalar(b)
-    fmt = f"a raw Q{m}.{n} integer: int_bits={m}, frac_bits={n}"
-    qa = int_array(a, "a", qmin, qmax, what=fmt)
-    qb = int_array(b, "b", qmin, qmax, what=fmt)
+    scalar, qa, qb = _raw_operands(a, b, m, n)
     rng = _rng(seed, rounding)
     q = _round_shift(qa * qb, n, rounding, rng)
     return _result(_apply_overflow(q, qmin, qmax, overflow, "a * b"), scalar)
@@ -652,14 +654,55 @@ def srdhm(a, b):
     return _result(out.astype(np.int32), scalar)
 
 
+def _half_step(e: np.ndarray) -> np.ndarray:
+    """Half of the step :math:`2^e`: :math:`2^{e-1}` for each exponent ``e > 0``, 0 for ``e = 0``
+    (int64), the nudge both rounding right shifts add before shifting."""
+    return np.where(e > 0, np.int64(1) << np.maximum(e - 1, 0), 0)
+
+
 def _rdbpot(x: np.ndarray, e: np.ndarray) -> np.ndarray:
     # x: int64 holding int32 values, e: int64 exponents in [0, 31].
     # Round half away from zero: x >= 0 -> floor((x + h) / 2^e); x < 0 -> floor((x + h - 1) / 2^e)
-    # with h = 2^(e-1); exponent 0 adds nothing.
-    positive_e = e > 0
-    half = np.where(positive_e, np.int64(1) << np.maximum(e - 1, 0), 0)
-    offset = half - ((x < 0) & positive_e)
-    return (x + offset) >> e
+    # with h = 2^(e-1) (_half_step); exponent 0 adds nothing.
+    return (x + _half_step(e) - ((x < 0) & (e > 0))) >> e
+
+
+def _rdbpot_half_up(x: np.ndarray, e: np.ndarray) -> np.ndarray:
+    # The same shift with every tie toward +inf: floor((x + h) / 2^e), h = 2^(e-1).
+    return (x + _half_step(e)) >> e
+
+
+def _pot_args(x, exponent) -> tuple[bool, np.ndarray, np.ndarray]:
+    """(all scalars?, ``x`` as int32 values, ``exponent`` in [0, 31]), both int64."""
+    scalar = _is_scalar(x) and _is_scalar(exponent)
+    xv = _as_int32(x, "x")
+    return scalar, xv, int_array(exponent, "exponent", 0, 31, what="an exponent from 0 to 31")
+
+
+def _multiplier_args(x, multiplier, shift) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
+    """(all scalars?, ``x``, ``multiplier``, ``shift``) of a fixed-point rescaling, as int64:
+    int32 values, a non-negative int32 multiplier, a shift in [-31, 30]."""
+    scalar = _is_scalar(x) and _is_scalar(multiplier) and _is_scalar(shift)
+    xv = _as_int32(x, "x")
+    m = int_array(multiplier, "multiplier", 0, INT32_MAX, what="a non-negative int32")
+    s = int_array(shift, "shift", -31, 30, what="an exponent from -31 to 30")
+    return scalar, xv, m, s
+
+
+def _fits_int32(values: np.ndarray, message: str) -> np.ndarray:
+    """``values`` (int64), or ValueError(``message``) where one leaves int32; ``{n}`` in the
+    message becomes the number of such places."""
+    over = (values < INT32_MIN) | (values > INT32_MAX)
+    if np.any(over):
+        raise ValueError(message.format(n=int(np.count_nonzero(over))))
+    return values
+
+
+def _shift_left_in_int32(x: np.ndarray, shift: np.ndarray, why: str) -> np.ndarray:
+    """``x * 2**max(shift, 0)``, or ValueError where that leaves int32 (``why`` says where the
+    kernel would wrap)."""
+    return _fits_int32(x << np.maximum(shift, 0), "x * 2**shift overflows int32 in {n} "
+                       f"place(s) ({why}); use a smaller x or shift")
 
 
 def rounding_divide_by_pot(x, exponent):
@@ -688,9 +731,7 @@ def rounding_divide_by_pot(x, exponent):
     -------
     int or numpy.ndarray of int32
     """
-    scalar = _is_scalar(x) and _is_scalar(exponent)
-    xv = _as_int32(x, "x")
-    e = int_array(exponent, "exponent", 0, 31, what="an exponent from 0 to 31")
+    scalar, xv, e = _pot_args(x, exponent)
     return _result(_rdbpot(xv, e).astype(np.int32), scalar)
 
 
@@ -741,37 +782,23 @@ def multiply_by_quantized_multiplier(x, multiplier, shift, *, rounding="double")
     int or numpy.ndarray of int32
     """
     check_choice(rounding, "rounding", _TFLITE_ROUNDINGS)
-    scalar = _is_scalar(x) and _is_scalar(multiplier) and _is_scalar(shift)
-    xv = _as_int32(x, "x")
-    m = int_array(multiplier, "multiplier", 0, INT32_MAX, what="a non-negative int32")
+    scalar, xv, m, s = _multiplier_args(x, multiplier, shift)
     bad = (m != 0) & (m < 2**30)
     if np.any(bad):
         raise ValueError(
             "multiplier must be 0 or in [2**30, 2**31 - 1] (a Q0.31 significand in [0.5, 1) "
             f"from quantize_multiplier), got {int(m[bad].flat[0])}"
         )
-    s = int_array(shift, "shift", -31, 30, what="an exponent from -31 to 30")
     if rounding == "double":
-        left = np.maximum(s, 0)
-        shifted = xv << left
-        over = (shifted < INT32_MIN) | (shifted > INT32_MAX)
-        if np.any(over):
-            raise ValueError(
-                f"x * 2**shift overflows int32 in {int(np.count_nonzero(over))} place(s) "
-                "(TFLite's double-rounding path shifts x left in int32 before multiplying, "
-                "which would wrap); use a smaller x or shift"
-            )
+        shifted = _shift_left_in_int32(xv, s, "TFLite's double-rounding path shifts x left in "
+                                              "int32 before multiplying, which would wrap")
         out = _rdbpot(_srdhm(shifted, m), np.maximum(-s, 0))
     else:
         total = 31 - s
-        out = (xv * m + (np.int64(1) << (total - 1))) >> total
-        over = (out < INT32_MIN) | (out > INT32_MAX)
-        if np.any(over):
-            raise ValueError(
-                f"the result x * multiplier * 2**(shift - 31) does not fit int32 in "
-                f"{int(np.count_nonzero(over))} place(s) (TFLite's single-rounding path checks "
-                "this with TFLITE_DCHECK)"
-            )
+        out = _fits_int32((xv * m + (np.int64(1) << (total - 1))) >> total,
+                          "the result x * multiplier * 2**(shift - 31) does not fit int32 in "
+                          "{n} place(s) (TFLite's single-rounding path checks this with "
+                          "TFLITE_DCHECK)")
     return _result(out.astype(np.int32), scalar)
 
 
@@ -796,11 +823,8 @@ def rounding_divide_by_pot_half_up(x, exponent):
     -------
     int or numpy.ndarray of int32
     """
-    scalar = _is_scalar(x) and _is_scalar(exponent)
-    xv = _as_int32(x, "x")
-    e = int_array(exponent, "exponent", 0, 31, what="an exponent from 0 to 31")
-    half = np.where(e > 0, np.int64(1) << np.maximum(e - 1, 0), 0)
-    return _result(((xv + half) >> e).astype(np.int32), scalar)
+    scalar, xv, e = _pot_args(x, exponent)
+    return _result(_rdbpot_half_up(xv, e).astype(np.int32), scalar)
 
 
 def multiply_by_quantized_multiplier_half_up(x, multiplier, shift):
@@ -825,16 +849,8 @@ def multiply_by_quantized_multiplier_half_up(x, multiplier, shift):
     -------
     int or numpy.ndarray of int32
     """
-    scalar = _is_scalar(x) and _is_scalar(multiplier) and _is_scalar(shift)
-    xv = _as_int32(x, "x")
-    m = int_array(multiplier, "multiplier", 0, INT32_MAX, what="a non-negative int32")
-    s = int_array(shift, "shift", -31, 30, what="an exponent from -31 to 30")
-    shifted = xv << np.maximum(s, 0)
-    over = (shifted < INT32_MIN) | (shifted > INT32_MAX)
-    if np.any(over):
-        raise ValueError(f"x * 2**shift overflows int32 in {int(np.count_nonzero(over))} "
-                         "place(s) (the kernels shift x left in int32 first, which would wrap)")
-    high = _srdhm(shifted, m)
-    r = np.maximum(-s, 0)
-    half = np.where(r > 0, np.int64(1) << np.maximum(r - 1, 0), 0)
-    return _result(((high + half) >> r).astype(np.int32), scalar)
+    scalar, xv, m, s = _multiplier_args(x, multiplier, shift)
+    shifted = _shift_left_in_int32(xv, s, "the kernels shift x left in int32 first, which "
+                                          "would wrap")
+    return _result(_rdbpot_half_up(_srdhm(shifted, m), np.maximum(-s, 0)).astype(np.int32),
+                   scalar)

@@ -27,15 +27,23 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from qcourse._checks import (
+    check_choice,
+    check_instance,
+    check_int,
+    check_real,
+    check_size,
+    real_array,
+)
 from qcourse.affine import pack_int, unpack_int
 from qcourse.floats import FP8_E4M3FN, decode
 from qcourse.nn import KVCache, LMEvaluation, TransformerLM
-from qcourse.nn.lm import _check_ids, one_blas_thread
+from qcourse.nn.lm import MAX_CONTEXT, _check_ids, one_blas_thread
+from qcourse.nn.lm_training import _batch_size
 
 __all__ = [
     "KV_DTYPES",
@@ -53,41 +61,32 @@ __all__ = [
 KV_DTYPES = {"fp16": 16, "int8": 8, "e4m3": 8, "int4": 4, "int2": 2}
 KV_AXES = ("token", "channel")
 _SCALE_BYTES = 2  # scales and offsets are stored as float16
+#: Bound on the sizes the counting functions (:func:`kv_bytes_per_token`, :func:`kv_cache_bytes`)
+#: take: layers, heads, channels and batch of a model that might exist, not only of ours.
+MAX_COUNT = 2**20
+#: Most tokens :func:`kv_cache_bytes` counts a cache of (a trillion: far past any context).
+MAX_TOKENS = 2**40
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _check_dtype_name(dtype) -> str:
-    if dtype not in KV_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(KV_DTYPES)}, got {dtype!r}")
-    return dtype
+def _kv_format(dtype, name: str = "dtype") -> str:
+    return check_choice(dtype, name, KV_DTYPES)
 
 
-def _check_axis(axis, name: str = "axis") -> str:
-    if axis not in KV_AXES:
-        raise ValueError(f"{name} must be 'token' or 'channel', got {axis!r}")
-    return axis
+def _check_kv_axis(axis, name: str = "axis") -> str:
+    return check_choice(axis, name, KV_AXES)
 
 
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
+def _check_group_size(group_size) -> int:
+    return check_size(group_size, "group_size", MAX_CONTEXT)
 
 
 def _check_block(x, name: str = "x") -> np.ndarray:
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
-        raise TypeError(f"{name} must be a floating numpy.ndarray, got {got}")
-    if x.ndim < 2 or x.size == 0:
-        raise ValueError(f"{name} must have at least 2 axes (..., tokens, channels) and no empty "
-                         f"axis, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return x
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a floating numpy.ndarray, got {type(x).__name__}")
+    return real_array(x, name, kinds="f", dtype=None, min_ndim=2)
 
 
 # --------------------------------------------------------------------------- fp8 e4m3
@@ -107,8 +106,10 @@ def e4m3_round(x: np.ndarray) -> np.ndarray:
     normal number :math:`|x| \in [2^e, 2^{e+1})` keeps 3 mantissa bits, so it is rounded to a
     multiple of :math:`2^{e-3}`; below :math:`2^{-6}` the subnormal step :math:`2^{-9}` applies.
     Both are powers of two, so ``np.rint(x / step) * step`` is exact in float64.  Float64 out.
+    ``x``: real numbers, finite (NaN has no nearest value; use :mod:`qcourse.floats` for the
+    NaN and Inf rules of the format).
     """
-    x = np.clip(np.asarray(x, dtype=np.float64), -448.0, 448.0)
+    x = np.clip(real_array(x, "x", nonempty=False), -448.0, 448.0)
     _, e = np.frexp(x)                       # |x| = m 2^e, m in [0.5, 1)
     step = np.ldexp(1.0, np.maximum(e - 4, -9))
     return np.rint(x / step) * step
@@ -175,11 +176,11 @@ def quantize_kv_group(x: np.ndarray, dtype: str = "int4", axis: str = "token") -
     \mathrm{e4m3}(x/s)` (:func:`e4m3_round`).  See the kv_cache chapter.
     """
     x = _check_block(x)
-    dtype = _check_dtype_name(dtype)
+    dtype = _kv_format(dtype)
     if dtype == "fp16":
         raise ValueError("dtype='fp16' is stored as it is, not in groups; pick int8, int4, int2 "
                          "or e4m3")
-    axis = _check_axis(axis)
+    axis = _check_kv_axis(axis)
     ax = _reduce_axis(axis)
     x64 = x.astype(np.float64)
     if np.abs(x64).max() > 60000.0:
@@ -204,8 +205,7 @@ def quantize_kv_group(x: np.ndarray, dtype: str = "int4", axis: str = "token") -
 
 def dequantize_kv_group(group: KVGroup) -> np.ndarray:
     r"""Back to float32: :math:`\hat x = s\,q + m` (int) or :math:`s\,\mathrm{e4m3}(q)`."""
-    if not isinstance(group, KVGroup):
-        raise TypeError(f"group must be a KVGroup, got {type(group).__name__}")
+    check_instance(group, "group", KVGroup, "a qcourse.kv_cache.KVGroup (from quantize_kv_group)")
     s = group.scale.astype(np.float64)
     if group.dtype == "e4m3":
         return (_e4m3_decode(group.codes) * s).astype(np.float32)
@@ -244,10 +244,10 @@ class QuantizedKVCache(KVCache):
     def __init__(self, n_layers: int, dtype: str = "int4", *, key_axis: str = "channel",
                  value_axis: str = "token", group_size: int = 32):
         super().__init__(n_layers)
-        self.dtype = _check_dtype_name(dtype)
-        self.key_axis = _check_axis(key_axis, "key_axis")
-        self.value_axis = _check_axis(value_axis, "value_axis")
-        self.group_size = _check_int(group_size, "group_size")
+        self.dtype = _kv_format(dtype)
+        self.key_axis = _check_kv_axis(key_axis, "key_axis")
+        self.value_axis = _check_kv_axis(value_axis, "value_axis")
+        self.group_size = _check_group_size(group_size)
         self._groups: list[list[tuple[KVGroup, KVGroup]]] = [[] for _ in range(self.n_layers)]
         self._rk: list[np.ndarray | None] = [None] * self.n_layers
         self._rv: list[np.ndarray | None] = [None] * self.n_layers
@@ -312,11 +312,11 @@ class QuantizedKVCache(KVCache):
 
 def kv_bytes_per_token(n_layers: int, n_heads: int, head_dim: int, bits: float = 16) -> float:
     r"""Bytes the cache grows by per token: :math:`2 \cdot L \cdot H \cdot d_h \cdot b / 8`
-    (keys and values, every layer and head; scales not included)."""
-    for name, v in (("n_layers", n_layers), ("n_heads", n_heads), ("head_dim", head_dim)):
-        _check_int(v, name)
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not bits > 0:
-        raise ValueError(f"bits must be a positive number, got {bits!r}")
+    (keys and values, every layer and head; scales not included).  The sizes are ints from 1 to
+    :data:`MAX_COUNT`, ``bits`` a real number in (0, 64]."""
+    n_layers, n_heads, head_dim = (check_size(v, name, MAX_COUNT) for name, v in (
+        ("n_layers", n_layers), ("n_heads", n_heads), ("head_dim", head_dim)))
+    bits = check_real(bits, "bits", 0.0, 64.0, lo_open=True)
     return 2 * n_layers * n_heads * head_dim * bits / 8
 
 
@@ -329,19 +329,23 @@ def kv_cache_bytes(tokens: int, n_layers: int, n_heads: int, head_dim: int,
     tokens, per layer, head and sequence, for keys and for values: the codes of :math:`G n_g
     d_h` numbers (packed), float16 scales and offsets (one pair per token, :math:`G` per group,
     or per channel, :math:`d_h` per group; one scale and no offset for e4m3), and :math:`r d_h`
-    float16 residual numbers.  ``"fp16"``: :math:`2 T d_h` bytes.
+    float16 residual numbers.  ``"fp16"``: :math:`2 T d_h` bytes.  ``tokens`` is 0 to
+    :data:`MAX_TOKENS`, the other sizes 1 to :data:`MAX_COUNT` (``group_size`` to
+    ``MAX_CONTEXT``, as in :class:`QuantizedKVCache`).
     """
-    tokens = _check_int(tokens, "tokens", minimum=0)
-    for name, v in (("n_layers", n_layers), ("n_heads", n_heads), ("head_dim", head_dim),
-                    ("group_size", group_size), ("batch", batch)):
-        _check_int(v, name)
-    dtype = _check_dtype_name(dtype)
+    tokens = check_int(tokens, "tokens", 0, MAX_TOKENS)
+    n_layers, n_heads, head_dim, batch = (check_size(v, name, MAX_COUNT) for name, v in (
+        ("n_layers", n_layers), ("n_heads", n_heads), ("head_dim", head_dim), ("batch", batch)))
+    group_size = _check_group_size(group_size)
+    dtype = _kv_format(dtype)
+    key_axis = _check_kv_axis(key_axis, "key_axis")
+    value_axis = _check_kv_axis(value_axis, "value_axis")
     if dtype == "fp16":
         return 2 * batch * n_layers * n_heads * tokens * head_dim * 2
     n_groups, res = divmod(tokens, group_size)
     per_scale = (2 if dtype.startswith("int") else 1) * _SCALE_BYTES
     total = 0
-    for axis in (_check_axis(key_axis, "key_axis"), _check_axis(value_axis, "value_axis")):
+    for axis in (key_axis, value_axis):
         codes = math.ceil(group_size * head_dim * KV_DTYPES[dtype] / 8)
         scales = group_size if axis == "token" else head_dim
         per_group = codes + per_scale * scales
@@ -401,14 +405,15 @@ def evaluate_kv_cache(model: TransformerLM, windows: np.ndarray, dtype: str = "i
     rest of the model runs in float32.  Returns the same :class:`qcourse.nn.LMEvaluation` as
     :func:`qcourse.nn.evaluate_lm`.
     """
-    if not isinstance(model, TransformerLM):
-        raise TypeError(f"model must be a qcourse.nn.TransformerLM, got {type(model).__name__}")
+    check_instance(model, "model", TransformerLM, "a qcourse.nn.TransformerLM")
     windows = _check_ids(windows, "windows", max_len=model.config.max_len + 1)
-    dtype = _check_dtype_name(dtype)
-    key_axis, value_axis = _check_axis(key_axis, "key_axis"), _check_axis(value_axis,
-                                                                        "value_axis")
-    group_size = _check_int(group_size, "group_size")
-    batch_size = _check_int(batch_size, "batch_size")
+    if windows.shape[1] < 2:
+        raise ValueError("windows must hold at least two bytes each (input and target)")
+    dtype = _kv_format(dtype)
+    key_axis = _check_kv_axis(key_axis, "key_axis")
+    value_axis = _check_kv_axis(value_axis, "value_axis")
+    group_size = _check_group_size(group_size)
+    batch_size = _batch_size(batch_size, windows.shape[1] - 1, model.config)
     total = 0.0
     with one_blas_thread():
         for start in range(0, windows.shape[0], batch_size):

@@ -46,6 +46,7 @@ from qcourse.affine import (
     sqnr_db,
     unpack_int,
 )
+from qcourse.affine.quantizer import _stored_scale
 from qcourse.floats import (
     FP4_E2M1,
     FP6_E2M3,
@@ -214,13 +215,7 @@ def quantize_int4_groupwise(weight, group_size: int, *, scale_dtype=np.float16) 
     g = min(g, w.shape[1])            # a group of K or more is the whole row
     qp = choose_qparams(w, bits=4, signed=True, symmetric=True, narrow_range=True, axis=1,
                         group_size=g)
-    with np.errstate(over="ignore", under="ignore"):
-        stored = qp.scale.astype(sdt)
-    if not np.all(np.isfinite(stored)):
-        raise ValueError(f"weight is too large: max|W|/7 overflows the {sdt} scales")
-    if np.any(stored == 0):
-        raise ValueError(f"weight has a group whose max|W|/7 underflows to 0 in {sdt}; "
-                         f"use scale_dtype=np.float32 or rescale the weights")
+    stored = _stored_scale(qp.scale, sdt)    # max|W|/7 per group, as the file stores it
     q = quantize(w, QParams(scale=stored.astype(np.float64), zero_point=0, qmin=_INT4_QMIN,
                             qmax=_INT4_QMAX, axis=1, group_size=g))
     return Int4Weight(packed=pack_int(q, 4, signed=True), scale=stored, shape=w.shape,

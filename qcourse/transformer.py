@@ -27,15 +27,27 @@ is :class:`qcourse.nn.TransformerLM` (the byte-level model trained on the Python
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 
 import numpy as np
 
+from qcourse._checks import (
+    check_bool,
+    check_choice,
+    check_float_matrix,
+    check_instance,
+    check_int,
+    check_int_sequence,
+    check_ndarray,
+    check_real,
+    describe,
+    real_array,
+)
 from qcourse.affine import QParams, choose_qparams, quantize
 from qcourse.kernels import PackedB, matmul_int8, matmul_int8_reference, prepack
 from qcourse.nn import GELU, LayerNorm, Linear, Module, TransformerBlock, TransformerLM
-from qcourse.nn.lm import LMConfig, linear_inputs, one_blas_thread
+from qcourse.nn.lm import LMConfig, one_blas_thread
+from qcourse.nn.lm_training import linear_inputs
 
 __all__ = [
     "IntegerBlock",
@@ -61,48 +73,33 @@ ACTIVATION_GRANULARITIES = ("per_token", "per_tensor")
 # --------------------------------------------------------------------------- checks
 
 
-def _check_matrix(x, name: str) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows, columns), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _activations(x, name: str = "x") -> np.ndarray:
+    """A finite 2-D float matrix whose magnitudes float32 holds (its scales are float32)."""
+    x = check_float_matrix(x, name)
+    peak = float(np.max(np.abs(x)))
+    if peak > _F32_MAX:
+        raise ValueError(f"{name} must have magnitudes that float32 holds (at most "
+                         f"{_F32_MAX:.4g}: the scales are float32), got {peak:g}")
     return x
 
 
-def _check_bits(bits) -> int:
-    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, numbers.Integral):
-        raise TypeError(f"bits must be an integer from 2 to 8, got {type(bits).__name__}")
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8 (the codes are int8), got {bits}")
-    return int(bits)
+def _quant_bits(bits, name: str = "bits") -> int:
+    return check_int(bits, name, 2, 8)
 
 
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return value
+def _granularity(activation) -> str:
+    return check_choice(activation, "activation", ACTIVATION_GRANULARITIES)
 
 
-def _check_granularity(activation) -> str:
-    if activation not in ACTIVATION_GRANULARITIES:
-        raise ValueError(f"activation must be one of {ACTIVATION_GRANULARITIES}, got "
-                         f"{activation!r}")
-    return activation
+def _lm(model) -> TransformerLM:
+    return check_instance(model, "model", TransformerLM, "a qcourse.nn.TransformerLM")
 
 
-def _check_model(model) -> TransformerLM:
-    if not isinstance(model, TransformerLM):
-        raise TypeError(f"model must be a qcourse.nn.TransformerLM, got {type(model).__name__}")
-    return model
+def _threshold(value) -> float:
+    return check_real(value, "threshold", 0.0, lo_open=True)
 
 
 # --------------------------------------------------------------------------- per-token codes
@@ -141,16 +138,16 @@ def quantize_per_token(x, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     codes : numpy.ndarray, int8, shape (M, K)
     scales : numpy.ndarray, float32, shape (M,)
     """
-    x = _check_matrix(x, "x")
-    return _symmetric_codes(x, _check_bits(bits), axis=0)
+    x = _activations(x)
+    return _symmetric_codes(x, _quant_bits(bits), axis=0)
 
 
 def quantize_per_tensor(x, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     r"""Symmetric quantization with one scale for the whole matrix: :math:`s = \max|x| /
     (2^{b-1}-1)`.  Returns ``(codes, scales)`` with ``scales`` float32 of shape (M,), every entry
     the same :math:`s` (so that it can stand where :func:`quantize_per_token`'s scales do)."""
-    x = _check_matrix(x, "x")
-    codes, scale = _symmetric_codes(x, _check_bits(bits), axis=None)
+    x = _activations(x)
+    codes, scale = _symmetric_codes(x, _quant_bits(bits), axis=None)
     return codes, np.full(x.shape[0], scale, dtype=np.float32)
 
 
@@ -166,19 +163,28 @@ def dequantize_accumulators(acc: np.ndarray, x_scales: np.ndarray, w_scales: np.
     with :math:`A = q_x q_w^T` the exact integer products, :math:`s_x` one scale per row of the
     activation (per token) and :math:`s_w` one per output channel.  The scales multiply *after*
     the integer sum because each is constant along the sum's index k.  Float32 throughout, in
-    this order, in both the kernel path and the reference path.
+    this order, in both the kernel path and the reference path.  ``acc``: int32 (M, N);
+    ``x_scales`` (M,), ``w_scales`` (N,) and ``bias`` (N,): finite real numbers that float32
+    holds; a product that overflows float32 is refused.
     """
-    if not isinstance(acc, np.ndarray) or acc.dtype != np.int32 or acc.ndim != 2:
-        raise TypeError("acc must be a 2-D int32 array of accumulators")
-    x_scales = np.asarray(x_scales, dtype=np.float32)
-    w_scales = np.asarray(w_scales, dtype=np.float32)
+    acc = check_ndarray(acc, "acc", np.int32, ndim=2)
+    x_scales = real_array(x_scales, "x_scales", dtype=np.float32)
+    w_scales = real_array(w_scales, "w_scales", dtype=np.float32)
     if x_scales.shape != (acc.shape[0],) or w_scales.shape != (acc.shape[1],):
         raise ValueError(f"x_scales must have shape ({acc.shape[0]},) and w_scales "
                          f"({acc.shape[1]},), got {x_scales.shape} and {w_scales.shape}")
-    y = acc.astype(np.float32) * x_scales[:, None]
-    y *= w_scales[None, :]
     if bias is not None:
-        y += np.asarray(bias, dtype=np.float32)
+        bias = real_array(bias, "bias", dtype=np.float32)
+        if bias.shape != (acc.shape[1],):
+            raise ValueError(f"bias must have shape ({acc.shape[1]},), got {bias.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = acc.astype(np.float32) * x_scales[:, None]
+        y *= w_scales[None, :]
+        if bias is not None:
+            y += bias
+    if not np.all(np.isfinite(y)):
+        raise ValueError("x_scales and w_scales are too large for acc: the product overflows "
+                         "float32")
     return y
 
 
@@ -211,15 +217,14 @@ class W8A8Linear(Module):
     def __init__(self, linear: Linear, *, activation: str = "per_token", bits: int = 8,
                  weight_bits: int = 8, reference: bool = False):
         super().__init__()
-        if not isinstance(linear, Linear):
-            raise TypeError(f"linear must be a qcourse.nn.Linear, got {type(linear).__name__}")
-        self.activation = _check_granularity(activation)
-        self.bits = _check_bits(bits)
-        self.weight_bits = _check_bits(weight_bits)
-        self.reference = bool(reference)
+        check_instance(linear, "linear", Linear, "a qcourse.nn.Linear")
+        self.activation = _granularity(activation)
+        self.bits = _quant_bits(bits)
+        self.weight_bits = _quant_bits(weight_bits, "weight_bits")
+        self.reference = check_bool(reference, "reference")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.astype(np.float64)
-        _check_matrix(w, "linear.weight")
+        w = _activations(linear.weight, "linear.weight").astype(np.float64)
+        real_array(linear.bias, "linear.bias", dtype=np.float32)
         self.weight_codes, self.weight_scale = _symmetric_codes(w, self.weight_bits, axis=0)
         self._codes_t = np.ascontiguousarray(self.weight_codes.T)
         self.packed = prepack(self._codes_t)
@@ -229,7 +234,7 @@ class W8A8Linear(Module):
         return _QUANTIZERS[self.activation](x, self.bits)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_matrix(x, "x")
+        x = _activations(x)
         if x.shape[1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} columns, got shape {x.shape}")
         x_q, x_s = self.quantize_input(x)
@@ -251,8 +256,11 @@ def w8a8_lm(model: TransformerLM, *, activation: str = "per_token", bits: int = 
     Embeddings, LayerNorms, attention (:math:`QK^T`, softmax, :math:`PV`), GELU and the output
     head stay in float.  The original model is not changed.  See the transformer chapter.
     """
-    _check_model(model)
-    _check_granularity(activation)
+    _lm(model)
+    _granularity(activation)
+    _quant_bits(bits)
+    _quant_bits(weight_bits, "weight_bits")
+    check_bool(reference, "reference")
     return model.copy().replace_linears(
         lambda _, lin: W8A8Linear(lin, activation=activation, bits=bits,
                                   weight_bits=weight_bits, reference=reference))
@@ -266,9 +274,10 @@ def outlier_channels(x, threshold: float = 6.0) -> np.ndarray:
 
     LLM.int8()'s criterion with :math:`\tau` = ``threshold`` (6.0 in the paper).  Sorted int64.
     """
-    x = _check_matrix(x, "x")
-    threshold = _check_positive(threshold, "threshold")
-    return np.flatnonzero(np.max(np.abs(x), axis=0) > threshold).astype(np.int64)
+    x = check_float_matrix(x, "x")
+    threshold = _threshold(threshold)
+    peaks = np.max(np.abs(x), axis=0).astype(np.float64)     # threshold may exceed float32
+    return np.flatnonzero(peaks > threshold).astype(np.int64)
 
 
 def llm_int8_matmul(x, w, threshold: float = 6.0, *, reference: bool = False) -> np.ndarray:
@@ -298,11 +307,17 @@ def llm_int8_matmul(x, w, threshold: float = 6.0, *, reference: bool = False) ->
     -------
     numpy.ndarray, float32, (M, N)
     """
-    x = _check_matrix(x, "x")
-    w = _check_matrix(w, "w")
+    x = _activations(x)
+    w = _activations(w, "w")
     if x.shape[1] != w.shape[0]:
         raise ValueError(f"x has {x.shape[1]} columns but w has {w.shape[0]} rows; x @ w needs "
                          f"them equal")
+    threshold = _threshold(threshold)
+    reference = check_bool(reference, "reference")
+    bound = float(np.max(np.abs(x))) * float(np.max(np.abs(w))) * x.shape[1]
+    if bound > _F32_MAX:
+        raise ValueError(f"x and w are too large: max|x| * max|w| * K = {bound:.3g} overflows "
+                         f"float32, in which the product is computed")
     cols = outlier_channels(x, threshold)
     rest = np.setdiff1d(np.arange(x.shape[1]), cols)
     y = np.zeros((x.shape[0], w.shape[1]), dtype=np.float32)
@@ -323,17 +338,18 @@ class LLMInt8Linear(Module):
 
     def __init__(self, linear: Linear, threshold: float = 6.0, *, reference: bool = False):
         super().__init__()
-        if not isinstance(linear, Linear):
-            raise TypeError(f"linear must be a qcourse.nn.Linear, got {type(linear).__name__}")
-        self.threshold = _check_positive(threshold, "threshold")
-        self.reference = bool(reference)
+        check_instance(linear, "linear", Linear, "a qcourse.nn.Linear")
+        self.threshold = _threshold(threshold)
+        self.reference = check_bool(reference, "reference")
+        _activations(linear.weight, "linear.weight")
+        real_array(linear.bias, "linear.bias", dtype=np.float32)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_t = np.ascontiguousarray(linear.weight.T.astype(np.float32))
         self.bias = linear.bias.astype(np.float32).copy()
         self.outlier_counts: list[int] = []
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _check_matrix(x, "x")
+        x = _activations(x)
         self.outlier_counts.append(int(outlier_channels(x, self.threshold).size))
         return llm_int8_matmul(x, self.weight_t, self.threshold,
                                reference=self.reference) + self.bias
@@ -348,24 +364,16 @@ class LLMInt8Linear(Module):
 
 def llm_int8_lm(model: TransformerLM, threshold: float = 6.0) -> TransformerLM:
     """A copy of ``model`` whose block linear layers are :class:`LLMInt8Linear`."""
-    _check_model(model)
-    threshold = _check_positive(threshold, "threshold")
+    _lm(model)
+    threshold = _threshold(threshold)
     return model.copy().replace_linears(lambda _, lin: LLMInt8Linear(lin, threshold))
 
 
 # --------------------------------------------------------------------------- SmoothQuant
 
 
-def _check_absmax(a, name: str) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array (one entry per input channel), "
-                         f"got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
+def _absmax(a, name: str) -> np.ndarray:
+    arr = real_array(a, name, ndim=1)
     if np.any(arr < 0):
         raise ValueError(f"{name} must be >= 0 (maxima of magnitudes), got {arr.min()}")
     return arr
@@ -395,19 +403,19 @@ def smoothquant_scales(act_absmax, weight_absmax, alpha: float = 0.5) -> np.ndar
     -------
     numpy.ndarray, float64, 1-D
     """
-    a = _check_absmax(act_absmax, "act_absmax")
-    w = _check_absmax(weight_absmax, "weight_absmax")
+    a = _absmax(act_absmax, "act_absmax")
+    w = _absmax(weight_absmax, "weight_absmax")
     if a.shape != w.shape:
         raise ValueError(f"act_absmax and weight_absmax must have the same length, got "
                          f"{a.size} and {w.size}")
-    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a real number in [0, 1], got {type(alpha).__name__}")
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    alpha = check_real(alpha, "alpha", 0.0, 1.0)
     ok = (a > 0) & (w > 0)
     s = np.ones_like(a)
-    s[ok] = a[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    with np.errstate(over="ignore", under="ignore"):
+        s[ok] = a[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    if not np.all(np.isfinite(s) & (s > 0)):
+        raise ValueError("act_absmax and weight_absmax are too far apart: a factor s_j "
+                         "overflows or underflows float64")
     return s
 
 
@@ -415,7 +423,7 @@ def activation_absmax(model: TransformerLM, ids: np.ndarray) -> dict[str, np.nda
     """Per-channel :math:`\\max|x|` of every block linear layer's input over the tokens ``ids``
     (calibration data), ``{name: (in_features,)}`` float64, via
     :func:`qcourse.nn.linear_inputs`."""
-    _check_model(model)
+    _lm(model)
     return {name: np.abs(x).max(axis=0).astype(np.float64)
             for name, x in linear_inputs(model, ids).items()}
 
@@ -429,9 +437,12 @@ def smooth_lm(model: TransformerLM, act_absmax: Mapping[str, np.ndarray],
     calibration maxima ``act_absmax[name]`` and the weight's column maxima, the LayerNorm's
     :math:`\gamma` and :math:`\beta` are divided by :math:`s` and the weight's columns multiplied
     by it: :math:`(X / s)(W \operatorname{diag}(s))^T = X W^T`.  ``attn.proj`` and ``mlp.fc2`` have
-    no preceding operation to fold into and are left alone (as in the paper).
+    no preceding operation to fold into and are left alone (as in the paper).  ``act_absmax``
+    maps each of those layers' names to its maxima (as :func:`activation_absmax` returns).
     """
-    _check_model(model)
+    _lm(model)
+    check_instance(act_absmax, "act_absmax", Mapping, "a mapping {layer name: maxima}")
+    alpha = check_real(alpha, "alpha", 0.0, 1.0)
     out = model.copy()
     for i, block in enumerate(out.blocks):
         for ln, lin, name in ((block.ln1, block.attn.qkv, f"blocks.{i}.attn.qkv"),
@@ -439,11 +450,16 @@ def smooth_lm(model: TransformerLM, act_absmax: Mapping[str, np.ndarray],
             if name not in act_absmax:
                 raise ValueError(f"act_absmax has no entry {name!r}")
             if not isinstance(ln, LayerNorm) or not isinstance(lin, Linear):
-                raise TypeError("smooth_lm needs a float model (LayerNorm and Linear layers)")
+                raise TypeError("model must be a float model (LayerNorm and Linear layers), got "
+                                f"{type(ln).__name__} and {type(lin).__name__} in block {i}")
             s = smoothquant_scales(act_absmax[name], np.abs(lin.weight).max(axis=0), alpha)
-            ln.weight[...] = ln.weight / s
-            ln.bias[...] = ln.bias / s
-            lin.weight[...] = lin.weight * s[None, :]
+            with np.errstate(over="ignore", under="ignore"):
+                new = (ln.weight / s, ln.bias / s, lin.weight * s[None, :])
+            new = tuple(a.astype(lin.weight.dtype) for a in new)
+            if not all(np.all(np.isfinite(a)) for a in new):
+                raise ValueError(f"act_absmax[{name!r}] is too large for the weights: the "
+                                 f"smoothed weights overflow {lin.weight.dtype}")
+            ln.weight[...], ln.bias[...], lin.weight[...] = new
     return out
 
 
@@ -471,10 +487,8 @@ class IntegerBlock(Module):
 
     def __init__(self, block: TransformerBlock, *, reference: bool = False):
         super().__init__()
-        if not isinstance(block, TransformerBlock):
-            raise TypeError(f"block must be a qcourse.nn.TransformerBlock, got "
-                            f"{type(block).__name__}")
-        self.reference = bool(reference)
+        check_instance(block, "block", TransformerBlock, "a qcourse.nn.TransformerBlock")
+        self.reference = check_bool(reference, "reference")
         self.d = block.d
         self.n_heads = block.attn.n_heads
         self.head_dim = block.attn.head_dim
@@ -565,14 +579,16 @@ def _copy_layernorm(ln: LayerNorm) -> LayerNorm:
 
 def integer_lm(model: TransformerLM, *, blocks=None, reference: bool = False) -> TransformerLM:
     """A copy of ``model`` with :class:`IntegerBlock` in place of the blocks numbered in
-    ``blocks`` (default: all).  Embeddings, the final LayerNorm and the head stay float."""
-    _check_model(model)
+    ``blocks`` (default: all; a list of block numbers, each once).  Embeddings, the final
+    LayerNorm and the head stay float."""
+    _lm(model)
+    n = len(model.blocks)
+    chosen = range(n) if blocks is None else check_int_sequence(blocks, "blocks", 0, n - 1)
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"blocks must name each block once, got {describe(blocks)}")
+    reference = check_bool(reference, "reference")
     out = model.copy()
-    chosen = range(len(out.blocks)) if blocks is None else blocks
     for i in chosen:
-        if not isinstance(i, numbers.Integral) or not 0 <= i < len(out.blocks):
-            raise ValueError(f"blocks must hold block numbers in [0, {len(out.blocks) - 1}], "
-                             f"got {i!r}")
         out.blocks[i] = IntegerBlock(out.blocks[i], reference=reference)
     return out
 
@@ -587,12 +603,10 @@ def block_op_counts(config: LMConfig, tokens: int) -> dict[str, int]:
     norms), ``"float softmax"`` (about 5 per score), ``"float GELU"`` (about 10 per element),
     ``"float residual"`` (one add per element, twice), ``"float epilogues"`` (2 per output of
     each GEMM), ``"float quantize"`` (about 3 per GEMM input element: abs, max, divide-round).
+    ``tokens``: an int from 1 to 2**40 (counts only: nothing of that size is allocated).
     """
-    if not isinstance(config, LMConfig):
-        raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
-    t = int(tokens)
-    if t < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    check_instance(config, "config", LMConfig, "a qcourse.nn.LMConfig")
+    t = check_int(tokens, "tokens", 1, 2**40)
     d, f, h = config.d_model, config.d_ff, config.n_heads
     macs = t * (3 * d * d + d * d + 2 * d * f) + 2 * t * t * d
     outputs = t * (3 * d + d + f + d) + t * t * h + t * d

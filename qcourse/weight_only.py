@@ -37,15 +37,29 @@ Grids come from :func:`qcourse.affine.qparams_from_range` (asymmetric: codes
 from __future__ import annotations
 
 import math
-import numbers
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_SQUARABLE,
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_instance,
+    check_int,
+    check_real,
+    check_sequence,
+    describe,
+    real_array,
+)
 from qcourse.affine import QParams, effective_bits, qparams_from_range, quantize
+from qcourse.affine.quantizer import _group_minmax, _stored_scale
 
 __all__ = [
     "METHODS",
@@ -68,6 +82,8 @@ __all__ = [
 ]
 
 MIN_BITS, MAX_BITS = 2, 8
+#: Most grid points of AWQ's searches (``n_grid``): each one is a full round-to-nearest.
+MAX_GRID = 10_000
 _SCALE_BITS = {np.dtype(np.float16): 16, np.dtype(np.float32): 32, np.dtype(np.float64): 64}
 
 
@@ -79,56 +95,38 @@ class HessianWarning(UserWarning):
 # --------------------------------------------------------------------------- validation
 
 
-def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
-    return int(value)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _float_matrix(a, name: str) -> np.ndarray:
+def _float_matrix(a, name: str, max_abs: float | None = None) -> np.ndarray:
     """``a`` as a finite, non-empty 2-D float array (not copied), or a named error."""
-    arr = np.asarray(a)
-    if arr.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf; expected finite values")
-    return arr
+    return real_array(a, name, kinds="f", dtype=None, ndim=2, max_abs=max_abs)
 
 
-def _check_group_size(group_size, k: int) -> int:
-    """``None`` (one group per row: per channel) or an int >= 1; at most K."""
+def _group(group_size, k: int) -> int:
+    """``None`` (one group per row: per channel) or an int >= 1; at most K (a larger one is
+    clamped to K: nothing of its size is allocated)."""
     if group_size is None:
         return k
-    return min(_check_int(group_size, "group_size", 1), k)
+    return min(check_int(group_size, "group_size", 1), k)
 
 
-def _check_scale_dtype(scale_dtype) -> np.dtype:
-    try:
-        dt = np.dtype(scale_dtype)
-    except TypeError:
-        dt = None
-    if dt not in _SCALE_BITS:
-        raise TypeError(f"scale_dtype must be float16, float32 or float64, got {scale_dtype!r}")
-    return dt
+def _scale_dtype(scale_dtype) -> np.dtype:
+    return check_dtype(scale_dtype, "scale_dtype", _SCALE_BITS)
 
 
 def _check_inputs(x, k: int) -> np.ndarray:
-    x = _float_matrix(x, "x")
+    """Calibration inputs (n, K): their squares are summed, so magnitudes are at most
+    ``MAX_SQUARABLE``."""
+    x = _float_matrix(x, "x", MAX_SQUARABLE)
     if x.shape[1] != k:
         raise ValueError(f"x must have K={k} columns (the weight's input features), got shape "
                          f"{x.shape}")
     return x
+
+
+def _finite(value, what: str):
+    """``value`` (a float or an array) if finite, else a ValueError saying ``what`` overflowed."""
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{what} overflows float64: the inputs are too large")
+    return value
 
 
 # --------------------------------------------------------------------------- the objective
@@ -142,8 +140,9 @@ def hessian(x) -> np.ndarray:
     weight, :math:`\tfrac12 (w - \hat w)^T H (w - \hat w)`: a quadratic form with this Hessian,
     the same for every row.  See the weight_only chapter.
     """
-    x = _float_matrix(x, "x").astype(np.float64)
-    return 2.0 * (x.T @ x) / x.shape[0]
+    x = _float_matrix(x, "x", MAX_SQUARABLE).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _finite(2.0 * (x.T @ x) / x.shape[0], "x's Hessian 2 X^T X / n")
 
 
 def layer_error(x, weight, w_hat) -> float:
@@ -155,7 +154,9 @@ def layer_error(x, weight, w_hat) -> float:
     if w_hat.shape != w.shape:
         raise ValueError(f"w_hat must have the weight's shape {w.shape}, got {w_hat.shape}")
     x = _check_inputs(x, w.shape[1]).astype(np.float64)
-    return float(np.linalg.norm(x @ (w.astype(np.float64) - w_hat.astype(np.float64)).T))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = x @ (w.astype(np.float64) - w_hat.astype(np.float64)).T
+        return _finite(float(np.linalg.norm(out)), "the error of x, weight and w_hat")
 
 
 # --------------------------------------------------------------------------- the grid
@@ -251,13 +252,7 @@ def _group_params(lo, hi, *, bits: int, symmetric: bool, scale_dtype: np.dtype, 
     qp = qparams_from_range(lo, hi, bits=bits, signed=symmetric, symmetric=symmetric,
                             narrow_range=symmetric, axis=1 if grouped else 0,
                             group_size=group_size if grouped else None)
-    with np.errstate(over="ignore", under="ignore"):
-        stored = qp.scale.astype(scale_dtype)
-    if not np.all(np.isfinite(stored)):
-        raise ValueError(f"weight is too large: a group's scale overflows {scale_dtype}")
-    if np.any(stored == 0):
-        raise ValueError(f"weight has a group whose scale underflows to 0 in {scale_dtype}; "
-                         f"pass scale_dtype=np.float32 or rescale the weights")
+    stored = _stored_scale(qp.scale, scale_dtype)
     s64 = stored.astype(np.float64)
     if symmetric:
         return stored, s64, None
@@ -270,10 +265,8 @@ def _group_params(lo, hi, *, bits: int, symmetric: bool, scale_dtype: np.dtype, 
 def _clip_ratios(clip, shape) -> np.ndarray | None:
     if clip is None:
         return None
-    c = np.asarray(clip)
-    if c.dtype.kind not in "fiu":
-        raise TypeError(f"clip must be real numbers, got dtype {c.dtype}")
-    c = np.broadcast_to(c.astype(np.float64), shape) if c.ndim == 0 else c.astype(np.float64)
+    c = real_array(clip, "clip")
+    c = np.broadcast_to(c, shape) if c.ndim == 0 else c
     if c.shape != shape:
         raise ValueError(f"clip must be a scalar or have the group layout {shape}, got {c.shape}")
     if not np.all((c > 0) & (c <= 1)):
@@ -284,10 +277,7 @@ def _clip_ratios(clip, shape) -> np.ndarray | None:
 def _group_ranges(w: np.ndarray, g: int, clip) -> tuple[np.ndarray, np.ndarray]:
     r"""Per-row, per-group min and max of ``w`` (N, K), each shrunk by its clip ratio ``c``:
     :math:`[\max(\min w, -c \max|w|),\ \min(\max w, c \max|w|)]` (AWQ's clipping)."""
-    n, k = w.shape
-    n_groups = -(-k // g)
-    padded = np.pad(w, [(0, 0), (0, n_groups * g - k)], mode="edge").reshape(n, n_groups, g)
-    lo, hi = padded.min(axis=2), padded.max(axis=2)
+    lo, hi = _group_minmax(w, 1, g)
     c = _clip_ratios(clip, lo.shape)
     if c is not None:
         amax = np.maximum(-lo, hi)
@@ -297,8 +287,8 @@ def _group_ranges(w: np.ndarray, g: int, clip) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_common(weight, bits, symmetric, scale_dtype, return_codes):
     w = _float_matrix(weight, "weight")
-    return (w, _check_int(bits, "bits", MIN_BITS, MAX_BITS), _check_bool(symmetric, "symmetric"),
-            _check_scale_dtype(scale_dtype), _check_bool(return_codes, "return_codes"))
+    return (w, check_int(bits, "bits", MIN_BITS, MAX_BITS), check_bool(symmetric, "symmetric"),
+            _scale_dtype(scale_dtype), check_bool(return_codes, "return_codes"))
 
 
 def rtn(weight, *, bits: int, group_size, symmetric: bool = False, clip=None,
@@ -342,7 +332,7 @@ def rtn(weight, *, bits: int, group_size, symmetric: bool = False, clip=None,
     """
     w, bits, symmetric, sdt, return_codes = _check_common(weight, bits, symmetric, scale_dtype,
                                                           return_codes)
-    g = _check_group_size(group_size, w.shape[1])
+    g = _group(group_size, w.shape[1])
     w64 = w.astype(np.float64)
     lo, hi = _group_ranges(w64, g, clip)
     stored, s64, zp = _group_params(lo, hi, bits=bits, symmetric=symmetric, scale_dtype=sdt,
@@ -409,13 +399,10 @@ def _check_gptq(weight, hessian_, bits, group_size, damp, act_order, symmetric, 
                                                           return_codes)
     k = w.shape[1]
     h = _check_hessian(hessian_, k)
-    g = _check_group_size(group_size, k)
-    if isinstance(damp, (bool, np.bool_)) or not isinstance(damp, numbers.Real):
-        raise TypeError(f"damp must be a real number, got {type(damp).__name__}")
-    if not (math.isfinite(damp) and damp >= 0):
-        raise ValueError(f"damp must be finite and >= 0, got {damp}")
-    act_order = _check_bool(act_order, "act_order")
-    return w, h, bits, g, float(damp), act_order, symmetric, sdt, return_codes
+    g = _group(group_size, k)
+    damp = check_real(damp, "damp", 0.0, 1e4)
+    act_order = check_bool(act_order, "act_order")
+    return w, h, bits, g, damp, act_order, symmetric, sdt, return_codes
 
 
 class _GroupGrids:
@@ -539,9 +526,9 @@ def gptq(weight, hessian, *, bits: int, group_size, damp: float = 0.01,
         :func:`hessian` of the layer's calibration inputs.
     bits, group_size, symmetric, scale_dtype, return_codes :
         As in :func:`rtn`.
-    damp : float >= 0, default 0.01
+    damp : float in [0, 1e4], default 0.01
     act_order : bool, default False
-    block_size : int >= 1, default 128
+    block_size : int from 1 to 2**28, default 128
 
     Returns
     -------
@@ -550,7 +537,7 @@ def gptq(weight, hessian, *, bits: int, group_size, damp: float = 0.01,
     (w, h, bits, g, damp, act_order, symmetric, sdt,
      return_codes) = _check_gptq(weight, hessian, bits, group_size, damp, act_order, symmetric,
                                  scale_dtype, return_codes)
-    block_size = _check_int(block_size, "block_size", 1)
+    block_size = check_int(block_size, "block_size", 1, MAX_ELEMENTS)
     n, k = w.shape
     perm = _order(h, act_order)
     _, chol, lam = _damped_hessian(h[np.ix_(perm, perm)], damp)
@@ -630,7 +617,7 @@ class AWQScales(NamedTuple):
 
 
 def _check_grid(n_grid) -> int:
-    return _check_int(n_grid, "n_grid", 1)
+    return check_int(n_grid, "n_grid", 1, MAX_GRID)
 
 
 def _output_mse(gram: np.ndarray, d: np.ndarray) -> float:
@@ -669,27 +656,34 @@ def awq_scales(weight, x, *, bits: int, group_size, n_grid: int = 20, symmetric:
         The layer's calibration inputs, one row per token.
     bits, group_size, symmetric, scale_dtype :
         As in :func:`rtn`.
-    n_grid : int >= 1, default 20
+    n_grid : int from 1 to :data:`MAX_GRID`, default 20
 
     Returns
     -------
     AWQScales
     """
-    w = _float_matrix(weight, "weight").astype(np.float64)
+    w = _float_matrix(weight, "weight", MAX_SQUARABLE).astype(np.float64)
     x = _check_inputs(x, w.shape[1]).astype(np.float64)
     n_grid = _check_grid(n_grid)
+    check_int(bits, "bits", MIN_BITS, MAX_BITS)
+    _group(group_size, w.shape[1])
+    check_bool(symmetric, "symmetric")
+    _scale_dtype(scale_dtype)
     mean_abs = np.abs(x).mean(axis=0)
-    gram = x.T @ x / x.shape[0]
     alphas = np.arange(n_grid) / n_grid
     losses = np.empty(n_grid)
     candidates = []
-    for i, a in enumerate(alphas):
-        s = np.maximum(mean_abs**a, 1e-4)
-        s = s / math.sqrt(s.max() * s.min())
-        w_hat = rtn(w * s, bits=bits, group_size=group_size, symmetric=symmetric,
-                    scale_dtype=scale_dtype) / s
-        losses[i] = _output_mse(gram, w - w_hat)
-        candidates.append(s)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = x.T @ x / x.shape[0]
+        for i, a in enumerate(alphas):
+            s = np.maximum(mean_abs**a, 1e-4)
+            s = s / math.sqrt(s.max() * s.min())
+            ws = _finite(w * s, "weight scaled by AWQ's s")
+            w_hat = rtn(ws, bits=bits, group_size=group_size, symmetric=symmetric,
+                        scale_dtype=scale_dtype) / s
+            losses[i] = _output_mse(gram, w - w_hat)
+            candidates.append(s)
+    _finite(losses, "AWQ's output error of weight on x")
     best = int(np.argmin(losses))
     return AWQScales(candidates[best], float(alphas[best]), alphas, losses)
 
@@ -707,15 +701,12 @@ def awq_clip(weight, x, *, bits: int, group_size, n_grid: int = 20, max_shrink: 
     a larger error on the few largest weights for finer steps on all the others.  Returns the
     ratios, shape (N, G).  See the weight_only chapter.
     """
-    w = _float_matrix(weight, "weight").astype(np.float64)
+    w = _float_matrix(weight, "weight", MAX_SQUARABLE).astype(np.float64)
     x = _check_inputs(x, w.shape[1]).astype(np.float64)
     n_grid = _check_grid(n_grid)
-    if isinstance(max_shrink, (bool, np.bool_)) or not isinstance(max_shrink, numbers.Real):
-        raise TypeError(f"max_shrink must be a real number, got {type(max_shrink).__name__}")
-    if not 0 <= max_shrink < 1:
-        raise ValueError(f"max_shrink must lie in [0, 1), got {max_shrink}")
+    max_shrink = check_real(max_shrink, "max_shrink", 0.0, 1.0, hi_open=True)
     n, k = w.shape
-    g = _check_group_size(group_size, k)
+    g = _group(group_size, k)
     n_groups = -(-k // g)
     pad = n_groups * g - k
     xp = np.pad(x, [(0, 0), (0, pad)]).reshape(x.shape[0], n_groups, g)
@@ -729,8 +720,9 @@ def awq_clip(weight, x, *, bits: int, group_size, n_grid: int = 20, max_shrink: 
                     scale_dtype=scale_dtype)
         dp = np.ascontiguousarray(
             np.pad(d, [(0, 0), (0, pad)]).reshape(n, n_groups, g).transpose(1, 0, 2))
-        err = np.sum(np.matmul(dp, blocks) * dp, axis=-1).T       # d_j G_jj d_j^T, per group
-        better = err < best_err
+        with np.errstate(over="ignore", invalid="ignore"):
+            err = np.sum(np.matmul(dp, blocks) * dp, axis=-1).T   # d_j G_jj d_j^T, per group
+        better = _finite(err, "the clipping error of weight on x") < best_err
         best_err[better], best[better] = err[better], c
     return best
 
@@ -748,7 +740,7 @@ def awq(weight, x, *, bits: int, group_size, n_grid: int = 20, clip: bool = True
     """
     w, bits, symmetric, sdt, return_codes = _check_common(weight, bits, symmetric, scale_dtype,
                                                           return_codes)
-    clip = _check_bool(clip, "clip")
+    clip = check_bool(clip, "clip")
     x = _check_inputs(x, w.shape[1])
     s = awq_scales(w, x, bits=bits, group_size=group_size, n_grid=n_grid, symmetric=symmetric,
                    scale_dtype=sdt).scales
@@ -786,10 +778,12 @@ def quantize_layer(weight, x, *, method: str, bits: int, group_size, damp: float
 
     Asymmetric grids with float16 scales, as both papers use.  See the weight_only chapter.
     """
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = check_choice(method, "method", METHODS)
     w = _float_matrix(weight, "weight")
     x = _check_inputs(x, w.shape[1])
+    damp = check_real(damp, "damp", 0.0, 1e4)          # checked whether the method uses them
+    act_order = check_bool(act_order, "act_order")
+    n_grid = _check_grid(n_grid)
     if method == "rtn":
         return rtn(w, bits=bits, group_size=group_size, return_codes=True)
     if method == "gptq":
@@ -816,12 +810,30 @@ def quantize_layers(weights, inputs, *, method: str, bits: int, group_size,
     method alike.  Returns ``{name: QuantizedWeight}`` in the order of ``weights``.  See the
     weight_only chapter.
     """
-    missing = [name for name in weights if name not in inputs]
-    if missing:
-        raise ValueError(f"inputs has no calibration inputs for the layer(s) {missing}")
+    weights, inputs = _check_layers(weights, inputs)
     return {name: quantize_layer(w, inputs[name], method=method, bits=bits,
                                  group_size=group_size, **kwargs)
             for name, w in weights.items()}
+
+
+def _check_layers(weights, inputs) -> tuple[dict, dict]:
+    """``weights`` {name: (N, K)} and ``inputs`` {name: (n, K)}, every weight with its inputs."""
+    check_instance(weights, "weights", Mapping, "a mapping {layer name: weight (N, K)}")
+    check_instance(inputs, "inputs", Mapping, "a mapping {layer name: inputs (n, K)}")
+    if not weights:
+        raise ValueError("weights must name at least one layer, got an empty mapping")
+    missing = [name for name in weights if name not in inputs]
+    if missing:
+        raise ValueError(f"weights names layer(s) {missing} that inputs has no calibration "
+                         f"inputs for")
+    checked_w = {name: _float_matrix(w, f"weights[{name!r}]") for name, w in weights.items()}
+    checked_x = {name: _float_matrix(inputs[name], f"inputs[{name!r}]", MAX_SQUARABLE)
+                 for name in weights}
+    for name, w in checked_w.items():
+        if checked_x[name].shape[1] != w.shape[1]:
+            raise ValueError(f"inputs[{name!r}] must have the K={w.shape[1]} columns of "
+                             f"weights[{name!r}], got shape {checked_x[name].shape}")
+    return checked_w, checked_x
 
 
 def salient_channel_error(weight, x, *, bits: int, group_size, fraction: float = 0.01,
@@ -836,22 +848,22 @@ def salient_channel_error(weight, x, *, bits: int, group_size, fraction: float =
     channels chosen by *activation* recovers most of the loss, and that choosing by weight is no
     better than at random.  See the weight_only chapter.
     """
-    w = _float_matrix(weight, "weight").astype(np.float64)
+    w = _float_matrix(weight, "weight", MAX_SQUARABLE).astype(np.float64)
     x = _check_inputs(x, w.shape[1]).astype(np.float64)
-    if by not in ("activation", "weight", "random"):
-        raise ValueError(f"by must be 'activation', 'weight' or 'random', got {by!r}")
-    if isinstance(fraction, (bool, np.bool_)) or not isinstance(fraction, numbers.Real) or \
-            not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    by = check_choice(by, "by", ("activation", "weight", "random"))
+    fraction = check_real(fraction, "fraction", 0.0, 1.0)
+    seed = check_int(seed, "seed", 0)
     k = w.shape[1]
     n_keep = int(round(fraction * k))
     score = {"activation": lambda: np.abs(x).mean(axis=0),
              "weight": lambda: np.linalg.norm(w, axis=0),
-             "random": lambda: np.random.default_rng(_check_int(seed, "seed", 0)).random(k)}[by]()
+             "random": lambda: np.random.default_rng(seed).random(k)}[by]()
     keep = np.argsort(-score, kind="stable")[:n_keep]
     w_hat = rtn(w, bits=bits, group_size=group_size)
     w_hat[:, keep] = w[:, keep]
-    return _output_mse(x.T @ x / x.shape[0], w - w_hat)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _finite(_output_mse(x.T @ x / x.shape[0], w - w_hat),
+                       "the output error of weight on x")
 
 
 class MethodResult(NamedTuple):
@@ -884,9 +896,18 @@ def compare_methods(weights, inputs, evaluate, *, methods=METHODS, bits=(4, 3),
     quantized layers too if ``keep_layers``.  Other keywords go to :func:`quantize_layer`.  See
     the weight_only chapter.
     """
+    weights, inputs = _check_layers(weights, inputs)
     if not callable(evaluate):
-        raise TypeError(f"evaluate must be callable, got {type(evaluate).__name__}")
-    keep_layers = _check_bool(keep_layers, "keep_layers")
+        raise TypeError(f"evaluate must be callable, got {describe(evaluate)}")
+    methods = [check_choice(m, f"methods[{i}]", METHODS)
+               for i, m in enumerate(check_sequence(methods, "methods", min_len=1))]
+    bits = [check_int(b, f"bits[{i}]", MIN_BITS, MAX_BITS)
+            for i, b in enumerate(check_sequence(bits, "bits", min_len=1))]
+    group_sizes = check_sequence(group_sizes, "group_sizes", min_len=1)
+    for i, g in enumerate(group_sizes):
+        if g is not None:
+            check_int(g, f"group_sizes[{i}]", 1)
+    keep_layers = check_bool(keep_layers, "keep_layers")
     rows = []
     for b in bits:
         for g in group_sizes:
@@ -900,7 +921,8 @@ def compare_methods(weights, inputs, evaluate, *, methods=METHODS, bits=(4, 3),
                             / sizes.sum())
                 errors = {name: layer_error(inputs[name], weights[name], qw.weight)
                           for name, qw in q.items()}
-                loss = float(evaluate({name: qw.weight for name, qw in q.items()}))
+                loss = check_real(evaluate({name: qw.weight for name, qw in q.items()}),
+                                  "evaluate(weights)'s result")
                 rows.append(MethodResult(method, b, g, loss, bpw, errors, seconds,
                                          q if keep_layers else None))
     return rows

@@ -1,50 +1,40 @@
 """Headless Chromium for the reader's-view tests, with the network fenced to 127.0.0.1.
 
 Playwright (the Python package; its driver ships in the wheel) drives Debian's ``chromium``
-through ``executable_path``: no browser is downloaded. Every request a page makes goes through
-``Guard``: one to any host other than 127.0.0.1 is aborted and recorded, and so are failed
-requests, HTTP errors, console errors and uncaught page errors, so that a test can assert that
-there were none.
+through ``executable_path``: no browser is downloaded. The fence, the launch flags, the static
+server and the settle script live in ``book/_ext/qcourse_chromium.py``, which the PDF edition
+uses too; this module adds pytest's skips and ``Guard``: every request a page makes goes through
+it, one to any host other than 127.0.0.1 is aborted and recorded, and so are failed requests,
+HTTP errors, console errors and uncaught page errors, so that a test can assert that there were
+none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
-import os
-import shutil
-import threading
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "_build" / "screenshots"
+sys.path.insert(0, str(ROOT / "book" / "_ext"))
 
-# Flags that work here, also as root. Playwright adds --headless and a fresh, empty
-# --user-data-dir of its own for every launch.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from qcourse_chromium import (  # noqa: E402  (book/_ext, the one home of the fence)
+    CHROMIUM_ARGS,
+    SETTLE,
+    StaticServer,
+    chromium_executable,
+    fenced_route,
+    is_local,
+    launch,
+)
 
-
-def chromium_executable() -> str | None:
-    """Chromium to drive: $QCOURSE_CHROMIUM, else the first of chromium, chromium-browser."""
-    candidates = [os.environ.get("QCOURSE_CHROMIUM"), "chromium", "chromium-browser"]
-    for name in filter(None, candidates):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+__all__ = ["CHROMIUM_ARGS", "SETTLE", "Guard", "StaticServer", "chromium_browser",
+           "chromium_executable", "guarded_page", "is_local", "launch", "screenshot_path",
+           "sync_playwright"]
 
 
 def sync_playwright():
@@ -58,18 +48,6 @@ def sync_playwright():
     return api.sync_playwright()
 
 
-def launch(playwright):
-    return playwright.chromium.launch(executable_path=chromium_executable(), headless=True,
-                                      args=CHROMIUM_ARGS)
-
-
-def is_local(url: str) -> bool:
-    parts = urlsplit(url)
-    if parts.scheme in ("data", "blob", "about"):
-        return True
-    return parts.scheme in ("http", "https", "ws", "wss") and parts.hostname == "127.0.0.1"
-
-
 @dataclass
 class Guard:
     """Records what a page did wrong: requests off the machine, failures, console errors."""
@@ -80,19 +58,11 @@ class Guard:
     ignore_console: tuple[str, ...] = ()
 
     def attach(self, page) -> None:
-        page.route("**/*", self._route)
+        page.route("**/*", fenced_route(self.blocked))
         page.on("requestfailed", self._request_failed)
         page.on("response", self._response)
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.console_errors.append(f"uncaught: {exc}"))
-
-    def _route(self, route) -> None:
-        url = route.request.url
-        if is_local(url):
-            route.continue_()
-        else:
-            self.blocked.append(url)
-            route.abort("blockedbyclient")
 
     def _request_failed(self, request) -> None:
         if is_local(request.url):
@@ -136,30 +106,6 @@ def guarded_page(browser, width: int, height: int, timeout_ms: int):
         yield page
     finally:
         context.close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):
-        pass
-
-
-class StaticServer:
-    """Serve a folder on 127.0.0.1 from a thread (an ephemeral port)."""
-
-    def __init__(self, folder: Path) -> None:
-        handler = functools.partial(_QuietHandler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> StaticServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
 
 
 def screenshot_path(name: str) -> Path:

@@ -16,6 +16,29 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 JUPYTEXT_MARKER = "format_name: myst"
+#: The front matter of a MyST notebook page (what a chapter in book/ starts with).
+MYST_HEADER = """\
+---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+"""
+
+
+def code_cell(code: str) -> str:
+    """One MyST code cell holding ``code``, with a blank line before it."""
+    return f"\n```{{code-cell}} ipython3\n{code}\n```\n"
+
+
+def myst_page(*parts: str) -> str:
+    """A MyST notebook page: the header, then ``parts`` (Markdown, cells from ``code_cell``)."""
+    return MYST_HEADER + "".join(parts)
 
 
 def chapters() -> list[Path]:

@@ -26,19 +26,10 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
+from browser_support import SETTLE
+
 MIN_TEXT_PX = 6.0  # the smallest figure text, in CSS pixels as displayed, that is still read
 FIGURE_KEY = "qcourse-figure"
-
-SETTLE = """
-async () => {
-  if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
-    await window.MathJax.startup.promise;
-  }
-  const images = Array.from(document.images);
-  for (const img of images) { img.loading = "eager"; }
-  await Promise.all(images.map((img) => img.decode().catch(() => null)));
-}
-"""
 
 REPORT = r"""
 () => {

@@ -113,6 +113,33 @@ def test_thread_limit_pins_and_restores():
         bench.thread_limit(0)
 
 
+def test_cnn_benchmark_checks_and_compares_with_onnx_runtime(monkeypatch):
+    from qcourse.cnn import convert_cnn, digits_images, load_course_cnn
+
+    X, _ = digits_images("test")
+    model = convert_cnn(load_course_cnn("relu6"), digits_images("train")[0][:256])
+    rows = bench.cnn_benchmark(model, X[:40], batches=(1, 7), repeat=1)
+    ours = [r for r in rows if r["contender"] == "qcourse IntegerCNN"]
+    assert [r["batch"] for r in ours] == [1, 7]
+    assert all(r["seconds"] > 0 and r["compared"] == 10 * r["batch"] for r in rows)
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
+    assert len(rows) == 4
+    assert all(r["agree"] == r["compared"] for r in rows)   # every code equal to ORT's
+    table = bench.format_cnn_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| 7 | qcourse IntegerCNN |" in table
+    # a wrong code is caught before anything is timed
+    real = type(model).logits_codes
+
+    def off_by_one(self, X, **kw):
+        y = real(self, X, **kw)
+        y[0, 0] += 1 if y[0, 0] < 127 else -1
+        return y
+
+    monkeypatch.setattr(type(model), "logits_codes", off_by_one)
+    with pytest.raises(AssertionError, match="IntegerCNN gave a wrong result"):
+        bench.cnn_benchmark(model, X[:4], batches=(2,), repeat=1)
+
+
 def _row(threads, m, kernel, gops, peak):
     return {"threads": threads, "m": m, "k": m, "n": m, "shape": f"{m}×{m}×{m}", "size": m,
             "kernel": kernel, "seconds": 1.0, "gops": gops,

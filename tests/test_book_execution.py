@@ -20,7 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,21 +30,10 @@ EXT = ROOT / "book" / "_ext"
 JB = Path(sys.executable).with_name("jupyter-book")
 sys.path.insert(0, str(EXT))
 import qcourse_deps  # noqa: E402
+from notebook_runner import code_cell as cell  # noqa: E402
+from notebook_runner import myst_page  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-HEADER = textwrap.dedent("""\
-    ---
-    jupytext:
-      text_representation:
-        extension: .md
-        format_name: myst
-    kernelspec:
-      display_name: Python 3
-      language: python
-      name: python3
-    ---
-    """)
 
 
 def small_book(folder: Path, chapters: dict[str, str], tracked: list[str]) -> Path:
@@ -64,7 +52,7 @@ def small_book(folder: Path, chapters: dict[str, str], tracked: list[str]) -> Pa
            "chapters": [{"file": n} for n in names[1:]]}
     (folder / "_toc.yml").write_text(yaml.safe_dump(toc))
     for name, body in chapters.items():
-        (folder / f"{name}.md").write_text(HEADER + body)
+        (folder / f"{name}.md").write_text(myst_page(body))
     return folder
 
 
@@ -72,10 +60,6 @@ def build(folder: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(JB), "build", str(folder), "-W", "-n", "--keep-going"],
                           capture_output=True, text=True, timeout=900, cwd=folder,
                           env={**os.environ, **(env or {})})
-
-
-def cell(code: str) -> str:
-    return f"\n```{{code-cell}} ipython3\n{code}\n```\n"
 
 
 def page_text(folder: Path, name: str) -> str:

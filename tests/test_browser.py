@@ -23,7 +23,7 @@ import nbformat
 import pytest
 import yaml
 from book_build import built_book_html, toc_entries
-from browser_support import ROOT, StaticServer, guarded_page, screenshot_path
+from browser_support import ROOT, SETTLE, StaticServer, guarded_page, screenshot_path
 from notebook_runner import chapters
 
 from qcourse import grading
@@ -75,17 +75,6 @@ def page(browser):
 
 # --------------------------------------------------------------------------------------------
 # What the browser reports about a page, collected in one script once the page has settled.
-
-SETTLE = """
-async () => {
-  if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
-    await window.MathJax.startup.promise;
-  }
-  const images = Array.from(document.images);
-  for (const img of images) { img.loading = "eager"; }
-  await Promise.all(images.map((img) => img.decode().catch(() => null)));
-}
-"""
 
 WIDGETS_RENDERED = r"""
 (mime) => {

@@ -8,23 +8,8 @@ self-study pages are made from them, but run their hidden tests too), so nbval r
 The last tests prove the nbval harness itself by feeding it broken notebooks.
 """
 
-import textwrap
-
 import pytest
-from notebook_runner import chapters, exercise_notebooks, run_nbval
-
-HEADER = textwrap.dedent("""\
-    ---
-    jupytext:
-      text_representation:
-        extension: .md
-        format_name: myst
-    kernelspec:
-      display_name: Python 3
-      language: python
-      name: python3
-    ---
-    """)
+from notebook_runner import chapters, code_cell, exercise_notebooks, myst_page, run_nbval
 
 
 def _report(proc):
@@ -43,10 +28,9 @@ def test_exercise_solutions_execute(notebook, tmp_path):
 
 
 def _myst(tmp_path, name, *cells):
-    body = "".join(f"\n```{{code-cell}} ipython3\n{c}\n```\n" for c in cells)
     path = tmp_path / "src" / f"{name}.md"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(HEADER + "\n# A test chapter\n" + body)
+    path.write_text(myst_page("\n# A test chapter\n", *map(code_cell, cells)))
     return path
 
 

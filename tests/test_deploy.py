@@ -387,24 +387,23 @@ def test_command_export_and_run_predict_the_runtimes(tmp_path):
         assert np.array_equal(Y, actual), rt
 
 
-def test_command_help_states_the_layouts_and_rejects_bad_inputs(tmp_path):
+def test_command_help_states_the_layouts_and_rejects_bad_inputs(tmp_path, capsys):
     proc = _cli("--help")
     assert proc.returncode == 0
     assert "model.onnx" in proc.stdout and "model.tflite" in proc.stdout
     assert "float32" in proc.stdout and "(N, " in proc.stdout
     for rt in d.RUNTIMES:
         assert rt in proc.stdout
+    assert "(N, 1, 8, 8)" in proc.stdout and "NHWC" in proc.stdout   # the CNN's layouts
     np.save(tmp_path / "bad.npy", np.zeros((3, 5), np.float32))
-    proc = _cli("run", "--runtime", "onnx", "--inputs", str(tmp_path / "bad.npy"), "--out",
-                str(tmp_path / "y.npy"))
-    assert proc.returncode == 2 and "must have shape" in proc.stderr
-    proc = _cli("run", "--runtime", "tvm", "--inputs", str(tmp_path / "bad.npy"), "--out",
-                str(tmp_path / "y.npy"))
-    assert proc.returncode == 2 and "invalid choice" in proc.stderr
     (tmp_path / "junk.npy").write_text("not numpy")
-    proc = _cli("run", "--runtime", "onnx", "--inputs", str(tmp_path / "junk.npy"), "--out",
-                str(tmp_path / "y.npy"))
-    assert proc.returncode == 2 and "cannot read" in proc.stderr
+    for runtime, inputs, message in [("onnx", "bad.npy", "must have shape"),
+                                     ("tvm", "bad.npy", "invalid choice"),
+                                     ("onnx", "junk.npy", "cannot read")]:
+        with pytest.raises(SystemExit) as exit_info:   # in process: the same parser
+            d.main(["run", "--runtime", runtime, "--inputs", str(tmp_path / inputs), "--out",
+                    str(tmp_path / "y.npy")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "y.npy").exists()
 
 
@@ -421,3 +420,76 @@ def test_xnnpack_relu6_clamp_rounds_a_tie_to_even():
     assert got["tflite-xnnpack"] == [2, 2, 2, 0] and got["tflite-builtin"] == [3, 2, 3, 0]
     for rt in d.RUNTIMES:
         assert got[rt] == d.predict_codes(model, x, rt).ravel().tolist(), rt
+
+
+# --------------------------------------------------------------------------- the course CNN
+
+
+def _pool_model(channels: int, zero_point: int, scale: float = 0.0625):
+    """GlobalAvgPool, then a Dense that copies its input (identity weights, M = 1 exactly), so
+    the model's output codes are the pool's."""
+    copy = d.Dense(np.eye(channels, dtype=np.int8), None, 1.0, scale, zero_point)
+    return d.DeployModel((channels, 4, 4), scale, zero_point, (d.GlobalAvgPool(), copy),
+                         name="pool")
+
+
+def test_global_average_pool_every_runtime_on_ties():
+    # 16 pixels per channel, every sum 8 modulo 16 (an exact tie of the mean), odd and even
+    # zero points: ONNX Runtime's QLinearGlobalAveragePool and LiteRT's AVERAGE_POOL_2D (which
+    # XNNPACK leaves to the built-in kernel) round them differently, and qcourse predicts both
+    rng = np.random.default_rng(21)
+    differ = compared = 0
+    for zp in (-128, -127, -3, 0, 5, 126):
+        model = _pool_model(24, zp)
+        x = rng.integers(-128, 128, (6, 24, 4, 4))
+        x[:, :, 0, 0] -= (x.sum(axis=(2, 3)) - 8) % 16          # sum % 16 == 8
+        x[:, :, 0, 0] = np.where(x[:, :, 0, 0] < -128, x[:, :, 0, 0] + 16, x[:, :, 0, 0])
+        x = x.astype(np.int8)
+        assert np.all(x.astype(int).sum(axis=(2, 3)) % 16 == 8)
+        for rt in d.RUNTIMES:
+            got = _run(model, x, rt)
+            np.testing.assert_array_equal(got, d.predict_codes(model, x, rt), err_msg=rt)
+        ours = {rt: d.predict_codes(model, x, rt) for rt in ("onnx", "tflite-builtin")}
+        differ += int(np.count_nonzero(ours["onnx"] != ours["tflite-builtin"]))
+        compared += x.shape[0] * x.shape[1]
+    assert differ > compared // 4, (differ, compared)   # the two roundings really differ
+
+
+def test_course_model_is_the_integer_cnn_and_predicts_its_codes():
+    from qcourse.cnn import convert_cnn, digits_images, load_course_cnn
+
+    model, X_test, y_test = d.course_model()
+    kinds = [layer.kind for layer in model.layers]
+    assert kinds == ["conv"] + ["depthwise", "conv"] * 3 + ["pool", "dense"]
+    assert model.input_shape == (1, 8, 8) and model.output_shape == (10,)
+    integer = convert_cnn(load_course_cnn("relu6"),
+                          digits_images("train")[0][:d.COURSE_CALIBRATION_IMAGES])
+    # ONNX Runtime's prediction is the IntegerCNN's own float-requantized codes
+    np.testing.assert_array_equal(d.predict_codes(model, X_test, "onnx"),
+                                  integer.logits_codes(X_test))
+    assert np.mean(d.predict_codes(model, X_test, "onnx").argmax(1) == y_test) > 0.95
+
+
+def test_from_integer_model_names_what_it_cannot_export():
+    from dataclasses import replace
+
+    from qcourse.cnn import convert_cnn, digits_images, load_course_cnn
+
+    X, _ = digits_images("train")
+    integer = convert_cnn(load_course_cnn("relu6"), X[:64])
+    with pytest.raises(ValueError, match="input_shape"):
+        d.from_integer_model(integer)
+    odd = replace(integer, layers=integer.layers[:1] + [("act", object())] + integer.layers[1:])
+    with pytest.raises(d.ExportError, match="'act' is a object"):
+        d.from_integer_model(odd, input_shape=(1, 8, 8))
+
+
+def test_xnnpack_check_names_operators_left_outside_the_delegate(monkeypatch):
+    model, X_test, _ = d.course_model()
+    tfl = d.to_tflite(model)
+    it = d._interpreter(tfl, "tflite-xnnpack", (2, 8, 8, 1))
+    assert d.ops_outside_delegates(it) == ["AVERAGE_POOL_2D"]
+    d.run_tflite(tfl, X_test[:2], "tflite-xnnpack")           # allowed: the pool only
+    monkeypatch.setattr(d, "_BUILTIN_UNDER_XNNPACK", frozenset())
+    with pytest.raises(RuntimeError, match="did not take the model's operators AVERAGE_POOL_2D"):
+        d.run_tflite(tfl, X_test[:2], "tflite-xnnpack")

@@ -825,10 +825,13 @@ def _w4_case(seed, m, n, k, g, zero_points=False):
 # Rows: every tile height 1..6 and past one tile; columns: short of, at and past a 64-column
 # group; groups of 8 (the smallest), 32, 64, 128 and one group per row; with and without zero
 # points; threads splitting the column groups unevenly.
-@pytest.mark.parametrize("m, n, k, g, zp", [
+_W4_CASES = [
     (1, 64, 64, 32, False), (2, 63, 128, 32, True), (3, 65, 256, 64, False),
     (4, 130, 128, 128, True), (5, 7, 16, 8, False), (6, 200, 96, 96, True), (7, 129, 64, 8, False),
-    (13, 70, 512, 32, True), (32, 64, 256, 64, False)])
+    (13, 70, 512, 32, True), (32, 64, 256, 64, False)]
+
+
+@pytest.mark.parametrize("m, n, k, g, zp", _W4_CASES)
 def test_w4a8_is_the_reference_bit_for_bit_on_every_path(m, n, k, g, zp):
     x, codes, scales, z = _w4_case(m * n + k, m, n, k, g, zp)
     packed = kernels.prepack_int4(codes, scales, group_size=g, zero_points=z)
@@ -909,6 +912,47 @@ def test_w4a8_float_output_within_its_derived_bound():
             err = np.abs(kernels.matmul_w4a8(x, packed, path=path) - exact)
             assert np.all(err <= bound), path
             assert err.max() > 0.02 * bound.max()  # within 50x of what happens: not vacuous
+
+
+def test_w4a8_prefetch_distance_changes_no_result():
+    # The VNNI kernel's prefetch distance is a tuning knob (bench sweeps): none, the default and
+    # far ahead give the identical output; a distance outside [0, 1 MiB] is refused by name.
+    x, codes, scales, z = _w4_case(3, 7, 200, 1024, 32, True)
+    packed = kernels.prepack_int4(codes, scales, group_size=32, zero_points=z)
+    expected = kernels.matmul_w4a8_reference(x, packed)
+    default = _kernels.w4_set_prefetch(0)
+    try:
+        for nbytes in (0, 64, 8192, default):
+            assert _kernels.w4_set_prefetch(nbytes) in (0, 64, 8192, default)
+            np.testing.assert_array_equal(kernels.matmul_w4a8(x, packed), expected, str(nbytes))
+    finally:
+        _kernels.w4_set_prefetch(default)
+    for bad in (-1, 2**20 + 1):
+        with pytest.raises(ValueError, match=r"nbytes must be in \[0, 1048576\]"):
+            _kernels.w4_set_prefetch(bad)
+
+
+def test_the_w4a8_exactness_tests_fail_on_a_broken_kernel(monkeypatch):
+    # The checks above prove themselves. path | W4_BROKEN runs that path with the nibble mask
+    # 0x0E for 0x0F: every odd stored code q + 8 comes out one too small. Broken one path at a
+    # time, the bit-for-bit, extreme and bound tests must each fail on it, as they pass unbroken.
+    real_path_code = kernels._path_code
+    monkeypatch.setattr(kernels, "_path_code",
+                        lambda path: real_path_code(path) | _kernels.W4_BROKEN)
+    here = sys.modules[__name__]
+    for path in available_paths():
+        monkeypatch.setattr(here, "available_paths", lambda path=path: [path])
+        for case in _W4_CASES:
+            with pytest.raises(AssertionError, match="not equal"):
+                test_w4a8_is_the_reference_bit_for_bit_on_every_path(*case)
+        with pytest.raises(AssertionError, match="not equal"):
+            test_w4a8_activations_are_the_reference_quantization()
+        for code, zero_point in ((7, None), (7, -8)):
+            with pytest.raises(AssertionError, match=path):
+                test_w4a8_extremes_at_the_group_bound(code, zero_point)
+        test_w4a8_extremes_at_the_group_bound(-8, None)  # stored 0: no mask can change it
+        with pytest.raises(AssertionError, match=path):
+            test_w4a8_float_output_within_its_derived_bound()
 
 
 def _w4_bad(**kw):

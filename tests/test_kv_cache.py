@@ -131,10 +131,10 @@ def test_per_channel_keys_and_per_token_values_where_each_fits():
 @pytest.mark.parametrize("args, kwargs, err, match", [
     ((np.ones((4, 2)), "int3"), {}, ValueError, "dtype must be one of"),
     ((np.ones((4, 2)), "fp16"), {}, ValueError, "stored as it is"),
-    ((np.ones((4, 2)), "int4", "head"), {}, ValueError, "axis must be 'token' or 'channel'"),
-    ((np.ones(4),), {}, ValueError, "at least 2 axes"),
+    ((np.ones((4, 2)), "int4", "head"), {}, ValueError, "axis must be one of 'token', 'channel'"),
+    ((np.ones(4),), {}, ValueError, "x must have at least 2 dimension"),
     ((np.ones((4, 2), dtype=np.int8),), {}, TypeError, "floating"),
-    ((np.array([[1.0, np.nan]]),), {}, ValueError, "NaN or Inf"),
+    ((np.array([[1.0, np.nan]]),), {}, ValueError, "x must be finite"),
     ((np.array([[1.0, 1e6]]),), {}, ValueError, "float16"),
 ])
 def test_quantize_kv_group_rejects_bad_input(args, kwargs, err, match):
@@ -266,6 +266,6 @@ def test_evaluate_kv_cache_rejects_bad_arguments():
         evaluate_kv_cache(model, w, value_axis="both")
     with pytest.raises(TypeError, match="TransformerLM"):
         evaluate_kv_cache(None, w)
-    with pytest.raises(TypeError, match="group must be a KVGroup"):
+    with pytest.raises(TypeError, match="group must be a qcourse.kv_cache.KVGroup"):
         dequantize_kv_group(np.zeros(3))
     assert isinstance(quantize_kv_group(np.ones((2, 2), dtype=np.float32)), KVGroup)

@@ -239,7 +239,7 @@ LAYERS = {
     "floats": 1, "fixed_point": 1, "affine": 1, "calibration": 1,
     "kernels": 2, "_kernels": 2, "int_matmul": 2, "conv": 2,
     "nn": 3, "ptq": 3, "qat": 3, "mixed_precision": 3, "lowbit": 3, "transformer": 3,
-    "kv_cache": 3, "weight_only": 3,
+    "kv_cache": 3, "weight_only": 3, "cnn": 3,
     "grading": 4, "bench": 4, "deploy": 4,
     "data": 4,  # qcourse/data/make_*.py: the scripts that make the shipped weights (tools)
 }
@@ -279,35 +279,256 @@ def test_each_module_imports_only_its_layer_or_below():
 # --------------------------------------------------------------------------- one home each
 
 #: Shared pieces and the one file that defines them.  Defining one of these names anywhere else
-#: in the library (as a function, a method or a class) writes it a second time.
+#: in the library (as a function, a method, a class or a module-level name) writes it a second
+#: time.  ``None``: a name that was merged away and must not come back.
 ONE_HOME = {
     "copy_model": "nn/tools.py", "swapped_weights": "nn/tools.py", "predict": "nn/tools.py",
     "accuracy": "nn/tools.py", "evaluate": "nn/tools.py", "feed_activations": "nn/tools.py",
     "capture_activations": "nn/tools.py", "calibrate": "nn/tools.py",
     "linear_layers": "nn/tools.py", "layer_info": "nn/tools.py",
     "quantize_weight": "affine/quantizer.py", "with_float32_scale": "affine/quantizer.py",
+    # fixed_point's rescalings share their rounding shifts, argument checks and int32 guards
+    "_half_step": "fixed_point.py", "_rdbpot": "fixed_point.py",
+    "_rdbpot_half_up": "fixed_point.py", "_pot_args": "fixed_point.py",
+    "_multiplier_args": "fixed_point.py", "_fits_int32": "fixed_point.py",
+    "_shift_left_in_int32": "fixed_point.py", "_raw_operands": "fixed_point.py",
+    # the layout of quantization parameters, per-group ranges, and scales as a file stores them
+    "_check_layout": "affine/quantizer.py", "_group_minmax": "affine/quantizer.py",
+    "_stored_scale": "affine/quantizer.py",
+    "_zero_points": "int_matmul/arithmetic.py",
     # the names the copies had before they were merged
     "_clone": None, "_f32_qparams": None, "_float32_qparams": None, "evaluate_model": None,
     "MLP": None, "matmul_int8_packed": None,
 }
 
+#: The same for the tests and the book's build tools (paths from the repository root): headless
+#: Chromium fenced to 127.0.0.1, and the MyST pages the notebook tests write.
+ONE_HOME_TOOLS = {
+    "CHROMIUM_ARGS": "book/_ext/qcourse_chromium.py", "SETTLE": "book/_ext/qcourse_chromium.py",
+    "chromium_executable": "book/_ext/qcourse_chromium.py",
+    "launch": "book/_ext/qcourse_chromium.py", "is_local": "book/_ext/qcourse_chromium.py",
+    "fenced_route": "book/_ext/qcourse_chromium.py",
+    "StaticServer": "book/_ext/qcourse_chromium.py",
+    "_QuietHandler": "book/_ext/qcourse_chromium.py",
+    "MYST_HEADER": "tests/notebook_runner.py", "code_cell": "tests/notebook_runner.py",
+    "myst_page": "tests/notebook_runner.py",
+    # the names the copies had before they were merged
+    "HEADER": None, "cell": None, "chromium": None, "_Quiet": None, "_route": None,
+}
 
-def _definitions() -> list[tuple[str, str]]:
+#: Where each shared piece is used: every function named here must use the helper (call it or
+#: name it), so writing the shared lines out again in one of them fails this test.
+SHARED_BY = {
+    "_rdbpot": ["fixed_point.py:rounding_divide_by_pot",
+                "fixed_point.py:multiply_by_quantized_multiplier"],
+    "_rdbpot_half_up": ["fixed_point.py:rounding_divide_by_pot_half_up",
+                        "fixed_point.py:multiply_by_quantized_multiplier_half_up"],
+    "_half_step": ["fixed_point.py:_rdbpot", "fixed_point.py:_rdbpot_half_up"],
+    "_pot_args": ["fixed_point.py:rounding_divide_by_pot",
+                  "fixed_point.py:rounding_divide_by_pot_half_up"],
+    "_multiplier_args": ["fixed_point.py:multiply_by_quantized_multiplier",
+                         "fixed_point.py:multiply_by_quantized_multiplier_half_up"],
+    "_shift_left_in_int32": ["fixed_point.py:multiply_by_quantized_multiplier",
+                             "fixed_point.py:multiply_by_quantized_multiplier_half_up"],
+    "_fits_int32": ["fixed_point.py:_shift_left_in_int32",
+                    "fixed_point.py:multiply_by_quantized_multiplier"],
+    "_raw_operands": ["fixed_point.py:fixed_add", "fixed_point.py:fixed_mul"],
+    "_check_layout": ["affine/quantizer.py:QParams.__post_init__",
+                      "affine/quantizer.py:qparams_from_range"],
+    "_zero_points": ["int_matmul/arithmetic.py:zero_point_terms",
+                     "int_matmul/arithmetic.py:fold_zero_points"],
+    "_group_minmax": ["affine/quantizer.py:choose_qparams", "weight_only.py:_group_ranges"],
+    "_stored_scale": ["lowbit.py:quantize_int4_groupwise", "weight_only.py:_group_params"],
+    "fenced_route": ["../tests/browser_support.py:Guard.attach",
+                     "../book/_ext/qcourse_pdf.py:build_pdf"],
+    "StaticServer": ["../book/_ext/qcourse_pdf.py:build_pdf"],
+    "SETTLE": ["../tests/reader_view.py:read_page", "../book/_ext/qcourse_pdf.py:build_pdf"],
+    "launch": ["../tests/browser_support.py:chromium_browser",
+               "../book/_ext/qcourse_pdf.py:build_pdf"],
+    "myst_page": ["../tests/test_chapters.py:_myst", "../tests/test_book_execution.py:small_book"],
+    "code_cell": ["../tests/test_chapters.py:_myst"],
+}
+
+
+def _definitions(root: Path, folders: list[Path]) -> list[tuple[str, str]]:
+    """(name, file relative to ``root``) for every function, method and class, and every
+    module-level assignment, in the ``.py`` files under ``folders``."""
     out = []
-    for path in sorted(LIBRARY.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                out.append((node.name, path.relative_to(LIBRARY).as_posix()))
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            rel = path.relative_to(root).as_posix()
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    out.append((node.name, rel))
+            for node in tree.body:
+                targets = (node.targets if isinstance(node, ast.Assign)
+                           else [node.target] if isinstance(node, ast.AnnAssign) else [])
+                out.extend((t.id, rel) for t in targets if isinstance(t, ast.Name))
     return out
 
 
+def misplaced(definitions: list[tuple[str, str]], homes: dict[str, str | None],
+              prefix: str = "") -> list[str]:
+    return [f"{name} is defined in {prefix}{where}"
+            + (f", its home is {prefix}{homes[name]}" if homes[name] else
+               " (merged away: use the one home)")
+            for name, where in definitions if name in homes and where != homes[name]]
+
+
 def test_each_shared_piece_is_defined_once_in_its_home():
-    problems = [f"{name} is defined in qcourse/{where}"
-                + (f", its home is qcourse/{ONE_HOME[name]}" if ONE_HOME[name] else
-                   " (merged away: use the one home)")
-                for name, where in _definitions()
-                if name in ONE_HOME and where != ONE_HOME[name]]
+    problems = misplaced(_definitions(LIBRARY, [LIBRARY]), ONE_HOME, "qcourse/")
+    problems += misplaced(_definitions(ROOT, [ROOT / "tests", ROOT / "book" / "_ext"]),
+                          ONE_HOME_TOOLS)
+    homes = {**{k: f"qcourse/{v}" for k, v in ONE_HOME.items() if v}, **ONE_HOME_TOOLS}
+    defined = {(n, f"qcourse/{w}") for n, w in _definitions(LIBRARY, [LIBRARY])}
+    defined |= set(_definitions(ROOT, [ROOT / "tests", ROOT / "book" / "_ext"]))
+    problems += [f"{name} is not defined in its home {home}" for name, home in homes.items()
+                 if home and (name, home) not in defined]
     assert not problems, "\n".join(problems)
+
+
+def _function(tree: ast.AST, qualname: str) -> ast.AST | None:
+    """The function (or method, ``Class.method``) ``qualname`` at the top of ``tree``."""
+    node = tree
+    for part in qualname.split("."):
+        node = next((n for n in getattr(node, "body", [])
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     and n.name == part), None)
+        if node is None:
+            return None
+    return node
+
+
+def unshared(root: Path, shared_by: dict[str, list[str]]) -> list[str]:
+    """The places of ``shared_by`` (``file:function``, files relative to ``root``) that do not
+    use their shared piece: no call of it and no mention of its name in the function."""
+    problems = []
+    for helper, places in shared_by.items():
+        for place in places:
+            rel, qualname = place.split(":")
+            path = (root / rel).resolve()
+            func = _function(ast.parse(path.read_text()), qualname)
+            if func is None:
+                problems.append(f"{place}: no such function (update SHARED_BY)")
+                continue
+            names = {n.id for n in ast.walk(func) if isinstance(n, ast.Name)}
+            names |= {n.attr for n in ast.walk(func) if isinstance(n, ast.Attribute)}
+            if helper not in names:
+                problems.append(f"{place} does not use {helper}: the shared piece is written "
+                                f"out again there")
+    return problems
+
+
+def test_each_shared_piece_is_used_where_it_was_written_twice():
+    problems = unshared(LIBRARY, SHARED_BY)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_one_home_checks_find_a_copy(tmp_path):
+    """Both checks can fail: a second definition, and a function that writes the lines out."""
+    (tmp_path / "home.py").write_text("def _shared(x):\n    return x + 1\n")
+    (tmp_path / "user.py").write_text(
+        "from home import _shared\n\n\ndef good(x):\n    return _shared(x) * 2\n\n\n"
+        "def copied(x):\n    return (x + 1) * 2\n\n\n"
+        "def _shared(x):\n    return x + 1\n")
+    definitions = _definitions(tmp_path, [tmp_path])
+    assert misplaced(definitions, {"_shared": "home.py"}) == [
+        "_shared is defined in user.py, its home is home.py"]
+    assert unshared(tmp_path, {"_shared": ["user.py:good", "user.py:copied"]}) == [
+        "user.py:copied does not use _shared: the shared piece is written out again there"]
+
+
+#: Blocks of six or more lines that stand twice in qcourse/ on purpose, or for now, with why.
+#: A pair is named by its two files (the same file twice for a repeat inside one file).
+REPEATS_ALLOWED = {
+    # Deliberate teaching steps: the kernels chapter shows each rung of the kernel ladder whole.
+    ("_kernels.pyx", "_kernels.pyx"): "the kernel ladder's rungs, shown one by one in the book",
+    # Being reworked by others this session; each pair goes when its owner's change lands.
+    ("deploy.py", "deploy.py"): "deploy.py is split along its ideas once the CNN lands",
+    ("kv_cache.py", "nn/lm.py"): "both move their argument checks onto qcourse._checks "
+                                 "(issue 19)",
+}
+
+MIN_REPEAT_LINES = 6
+
+
+def _code_lines_of(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the lines that carry code: not blank, not a comment, not
+    a docstring, not an import, not lone punctuation (the way ``duplicates`` reads code)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    skip = set()
+    if path.suffix == ".py":
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):  # the names of a long import
+                skip.update(range(node.lineno, node.end_lineno + 1))
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)) and node.body:
+                first = node.body[0]
+                if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                        and isinstance(first.value.value, str)):
+                    skip.update(range(first.lineno, first.end_lineno + 1))
+    out = []
+    for i, line in enumerate(lines, 1):
+        t = " ".join(line.split())
+        if (i in skip or not t or t.startswith("#") or re.fullmatch(r"[\W_]{1,4}", t)
+                or re.match(r"(from \S+ )?c?import\b", t)):
+            continue
+        out.append((i, t))
+    return out
+
+
+def repeated_blocks(root: Path, allowed=None, under: tuple[str, ...] = (".",)) -> list[str]:
+    """Runs of ``MIN_REPEAT_LINES`` or more code lines that stand twice in the ``.py`` and
+    ``.pyx`` files below ``root``'s folders ``under``, letter for letter once white space is
+    folded: one line per pair of files, ``a.py:10 ~ b.py:40`` (paths from ``root``), except the
+    pairs in ``allowed``."""
+    allowed = allowed or {}
+    seen: dict[tuple[str, ...], tuple[str, int]] = {}
+    found: dict[tuple[str, str], str] = {}
+    files = sorted(p for folder in under for pattern in ("*.py", "*.pyx")
+                   for p in (root / folder).rglob(pattern))
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        code = _code_lines_of(path)
+        for k in range(len(code) - MIN_REPEAT_LINES + 1):
+            window = tuple(t for _, t in code[k:k + MIN_REPEAT_LINES])
+            start = code[k][0]
+            if window not in seen:
+                seen[window] = (rel, start)
+                continue
+            other, other_start = seen[window]
+            if other == rel and start - other_start < MIN_REPEAT_LINES:
+                continue  # a run that overlaps itself (a repeated line)
+            pair = (other, rel)
+            if pair in allowed or pair[::-1] in allowed or pair in found:
+                continue
+            found[pair] = f"{other}:{other_start} ~ {rel}:{start}"
+    return sorted(found.values())
+
+
+def test_no_block_of_six_lines_is_written_twice_in_the_library():
+    repeats = repeated_blocks(LIBRARY, REPEATS_ALLOWED)
+    assert not repeats, ("the same lines stand twice (give them one home, or list the pair in "
+                         "REPEATS_ALLOWED with the reason):\n" + "\n".join(repeats))
+
+
+def test_no_block_of_six_lines_is_written_twice_in_the_tests_and_the_book_tools():
+    repeats = repeated_blocks(ROOT, under=("tests", "book/_ext"))
+    assert not repeats, "the same lines stand twice:\n" + "\n".join(repeats)
+
+
+def test_the_repeat_check_finds_a_copied_block(tmp_path):
+    block = "".join(f"    y{i} = x * {i} + 1\n" for i in range(MIN_REPEAT_LINES))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "a.py").write_text(f'def f(x):\n    """Doc."""\n{block}    return y0\n')
+    (tmp_path / "pkg" / "b.py").write_text(
+        f"import os\n\n\ndef g(x):\n    # a comment is no code\n{block}    return y1\n")
+    short = block.split("\n", 1)[1]  # one line fewer: not a repeat
+    (tmp_path / "c.py").write_text(f"def h(x):\n{short}    return y2\n")
+    assert repeated_blocks(tmp_path) == ["a.py:3 ~ pkg/b.py:6"]
+    assert repeated_blocks(tmp_path, {("a.py", "pkg/b.py"): "on purpose"}) == []
 
 
 # --------------------------------------------------------------------------- the size budget
@@ -320,9 +541,6 @@ EXEMPT = {
     # Issue 14 (the CNN) is moving the deploy chapter and this module onto the CNN right now; it
     # is split along its ideas (export, runtimes' conventions, the command) once that lands.
     "deploy.py": "being extended by issue 14; split after it lands",
-    # Issue 15 (the language model) landed nn/lm.py at 1,080 lines and is still working on it;
-    # its layers (embedding, attention, block) and its training are the two files to split into.
-    "nn/lm.py": "issue 15's language model, still being worked on; split after it settles",
 }
 
 
@@ -413,3 +631,14 @@ def test_top_level_layout():
         assert (ROOT / name).exists(), f"{name} is missing"
     reqs = (ROOT / "requirements.txt").read_text()
     assert "jupyter-book==1.0.4.post1" in reqs
+
+
+def test_the_run_order_names_files_that_exist():
+    """conftest.py orders the test files for ``make test`` (the book build first, the files that
+    read the built book last); a renamed or removed file must not drop silently out of it."""
+    from conftest import FIRST_FILES, LAST_FILES, file_rank
+
+    tests = Path(__file__).resolve().parent
+    missing = [name for name in (*FIRST_FILES, *LAST_FILES) if not (tests / name).is_file()]
+    assert not missing, f"conftest.py orders test files that do not exist: {missing}"
+    assert file_rank("test_book.py") < file_rank("test_affine.py") < file_rank("test_pdf.py")

@@ -1,5 +1,5 @@
-"""The language model of qcourse.nn (qcourse/nn/lm.py): gradients, caching, data, training,
-the shipped weights and their reproduction.
+"""The language model of qcourse.nn (qcourse/nn/lm.py, lm_training.py): gradients, caching, data,
+training, the shipped weights and their reproduction.
 
 Every backward is checked against central finite differences in float64.  The shipped model's
 training is re-run for a few steps and compared with the losses recorded in the shipped file;
@@ -166,8 +166,8 @@ def test_generate_greedy_and_sampled_are_deterministic():
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(prompt="text", n=3), TypeError, "prompt must be non-empty bytes"),
-    (dict(prompt=b"", n=3), TypeError, "prompt"),
+    (dict(prompt="text", n=3), TypeError, "prompt must be bytes"),
+    (dict(prompt=b"", n=3), ValueError, "prompt must not be empty"),
     (dict(prompt=b"x", n=500), ValueError, "exceeds the context"),
     (dict(prompt=b"x", n=-1), ValueError, "n must be"),
     (dict(prompt=b"x", n=2, temperature=float("nan")), ValueError, "temperature"),
@@ -187,7 +187,7 @@ def test_model_rejects_bad_ids():
         model(np.zeros((1, 7), dtype=np.int64))
     with pytest.raises(ValueError, match="must be a multiple of n_heads"):
         CausalSelfAttention(10, 3)
-    with pytest.raises(TypeError, match="config must be an LMConfig"):
+    with pytest.raises(TypeError, match="config must be a qcourse.nn.LMConfig"):
         TransformerLM((8, 2, 2, 16, 6))
 
 
@@ -211,7 +211,7 @@ def test_windows_predict_every_byte_once():
     assert bytes(targets.astype(np.uint8)) == b"bcdefghij"
     r = random_windows(b"abcdefghij", 3, 5, np.random.default_rng(0))
     assert r.shape == (5, 4) and np.all(np.diff(r, axis=1) == 1)
-    with pytest.raises(ValueError, match="a window needs"):
+    with pytest.raises(ValueError, match="length=3 needs data of at least 4 bytes, got 2"):
         lm_windows(b"ab", 3)
 
 

@@ -5,7 +5,8 @@
 Every page of ``_toc.yml`` (the chapters and their self-study sections, in order) is served
 from 127.0.0.1 and opened in headless Chromium (Debian's ``chromium`` through Playwright's
 ``executable_path``; no browser is downloaded, and every request off 127.0.0.1 is refused, so
-the PDF is made offline from exactly what the HTML build wrote). Once MathJax has typeset the
+the PDF is made offline from exactly what the HTML build wrote: the fence of
+``qcourse_chromium.py``, which the reader's-view tests use too). Once MathJax has typeset the
 page and its images have decoded, the page is printed to PDF (A4, backgrounds on, the theme's
 print stylesheet hides the navigation), and ``pdfunite`` (poppler-utils) joins the pages into
 one file. A copy is written next to the HTML as ``book.pdf``, which the introduction links.
@@ -14,18 +15,22 @@ one file. A copy is written next to the HTML as ``book.pdf``, which the introduc
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qcourse_chromium import (  # noqa: E402  (the fence, shared with the tests)
+    SETTLE,
+    StaticServer,
+    chromium_executable,
+    fenced_route,
+    launch,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PRINT_CSS = """
@@ -38,17 +43,6 @@ PRINT_CSS = """
   img { max-width: 100% !important; break-inside: avoid; }
   table { break-inside: avoid; }
   div.cell_output { break-inside: auto; }
-}
-"""
-SETTLE = """
-async () => {
-  if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
-    await window.MathJax.startup.promise;
-  }
-  const images = Array.from(document.images);
-  for (const img of images) { img.loading = "eager"; }
-  await Promise.all(images.map((img) => img.decode().catch(() => null)));
-  return document.querySelectorAll("mjx-container").length;
 }
 """
 
@@ -69,19 +63,6 @@ def toc_pages(toc_file: Path) -> list[str]:
     return pages
 
 
-def chromium() -> str:
-    for name in filter(None, [os.environ.get("QCOURSE_CHROMIUM"), "chromium", "chromium-browser"]):
-        found = shutil.which(name)
-        if found:
-            return found
-    sys.exit("make pdf needs Chromium: install Debian's `chromium` (as .ci/run does)")
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml") -> Path:
     from playwright.sync_api import sync_playwright
 
@@ -91,33 +72,19 @@ def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml") -> Path
         sys.exit(f"not built: {missing}; run `make book` first")
     if shutil.which("pdfunite") is None:
         sys.exit("make pdf needs pdfunite: install Debian's `poppler-utils`")
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(html)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    if chromium_executable() is None:
+        sys.exit("make pdf needs Chromium: install Debian's `chromium` (as .ci/run does)")
     blocked = []
-
-    def route(request_route):
-        url = request_route.request.url
-        if urlsplit(url).hostname == "127.0.0.1" or url.startswith(("data:", "blob:")):
-            request_route.continue_()
-        else:
-            blocked.append(url)
-            request_route.abort("blockedbyclient")
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=chromium(), headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update"])
+    with (StaticServer(html) as server, tempfile.TemporaryDirectory() as tmp,
+          sync_playwright() as playwright):
+        browser = launch(playwright)
         context = browser.new_context(viewport={"width": 1100, "height": 1400})
         page = context.new_page()
-        page.route("**/*", route)
+        page.route("**/*", fenced_route(blocked))
         parts = []
         for i, name in enumerate(pages):
-            page.goto(base + f"{name}.html", wait_until="load")
+            page.goto(server.url + f"{name}.html", wait_until="load")
             page.add_style_tag(content=PRINT_CSS)
             page.evaluate(SETTLE)  # MathJax typeset, every image decoded
             try:  # and nothing else still loading (widgets); a busy page is printed as it stands
@@ -132,8 +99,6 @@ def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml") -> Path
             print(f"  {name}", flush=True)
         browser.close()
         subprocess.run(["pdfunite", *parts, str(out)], check=True)
-    server.shutdown()
-    server.server_close()
     if blocked:
         sys.exit(f"the pages asked for files off this machine: {sorted(set(blocked))[:5]}")
     shutil.copyfile(out, html / "book.pdf")

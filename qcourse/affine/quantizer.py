@@ -103,6 +103,24 @@ def storage_dtype(qmin: int, qmax: int) -> np.dtype:
 # --- quantization parameters -------------------------------------------------------------------
 
 
+def _check_layout(shape: tuple[int, ...], axis, group_size, kind: str, holder: str) -> None:
+    """``holder`` (e.g. "scale") has the shape its granularity needs: 0-d per tensor
+    (``axis=None``), 1-D per channel, at least 1-D per group; groups need an axis.  ``kind``
+    names what is being laid out ("parameters", "ranges") in the message."""
+    if axis is None:
+        if group_size is not None:
+            raise ValueError("group_size needs an axis: groups are formed along axis")
+        if len(shape) != 0:
+            raise ValueError(f"per-tensor {kind} (axis=None) need a 0-d {holder}, got shape "
+                             f"{shape}; pass axis= for per-channel {kind}")
+    elif group_size is None:
+        if len(shape) != 1:
+            raise ValueError(f"per-channel {kind} (axis={axis}) need a 1-D {holder}, got shape "
+                             f"{shape}")
+    elif len(shape) == 0:
+        raise ValueError(f"per-group {kind} need a {holder} with at least one dimension")
+
+
 @dataclass(frozen=True)
 class QParams:
     r"""Parameters of the affine map :math:`r = \text{scale}\,(q - \text{zero\_point})`.
@@ -189,22 +207,7 @@ class QParams:
                 f"{zero_point.ravel()[i]} at flat index {i}"
             )
 
-        if axis is None:
-            if group_size is not None:
-                raise ValueError("group_size needs an axis: groups are formed along axis")
-            if scale.ndim != 0:
-                raise ValueError(
-                    f"per-tensor parameters (axis=None) need a 0-d scale, got shape "
-                    f"{scale.shape}; pass axis= for per-channel parameters"
-                )
-        elif group_size is None:
-            if scale.ndim != 1:
-                raise ValueError(
-                    f"per-channel parameters (axis={axis}) need a 1-D scale, got shape "
-                    f"{scale.shape}"
-                )
-        elif scale.ndim == 0:
-            raise ValueError("per-group parameters need a scale with at least one dimension")
+        _check_layout(scale.shape, axis, group_size, "parameters", "scale")
 
         scale.flags.writeable = False
         zero_point.flags.writeable = False
@@ -255,6 +258,19 @@ class QParams:
         """
         return (self.scale * (self.qmin - self.zero_point),
                 self.scale * (self.qmax - self.zero_point))
+
+
+def _stored_scale(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Weight scales rounded to the dtype a model file stores them in (float16, float32), or a
+    ValueError naming ``weight`` where a scale overflows to inf or underflows to 0 there."""
+    with np.errstate(over="ignore", under="ignore"):
+        stored = np.asarray(scale).astype(dtype)
+    if not np.all(np.isfinite(stored)):
+        raise ValueError(f"weight is too large: a group's scale overflows {dtype}")
+    if np.any(stored == 0):
+        raise ValueError(f"weight has a group whose scale underflows to 0 in {dtype}; "
+                         f"pass scale_dtype=np.float32 or rescale the weights")
+    return stored
 
 
 def _broadcast_params(qparams: QParams, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -348,20 +364,11 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
     hi = real_array(rmax, "rmax", nonempty=False)
     if lo.shape != hi.shape:
         raise ValueError(f"rmin and rmax must have the same shape, got {lo.shape} and {hi.shape}")
-    if axis is None:
-        if group_size is not None:
-            raise ValueError("group_size needs an axis: groups are formed along axis")
-        if lo.ndim != 0:
-            raise ValueError(
-                f"per-tensor ranges (axis=None) must be scalars, got shape {lo.shape}; pass "
-                f"axis= for per-channel ranges"
-            )
-    else:
+    if axis is not None:
         check_int(axis, "axis")
-        if group_size is None and lo.ndim != 1:
-            raise ValueError(f"per-channel ranges (axis={axis}) must be 1-D, got shape {lo.shape}")
-        if lo.size == 0:
-            raise ValueError("rmin and rmax must not be empty")
+    _check_layout(lo.shape, axis, group_size, "ranges", "rmin and rmax")
+    if lo.size == 0:
+        raise ValueError("rmin and rmax must not be empty")
     if np.any(lo > hi):
         i = int(np.flatnonzero((lo > hi).ravel())[0])
         raise ValueError(

@@ -84,6 +84,7 @@ __attribute__((noinline)) QC_TARGET_VNNI512 static void qc_w4_quantize_512(
 
 void qc_w4_quantize_rows(int path, const float *x, ptrdiff_t m, ptrdiff_t k, ptrdiff_t g,
                          int8_t *xq, int32_t *gsum, float *sx) {
+    path &= ~QC_W4_BROKEN;
 #if QC_X86
     if (path == QC_PATH_VNNI512) { qc_w4_quantize_512(x, m, k, g, xq, gsum, sx); return; }
     if (path == QC_PATH_AVX2) { qc_w4_quantize_avx2(x, m, k, g, xq, gsum, sx); return; }
@@ -108,8 +109,8 @@ void qc_w4_group_portable(const qc_w4_args *w, ptrdiff_t cg) {
                 for (ptrdiff_t o = 0; o < g / 8; o++)
                     for (int t = 0; t < 4; t++) {
                         uint8_t byte = blk[o * 256 + p * 64 + cc * 4 + t];
-                        dot += xr[j * g + 8 * o + t] * (byte & 15);
-                        dot += xr[j * g + 8 * o + 4 + t] * (byte >> 4);
+                        dot += xr[j * g + 8 * o + t] * (byte & w->mask);
+                        dot += xr[j * g + 8 * o + 4 + t] * (byte >> 4 & w->mask);
                     }
                 int32_t coef = w->has_zp ? blk[g / 8 * 256 + 256 + c] : 8; /* 8 + z */
                 int32_t part = dot - coef * w->gsum[i * G + j];
@@ -130,15 +131,26 @@ void qc_w4_group_portable(const qc_w4_args *w, ptrdiff_t cg) {
 #include <omp.h>
 #endif
 
+static ptrdiff_t qc_w4_prefetch = QC_W4_PREFETCH;
+ptrdiff_t qc_w4_set_prefetch(ptrdiff_t bytes) {
+    ptrdiff_t previous = qc_w4_prefetch;
+    qc_w4_prefetch = bytes < 0 ? 0 : bytes / 64 * 64;
+    return previous;
+}
+
 /* region: w4_driver */
 int qc_w4a8(int path, const int8_t *xq, const int32_t *gsum, const float *sx,
             const uint8_t *packed, ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, ptrdiff_t g, int has_zp,
             float *y, int32_t *sums, int threads) {
-    const qc_w4_args args = {xq, gsum, sx, packed, m, n, k, g, has_zp, y, sums};
+    const qc_w4_args args = {xq, gsum, sx, packed, m, n, k, g, has_zp, y, sums,
+                             (uint8_t)(path & QC_W4_BROKEN ? 0x0E : 0x0F), qc_w4_prefetch};
     const ptrdiff_t groups = qc_w4_col_groups(n);
+    path &= ~QC_W4_BROKEN;
     if (threads < 1) threads = 1;
     if (threads > groups) threads = (int)groups;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    /* dynamic: a thread slowed by anything else on its core (another program, another library's
+     * pool still spinning after its call) takes fewer groups instead of holding up the result */
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (ptrdiff_t cg = 0; cg < groups; cg++) {
 #if QC_X86
         if (path == QC_PATH_VNNI512) {

@@ -10,7 +10,7 @@ QC_TARGET_AVX2 void qc_w4_group_avx2(const qc_w4_args *w, ptrdiff_t cg) {
     const ptrdiff_t g = w->g, G = w->k / g, octs = g / 8, bb = qc_w4_block_bytes(g, w->has_zp);
     const ptrdiff_t col0 = cg * QC_W4_GROUP_COLS;
     const ptrdiff_t width = w->n - col0 < QC_W4_GROUP_COLS ? w->n - col0 : QC_W4_GROUP_COLS;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8((char)w->mask), ones = _mm256_set1_epi16(1);
     for (ptrdiff_t i = 0; i < w->m; i++) {
         const int8_t *xr = w->xq + i * w->k;
         const uint8_t *bp = w->packed + cg * G * bb;

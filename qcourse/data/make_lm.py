@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qcourse.nn.lm import (
+from qcourse.nn.lm_training import (
     LMTraining,
     evaluate_lm,
     lm_windows,

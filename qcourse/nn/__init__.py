@@ -15,20 +15,26 @@ rule.  What works on a whole model -- :func:`copy_model`, :func:`swapped_weights
 :func:`predict`, :func:`accuracy`, :func:`evaluate`, the activation passes, the layer counts --
 lives in ``nn/tools.py``.
 
+:mod:`qcourse.nn.cnn` adds the convolutional layers (:class:`Conv2d` with stride, padding and
+groups, :class:`BatchNorm2d`, pooling, :class:`Flatten`) for images in NCHW layout.
+
 Everything is float32 by default; pass ``dtype=np.float64`` to build a model for gradient checks.
 
 ``qcourse/nn/lm.py`` adds a decoder-only byte-level transformer (:class:`TransformerLM`) with its
 layers (:class:`Embedding`, :class:`LayerNorm`, :class:`GELU`, :class:`CausalSelfAttention`,
-...), trained on the Python reference text; the transformer, kv_cache and weight_only chapters
-quantize it.
+...) and generation; ``qcourse/nn/lm_training.py`` its data, loss, training, evaluation and the
+shipped weights, trained on the Python reference text.  The transformer, kv_cache and
+weight_only chapters quantize it.
 """
 
 from qcourse._deprecated import moved_names
-from qcourse.nn import core, lm, tools
+from qcourse.nn import cnn, core, lm, lm_training, tools
+from qcourse.nn.cnn import *  # noqa: F403 (the names of cnn.__all__)
 from qcourse.nn.core import *  # noqa: F403 (the names of core.__all__)
 from qcourse.nn.lm import *  # noqa: F403 (the names of lm.__all__)
+from qcourse.nn.lm_training import *  # noqa: F403 (the names of lm_training.__all__)
 from qcourse.nn.tools import *  # noqa: F403 (the names of tools.__all__)
 
-__all__ = [*core.__all__, *tools.__all__, *lm.__all__]
+__all__ = [*core.__all__, *tools.__all__, *cnn.__all__, *lm.__all__, *lm_training.__all__]
 
 __getattr__ = moved_names(__name__, {"MLP": "qcourse.nn.make_mlp"})

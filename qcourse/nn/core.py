@@ -120,6 +120,13 @@ class Module:
         """``(param, grad)`` pairs; optimizers update ``param`` in place from ``grad``."""
         return []
 
+    def set_training(self, training: bool) -> None:
+        """Training or inference behaviour (batch norm's statistics); no-op for most layers.
+
+        :func:`train` switches the model to training for its epochs and back to inference at
+        the end; a :class:`Sequential` passes the switch on to its layers.
+        """
+
     def named_parameters(self) -> list[tuple[str, np.ndarray]]:
         return []
 
@@ -273,6 +280,10 @@ class Sequential(Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def set_training(self, training: bool) -> None:
+        for layer in self.layers:
+            layer.set_training(training)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         for layer in reversed(self.layers):
@@ -476,9 +487,12 @@ def _check_model_input(model, X, name: str) -> np.ndarray:
     """``X`` for ``model``: a finite float matrix that fits the model's dtype and width."""
     if not isinstance(model, Module):
         raise TypeError(f"model must be a qcourse.nn.Module, got {describe(model)}")
-    X = check_float_matrix(X, name)
+    X = check_float_matrix(X, name, images=True)
     first = model.layers[0] if isinstance(model, Sequential) else model
     if isinstance(first, Linear):
+        if X.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (batch, features) for a model that starts "
+                             f"with a Linear layer, got shape {X.shape}")
         if X.shape[1] != first.in_features:
             raise ValueError(f"{name} must have {first.in_features} features (the model's "
                              f"input width), got shape {X.shape}")
@@ -517,9 +531,9 @@ def train_epoch(model: Module, X: np.ndarray, y: np.ndarray, order: np.ndarray,
     if order.ndim != 1:
         raise ValueError(f"order must be 1-D (row indices of X), got shape {order.shape}")
     batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
-    if not isinstance(opt, (SGD, Adam)):
-        raise TypeError(f"opt must be a qcourse.nn.SGD or Adam (see make_optimizer), got "
-                        f"{describe(opt)}")
+    if not callable(getattr(opt, "step", None)):    # SGD, Adam or a group of them
+        raise TypeError(f"opt must be an optimizer with a step() method (qcourse.nn.SGD or Adam, "
+                        f"see make_optimizer), got {describe(opt)}")
     n = len(order)
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
@@ -565,10 +579,14 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
     n = X.shape[0]
     history: dict[str, list[float]] = {"loss": [], "train_accuracy": []}
     bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
-    for _ in bar:
-        loss, acc = train_epoch(model, X, y, rng.permutation(n), batch_size, opt)
-        history["loss"].append(loss)
-        history["train_accuracy"].append(acc)
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-    bar.close()
+    model.set_training(True)
+    try:
+        for _ in bar:
+            loss, acc = train_epoch(model, X, y, rng.permutation(n), batch_size, opt)
+            history["loss"].append(loss)
+            history["train_accuracy"].append(acc)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+    finally:
+        model.set_training(False)
+        bar.close()
     return history

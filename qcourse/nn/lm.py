@@ -18,11 +18,13 @@ Each module has ``forward`` and ``backward``; ``tests/test_nn_lm.py`` checks eve
 against finite differences in float64.
 
 Pieces: :class:`Embedding`, :class:`LayerNorm`, :class:`GELU`, :class:`CausalSelfAttention`,
-:class:`FeedForward`, :class:`TransformerBlock`, :class:`TransformerLM`; a float
-:class:`KVCache` for generation (:func:`generate`); the text (:func:`lm_windows`,
-:func:`random_windows`), loss and training (:func:`lm_loss`, :func:`train_lm`, with a tqdm bar),
-evaluation in bits per byte (:func:`evaluate_lm`) and the inputs of every linear layer
-(:func:`linear_inputs`, for calibration).
+:class:`FeedForward`, :class:`TransformerBlock`, :class:`TransformerLM` (its shape: an
+:class:`LMConfig`); a float :class:`KVCache` for generation (:func:`generate`).  The text, loss,
+training, evaluation and the shipped model are in ``qcourse/nn/lm_training.py``.
+
+Sizes are bounded (every chapter runs far below the bounds; a mistyped ``2**31`` is refused at
+once instead of filling the memory): a model has at most :data:`MAX_LAYERS` blocks, a context of
+at most :data:`MAX_CONTEXT` tokens and at most ``MAX_ELEMENTS`` (2**28) parameters.
 """
 
 from __future__ import annotations
@@ -31,14 +33,22 @@ import contextlib
 import copy
 import functools
 import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from qcourse.nn.core import Adam, Linear, Module, softmax_cross_entropy
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    check_bool,
+    check_dtype,
+    check_instance,
+    check_int,
+    check_real,
+    check_size,
+    describe,
+)
+from qcourse.nn.core import Linear, Module
 
 __all__ = [
     "CausalSelfAttention",
@@ -47,43 +57,29 @@ __all__ = [
     "GELU",
     "KVCache",
     "LMConfig",
-    "LMEvaluation",
-    "LMTraining",
     "LayerNorm",
-    "TrainedLM",
     "TransformerBlock",
     "TransformerLM",
-    "evaluate_lm",
     "generate",
-    "linear_inputs",
-    "lm_loss",
-    "lm_windows",
-    "load_lm",
     "one_blas_thread",
-    "random_windows",
-    "save_lm",
-    "shipped_lm_path",
-    "train_lm",
-    "train_reference_lm",
 ]
 
 VOCAB = 256  # bytes
+#: Most blocks (layers) a model may have.
+MAX_LAYERS = 1024
+#: Longest context (``max_len``, tokens) a model may have: attention stores T x T scores per head.
+MAX_CONTEXT = 8192
+#: Largest standard deviation of a weight initialization (a larger one is a typo; float32 weights
+#: drawn from it would overflow).
+MAX_INIT_STD = 100.0
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_ids(ids, name: str = "ids", max_len: int | None = None) -> np.ndarray:
     if not isinstance(ids, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of byte values, got {type(ids).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray of byte values, got {describe(ids)}")
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype (byte values 0..255), got {ids.dtype}")
     if ids.ndim != 2:
@@ -101,24 +97,50 @@ def _check_ids(ids, name: str = "ids", max_len: int | None = None) -> np.ndarray
 
 def _check_hidden(x, d: int, name: str = "x") -> np.ndarray:
     if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
-        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
-        raise TypeError(f"{name} must be a floating numpy.ndarray, got {got}")
+        raise TypeError(f"{name} must be a floating numpy.ndarray, got {describe(x)}")
     if x.ndim != 3 or x.shape[2] != d:
         raise ValueError(f"{name} must have shape (batch, tokens, {d}), got {x.shape}")
     return x
 
 
-def _check_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
+def _float_dtype(dtype) -> np.dtype:
+    return check_dtype(dtype, "dtype", (np.float32, np.float64))
 
 
-def _rng(seed) -> np.random.Generator:
+def _init_rng(seed) -> np.random.Generator:
+    """A generator: ``seed`` itself, or a new one seeded with the int ``seed`` >= 0."""
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(_check_int(seed, "seed", minimum=0))
+    return np.random.default_rng(check_int(seed, "seed", 0))
+
+
+def _init_std(std, name: str = "std") -> float:
+    return check_real(std, name, 0.0, MAX_INIT_STD)
+
+
+def _check_width(d, name: str) -> int:
+    return check_size(d, name, MAX_ELEMENTS)
+
+
+def _check_sizes(a, name_a: str, b, name_b: str, what: str) -> tuple[int, int]:
+    """Two sizes whose product (the size of ``what``) is at most ``MAX_ELEMENTS``."""
+    a, b = _check_width(a, name_a), _check_width(b, name_b)
+    if a * b > MAX_ELEMENTS:
+        raise ValueError(f"{name_a} * {name_b} must be at most {MAX_ELEMENTS} ({what}), got "
+                         f"{a} * {b}")
+    return a, b
+
+
+def _check_heads(n_heads, d: int, name: str = "n_heads") -> int:
+    n_heads = check_size(n_heads, name, d)
+    if d % n_heads:
+        raise ValueError(f"d={d} must be a multiple of {name}={n_heads}")
+    return n_heads
+
+
+def _rows_bound(per_row: int) -> int:
+    """Most rows of ``per_row`` numbers one batch may hold (``MAX_ELEMENTS`` numbers in all)."""
+    return max(1, MAX_ELEMENTS // max(1, per_row))
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,10 +177,10 @@ class Embedding(Module):
 
     def __init__(self, num: int, d: int, *, seed=0, std: float = 0.02, dtype=np.float32):
         super().__init__()
-        self.num = _check_int(num, "num")
-        self.d = _check_int(d, "d")
-        dtype = _check_dtype(dtype)
-        self.weight = (_rng(seed).normal(0.0, std, size=(self.num, self.d))).astype(dtype)
+        self.num, self.d = _check_sizes(num, "num", d, "d", "the table's size")
+        dtype = _float_dtype(dtype)
+        std = _init_std(std)
+        self.weight = (_init_rng(seed).normal(0.0, std, size=(self.num, self.d))).astype(dtype)
         self.grad_weight = np.zeros_like(self.weight)
         self._ids: np.ndarray | None = None
 
@@ -209,9 +231,9 @@ class LayerNorm(Module):
 
     def __init__(self, d: int, *, eps: float = 1e-5, dtype=np.float32):
         super().__init__()
-        self.d = _check_int(d, "d")
-        dtype = _check_dtype(dtype)
-        self.eps = float(eps)
+        self.d = _check_width(d, "d")
+        dtype = _float_dtype(dtype)
+        self.eps = check_real(eps, "eps", 0.0, lo_open=True)
         self.weight = np.ones(self.d, dtype=dtype)
         self.bias = np.zeros(self.d, dtype=dtype)
         self.grad_weight = np.zeros_like(self.weight)
@@ -316,15 +338,18 @@ class CausalSelfAttention(Module):
     def __init__(self, d: int, n_heads: int, *, seed=0, std: float = 0.02,
                  proj_std: float | None = None, dtype=np.float32):
         super().__init__()
-        self.d = _check_int(d, "d")
-        self.n_heads = _check_int(n_heads, "n_heads")
-        if self.d % self.n_heads:
-            raise ValueError(f"d={self.d} must be a multiple of n_heads={self.n_heads}")
+        self.d = _check_width(d, "d")
+        self.n_heads = _check_heads(n_heads, self.d)
         self.head_dim = self.d // self.n_heads
-        rng = _rng(seed)
-        self.qkv = _init_linear(Linear(d, 3 * d, dtype=dtype), rng, std)
-        self.proj = _init_linear(Linear(d, d, dtype=dtype), rng, std if proj_std is None
-                                 else proj_std)
+        std = _init_std(std)
+        proj_std = std if proj_std is None else _init_std(proj_std, "proj_std")
+        dtype = _float_dtype(dtype)
+        if 3 * self.d * self.d > MAX_ELEMENTS:
+            raise ValueError(f"d must be at most {math.isqrt(MAX_ELEMENTS // 3)} (the qkv weight "
+                             f"has 3 d^2 entries, at most {MAX_ELEMENTS}), got {self.d}")
+        rng = _init_rng(seed)
+        self.qkv = _init_linear(Linear(self.d, 3 * self.d, dtype=dtype), rng, std)
+        self.proj = _init_linear(Linear(self.d, self.d, dtype=dtype), rng, proj_std)
         self.q = self.k = self.v = self.probs = None
         self._shape: tuple[int, int] | None = None
 
@@ -403,13 +428,14 @@ class FeedForward(Module):
     def __init__(self, d: int, d_ff: int, *, seed=0, std: float = 0.02,
                  proj_std: float | None = None, dtype=np.float32):
         super().__init__()
-        self.d = _check_int(d, "d")
-        self.d_ff = _check_int(d_ff, "d_ff")
-        rng = _rng(seed)
-        self.fc1 = _init_linear(Linear(d, d_ff, dtype=dtype), rng, std)
+        self.d, self.d_ff = _check_sizes(d, "d", d_ff, "d_ff", "the weights' size")
+        std = _init_std(std)
+        proj_std = std if proj_std is None else _init_std(proj_std, "proj_std")
+        dtype = _float_dtype(dtype)
+        rng = _init_rng(seed)
+        self.fc1 = _init_linear(Linear(self.d, self.d_ff, dtype=dtype), rng, std)
         self.act = GELU()
-        self.fc2 = _init_linear(Linear(d_ff, d, dtype=dtype), rng,
-                                std if proj_std is None else proj_std)
+        self.fc2 = _init_linear(Linear(self.d_ff, self.d, dtype=dtype), rng, proj_std)
         self._shape: tuple[int, int] | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -436,8 +462,13 @@ class TransformerBlock(Module):
     def __init__(self, d: int, n_heads: int, d_ff: int, *, seed=0, proj_std: float | None = None,
                  dtype=np.float32):
         super().__init__()
-        rng = _rng(seed)
-        self.d = _check_int(d, "d")
+        self.d = _check_width(d, "d")
+        _check_heads(n_heads, self.d)
+        _check_width(d_ff, "d_ff")
+        if proj_std is not None:
+            _init_std(proj_std, "proj_std")
+        _float_dtype(dtype)
+        rng = _init_rng(seed)
         self.ln1 = LayerNorm(d, dtype=dtype)
         self.attn = CausalSelfAttention(d, n_heads, seed=rng, proj_std=proj_std, dtype=dtype)
         self.ln2 = LayerNorm(d, dtype=dtype)
@@ -471,14 +502,49 @@ class TransformerBlock(Module):
                 ("ln2", self.ln2), ("mlp.fc1", self.mlp.fc1), ("mlp.fc2", self.mlp.fc2)]
 
 
-class LMConfig(NamedTuple):
-    """The shape of a :class:`TransformerLM`: width, heads, layers, MLP width, context length."""
+class _LMShape(NamedTuple):
+    d_model: int
+    n_heads: int
+    n_layers: int
+    d_ff: int
+    max_len: int
 
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 2
-    d_ff: int = 512
-    max_len: int = 128
+
+def _parameter_count(d_model: int, n_layers: int, d_ff: int, max_len: int) -> int:
+    """Parameters of a :class:`TransformerLM` of this shape (embeddings, blocks, head)."""
+    d, f = d_model, d_ff
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    return VOCAB * d + max_len * d + n_layers * block + 2 * d + VOCAB * d + VOCAB
+
+
+class LMConfig(_LMShape):
+    """The shape of a :class:`TransformerLM`: width, heads, layers, MLP width, context length.
+
+    Checked when made: every field an int >= 1, ``d_model`` a multiple of ``n_heads``,
+    ``n_layers`` at most :data:`MAX_LAYERS`, ``max_len`` at most :data:`MAX_CONTEXT`, and at most
+    ``MAX_ELEMENTS`` (2**28) parameters in all (as :meth:`TransformerLM.num_parameters` counts).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, d_model: int = 128, n_heads: int = 4, n_layers: int = 2, d_ff: int = 512,
+                max_len: int = 128):
+        d_model = _check_width(d_model, "d_model")
+        n_heads = check_size(n_heads, "n_heads", d_model)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be a multiple of n_heads={n_heads}")
+        n_layers = check_size(n_layers, "n_layers", MAX_LAYERS)
+        d_ff = _check_width(d_ff, "d_ff")
+        max_len = check_size(max_len, "max_len", MAX_CONTEXT)
+        count = _parameter_count(d_model, n_layers, d_ff, max_len)
+        if count > MAX_ELEMENTS:
+            raise ValueError(f"d_model={d_model}, n_layers={n_layers}, d_ff={d_ff} and "
+                             f"max_len={max_len} give {count} parameters, more than "
+                             f"{MAX_ELEMENTS}")
+        return super().__new__(cls, d_model, n_heads, n_layers, d_ff, max_len)
+
+    def _replace(self, **changes) -> LMConfig:
+        return type(self)(**{**self._asdict(), **changes})
 
 
 class TransformerLM(Module):
@@ -496,12 +562,10 @@ class TransformerLM(Module):
     def __init__(self, config: LMConfig | None = None, *, seed=0, dtype=np.float32):
         super().__init__()
         config = LMConfig() if config is None else config
-        if not isinstance(config, LMConfig):
-            raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
-        for name, value in config._asdict().items():
-            _check_int(value, f"config.{name}")
-        self.config = config
-        rng = _rng(seed)
+        check_instance(config, "config", LMConfig, "a qcourse.nn.LMConfig")
+        self.config = config = LMConfig(*config)     # checked again: _make skips the checks
+        dtype = _float_dtype(dtype)
+        rng = _init_rng(seed)
         d = config.d_model
         self.tok_emb = Embedding(VOCAB, d, seed=rng, dtype=dtype)
         self.pos_emb = Embedding(config.max_len, d, seed=rng, std=0.01, dtype=dtype)
@@ -655,16 +719,17 @@ class KVCache:
 
     The interface the model's cached forward uses: ``length(layer)``, ``append(layer, k, v)``,
     ``keys(layer)``, ``values(layer)``.  :class:`qcourse.kv_cache.QuantizedKVCache` stores the
-    same in fewer bits.  ``nbytes`` counts the stored arrays.
+    same in fewer bits.  ``nbytes`` counts the stored arrays.  ``n_layers``: 1 to
+    :data:`MAX_LAYERS`.
     """
 
     def __init__(self, n_layers: int):
-        self.n_layers = _check_int(n_layers, "n_layers")
+        self.n_layers = check_size(n_layers, "n_layers", MAX_LAYERS)
         self._k: list[list[np.ndarray]] = [[] for _ in range(self.n_layers)]
         self._v: list[list[np.ndarray]] = [[] for _ in range(self.n_layers)]
 
     def _check_layer(self, layer) -> int:
-        layer = _check_int(layer, "layer", minimum=0)
+        layer = check_int(layer, "layer", 0)
         if layer >= self.n_layers:
             raise ValueError(f"layer must be < {self.n_layers}, got {layer}")
         return layer
@@ -702,20 +767,26 @@ def generate(model: TransformerLM, prompt: bytes, n: int, *, temperature: float 
     is the same up to float rounding).  Prompt plus continuation must fit in the context
     (``model.config.max_len``).  Returns the continuation only.
     """
-    if not isinstance(model, TransformerLM):
-        raise TypeError(f"model must be a TransformerLM, got {type(model).__name__}")
-    if not isinstance(prompt, (bytes, bytearray)) or len(prompt) == 0:
-        raise TypeError("prompt must be non-empty bytes (encode a str with .encode())")
-    n = _check_int(n, "n", minimum=0)
+    check_instance(model, "model", TransformerLM, "a qcourse.nn.TransformerLM")
+    if not isinstance(prompt, (bytes, bytearray)):
+        raise TypeError(f"prompt must be bytes (encode a str with .encode()), got "
+                        f"{describe(prompt)}")
+    if len(prompt) == 0:
+        raise ValueError("prompt must not be empty")
+    n = check_int(n, "n", 0)
     if len(prompt) + n > model.config.max_len:
         raise ValueError(f"prompt ({len(prompt)} bytes) plus n={n} exceeds the context of "
                          f"{model.config.max_len} bytes")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if cache is not None and not use_cache:
-        raise ValueError("cache= needs use_cache=True")
-    rng = _rng(seed)
+    temperature = check_real(temperature, "temperature", 0.0)
+    use_cache = check_bool(use_cache, "use_cache")
+    if cache is not None:
+        check_instance(cache, "cache", KVCache, "a qcourse.nn.KVCache (or a quantized one)")
+        if not use_cache:
+            raise ValueError("cache= needs use_cache=True")
+        if cache.n_layers != model.config.n_layers:
+            raise ValueError(f"cache must have the model's {model.config.n_layers} layers, got "
+                             f"{cache.n_layers}")
+    rng = _init_rng(seed)
     ids = np.frombuffer(bytes(prompt), np.uint8)[None, :].astype(np.int64)
     if use_cache:
         cache = KVCache(model.config.n_layers) if cache is None else cache
@@ -729,7 +800,9 @@ def generate(model: TransformerLM, prompt: bytes, n: int, *, temperature: float 
         if temperature == 0:
             nxt = int(np.argmax(logits))
         else:
-            p = _softmax_last(logits.astype(np.float64) / temperature)
+            z = logits.astype(np.float64)
+            with np.errstate(over="ignore"):         # a tiny temperature: -inf, probability 0
+                p = _softmax_last((z - z.max()) / temperature)
             nxt = int(rng.choice(VOCAB, p=p))
         out.append(nxt)
         if i + 1 == n:
@@ -740,341 +813,3 @@ def generate(model: TransformerLM, prompt: bytes, n: int, *, temperature: float 
             ids = np.concatenate([ids, [[nxt]]], axis=1)
             logits = model(ids)[0, -1]
     return bytes(out)
-
-
-# --------------------------------------------------------------------------- data, loss, training
-
-
-def _as_bytes_array(data, name: str = "data") -> np.ndarray:
-    if isinstance(data, (bytes, bytearray)):
-        return np.frombuffer(bytes(data), dtype=np.uint8)
-    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1:
-        return data
-    raise TypeError(f"{name} must be bytes or a 1-D uint8 array, got {type(data).__name__}")
-
-
-def lm_windows(data, length: int) -> np.ndarray:
-    r"""Cut text into consecutive windows of ``length + 1`` bytes that overlap by one byte.
-
-    Window :math:`i` is ``data[i*length : i*length + length + 1]``: its first ``length`` bytes are
-    the input and its last ``length`` the targets, so every byte after the first is predicted
-    exactly once (the last partial window is dropped).  Returns int64 (n_windows, length + 1).
-    """
-    arr = _as_bytes_array(data)
-    length = _check_int(length, "length")
-    n = (arr.size - 1) // length
-    if n < 1:
-        raise ValueError(f"data has {arr.size} bytes; a window needs {length + 1}")
-    idx = np.arange(n)[:, None] * length + np.arange(length + 1)[None, :]
-    return arr[idx].astype(np.int64)
-
-
-def random_windows(data, length: int, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """``batch`` windows of ``length + 1`` bytes starting at offsets drawn from ``rng``."""
-    arr = _as_bytes_array(data)
-    starts = rng.integers(0, arr.size - length, size=batch)
-    return arr[starts[:, None] + np.arange(length + 1)[None, :]].astype(np.int64)
-
-
-def lm_loss(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean next-byte cross-entropy (nats) of logits (B, T, 256) and its gradient (B, T, 256).
-
-    :func:`qcourse.nn.softmax_cross_entropy` on the (B*T) rows."""
-    b, t, v = logits.shape
-    loss, grad = softmax_cross_entropy(logits.reshape(b * t, v), targets.reshape(b * t))
-    return loss, grad.reshape(b, t, v)
-
-
-class LMEvaluation(NamedTuple):
-    """Held-out loss: nats per byte, bits per byte (nats / ln 2), perplexity (e^nats), bytes."""
-
-    nats_per_byte: float
-    bits_per_byte: float
-    perplexity: float
-    n_bytes: int
-
-
-def evaluate_lm(model: Module, windows: np.ndarray, batch_size: int = 64) -> LMEvaluation:
-    r"""Mean cross-entropy of ``model`` on ``windows`` (from :func:`lm_windows`), no training.
-
-    ``model`` is a :class:`TransformerLM` (or anything mapping ids (B, T) to logits (B, T, 256),
-    such as a copy with quantized layers).  Bits per byte :math:`= \bar\ell / \ln 2`, perplexity
-    :math:`= e^{\bar\ell}` with :math:`\bar\ell` the mean loss in nats over every predicted byte.
-    """
-    windows = _check_ids(windows, "windows")
-    if windows.shape[1] < 2:
-        raise ValueError("windows must hold at least two bytes each (input and target)")
-    batch_size = _check_int(batch_size, "batch_size")
-    total = 0.0
-    for s in range(0, windows.shape[0], batch_size):
-        w = windows[s:s + batch_size]
-        logits = np.asarray(model(w[:, :-1]), dtype=np.float64)
-        z = logits - logits.max(axis=-1, keepdims=True)
-        lse = np.log(np.exp(z).sum(axis=-1))
-        tgt = np.take_along_axis(z, w[:, 1:, None], axis=-1)[..., 0]
-        total += float(np.sum(lse - tgt))
-    n = windows.shape[0] * (windows.shape[1] - 1)
-    nats = total / n
-    return LMEvaluation(nats, nats / math.log(2), math.exp(nats), n)
-
-
-def linear_inputs(model: TransformerLM, ids: np.ndarray, layers=None,
-                  batch_size: int = 64) -> dict[str, np.ndarray]:
-    """What each linear layer receives on ``ids`` (B, T): ``{name: (B*T, in_features)}``.
-
-    ``layers`` picks names from :meth:`TransformerLM.named_linears` (default: all of the blocks).
-    Temporary forward pre-hooks record the inputs (the calibration data of SmoothQuant, GPTQ,
-    AWQ); they are removed afterwards, even on error.
-    """
-    if not isinstance(model, TransformerLM):
-        raise TypeError(f"model must be a TransformerLM, got {type(model).__name__}")
-    ids = _check_ids(ids, max_len=model.config.max_len)
-    batch_size = _check_int(batch_size, "batch_size")
-    available = dict(model.named_linears(include_head=True))
-    names = [n for n, _ in model.named_linears()] if layers is None else list(layers)
-    for name in names:
-        if name not in available:
-            raise ValueError(f"layers names {name!r}; the model's linear layers are "
-                             f"{sorted(available)}")
-    record: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    handles = []
-
-    def make_hook(name):
-        def hook(module, inp):
-            record[name].append(np.array(inp, copy=True))
-        return hook
-
-    try:
-        for name in names:
-            handles.append(available[name].register_forward_pre_hook(make_hook(name)))
-        for s in range(0, ids.shape[0], batch_size):
-            model(ids[s:s + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: np.concatenate(parts) for name, parts in record.items()}
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _clip_gradients(params, max_norm: float) -> float:
-    norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for _, g in params))
-    if norm > max_norm:
-        f = max_norm / norm
-        for _, g in params:
-            g *= g.dtype.type(f)
-    return norm
-
-
-def train_lm(model: TransformerLM, data, *, steps: int, batch_size: int = 32, lr: float = 3e-3,
-             warmup: int = 100, clip: float = 1.0, seed: int = 0, progress: bool = True,
-             callback: Callable[[int, TransformerLM], None] | None = None) -> dict[str, list]:
-    r"""Train ``model`` on the bytes ``data`` with Adam, next-byte cross-entropy.
-
-    Each step draws ``batch_size`` windows of ``max_len + 1`` bytes at offsets from
-    ``np.random.default_rng(seed)`` (:func:`random_windows`), runs forward, :func:`lm_loss`,
-    backward, clips the gradient's global norm to ``clip``, and takes one Adam step with the
-    learning rate warmed up linearly over ``warmup`` steps, then decayed along a cosine to a
-    tenth of ``lr``.  Deterministic: the same arguments give bit-identical weights.
-    ``callback(step, model)`` runs after steps ``0 .. steps-1`` (e.g. to record statistics).
-    Returns ``{"loss": [...], "grad_norm": [...]}``, one entry per step; ``progress=True`` shows a
-    tqdm bar.
-    """
-    if not isinstance(model, TransformerLM):
-        raise TypeError(f"model must be a TransformerLM, got {type(model).__name__}")
-    arr = _as_bytes_array(data)
-    steps = _check_int(steps, "steps")
-    batch_size = _check_int(batch_size, "batch_size")
-    warmup = _check_int(warmup, "warmup", minimum=0)
-    seed = _check_int(seed, "seed", minimum=0)
-    t = model.config.max_len
-    if arr.size <= t + 1:
-        raise ValueError(f"data has {arr.size} bytes; training windows need {t + 2}")
-    params = model.parameters()
-    opt = Adam(params, lr=lr, betas=(0.9, 0.99))
-    rng = np.random.default_rng(seed)
-    history: dict[str, list] = {"loss": [], "grad_norm": []}
-    bar = tqdm(range(steps), desc="training", unit="step", disable=not progress)
-    for step in bar:
-        w = random_windows(arr, t, batch_size, rng)
-        logits = model(w[:, :-1])
-        loss, grad = lm_loss(logits, w[:, 1:])
-        model.backward(grad)
-        norm = _clip_gradients(params, clip)
-        opt.lr = _lr_at(step, steps, lr, warmup)
-        opt.step()
-        history["loss"].append(loss)
-        history["grad_norm"].append(norm)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / math.log(2):.3f}")
-        if callback is not None:
-            callback(step, model)
-    bar.close()
-    return history
-
-
-# --------------------------------------------------------------------------- the shipped model
-
-
-class LMTraining(NamedTuple):
-    """How the shipped model (``qcourse/data/lm.npz``) is trained: :func:`train_reference_lm`.
-
-    ``probe_every`` steps, the held-out loss on the first ``probe_bytes`` held-out bytes and the
-    per-channel abs-max of every linear layer's input are recorded (the transformer chapter
-    plots how outlier channels appear).
-    """
-
-    config: LMConfig = LMConfig()
-    seed: int = 0
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup: int = 100
-    clip: float = 1.0
-    probe_every: int = 100
-    probe_bytes: int = 4096
-
-
-class TrainedLM(NamedTuple):
-    """A trained model and its training record (what :func:`load_lm` returns).
-
-    ``history`` holds arrays: ``train_loss`` (one per step, nats), ``probe_steps``,
-    ``probe_heldout_bpb``, ``heldout_bpb`` (one entry: the whole held-out text, stored weights)
-    and, per linear layer name, ``absmax/<name>`` of shape (n_probes, in_features).  ``meta``
-    holds the Python and NumPy versions and the SHA-256 of the text the model was trained on
-    (:func:`qcourse.datasets.pydoc_text_digest`).
-    """
-
-    model: TransformerLM
-    training: LMTraining
-    history: dict[str, np.ndarray]
-    meta: dict[str, str]
-
-
-def _round_weights(model: TransformerLM) -> None:
-    """Round every parameter to float16 and back: the weights ship as float16."""
-    for _, p in model.named_parameters():
-        p[...] = p.astype(np.float16).astype(p.dtype)
-
-
-def train_reference_lm(training: LMTraining | None = None, *,
-                       progress: bool = True) -> TrainedLM:
-    """Train the course's language model on the training text, as the shipped file was made.
-
-    Builds ``TransformerLM(training.config, seed=training.seed)``, runs :func:`train_lm` on
-    ``qcourse.datasets.load_pydoc_text("train")`` with the settings in ``training``, records the
-    probes described in :class:`LMTraining`, and finally rounds the weights to float16 (the
-    stored precision; the model computes in float32).  Deterministic: ``python -m
-    qcourse.data.make_lm`` reproduces ``qcourse/data/lm.npz`` byte for byte on the machine that
-    made it.
-    """
-    from qcourse.datasets import load_pydoc_text, pydoc_text_digest
-
-    training = LMTraining() if training is None else training
-    if not isinstance(training, LMTraining):
-        raise TypeError(f"training must be an LMTraining, got {type(training).__name__}")
-    model = TransformerLM(training.config, seed=training.seed)
-    probe = lm_windows(load_pydoc_text("heldout")[:training.probe_bytes + 1],
-                       training.config.max_len)
-    names = [n for n, _ in model.named_linears()]
-    steps_seen: list[int] = []
-    bpb: list[float] = []
-    absmax: dict[str, list[np.ndarray]] = {n: [] for n in names}
-
-    def probe_now(step: int, m: TransformerLM) -> None:
-        inputs = linear_inputs(m, probe[:, :-1])
-        for n in names:
-            absmax[n].append(np.abs(inputs[n]).max(axis=0))
-        steps_seen.append(step)
-        bpb.append(evaluate_lm(m, probe).bits_per_byte)
-
-    def record(step: int, m: TransformerLM) -> None:
-        if (step + 1) % training.probe_every == 0 and step + 1 < training.steps:
-            probe_now(step + 1, m)
-
-    probe_now(0, model)
-    hist = train_lm(model, load_pydoc_text("train"), steps=training.steps,
-                    batch_size=training.batch_size, lr=training.lr, warmup=training.warmup,
-                    clip=training.clip, seed=training.seed, progress=progress, callback=record)
-    _round_weights(model)
-    probe_now(training.steps, model)  # the last probe sees the stored weights
-    heldout = evaluate_lm(model, lm_windows(load_pydoc_text("heldout"), training.config.max_len))
-    history = {"train_loss": np.array(hist["loss"], dtype=np.float64),
-               "probe_steps": np.array(steps_seen, dtype=np.int64),
-               "probe_heldout_bpb": np.array(bpb, dtype=np.float64),
-               "heldout_bpb": np.array([heldout.bits_per_byte])}
-    for n in names:
-        history[f"absmax/{n}"] = np.stack(absmax[n]).astype(np.float32)
-    meta = {"python": ".".join(str(v) for v in __import__("sys").version_info[:3]),
-            "text_sha256": pydoc_text_digest(), "numpy": np.__version__}
-    return TrainedLM(model, training, history, meta)
-
-
-def save_lm(path, trained: TrainedLM) -> None:
-    """Write ``trained`` as an ``.npz`` whose bytes depend only on its contents.
-
-    ``numpy.savez_compressed`` stamps each member with the current time; this writer fixes the
-    timestamps (1980-01-01), so the same model gives the same file.  Parameters are stored as
-    float16 under ``param/<name>``; settings and meta as JSON.
-    """
-    import io
-    import json
-    import zipfile
-
-    if not isinstance(trained, TrainedLM):
-        raise TypeError(f"trained must be a TrainedLM, got {type(trained).__name__}")
-    arrays: dict[str, np.ndarray] = {}
-    for name, p in trained.model.named_parameters():
-        arrays[f"param/{name}"] = p.astype(np.float16)
-    for name, a in trained.history.items():
-        arrays[f"history/{name}"] = np.asarray(a)
-    settings = trained.training._asdict()
-    settings["config"] = trained.training.config._asdict()
-    arrays["settings"] = np.array(json.dumps(settings, sort_keys=True))
-    arrays["meta"] = np.array(json.dumps(trained.meta, sort_keys=True))
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for key in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asarray(arrays[key]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue(), compresslevel=9)
-
-
-def shipped_lm_path():
-    """Where the trained model ships: ``qcourse/data/lm.npz`` (a path-like resource)."""
-    from importlib import resources
-
-    return resources.files("qcourse").joinpath("data").joinpath("lm.npz")
-
-
-def load_lm(path=None) -> TrainedLM:
-    """Read a model written by :func:`save_lm` (default: the shipped ``qcourse/data/lm.npz``).
-
-    The float16 weights are loaded into a float32 :class:`TransformerLM`.  Each call returns a
-    fresh model, so callers may modify it.
-    """
-    import json
-
-    src = shipped_lm_path() if path is None else path
-    if hasattr(src, "open") and not isinstance(src, str):
-        opener = src.open("rb")
-    else:
-        opener = open(src, "rb")
-    with opener as fh, np.load(fh, allow_pickle=False) as data:
-        settings = json.loads(str(data["settings"]))
-        meta = json.loads(str(data["meta"]))
-        config = LMConfig(**settings.pop("config"))
-        training = LMTraining(config=config, **settings)
-        model = TransformerLM(config, seed=0)
-        model.load_state_dict({k.removeprefix("param/"): data[k].astype(np.float32)
-                               for k in data.files if k.startswith("param/")})
-        history = {k.removeprefix("history/"): np.array(data[k]) for k in data.files
-                   if k.startswith("history/")}
-    return TrainedLM(model, training, history, meta)

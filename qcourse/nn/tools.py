@@ -84,7 +84,7 @@ def _model_input(model, X, name: str = "X") -> np.ndarray:
     if not callable(model):
         raise TypeError(f"model must be a qcourse.nn.Module or a callable that maps a batch to "
                         f"logits, got {describe(model)}")
-    return check_float_matrix(X, name)
+    return check_float_matrix(X, name, images=True)
 
 
 def _check_batch_size(batch_size) -> int | None:
