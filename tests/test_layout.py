@@ -295,7 +295,7 @@ ONE_HOME = {
     # the layout of quantization parameters, per-group ranges, and scales as a file stores them
     "_check_layout": "affine/quantizer.py", "_group_minmax": "affine/quantizer.py",
     "_stored_scale": "affine/quantizer.py",
-    "_zero_points": "int_matmul/arithmetic.py",
+    "_zero_point_args": "int_matmul/arithmetic.py",
     # the names the copies had before they were merged
     "_clone": None, "_f32_qparams": None, "_float32_qparams": None, "evaluate_model": None,
     "MLP": None, "matmul_int8_packed": None,
@@ -335,7 +335,7 @@ SHARED_BY = {
     "_raw_operands": ["fixed_point.py:fixed_add", "fixed_point.py:fixed_mul"],
     "_check_layout": ["affine/quantizer.py:QParams.__post_init__",
                       "affine/quantizer.py:qparams_from_range"],
-    "_zero_points": ["int_matmul/arithmetic.py:zero_point_terms",
+    "_zero_point_args": ["int_matmul/arithmetic.py:zero_point_terms",
                      "int_matmul/arithmetic.py:fold_zero_points"],
     "_group_minmax": ["affine/quantizer.py:choose_qparams", "weight_only.py:_group_ranges"],
     "_stored_scale": ["lowbit.py:quantize_int4_groupwise", "weight_only.py:_group_params"],

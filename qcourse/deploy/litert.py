@@ -117,6 +117,9 @@ class _TFLiteGraph:
         return bytes(builder.Output())
 
 
+# One pass over the layers writes each kind's LiteRT operators in turn, sharing the graph's
+# running state (the current tensor, its shape, a pending NCHW flatten).
+# long because: each layer kind's operators are written in place, in the order they run
 def to_tflite(model: DeployModel, *, float_input: bool = True) -> bytes:
     """The model as a ``.tflite`` flatbuffer (bytes): float32 in (NHWC or (N, features)), the
     last layer's int8 codes out.

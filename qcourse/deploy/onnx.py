@@ -41,6 +41,9 @@ def _onnx():
     return onnx, TensorProto, helper, numpy_helper
 
 
+# One pass over the layers writes each kind's nodes in both forms (QOperator and QDQ) side by
+# side, so that the two forms can be read against each other.
+# long because: each layer kind's nodes are written in place, both forms together
 def to_onnx(model: DeployModel, form: str = "qoperator", *, float_input: bool = True):
     r"""The model as an ONNX ``ModelProto`` (opset 21): float32 images in, int8 codes out.
 
