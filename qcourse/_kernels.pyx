@@ -51,6 +51,7 @@ cdef extern from "csrc/qgemm.h" nogil:
 cdef extern from "csrc/w4a8.h" nogil:
     int QC_W4_GROUP_COLS
     int QC_W4_BROKEN
+    Py_ssize_t qc_w4_set_prefetch(Py_ssize_t nbytes)
     Py_ssize_t qc_w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, int has_zp)
     void qc_w4_pack(const int8_t *codes, const float *scales, const int8_t *zp, Py_ssize_t k,
                     Py_ssize_t n, Py_ssize_t g, uint8_t *packed)
@@ -272,6 +273,14 @@ def depthwise_requant(int path, const int8_t[:, :, :, ::1] x, const int16_t[:, :
 
 W4_GROUP_COLS = QC_W4_GROUP_COLS
 W4_BROKEN = QC_W4_BROKEN  # path | W4_BROKEN: a deliberately broken kernel, for the tests
+
+
+def w4_set_prefetch(Py_ssize_t nbytes):
+    """Set the W4A8 VNNI kernel's software prefetch distance (bytes ahead, 0 for none; rounded
+    down to a cache line) for later calls; returns the previous one. For tuning on a machine."""
+    if nbytes < 0 or nbytes > 1 << 20:
+        raise ValueError(f"nbytes must be in [0, 1048576], got {nbytes}")
+    return qc_w4_set_prefetch(nbytes)
 
 
 def w4_packed_size(Py_ssize_t k, Py_ssize_t n, Py_ssize_t g, bint has_zp):

@@ -67,3 +67,32 @@ def browser():
     """Headless Chromium (``browser_support.chromium_browser``), one per test module."""
     with chromium_browser() as chromium:
         yield chromium
+
+
+# --------------------------------------------------------------------------- the order of files
+
+#: ``make test`` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``: each test file goes
+#: whole to one of two workers, in the order below, and a worker that finishes a file takes the
+#: next.  The book build (``test_book.py``, several minutes in one process) starts first, so the
+#: other worker spends those minutes on the heaviest files; the files that read the built book
+#: come last, when it is there, instead of holding a worker while they wait for it.  (By default
+#: pytest-xdist sorts files by their number of tests, which started the build late and left one
+#: core idle at the end.)
+FIRST_FILES = ("test_book.py", "test_chapters.py", "test_grading.py", "test_binder.py",
+               "test_lab.py", "test_book_execution.py", "test_sandbox.py", "test_conv.py",
+               "test_cnn.py", "test_mixed_precision.py", "test_bad_input.py", "test_deploy.py")
+LAST_FILES = ("test_reader_view.py", "test_browser.py", "test_pdf.py")
+
+
+def file_rank(filename: str) -> tuple[int, int]:
+    """Where a test file goes in the run: FIRST_FILES in order, then the rest as collected
+    (alphabetically), then LAST_FILES."""
+    if filename in FIRST_FILES:
+        return (0, FIRST_FILES.index(filename))
+    if filename in LAST_FILES:
+        return (2, LAST_FILES.index(filename))
+    return (1, 0)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: file_rank(item.path.name))  # stable: tests keep their order

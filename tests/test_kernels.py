@@ -914,6 +914,24 @@ def test_w4a8_float_output_within_its_derived_bound():
             assert err.max() > 0.02 * bound.max()  # within 50x of what happens: not vacuous
 
 
+def test_w4a8_prefetch_distance_changes_no_result():
+    # The VNNI kernel's prefetch distance is a tuning knob (bench sweeps): none, the default and
+    # far ahead give the identical output; a distance outside [0, 1 MiB] is refused by name.
+    x, codes, scales, z = _w4_case(3, 7, 200, 1024, 32, True)
+    packed = kernels.prepack_int4(codes, scales, group_size=32, zero_points=z)
+    expected = kernels.matmul_w4a8_reference(x, packed)
+    default = _kernels.w4_set_prefetch(0)
+    try:
+        for nbytes in (0, 64, 8192, default):
+            assert _kernels.w4_set_prefetch(nbytes) in (0, 64, 8192, default)
+            np.testing.assert_array_equal(kernels.matmul_w4a8(x, packed), expected, str(nbytes))
+    finally:
+        _kernels.w4_set_prefetch(default)
+    for bad in (-1, 2**20 + 1):
+        with pytest.raises(ValueError, match=r"nbytes must be in \[0, 1048576\]"):
+            _kernels.w4_set_prefetch(bad)
+
+
 def test_the_w4a8_exactness_tests_fail_on_a_broken_kernel(monkeypatch):
     # The checks above prove themselves. path | W4_BROKEN runs that path with the nibble mask
     # 0x0E for 0x0F: every odd stored code q + 8 comes out one too small. Broken one path at a

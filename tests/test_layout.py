@@ -460,7 +460,7 @@ def _code_lines_of(path: Path) -> list[tuple[int, str]]:
     skip = set()
     if path.suffix == ".py":
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):  # the names of a long import
                 skip.update(range(node.lineno, node.end_lineno + 1))
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
                                  ast.AsyncFunctionDef)) and node.body:
@@ -627,3 +627,14 @@ def test_top_level_layout():
         assert (ROOT / name).exists(), f"{name} is missing"
     reqs = (ROOT / "requirements.txt").read_text()
     assert "jupyter-book==1.0.4.post1" in reqs
+
+
+def test_the_run_order_names_files_that_exist():
+    """conftest.py orders the test files for ``make test`` (the book build first, the files that
+    read the built book last); a renamed or removed file must not drop silently out of it."""
+    from conftest import FIRST_FILES, LAST_FILES, file_rank
+
+    tests = Path(__file__).resolve().parent
+    missing = [name for name in (*FIRST_FILES, *LAST_FILES) if not (tests / name).is_file()]
+    assert not missing, f"conftest.py orders test files that do not exist: {missing}"
+    assert file_rank("test_book.py") < file_rank("test_affine.py") < file_rank("test_pdf.py")

@@ -131,12 +131,19 @@ void qc_w4_group_portable(const qc_w4_args *w, ptrdiff_t cg) {
 #include <omp.h>
 #endif
 
+static ptrdiff_t qc_w4_prefetch = QC_W4_PREFETCH;
+ptrdiff_t qc_w4_set_prefetch(ptrdiff_t bytes) {
+    ptrdiff_t previous = qc_w4_prefetch;
+    qc_w4_prefetch = bytes < 0 ? 0 : bytes / 64 * 64;
+    return previous;
+}
+
 /* region: w4_driver */
 int qc_w4a8(int path, const int8_t *xq, const int32_t *gsum, const float *sx,
             const uint8_t *packed, ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, ptrdiff_t g, int has_zp,
             float *y, int32_t *sums, int threads) {
     const qc_w4_args args = {xq, gsum, sx, packed, m, n, k, g, has_zp, y, sums,
-                             (uint8_t)(path & QC_W4_BROKEN ? 0x0E : 0x0F)};
+                             (uint8_t)(path & QC_W4_BROKEN ? 0x0E : 0x0F), qc_w4_prefetch};
     const ptrdiff_t groups = qc_w4_col_groups(n);
     path &= ~QC_W4_BROKEN;
     if (threads < 1) threads = 1;

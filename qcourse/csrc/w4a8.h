@@ -49,7 +49,8 @@
  * runs that path with the nibble mask 0x0E for 0x0F (bit 0 of every code + 8 dropped, an
  * off-by-one on odd codes). Never set by the library itself. */
 #define QC_W4_BROKEN 0x100
-/* Software prefetch distance of the VNNI kernel, in bytes ahead of the codes being read. */
+/* Software prefetch distance of the VNNI kernel, in bytes ahead of the codes being read (0: none,
+ * the hardware prefetcher alone); the default, changed at run time by qc_w4_set_prefetch. */
 #ifndef QC_W4_PREFETCH
 #define QC_W4_PREFETCH 1024
 #endif
@@ -79,6 +80,10 @@ QC_INTERNAL int qc_w4a8(int path, const int8_t *xq, const int32_t *gsum, const f
                         const uint8_t *packed, ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, ptrdiff_t g,
                         int has_zp, float *y, int32_t *sums, int threads);
 
+/* Set the prefetch distance of later calls (bytes, 0 for none; for tuning it on a machine, between
+ * calls, not during one); returns the previous distance. */
+QC_INTERNAL ptrdiff_t qc_w4_set_prefetch(ptrdiff_t bytes);
+
 /* One column group (cg) for rows [i0, i0 + rows), per path; the same arguments as qc_w4a8. */
 typedef struct {
     const int8_t *xq;
@@ -89,7 +94,8 @@ typedef struct {
     int has_zp;
     float *y;
     int32_t *sums;
-    uint8_t mask; /* 0x0F, the nibble mask (0x0E: QC_W4_BROKEN) */
+    uint8_t mask;       /* 0x0F, the nibble mask (0x0E: QC_W4_BROKEN) */
+    ptrdiff_t prefetch; /* the VNNI kernel's prefetch distance in bytes, 0 for none */
 } qc_w4_args;
 QC_INTERNAL void qc_w4_group_portable(const qc_w4_args *w, ptrdiff_t cg);
 #if QC_X86

@@ -17,6 +17,7 @@ static inline __attribute__((always_inline)) QC_TARGET_VNNI512 void qc_w4_tile(
     const ptrdiff_t col0 = cg * QC_W4_GROUP_COLS;
     const ptrdiff_t width = w->n - col0 < QC_W4_GROUP_COLS ? w->n - col0 : QC_W4_GROUP_COLS;
     const uint8_t *bp = w->packed + cg * G * bb;
+    const ptrdiff_t pf = w->prefetch;
     const int8_t *x[6];
     float fa[6][QC_W4_GROUP_COLS] __attribute__((aligned(64)));
     const __m512i low4 = _mm512_set1_epi8((char)w->mask);
@@ -35,7 +36,7 @@ static inline __attribute__((always_inline)) QC_TARGET_VNNI512 void qc_w4_tile(
             const ptrdiff_t kk = j * g + 8 * o;
 #pragma GCC unroll 4
             for (int p = 0; p < 4; p++) {
-                _mm_prefetch((const char *)bp + QC_W4_PREFETCH + 64 * p, _MM_HINT_T0);
+                if (pf) _mm_prefetch((const char *)bp + pf + 64 * p, _MM_HINT_T0);
                 __m512i v = _mm512_load_si512((const void *)(bp + 64 * p));
                 __m512i lo = _mm512_and_si512(v, low4);
 #pragma GCC unroll 6
