@@ -377,12 +377,11 @@ def misplaced(definitions: list[tuple[str, str]], homes: dict[str, str | None],
 
 
 def test_each_shared_piece_is_defined_once_in_its_home():
-    problems = misplaced(_definitions(LIBRARY, [LIBRARY]), ONE_HOME, "qcourse/")
-    problems += misplaced(_definitions(ROOT, [ROOT / "tests", ROOT / "book" / "_ext"]),
-                          ONE_HOME_TOOLS)
+    library = _definitions(LIBRARY, [LIBRARY])
+    tools = _definitions(ROOT, [ROOT / "tests", ROOT / "book" / "_ext"])
+    problems = misplaced(library, ONE_HOME, "qcourse/") + misplaced(tools, ONE_HOME_TOOLS)
     homes = {**{k: f"qcourse/{v}" for k, v in ONE_HOME.items() if v}, **ONE_HOME_TOOLS}
-    defined = {(n, f"qcourse/{w}") for n, w in _definitions(LIBRARY, [LIBRARY])}
-    defined |= set(_definitions(ROOT, [ROOT / "tests", ROOT / "book" / "_ext"]))
+    defined = {(n, f"qcourse/{w}") for n, w in library} | set(tools)
     problems += [f"{name} is not defined in its home {home}" for name, home in homes.items()
                  if home and (name, home) not in defined]
     assert not problems, "\n".join(problems)
