@@ -490,6 +490,6 @@ def test_xnnpack_check_names_operators_left_outside_the_delegate(monkeypatch):
     it = d._interpreter(tfl, "tflite-xnnpack", (2, 8, 8, 1))
     assert d.ops_outside_delegates(it) == ["AVERAGE_POOL_2D"]
     d.run_tflite(tfl, X_test[:2], "tflite-xnnpack")           # allowed: the pool only
-    monkeypatch.setattr(d, "_BUILTIN_UNDER_XNNPACK", frozenset())
+    monkeypatch.setattr(d.litert, "_BUILTIN_UNDER_XNNPACK", frozenset())
     with pytest.raises(RuntimeError, match="did not take the model's operators AVERAGE_POOL_2D"):
         d.run_tflite(tfl, X_test[:2], "tflite-xnnpack")

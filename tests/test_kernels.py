@@ -937,7 +937,7 @@ def test_the_w4a8_exactness_tests_fail_on_a_broken_kernel(monkeypatch):
     # 0x0E for 0x0F: every odd stored code q + 8 comes out one too small. Broken one path at a
     # time, the bit-for-bit, extreme and bound tests must each fail on it, as they pass unbroken.
     real_path_code = kernels._path_code
-    monkeypatch.setattr(kernels, "_path_code",
+    monkeypatch.setattr(kernels.w4a8, "_path_code",  # where matmul_w4a8 looks it up
                         lambda path: real_path_code(path) | _kernels.W4_BROKEN)
     here = sys.modules[__name__]
     for path in available_paths():

@@ -208,7 +208,7 @@ def _per_output(values: np.ndarray, name: str, n: int) -> np.ndarray:
     return np.broadcast_to(values.reshape(-1), (n,))
 
 
-def _zero_points(input_zero_point, weight_zero_point, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _zero_point_args(input_zero_point, weight_zero_point, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The input's zero point (one int32 value) and the weights' (a scalar or one per output),
     broadcast to (n,); int64."""
     zx = _int32_values(input_zero_point, "input_zero_point")
@@ -253,7 +253,7 @@ def zero_point_terms(x_q, w_q, input_zero_point, weight_zero_point) -> dict[str,
             f"x_q and w_q must be 2-D (batch, K) and (out, K), got {x.shape} and {w.shape}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x_q has K={x.shape[1]} but w_q has K={w.shape[1]} (shape {w.shape})")
-    zx, zw = _zero_points(input_zero_point, weight_zero_point, w.shape[0])
+    zx, zw = _zero_point_args(input_zero_point, weight_zero_point, w.shape[0])
     k = x.shape[1]
     _check_exact_sums(k, x, w, zx, zw, "x_q and w_q")
     return {
@@ -290,7 +290,7 @@ def fold_zero_points(w_q, input_zero_point, weight_zero_point, bias_q=None) -> n
     w = _int32_values(w_q, "w_q")
     if w.ndim != 2:
         raise ValueError(f"w_q must be 2-D (out, K), got shape {w.shape}")
-    zx, zw = _zero_points(input_zero_point, weight_zero_point, w.shape[0])
+    zx, zw = _zero_point_args(input_zero_point, weight_zero_point, w.shape[0])
     b = np.zeros(w.shape[0], np.int64)
     if bias_q is not None:
         b = _int32_values(bias_q, "bias_q")
