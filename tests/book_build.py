@@ -92,5 +92,7 @@ def built_book_html(timeout: int = 1800) -> Path:
             shutil.rmtree(out, ignore_errors=True)
             raise AssertionError(
                 f"book build failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}")
+        # The build's own log stays beside it: MyST-NB prints each page's execution time there.
+        (out / "build.log").write_text(proc.stdout + proc.stderr)
         (out / "BUILD-OK").write_text(key + "\n")
     return html
