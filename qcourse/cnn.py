@@ -19,7 +19,9 @@ here as functions on :class:`qcourse.nn.Sequential` models:
   :func:`adaround` (Nagel et al. 2020).
 
 The conv chapter turns the folded, calibrated network into integers
-(:func:`convert_cnn`, :class:`qcourse.conv.IntegerCNN`).
+(:func:`convert_cnn`, :class:`qcourse.conv.IntegerCNN`); the ptq chapter measures per tensor
+against per channel, CLE, bias correction and AdaRound on it, the qat chapter trains it at 4 bits
+(:func:`qat_cnn`), the mixed_precision chapter ranks its layers by curvature.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ SEEDS = range(4)
 
 
 def test_per_tensor_loses_to_per_channel_and_cle_with_bias_correction_repairs_it(data, folded):
-    # the conv chapter asserts each ordering on draw 0; here every draw, counted
+    # the ptq chapter asserts each ordering on draw 0; here every draw, counted
     Xtr, _, Xte, yte = data
     held = {"per-tensor more than 1 point below per-channel": 0,
             "per-channel within 1 point of float": 0,
@@ -248,7 +248,7 @@ def test_adaround_beats_nearest_at_4_bits_and_qat_recovers(data, folded):
         ok = qat.accuracy(Xte, yte) >= float_acc - 0.01
         held["QAT within 1 point of float"] += ok
         if seed == 0:
-            assert ok, "QAT on draw 0 (the conv chapter's) no longer recovers"
+            assert ok, "QAT on draw 0 (the qat chapter's) no longer recovers"
     print("held on 2 calibration draws:", held)
     assert held["AdaRound above nearest"] == 2, held
 
