@@ -34,6 +34,7 @@ from qcourse.mixed_precision.sensitivity import fake_quantize_weight
 from qcourse.nn import (
     Linear,
     ReLU6,
+    one_blas_thread,
     softmax,
     softmax_cross_entropy,
 )
@@ -390,23 +391,30 @@ def network_hessian_traces(model, X, y, *, layers=None, n_samples: int = 16, see
         h_in = layer(h_in)
     rng = np.random.default_rng(seed)
     samples = {n: np.empty(n_samples) for n in layers}
-    for i in range(n_samples):
-        for n in layers:
-            tail = Sequential(*named[index[n]:])
-            layer = tail[n]
-            w0 = layer.weight.copy()
-            v = (2 * rng.integers(0, 2, size=w0.shape) - 1).astype(np.float64)
-            h = step * max(1.0, float(np.linalg.norm(w0))) / np.sqrt(v.size)
-            grads = []
-            for sign in (1.0, -1.0):
-                layer.weight[...] = w0 + sign * h * v
-                _, dlogits = softmax_cross_entropy(tail(inputs[n]), y)
-                tail.backward(dlogits)
-                grads.append(layer.grad_weight.copy())
-            layer.weight[...] = w0
-            samples[n][i] = float(np.sum(v * (grads[0] - grads[1]))) / (2 * h)
+    with one_blas_thread():          # small products: a second BLAS thread only waits
+        for i in range(n_samples):
+            for n in layers:
+                samples[n][i] = _fd_sample(Sequential(*named[index[n]:]), n, inputs[n], y, rng,
+                                           step)
     return {n: HutchinsonEstimate(float(s.mean()), float(np.std(s, ddof=1) / np.sqrt(n_samples)),
                                   s) for n, s in samples.items()}
+
+
+def _fd_sample(tail, name: str, x: np.ndarray, y: np.ndarray, rng, step: float) -> float:
+    """One Hutchinson sample v^T H v of layer ``name``, the first layer of ``tail`` (its input
+    ``x``), by central differences of the gradient: see :func:`network_hessian_traces`."""
+    layer = tail[name]
+    w0 = layer.weight.copy()
+    v = (2 * rng.integers(0, 2, size=w0.shape) - 1).astype(np.float64)
+    h = step * max(1.0, float(np.linalg.norm(w0))) / np.sqrt(v.size)
+    grads = []
+    for sign in (1.0, -1.0):
+        layer.weight[...] = w0 + sign * h * v
+        _, dlogits = softmax_cross_entropy(tail(x), y)
+        tail.backward(dlogits)
+        grads.append(layer.grad_weight.copy())
+    layer.weight[...] = w0
+    return float(np.sum(v * (grads[0] - grads[1]))) / (2 * h)
 
 
 def exact_hessian_trace(model, layer: str, X, y) -> float:
