@@ -366,7 +366,7 @@ def test_network_traces_estimate_every_layer_from_shared_passes():
 def test_the_mobilenet_claims_hold_for_other_draws():
     # the chapter asserts on the course CNN (Hutchinson seed 0, the first 128 training
     # images): Omega's top two layers at 4 bits per tensor are the two that cost the most
-    # measured alone (dw2, dw3), whose curvature per weight is below pw1's and pw2's,
+    # measured alone (dw2, dw3), whose curvature per weight is less than a fifth of pw1's,
     # and Omega's rank correlation with the measured costs is above 0.5; here other seeds and
     # other images, counted
     from qcourse.cnn import digits_images, fold_batch_norms, load_course_cnn, simulate_quantized
@@ -389,8 +389,7 @@ def test_the_mobilenet_claims_hold_for_other_draws():
                             per_channel=False) for n in names]
         curv = {n: tr[n].trace / cnn[n].weight.size for n in names}
         held["top two by Omega"] += {names[i] for i in np.argsort(omega)[-2:]} == {"dw2", "dw3"}
-        held["depthwise flatter"] += max(curv["dw2"], curv["dw3"]) < min(curv["pw1"],
-                                                                         curv["pw2"])
+        held["depthwise flatter"] += max(curv["dw2"], curv["dw3"]) < curv["pw1"] / 5
         held["rank correlation above 0.5"] += spearman(omega, cost) > 0.5
     print(f"held on {len(draws)} other draws:", held)
     assert all(v == len(draws) for v in held.values()), held
