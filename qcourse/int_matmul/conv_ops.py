@@ -121,7 +121,9 @@ def _conv_int64(xc: np.ndarray, wc: np.ndarray, g: _ConvGeometry) -> np.ndarray:
     return np.concatenate(outs, axis=1).reshape((n, m) + g.out)
 
 
-def _conv_operands(x, w, x_zero_point, w_zero_point, attrs):
+def _conv_inputs(x, w, x_zero_point, w_zero_point, attrs):
+    """The checked tensors, geometry and zero points (``zx`` 0-d, ``zw`` shaped to broadcast
+    against ``w``) of ``ConvInteger`` and ``QLinearConv``: one set of argument rules."""
     x = _quant_tensor(x, "x")
     w = _quant_tensor(w, "w")
     g = _conv_geometry(x.shape, w.shape, **attrs)
@@ -134,8 +136,12 @@ def _conv_operands(x, w, x_zero_point, w_zero_point, attrs):
     if zw.size not in (1, w.shape[0]) or zw.ndim > 1:
         raise ValueError(f"w_zero_point must be a scalar or one per output channel "
                          f"({w.shape[0]},), got shape {zw.shape}")
-    zw = zw.reshape((-1,) + (1,) * (w.ndim - 1))
-    acc = _conv_int64(x.astype(np.int64) - zx.reshape(()), w.astype(np.int64) - zw, g)
+    return x, w, g, zx.reshape(()), zw.reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+def _conv_operands(x, w, x_zero_point, w_zero_point, attrs):
+    x, w, g, zx, zw = _conv_inputs(x, w, x_zero_point, w_zero_point, attrs)
+    acc = _conv_int64(x.astype(np.int64) - zx, w.astype(np.int64) - zw, g)
     return x, w, acc
 
 
@@ -192,20 +198,10 @@ def _qlinear_conv_operands(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y
     with: the geometry, integer zero points, the int32 bias and ONNX Runtime's float32
     multiplier per output channel.  :func:`qlinear_conv` and :func:`qlinear_conv_reference` both
     start here, so the operator has one set of argument rules."""
-    x = _quant_tensor(x, "x")
-    w = _quant_tensor(w, "w")
-    g = _conv_geometry(x.shape, w.shape, auto_pad=auto_pad, dilations=dilations, group=group,
-                       kernel_shape=kernel_shape, pads=pads, strides=strides)
+    attrs = dict(auto_pad=auto_pad, dilations=dilations, group=group,
+                 kernel_shape=kernel_shape, pads=pads, strides=strides)
+    x, w, g, zx, zw = _conv_inputs(x, w, x_zero_point, w_zero_point, attrs)
     m = w.shape[0]
-    zx = (np.asarray(0, np.int64) if x_zero_point is None
-          else _check_zero_point(x_zero_point, "x_zero_point", "x", x.dtype))
-    if zx.size != 1:
-        raise ValueError(f"x_zero_point must be a scalar (per tensor), got shape {zx.shape}")
-    zw = (np.asarray(0, np.int64) if w_zero_point is None
-          else _check_zero_point(w_zero_point, "w_zero_point", "w", w.dtype))
-    if zw.size not in (1, m) or zw.ndim > 1:
-        raise ValueError(f"w_zero_point must be a scalar or one per output channel "
-                         f"({m},), got shape {zw.shape}")
     sx = onnx_scale(x_scale, "x_scale", _OP_SCALES)
     sw = onnx_scale(w_scale, "w_scale", _OP_SCALES)
     sy = onnx_scale(y_scale, "y_scale", _OP_SCALES)
@@ -226,7 +222,7 @@ def _qlinear_conv_operands(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y
                             f"{bias.shape}")
     mult = np.broadcast_to(float_multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(())),
                            (m,))
-    return _QLinearConvOperands(x, w, g, int(zx.reshape(())),
+    return _QLinearConvOperands(x, w, g, int(zx),
                                 np.broadcast_to(zw.astype(np.int64).reshape(-1), (m,)), bias,
                                 mult, np.asarray(y_zero_point).reshape(()))
 
