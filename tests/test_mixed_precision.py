@@ -336,10 +336,10 @@ def test_hutchinson_on_a_network_layer_converges_to_the_exact_trace():
         assert est.std_error < 0.1 * exact
 
 
-def test_network_traces_estimate_every_layer_from_shared_passes():
-    # the finite-difference products through the network's own backward, one Rademacher vector
-    # over all layers: each layer's mean converges to its exact trace (the MLP, where exact
-    # traces exist); a backward pass that is wrong by a factor of 2 is caught
+def test_network_traces_converge_to_each_layers_exact_trace():
+    # the finite-difference products through the network's own backward, layer by layer: each
+    # layer's mean converges to its exact trace (the MLP, where exact traces exist); a backward
+    # pass that is wrong by a factor of 2 is caught
     model, X, y = tiny_problem(12, sizes=(6, 8, 5, 4), n=80)
     est = network_hessian_traces(model, X, y, n_samples=600, seed=3)
     assert list(est) == linear_layers(model)
