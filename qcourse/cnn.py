@@ -19,7 +19,9 @@ here as functions on :class:`qcourse.nn.Sequential` models:
   :func:`adaround` (Nagel et al. 2020).
 
 The conv chapter turns the folded, calibrated network into integers
-(:func:`convert_cnn`, :class:`qcourse.conv.IntegerCNN`).
+(:func:`convert_cnn`, :class:`qcourse.conv.IntegerCNN`); the ptq chapter measures per tensor
+against per channel, CLE, bias correction and AdaRound on it, the qat chapter trains it at 4 bits
+(:func:`qat_cnn`), the mixed_precision chapter ranks its layers by curvature.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from qcourse.nn import (
     ReLU,
     ReLU6,
     Sequential,
+    one_blas_thread,
     train_epoch,
 )
 
@@ -694,11 +697,12 @@ def adaround(model: Sequential, X_calib, *, weight_bits=4, per_channel: bool = T
     weighted = [(n, m) for n, m in _weighted_layers(model) if layers is None or n in layers]
     inputs = _layer_inputs(model, X_calib, [n for n, _ in weighted])
     results = {}
-    for name, layer in weighted:
-        bits = weight_bits[name] if isinstance(weight_bits, dict) else weight_bits
-        results[name] = adaround_weight(layer.weight, _input_gram(layer, inputs[name]), bits,
-                                        per_channel=per_channel, iterations=iterations,
-                                        seed=seed)
+    with one_blas_thread():       # small products: a second BLAS thread only waits
+        for name, layer in weighted:
+            bits = weight_bits[name] if isinstance(weight_bits, dict) else weight_bits
+            results[name] = adaround_weight(layer.weight, _input_gram(layer, inputs[name]),
+                                            bits, per_channel=per_channel,
+                                            iterations=iterations, seed=seed)
     return results
 
 
@@ -789,9 +793,10 @@ def qat_cnn(model: Sequential, X, y, X_calib, *, weight_bits: int = 4, act_bits:
             sim.layers[i] = wrapped
     opt = Adam([p for p in sim.parameters()], lr=lr)
     rng = np.random.default_rng(seed)
-    for _ in tqdm(range(epochs), desc=f"QAT ({weight_bits}-bit)", unit="epoch",
-                  disable=not progress):
-        train_epoch(sim, X, y, rng.permutation(len(y)), batch_size, opt)
+    with one_blas_thread():       # small products: a second BLAS thread only waits
+        for _ in tqdm(range(epochs), desc=f"QAT ({weight_bits}-bit)", unit="epoch",
+                      disable=not progress):
+            train_epoch(sim, X, y, rng.permutation(len(y)), batch_size, opt)
     weight_qparams = {n: quantize_conv_weight(m.weight, weight_bits, per_channel=per_channel)[1]
                       for n, m in sim.named_modules() if isinstance(m, WeightFakeQuant)}
     return QuantSim(sim, base.input_qparams, base.activation_qparams, weight_qparams)

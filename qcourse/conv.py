@@ -16,15 +16,15 @@ the same accumulator, zero-point terms, int32 bias and requantization as
 * the depthwise convolution (one filter per channel) has K = kh * kw = 9: a GEMM with nine
   terms per output wastes its tiles, so it gets its own loop (:func:`depthwise_conv_int8`).
 
-The module has four parts:
+The module has three parts:
 
 * **gathering**: :func:`conv_output_size`, :func:`im2col`;
 * **integer convolution** on int8 codes in NHWC (channels last, the layout in which a pointwise
-  convolution is a plain GEMM and a depthwise one is contiguous): :func:`conv2d_int32_reference`
+  convolution is a plain GEMM and a depthwise one is contiguous): :func:`conv2d_accumulate`
   (exact accumulators, NumPy), :func:`conv2d_int8` (im2col onto the compiled GEMM with fused
   requantization, or the depthwise kernel), :func:`conv2d_int8_reference`;
-* **the ONNX operator** :func:`qlinear_conv` (``QLinearConv``, NCHW, bit for bit as ONNX
-  Runtime computes it) and its twin :func:`qlinear_conv_reference`;
+* the ONNX operator ``QLinearConv`` (NCHW) is :func:`qcourse.int_matmul.qlinear_conv`, with the
+  operator's argument rules; its 2-D cases run on :func:`conv2d_int8`;
 * **a whole network**: :class:`QuantizedConv2d` (per-channel int8 weights, int32 bias,
   requantization, fused ReLU / ReLU6 clamp) and :class:`IntegerCNN`, a plain list of such layers
   (plus pooling and a final linear layer) that runs a trained CNN in integers end to end, with a
@@ -45,7 +45,6 @@ from qcourse.int_matmul import (
     ACTIVATIONS,
     REQUANTIZATIONS,
     QuantizedLinear,
-    float_multiplier,
     requantize_fixed_point,
     requantize_float,
 )
@@ -60,8 +59,6 @@ __all__ = [
     "conv2d_int8_reference",
     "conv_output_size",
     "im2col",
-    "qlinear_conv",
-    "qlinear_conv_reference",
 ]
 
 _LAYOUTS = ("NCHW", "NHWC")
@@ -329,93 +326,6 @@ def conv2d_int8(x_q, w_q, multiplier, output_zero_point: int = 0, *, bias=None,
             bias=None if b_all is None else np.ascontiguousarray(b_all[sl]), **common))
     y = parts[0] if groups == 1 else np.concatenate(parts, axis=1)
     return y.reshape(n, oh, ow, out)
-
-
-# --- the ONNX operator ---------------------------------------------------------------------------
-
-
-def _onnx_conv_attrs(w_shape, strides, pads, dilations, group):
-    if dilations is not None and any(int(d) != 1 for d in np.atleast_1d(dilations)):
-        raise ValueError(f"dilations must be 1 (dilated convolutions are not supported), got "
-                         f"{dilations}")
-    s = np.atleast_1d(np.asarray(strides if strides is not None else 1))
-    if s.size not in (1, 2) or len(set(s.tolist())) != 1:
-        raise ValueError(f"strides must be one value or two equal values, got {strides}")
-    p = np.atleast_1d(np.asarray(pads if pads is not None else 0))
-    if p.size not in (1, 4) or len(set(p.tolist())) != 1:
-        raise ValueError(f"pads must be one value or four equal values (top, left, bottom, "
-                         f"right), got {pads}")
-    return int(s[0]), int(p[0]), _check_int(group, "group", 1)
-
-
-def _qlinear_conv_args(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-                       y_zero_point, B, strides, pads, dilations, group):
-    x = _check_codes("x", x, 4, "N, C, H, W")
-    w = _check_codes("w", w, 4, "M, C/group, kH, kW")
-    stride, pad, group = _onnx_conv_attrs(w.shape, strides, pads, dilations, group)
-    _conv_geometry(x.shape, w.shape, stride, pad, group, layout="NCHW")
-    out = w.shape[0]
-    sx, sw, sy = (np.asarray(s, dtype=np.float32) for s in (x_scale, w_scale, y_scale))
-    if sx.size != 1 or sy.size != 1:
-        raise ValueError("x_scale and y_scale must be scalars (per tensor)")
-    if sw.size not in (1, out):
-        raise ValueError(f"w_scale must be a scalar or have {out} entries (per output channel), "
-                         f"got shape {sw.shape}")
-    zy = np.asarray(y_zero_point)
-    if zy.dtype != x.dtype:
-        raise TypeError(f"y_zero_point must have x's dtype {x.dtype} (ONNX: T3 = T1 here), got "
-                        f"{zy.dtype}")
-    zx = int(np.asarray(x_zero_point).reshape(()))
-    zw = np.broadcast_to(np.asarray(w_zero_point).astype(np.int64).reshape(-1), (out,))
-    mult = np.broadcast_to(float_multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(())),
-                           (out,))
-    bias = None if B is None else np.asarray(B)
-    if bias is not None and (bias.dtype != np.int32 or bias.shape != (out,)):
-        raise TypeError(f"B must be int32 of shape ({out},), got {bias.dtype} {bias.shape}")
-    w8 = w if w.dtype == np.int8 else (w.astype(np.int16) - 128).astype(np.int8)
-    zw8 = zw if w.dtype == np.int8 else zw - 128
-    return (np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w8, mult, zx, zw8, bias, stride,
-            pad, group, int(zy.reshape(())), x.dtype)
-
-
-def qlinear_conv_reference(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-                           y_zero_point, B=None, *, strides=1, pads=0, dilations=None,
-                           group: int = 1) -> np.ndarray:
-    """NumPy twin of :func:`qlinear_conv` (same arguments, same result)."""
-    (xh, w8, mult, zx, zw, bias, stride, pad, group, zy,
-     dt) = _qlinear_conv_args(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-                              y_zero_point, B, strides, pads, dilations, group)
-    y = conv2d_int8_reference(xh, w8, mult, zy, bias=bias, x_zero_point=zx,
-                              w_zero_point=zw, stride=stride, padding=pad, groups=group,
-                              out_dtype=dt)
-    return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
-
-
-def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
-                 B=None, *, strides=1, pads=0, dilations=None, group: int = 1) -> np.ndarray:
-    r"""The ONNX ``QLinearConv`` operator (NCHW), bit for bit as ONNX Runtime computes it.
-
-    .. math::
-
-        y = \mathrm{saturate}\big(\mathrm{rhe}(\mathrm{fl}(v) \cdot m_o) + Z_y\big),\quad
-        v = B_o + \sum (x - Z_x)(w - Z_{w,o}),\quad
-        m_o = \mathrm{fl}(\mathrm{fl}(S_x S_{w,o}) / S_y)
-
-    with the input padded by :math:`Z_x`.  Arguments in the operator's order and types: ``x``
-    (N, C, H, W) uint8 or int8; ``w`` (M, C/group, kH, kW) int8 (or uint8); scales float32
-    (``w_scale`` per tensor or per output channel); ``B`` int32 (M,) at scale
-    :math:`S_x S_w`; ``y_zero_point`` of ``x``'s dtype.  ``strides`` and ``pads`` may be
-    given as ONNX lists if all entries are equal (``pads = [p, p, p, p]``); ``dilations`` must
-    be 1.  Runs :func:`conv2d_int8` in NHWC (the input is transposed once, the output back);
-    :func:`qlinear_conv_reference` is its NumPy twin.  See the conv chapter.
-    """
-    (xh, w8, mult, zx, zw, bias, stride, pad, group, zy,
-     dt) = _qlinear_conv_args(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-                              y_zero_point, B, strides, pads, dilations, group)
-    y = conv2d_int8(xh, w8, mult, zy, bias=bias, x_zero_point=zx,
-                    w_zero_point=None if not np.any(zw) else zw, stride=stride, padding=pad,
-                    groups=group, out_dtype=dt)
-    return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
 
 
 # --- a whole network ---------------------------------------------------------------------------

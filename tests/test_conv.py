@@ -18,10 +18,9 @@ from qcourse.conv import (
     conv2d_int8,
     conv2d_int8_reference,
     im2col,
-    qlinear_conv,
-    qlinear_conv_reference,
 )
 from qcourse.fixed_point import multiply_by_quantized_multiplier
+from qcourse.int_matmul import qlinear_conv, qlinear_conv_reference
 from qcourse.kernels import depthwise_conv_int8, depthwise_conv_int8_reference
 
 PATHS = kernels.available_paths()
@@ -224,7 +223,8 @@ def test_qlinear_conv_is_bit_exact_with_onnx_runtime(tie, dtype):
         zy = dtype(int(rng.integers(-5, 5)) + shift)
         zw = np.zeros(out, np.int8)
         args = (x, sx, zx, case["w"], sw, zw, sy, zy, case["bias"])
-        kw = dict(strides=case["stride"], pads=case["padding"], group=case["groups"])
+        kw = dict(strides=[case["stride"]] * 2, pads=[case["padding"]] * 4,
+                  group=case["groups"])
         want = _ort_qlinear_conv(*args, case["stride"], case["padding"], case["groups"])
         got = qlinear_conv(*args, **kw)
         np.testing.assert_array_equal(got, want)
@@ -243,7 +243,7 @@ def test_qlinear_conv_per_tensor_weights_and_no_bias_match_onnx_runtime():
     args = (x, np.float32(0.02), np.uint8(130), w, np.float32(0.01), np.int8(0),
             np.float32(0.3), np.uint8(120), None)
     want = _ort_qlinear_conv(*args, 2, 1, 1)
-    np.testing.assert_array_equal(qlinear_conv(*args, strides=2, pads=1), want)
+    np.testing.assert_array_equal(qlinear_conv(*args, strides=[2, 2], pads=[1] * 4), want)
 
 
 # --------------------------------------------------------------------------- TFLite arithmetic
@@ -493,11 +493,45 @@ def test_qlinear_conv_bad_attributes():
     args = (x, np.float32(0.1), np.uint8(0), w, np.float32(0.1), np.int8(0), np.float32(0.1),
             np.uint8(0))
     with pytest.raises(ValueError, match="dilations"):
-        qlinear_conv(*args, dilations=[2, 2])
+        qlinear_conv(*args, dilations=[0, 1])
     with pytest.raises(ValueError, match="pads"):
-        qlinear_conv(*args, pads=[0, 1, 0, 1])
+        qlinear_conv(*args, pads=[1, 1])
     with pytest.raises(TypeError, match="y_zero_point"):
-        qlinear_conv(*args[:7], np.int8(0))
+        qlinear_conv(*args[:7], 0)
+
+
+def test_qlinear_conv_runs_the_kernels_where_it_can_and_the_reference_elsewhere(monkeypatch):
+    # one home for the operator: the 2-D cases on conv2d_int8, the rest on the NumPy twin, the
+    # same codes either way (a kernel that is not called, or called wrongly, is caught)
+    import qcourse.conv as conv_module
+
+    calls = []
+    real = conv_module.conv2d_int8
+
+    def counting(*a, **k):
+        calls.append(k["stride"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv_module, "conv2d_int8", counting)
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, (2, 4, 7, 7)).astype(np.uint8)
+    w = rng.integers(0, 256, (6, 2, 3, 3)).astype(np.uint8)
+    args = (x, np.float32(0.02), np.uint8(131), w, np.float32(0.004), np.uint8(127),
+            np.float32(0.5), np.int8(3), rng.integers(-900, 900, 6).astype(np.int32))
+    for attrs, fast in [({"strides": [2, 2], "pads": [1] * 4, "group": 2}, True),
+                        ({"pads": [0, 1, 0, 1], "group": 2}, False),
+                        ({"dilations": [2, 2], "group": 2}, False),
+                        ({"strides": [1, 2], "group": 2}, False),
+                        ({"auto_pad": "SAME_UPPER", "group": 2}, True)]:
+        calls.clear()
+        got = qlinear_conv(*args, **attrs)
+        assert got.dtype == np.int8
+        np.testing.assert_array_equal(got, qlinear_conv_reference(*args, **attrs))
+        assert calls == ([2 if attrs.get("strides") == [2, 2] else 1] if fast else []), attrs
+        assert len(np.unique(got)) > 10
+    monkeypatch.setattr(conv_module, "conv2d_int8", lambda *a, **k: real(*a, **k) + 1)
+    assert not np.array_equal(qlinear_conv(*args, pads=[1] * 4, group=2),
+                              qlinear_conv_reference(*args, pads=[1] * 4, group=2))
 
 
 def test_integer_cnn_names_a_wrong_image_layout():

@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 
 from qcourse.affine import dequantize_linear, dynamic_quantize_linear, quantize_linear
-from qcourse.int_matmul import conv_integer, matmul_integer, qlinear_conv, qlinear_matmul
+from qcourse.int_matmul import (
+    conv_integer,
+    matmul_integer,
+    qlinear_conv,
+    qlinear_conv_reference,
+    qlinear_matmul,
+)
 
 OPS = {  # ONNX op type: (module of onnx/backend/test/case/node, qcourse function)
     "QuantizeLinear": ("quantizelinear", quantize_linear),
@@ -135,6 +141,10 @@ def test_every_shipped_onnx_case_of_the_seven_operators_passes(monkeypatch):
                    "test_convinteger_with_padding", "test_qlinearconv"):
         assert needed in names, needed
     print(f"{len(passed)} ONNX backend cases pass: {per_op}")
+    # QLinearConv's NumPy twin too (qlinear_conv runs the 2-D cases on the compiled kernels)
+    twin = {op: fn for op, (_, fn) in OPS.items()} | {"QLinearConv": qlinear_conv_reference}
+    conv_cases = [c for c in cases if c[0] == "QLinearConv"]
+    assert run_backend_cases(conv_cases, twin)[1] == []
 
 
 def _broken_conv_integer(x, w, x_zero_point=None, w_zero_point=None, **attrs):

@@ -25,8 +25,10 @@ a clamp.  Every name is reached as ``qcourse.int_matmul.NAME``; the files hold i
   :func:`qlinear_matmul_reference`); the fast versions run the compiled int8 GEMM of
   :mod:`qcourse.kernels`;
 * ``conv_ops.py`` -- the ONNX convolution operators :func:`conv_integer` (``ConvInteger``) and
-  :func:`qlinear_conv` (``QLinearConv``) in plain NumPy (im2col and one integer product per
-  group), requantized as :func:`qlinear_matmul` is;
+  :func:`qlinear_conv` (``QLinearConv``), requantized as :func:`qlinear_matmul` is: the whole
+  definitions in plain NumPy (im2col and one integer product per group;
+  :func:`qlinear_conv_reference`), and the 2-D cases of ``QLinearConv`` on the conv chapter's
+  compiled kernels (:func:`qcourse.conv.conv2d_int8`);
 * ``layer.py`` -- **a whole layer**: :class:`QuantizedLinear` (per-tensor or per-channel weights,
   int32 bias, fused ReLU / ReLU6), its float and fake-quant counterparts (:func:`linear_float`,
   :meth:`QuantizedLinear.fake_quant_forward`) and :func:`activation_range`;

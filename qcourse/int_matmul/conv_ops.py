@@ -1,10 +1,14 @@
-"""The ONNX convolution operators ``ConvInteger`` and ``QLinearConv``, in plain NumPy.
+"""The ONNX convolution operators ``ConvInteger`` and ``QLinearConv``.
 
 The whole operator definitions (any spatial rank, asymmetric pads, dilations, groups,
 ``auto_pad``) as an im2col gather and one exact integer product per group, requantized as
 :func:`qcourse.int_matmul.qlinear_matmul` is (ONNX Runtime's float multiplier, round half to
-even).  Every ONNX backend test case of both operators that ships in the ``onnx`` wheel runs
-through them in ``tests/test_weight_only.py``.  Re-exported by :mod:`qcourse.int_matmul`.
+even): :func:`conv_integer` and :func:`qlinear_conv_reference`, in plain NumPy.
+:func:`qlinear_conv` checks its arguments by the same rules (``_qlinear_conv_operands``) and
+runs the 2-D cases on the conv chapter's compiled kernels (:func:`qcourse.conv.conv2d_int8`),
+as :func:`qcourse.int_matmul.qlinear_matmul` runs on the GEMM.  Every ONNX backend test case of
+both operators that ships in the ``onnx`` wheel runs through them in
+``tests/test_onnx_operators.py``.  Re-exported by :mod:`qcourse.int_matmul`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcourse._checks import check_choice, onnx_scale
+from qcourse._checks import INT32_MAX, check_choice, onnx_scale
 from qcourse.int_matmul.arithmetic import (
     _OVERFLOW,
     _QTYPES,
@@ -26,7 +30,7 @@ from qcourse.int_matmul.arithmetic import (
 )
 from qcourse.int_matmul.onnx import _OP_SCALES
 
-__all__ = ["conv_integer", "qlinear_conv"]
+__all__ = ["conv_integer", "qlinear_conv", "qlinear_conv_reference"]
 
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
@@ -117,7 +121,9 @@ def _conv_int64(xc: np.ndarray, wc: np.ndarray, g: _ConvGeometry) -> np.ndarray:
     return np.concatenate(outs, axis=1).reshape((n, m) + g.out)
 
 
-def _conv_operands(x, w, x_zero_point, w_zero_point, attrs):
+def _conv_inputs(x, w, x_zero_point, w_zero_point, attrs):
+    """The checked tensors, geometry and zero points (``zx`` 0-d, ``zw`` shaped to broadcast
+    against ``w``) of ``ConvInteger`` and ``QLinearConv``: one set of argument rules."""
     x = _quant_tensor(x, "x")
     w = _quant_tensor(w, "w")
     g = _conv_geometry(x.shape, w.shape, **attrs)
@@ -130,8 +136,12 @@ def _conv_operands(x, w, x_zero_point, w_zero_point, attrs):
     if zw.size not in (1, w.shape[0]) or zw.ndim > 1:
         raise ValueError(f"w_zero_point must be a scalar or one per output channel "
                          f"({w.shape[0]},), got shape {zw.shape}")
-    zw = zw.reshape((-1,) + (1,) * (w.ndim - 1))
-    acc = _conv_int64(x.astype(np.int64) - zx.reshape(()), w.astype(np.int64) - zw, g)
+    return x, w, g, zx.reshape(()), zw.reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+def _conv_operands(x, w, x_zero_point, w_zero_point, attrs):
+    x, w, g, zx, zw = _conv_inputs(x, w, x_zero_point, w_zero_point, attrs)
+    acc = _conv_int64(x.astype(np.int64) - zx, w.astype(np.int64) - zw, g)
     return x, w, acc
 
 
@@ -167,33 +177,30 @@ def conv_integer(x, w, x_zero_point=None, w_zero_point=None, *, auto_pad="NOTSET
     return _to_int32(acc, overflow, "ConvInteger's sum")
 
 
-def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
-                 B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
-                 pads=None, strides=None, overflow="raise") -> np.ndarray:
-    r"""The ONNX ``QLinearConv`` operator, with ONNX Runtime's float requantization.
+@dataclass(frozen=True)
+class _QLinearConvOperands:
+    """The checked operands of one ``QLinearConv``: what any implementation of it computes with."""
 
-    .. math::
-        y = \operatorname{saturate}\Big(\operatorname{rne}\big(\mathrm{fl}(\mathrm{fl}(v)
-            \cdot m_m)\big) + Z_y\Big),\quad v = B_m + \operatorname{ConvInteger}(x, w),\quad
-        m_m = \mathrm{fl}\big(\mathrm{fl}(S_x S_{w,m}) / S_y\big)
+    x: np.ndarray              # (N, C, D1, ...) uint8 or int8
+    w: np.ndarray              # (M, C/group, k1, ...) uint8 or int8
+    geometry: _ConvGeometry
+    x_zero_point: int
+    w_zero_point: np.ndarray   # int64 (M,)
+    bias: np.ndarray | None    # int32 (M,)
+    multiplier: np.ndarray     # float32 (M,): fl(fl(S_x S_w,m) / S_y)
+    y_zero_point: np.ndarray   # 0-d, of the output dtype
 
-    :func:`conv_integer`'s exact accumulators plus the int32 bias ``B`` (scale
-    :math:`S_x S_w`, one per output channel), requantized by :func:`requantize_float` with the
-    multiplier of :func:`float_multiplier` (per output channel when ``w_scale`` is) -- the
-    arithmetic of :func:`qlinear_matmul`, over im2col patches.  Scales float32 (or float16,
-    widened exactly); ``y_zero_point``'s dtype (uint8 or int8) is the output type.  Attributes
-    as in :func:`conv_integer`.  This is the whole operator definition (any spatial rank,
-    asymmetric pads, dilations, groups, auto_pad) in NumPy; the conv chapter's compiled NHWC
-    kernel computes the same numbers for the cases it supports.
 
-    Returns
-    -------
-    numpy.ndarray of ``y_zero_point``'s dtype, shape (N, M, O1, ...)
-    """
-    check_choice(overflow, "overflow", _OVERFLOW)
+def _qlinear_conv_operands(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                           y_zero_point, B=None, *, auto_pad="NOTSET", dilations=None, group=1,
+                           kernel_shape=None, pads=None, strides=None) -> _QLinearConvOperands:
+    """Check the inputs and attributes of ``QLinearConv`` and return them ready to compute
+    with: the geometry, integer zero points, the int32 bias and ONNX Runtime's float32
+    multiplier per output channel.  :func:`qlinear_conv` and :func:`qlinear_conv_reference` both
+    start here, so the operator has one set of argument rules."""
     attrs = dict(auto_pad=auto_pad, dilations=dilations, group=group,
                  kernel_shape=kernel_shape, pads=pads, strides=strides)
-    x, w, acc = _conv_operands(x, w, x_zero_point, w_zero_point, attrs)
+    x, w, g, zx, zw = _conv_inputs(x, w, x_zero_point, w_zero_point, attrs)
     m = w.shape[0]
     sx = onnx_scale(x_scale, "x_scale", _OP_SCALES)
     sw = onnx_scale(w_scale, "w_scale", _OP_SCALES)
@@ -207,15 +214,112 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
             np.asarray(y_zero_point).dtype not in _QTYPES or np.asarray(y_zero_point).size != 1:
         raise TypeError("y_zero_point must be a uint8 or int8 NumPy scalar (its dtype is the "
                         f"output type), got {type(y_zero_point).__name__}")
-    zy = np.asarray(y_zero_point)
+    bias = None
     if B is not None:
-        b = np.asarray(B)
-        if b.dtype != np.int32 or b.shape != (m,):
-            raise TypeError(f"B must be an int32 array of shape ({m},), got {b.dtype} {b.shape}")
-        acc = acc + b.astype(np.int64).reshape((1, m) + (1,) * (acc.ndim - 2))
+        bias = np.asarray(B)
+        if bias.dtype != np.int32 or bias.shape != (m,):
+            raise TypeError(f"B must be an int32 array of shape ({m},), got {bias.dtype} "
+                            f"{bias.shape}")
+    mult = np.broadcast_to(float_multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(())),
+                           (m,))
+    return _QLinearConvOperands(x, w, g, int(zx),
+                                np.broadcast_to(zw.astype(np.int64).reshape(-1), (m,)), bias,
+                                mult, np.asarray(y_zero_point).reshape(()))
+
+
+def qlinear_conv_reference(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                           y_zero_point, B=None, *, auto_pad="NOTSET", dilations=None, group=1,
+                           kernel_shape=None, pads=None, strides=None,
+                           overflow="raise") -> np.ndarray:
+    r"""ONNX ``QLinearConv`` in plain NumPy: the twin of :func:`qlinear_conv`.
+
+    :func:`conv_integer`'s exact accumulators (an im2col gather and one integer product per
+    group) plus the int32 bias, the multiplier of :func:`float_multiplier` and the
+    requantization of :func:`requantize_float`, composed, for the whole operator definition (any
+    spatial rank, asymmetric pads, dilations, groups, auto_pad).  Same signature and result as
+    :func:`qlinear_conv`; see it for the semantics.
+    """
+    check_choice(overflow, "overflow", _OVERFLOW)
+    ops = _qlinear_conv_operands(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                                 y_zero_point, B, auto_pad=auto_pad, dilations=dilations,
+                                 group=group, kernel_shape=kernel_shape, pads=pads,
+                                 strides=strides)
+    zw = ops.w_zero_point.reshape((-1,) + (1,) * (ops.w.ndim - 1))
+    acc = _conv_int64(ops.x.astype(np.int64) - ops.x_zero_point, ops.w.astype(np.int64) - zw,
+                      ops.geometry)
+    if ops.bias is not None:
+        acc = acc + ops.bias.astype(np.int64).reshape((1, -1) + (1,) * (acc.ndim - 2))
     acc = _to_int32(acc, overflow, "QLinearConv's integer sum")
-    mult = float_multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(()))
-    mult = mult.reshape((1, -1) + (1,) * (acc.ndim - 2))
-    info = np.iinfo(zy.dtype)
-    y = requantize_float(acc, mult, int(zy.reshape(())), int(info.min), int(info.max))
-    return y.astype(zy.dtype)
+    mult = ops.multiplier.reshape((1, -1) + (1,) * (acc.ndim - 2))
+    info = np.iinfo(ops.y_zero_point.dtype)
+    y = requantize_float(acc, mult, int(ops.y_zero_point), int(info.min), int(info.max))
+    return y.astype(ops.y_zero_point.dtype)
+
+
+def _fits_the_kernels(ops: _QLinearConvOperands) -> bool:
+    """2-D, equal strides, the same padding on every side, no dilation, and a sum that cannot
+    leave int32: what :func:`qcourse.conv.conv2d_int8` computes."""
+    g = ops.geometry
+    if ops.x.ndim != 4 or ops.x.size == 0 or ops.w.size == 0 or set(g.dilations) != {1} or \
+            len(set(g.strides)) != 1 or len(set(g.begin + g.end)) != 1:
+        return False
+    k = int(np.prod(ops.w.shape[1:]))
+    span_x = int(np.max(np.abs(ops.x.astype(np.int64) - ops.x_zero_point)))
+    span_w = int(np.max(np.abs(ops.w.astype(np.int64)
+                               - ops.w_zero_point.reshape((-1,) + (1,) * (ops.w.ndim - 1)))))
+    span_b = 0 if ops.bias is None else int(np.max(np.abs(ops.bias.astype(np.int64))))
+    return k * span_x * span_w + span_b <= INT32_MAX
+
+
+def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
+                 B=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+                 pads=None, strides=None, overflow="raise") -> np.ndarray:
+    r"""The ONNX ``QLinearConv`` operator, bit for bit as ONNX Runtime computes it.
+
+    .. math::
+        y = \operatorname{saturate}\Big(\operatorname{rne}\big(\mathrm{fl}(\mathrm{fl}(v)
+            \cdot m_m)\big) + Z_y\Big),\quad v = B_m + \operatorname{ConvInteger}(x, w),\quad
+        m_m = \mathrm{fl}\big(\mathrm{fl}(S_x S_{w,m}) / S_y\big)
+
+    :func:`conv_integer`'s exact accumulators plus the int32 bias ``B`` (scale
+    :math:`S_x S_w`, one per output channel), requantized by :func:`requantize_float` with the
+    multiplier of :func:`float_multiplier` (per output channel when ``w_scale`` is) -- the
+    arithmetic of :func:`qlinear_matmul`, over im2col patches.  Arguments in the operator's
+    order and with its attribute names: ``x`` (N, C, D1, ...) and ``w`` (M, C/group, k1, ...)
+    uint8 or int8; scales float32 (or float16, widened exactly), ``w_scale`` and
+    ``w_zero_point`` per tensor or per output channel; ``B`` int32 (M,); ``y_zero_point``'s
+    dtype (uint8 or int8) is the output type; ``pads`` [b1, ..., e1, ...]; ``auto_pad``
+    ``"NOTSET"``, ``"SAME_UPPER"``, ``"SAME_LOWER"`` or ``"VALID"``.  The sum must fit int32
+    unless ``overflow="wrap"``.
+
+    A 2-D convolution with equal strides, the same padding on every side, no dilation and a sum
+    that cannot leave int32 runs on the conv chapter's compiled NHWC kernels
+    (:func:`qcourse.conv.conv2d_int8`: im2col onto the int8 GEMM with fused requantization, or
+    the depthwise kernel; the input is transposed once, the output back; uint8 operands shifted
+    by 128, which leaves every difference to a zero point unchanged); everything else on its
+    NumPy twin :func:`qlinear_conv_reference`, which is the whole operator definition.  Both
+    check their arguments with the same rules (``_qlinear_conv_operands``).
+
+    Returns
+    -------
+    numpy.ndarray of ``y_zero_point``'s dtype, shape (N, M, O1, ...)
+    """
+    check_choice(overflow, "overflow", _OVERFLOW)
+    attrs = dict(auto_pad=auto_pad, dilations=dilations, group=group,
+                 kernel_shape=kernel_shape, pads=pads, strides=strides)
+    ops = _qlinear_conv_operands(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                                 y_zero_point, B, **attrs)
+    if not _fits_the_kernels(ops):
+        return qlinear_conv_reference(x, x_scale, x_zero_point, w, w_scale, w_zero_point,
+                                      y_scale, y_zero_point, B, overflow=overflow, **attrs)
+    from qcourse.conv import conv2d_int8  # the same layer; imported here (it imports us)
+
+    w8, zw = ops.w, ops.w_zero_point
+    if w8.dtype == np.uint8:
+        w8, zw = (w8.astype(np.int16) - 128).astype(np.int8), zw - 128
+    y = conv2d_int8(np.ascontiguousarray(ops.x.transpose(0, 2, 3, 1)), w8,
+                    ops.multiplier.astype(np.float64), int(ops.y_zero_point), bias=ops.bias,
+                    x_zero_point=ops.x_zero_point, w_zero_point=zw if np.any(zw) else None,
+                    stride=ops.geometry.strides[0], padding=ops.geometry.begin[0],
+                    groups=ops.geometry.group, out_dtype=ops.y_zero_point.dtype)
+    return np.ascontiguousarray(y.transpose(0, 3, 1, 2))

@@ -23,6 +23,8 @@ published ResNet50 table that the chapter reproduces.
 
 The curvature functions work on a :class:`qcourse.nn.Sequential` of ``Linear``, ``ReLU`` and
 ``ReLU6`` layers and compute in float64 on copies of the weights; the model is never modified.
+:func:`network_hessian_traces` estimates the traces of any network that backpropagates (the
+course CNN's convolutions), by finite differences of its own gradients.
 Every name is reached as ``qcourse.mixed_precision.NAME``; the files hold one idea each:
 ``sensitivity.py`` (measured: one layer, or every configuration, at a time), ``curvature.py``
 (predicted: Hessian traces and Omega) and ``allocation.py`` (accounting, allocation, the HAWQ

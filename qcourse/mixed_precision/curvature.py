@@ -34,6 +34,7 @@ from qcourse.mixed_precision.sensitivity import fake_quantize_weight
 from qcourse.nn import (
     Linear,
     ReLU6,
+    one_blas_thread,
     softmax,
     softmax_cross_entropy,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "layer_gradient",
     "layer_hessian_trace",
     "layer_loss_grad",
+    "network_hessian_traces",
 ]
 
 #: Bounds of the size-like arguments: the full Hessian's side (an n x n float64 matrix, 512 MiB
@@ -314,6 +316,105 @@ def layer_hessian_trace(model, layer: str, X, y, *, n_samples: int = 64,
     """
     curv = _Curvature(model, layer, X, y)
     return hutchinson_trace(curv.hvp_exact, curv.shape, n_samples, seed)
+
+
+def _float64_copy(model):
+    """A float64 copy of a network (hooks dropped, inference mode), for finite differences."""
+    import copy
+
+    net = copy.deepcopy(model)
+    for _, layer in net.named_modules():
+        layer._forward_hooks.clear()
+        layer._forward_pre_hooks.clear()
+        for attr in ("weight", "bias", "grad_weight", "grad_bias"):
+            value = getattr(layer, attr, None)
+            if isinstance(value, np.ndarray):
+                setattr(layer, attr, value.astype(np.float64))
+    net.set_training(False)
+    return net
+
+
+def network_hessian_traces(model, X, y, *, layers=None, n_samples: int = 16, seed: int = 0,
+                           step: float = 1e-4) -> dict[str, HutchinsonEstimate]:
+    r"""Hutchinson estimates of :math:`\operatorname{tr}(H_l)` for the weights of each layer of
+    any network that backpropagates (convolutions included).
+
+    For each of ``n_samples`` rounds and each layer :math:`l` of ``layers`` (default: every
+    layer with a ``weight``), a Rademacher vector :math:`v` of the layer's shape (drawn from
+    ``np.random.default_rng(seed)``, one layer after another) gives the sample :math:`v^T H_l v`,
+    with the Hessian-vector product of the mean cross-entropy taken by central differences of
+    the gradient that the network's own ``backward`` computes, in float64 on a copy (the model
+    is not changed):
+
+    .. math::
+
+        H_l v \approx \frac{\nabla_{W_l} L(W_l + h v) - \nabla_{W_l} L(W_l - h v)}{2h}, \qquad
+        h = \frac{\text{step} \cdot \max(1, \lVert W_l \rVert)}{\lVert v \rVert}.
+
+    A change of :math:`W_l` leaves the layers below it alone, so their output on ``X`` is
+    computed once, and each product runs forward and backward through layer :math:`l` and the
+    layers above it only.  :func:`layer_hessian_trace` computes exact products for Linear and
+    ReLU networks; this works for any :class:`qcourse.nn.Sequential` whose layers have
+    ``backward`` (batch norms folded first), at the price of the finite difference: a ReLU whose
+    input lies within :math:`h` of its kink adds an error of order one to that one sample, which
+    a small ``step`` makes rare.  See the mixed_precision chapter.
+
+    Bounds: ``n_samples`` in [2, 100000]; ``step`` in (0, 1).
+    """
+    from qcourse.nn import Sequential
+
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
+    n_samples = check_int(n_samples, "n_samples", 2, _MAX_SAMPLES)
+    seed = check_int(seed, "seed", 0)
+    step = check_real(step, "step", 0.0, 1.0, lo_open=True, hi_open=True)
+    with_weight = [n for n, m in model.named_modules()
+                   if isinstance(getattr(m, "weight", None), np.ndarray)]
+    if layers is None:
+        layers = with_weight
+    else:
+        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+            raise TypeError(f"layers must be a list of layer names, got {layers!r}")
+        layers = list(layers)
+        if not layers or any(n not in with_weight for n in layers):
+            raise ValueError(f"layers must name layers of the model that have weights "
+                             f"({with_weight}), got {layers!r}")
+    if not layers:
+        raise ValueError("model has no layer with weights")
+    X, y = _check_data(X, y, model)
+    named = _float64_copy(model).named_modules()
+    index = {n: i for i, (n, _) in enumerate(named)}
+    inputs = {}
+    h_in = X.astype(np.float64)
+    for name, layer in named:                      # the input of every layer, once
+        inputs[name] = h_in
+        h_in = layer(h_in)
+    rng = np.random.default_rng(seed)
+    samples = {n: np.empty(n_samples) for n in layers}
+    with one_blas_thread():          # small products: a second BLAS thread only waits
+        for i in range(n_samples):
+            for n in layers:
+                samples[n][i] = _fd_sample(Sequential(*named[index[n]:]), n, inputs[n], y, rng,
+                                           step)
+    return {n: HutchinsonEstimate(float(s.mean()), float(np.std(s, ddof=1) / np.sqrt(n_samples)),
+                                  s) for n, s in samples.items()}
+
+
+def _fd_sample(tail, name: str, x: np.ndarray, y: np.ndarray, rng, step: float) -> float:
+    """One Hutchinson sample v^T H v of layer ``name``, the first layer of ``tail`` (its input
+    ``x``), by central differences of the gradient: see :func:`network_hessian_traces`."""
+    layer = tail[name]
+    w0 = layer.weight.copy()
+    v = (2 * rng.integers(0, 2, size=w0.shape) - 1).astype(np.float64)
+    h = step * max(1.0, float(np.linalg.norm(w0))) / np.sqrt(v.size)
+    grads = []
+    for sign in (1.0, -1.0):
+        layer.weight[...] = w0 + sign * h * v
+        _, dlogits = softmax_cross_entropy(tail(x), y)
+        tail.backward(dlogits)
+        grads.append(layer.grad_weight.copy())
+    layer.weight[...] = w0
+    return float(np.sum(v * (grads[0] - grads[1]))) / (2 * h)
 
 
 def exact_hessian_trace(model, layer: str, X, y) -> float:

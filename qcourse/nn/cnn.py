@@ -20,18 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcourse._checks import check_int
+from qcourse._checks import check_dtype, check_int
 from qcourse.conv import conv_output_size, im2col
 from qcourse.nn.core import Module
 
 __all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "Flatten", "GlobalAvgPool2d"]
-
-
-def _check_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
 
 
 def _rng(seed) -> np.random.Generator:
@@ -98,7 +91,7 @@ class Conv2d(Module):
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"groups={self.groups} must divide in_channels={self.in_channels} "
                              f"and out_channels={self.out_channels}")
-        dtype = _check_dtype(dtype)
+        dtype = check_dtype(dtype, "dtype", (np.float32, np.float64))
         rng = _rng(seed)
         cg = self.in_channels // self.groups
         fan_in = cg * self.kernel_size[0] * self.kernel_size[1]
@@ -262,7 +255,7 @@ class BatchNorm2d(Module):
             raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
         self.eps = float(eps)
         self.momentum = float(momentum)
-        dtype = _check_dtype(dtype)
+        dtype = check_dtype(dtype, "dtype", (np.float32, np.float64))
         self.weight = np.ones(channels, dtype=dtype)       # gamma
         self.bias = np.zeros(channels, dtype=dtype)        # beta
         self.running_mean = np.zeros(channels, dtype=dtype)
