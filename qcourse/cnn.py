@@ -51,6 +51,7 @@ from qcourse.nn import (
     one_blas_thread,
     train_epoch,
 )
+from qcourse.nn.core import _fit_epochs
 
 __all__ = [
     "CNN_STRIDES",
@@ -196,30 +197,14 @@ def train_cnn(model: Sequential, X, y, *, epochs: int = 30, lr: float = 1e-2,
     many epochs of the same schedule (the first epochs of a full run, bit for bit).  Returns the
     per-epoch history.
     """
-    from tqdm.auto import tqdm
-
     decay, no_decay = [], []
     for _, layer in model.named_modules():
         target = no_decay if isinstance(layer, Conv2d) and layer.groups > 1 else decay
         target.extend(layer.parameters())
     opt = _Optimizers(Adam(decay, lr=lr, weight_decay=weight_decay), Adam(no_decay, lr=lr))
-    rng = np.random.default_rng(seed)
-    history: dict[str, list[float]] = {"loss": [], "train_accuracy": []}
-    bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
-    model.set_training(True)
-    try:
-        for e in bar:
-            if stop_after is not None and e >= stop_after:
-                break
-            opt.lr = lr * 0.5 * (1 + np.cos(np.pi * e / epochs))
-            loss, acc = train_epoch(model, X, y, rng.permutation(len(y)), batch_size, opt)
-            history["loss"].append(loss)
-            history["train_accuracy"].append(acc)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-    finally:
-        model.set_training(False)
-        bar.close()
-    return history
+    return _fit_epochs(model, X, y, opt, epochs=epochs, batch_size=batch_size, seed=seed,
+                      progress=progress, stop_after=stop_after,
+                      lr_schedule=lambda e: lr * 0.5 * (1 + np.cos(np.pi * e / epochs)))
 
 
 # --------------------------------------------------------------------------- folding

@@ -443,9 +443,6 @@ def test_the_one_home_checks_find_a_copy(tmp_path):
 REPEATS_ALLOWED = {
     # Deliberate teaching steps: the kernels chapter shows each rung of the kernel ladder whole.
     ("_kernels.pyx", "_kernels.pyx"): "the kernel ladder's rungs, shown one by one in the book",
-    # Being reworked by its owner this session (issue 14): the CNN's cosine-schedule training
-    # writes nn.train's epoch loop out again; it goes when that loop takes a schedule.
-    ("cnn.py", "nn/core.py"): "the CNN's training loop, issue 14's, still being worked on",
 }
 
 MIN_REPEAT_LINES = 6

@@ -575,13 +575,30 @@ def train(model: Module, X: np.ndarray, y: np.ndarray, epochs: int = 20, batch_s
     seed = check_int(seed, "seed", 0)
     progress = check_bool(progress, "progress")
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
+    return _fit_epochs(model, X, y, opt, epochs=epochs, batch_size=batch_size, seed=seed,
+                      progress=progress)
+
+
+def _fit_epochs(model: Module, X: np.ndarray, y: np.ndarray, opt, *, epochs: int,
+               batch_size: int, seed: int, progress: bool, lr_schedule=None,
+               stop_after: int | None = None) -> dict[str, list[float]]:
+    """The epoch loop that :func:`train` and :func:`qcourse.cnn.train_cnn` share (arguments
+    already checked by the caller): each epoch sets ``opt.lr = lr_schedule(epoch)`` if a
+    schedule is given, then runs :func:`train_epoch` on an order drawn from one
+    ``np.random.default_rng(seed)``; ``stop_after`` ends the run after that many epochs of the
+    same schedule.  The model is in training mode during the loop and in evaluation mode after
+    it, also when a step fails.  Returns the per-epoch history."""
     rng = np.random.default_rng(seed)
     n = X.shape[0]
     history: dict[str, list[float]] = {"loss": [], "train_accuracy": []}
     bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
     model.set_training(True)
     try:
-        for _ in bar:
+        for e in bar:
+            if stop_after is not None and e >= stop_after:
+                break
+            if lr_schedule is not None:
+                opt.lr = lr_schedule(e)
             loss, acc = train_epoch(model, X, y, rng.permutation(n), batch_size, opt)
             history["loss"].append(loss)
             history["train_accuracy"].append(acc)
