@@ -37,7 +37,7 @@ pdf: book
 	$(BIN)/python book/_ext/qcourse_pdf.py _build/html _build/pdf/book.pdf
 
 test: venv
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The course's JupyterHub (nbgrader/hub/): configurable-http-proxy from npm (pinned by
 # nbgrader/hub/package-lock.json) and a Python every local account can run, both in .venv/hub/.

@@ -73,25 +73,26 @@ def browser():
 
 #: ``make test`` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``: each test file goes
 #: whole to one of two workers, in the order below, and a worker that finishes a file takes the
-#: next.  The book build (``test_book.py``, several minutes in one process) starts first, so the
-#: other worker spends those minutes on the heaviest files; the files that read the built book
-#: come last, when it is there, instead of holding a worker while they wait for it.  (By default
-#: pytest-xdist sorts files by their number of tests, which started the build late and left one
-#: core idle at the end.)
+#: next.  The book build (``test_book.py``, minutes in one process) starts first, so the other
+#: worker spends those minutes on the heaviest files; the files that read the built book
+#: (BOOK_READERS) come after them, when the book is there, instead of holding a worker while they
+#: wait for it; the many small files come last and fill the gaps, so that neither core idles at
+#: the end.  (By default pytest-xdist sorts files by their number of tests, which started the
+#: build late and left one core idle for minutes.)
 FIRST_FILES = ("test_book.py", "test_chapters.py", "test_grading.py", "test_binder.py",
                "test_lab.py", "test_book_execution.py", "test_sandbox.py", "test_conv.py",
                "test_cnn.py", "test_mixed_precision.py", "test_bad_input.py", "test_deploy.py")
-LAST_FILES = ("test_reader_view.py", "test_browser.py", "test_pdf.py")
+BOOK_READERS = ("test_pdf.py", "test_reader_view.py", "test_browser.py")
 
 
 def file_rank(filename: str) -> tuple[int, int]:
-    """Where a test file goes in the run: FIRST_FILES in order, then the rest as collected
-    (alphabetically), then LAST_FILES."""
+    """Where a test file goes in the run: FIRST_FILES in order, then BOOK_READERS, then the rest
+    as collected (alphabetically)."""
     if filename in FIRST_FILES:
         return (0, FIRST_FILES.index(filename))
-    if filename in LAST_FILES:
-        return (2, LAST_FILES.index(filename))
-    return (1, 0)
+    if filename in BOOK_READERS:
+        return (1, BOOK_READERS.index(filename))
+    return (2, 0)
 
 
 def pytest_collection_modifyitems(items):
