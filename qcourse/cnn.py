@@ -40,7 +40,6 @@ from qcourse._checks import (
     MAX_SQUARABLE,
     check_bool,
     check_choice,
-    check_instance,
     check_int,
     check_int_sequence,
     check_labels,
@@ -53,6 +52,7 @@ from qcourse.affine import QParams, choose_qparams, fake_quantize, qparams_from_
 from qcourse.affine.quantizer import MAX_BITS, MIN_BITS
 from qcourse.datasets import load_digits
 from qcourse.int_matmul import REQUANTIZATIONS
+from qcourse.kernels.matmul import _FLT_MAX as _F32_MAX
 from qcourse.nn import (
     Adam,
     BatchNorm2d,
@@ -68,7 +68,6 @@ from qcourse.nn import (
     one_blas_thread,
     train_epoch,
 )
-from qcourse.kernels.matmul import _FLT_MAX as _F32_MAX
 from qcourse.nn.core import _check_model_input, _fit_epochs, _num_outputs
 from qcourse.nn.tools import _check_sequential
 
@@ -732,8 +731,8 @@ def adaround_weight(weight, gram, bits: int, *, per_channel: bool = True,
     Arguments: ``weight`` (out, ...) finite, within float32; ``gram`` (K, K) or (out, K, K) for
     K weights per output, finite, magnitudes at most 1e150 (its products are squared);
     ``bits`` in [2, 16]; ``iterations`` in [0, :data:`MAX_ITERATIONS`]; ``lr`` in (0, 1000],
-    ``reg`` in [0, 1e6], ``warmup`` in [0, 1), ``beta`` two numbers in [1, 1000]; ``seed`` an int >= 0 (the
-    optimization is deterministic and draws nothing).
+    ``reg`` in [0, 1e6], ``warmup`` in [0, 1), ``beta`` two numbers in [1, 1000]; ``seed`` an
+    int >= 0 (the optimization is deterministic and draws nothing).
     """
     w = _float32_range(weight, "weight")
     if w.ndim < 2:

@@ -103,7 +103,7 @@ class _Fixtures:
         self.edges = np.linspace(0.0, 4.0, 9)
         self.counts = np.array([5.0, 3, 0, 2, 1, 0, 0, 1])
         self.bitsu16 = np.array([0x3C00, 0x0001, 0x7BFF], np.uint16)
-        cnn = np.random.default_rng(5)         # its own generator: the draws above stay as they were
+        cnn = np.random.default_rng(5)     # its own generator: the draws above stay as they were
         self.img = cnn.uniform(0, 1, (6, 1, 8, 8)).astype(np.float32)    # six 1x8x8 images
         self.img_y = np.arange(6) % 10
         self.x_nhwc = cnn.integers(-128, 128, (1, 4, 4, 2), dtype=np.int8)
