@@ -274,7 +274,7 @@ def train_cnn(model: Sequential, X, y, *, epochs: int = 30, lr: float = 1e-2,
     through the same :func:`qcourse.nn.train_epoch`.  ``stop_after`` ends the run after that
     many epochs of the same schedule (the first epochs of a full run, bit for bit).  Returns the
     per-epoch history.  Bounds: ``epochs`` in [1, 100000], ``batch_size`` in [1, 2**28],
-    ``stop_after`` None or in [0, ``epochs``].
+    ``stop_after`` None or in [0, 100000].
     """
     _check_sequential(model)
     X = _check_model_input(model, X, "X")
@@ -286,7 +286,7 @@ def train_cnn(model: Sequential, X, y, *, epochs: int = 30, lr: float = 1e-2,
     seed = check_int(seed, "seed", 0)
     progress = check_bool(progress, "progress")
     if stop_after is not None:
-        stop_after = check_int(stop_after, "stop_after", 0, epochs)
+        stop_after = check_int(stop_after, "stop_after", 0, MAX_EPOCHS)
     decay, no_decay = [], []
     for _, layer in model.named_modules():
         target = no_decay if isinstance(layer, Conv2d) and layer.groups > 1 else decay

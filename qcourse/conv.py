@@ -226,7 +226,7 @@ def _weight_zero_points(w_zero_point, out: int, lo: int, hi: int) -> np.ndarray:
     if w_zero_point is None:
         return np.zeros(out, np.int64)
     zw = int_array(w_zero_point, "w_zero_point", lo, hi)
-    if zw.ndim and zw.shape != (out,):
+    if zw.ndim and zw.shape not in ((1,), (out,)):
         raise ValueError(f"w_zero_point must be one integer or one per output channel "
                          f"({out},), got shape {zw.shape}")
     return np.broadcast_to(zw, (out,))
@@ -320,7 +320,7 @@ def _conv_requant_args(multiplier, output_zero_point, out_dtype, qmin, qmax, out
         raise ValueError(f"qmin must be <= qmax, got qmin={lo}, qmax={hi}")
     zp = check_int(output_zero_point, "output_zero_point", int(info.min), int(info.max))
     m = real_array(multiplier, "multiplier")
-    if m.ndim and m.shape != (out,):
+    if m.ndim and m.shape not in ((1,), (out,)):
         raise ValueError(f"multiplier must be one number or one per output channel ({out},), "
                          f"got shape {m.shape}")
     f32 = np.float32(np.finfo(np.float32).max)
