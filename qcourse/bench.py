@@ -420,10 +420,25 @@ def cnn_onnx_model(model, input_shape=(1, 8, 8)):
     export`` writes (QOperator form: ``QuantizeLinear``, one ``QLinearConv`` per convolution,
     ``QLinearGlobalAveragePool``, the classifier as a 1x1 ``QLinearConv``; float32 NCHW images
     of ``input_shape`` in, int8 logits codes (n, 10) out): :func:`qcourse.deploy.to_onnx` of
-    :func:`qcourse.deploy.from_integer_model`, so the benchmark times the deployed file."""
+    :func:`qcourse.deploy.from_integer_model`, so the benchmark times the deployed file.
+    ``input_shape`` is three ints, each in [1, 8192]."""
     from qcourse import deploy
 
-    return deploy.to_onnx(deploy.from_integer_model(model, input_shape=tuple(input_shape)))
+    _check_integer_cnn(model)
+    shape = _checks.check_int_sequence(input_shape, "input_shape", 1, _MAX_SIDE, min_len=3,
+                                       max_len=3)
+    return deploy.to_onnx(deploy.from_integer_model(model, input_shape=shape))
+
+
+def _check_integer_cnn(model):
+    from qcourse.conv import IntegerCNN
+
+    return _checks.check_instance(model, "model", IntegerCNN, "a qcourse.conv.IntegerCNN")
+
+
+#: Most images in one batch of :func:`cnn_benchmark`, and most timed runs per batch.
+_MAX_CNN_BATCH = 4096
+_MAX_CNN_REPEAT = 10_000
 
 
 def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1):
@@ -435,8 +450,19 @@ def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1
     codes agree (every code is compared).  qcourse's codes are first checked against the
     layers' NumPy references (``AssertionError`` if any differs).  Rows: ``{"batch",
     "contender", "seconds", "images_per_s", "vs_onnxruntime", "agree", "compared"}``.  ONNX
-    Runtime rows are omitted when it is not installed.
+    Runtime rows are omitted when it is not installed.  ``X``: finite float32 NCHW images (or
+    float64 within float32's range); ``batches`` ints in [1, 4096], ``repeat`` in [1, 10000],
+    ``threads`` in [1, 1024].
     """
+    _check_integer_cnn(model)
+    X = _checks.check_float_matrix(X, "X", images=True)
+    if X.ndim != 4:
+        raise ValueError(f"X must be 4-D images (n, c, h, w), got shape {X.shape}")
+    if X.dtype != np.float32:
+        _checks.real_array(X, "X", dtype=np.float32)       # refuses values beyond float32
+    batches = _checks.check_int_sequence(batches, "batches", 1, _MAX_CNN_BATCH)
+    repeat = _checks.check_int(repeat, "repeat", 1, _MAX_CNN_REPEAT)
+    threads = _checks.check_threads(threads)
     try:
         import onnxruntime as ort
     except ImportError:
@@ -479,6 +505,7 @@ def cnn_benchmark(model, X, batches=(1, 256), repeat: int = 20, threads: int = 1
 
 def format_cnn_table(rows) -> str:
     """A Markdown table of :func:`cnn_benchmark`'s rows."""
+    rows = _check_rows(rows, _CNN_KEYS, "cnn_benchmark")
     lines = ["| batch | contender | ms per batch | images/s | vs ONNX Runtime | codes equal |",
              "|---:|:---|---:|---:|---:|---:|"]
     for r in rows:
@@ -487,6 +514,10 @@ def format_cnn_table(rows) -> str:
         lines.append(f"| {r['batch']} | {r['contender']} | {1e3 * r['seconds']:.3f} | "
                      f"{r['images_per_s']:.0f} | {vs} | {eq} |")
     return "\n".join(lines)
+
+
+_CNN_KEYS = frozenset(("batch", "contender", "seconds", "images_per_s", "vs_onnxruntime",
+                       "agree", "compared"))
 
 
 def _cnn_section(repeat: int) -> None:

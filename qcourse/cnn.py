@@ -34,8 +34,25 @@ from typing import NamedTuple
 
 import numpy as np
 
+from qcourse._checks import (
+    MAX_ELEMENTS,
+    MAX_EPOCHS,
+    MAX_SQUARABLE,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_sequence,
+    check_labels,
+    check_real,
+    check_sequence,
+    describe,
+    real_array,
+)
 from qcourse.affine import QParams, choose_qparams, fake_quantize, qparams_from_range, quantize
+from qcourse.affine.quantizer import MAX_BITS, MIN_BITS
 from qcourse.datasets import load_digits
+from qcourse.int_matmul import REQUANTIZATIONS
+from qcourse.kernels.matmul import _FLT_MAX as _F32_MAX
 from qcourse.nn import (
     Adam,
     BatchNorm2d,
@@ -51,7 +68,8 @@ from qcourse.nn import (
     one_blas_thread,
     train_epoch,
 )
-from qcourse.nn.core import _fit_epochs
+from qcourse.nn.core import _check_model_input, _fit_epochs, _num_outputs
+from qcourse.nn.tools import _check_sequential
 
 __all__ = [
     "CNN_STRIDES",
@@ -81,6 +99,68 @@ CNN_WIDTHS = (16, 32, 64, 64)
 #: Stride of each depthwise-separable block's depthwise convolution.
 CNN_STRIDES = (1, 2, 1)
 _ACTS = {"relu6": ReLU6, "relu": ReLU}
+#: Most channels :func:`course_cnn` builds a layer with (MobileNets stop at 1280).
+MAX_CNN_WIDTH = 4096
+#: Most optimization steps of :func:`adaround_weight` and sweeps of
+#: :func:`cross_layer_equalization` in one call.
+MAX_ITERATIONS = 100_000
+
+
+def _float32_range(value, name: str, **kwargs) -> np.ndarray:
+    """Finite real numbers (float64) of magnitude at most float32's maximum."""
+    arr = real_array(value, name, **kwargs)
+    if arr.size and float(np.max(np.abs(arr))) > _F32_MAX:
+        raise ValueError(f"{name} must have magnitudes at most {_F32_MAX:.4g} (float32: its "
+                         f"scales and the layers are float32), got {float(np.max(np.abs(arr))):g}")
+    return arr
+
+
+def _check_unfolded(model, name: str = "model") -> Sequential:
+    """A Sequential without batch norm layers (folded by :func:`fold_batch_norms`)."""
+    _check_sequential(model)
+    if any(isinstance(m, BatchNorm2d) for m in model):
+        raise ValueError(f"{name} has batch norm layers: fold them first (fold_batch_norms)")
+    return model
+
+
+def _bits_arg(bits, name: str, model: Sequential | None = None, *, allow_none: bool = False,
+                complete: bool = False):
+    """Bits in [MIN_BITS, MAX_BITS] (2 to 16): one int, or (with ``model``) a dict from weighted
+    layer names to bits (None where ``allow_none``); ``complete`` wants every weighted layer."""
+    if bits is None and allow_none:
+        return None
+    if isinstance(bits, dict) and model is not None:
+        names = [n for n, _ in _weighted_layers(model)]
+        unknown = [k for k in bits if k not in names]
+        if unknown:
+            raise ValueError(f"{name} must map weighted layers {names} to bits, got unknown "
+                             f"key(s) {unknown}")
+        missing = [n for n in names if n not in bits]
+        if complete and missing:
+            raise ValueError(f"{name} must give the bits of every weighted layer, missing "
+                             f"{missing}")
+        return {k: _bits_arg(v, f"{name}[{k!r}]", allow_none=allow_none)
+                for k, v in bits.items()}
+    return check_int(bits, name, MIN_BITS, MAX_BITS)
+
+
+def _check_weights(weights, model: Sequential, name: str = "weights"):
+    """None, or a dict from weighted layer names to finite weights of each layer's shape."""
+    if weights is None:
+        return None
+    if not isinstance(weights, dict):
+        raise TypeError(f"{name} must be None or a dict from layer names to weights, got "
+                        f"{describe(weights)}")
+    layers = dict(_weighted_layers(model))
+    for key, w in weights.items():
+        if key not in layers:
+            raise ValueError(f"{name} must map weighted layers {list(layers)} to weights, got "
+                             f"unknown key {key!r}")
+        arr = _float32_range(w, f"{name}[{key!r}]")
+        if arr.shape != layers[key].weight.shape:
+            raise ValueError(f"{name}[{key!r}] must have the layer's shape "
+                             f"{layers[key].weight.shape}, got {arr.shape}")
+    return weights
 
 
 def digits_images(split: str = "train", seed: int = 0):
@@ -100,13 +180,12 @@ def course_cnn(activation: str = "relu6", *, seed: int = 0, widths=CNN_WIDTHS,
     ``dw{i} (3x3 depthwise, stride 1, 2, 1) bn_dw{i} act_dw{i} pw{i} (1x1) bn_pw{i} act_pw{i}``,
     then ``pool`` (global average), ``flat`` and ``fc`` (to 10 classes).  Convolutions before
     a batch norm have no bias (the norm's beta is one).  ``activation`` is ``"relu6"`` or
-    ``"relu"`` (the twin); all weights come from ``np.random.default_rng(seed)``.
+    ``"relu"`` (the twin); all weights come from ``np.random.default_rng(seed)`` (``seed`` an
+    int >= 0); ``widths`` are 4 channel counts, each in [1, :data:`MAX_CNN_WIDTH`].
     """
-    if activation not in _ACTS:
-        raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
-    widths = tuple(widths)
-    if len(widths) != 4:
-        raise ValueError(f"widths must give 4 channel counts, got {widths}")
+    check_choice(activation, "activation", tuple(_ACTS))
+    widths = check_int_sequence(widths, "widths", 1, MAX_CNN_WIDTH, min_len=4, max_len=4)
+    seed = check_int(seed, "seed", 0)
     act = _ACTS[activation]
     rng = np.random.default_rng(seed)
     c = widths[0]
@@ -143,8 +222,7 @@ def load_course_cnn(activation: str = "relu6") -> Sequential:
     Weights and batch-norm statistics from ``qcourse/data/cnn_digits.npz`` (made by ``python -m
     qcourse.data.make_cnn``; each call returns a fresh model).
     """
-    if activation not in _ACTS:
-        raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
+    check_choice(activation, "activation", tuple(_ACTS))
     model = course_cnn(activation)
     model.load_state_dict(_weights_file()[activation])
     return model
@@ -195,8 +273,20 @@ def train_cnn(model: Sequential, X, y, *, epochs: int = 30, lr: float = 1e-2,
     batches are drawn as in :func:`qcourse.nn.train` (one ``np.random.default_rng(seed)``),
     through the same :func:`qcourse.nn.train_epoch`.  ``stop_after`` ends the run after that
     many epochs of the same schedule (the first epochs of a full run, bit for bit).  Returns the
-    per-epoch history.
+    per-epoch history.  Bounds: ``epochs`` in [1, 100000], ``batch_size`` in [1, 2**28],
+    ``stop_after`` None or in [0, 100000].
     """
+    _check_sequential(model)
+    X = _check_model_input(model, X, "X")
+    y = check_labels(y, "y", X.shape[0], _num_outputs(model))
+    epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
+    lr = check_real(lr, "lr", 0.0, lo_open=True)
+    weight_decay = check_real(weight_decay, "weight_decay", 0.0)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    seed = check_int(seed, "seed", 0)
+    progress = check_bool(progress, "progress")
+    if stop_after is not None:
+        stop_after = check_int(stop_after, "stop_after", 0, MAX_EPOCHS)
     decay, no_decay = [], []
     for _, layer in model.named_modules():
         target = no_decay if isinstance(layer, Conv2d) and layer.groups > 1 else decay
@@ -222,33 +312,34 @@ def fold_conv_batch_norm(weight, bias, gamma, beta, running_mean, running_var, *
     rounding), and it is this :math:`W'` that gets quantized: each filter is rescaled by its
     own :math:`f_o`, so filters whose channel had a small variance grow large -- the spread of
     per-channel ranges that makes per-tensor quantization of MobileNets fail (Nagel et al. 2019,
-    Fig. 2).  ``weight`` is (out, in/groups, kh, kw); ``bias`` may be None.  float64 inside,
-    returned in ``weight``'s dtype.
+    Fig. 2).  ``weight`` is (out, in/groups, kh, kw) floats; ``bias`` may be None; every input
+    finite, ``eps`` > 0.  float64 inside, returned in ``weight``'s dtype (a folded value beyond
+    that dtype's range raises ``ValueError``).
     """
-    w = np.asarray(weight)
-    if w.dtype.kind != "f" or w.ndim != 4 or w.size == 0:
-        raise ValueError(f"weight must be a non-empty 4-D float array (out, in/groups, kh, kw), "
-                         f"got {w.dtype} {w.shape}")
+    w = real_array(weight, "weight", kinds="f", dtype=None, ndim=4)
+    eps = check_real(eps, "eps", 0.0, lo_open=True)
     out_c = w.shape[0]
     named = {"bias": np.zeros(out_c) if bias is None else bias, "gamma": gamma, "beta": beta,
              "running_mean": running_mean, "running_var": running_var}
     vals = {}
     for name, v in named.items():
-        arr = np.asarray(v, dtype=np.float64)
+        arr = real_array(v, name)
         if arr.shape != (out_c,):
             raise ValueError(f"{name} must have shape ({out_c},) (one per output channel), got "
                              f"{arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} must be finite")
         vals[name] = arr
     if np.any(vals["running_var"] < 0):
         raise ValueError("running_var must be >= 0")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    f = vals["gamma"] / np.sqrt(vals["running_var"] + float(eps))
-    w_f = w.astype(np.float64) * f[:, None, None, None]
-    b_f = f * (vals["bias"] - vals["running_mean"]) + vals["beta"]
-    return w_f.astype(w.dtype), b_f.astype(w.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = vals["gamma"] / np.sqrt(vals["running_var"] + float(eps))
+        w_f = w.astype(np.float64) * f[:, None, None, None]
+        b_f = f * (vals["bias"] - vals["running_mean"]) + vals["beta"]
+        folded = w_f.astype(w.dtype), b_f.astype(w.dtype)
+    if not (np.all(np.isfinite(folded[0])) and np.all(np.isfinite(folded[1]))):
+        raise ValueError(f"the folded weight or bias overflows {w.dtype}: weight * gamma / "
+                         f"sqrt(running_var + eps) and gamma * (bias - running_mean) / "
+                         f"sqrt(running_var + eps) + beta must stay finite")
+    return folded
 
 
 def _copy_layer(layer: Module) -> Module:
@@ -309,10 +400,15 @@ def quantize_conv_weight(weight, bits: int = 8, *, per_channel: bool = True):
     (codes, QParams)
         ``codes`` int8 (for ``bits <= 8``) of ``weight``'s shape; ``QParams`` with ``axis=0``
         per channel.
+
+    ``weight`` holds finite real numbers of magnitude at most float32's maximum (the scale is
+    stored as float32); ``bits`` is an int in [2, 16].
     """
-    w = np.asarray(weight, dtype=np.float64)
+    w = _float32_range(weight, "weight")
     if w.ndim < 2:
         raise ValueError(f"weight must have an output axis and at least one more, got {w.shape}")
+    bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+    per_channel = check_bool(per_channel, "per_channel")
     qp = choose_qparams(w, bits=bits, signed=True, symmetric=True, narrow_range=True,
                         axis=0 if per_channel else None)
     qp = QParams(scale=qp.scale.astype(np.float32).astype(np.float64),
@@ -390,12 +486,15 @@ def simulate_quantized(model: Sequential, X_calib, *, weight_bits=8, act_bits=8,
     optionally gives ``{layer: dequantized weight}`` to use instead (AdaRound's rounding).  With
     ``act_bits`` (an int, or None for float activations) the input and every tensor the integer
     network stores (:func:`_quant_points`) are fake-quantized on a per-tensor asymmetric int
-    grid whose range is the min-max over ``X_calib`` in the float network.
+    grid whose range is the min-max over ``X_calib`` in the float network.  Bits are ints in
+    [2, 16].
     """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"model must be a qcourse.nn.Sequential, got {type(model).__name__}")
-    if any(isinstance(m, BatchNorm2d) for m in model):
-        raise ValueError("model has batch norm layers: fold them first (fold_batch_norms)")
+    _check_unfolded(model)
+    X_calib = _check_model_input(model, X_calib, "X_calib")
+    weight_bits = _bits_arg(weight_bits, "weight_bits", model, allow_none=True)
+    act_bits = _bits_arg(act_bits, "act_bits", allow_none=True)
+    per_channel = check_bool(per_channel, "per_channel")
+    weights = _check_weights(weights, model)
     sim = Sequential(*[(n, _copy_layer(m)) for n, m in model.named_modules()])
     weighted = _weighted_layers(sim)
     w_bits = weight_bits if isinstance(weight_bits, dict) else {
@@ -467,7 +566,7 @@ def equalization_pairs(model: Sequential) -> list[tuple[str, str]]:
     scales the second layer's input channel :math:`i` by the same factor (ReLU is positively
     homogeneous, :math:`\\max(0, x/s) = \\max(0, x)/s`; averaging and flattening are linear).
     """
-    named = model.named_modules()
+    named = _check_sequential(model).named_modules()
     pairs = []
     prev = None
     for name, layer in named:
@@ -495,10 +594,10 @@ def cross_layer_equalization(model: Sequential, *, iterations: int = 20) -> Sequ
     The float function is unchanged only through positively homogeneous activations, so every
     ReLU6 between equalized layers is replaced by a ReLU, as Nagel et al. do for MobileNetV2
     (the clip at 6 would no longer be at 6 after scaling).  Sweeps over all pairs
-    ``iterations`` times (the ranges converge).
+    ``iterations`` times (the ranges converge), an int in [0, :data:`MAX_ITERATIONS`].
     """
-    if any(isinstance(m, BatchNorm2d) for m in model):
-        raise ValueError("model has batch norm layers: fold them first (fold_batch_norms)")
+    _check_unfolded(model)
+    iterations = check_int(iterations, "iterations", 0, MAX_ITERATIONS)
     layers = []
     for name, m in model.named_modules():
         layers.append((name, ReLU() if isinstance(m, ReLU6) else _copy_layer(m)))
@@ -541,8 +640,13 @@ def bias_correction(model: Sequential, X_calib, *, weight_bits=8,
     float network's inputs to that layer; Nagel et al.'s data-free variant predicts
     :math:`\mathbb E[x]` from the batch-norm statistics instead) and subtracts it from the bias.
     Returns a copy whose biases are corrected for the quantization that
-    :func:`simulate_quantized` will apply with the same ``weight_bits`` and ``per_channel``.
+    :func:`simulate_quantized` will apply with the same ``weight_bits`` and ``per_channel``
+    (one int in [2, 16], or a dict giving every weighted layer its bits or None).
     """
+    _check_sequential(model)
+    X_calib = _check_model_input(model, X_calib, "X_calib")
+    weight_bits = _bits_arg(weight_bits, "weight_bits", model, allow_none=True, complete=True)
+    per_channel = check_bool(per_channel, "per_channel")
     out = Sequential(*[(n, _copy_layer(m)) for n, m in model.named_modules()])
     weighted = _weighted_layers(out)
     inputs = _layer_inputs(model, X_calib, [n for n, _ in weighted])
@@ -580,7 +684,8 @@ def _input_gram(layer, x: np.ndarray) -> np.ndarray:
 
 
 def _rectified_sigmoid(v: np.ndarray, zeta: float = 1.1, gamma: float = -0.1):
-    sig = 1.0 / (1.0 + np.exp(-v))
+    with np.errstate(over="ignore"):        # exp(-v) = inf for v < -709: the sigmoid is 0
+        sig = 1.0 / (1.0 + np.exp(-v))
     h = sig * (zeta - gamma) + gamma
     dh = (zeta - gamma) * sig * (1 - sig) * ((h > 0) & (h < 1))
     return np.clip(h, 0.0, 1.0), dh
@@ -622,9 +727,29 @@ def adaround_weight(weight, gram, bits: int, *, per_channel: bool = True,
     :math:`V`, initialized so that :math:`h(V)` is the fractional part (the start is nearest
     rounding's soft version).  Finally each :math:`h` is rounded to 0 or 1.  Nearest rounding
     minimizes each weight's error; AdaRound minimizes the *layer's*, letting errors cancel.
+
+    Arguments: ``weight`` (out, ...) finite, within float32; ``gram`` (K, K) or (out, K, K) for
+    K weights per output, finite, magnitudes at most 1e150 (its products are squared);
+    ``bits`` in [2, 16]; ``iterations`` in [0, :data:`MAX_ITERATIONS`]; ``lr`` in (0, 1000],
+    ``reg`` in [0, 1e6], ``warmup`` in [0, 1), ``beta`` two numbers in [1, 1000]; ``seed`` an
+    int >= 0 (the optimization is deterministic and draws nothing).
     """
-    w = np.asarray(weight, dtype=np.float64)
-    out = w.shape[0]
+    w = _float32_range(weight, "weight")
+    if w.ndim < 2:
+        raise ValueError(f"weight must have an output axis and at least one more, got {w.shape}")
+    out, k = w.shape[0], w.size // w.shape[0]
+    H = real_array(gram, "gram", max_abs=MAX_SQUARABLE)
+    if H.shape not in ((k, k), (out, k, k)):
+        raise ValueError(f"gram must have shape ({k}, {k}) or ({out}, {k}, {k}) for a weight of "
+                         f"shape {w.shape}, got {H.shape}")
+    bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+    iterations = check_int(iterations, "iterations", 0, MAX_ITERATIONS)
+    lr = check_real(lr, "lr", 0.0, 1e3, lo_open=True)
+    reg = check_real(reg, "reg", 0.0, 1e6)
+    warmup = check_real(warmup, "warmup", 0.0, 1.0, hi_open=True)
+    beta = tuple(check_real(b, f"beta[{i}]", 1.0, 1e3) for i, b in
+                 enumerate(check_sequence(beta, "beta", min_len=2, max_len=2)))
+    check_int(seed, "seed", 0)
     _, qp = quantize_conv_weight(w, bits, per_channel=per_channel)
     s = np.broadcast_to(qp.scale, (out,)).reshape(-1, 1)
     flat = w.reshape(out, -1)
@@ -633,7 +758,6 @@ def adaround_weight(weight, gram, bits: int, *, per_channel: bool = True,
     zeta, gamma = 1.1, -0.1
     p = np.clip((rest - gamma) / (zeta - gamma), 1e-4, 1 - 1e-4)
     v = np.log(p / (1 - p))
-    H = np.asarray(gram, dtype=np.float64)
 
     def err(wt):
         d = wt - flat
@@ -677,8 +801,28 @@ def adaround(model: Sequential, X_calib, *, weight_bits=4, per_channel: bool = T
 
     The Gram matrices come from the float network's inputs to each layer on ``X_calib``.
     Returns ``{layer: AdaRoundResult}``; pass ``{name: r.weight}`` as ``weights`` to
-    :func:`simulate_quantized` to evaluate the learned rounding.
+    :func:`simulate_quantized` to evaluate the learned rounding.  ``weight_bits`` is one int in
+    [2, 16] or a dict with the bits of every chosen layer; ``layers`` None or weighted layer
+    names; the rest as in :func:`adaround_weight`.
     """
+    _check_sequential(model)
+    X_calib = _check_model_input(model, X_calib, "X_calib")
+    if layers is not None:
+        names = [n for n, _ in _weighted_layers(model)]
+        for i, name in enumerate(check_sequence(layers, "layers", min_len=1)):
+            if not isinstance(name, str) or name not in names:
+                raise ValueError(f"layers[{i}] must be one of the weighted layers {names}, got "
+                                 f"{describe(name)}")
+    weight_bits = _bits_arg(weight_bits, "weight_bits", model)
+    if isinstance(weight_bits, dict):
+        missing = [n for n, _ in _weighted_layers(model)
+                   if (layers is None or n in layers) and n not in weight_bits]
+        if missing:
+            raise ValueError(f"weight_bits must give the bits of every layer rounded, missing "
+                             f"{missing}")
+    per_channel = check_bool(per_channel, "per_channel")
+    iterations = check_int(iterations, "iterations", 0, MAX_ITERATIONS)
+    seed = check_int(seed, "seed", 0)
     weighted = [(n, m) for n, m in _weighted_layers(model) if layers is None or n in layers]
     inputs = _layer_inputs(model, X_calib, [n for n, _ in weighted])
     results = {}
@@ -710,8 +854,8 @@ class WeightFakeQuant(Module):
         if not isinstance(inner, Conv2d | Linear):
             raise TypeError(f"inner must be a Conv2d or Linear, got {type(inner).__name__}")
         self.inner = inner
-        self.bits = int(bits)
-        self.per_channel = bool(per_channel)
+        self.bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
+        self.per_channel = check_bool(per_channel, "per_channel")
         self._fq = None
 
     @property
@@ -761,8 +905,21 @@ def qat_cnn(model: Sequential, X, y, X_calib, *, weight_bits: int = 4, act_bits:
     ``X_calib`` and then fixed; fake quantization in the forward pass, identity in the backward
     pass), with every weighted layer wrapped in :class:`WeightFakeQuant` (``weight_bits``), and
     trains for ``epochs`` with Adam (``lr``) through :func:`qcourse.nn.train_epoch`.  The
-    network learns weights that survive their grid.  ``model`` is not changed.
+    network learns weights that survive their grid.  ``model`` is not changed.  Bits are ints in
+    [2, 16], ``epochs`` in [1, 100000], ``batch_size`` in [1, 2**28].
     """
+    _check_unfolded(model)
+    X = _check_model_input(model, X, "X")
+    y = check_labels(y, "y", X.shape[0], _num_outputs(model))
+    X_calib = _check_model_input(model, X_calib, "X_calib")
+    weight_bits = _bits_arg(weight_bits, "weight_bits")
+    act_bits = _bits_arg(act_bits, "act_bits")
+    per_channel = check_bool(per_channel, "per_channel")
+    epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
+    lr = check_real(lr, "lr", 0.0, lo_open=True)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
+    seed = check_int(seed, "seed", 0)
+    progress = check_bool(progress, "progress")
     from tqdm.auto import tqdm
 
     base = simulate_quantized(model, X_calib, weight_bits=None, act_bits=act_bits,
@@ -804,6 +961,11 @@ def convert_cnn(model: Sequential, X_calib, *, per_channel: bool = True,
     float weights before quantization (e.g. AdaRound's dequantized choice, which lies on the
     grid and therefore quantizes to itself).  See the conv chapter.
     """
+    _check_sequential(model)
+    X_calib = _check_model_input(model, X_calib, "X_calib")
+    per_channel = check_bool(per_channel, "per_channel")
+    check_choice(requantization, "requantization", REQUANTIZATIONS)
+    weights = _check_weights(weights, model)
     from qcourse.conv import IntegerCNN, IntegerGlobalAvgPool, QuantizedConv2d
     from qcourse.int_matmul import QuantizedLinear
 

@@ -34,12 +34,25 @@ The module has three parts:
 from __future__ import annotations
 
 import functools
-import numbers
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from qcourse._checks import (
+    INT32_MAX,
+    INT32_MIN,
+    MAX_ELEMENTS,
+    check_choice,
+    check_dtype,
+    check_instance,
+    check_int,
+    check_int_sequence,
+    check_sequence,
+    describe,
+    int_array,
+    real_array,
+)
 from qcourse.affine import QParams, dequantize, quantize, storage_dtype
 from qcourse.int_matmul import (
     ACTIVATIONS,
@@ -64,28 +77,46 @@ __all__ = [
 _LAYOUTS = ("NCHW", "NHWC")
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
+#: Largest image side, kernel side, stride and padding a convolution here takes (2**20, as
+#: :func:`qcourse.kernels.depthwise_conv_int8`); besides, the padded input, the patch matrix and
+#: the output may hold at most :data:`qcourse._checks.MAX_ELEMENTS` (2**28) elements each.
+MAX_SIDE = 2**20
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,
                      name: str = "size") -> int:
     r"""Output length of a convolution along one axis: :math:`\lfloor (n + 2p - k)/s \rfloor + 1`.
 
-    Raises ``ValueError`` naming ``name`` when the kernel does not fit in the padded input.
+    ``size``, ``kernel`` and ``stride`` are ints in [1, :data:`MAX_SIDE`], ``padding`` in [0,
+    :data:`MAX_SIDE`].  Raises ``ValueError`` naming ``name`` when the kernel does not fit in the
+    padded input.
     """
-    size = _check_int(size, name, 1)
-    kernel = _check_int(kernel, "kernel", 1)
-    stride = _check_int(stride, "stride", 1)
-    padding = _check_int(padding, "padding", 0)
+    return _out_size(size, kernel, stride, padding, name if name == "size" else f"size ({name})",
+                     "kernel")
+
+
+def _out_size(size, kernel, stride, padding, name: str, kernel_name: str) -> int:
+    size = check_int(size, name, 1, MAX_SIDE)
+    kernel = check_int(kernel, kernel_name, 1, MAX_SIDE)
+    stride = check_int(stride, "stride", 1, MAX_SIDE)
+    padding = check_int(padding, "padding", 0, MAX_SIDE)
     if size + 2 * padding < kernel:
-        raise ValueError(f"the {kernel}-wide kernel does not fit the input's {name} {size} "
-                         f"with padding {padding}")
+        raise ValueError(f"the {kernel}-wide kernel ({kernel_name}) does not fit the input's "
+                         f"{name} {size} with padding {padding}")
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def _check_elements(count: int, what: str) -> None:
+    if count > MAX_ELEMENTS:
+        raise ValueError(f"{what} would hold {count} elements, more than MAX_ELEMENTS "
+                         f"({MAX_ELEMENTS})")
+
+
+def _kernel_pair(kernel_size, name: str = "kernel_size") -> tuple[int, int]:
+    if isinstance(kernel_size, (tuple, list)):
+        return check_int_sequence(kernel_size, name, 1, MAX_SIDE, min_len=2, max_len=2)
+    k = check_int(kernel_size, name, 1, MAX_SIDE)
+    return k, k
 
 
 def im2col(x, kernel_size, stride: int = 1, padding: int = 0, *, layout: str = "NCHW",
@@ -105,7 +136,10 @@ def im2col(x, kernel_size, stride: int = 1, padding: int = 0, *, layout: str = "
         ``(n, c, h, w)`` for ``layout="NCHW"``, ``(n, h, w, c)`` for ``"NHWC"``.
     kernel_size : int or (kh, kw)
     stride, padding : int
+        ``kernel_size`` and ``stride`` in [1, :data:`MAX_SIDE`], ``padding`` in [0,
+        :data:`MAX_SIDE`]; the padded input and the result may hold at most 2**28 elements.
     pad_value : scalar of ``x``'s dtype
+        A real number (an integer in the dtype's range for integer codes; NaN refused).
 
     Returns
     -------
@@ -113,23 +147,27 @@ def im2col(x, kernel_size, stride: int = 1, padding: int = 0, *, layout: str = "
         ``(n, oh, ow, c, kh, kw)`` for NCHW, ``(n, oh, ow, kh, kw, c)`` for NHWC: reshaped to
         ``(n * oh * ow, -1)`` it is the patch matrix, rows in output order.
     """
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
-    if layout not in _LAYOUTS:
-        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
-    if x.ndim != 4:
-        raise ValueError(f"x must be 4-D ({', '.join(layout)}), got shape {x.shape}")
-    kh, kw = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, kernel_size)
-    kh, kw = _check_int(kh, "kernel_size", 1), _check_int(kw, "kernel_size", 1)
-    stride = _check_int(stride, "stride", 1)
-    padding = _check_int(padding, "padding", 0)
+    check_instance(x, "x", np.ndarray, "a numpy.ndarray")
+    layout = check_choice(layout, "layout", _LAYOUTS)
+    x = real_array(x, "x", dtype=None, finite=False, nonempty=False, ndim=4)
+    kh, kw = _kernel_pair(kernel_size)
+    stride = check_int(stride, "stride", 1, MAX_SIDE)
+    padding = check_int(padding, "padding", 0, MAX_SIDE)
     h_ax, w_ax = (2, 3) if layout == "NCHW" else (1, 2)
-    oh = conv_output_size(x.shape[h_ax], kh, stride, padding, "height")
-    ow = conv_output_size(x.shape[w_ax], kw, stride, padding, "width")
+    oh = _out_size(x.shape[h_ax], kh, stride, padding, "x's height", "kernel_size")
+    ow = _out_size(x.shape[w_ax], kw, stride, padding, "x's width", "kernel_size")
+    n, c = x.shape[0], x.shape[1 if layout == "NCHW" else 3]
+    _check_elements(n * c * (x.shape[h_ax] + 2 * padding) * (x.shape[w_ax] + 2 * padding),
+                    f"x of shape {x.shape} with padding={padding}")
+    _check_elements(n * oh * ow * c * kh * kw,
+                    f"the patches of x (shape {x.shape}, kernel_size={(kh, kw)}, "
+                    f"padding={padding})")
+    if padding:
+        pad_value = _pad_value(pad_value, x.dtype)
     if padding:
         widths = [(0, 0)] * 4
         widths[h_ax] = widths[w_ax] = (padding, padding)
-        x = np.pad(x, widths, constant_values=np.asarray(pad_value).astype(x.dtype))
+        x = np.pad(x, widths, constant_values=pad_value)
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(h_ax, w_ax))
     if layout == "NCHW":          # (n, c, H', W', kh, kw)
         win = win[:, :, :stride * oh:stride, :stride * ow:stride]
@@ -138,10 +176,21 @@ def im2col(x, kernel_size, stride: int = 1, padding: int = 0, *, layout: str = "
     return np.ascontiguousarray(win.transpose(0, 1, 2, 4, 5, 3))
 
 
+def _pad_value(pad_value, dtype: np.dtype):
+    """``pad_value`` as a scalar of ``dtype``: a real number, an integer in range for codes."""
+    v = real_array(pad_value, "pad_value", dtype=None, ndim=0)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if v.dtype.kind == "f" and v != np.rint(v) or not info.min <= v <= info.max:
+            raise ValueError(f"pad_value must be an integer in [{info.min}, {info.max}] (the "
+                             f"range of x's dtype {dtype}), got {v}")
+    return v.astype(dtype)
+
+
 # --- integer convolution, NHWC ---------------------------------------------------------------
 
 
-def _check_codes(name: str, x, ndim: int, layout: str) -> np.ndarray:
+def _check_conv_codes(name: str, x, ndim: int, layout: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of int8 or uint8 codes, got "
                         f"{type(x).__name__}")
@@ -153,11 +202,11 @@ def _check_codes(name: str, x, ndim: int, layout: str) -> np.ndarray:
     return x
 
 
-def _conv_geometry(x_shape, w_shape, stride, padding, groups, layout="NHWC"):
+def _nhwc_geometry(x_shape, w_shape, stride, padding, groups, layout="NHWC"):
     """Check that a weight (out, in/groups, kh, kw) fits an input; return (oh, ow, groups)."""
     c = x_shape[3] if layout == "NHWC" else x_shape[1]
     h, wd = (x_shape[1], x_shape[2]) if layout == "NHWC" else (x_shape[2], x_shape[3])
-    groups = _check_int(groups, "groups", 1)
+    groups = check_int(groups, "groups", 1)
     out, cg, kh, kw = w_shape
     if c % groups or out % groups:
         raise ValueError(f"groups={groups} must divide the input channels ({c}) and the output "
@@ -166,16 +215,51 @@ def _conv_geometry(x_shape, w_shape, stride, padding, groups, layout="NHWC"):
         axis = 3 if layout == "NHWC" else 1
         raise ValueError(f"the weight expects {cg * groups} input channels ({cg} per group x "
                          f"{groups} groups) but x has {c} (axis {axis}, {layout})")
-    oh = conv_output_size(h, kh, stride, padding, "height")
-    ow = conv_output_size(wd, kw, stride, padding, "width")
+    oh = _out_size(h, kh, stride, padding, "x_q's height", "w_q's kernel height")
+    ow = _out_size(wd, kw, stride, padding, "x_q's width", "w_q's kernel width")
+    _check_elements(x_shape[0] * oh * ow * out, f"the output (padding={padding})")
     return oh, ow, groups
 
 
-def _zero_points(w_zero_point, out: int) -> np.ndarray:
-    zw = np.broadcast_to(np.asarray(0 if w_zero_point is None else w_zero_point), (out,))
-    if zw.dtype.kind not in "iu":
-        raise TypeError(f"w_zero_point must be integers, got dtype {zw.dtype}")
-    return zw.astype(np.int64)
+def _weight_zero_points(w_zero_point, out: int, lo: int, hi: int) -> np.ndarray:
+    """``w_zero_point`` (None, one integer or one per output channel) as int64 ``(out,)``."""
+    if w_zero_point is None:
+        return np.zeros(out, np.int64)
+    zw = int_array(w_zero_point, "w_zero_point", lo, hi)
+    if zw.ndim and zw.shape not in ((1,), (out,)):
+        raise ValueError(f"w_zero_point must be one integer or one per output channel "
+                         f"({out},), got shape {zw.shape}")
+    return np.broadcast_to(zw, (out,))
+
+
+def _conv_args(x_q, w_q, x_zero_point, w_zero_point, bias, stride, padding, groups, *,
+               int8_weight: bool):
+    """The arguments an integer convolution shares, checked with the caller's names: ``x``,
+    ``w``, ``(oh, ow, groups)``, ``Z_x``, ``Z_W`` int64 (out,) and ``bias`` int64 (out,) or
+    None."""
+    x = _check_conv_codes("x_q", x_q, 4, "n, h, w, c")
+    if int8_weight:
+        w = _check_conv_codes("w_q", w_q, 4, "out, in/groups, kh, kw")
+        if w.dtype != np.int8:
+            raise TypeError(f"w_q must be int8, got {w.dtype}")
+        zw_range = (-128, 127)
+    else:
+        w = int_array(w_q, "w_q", -128, 255, what="int8 or uint8 codes")
+        if w.ndim != 4:
+            raise ValueError(f"w_q must be a 4-D integer array (out, in/groups, kh, kw), got "
+                             f"shape {w.shape}")
+        zw_range = (-128, 255)
+    oh, ow, groups = _nhwc_geometry(x.shape, w.shape, stride, padding, groups)
+    info = np.iinfo(x.dtype)
+    zx = check_int(x_zero_point, "x_zero_point", int(info.min), int(info.max))
+    out = w.shape[0]
+    zw = _weight_zero_points(w_zero_point, out, *zw_range)
+    if bias is not None:
+        bias = int_array(bias, "bias", INT32_MIN, INT32_MAX, what="int32")
+        if bias.shape != (out,):
+            raise ValueError(f"bias must have shape ({out},) (one per output channel), got "
+                             f"{bias.shape}")
+    return x, w, (oh, ow, groups), zx, zw, bias
 
 
 def conv2d_accumulate(x_q, w_q, *, x_zero_point: int = 0, w_zero_point=None, bias=None,
@@ -189,53 +273,61 @@ def conv2d_accumulate(x_q, w_q, *, x_zero_point: int = 0, w_zero_point=None, bia
 
     with the input padded by :math:`Z_x` (so the padding contributes nothing, exactly as a float
     convolution padded with 0).  ``x_q`` is (n, h, w, c) int8 or uint8; ``w_q`` is (out,
-    in/groups, kh, kw), integer codes; ``bias`` int32 (out,).  Computed in int64 by im2col and a
+    in/groups, kh, kw), integer codes (int8 or uint8 values); ``x_zero_point`` in ``x_q``'s
+    dtype range; ``w_zero_point`` None, one integer or one per output channel; ``bias`` None
+    or int32 values (out,); ``stride``, ``padding`` and the image sides at most
+    :data:`MAX_SIDE`, the output at most 2**28 elements.  Computed in int64 by im2col and a
     matrix product per group; a sum outside int32 raises ``ValueError``.
 
     Returns
     -------
     numpy.ndarray, int32, (n, oh, ow, out)
     """
-    x = _check_codes("x_q", x_q, 4, "n, h, w, c")
-    w = np.asarray(w_q)
-    if w.ndim != 4 or w.dtype.kind not in "iu":
-        raise ValueError(f"w_q must be a 4-D integer array (out, in/groups, kh, kw), got "
-                         f"{w.dtype} {w.shape}")
-    oh, ow, groups = _conv_geometry(x.shape, w.shape, stride, padding, groups)
+    x, w, (oh, ow, groups), zx, zw, bias = _conv_args(
+        x_q, w_q, x_zero_point, w_zero_point, bias, stride, padding, groups, int8_weight=False)
     out, cg, kh, kw = w.shape
-    zx = int(x_zero_point)
     cols = im2col(x, (kh, kw), stride, padding, layout="NHWC", pad_value=zx)
     n = x.shape[0]
     cols = cols.reshape(n * oh * ow, kh * kw, groups, cg).astype(np.int64) - zx
-    wz = w.astype(np.int64) - _zero_points(w_zero_point, out)[:, None, None, None]
+    wz = w.astype(np.int64) - zw[:, None, None, None]
     og = out // groups
     acc = np.empty((n * oh * ow, out), np.int64)
     for g in range(groups):
         wg = wz[g * og:(g + 1) * og].transpose(0, 2, 3, 1).reshape(og, -1)   # (og, kh*kw*cg)
         acc[:, g * og:(g + 1) * og] = cols[:, :, g, :].reshape(n * oh * ow, -1) @ wg.T
     if bias is not None:
-        acc += np.asarray(bias, dtype=np.int64)
+        acc += bias
     if np.any((acc < -(2**31)) | (acc > 2**31 - 1)):
         raise ValueError("the convolution's int32 accumulator overflows for this input")
     return acc.astype(np.int32).reshape(n, oh, ow, out)
 
 
 def _requant_float(acc, multiplier, zp, qmin, qmax, out_dtype):
-    f = acc.astype(np.float32) * np.asarray(multiplier, np.float32)
+    with np.errstate(over="ignore"):        # an overflow to inf is clamped like any large value
+        f = acc.astype(np.float32) * np.asarray(multiplier, np.float32)
     q = np.rint(np.clip(f, np.float32(qmin - zp), np.float32(qmax - zp))) + zp
     return q.astype(np.int32).astype(out_dtype)
 
 
-def _out_range(out_dtype, qmin, qmax):
-    out_dtype = np.dtype(out_dtype)
-    if out_dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
-        raise TypeError(f"out_dtype must be int8 or uint8, got {out_dtype}")
+def _conv_requant_args(multiplier, output_zero_point, out_dtype, qmin, qmax, out: int):
+    """The requantization arguments: ``(out_dtype, qmin, qmax, zp, m)`` with ``m`` float64
+    (out,), each a positive float32."""
+    out_dtype = check_dtype(out_dtype, "out_dtype", (np.int8, np.uint8))
     info = np.iinfo(out_dtype)
-    lo = int(info.min) if qmin is None else int(qmin)
-    hi = int(info.max) if qmax is None else int(qmax)
-    if not info.min <= lo <= hi <= info.max:
-        raise ValueError(f"need {info.min} <= qmin <= qmax <= {info.max}, got {lo}, {hi}")
-    return out_dtype, lo, hi
+    lo = int(info.min) if qmin is None else check_int(qmin, "qmin", int(info.min), int(info.max))
+    hi = int(info.max) if qmax is None else check_int(qmax, "qmax", int(info.min), int(info.max))
+    if lo > hi:
+        raise ValueError(f"qmin must be <= qmax, got qmin={lo}, qmax={hi}")
+    zp = check_int(output_zero_point, "output_zero_point", int(info.min), int(info.max))
+    m = real_array(multiplier, "multiplier")
+    if m.ndim and m.shape not in ((1,), (out,)):
+        raise ValueError(f"multiplier must be one number or one per output channel ({out},), "
+                         f"got shape {m.shape}")
+    f32 = np.float32(np.finfo(np.float32).max)
+    if not np.all((m > 0) & (m <= f32)) or not np.all(m.astype(np.float32) > 0):
+        raise ValueError(f"multiplier must be a positive float32 (it is rounded to float32), got "
+                         f"values from {m.min():g} to {m.max():g}")
+    return out_dtype, lo, hi, zp, np.broadcast_to(m, (out,))
 
 
 def conv2d_int8_reference(x_q, w_q, multiplier, output_zero_point: int = 0, *, bias=None,
@@ -244,20 +336,18 @@ def conv2d_int8_reference(x_q, w_q, multiplier, output_zero_point: int = 0, *, b
                           qmin: int | None = None, qmax: int | None = None) -> np.ndarray:
     r"""NumPy twin of :func:`conv2d_int8`: :func:`conv2d_accumulate`, then the float
     requantization :math:`\mathrm{clamp}(\mathrm{rhe}(\mathrm{f32}(v)\, m_o) + Z_y, q_{\min},
-    q_{\max})` of :func:`qcourse.int_matmul.requantize_float`."""
-    out_dtype, lo, hi = _out_range(out_dtype, qmin, qmax)
+    q_{\max})` of :func:`qcourse.int_matmul.requantize_float`.  Arguments as in
+    :func:`conv2d_int8` (``w_q`` may also hold uint8 values here)."""
+    _, w, _, _, _, _ = _conv_args(x_q, w_q, x_zero_point, w_zero_point, bias, stride, padding,
+                                  groups, int8_weight=False)
+    out_dtype, lo, hi, zp, m = _conv_requant_args(multiplier, output_zero_point, out_dtype, qmin,
+                                             qmax, w.shape[0])
     acc = conv2d_accumulate(x_q, w_q, x_zero_point=x_zero_point, w_zero_point=w_zero_point,
                             bias=bias, stride=stride, padding=padding, groups=groups)
-    m = np.broadcast_to(np.asarray(multiplier, np.float64), (acc.shape[3],))
-    if not np.all(np.isfinite(m) & (m > 0)):
-        raise ValueError("multiplier must be finite and > 0 (a scalar or one per output channel)")
-    zp = int(output_zero_point)
-    if not lo <= zp <= hi:
-        raise ValueError(f"output_zero_point must lie in [{lo}, {hi}], got {zp}")
     return _requant_float(acc, m, zp, lo, hi, out_dtype)
 
 
-def _as_int8(x: np.ndarray, zp: int) -> tuple[np.ndarray, int]:
+def _shift_to_int8(x: np.ndarray, zp: int) -> tuple[np.ndarray, int]:
     """uint8 codes -> int8 by subtracting 128 (x - zp unchanged when zp moves too)."""
     if x.dtype == np.uint8:
         return x.view(np.int8) ^ np.int8(-128), zp - 128   # flipping the top bit: x - 128
@@ -281,22 +371,23 @@ def conv2d_int8(x_q, w_q, multiplier, output_zero_point: int = 0, *, bias=None,
     * other grouped convolutions run one GEMM per group.
 
     ``x_q`` (n, h, w, c) int8 or uint8; ``w_q`` (out, in/groups, kh, kw) int8;
-    ``multiplier`` float or per output channel; ``path`` as in
+    ``multiplier`` a positive float32 value, one or one per output channel; ``bias`` None or
+    int32 values (out,); ``x_zero_point`` in ``x_q``'s dtype range, ``w_zero_point`` int8 (one
+    or per output channel), ``output_zero_point``, ``qmin`` and ``qmax`` in ``out_dtype``'s
+    range (int8 or uint8); ``stride``, ``padding`` and the image sides at most
+    :data:`MAX_SIDE`, the output at most 2**28 elements; ``path`` as in
     :func:`qcourse.kernels.matmul_int8_packed`.  See the conv chapter.
     """
     from qcourse.kernels import matmul_int8_requant
 
-    x = _check_codes("x_q", x_q, 4, "n, h, w, c")
-    w = _check_codes("w_q", w_q, 4, "out, in/groups, kh, kw")
-    if w.dtype != np.int8:
-        raise TypeError(f"w_q must be int8, got {w.dtype}")
-    oh, ow, groups = _conv_geometry(x.shape, w.shape, stride, padding, groups)
+    x, w, (oh, ow, groups), zx, _, checked_bias = _conv_args(
+        x_q, w_q, x_zero_point, w_zero_point, bias, stride, padding, groups, int8_weight=True)
+    _conv_requant_args(multiplier, output_zero_point, out_dtype, qmin, qmax, w.shape[0])
+    if bias is not None:
+        bias = checked_bias.astype(np.int32)
     out, cg, kh, kw = w.shape
     n, c = x.shape[0], x.shape[3]
-    x8, zx = _as_int8(x, int(x_zero_point))
-    if not -128 <= zx <= 127:
-        raise ValueError(f"x_zero_point must lie in the range of x's dtype {x.dtype}, got "
-                         f"{x_zero_point}")
+    x8, zx = _shift_to_int8(x, zx)
     common = dict(bias=bias, x_zero_point=zx, w_zero_point=w_zero_point, out_dtype=out_dtype,
                   qmin=qmin, qmax=qmax, path=path)
     if groups == c == out and cg == 1:
@@ -376,21 +467,23 @@ class QuantizedConv2d:
     linear: QuantizedLinear = field(init=False, repr=False)
 
     def __post_init__(self):
+        int_array(self.weight_q, "weight_q", -128, 127, what="int8 codes")
         w = np.asarray(self.weight_q)
-        if w.ndim != 4 or w.size == 0:
+        if w.ndim != 4:
             raise ValueError(f"weight_q must be a non-empty 4-D array (out, in/groups, kh, kw), "
                              f"got shape {w.shape}")
         out, cg, kh, kw = w.shape
-        groups = _check_int(self.groups, "groups", 1)
+        if max(kh, kw) > MAX_SIDE:
+            raise ValueError(f"weight_q's kernel must be at most {MAX_SIDE} wide, got {kh}x{kw}")
+        groups = check_int(self.groups, "groups", 1)
         if out % groups:
             raise ValueError(f"groups={groups} must divide the output channels ({out})")
         if groups > 1 and not (cg == 1 and groups == out):
             raise ValueError("only regular (groups=1) and depthwise (groups == in == out) "
                              "convolutions are supported")
-        _check_int(self.stride, "stride", 1)
-        _check_int(self.padding, "padding", 0)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        object.__setattr__(self, "stride", check_int(self.stride, "stride", 1, MAX_SIDE))
+        object.__setattr__(self, "padding", check_int(self.padding, "padding", 0, MAX_SIDE))
+        check_choice(self.activation, "activation", ACTIVATIONS)
         # (out, kh, kw, in/groups): the order of an NHWC patch
         flat = w.transpose(0, 2, 3, 1).reshape(out, -1)
         linear = QuantizedLinear(flat, self.bias_q, self.input_qparams, self.weight_qparams,
@@ -469,7 +562,7 @@ class QuantizedConv2d:
 
     def _check_input(self, x_q) -> np.ndarray:
         qp = self.input_qparams
-        x = _check_codes("x_q", x_q, 4, "n, h, w, c")
+        x = _check_conv_codes("x_q", x_q, 4, "n, h, w, c")
         if x.dtype != storage_dtype(qp.qmin, qp.qmax):
             raise TypeError(f"x_q must have dtype {storage_dtype(qp.qmin, qp.qmax)}, got "
                             f"{x.dtype}")
@@ -602,7 +695,7 @@ class _FastConv:
     def __call__(self, x: np.ndarray, code: int) -> np.ndarray:
         from qcourse import _kernels
 
-        x, zx = _as_int8(x, self.zx)
+        x, zx = _shift_to_int8(x, self.zx)
         n, h, w, c = x.shape
         oh, ow = self._out_size(h, w)
         if self.depthwise:
@@ -650,11 +743,14 @@ class IntegerGlobalAvgPool:
 
     kind = "pool"
 
+    def __post_init__(self):
+        _per_tensor_qparams(self.qparams, "qparams")
+
     def __call__(self, x_q, requantization: str = "float", *, path: str | None = None):
         if requantization not in REQUANTIZATIONS:
             raise ValueError(f"requantization must be one of {REQUANTIZATIONS}, got "
                              f"{requantization!r}")
-        x = _check_codes("x_q", x_q, 4, "n, h, w, c")
+        x = _check_conv_codes("x_q", x_q, 4, "n, h, w, c")
         count = x.shape[1] * x.shape[2]
         if count >= 1 << 24:
             raise ValueError(f"x_q has {count} pixels per channel; at most 2**24 - 1 can be "
@@ -673,8 +769,16 @@ class IntegerGlobalAvgPool:
     reference = __call__
 
 
+def _per_tensor_qparams(qparams, name: str) -> QParams:
+    check_instance(qparams, name, QParams, "a qcourse.affine.QParams")
+    if np.size(qparams.scale) != 1:
+        raise ValueError(f"{name} must be per tensor (one scale), got {np.size(qparams.scale)} "
+                         f"scales")
+    return qparams
+
+
 def _linear_step(gemm: _FastGemm, zx: int, q: np.ndarray, code: int) -> np.ndarray:
-    a, zx = _as_int8(np.ascontiguousarray(q.reshape(q.shape[0], -1)), zx)
+    a, zx = _shift_to_int8(np.ascontiguousarray(q.reshape(q.shape[0], -1)), zx)
     return gemm(a, zx, code)
 
 
@@ -700,6 +804,15 @@ class IntegerCNN:
     input_qparams: QParams
     layers: list
     requantization: str = "float"
+
+    def __post_init__(self):
+        _per_tensor_qparams(self.input_qparams, "input_qparams")
+        layers = check_sequence(self.layers, "layers", min_len=1)
+        for i, item in enumerate(layers):     # what each layer is, its user finds out
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(f"layers[{i}] must be a (name, layer) pair, got "
+                                f"{describe(item)}")
+        check_choice(self.requantization, "requantization", REQUANTIZATIONS)
 
     def quantize_input(self, X) -> np.ndarray:
         """Float NCHW images -> int8 NHWC codes (round half to even, saturate)."""
@@ -827,7 +940,7 @@ class IntegerCNN:
     def layer_times(self, X, repeat: int = 3) -> dict[str, float]:
         """Seconds per layer (the fastest of ``repeat`` runs) for one pass over ``X``."""
         best: dict[str, float] = {}
-        for _ in range(_check_int(repeat, "repeat", 1)):
+        for _ in range(check_int(repeat, "repeat", 1, 10**6)):
             times: dict[str, float] = {}
             self._run(X, False, times)
             best = {k: min(v, best.get(k, np.inf)) for k, v in times.items()}

@@ -330,9 +330,12 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0,
     scale = onnx_scale(x_scale, "x_scale", (np.float32, np.float16))
     out_dtype = np.asarray(x_scale).dtype
     if output_dtype is not None:
-        out_dtype = np.dtype({1: "float32", 10: "float16"}.get(output_dtype, output_dtype)
-                             if isinstance(output_dtype, int) else output_dtype)
-        if out_dtype.name not in ("float32", "float16"):
+        try:
+            out_dtype = np.dtype({1: "float32", 10: "float16"}.get(output_dtype, output_dtype)
+                                 if isinstance(output_dtype, int) else output_dtype)
+        except TypeError:
+            out_dtype = None
+        if out_dtype is None or out_dtype.name not in ("float32", "float16"):
             raise ValueError(f"output_dtype must be float32 or float16 (1 or 10), got "
                              f"{output_dtype!r}")
     expand = _onnx_layout(x.shape, scale, axis, block_size, "x_scale")

@@ -273,6 +273,8 @@ def ops_outside_delegates(it) -> list[str]:
     """The operators a LiteRT interpreter ``it`` runs itself, not inside a ``DELEGATE`` node
     (names, from the outputs back): walk back from the outputs through the delegate nodes and
     the original operators that produce their inputs."""
+    _checks.check_instance(it, "it", _litert()[1].Interpreter,
+                           "a LiteRT interpreter (ai_edge_litert.interpreter.Interpreter)")
     ops = it._get_ops_details()
     producer = {}
     for o in ops:                       # a DELEGATE comes after the operators it replaces

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcourse._checks import INT32_MAX, check_choice, onnx_scale
+from qcourse._checks import (
+    INT32_MAX,
+    MAX_ELEMENTS,
+    check_choice,
+    check_int,
+    check_sequence,
+    is_int,
+    onnx_scale,
+)
 from qcourse.int_matmul.arithmetic import (
     _OVERFLOW,
     _QTYPES,
@@ -35,16 +43,20 @@ __all__ = ["conv_integer", "qlinear_conv", "qlinear_conv_reference"]
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
+#: Largest stride, dilation, kernel side and pad of a convolution attribute (as
+#: :data:`qcourse.conv.MAX_SIDE`); the padded input may hold at most 2**28 elements.
+_MAX_ATTRIBUTE = 2**20
+
+
 def _int_list(name: str, value, d: int, default: int, minimum: int) -> tuple[int, ...]:
     if value is None:
         return (default,) * d
-    items = [value] if isinstance(value, numbers.Integral) else list(value)
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
-        raise TypeError(f"{name} must be a list of ints, got {value!r}")
-    if len(items) != d or any(v < minimum for v in items):
+    items = [value] if is_int(value) else check_sequence(value, name)
+    items = [check_int(v, f"{name}[{i}]", minimum, _MAX_ATTRIBUTE) for i, v in enumerate(items)]
+    if len(items) != d:
         raise ValueError(f"{name} must be {d} ints >= {minimum} (one per spatial axis), got "
                          f"{value!r}")
-    return tuple(int(v) for v in items)
+    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,11 @@ def _conv_geometry(x_shape, w_shape, auto_pad, dilations, group, kernel_shape, p
                      for n, st, sp in zip(size, strides, span, strict=True)]
             lo = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
             begin, end = tuple(lo), tuple(t - b for t, b in zip(total, lo, strict=True))
+    padded = x_shape[0] * x_shape[1] * int(np.prod([n + b + e for n, b, e in zip(
+        x_shape[2:], begin, end, strict=True)], dtype=object))
+    if padded > MAX_ELEMENTS:
+        raise ValueError(f"pads {begin + end} would make the padded input hold {padded} "
+                         f"elements, more than MAX_ELEMENTS ({MAX_ELEMENTS})")
     out = tuple((n + b + e - sp) // st + 1 for n, b, e, sp, st
                 in zip(x_shape[2:], begin, end, span, strides, strict=True))
     if min(out) < 1:

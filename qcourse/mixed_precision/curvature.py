@@ -23,6 +23,7 @@ from qcourse._checks import (
     check_int,
     check_int_sequence,
     check_real,
+    check_sequence,
 )
 from qcourse.mixed_precision.allocation import (
     _check_data,
@@ -373,9 +374,9 @@ def network_hessian_traces(model, X, y, *, layers=None, n_samples: int = 16, see
     if layers is None:
         layers = with_weight
     else:
-        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+        layers = check_sequence(layers, "layers")
+        if not all(isinstance(n, str) for n in layers):
             raise TypeError(f"layers must be a list of layer names, got {layers!r}")
-        layers = list(layers)
         if not layers or any(n not in with_weight for n in layers):
             raise ValueError(f"layers must name layers of the model that have weights "
                              f"({with_weight}), got {layers!r}")

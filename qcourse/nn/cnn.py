@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcourse._checks import check_dtype, check_int
-from qcourse.conv import conv_output_size, im2col
+from qcourse._checks import MAX_ELEMENTS, check_bool, check_dtype, check_int, check_real
+from qcourse.conv import MAX_SIDE, _kernel_pair, conv_output_size, im2col
 from qcourse.nn.core import Module
 
 __all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "Flatten", "GlobalAvgPool2d"]
 
+#: Most channels a layer here takes (in or out); its weight may hold at most
+#: :data:`qcourse._checks.MAX_ELEMENTS` (2**28) numbers.
+MAX_CHANNELS = 2**16
 
-def _rng(seed) -> np.random.Generator:
+
+def _seeded_rng(seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
     return np.random.default_rng(check_int(seed, "seed", 0))
@@ -73,26 +77,34 @@ class Conv2d(Module):
 
     and :math:`\partial L / \partial P` is scattered back onto the input, each patch entry
     added where it was read from (col2im).  Weights start He-uniform with fan-in
-    ``in / groups * kh * kw``; the bias at zero.
+    ``in / groups * kh * kw``; the bias at zero.  ``in_channels`` and ``out_channels`` are ints
+    in [1, :data:`MAX_CHANNELS`] (the weight at most 2**28 numbers), ``kernel_size`` (one int or
+    ``(kh, kw)``) and ``stride`` in [1, 2**20], ``padding`` in [0, 2**20]; ``seed`` an int >= 0 or
+    a ``numpy.random.Generator``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride: int = 1,
                  padding: int = 0, groups: int = 1, bias: bool = True, seed=0,
                  dtype=np.float32):
         super().__init__()
-        self.in_channels = check_int(in_channels, "in_channels", 1)
-        self.out_channels = check_int(out_channels, "out_channels", 1)
-        kh, kw = ((kernel_size, kernel_size) if not isinstance(kernel_size, tuple)
-                  else kernel_size)
-        self.kernel_size = (check_int(kh, "kernel_size", 1), check_int(kw, "kernel_size", 1))
-        self.stride = check_int(stride, "stride", 1)
-        self.padding = check_int(padding, "padding", 0)
-        self.groups = check_int(groups, "groups", 1)
+        self.in_channels = check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
+        self.out_channels = check_int(out_channels, "out_channels", 1, MAX_CHANNELS)
+        self.kernel_size = _kernel_pair(kernel_size)
+        self.stride = check_int(stride, "stride", 1, MAX_SIDE)
+        self.padding = check_int(padding, "padding", 0, MAX_SIDE)
+        self.groups = check_int(groups, "groups", 1, MAX_CHANNELS)
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"groups={self.groups} must divide in_channels={self.in_channels} "
                              f"and out_channels={self.out_channels}")
+        size = (self.out_channels * (self.in_channels // self.groups) * self.kernel_size[0]
+                * self.kernel_size[1])
+        if size > MAX_ELEMENTS:
+            raise ValueError(f"the weight of in_channels={self.in_channels}, out_channels="
+                             f"{self.out_channels}, kernel_size={self.kernel_size} would hold "
+                             f"{size} numbers, more than MAX_ELEMENTS ({MAX_ELEMENTS})")
+        bias = check_bool(bias, "bias")
         dtype = check_dtype(dtype, "dtype", (np.float32, np.float64))
-        rng = _rng(seed)
+        rng = _seeded_rng(seed)
         cg = self.in_channels // self.groups
         fan_in = cg * self.kernel_size[0] * self.kernel_size[1]
         bound = np.sqrt(6.0 / fan_in)
@@ -243,18 +255,16 @@ class BatchNorm2d(Module):
         \frac{\partial L}{\partial \beta} = \textstyle\sum g;
 
     at inference simply :math:`\partial L/\partial x = g\,\gamma/\sqrt{\bar\sigma^2+\epsilon}`.
+    ``channels`` is an int in [1, :data:`MAX_CHANNELS`], ``eps`` a finite number > 0,
+    ``momentum`` in (0, 1].
     """
 
     def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1,
                  dtype=np.float32):
         super().__init__()
-        self.channels = check_int(channels, "channels", 1)
-        if not (isinstance(eps, float | int) and eps > 0):
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        if not (isinstance(momentum, float | int) and 0 < momentum <= 1):
-            raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
-        self.eps = float(eps)
-        self.momentum = float(momentum)
+        self.channels = check_int(channels, "channels", 1, MAX_CHANNELS)
+        self.eps = check_real(eps, "eps", 0.0, lo_open=True)
+        self.momentum = check_real(momentum, "momentum", 0.0, 1.0, lo_open=True)
         dtype = check_dtype(dtype, "dtype", (np.float32, np.float64))
         self.weight = np.ones(channels, dtype=dtype)       # gamma
         self.bias = np.zeros(channels, dtype=dtype)        # beta
@@ -320,12 +330,13 @@ class AvgPool2d(Module):
     r"""Average over non-overlapping ``k x k`` windows (stride ``k``, no padding).
 
     :math:`y_{n,c,i,j} = \frac{1}{k^2}\sum_{u,v<k} x_{n,c,ki+u,kj+v}`; the height and width
-    must be multiples of ``k``.  Backward spreads each gradient evenly over its window.
+    must be multiples of ``k`` (an int in [1, 2**20]).  Backward spreads each gradient evenly
+    over its window.
     """
 
     def __init__(self, kernel_size: int):
         super().__init__()
-        self.kernel_size = check_int(kernel_size, "kernel_size", 1)
+        self.kernel_size = check_int(kernel_size, "kernel_size", 1, MAX_SIDE)
         self._shape = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:

@@ -496,10 +496,17 @@ def _check_model_input(model, X, name: str) -> np.ndarray:
         if X.shape[1] != first.in_features:
             raise ValueError(f"{name} must have {first.in_features} features (the model's "
                              f"input width), got shape {X.shape}")
-        limit = np.finfo(first.weight.dtype).max
-        if X.dtype.itemsize > first.weight.dtype.itemsize and np.abs(X).max() > limit:
-            raise ValueError(f"{name} must fit the model's {first.weight.dtype} (magnitude at "
-                             f"most {float(limit):.4g}), got a value beyond it")
+    elif hasattr(first, "in_channels") and hasattr(first, "kernel_size"):      # a Conv2d
+        if X.ndim != 4 or X.shape[1] != first.in_channels:
+            raise ValueError(f"{name} must be 4-D images (batch, {first.in_channels} "
+                             f"channel(s), height, width) for a model that starts with "
+                             f"{first!r}, got shape {X.shape}")
+    else:
+        return X
+    limit = np.finfo(first.weight.dtype).max
+    if X.dtype.itemsize > first.weight.dtype.itemsize and np.abs(X).max() > limit:
+        raise ValueError(f"{name} must fit the model's {first.weight.dtype} (magnitude at "
+                         f"most {float(limit):.4g}), got a value beyond it")
     return X
 
 
