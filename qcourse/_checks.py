@@ -31,6 +31,8 @@ import numpy as np
 #: The int32 range: the accumulator of every integer kernel and the type of biases.
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
+#: The largest finite float32, as a Python float (a bound for values stored in float32).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 #: Most OpenMP threads a kernel call may ask for.
 MAX_THREADS = 1024

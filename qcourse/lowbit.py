@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from qcourse._checks import (
+    FLOAT32_MAX,
     MAX_ELEMENTS,
     check_bool,
     check_int,
@@ -730,16 +731,20 @@ def nvfp4_quantize(x, block: int = 16, *, tensor_scale=None):
         (0..15) of ``x``'s shape.
     """
     xb, block = _blocks(x, block)
-    v = xb.astype(np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes Inf, refused just below
+        v = xb.astype(np.float32)
     if not np.all(np.isfinite(v)):
         raise ValueError("x contains NaN or Inf (in float32), which NVFP4 cannot represent")
     if tensor_scale is None:
+        if v.size == 0:
+            raise ValueError("x is empty: its tensor scale comes from its largest magnitude "
+                             "(pass tensor_scale to encode an empty tensor)")
         amax = np.max(np.abs(v))
         ts = np.float32(amax) / np.float32(448 * 6) if amax > 0 else np.float32(1)
     else:
-        ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, lo_open=True))
+        ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, FLOAT32_MAX, lo_open=True))
     if not (np.isfinite(ts) and ts > 0):
-        raise ValueError(f"the tensor scale is {ts} in float32; expected finite and > 0")
+        raise ValueError(f"tensor_scale is {ts} in float32; expected finite and > 0")
     with np.errstate(over="ignore", under="ignore"):
         per_block = (np.max(np.abs(v), axis=-1) / np.float32(6)) / ts
         per_block = np.clip(per_block, np.float32(_NVFP4_SCALE_MIN), np.float32(448))
@@ -757,7 +762,7 @@ def nvfp4_dequantize(tensor_scale, scales, elements, block: int = 16) -> np.ndar
     the tensor scale rounds once.  An e4m3 NaN scale byte (0x7F/0xFF) makes its block NaN.
     The inverse of :func:`nvfp4_quantize`; see the lowbit chapter.
     """
-    ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, lo_open=True))
+    ts = np.float32(check_real(tensor_scale, "tensor_scale", 0, FLOAT32_MAX, lo_open=True))
     s, e = _check_codes_shape(scales, elements, block, "scales")
     if np.any(e > 15):
         raise ValueError("elements hold codes wider than 4 bits (e2m1 codes are 0..15)")

@@ -578,9 +578,14 @@ def test_nvfp4_matches_ml_dtypes_float32_recipe():
      "NaN or Inf"),
     (lambda: lb.nvfp4_quantize(np.ones((1, 24), np.float32)), ValueError, "block=16"),
     (lambda: lb.nvfp4_quantize(np.ones((1, 16), np.float32), tensor_scale=0.0), ValueError,
-     "tensor_scale must be a finite real number > 0"),
+     r"tensor_scale must be a finite real number in \(0, "),
     (lambda: lb.nvfp4_dequantize(1.0, np.zeros(1, np.uint8), np.full(16, 17, np.uint8)),
      ValueError, "wider than 4 bits"),
+    # found by the full fuzz profile: an empty x, a value beyond float32, a scale beyond float32
+    (lambda: lb.nvfp4_quantize(np.zeros((0, 16))), ValueError, "x is empty"),
+    (lambda: lb.nvfp4_quantize(np.full(16, 1e300)), ValueError, "x contains NaN or Inf"),
+    (lambda: lb.nvfp4_dequantize(1e300, np.zeros(1, np.uint8), np.zeros(16, np.uint8)),
+     ValueError, r"tensor_scale must be a finite real number in \(0, "),
 ])
 def test_mx_and_nvfp4_reject_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
