@@ -7,6 +7,7 @@ batch norm's two modes against their definitions, and training for determinism.
 
 import numpy as np
 import pytest
+from support import numeric_gradient
 
 from qcourse.conv import im2col
 from qcourse.nn import (
@@ -21,21 +22,6 @@ from qcourse.nn import (
     accuracy,
     train,
 )
-
-
-def _numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        fp = f()
-        x[i] = old - eps
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
 
 
 def _assert_close(analytic, numeric, tol=1e-6):
@@ -99,12 +85,12 @@ def test_conv_gradients_match_finite_differences(case):
 
     loss()
     grad_x = layer.backward(r.copy())
-    _assert_close(grad_x, _numeric_grad(loss, x))
+    _assert_close(grad_x, numeric_gradient(loss, x))
     loss()
     layer.backward(r.copy())
     gw, gb = layer.grad_weight.copy(), layer.grad_bias.copy()
-    _assert_close(gw, _numeric_grad(loss, layer.weight))
-    _assert_close(gb, _numeric_grad(loss, layer.bias))
+    _assert_close(gw, numeric_gradient(loss, layer.weight))
+    _assert_close(gb, numeric_gradient(loss, layer.bias))
 
 
 def test_a_broken_backward_is_caught():
@@ -120,7 +106,7 @@ def test_a_broken_backward_is_caught():
         return  # shapes no longer fit: also caught
     finally:
         layer.stride = 2
-    numeric = _numeric_grad(lambda: float(np.sum(r * layer.forward(x))), x)
+    numeric = numeric_gradient(lambda: float(np.sum(r * layer.forward(x))), x)
     with pytest.raises(AssertionError):
         _assert_close(bad, numeric)
 
@@ -146,9 +132,9 @@ def test_batch_norm_gradients(training):
     loss()
     gx = bn.backward(r)
     gg, gb = bn.grad_weight.copy(), bn.grad_bias.copy()
-    _assert_close(gx, _numeric_grad(loss, x))
-    _assert_close(gg, _numeric_grad(loss, bn.weight))
-    _assert_close(gb, _numeric_grad(loss, bn.bias))
+    _assert_close(gx, numeric_gradient(loss, x))
+    _assert_close(gg, numeric_gradient(loss, bn.weight))
+    _assert_close(gb, numeric_gradient(loss, bn.bias))
 
 
 def test_batch_norm_statistics_in_both_modes():
@@ -180,7 +166,7 @@ def test_pool_and_flatten_gradients(layer):
     r = rng.normal(size=layer(x).shape)
     layer(x)
     g = layer.backward(r)
-    _assert_close(g, _numeric_grad(lambda: float(np.sum(r * layer.forward(x))), x))
+    _assert_close(g, numeric_gradient(lambda: float(np.sum(r * layer.forward(x))), x))
 
 
 def test_pooling_values():
@@ -233,7 +219,7 @@ def test_whole_cnn_gradient_in_training_mode():
     bn.running_mean[...], bn.running_var[...] = state
     for p, g in model.parameters():
         g = g.copy()
-        _assert_close(g, _numeric_grad(loss, p))
+        _assert_close(g, numeric_gradient(loss, p))
 
 
 def test_training_a_cnn_is_deterministic_and_learns():
