@@ -12,6 +12,8 @@ The finite-difference helpers are in ``support.py``; the headless browser and th
 from __future__ import annotations
 
 import functools
+import os
+import time
 
 import pytest
 from browser_support import chromium_browser
@@ -97,3 +99,38 @@ def file_rank(filename: str) -> tuple[int, int]:
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: file_rank(item.path.name))  # stable: tests keep their order
+
+
+# --------------------------------------------------------------------------- a run's timeline
+
+#: ``QCOURSE_TIMELINE=file make test`` appends one line per test phase to ``file``: worker,
+#: start and end (seconds since the epoch), phase and test id; for finding where a core idles.
+_TIMELINE = os.environ.get("QCOURSE_TIMELINE")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    start = time.time()
+    yield
+    _log_phase(item, "setup", start)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    start = time.time()
+    yield
+    _log_phase(item, "call", start)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    start = time.time()
+    yield
+    _log_phase(item, "teardown", start)
+
+
+def _log_phase(item, phase: str, start: float) -> None:
+    if _TIMELINE:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(_TIMELINE, "a") as log:
+            log.write(f"{worker}\t{start:.2f}\t{time.time():.2f}\t{phase}\t{item.nodeid}\n")
