@@ -23,9 +23,15 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@ $(KERNEL_STAMP)
 
 # Rebuild the compiled kernels whenever their sources change (an editable install does not).
-$(KERNEL_STAMP): $(STAMP) $(wildcard qcourse/*.pyx qcourse/*.pxd qcourse/csrc/*.h qcourse/csrc/*.c)
-	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
-	touch $@
+# Only then: make counts a prerequisite remade in the same run ($(STAMP), whose install has just
+# built them) as a reason, and a fresh clone would compile them twice (a minute).
+KERNEL_SOURCES := $(wildcard qcourse/*.pyx qcourse/*.pxd qcourse/csrc/*.h qcourse/csrc/*.c)
+
+$(KERNEL_STAMP): $(STAMP) $(KERNEL_SOURCES)
+	@if [ ! -e $@ ] || [ -n "$$(find $(KERNEL_SOURCES) -newer $@)" ]; then \
+	  echo "$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e ."; \
+	  $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e . && touch $@; \
+	fi
 
 book: venv
 	$(BIN)/jupyter-book build . -W -n --keep-going
