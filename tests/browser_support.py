@@ -30,10 +30,12 @@ from qcourse_chromium import (  # noqa: E402  (book/_ext, the one home of the fe
     fenced_route,
     is_local,
     launch,
+    open_settled,
 )
 
 __all__ = ["CHROMIUM_ARGS", "SETTLE", "Guard", "StaticServer", "chromium_browser",
-           "chromium_executable", "guarded_page", "is_local", "launch", "screenshot_path",
+           "chromium_executable", "guarded_page", "is_local", "launch", "open_settled",
+           "screenshot_path",
            "sync_playwright"]
 
 

@@ -84,7 +84,7 @@ def browser():
 FIRST_FILES = ("test_book.py", "test_chapters.py", "test_grading.py", "test_binder.py",
                "test_lab.py", "test_book_execution.py", "test_sandbox.py", "test_conv.py",
                "test_cnn.py", "test_mixed_precision.py", "test_bad_input.py", "test_deploy.py")
-BOOK_READERS = ("test_pdf.py", "test_reader_view.py", "test_browser.py")
+BOOK_READERS = ("test_reader_view.py", "test_browser.py")
 
 
 def file_rank(filename: str) -> tuple[int, int]:

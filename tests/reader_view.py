@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-from browser_support import SETTLE
+from browser_support import open_settled
 
 MIN_TEXT_PX = 6.0  # the smallest figure text, in CSS pixels as displayed, that is still read
 FIGURE_KEY = "qcourse-figure"
@@ -48,6 +48,24 @@ REPORT = r"""
     .filter((el) => !el.closest("pre, .highlight, .cell_input"))
     .map((el) => textOf(el));
   const math = Array.from(article.querySelectorAll(".math"));
+  const skipAll = "pre, code, script, style, mjx-container, .highlight, .output";
+  const textOfAll = (root) => {
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT, {
+      acceptNode: (n) => n.parentElement.closest(skipAll) ? NodeFilter.FILTER_REJECT
+                                                            : NodeFilter.FILTER_ACCEPT});
+    let text = "";
+    while (walker.nextNode()) { text += walker.currentNode.textContent + " "; }
+    return text;
+  };
+  const STATE = "application/vnd.jupyter.widget-state+json";
+  const views = Array.from(document.querySelectorAll(
+    'script[type="application/vnd.jupyter.widget-view+json"]'));
+  const rendered = (script) => {
+    const area = script.previousElementSibling;
+    if (!area || !area.classList.contains("widget-subarea")) { return false; }
+    const box = area.getBoundingClientRect();
+    return area.querySelector(".jupyter-widgets") !== null && box.width > 0 && box.height > 0;
+  };
   return {
     title: (document.querySelector("h1") || {textContent: ""}).textContent.trim(),
     blocks: blocks,
@@ -62,8 +80,27 @@ REPORT = r"""
       src: i.getAttribute("src"), ok: i.complete && i.naturalWidth > 0,
       naturalWidth: i.naturalWidth, width: i.getBoundingClientRect().width,
       cellOutput: i.closest(".cell_output, .output") !== null})),
+    // what tests/test_browser.py's per-page checks read: math, TeX left anywhere in the
+    // article's text outside code and outputs, and the saved widget views
+    mathNodes: math.length,
+    mjx: article.querySelectorAll("mjx-container").length,
+    rawTex: (textOfAll(article).match(/\$\$|\\\(|\\\)|\\\[|\\\]|\\begin\{/g) || [])
+      .slice(0, 5),
+    views: views.length,
+    renderedViews: views.filter(rendered).length,
+    widgetState: document.querySelectorAll(`script[type="${STATE}"]`).length,
   };
 }
+"""
+
+#: True once the book's widget manager has rendered every saved widget view.
+WIDGETS_RENDERED = r"""
+() => Array.from(document.querySelectorAll(
+    'script[type="application/vnd.jupyter.widget-view+json"]')).every((script) => {
+  const area = script.previousElementSibling;
+  return area && area.classList.contains("widget-subarea") &&
+         area.querySelector(".jupyter-widgets") !== null;
+})
 """
 
 TABLE_ROW = re.compile(r"\|\s*:?[-—–]+:?\s*\||(^|\n)\s*\|[^|\n]+\|[^|\n]+\|")
@@ -135,18 +172,16 @@ def problems(report: dict, guard_problems: str, folder: Path, page_rel: str) -> 
 
 def read_page(page, url: str, folder: Path, page_rel: str) -> tuple[dict, list[str]]:
     """Open ``url`` (the page ``page_rel`` of the built ``folder``); its report and problems."""
-    page.goto(url, wait_until="load")
-    for _ in range(3):  # a page that redirects (index.html) replaces its document once
-        try:
-            page.evaluate(SETTLE)
-            break
-        except Exception as exc:  # Playwright's Error: "Execution context was destroyed"
-            if "context was destroyed" not in str(exc):
-                raise
-            page.wait_for_load_state("load")
+    open_settled(page, url)
+    return inspect_page(page, folder, page_rel)
+
+
+def inspect_page(page, folder: Path, page_rel: str) -> tuple[dict, list[str]]:
+    """The report and problems of a page that ``open_settled`` has opened, once its saved
+    widget views have rendered (or 30 s have passed: then the report counts those that did)."""
     try:
-        page.wait_for_load_state("networkidle", timeout=30_000)
-    except Exception as exc:  # Playwright's TimeoutError: judge the page as it stands
+        page.wait_for_function(WIDGETS_RENDERED, timeout=30_000)
+    except Exception as exc:  # Playwright's TimeoutError
         if "Timeout" not in str(exc):
             raise
     report = page.evaluate(REPORT)

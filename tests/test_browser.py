@@ -1,14 +1,13 @@
-"""The HTML book as a reader sees it: every page opened in headless Chromium, with no network.
+"""The HTML book in headless Chromium, with no network: what a reader does on it.
 
 The book is built with ``jupyter-book build -W -n`` (once for all the test files that need it,
 and again only when its sources change: see ``book_build.py``) and served from 127.0.0.1 by a
-thread. Each page is opened with every request routed through ``browser_support.Guard``: a
-request to any other host fails the test, and so does a failed request, an HTTP error or a
-console error. On each page the test then checks what a reader would see: the math typeset by
-the book's own MathJax (no TeX source left in the text), every image loaded, every saved widget
-view rendered by the book's own widget manager; and it saves screenshots in
-``_build/screenshots/``. Separate tests follow every link from the table of contents, search
-the book, and check the launch and download buttons and the bibliography.
+thread, every request routed through ``browser_support.Guard``: a request to any other host
+fails the test, and so does a failed request, an HTTP error or a console error. What every page
+shows (math typeset, images, widgets, screenshots) is checked in ``test_reader_view.py``, in the
+one pass that opens each page; the tests here use the book as a reader does: the bit explorer's
+static view, the self-study pages' folded solutions, every link from the table of contents,
+search, the launch and download buttons and the bibliography.
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ import nbformat
 import pytest
 import yaml
 from book_build import built_book_html, toc_entries
-from browser_support import ROOT, SETTLE, StaticServer, guarded_page, screenshot_path
+from browser_support import ROOT, StaticServer, guarded_page, open_settled, screenshot_path
 from notebook_runner import chapters
+from reader_view import WIDGETS_RENDERED
 
 from qcourse import grading
 from qcourse.floats import FORMATS, encode
@@ -73,100 +73,10 @@ def page(browser):
         yield page
 
 
-# --------------------------------------------------------------------------------------------
-# What the browser reports about a page, collected in one script once the page has settled.
-
-WIDGETS_RENDERED = r"""
-(mime) => {
-  const views = document.querySelectorAll(`script[type="${mime.view}"]`);
-  return Array.from(views).every((script) => {
-    const area = script.previousElementSibling;
-    return area && area.classList.contains("widget-subarea") &&
-           area.querySelector(".jupyter-widgets") !== null;
-  });
-}
-"""
-
-REPORT = r"""
-(mime) => {
-  const article = document.querySelector("article") || document.body;
-  const mathNodes = Array.from(article.querySelectorAll(".math"));
-  const untypeset = mathNodes.filter((m) => m.querySelector("mjx-container") === null)
-                             .map((m) => m.textContent.trim().slice(0, 80));
-  const skip = "pre, code, script, style, mjx-container, .highlight, .output";
-  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT, {
-    acceptNode: (n) => n.parentElement.closest(skip) ? NodeFilter.FILTER_REJECT
-                                                       : NodeFilter.FILTER_ACCEPT});
-  let text = "";
-  while (walker.nextNode()) { text += walker.currentNode.textContent + " "; }
-  const rawTex = (text.match(/\$\$|\\\(|\\\)|\\\[|\\\]|\\begin\{/g) || []);
-  const views = Array.from(document.querySelectorAll(`script[type="${mime.view}"]`));
-  const rendered = views.filter((script) => {
-    const area = script.previousElementSibling;
-    if (!area || !area.classList.contains("widget-subarea")) { return false; }
-    const box = area.getBoundingClientRect();
-    return area.querySelector(".jupyter-widgets") !== null && box.width > 0 && box.height > 0;
-  });
-  return {
-    title: (document.querySelector("h1") || {textContent: ""}).textContent.trim(),
-    mathNodes: mathNodes.length,
-    mjx: article.querySelectorAll("mjx-container").length,
-    mathErrors: article.querySelectorAll("mjx-merror, [data-mjx-error]").length,
-    untypeset: untypeset.slice(0, 5),
-    rawTex: rawTex.slice(0, 5),
-    images: Array.from(document.images).map((i) => ({src: i.getAttribute("src"),
-                                                     ok: i.complete && i.naturalWidth > 0})),
-    views: views.length,
-    renderedViews: rendered.length,
-    widgetState: document.querySelectorAll(`script[type="${mime.state}"]`).length,
-  };
-}
-"""
-MIME = {"view": "application/vnd.jupyter.widget-view+json",
-        "state": "application/vnd.jupyter.widget-state+json"}
-
-
-def open_page(page, url: str) -> dict:
-    page.goto(url, wait_until="load")
-    page.evaluate(SETTLE)
-    page.wait_for_function(WIDGETS_RENDERED, arg=MIME, timeout=30_000)
-    page.wait_for_load_state("networkidle")
-    return page.evaluate(REPORT, MIME)
-
-
-@pytest.mark.parametrize("entry", toc_files())
-def test_page_renders_offline_with_math_figures_and_widgets(server, page, entry):
-    report = open_page(page, server.url + f"{entry}.html")
-    stem = Path(entry).name
-    page.screenshot(path=screenshot_path(f"book_{stem}"))
-    display_math = page.locator("article div.math")
-    if display_math.count():
-        display_math.first.evaluate("(el) => el.scrollIntoView({block: 'start'})")
-        page.evaluate("() => window.scrollBy(0, -250)")
-        page.screenshot(path=screenshot_path(f"book_{stem}_math"))
-    assert not page.guard.problems(), f"{entry}:\n{page.guard.problems()}"
-    assert report["title"], f"{entry} has no title"
-
-    source = (ROOT / f"{entry}.md").read_text()
-    if re.search(r"\$[^$\n]+\$|\{math\}|```\{math\}", source):
-        assert report["mathNodes"] > 0, f"{entry} has math in its source but none on the page"
-    assert report["mjx"] >= report["mathNodes"], f"{entry}: math not typeset: {report}"
-    assert not report["untypeset"], f"{entry}: math left untypeset: {report['untypeset']}"
-    assert report["mathErrors"] == 0, f"{entry}: MathJax reported {report['mathErrors']} errors"
-    assert not report["rawTex"], f"{entry}: TeX source left in the text: {report['rawTex']}"
-
-    broken = [img["src"] for img in report["images"] if not img["ok"]]
-    assert not broken, f"{entry}: images that did not load: {broken}"
-    if "```{code-cell}" in source and "plt." in source:
-        figures = [i for i in report["images"] if "_images/" in (i["src"] or "")]
-        assert figures, f"{entry} plots with matplotlib but shows no figure"
-
-    if re.search(r"^import ipywidgets|^from ipywidgets", source, re.MULTILINE):
-        assert report["widgetState"] == 1, f"{entry} makes widgets but stored no widget state"
-        assert report["views"] > 0, f"{entry} makes widgets but shows no widget view"
-    assert report["renderedViews"] == report["views"], (
-        f"{entry}: {report['views'] - report['renderedViews']} of {report['views']} widget "
-        "views did not render")
+def open_page(page, url: str) -> None:
+    """Open ``url`` and wait until it has settled and its saved widget views have rendered."""
+    open_settled(page, url)
+    page.wait_for_function(WIDGETS_RENDERED, timeout=30_000)
 
 
 def test_bit_explorer_static_view(server, page):
@@ -302,7 +212,7 @@ def test_every_page_is_reachable_from_the_toc_and_no_internal_link_is_broken(bui
                           else rel)
             path = built_book / target_rel
             if target_rel == "book.pdf":
-                continue  # the PDF edition: written by `make pdf` after the HTML (test_pdf.py)
+                continue  # the PDF edition: `make pdf` writes it after the HTML
             if not path.exists():
                 broken.append(f"{rel}: {href} (no {target_rel})")
                 continue

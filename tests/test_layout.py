@@ -308,6 +308,7 @@ ONE_HOME_TOOLS = {
     "chromium_executable": "book/_ext/qcourse_chromium.py",
     "launch": "book/_ext/qcourse_chromium.py", "is_local": "book/_ext/qcourse_chromium.py",
     "fenced_route": "book/_ext/qcourse_chromium.py",
+    "open_settled": "book/_ext/qcourse_chromium.py",
     "StaticServer": "book/_ext/qcourse_chromium.py",
     "_QuietHandler": "book/_ext/qcourse_chromium.py",
     "MYST_HEADER": "tests/notebook_runner.py", "code_cell": "tests/notebook_runner.py",
@@ -340,9 +341,11 @@ SHARED_BY = {
     "_group_minmax": ["affine/quantizer.py:choose_qparams", "weight_only.py:_group_ranges"],
     "_stored_scale": ["lowbit.py:quantize_int4_groupwise", "weight_only.py:_group_params"],
     "fenced_route": ["../tests/browser_support.py:Guard.attach",
-                     "../book/_ext/qcourse_pdf.py:build_pdf"],
+                     "../book/_ext/qcourse_pdf.py:fenced_page"],
     "StaticServer": ["../book/_ext/qcourse_pdf.py:build_pdf"],
-    "SETTLE": ["../tests/reader_view.py:read_page", "../book/_ext/qcourse_pdf.py:build_pdf"],
+    "SETTLE": ["../book/_ext/qcourse_chromium.py:open_settled"],
+    "open_settled": ["../tests/reader_view.py:read_page", "../book/_ext/qcourse_pdf.py:build_pdf",
+                     "../tests/test_browser.py:open_page", "../tests/test_reader_view.py:visited"],
     "launch": ["../tests/browser_support.py:chromium_browser",
                "../book/_ext/qcourse_pdf.py:build_pdf"],
     "myst_page": ["../tests/test_chapters.py:_myst", "../tests/test_book_execution.py:small_book"],
@@ -634,4 +637,5 @@ def test_the_run_order_names_files_that_exist():
     tests = Path(__file__).resolve().parent
     missing = [name for name in (*FIRST_FILES, *BOOK_READERS) if not (tests / name).is_file()]
     assert not missing, f"conftest.py orders test files that do not exist: {missing}"
-    assert file_rank("test_book.py") < file_rank("test_pdf.py") < file_rank("test_affine.py")
+    assert (file_rank("test_book.py") < file_rank("test_reader_view.py")
+            < file_rank("test_affine.py"))

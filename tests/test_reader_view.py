@@ -1,24 +1,50 @@
-"""Every built page, read in headless Chromium as a reader reads it (``reader_view.py``).
+"""Every built page, opened once in headless Chromium, read as a reader and printed as the PDF.
 
-The book is the one ``book_build.built_book_html()`` builds for the other book tests. Every HTML
-page of it is opened (chapters, self-study pages, the bibliography, the index and search pages;
-not the theme's own files), and every problem that ``reader_view.problems`` finds fails the test:
-tables left as Markdown, NumPy reprs in the prose, TeX left as source, images without pixels,
-figures with unlabelled axes, legends over data or unreadably small text, console errors and
-requests that leave 127.0.0.1. The last test feeds it a page with one of each and checks that
-each is reported: the check can fail.
+The book is the one ``book_build.built_book_html()`` builds for the other book tests. One pass
+(the ``visited`` fixture) opens each page of it once, in a page whose requests are fenced to
+127.0.0.1 by ``browser_support.Guard``, waits until MathJax has typeset it, its images have
+decoded and its saved widgets have rendered, and then:
+
+- reads it as a reader does (``reader_view.py``): every problem that ``reader_view.problems``
+  finds fails the test: tables left as Markdown, NumPy reprs in the prose, TeX left as source,
+  images without pixels, figures with unlabelled axes, legends over data or unreadably small
+  text, console errors and requests that leave 127.0.0.1;
+- checks what each page of the table of contents must show: its title, its math typeset by the
+  book's own MathJax, its figures, and its widgets rendered by the book's own widget manager;
+  saves screenshots in ``_build/screenshots/``;
+- prints it: the pages of the table of contents are printed to PDF by the PDF edition's own code
+  (``book/_ext/qcourse_pdf.py``, which ``make pdf`` runs) in the same pass, and the PDF is read
+  back with poppler's ``pdftotext`` and ``pdfimages`` for what a reader would look for.
+
+Opening each page once instead of three times (reader's view, browser checks, PDF) saves about
+four minutes of CPU in ``make test``. The last tests feed the reader's view a page with one of
+each problem and check that each is reported: the check can fail.
 """
 
 from __future__ import annotations
 
+import html as html_lib
 import io
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from book_build import built_book_html
-from browser_support import StaticServer, chromium_browser, guarded_page, screenshot_path
-from reader_view import FIGURE_KEY, read_page
+from book_build import built_book_html, toc_entries
+from browser_support import (
+    ROOT,
+    StaticServer,
+    chromium_browser,
+    guarded_page,
+    open_settled,
+    screenshot_path,
+)
+from reader_view import FIGURE_KEY, inspect_page, read_page
+
+sys.path.insert(0, str(ROOT / "book" / "_ext"))
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +52,13 @@ pytestmark = pytest.mark.slow
 def built_pages(html: Path) -> list[str]:
     return sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
                   if not p.relative_to(html).parts[0].startswith("_"))
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is missing: install Debian's poppler-utils (as .ci/run does)")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +72,148 @@ def browser():
         yield chromium
 
 
-def test_every_built_page_reads_cleanly(built_book, browser):
+def _screenshots(page, rel: str) -> None:
+    """The screenshots of a chapter or self-study page (``_build/screenshots/``)."""
+    stem = Path(rel).stem
+    page.screenshot(path=screenshot_path(f"book_{stem}"))
+    if rel.startswith("book/") and "/exercises/" not in rel:
+        shutil.copyfile(screenshot_path(f"book_{stem}"), screenshot_path(f"reader_{stem}"))
+    display_math = page.locator("article div.math")
+    if display_math.count():
+        display_math.first.evaluate("(el) => el.scrollIntoView({block: 'start'})")
+        page.evaluate("() => window.scrollBy(0, -250)")
+        page.screenshot(path=screenshot_path(f"book_{stem}_math"))
+
+
+@pytest.fixture(scope="module")
+def visited(built_book, browser, tmp_path_factory):
+    """Each built page opened once: ``{"pages": {rel: (report, problems)}, "pdf": path}``."""
+    for tool in ("pdftotext", "pdfimages", "pdfunite"):
+        _need(tool)
+    import qcourse_pdf
+
+    seen: dict[str, tuple[dict, list[str]]] = {}
+
+    def look(page, rel: str) -> None:
+        seen[rel] = inspect_page(page, built_book, rel)
+        if rel.startswith("book/"):
+            _screenshots(page, rel)
+
+    def open_page(chromium):
+        return guarded_page(chromium, 1280, 900, 60_000)
+
+    out = tmp_path_factory.mktemp("pdf") / "book.pdf"
+    qcourse_pdf.build_pdf(built_book, out, browser=browser, open_page=open_page,
+                          inspect=lambda page, name: look(page, f"{name}.html"))
+    with StaticServer(built_book) as server:  # the pages outside the table of contents
+        for rel in built_pages(built_book):
+            if rel not in seen:
+                with open_page(browser) as page:
+                    open_settled(page, server.url + rel)
+                    look(page, rel)
+    return {"pages": seen, "pdf": out}
+
+
+# --------------------------------------------------------------------------------------------
+# The reader's view of every page.
+
+
+def test_every_built_page_reads_cleanly(built_book, visited):
     pages = built_pages(built_book)
     assert "book/floats.html" in pages and "index.html" in pages
-    found = {}
-    with StaticServer(built_book) as server:
-        for rel in pages:
-            with guarded_page(browser, 1280, 900, 60_000) as page:
-                report, problems = read_page(page, server.url + rel, built_book, rel)
-                if rel.startswith("book/") and "/exercises/" not in rel:
-                    page.screenshot(path=screenshot_path(f"reader_{Path(rel).stem}"),
-                                    full_page=False)
-            if problems:
-                found[rel] = problems
+    assert sorted(visited["pages"]) == pages
+    found = {rel: problems for rel, (_, problems) in visited["pages"].items() if problems}
     assert not found, "\n".join(f"{rel}:\n  " + "\n  ".join(p) for rel, p in found.items())
+
+
+@pytest.mark.parametrize("entry", toc_entries())
+def test_page_renders_offline_with_math_figures_and_widgets(visited, entry):
+    report, problems = visited["pages"][f"{entry}.html"]
+    guard = [p for p in problems if p.startswith(("request off", "failed request", "console"))]
+    assert not guard, f"{entry}:\n" + "\n".join(guard)
+    assert report["title"], f"{entry} has no title"
+
+    source = (ROOT / f"{entry}.md").read_text()
+    if re.search(r"\$[^$\n]+\$|\{math\}|```\{math\}", source):
+        assert report["mathNodes"] > 0, f"{entry} has math in its source but none on the page"
+    assert report["mjx"] >= report["mathNodes"], f"{entry}: math not typeset: {report['mjx']}"
+    assert not report["untypeset"], f"{entry}: math left untypeset: {report['untypeset']}"
+    assert report["mathErrors"] == 0, f"{entry}: MathJax reported {report['mathErrors']} errors"
+    assert not report["rawTex"], f"{entry}: TeX source left in the text: {report['rawTex']}"
+
+    broken = [img["src"] for img in report["images"] if not img["ok"]]
+    assert not broken, f"{entry}: images that did not load: {broken}"
+    if "```{code-cell}" in source and "plt." in source:
+        figures = [i for i in report["images"] if "_images/" in (i["src"] or "")]
+        assert figures, f"{entry} plots with matplotlib but shows no figure"
+
+    if re.search(r"^import ipywidgets|^from ipywidgets", source, re.MULTILINE):
+        assert report["widgetState"] == 1, f"{entry} makes widgets but stored no widget state"
+        assert report["views"] > 0, f"{entry} makes widgets but shows no widget view"
+    assert report["renderedViews"] == report["views"], (
+        f"{entry}: {report['views'] - report['renderedViews']} of {report['views']} widget "
+        "views did not render")
+
+
+# --------------------------------------------------------------------------------------------
+# The PDF edition (`make pdf`): the whole book, with its math, tables and figures, offline.
+
+
+def pdf_text(path: Path, layout: bool = False) -> str:
+    cmd = ["pdftotext", *(["-layout"] if layout else []), str(path), "-"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def title_of(html_file: Path) -> str:
+    found = re.search(r"<h1>(.*?)</h1>", html_file.read_text(), re.DOTALL)
+    return squash(html_lib.unescape(re.sub(r"<[^>]+>", "", found.group(1)))).rstrip("#").strip()
+
+
+def test_pdf_has_every_page_title(built_book, visited):
+    def letters(s):  # compare words only: the PDF's line breaks and anchors differ from HTML's
+        return re.sub(r"[^0-9a-z]+", "", s.lower())
+
+    text = letters(pdf_text(visited["pdf"]))
+    titles = [title_of(built_book / f"{entry}.html") for entry in toc_entries()]
+    missing = [t for t in titles if letters(t) not in text]
+    assert not missing, f"titles not in the PDF: {missing}"
+
+
+def test_pdf_has_typeset_math_tables_and_figures(built_book, visited):
+    path = visited["pdf"]
+    text = pdf_text(path)
+    # an equation of the introduction, typeset: its symbols are there, its TeX source is not
+    assert re.search(r"scale\s*⋅\s*\(\s*q\s*[−-]\s*zero_point\s*\)", text), "no typeset equation"
+    # (code listings may quote TeX in docstrings; prose math must not be left as $$ source)
+    assert "$$" not in text, "TeX source '$$' in the PDF"
+    # the floats chapter's table of formats: each format's row laid out in columns on one line
+    layout = pdf_text(path, layout=True)
+    rows = [line for line in layout.splitlines() if re.match(r"\s*fp32\s+8\s+23\s+127\s", line)]
+    assert rows and "|" not in rows[0], "the table of formats is not laid out as a table"
+    # every figure of the chapters is an image in the PDF
+    figures = sum(len(re.findall(r'<img[^>]+src="[^"]*_images/',
+                                 (built_book / f"{e}.html").read_text()))
+                  for e in toc_entries())
+    listing = subprocess.run(["pdfimages", "-list", str(path)], capture_output=True, text=True,
+                             check=True).stdout.splitlines()[2:]
+    images = [line for line in listing if line.split()[2] == "image"]
+    assert figures > 0 and len(images) >= figures, f"{len(images)} images for {figures} figures"
+
+
+def test_html_book_links_the_pdf(built_book, visited):
+    intro = (built_book / "book" / "intro.html").read_text()
+    assert 'href="../book.pdf"' in intro, "the introduction does not link the PDF edition"
+    assert (built_book / "book.pdf").read_bytes() == visited["pdf"].read_bytes(), (
+        "make pdf did not copy it there")
+    assert (ROOT / "Makefile").read_text().count("_build/pdf/book.pdf") >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# The reader's view can fail.
 
 
 def _png(record: dict | None) -> bytes:

@@ -10,7 +10,8 @@ HTML pages the same way, from here:
 - every request fenced (:func:`fenced_route`): one to any host other than 127.0.0.1 is aborted
   and its URL recorded, so that a build or a test can refuse a page that asks the network;
 - :data:`SETTLE`, the script that waits until MathJax has typeset the page and every image has
-  decoded, before a page is read or printed.
+  decoded, and :func:`open_settled`, which opens a page and waits for it, before a page is read
+  or printed.
 
 Not a Sphinx extension: plain Python (no pytest, no Sphinx), imported by both.
 """
@@ -47,6 +48,26 @@ async () => {
   await Promise.all(images.map((img) => img.decode().catch(() => null)));
 }
 """
+
+
+def open_settled(page, url: str, idle_timeout_ms: int = 30_000) -> None:
+    """Open ``url`` in ``page`` and wait until it has settled: :data:`SETTLE` (MathJax typeset,
+    images decoded), then nothing loading for a moment (widgets); a page still busy after
+    ``idle_timeout_ms`` is judged (or printed) as it stands."""
+    page.goto(url, wait_until="load")
+    for _ in range(3):  # a page that redirects (index.html) replaces its document once
+        try:
+            page.evaluate(SETTLE)
+            break
+        except Exception as exc:  # Playwright's Error: "Execution context was destroyed"
+            if "context was destroyed" not in str(exc):
+                raise
+            page.wait_for_load_state("load")
+    try:
+        page.wait_for_load_state("networkidle", timeout=idle_timeout_ms)
+    except Exception as exc:  # Playwright's TimeoutError
+        if "Timeout" not in str(exc):
+            raise
 
 
 def chromium_executable() -> str | None:

@@ -15,6 +15,8 @@ one file. A copy is written next to the HTML as ``book.pdf``, which the introduc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import shutil
 import subprocess
 import sys
@@ -25,11 +27,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qcourse_chromium import (  # noqa: E402  (the fence, shared with the tests)
-    SETTLE,
     StaticServer,
     chromium_executable,
     fenced_route,
     launch,
+    open_settled,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +65,28 @@ def toc_pages(toc_file: Path) -> list[str]:
     return pages
 
 
-def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml") -> Path:
+@contextlib.contextmanager
+def fenced_page(browser, blocked: list[str]):
+    """A page in a context of its own, every request off 127.0.0.1 refused and appended to
+    ``blocked``."""
+    context = browser.new_context(viewport={"width": 1100, "height": 1400})
+    try:
+        page = context.new_page()
+        page.route("**/*", fenced_route(blocked))
+        yield page
+    finally:
+        context.close()
+
+
+def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml", *, browser=None,
+              open_page=None, inspect=None) -> Path:
+    """Print every page of ``toc_file`` from the built ``html`` and join them into ``out``.
+
+    The reader's-view tests print the book in the same pass in which they read it, so that each
+    page is opened once: they pass their ``browser``, ``open_page(browser)`` (a context manager
+    giving a page fenced by their own guard) and ``inspect(page, name)``, which looks at each
+    settled page before it is printed.
+    """
     from playwright.sync_api import sync_playwright
 
     pages = toc_pages(toc_file)
@@ -74,30 +97,29 @@ def build_pdf(html: Path, out: Path, toc_file: Path = ROOT / "_toc.yml") -> Path
         sys.exit("make pdf needs pdfunite: install Debian's `poppler-utils`")
     if chromium_executable() is None:
         sys.exit("make pdf needs Chromium: install Debian's `chromium` (as .ci/run does)")
-    blocked = []
+    blocked: list[str] = []
+    if open_page is None:
+        open_page = functools.partial(fenced_page, blocked=blocked)
     out.parent.mkdir(parents=True, exist_ok=True)
     with (StaticServer(html) as server, tempfile.TemporaryDirectory() as tmp,
-          sync_playwright() as playwright):
-        browser = launch(playwright)
-        context = browser.new_context(viewport={"width": 1100, "height": 1400})
-        page = context.new_page()
-        page.route("**/*", fenced_route(blocked))
+          contextlib.ExitStack() as stack):
+        if browser is None:
+            browser = launch(stack.enter_context(sync_playwright()))
+            stack.callback(browser.close)
         parts = []
         for i, name in enumerate(pages):
-            page.goto(server.url + f"{name}.html", wait_until="load")
-            page.add_style_tag(content=PRINT_CSS)
-            page.evaluate(SETTLE)  # MathJax typeset, every image decoded
-            try:  # and nothing else still loading (widgets); a busy page is printed as it stands
-                page.wait_for_load_state("networkidle", timeout=20_000)
-            except Exception as exc:  # Playwright's TimeoutError
-                if "Timeout" not in str(exc):
-                    raise
-            part = Path(tmp) / f"{i:03d}.pdf"
-            page.pdf(path=str(part), format="A4", print_background=True,
-                     margin={"top": "15mm", "bottom": "15mm", "left": "12mm", "right": "12mm"})
+            with open_page(browser) as page:
+                # MathJax typeset, every image decoded, nothing else loading (widgets)
+                open_settled(page, server.url + f"{name}.html", idle_timeout_ms=20_000)
+                if inspect is not None:
+                    inspect(page, name)
+                page.add_style_tag(content=PRINT_CSS)
+                part = Path(tmp) / f"{i:03d}.pdf"
+                page.pdf(path=str(part), format="A4", print_background=True,
+                         margin={"top": "15mm", "bottom": "15mm", "left": "12mm",
+                                 "right": "12mm"})
             parts.append(str(part))
             print(f"  {name}", flush=True)
-        browser.close()
         subprocess.run(["pdfunite", *parts, str(out)], check=True)
     if blocked:
         sys.exit(f"the pages asked for files off this machine: {sorted(set(blocked))[:5]}")
