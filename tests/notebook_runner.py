@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import jupytext
 import nbformat
@@ -59,11 +61,49 @@ def to_ipynb(source: Path, workdir: Path) -> Path:
     return target
 
 
-def run_nbval(source: Path, workdir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Execute every cell of ``source`` under ``pytest --nbval-lax``; return the process."""
-    notebook = to_ipynb(source, workdir)
+@dataclass
+class NbvalResult:
+    """One notebook's cells under ``pytest --nbval-lax``: how many passed and failed, and the
+    failures' reports (tracebacks)."""
+
+    passed: int = 0
+    failed: int = 0
+    report: str = ""
+
+
+def run_nbval(sources: dict[str, Path], workdir: Path,
+              timeout: int = 600) -> tuple[dict[str, NbvalResult], subprocess.CompletedProcess]:
+    """Execute every cell of each notebook of ``sources`` (key -> .md or .ipynb) under one
+    ``pytest --nbval-lax`` process (each notebook in a kernel of its own; one pytest start-up for
+    all, which is most of the time of a short notebook); ``timeout`` bounds each cell.
+
+    Returns each key's result (read from pytest's JUnit XML) and the process; a key without
+    results (its notebook was not collected) has none passed and none failed."""
+    bad = [key for key in sources if not key.replace("_", "").replace("-", "").isalnum()]
+    if bad:
+        raise ValueError(f"keys must be letters, digits, '-' and '_': {bad}")
+    notebooks = []
+    for key, source in sources.items():
+        (workdir / key).mkdir(parents=True, exist_ok=True)
+        notebooks.append(str(to_ipynb(source, workdir / key).relative_to(workdir)))
     (workdir / "pytest.ini").write_text("[pytest]\n")
+    junit = workdir / "nbval.xml"
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
            "--nbval-cell-timeout", str(timeout), "-c", str(workdir / "pytest.ini"),
-           "--rootdir", str(workdir), str(notebook)]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout * 2)
+           "--rootdir", str(workdir), "--junitxml", str(junit), *notebooks]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
+                          timeout=timeout * 2 + 60 * len(sources))
+    results = {key: NbvalResult() for key in sources}
+    if junit.is_file():
+        for case in ElementTree.parse(junit).iter("testcase"):
+            result = results.get(case.get("classname", "").split(".")[0])
+            if result is None:
+                continue
+            failures = [c for c in case if c.tag in ("failure", "error")]
+            if failures:
+                result.failed += 1
+                result.report += "".join(f"{c.get('message', '')}\n{c.text or ''}\n"
+                                         for c in failures)
+            elif not any(c.tag == "skipped" for c in case):
+                result.passed += 1
+    return results, proc

@@ -5,26 +5,24 @@ The chapters in book/ are executed once, by the book build that ``test_book.py``
 fails the build; ``test_book_execution.py`` proves it on a broken chapter). Executing them here
 too would double the time of ``make test``. The exercise notebooks are not part of the book (the
 self-study pages are made from them, but run their hidden tests too), so nbval runs them here.
-The last tests prove the nbval harness itself by feeding it broken notebooks.
+One nbval process runs them all (a pytest start-up per notebook was most of their time), with
+the harness's own cases: a good chapter and broken ones, which prove the harness fails them.
 """
 
+import nbformat
 import pytest
 from notebook_runner import chapters, code_cell, exercise_notebooks, myst_page, run_nbval
 
-
-def _report(proc):
-    return f"exit code {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-
-
-def test_there_are_chapters_and_exercises():
-    assert [p.stem for p in chapters()], "no chapters found in book/"
-    assert [p.stem for p in exercise_notebooks()], "no exercise notebooks found in notebooks/"
-
-
-@pytest.mark.parametrize("notebook", exercise_notebooks(), ids=lambda p: p.stem)
-def test_exercise_solutions_execute(notebook, tmp_path):
-    proc = run_nbval(notebook, tmp_path)
-    assert proc.returncode == 0, _report(proc)
+#: The harness's own cases: a good chapter, and broken ones with the message each must report.
+GOOD = ("import qcourse\nx = 2 + 2", "assert x == 4\nprint('fine')")
+BROKEN = {
+    "failing-assert": (("x = 2 + 2", "assert x == 5, 'arithmetic is broken'"),
+                       "arithmetic is broken"),
+    "library-error": (("import qcourse", "qcourse.matmul_int8([[1]], [[1]])"),
+                      "must be a numpy.ndarray"),
+    "raising-cell": (("raise RuntimeError('a cell that fails')", "print('not reached')"),
+                     "a cell that fails"),
+}
 
 
 def _myst(tmp_path, name, *cells):
@@ -34,31 +32,43 @@ def _myst(tmp_path, name, *cells):
     return path
 
 
-def test_harness_passes_a_good_chapter(tmp_path):
-    src = _myst(tmp_path, "good", "import qcourse\nx = 2 + 2", "assert x == 4\nprint('fine')")
-    run = tmp_path / "run"
-    run.mkdir()
-    proc = run_nbval(src, run)
-    assert proc.returncode == 0, _report(proc)
-    assert "2 passed" in proc.stdout
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Every exercise notebook and the harness's own chapters, executed by one nbval run."""
+    tmp = tmp_path_factory.mktemp("nbval")
+    sources = {p.stem: p for p in exercise_notebooks()}
+    sources["harness-good"] = _myst(tmp, "good", *GOOD)
+    for name, (cells, _) in BROKEN.items():
+        sources[f"harness-{name}"] = _myst(tmp, name, *cells)
+    results, proc = run_nbval(sources, tmp / "run")
+    return results, f"exit code {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize(
-    "cells, message",
-    [
-        (("x = 2 + 2", "assert x == 5, 'arithmetic is broken'"), "arithmetic is broken"),
-        (("import qcourse", "qcourse.matmul_int8([[1]], [[1]])"), "must be a numpy.ndarray"),
-        (("raise RuntimeError('a cell that fails')", "print('not reached')"), "a cell that fails"),
-    ],
-    ids=["failing-assert", "library-error", "raising-cell"],
-)
-def test_harness_fails_a_broken_chapter(tmp_path, cells, message):
-    src = _myst(tmp_path, "broken", *cells)
-    run = tmp_path / "run"
-    run.mkdir()
-    proc = run_nbval(src, run)
-    assert proc.returncode != 0, _report(proc)
-    assert "1 failed" in proc.stdout and message in proc.stdout, _report(proc)
+def test_there_are_chapters_and_exercises():
+    assert [p.stem for p in chapters()], "no chapters found in book/"
+    assert [p.stem for p in exercise_notebooks()], "no exercise notebooks found in notebooks/"
+
+
+@pytest.mark.parametrize("notebook", exercise_notebooks(), ids=lambda p: p.stem)
+def test_exercise_solutions_execute(notebook, executed):
+    results, log = executed
+    result = results[notebook.stem]
+    cells = sum(c.cell_type == "code" for c in nbformat.read(notebook, as_version=4).cells)
+    assert result.failed == 0, f"{notebook.name}:\n{result.report[-6000:]}"
+    assert result.passed == cells, f"{result.passed} of {cells} cells ran:\n{log}"
+
+
+def test_harness_passes_a_good_chapter(executed):
+    results, log = executed
+    assert (results["harness-good"].passed, results["harness-good"].failed) == (2, 0), log
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_harness_fails_a_broken_chapter(executed, name):
+    results, log = executed
+    result = results[f"harness-{name}"]
+    assert result.failed == 1, f"{result}\n{log}"
+    assert BROKEN[name][1] in result.report, result.report
 
 
 # --------------------------------------------------------------------------------------------
