@@ -276,3 +276,25 @@ def test_listing_check_catches_an_unfolded_or_unexplained_listing():
     assert unfolded_long_listings(f"```python\nx = 1\n```\n\n{folded}")[0].endswith(
         "has no walk-through before it")
     assert unfolded_long_listings(f"The walk-through.\n\n{folded}") == []
+
+
+def test_instructor_chapter_builds_with_warnings_as_errors(built_book):
+    """book/grading.md and the self-study pages, in the course's own book build (-W -n).
+
+    The build (tests/book_build.py, shared with test_book.py; one execution of each page)
+    executes both: the chapter's commands, and each self-study page's solutions against its
+    public and (not shown) hidden tests.  test_grading.py holds the committed self-study pages
+    to what ``write_self_study_pages`` makes from the notebooks.
+    """
+    html_dir = built_book / "book"
+    stems = [p.stem for p in exercise_notebooks()]
+    stem = "fixed_point" if "fixed_point" in stems else stems[0]
+    chapter = (html_dir / "grading.html").read_text()
+    assert 'class="cell_output' in chapter and "math notranslate" in chapter
+    assert "qcourse-course" in chapter and "grades.csv" in chapter
+    study = (html_dir / "exercises" / f"{stem}.html").read_text()
+    assert "tag_hide-input" in study and "BEGIN HIDDEN" not in study
+    cells = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())["cells"]
+    n_solution = sum(grading.is_solution(c) for c in cells)
+    assert study.count('<p class="collapsed admonition-title">Solution</p>') == n_solution
+    assert "Show code cell" not in study

@@ -821,27 +821,6 @@ def test_self_study_page_folds_solutions_and_hides_hidden_tests(stem, tmp_path):
         assert committed.read_text() == page, f"{committed} is stale: regenerate it"
 
 
-def test_instructor_chapter_builds_with_warnings_as_errors():
-    """book/grading.md and the self-study pages, in the course's own book build (-W -n).
-
-    The build (tests/book_build.py, shared with test_book.py; one execution of each page)
-    executes both: the chapter's commands, and each self-study page's solutions against its
-    public and (not shown) hidden tests.  The test above holds the committed self-study pages
-    to what ``write_self_study_pages`` makes from the notebooks.
-    """
-    from book_build import built_book_html
-
-    html_dir = built_book_html() / "book"
-    chapter = (html_dir / "grading.html").read_text()
-    assert 'class="cell_output' in chapter and "math notranslate" in chapter
-    assert "qcourse-course" in chapter and "grades.csv" in chapter
-    study = (html_dir / "exercises" / f"{HOSTILE_STEM}.html").read_text()
-    assert "tag_hide-input" in study and "BEGIN HIDDEN" not in study
-    n_solution = sum(G.is_solution(c) for c in load(NOTEBOOKS / f"{HOSTILE_STEM}.ipynb")["cells"])
-    assert study.count('<p class="collapsed admonition-title">Solution</p>') == n_solution
-    assert "Show code cell" not in study
-
-
 # ------------------------------------------------------------------------------------------
 # The package's shape: small files that name their parts, short functions.
 
