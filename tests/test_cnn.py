@@ -35,7 +35,13 @@ from qcourse.cnn import (
     train_cnn,
 )
 from qcourse.nn import (
-    BatchNorm2d, Conv2d, ReLU, ReLU6, accuracy, predict, softmax_cross_entropy,
+    BatchNorm2d,
+    Conv2d,
+    ReLU,
+    ReLU6,
+    accuracy,
+    predict,
+    softmax_cross_entropy,
 )
 
 
