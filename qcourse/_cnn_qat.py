@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-import qcourse.cnn as _cnn  # a cycle: cnn imports this module; names are looked up at call time
 from qcourse._checks import (
     MAX_ELEMENTS,
     MAX_EPOCHS,
@@ -68,6 +67,8 @@ class WeightFakeQuant(Module):
         return self.inner.bias
 
     def quantized_weight(self) -> np.ndarray:
+        from qcourse import cnn as _cnn  # cnn imports this module: look it up when called
+
         return _cnn._dequantized_weight(self.inner.weight, self.bits, self.per_channel)
 
     def _swap(self, w, fn, arg):
@@ -111,6 +112,8 @@ class _MovingRange:
         self.training = False
 
     def qparams(self):
+        from qcourse import cnn as _cnn
+
         return _cnn._minmax_qparams(np.array([self.lo, self.hi]), self.bits)
 
     def __call__(self, module, inp, out):
@@ -125,6 +128,8 @@ def _moving_ranges(model: Sequential, sim: Sequential, X_calib, bits: int,
     """Hook a :class:`_MovingRange` on each point of ``sim`` where the integer network stores a
     tensor, started from ``model``'s min and max over ``X_calib``; the pool rounds onto its
     input's current grid."""
+    from qcourse import cnn as _cnn
+
     points = _cnn._quant_points(model)
     seen = capture_activations(model, X_calib, layers=points)
     ranges, prev = {}, None
@@ -156,6 +161,8 @@ def qat_cnn(model: Sequential, X, y, X_calib, *, weight_bits: int = 4, act_bits:
     returned record holds the final grids.  ``model`` is not changed.  Bits are ints in [2, 16],
     ``epochs`` in [1, 100000], ``batch_size`` in [1, 2**28].
     """
+    from qcourse import cnn as _cnn
+
     _cnn._check_unfolded(model)
     X = _check_model_input(model, X, "X")
     y = check_labels(y, "y", X.shape[0], _num_outputs(model))
