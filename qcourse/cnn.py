@@ -21,7 +21,9 @@ here as functions on :class:`qcourse.nn.Sequential` models:
 The conv chapter turns the folded, calibrated network into integers
 (:func:`convert_cnn`, :class:`qcourse.conv.IntegerCNN`); the ptq chapter measures per tensor
 against per channel, CLE, bias correction and AdaRound on it, the qat chapter trains it at 4 bits
-(:func:`qat_cnn`), the mixed_precision chapter ranks its layers by curvature.
+and, without batch norms, compares ReLU6 with ReLU at 7 bits (:func:`qat_cnn`, which lives with
+:class:`WeightFakeQuant` in ``qcourse/_cnn_qat.py``), the mixed_precision chapter ranks its
+layers by curvature.
 """
 
 from __future__ import annotations
