@@ -21,7 +21,9 @@ here as functions on :class:`qcourse.nn.Sequential` models:
 The conv chapter turns the folded, calibrated network into integers
 (:func:`convert_cnn`, :class:`qcourse.conv.IntegerCNN`); the ptq chapter measures per tensor
 against per channel, CLE, bias correction and AdaRound on it, the qat chapter trains it at 4 bits
-(:func:`qat_cnn`), the mixed_precision chapter ranks its layers by curvature.
+and, without batch norms, compares ReLU6 with ReLU at 7 bits (:func:`qat_cnn`, which lives with
+:class:`WeightFakeQuant` in ``qcourse/_cnn_qat.py``), the mixed_precision chapter ranks its
+layers by curvature.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from qcourse._checks import (
     describe,
     real_array,
 )
+from qcourse._cnn_qat import WeightFakeQuant, qat_cnn  # QAT, in its own file
 from qcourse.affine import QParams, choose_qparams, fake_quantize, qparams_from_range, quantize
 from qcourse.affine.quantizer import MAX_BITS, MIN_BITS
 from qcourse.datasets import load_digits
@@ -66,7 +69,6 @@ from qcourse.nn import (
     ReLU6,
     Sequential,
     one_blas_thread,
-    train_epoch,
 )
 from qcourse.nn.core import _check_model_input, _fit_epochs, _num_outputs
 from qcourse.nn.tools import _check_sequential
@@ -173,7 +175,7 @@ def digits_images(split: str = "train", seed: int = 0):
 
 
 def course_cnn(activation: str = "relu6", *, seed: int = 0, widths=CNN_WIDTHS,
-               dtype=np.float32) -> Sequential:
+               dtype=np.float32, batch_norm: bool = True) -> Sequential:
     """The course's MobileNet-style CNN for 1x8x8 images, freshly initialized.
 
     ``conv0 (3x3, 1 -> w0) bn0 act0``, then for each block ``i`` = 1, 2, 3:
@@ -181,23 +183,30 @@ def course_cnn(activation: str = "relu6", *, seed: int = 0, widths=CNN_WIDTHS,
     then ``pool`` (global average), ``flat`` and ``fc`` (to 10 classes).  Convolutions before
     a batch norm have no bias (the norm's beta is one).  ``activation`` is ``"relu6"`` or
     ``"relu"`` (the twin); all weights come from ``np.random.default_rng(seed)`` (``seed`` an
-    int >= 0); ``widths`` are 4 channel counts, each in [1, :data:`MAX_CNN_WIDTH`].
+    int >= 0); ``widths`` are 4 channel counts, each in [1, :data:`MAX_CNN_WIDTH`].  With
+    ``batch_norm=False`` there are no norms and every convolution has a bias (the qat chapter's
+    network whose ReLU activations have long tails).
     """
     check_choice(activation, "activation", tuple(_ACTS))
     widths = check_int_sequence(widths, "widths", 1, MAX_CNN_WIDTH, min_len=4, max_len=4)
     seed = check_int(seed, "seed", 0)
+    bn = check_bool(batch_norm, "batch_norm")
     act = _ACTS[activation]
     rng = np.random.default_rng(seed)
     c = widths[0]
-    layers = [("conv0", Conv2d(1, c, 3, padding=1, bias=False, seed=rng, dtype=dtype)),
-              ("bn0", BatchNorm2d(c, dtype=dtype)), ("act0", act())]
+
+    def norm(name, ch):    # a batch norm, or (without) nothing: the convolution has a bias
+        return [(name, BatchNorm2d(ch, dtype=dtype))] if bn else []
+
+    layers = [("conv0", Conv2d(1, c, 3, padding=1, bias=not bn, seed=rng, dtype=dtype)),
+              *norm("bn0", c), ("act0", act())]
     for i, (cout, stride) in enumerate(zip(widths[1:], CNN_STRIDES, strict=True), start=1):
         layers += [
-            (f"dw{i}", Conv2d(c, c, 3, stride=stride, padding=1, groups=c, bias=False, seed=rng,
-                              dtype=dtype)),
-            (f"bn_dw{i}", BatchNorm2d(c, dtype=dtype)), (f"act_dw{i}", act()),
-            (f"pw{i}", Conv2d(c, cout, 1, bias=False, seed=rng, dtype=dtype)),
-            (f"bn_pw{i}", BatchNorm2d(cout, dtype=dtype)), (f"act_pw{i}", act()),
+            (f"dw{i}", Conv2d(c, c, 3, stride=stride, padding=1, groups=c, bias=not bn,
+                              seed=rng, dtype=dtype)),
+            *norm(f"bn_dw{i}", c), (f"act_dw{i}", act()),
+            (f"pw{i}", Conv2d(c, cout, 1, bias=not bn, seed=rng, dtype=dtype)),
+            *norm(f"bn_pw{i}", cout), (f"act_pw{i}", act()),
         ]
         c = cout
     layers += [("pool", GlobalAvgPool2d()), ("flat", Flatten()),
@@ -833,115 +842,6 @@ def adaround(model: Sequential, X_calib, *, weight_bits=4, per_channel: bool = T
                                             bits, per_channel=per_channel,
                                             iterations=iterations, seed=seed)
     return results
-
-
-# --------------------------------------------------------------------------- QAT
-
-
-class WeightFakeQuant(Module):
-    r"""A Conv2d or Linear whose forward uses its weight fake-quantized (quantization-aware
-    training); the optimizer updates the float *shadow* weight.
-
-    Forward: :math:`y = f(x; \hat W)` with :math:`\hat W = s\,\mathrm{round}(W/s)` on the
-    symmetric ``bits``-bit grid of :func:`quantize_conv_weight` (its scale recomputed from the
-    current :math:`W` at every step).  Backward: the gradients of :math:`\hat W` are given to
-    :math:`W` unchanged (the straight-through estimator; no weight is ever clipped by a
-    min-max grid).  ``inner`` is the wrapped layer.
-    """
-
-    def __init__(self, inner: Module, bits: int, *, per_channel: bool = True):
-        super().__init__()
-        if not isinstance(inner, Conv2d | Linear):
-            raise TypeError(f"inner must be a Conv2d or Linear, got {type(inner).__name__}")
-        self.inner = inner
-        self.bits = check_int(bits, "bits", MIN_BITS, MAX_BITS)
-        self.per_channel = check_bool(per_channel, "per_channel")
-        self._fq = None
-
-    @property
-    def weight(self) -> np.ndarray:
-        return self.inner.weight
-
-    @property
-    def bias(self):
-        return self.inner.bias
-
-    def quantized_weight(self) -> np.ndarray:
-        return _dequantized_weight(self.inner.weight, self.bits, self.per_channel)
-
-    def _swap(self, w, fn, arg):
-        shadow = self.inner.weight
-        self.inner.weight = w
-        try:
-            return fn(arg)
-        finally:
-            self.inner.weight = shadow
-
-    def forward(self, x):
-        self._fq = self.quantized_weight()
-        return self._swap(self._fq, self.inner.forward, x)
-
-    def backward(self, grad_out):
-        if self._fq is None:
-            raise RuntimeError("WeightFakeQuant.backward called before forward")
-        return self._swap(self._fq, self.inner.backward, grad_out)
-
-    def parameters(self):
-        return self.inner.parameters()
-
-    def named_parameters(self):
-        return self.inner.named_parameters()
-
-    def __repr__(self) -> str:
-        return f"WeightFakeQuant({self.inner!r}, bits={self.bits})"
-
-
-def qat_cnn(model: Sequential, X, y, X_calib, *, weight_bits: int = 4, act_bits: int = 8,
-            per_channel: bool = True, epochs: int = 5, lr: float = 1e-3,
-            batch_size: int = 32, seed: int = 0, progress: bool = False) -> QuantSim:
-    r"""Quantization-aware fine-tuning of a folded CNN; returns the fine-tuned :class:`QuantSim`.
-
-    Starts from :func:`simulate_quantized` (activation ranges calibrated min-max on
-    ``X_calib`` and then fixed; fake quantization in the forward pass, identity in the backward
-    pass), with every weighted layer wrapped in :class:`WeightFakeQuant` (``weight_bits``), and
-    trains for ``epochs`` with Adam (``lr``) through :func:`qcourse.nn.train_epoch`.  The
-    network learns weights that survive their grid.  ``model`` is not changed.  Bits are ints in
-    [2, 16], ``epochs`` in [1, 100000], ``batch_size`` in [1, 2**28].
-    """
-    _check_unfolded(model)
-    X = _check_model_input(model, X, "X")
-    y = check_labels(y, "y", X.shape[0], _num_outputs(model))
-    X_calib = _check_model_input(model, X_calib, "X_calib")
-    weight_bits = _bits_arg(weight_bits, "weight_bits")
-    act_bits = _bits_arg(act_bits, "act_bits")
-    per_channel = check_bool(per_channel, "per_channel")
-    epochs = check_int(epochs, "epochs", 1, MAX_EPOCHS)
-    lr = check_real(lr, "lr", 0.0, lo_open=True)
-    batch_size = check_int(batch_size, "batch_size", 1, MAX_ELEMENTS)
-    seed = check_int(seed, "seed", 0)
-    progress = check_bool(progress, "progress")
-    from tqdm.auto import tqdm
-
-    base = simulate_quantized(model, X_calib, weight_bits=None, act_bits=act_bits,
-                              per_channel=per_channel)
-    sim = base.model
-    for i, layer in enumerate(sim.layers):
-        if isinstance(layer, Conv2d | Linear):
-            wrapped = WeightFakeQuant(layer, weight_bits, per_channel=per_channel)
-            wrapped._forward_hooks.update(layer._forward_hooks)
-            wrapped._forward_pre_hooks.update(layer._forward_pre_hooks)
-            layer._forward_hooks.clear()
-            layer._forward_pre_hooks.clear()
-            sim.layers[i] = wrapped
-    opt = Adam([p for p in sim.parameters()], lr=lr)
-    rng = np.random.default_rng(seed)
-    with one_blas_thread():       # small products: a second BLAS thread only waits
-        for _ in tqdm(range(epochs), desc=f"QAT ({weight_bits}-bit)", unit="epoch",
-                      disable=not progress):
-            train_epoch(sim, X, y, rng.permutation(len(y)), batch_size, opt)
-    weight_qparams = {n: quantize_conv_weight(m.weight, weight_bits, per_channel=per_channel)[1]
-                      for n, m in sim.named_modules() if isinstance(m, WeightFakeQuant)}
-    return QuantSim(sim, base.input_qparams, base.activation_qparams, weight_qparams)
 
 
 # --------------------------------------------------------------------------- to integers

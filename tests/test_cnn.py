@@ -32,8 +32,17 @@ from qcourse.cnn import (
     qat_cnn,
     quantize_conv_weight,
     simulate_quantized,
+    train_cnn,
 )
-from qcourse.nn import BatchNorm2d, Conv2d, ReLU, ReLU6, accuracy, predict
+from qcourse.nn import (
+    BatchNorm2d,
+    Conv2d,
+    ReLU,
+    ReLU6,
+    accuracy,
+    predict,
+    softmax_cross_entropy,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -254,6 +263,84 @@ def test_adaround_beats_nearest_at_4_bits_and_qat_recovers(data, folded):
     print("held on 2 calibration draws:", held)
     assert held["AdaRound above nearest"] == 2, held
     assert held["nearest more than 1 point below float"] == 2, held
+
+
+
+#: Seeds of the ReLU6-against-ReLU experiment beyond the qat chapter's seed 0: each costs about
+#: 10 s (two networks trained for 10 epochs, then for 2 at 7 bits); QCOURSE_FULL_RUN=1 runs nine.
+RELU_SEEDS = tuple(range(1, 10)) if os.environ.get("QCOURSE_FULL_RUN") == "1" else (1,)
+
+
+def _relu_twins_at_7_bits(data, seed):
+    """The qat chapter's experiment: the BN-free course CNN with each activation, trained in
+    float, then quantization-aware at 7 bits (weights per tensor, moving-average activation
+    ranges); per activation, the accuracy drop, the test cross-entropy rise and the widest
+    hidden range."""
+    Xtr, ytr, Xte, yte = data
+    out = {}
+    for act in ("relu6", "relu"):
+        net = course_cnn(act, seed=seed, widths=(8, 16, 32, 32), batch_norm=False)
+        train_cnn(net, Xtr, ytr, epochs=10, lr=2e-2, weight_decay=0.0, seed=seed,
+                  progress=False)
+        q = qat_cnn(net, Xtr, ytr, _calibration(Xtr, seed), weight_bits=7, act_bits=7,
+                    per_channel=False, epochs=2, seed=seed, act_ranges="ema")
+        rise = softmax_cross_entropy(q(Xte), yte)[0] - softmax_cross_entropy(net(Xte), yte)[0]
+        widest = max(float(qp.scale) * (qp.qmax - qp.qmin)
+                     for n, qp in q.activation_qparams.items() if n != "fc")
+        out[act] = (accuracy(net, Xte, yte) - q.accuracy(Xte, yte), rise, widest)
+    return out
+
+
+def test_the_cnn_without_batch_norms_has_biases_and_the_same_filters():
+    with_bn, without = course_cnn("relu", seed=3), course_cnn("relu", seed=3, batch_norm=False)
+    assert not any(isinstance(m, BatchNorm2d) for m in without)
+    convs = [(n, m) for n, m in without.named_modules() if isinstance(m, Conv2d)]
+    assert len(convs) == 7 and all(m.bias is not None for _, m in convs)
+    for name, conv in convs:       # the same draws from the seed: only the norms differ
+        np.testing.assert_array_equal(conv.weight, with_bn[name].weight)
+    with pytest.raises(TypeError, match="batch_norm"):
+        course_cnn("relu", batch_norm="no")
+
+
+def test_relu6_loses_less_than_relu_when_trained_at_7_bits(data):
+    # the qat chapter asserts seed 0; here the other seeds, each ordering counted
+    held = {"ReLU ranges over 5x ReLU6's": 0, "ReLU6 smaller test-loss rise": 0,
+            "ReLU6 smaller accuracy drop": 0, "accuracy drops within 1 point": 0}
+    for seed in RELU_SEEDS:
+        (d6, ce6, w6), (d, ce, w) = _relu_twins_at_7_bits(data, seed).values()
+        print(f"seed {seed}: drop ReLU6 {100 * d6:+.1f} ReLU {100 * d:+.1f} points, test loss "
+              f"rise ReLU6 {ce6:+.4f} ReLU {ce:+.4f}, widest range {w6:.1f} / {w:.1f}")
+        held["ReLU ranges over 5x ReLU6's"] += w > 5 * w6
+        held["ReLU6 smaller test-loss rise"] += ce6 < ce
+        held["ReLU6 smaller accuracy drop"] += d6 < d
+        held["accuracy drops within 1 point"] += abs(d6 - d) <= 0.01
+    print(f"held on {len(RELU_SEEDS)} seeds:", held)
+    # what the chapter states for every seed; the accuracy counts are reported, not asserted
+    # (differences of 1 to 5 test images: on seeds 0-9 ReLU6 lost less on 7, and on seed 6
+    # it was ahead by more than a point)
+    for key in ("ReLU ranges over 5x ReLU6's", "ReLU6 smaller test-loss rise"):
+        assert held[key] == len(RELU_SEEDS), held
+
+
+def test_qat_moving_average_ranges_follow_the_batches(data, folded):
+    Xtr, ytr, _, _ = data
+    Xc = _calibration(Xtr, 0)
+    fixed = qat_cnn(folded, Xtr[:64], ytr[:64], Xc, weight_bits=8, epochs=1)
+    ema = qat_cnn(folded, Xtr[:64], ytr[:64], Xc, weight_bits=8, epochs=1, act_ranges="ema",
+                  averaging_constant=0.5)
+    calibrated = simulate_quantized(folded, Xc, weight_bits=None).activation_qparams
+    assert set(ema.activation_qparams) == set(calibrated)
+    for name, qp in fixed.activation_qparams.items():     # "fixed": the calibrated grids
+        assert qp.scale == calibrated[name].scale and qp.zero_point == calibrated[name].zero_point
+    # two batches of 32 with constant 0.5 move each range most of the way to the batches'
+    moved = [n for n, qp in ema.activation_qparams.items() if qp.scale != calibrated[n].scale]
+    assert len(moved) == len(calibrated), moved
+    # after training the ranges stay put: the same images give the same logits twice
+    np.testing.assert_array_equal(ema(Xtr[:64]), ema(Xtr[:64]))
+    with pytest.raises(ValueError, match="act_ranges"):
+        qat_cnn(folded, Xtr[:8], ytr[:8], Xc, act_ranges="batch")
+    with pytest.raises(ValueError, match="averaging_constant"):
+        qat_cnn(folded, Xtr[:8], ytr[:8], Xc, act_ranges="ema", averaging_constant=0.0)
 
 
 # --------------------------------------------------------------------------- the script

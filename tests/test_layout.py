@@ -239,7 +239,7 @@ LAYERS = {
     "floats": 1, "fixed_point": 1, "affine": 1, "calibration": 1,
     "kernels": 2, "_kernels": 2, "int_matmul": 2, "conv": 2,
     "nn": 3, "ptq": 3, "qat": 3, "mixed_precision": 3, "lowbit": 3, "transformer": 3,
-    "kv_cache": 3, "weight_only": 3, "cnn": 3,
+    "kv_cache": 3, "weight_only": 3, "cnn": 3, "_cnn_qat": 3,  # cnn's QAT, in its own file
     "grading": 4, "bench": 4, "deploy": 4,
     "data": 4,  # qcourse/data/make_*.py: the scripts that make the shipped weights (tools)
 }
