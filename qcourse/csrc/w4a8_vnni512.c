@@ -8,6 +8,9 @@
 #include "w4a8.h"
 
 #if QC_X86
+/* The tile's software prefetch distance (bytes ahead; a little faster than none at M = 128 here).
+ * The one-row kernel's, which matters more, is w->prefetch (qc_w4_set_prefetch). */
+#define QC_W4_TILE_PREFETCH 1024
 /* region: w4_vnni_tile */
 #define QC_W4_DPBUSD(acc, b, p)                                                                   \
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(b), "m"(*(const int32_t *)(p)))
@@ -18,7 +21,7 @@ static inline __attribute__((always_inline)) QC_TARGET_VNNI512 void qc_w4_tile(
     const ptrdiff_t col0 = cg * QC_W4_GROUP_COLS;
     const ptrdiff_t width = w->n - col0 < QC_W4_GROUP_COLS ? w->n - col0 : QC_W4_GROUP_COLS;
     const uint8_t *bp = w->packed + cg * G * bb;
-    const ptrdiff_t pf = w->prefetch;
+    const ptrdiff_t pf = QC_W4_TILE_PREFETCH;
     const int8_t *x[6];
     float fa[6][QC_W4_GROUP_COLS] __attribute__((aligned(64)));
     const __m512i low4 = _mm512_set1_epi8((char)w->mask);
