@@ -31,11 +31,20 @@ static inline __attribute__((always_inline)) QC_TARGET_VNNI512 void qc_w4_tile(
         for (int v = 0; v < 4; v++) _mm512_store_ps(fa[r] + 16 * v, _mm512_setzero_ps());
     }
     for (ptrdiff_t j = 0; j < G; j++) {
+        /* each accumulator starts at the correction -(8 + z) gsum (no subtraction per group) */
         __m512i acc[6][4];
+        const int8_t *zc = w->has_zp ? (const int8_t *)(bp + octs * 256 + 256) : NULL;
 #pragma GCC unroll 6
-        for (int r = 0; r < R; r++)
+        for (int r = 0; r < R; r++) {
+            const int32_t gs = w->gsum[(i0 + r) * G + j];
+            const __m512i ngs = _mm512_set1_epi32((int32_t)(0u - (uint32_t)gs));
 #pragma GCC unroll 4
-            for (int p = 0; p < 4; p++) acc[r][p] = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++)
+                acc[r][p] = zc ? _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm_load_si128(
+                                                        (const __m128i *)(zc + 16 * p))),
+                                                    ngs)
+                               : _mm512_slli_epi32(ngs, 3);
+        }
         for (ptrdiff_t o = 0; o < octs; o++, bp += 256) {
             const ptrdiff_t kk = j * g + 8 * o;
 #pragma GCC unroll 4
@@ -50,20 +59,13 @@ static inline __attribute__((always_inline)) QC_TARGET_VNNI512 void qc_w4_tile(
                 for (int r = 0; r < R; r++) QC_W4_DPBUSD(acc[r][p], hi, x[r] + kk + 4);
             }
         }
-        /* the group's epilogue: P = acc - (8 + z) gsum, then fa += (float)P * s */
+        /* the group's epilogue: fa += (float)P * s */
         const float *sc = (const float *)bp;
-        const int8_t *zc = w->has_zp ? (const int8_t *)(bp + 256) : NULL;
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++) {
-            const int32_t gs = w->gsum[(i0 + r) * G + j];
 #pragma GCC unroll 4
             for (int p = 0; p < 4; p++) {
-                __m512i corr =
-                    zc ? _mm512_mullo_epi32(
-                             _mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(zc + 16 * p))),
-                             _mm512_set1_epi32(gs))
-                       : _mm512_set1_epi32((int32_t)((uint32_t)gs << 3));
-                __m512i part = _mm512_sub_epi32(acc[r][p], corr);
+                const __m512i part = acc[r][p];
                 if (w->sums) {
                     int32_t tmp[16];
                     _mm512_storeu_si512((void *)tmp, part);
