@@ -276,8 +276,9 @@ W4_BROKEN = QC_W4_BROKEN  # path | W4_BROKEN: a deliberately broken kernel, for 
 
 
 def w4_set_prefetch(Py_ssize_t nbytes):
-    """Set the W4A8 VNNI kernel's software prefetch distance (bytes ahead, 0 for none; rounded
-    down to a cache line) for later calls; returns the previous one. For tuning on a machine."""
+    """Set the W4A8 VNNI one-row (M = 1) kernel's software prefetch distance (bytes ahead, 0 for
+    none, the default; rounded down to a cache line) for later calls; returns the previous one.
+    For tuning on a machine."""
     if nbytes < 0 or nbytes > 1 << 20:
         raise ValueError(f"nbytes must be in [0, 1048576], got {nbytes}")
     return qc_w4_set_prefetch(nbytes)

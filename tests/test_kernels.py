@@ -891,6 +891,9 @@ def test_w4a8_extremes_at_the_group_bound(code, zero_point):
     for path in available_paths():
         sums = kernels.w4a8_group_sums(x_q, packed, path=path)
         assert sums[:, :, 0].tolist() == [[-128 * w * g] * 2, [127 * w * g] * 2], path
+        for row, xv in enumerate((-128, 127)):  # one row: the M = 1 kernel (16 x its high sums)
+            one = kernels.w4a8_group_sums(x_q[row:row + 1], packed, path=path)
+            assert one[0, :, 0].tolist() == [xv * w * g] * 2, path
     assert abs(128 * 15 * kernels.max_group_w4a8()) <= np.iinfo(np.int32).max
     assert 128 * 15 * (kernels.max_group_w4a8() + 1) > np.iinfo(np.int32).max
 
