@@ -8,6 +8,7 @@ outliers, keep uniform data).  PyTorch's observers are the outside oracle when i
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -100,7 +101,24 @@ def test_minmax_equals_choose_qparams_for_any_split(x, n):
     obs = MinMaxObserver(bits=8, signed=False)
     for b in np.array_split(x, min(n, x.size)):
         obs.update(b)
-    assert obs.qparams() == choose_qparams(x, bits=8, signed=False)
+    try:
+        want = choose_qparams(x, bits=8, signed=False)
+    except ValueError as exc:  # a range whose scale underflows (all |x| below ~1e-321)
+        with pytest.raises(ValueError, match=re.escape(str(exc))):
+            obs.qparams()
+    else:
+        assert obs.qparams() == want
+
+
+def test_a_range_whose_scale_underflows_is_refused_by_the_observer_and_choose_qparams():
+    """Found by Hypothesis (x = [5e-324]): the zero point divided by a scale of 0 before the
+    scale was checked, a RuntimeWarning instead of the error that names the problem."""
+    x = np.array([5e-324])
+    for symmetric in (False, True):
+        with pytest.raises(ValueError, match="scale underflows"):
+            choose_qparams(x, bits=8, signed=False, symmetric=symmetric)
+    with pytest.raises(ValueError, match="scale underflows"):
+        MinMaxObserver(bits=8, signed=False).update(x).qparams()
 
 
 def test_moving_average_matches_the_recursion():

@@ -389,9 +389,10 @@ def qparams_from_range(rmin, rmax, *, bits=8, signed=True, symmetric=False, narr
         if not np.all(np.isfinite(span)):
             raise ValueError("rmax - rmin overflows float64; the range is too wide to quantize")
         scale = np.where(degenerate, 1.0, span / (qmax - qmin))
-        zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int64)
-    if np.any(scale <= 0):
+    if np.any(scale <= 0):  # before the zero point divides by it
         raise ValueError("the range is too narrow: its scale underflows to 0 in float64")
+    if not symmetric:
+        zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int64)
     return QParams(scale=scale, zero_point=zp, qmin=qmin, qmax=qmax, axis=axis,
                    group_size=group_size)
 
