@@ -34,29 +34,24 @@ FIGURE_KEY = "qcourse-figure"
 REPORT = r"""
 () => {
   const article = document.querySelector("article") || document.body;
-  const skip = "pre, code, script, style, mjx-container, .highlight, .cell_input, .math";
-  const textOf = (root) => {
+  // the text under root outside the elements matching skip, its pieces joined by sep
+  const textIn = (root, skip, sep) => {
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT, {
       acceptNode: (n) => n.parentElement.closest(skip) ? NodeFilter.FILTER_REJECT
                                                          : NodeFilter.FILTER_ACCEPT});
     let text = "";
-    while (walker.nextNode()) { text += walker.currentNode.textContent; }
+    while (walker.nextNode()) { text += walker.currentNode.textContent + sep; }
     return text;
   };
+  const skip = "pre, code, script, style, mjx-container, .highlight, .cell_input, .math";
+  const textOf = (root) => textIn(root, skip, "");
   const blockTags = "p, li, dd, td, th, h1, h2, h3, h4, figcaption";
   const blocks = Array.from(article.querySelectorAll(blockTags))
     .filter((el) => !el.closest("pre, .highlight, .cell_input"))
     .map((el) => textOf(el));
   const math = Array.from(article.querySelectorAll(".math"));
   const skipAll = "pre, code, script, style, mjx-container, .highlight, .output";
-  const textOfAll = (root) => {
-    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT, {
-      acceptNode: (n) => n.parentElement.closest(skipAll) ? NodeFilter.FILTER_REJECT
-                                                            : NodeFilter.FILTER_ACCEPT});
-    let text = "";
-    while (walker.nextNode()) { text += walker.currentNode.textContent + " "; }
-    return text;
-  };
+  const textOfAll = (root) => textIn(root, skipAll, " ");
   const STATE = "application/vnd.jupyter.widget-state+json";
   const views = Array.from(document.querySelectorAll(
     'script[type="application/vnd.jupyter.widget-view+json"]'));
