@@ -243,10 +243,14 @@ def _wait_for_idle_threads(window: float = 0.01, quiet: int = 3, limit: float = 
         calm = 0 if busy else calm + 1
 
 
-def _median_seconds(f: Callable[[], object], repeat: int, warmup: float = 0.0) -> float:
-    """Median of ``repeat`` timed calls of ``f`` after the idle wait and, when ``warmup`` > 0,
-    untimed calls for about that many seconds (at least one, at most 50)."""
+def _median_seconds(f: Callable[[], object], repeat: int, warmup: float = 0.0,
+                    before: Callable[[], object] | None = None) -> float:
+    """Median of ``repeat`` timed calls of ``f`` after the idle wait, then ``before()`` if
+    given, and, when ``warmup`` > 0, untimed calls for about that many seconds (at least one,
+    at most 50)."""
     _wait_for_idle_threads()
+    if before is not None:
+        before()
     end, calls = time.perf_counter() + warmup, 0
     while warmup > 0 and (calls < 1 or (calls < 50 and time.perf_counter() < end)):
         f()
@@ -721,12 +725,15 @@ def _int4_layers(rng, k: int, n: int, count: int, group_size: int):
 
 
 _MAX_INT4_SIDE = 32768
-# Untimed calls before each int4 row is timed (for about this long, at least one, at most 50), for
-# the contenders whose checking call took less: an M = 1 layer takes well under a millisecond,
-# and the first calls after the idle wait find its weights gone from the caches and come back
-# over several calls (here qcourse's first of five took 3-4 x its steady time, ONNX Runtime's
-# 3-5 x over its first ten), so five timed calls straight away measure that, not the kernel.
-INT4_WARMUP_SECONDS = 0.01
+# Untimed calls before each int4 row is timed, for about this long (at least one, at most 50),
+# after the idle wait: the calls that follow a pause are not the steady state of a decoding loop.
+# An M = 1 layer of 4096 x 4096 takes well under a millisecond, and its first calls find its
+# weights gone from the caches (here qcourse's first of five took 3-4 x its steady time, ONNX
+# Runtime's 3-5 x over its first ten); over the DRAM-sized stack, whose weights never stay in the
+# cache, the first calls after a 30 ms sleep still ran at 70-90 % of the steady bandwidth for
+# about five calls (25 ms) on this VM, so a median of five calls straight away measured the
+# memory system waking up. Every contender gets the same warm-up, the slow ones a single call.
+INT4_WARMUP_SECONDS = 0.05
 
 
 def _check_int4_shapes(linear, kn, stack, group_size):
@@ -762,9 +769,14 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
     K, N) at M = 1, a pass through several layers whose weights together exceed the last-level
     cache, so that they come from memory.  Every output is first checked against the float64
     product (within :data:`INT4_TOLERANCE` of the largest output; our int8 GEMM exactly).  Rows
-    add ``gbs`` (weight bytes read per second) and ``pct_bw`` (of ``bandwidth``, default
-    :func:`read_bandwidth_gbs` for the threads in force); ``vs_best_outside`` is relative to
-    the fastest outside int4 kernel.  ``skip``: outside kernels whose names contain any of these
+    add ``gbs`` (weight bytes read per second), ``read_gbs`` (the read bandwidth it is compared
+    with) and ``pct_bw`` (``gbs`` as a percentage of it); ``vs_best_outside`` is relative to
+    the fastest outside int4 kernel.  ``bandwidth`` None (the default) measures the read
+    bandwidth (:func:`read_bandwidth_gbs`, the threads in force, best of 3 rounds) just before
+    each row is timed, after the idle wait and before the warm-up: on a machine shared with
+    others the memory's speed changes from one second to the next (here 17-27 GB/s on one
+    core), and a row is compared with what memory delivered at the time it ran, not half a
+    minute earlier.  A number uses that bandwidth for every row.  ``skip``: outside kernels whose names contain any of these
     strings are left out (e.g. ``("float32, torch",)`` for PyTorch's slow float32 variants).
 
     Bounds: the rows M in [1, 8192]; K and N in [1, 32768] with K a multiple of ``group_size``;
@@ -783,8 +795,6 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
     for i, part in enumerate(skip):
         _checks.check_instance(part, f"skip[{i}]", str, "a string")
     threads = get_num_threads()
-    if bandwidth is None:
-        bandwidth = read_bandwidth_gbs(threads)
     rng = np.random.default_rng(seed)
     k, n = kn
     cases = [(f"{m}×{k}×{n}", m, _int4_layers(rng, k, n, 1, group_size)) for m in linear]
@@ -824,12 +834,8 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
                 runs[name] = ([t for t, _ in made], sum(b for _, b in made))
         shape_rows = []
         for name, (thunks, nbytes) in runs.items():
-            first = 0.0  # the checking calls' time: a contender slower than the warm-up gets none
             for i, (thunk, (codes, _)) in enumerate(zip(thunks, layers, strict=True)):
-                t0 = time.perf_counter()
-                got = thunk()
-                first += time.perf_counter() - t0
-                out = np.asarray(got, dtype=np.float64)
+                out = np.asarray(thunk(), dtype=np.float64)
                 if "matmul_int8" in name:
                     ok = np.array_equal(out, xq.astype(np.int64) @ codes.T.astype(np.int64))
                 else:
@@ -842,14 +848,20 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
                 for thunk in thunks:
                     thunk()
 
-            seconds = _median_seconds(
-                run_all, repeat, warmup=INT4_WARMUP_SECONDS if first < INT4_WARMUP_SECONDS else 0.0)
+            read = {"gbs": bandwidth}
+
+            def measure_read(read=read):
+                if bandwidth is None:
+                    read["gbs"] = read_bandwidth_gbs(threads, rounds=3)
+
+            seconds = _median_seconds(run_all, repeat, warmup=INT4_WARMUP_SECONDS,
+                                      before=measure_read)
             ops = 2.0 * m * k * layers[0][0].shape[0] * len(layers)
             gbs = nbytes / seconds / 1e9
             shape_rows.append({
                 "threads": threads, "shape": shape, "m": m, "kernel": name, "seconds": seconds,
                 "gops": ops / seconds / 1e9, "gbs": gbs, "weight_bytes": nbytes,
-                "pct_bw": 100 * gbs / bandwidth if bandwidth else None})
+                "read_gbs": read["gbs"], "pct_bw": 100 * gbs / read["gbs"]})
         rows += _with_ratios(shape_rows)
     return rows
 
@@ -857,16 +869,17 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
 def format_int4_table(rows: list[Result]) -> str:
     """A Markdown table of :func:`run_int4_benchmark`'s rows."""
     rows = _check_rows(rows, frozenset(("threads", "shape", "kernel", "seconds", "gops", "gbs",
-                                        "pct_bw", "vs_numpy_f32", "vs_best_outside")),
+                                        "read_gbs", "pct_bw", "vs_numpy_f32",
+                                        "vs_best_outside")),
                        "run_int4_benchmark")
-    lines = ["| threads | shape | kernel | ms | GOP/s | weight GB/s | % of read bandwidth "
-             "| vs NumPy float32 | vs best outside int4 |",
-             "|---:|:---|:---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| threads | shape | kernel | ms | GOP/s | weight GB/s | read GB/s | "
+             "% of read bandwidth | vs NumPy float32 | vs best outside int4 |",
+             "|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        pct = "–" if r["pct_bw"] is None else f"{r['pct_bw']:.0f}%"
         vs_out = "–" if r["vs_best_outside"] is None else f"{r['vs_best_outside']:.2f}x"
         lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | "
-                     f"{1e3 * r['seconds']:.3f} | {r['gops']:.1f} | {r['gbs']:.1f} | {pct} | "
+                     f"{1e3 * r['seconds']:.3f} | {r['gops']:.1f} | {r['gbs']:.1f} | "
+                     f"{r['read_gbs']:.1f} | {r['pct_bw']:.0f}% | "
                      f"{r['vs_numpy_f32']:.2f}x | {vs_out} |")
     return "\n".join(lines)
 
@@ -902,13 +915,12 @@ def main(argv=None) -> None:
     print(machine_description())
     for threads in args.threads if args.int4 != "no" else ():
         with thread_limit(threads):
-            bandwidth = read_bandwidth_gbs(threads)
             rows = run_int4_benchmark(args.linear, tuple(args.linear_kn), tuple(args.int4_stack),
-                                      args.int4_group, args.repeat, outside=not args.no_outside,
-                                      bandwidth=bandwidth)
+                                      args.int4_group, args.repeat, outside=not args.no_outside)
+        reads = [r["read_gbs"] for r in rows]
         print(f"\nint4 weights, groups of {args.int4_group}, {threads} thread"
-              f"{'s' if threads > 1 else ''} per contender; measured read bandwidth "
-              f"{bandwidth:.1f} GB/s:\n")
+              f"{'s' if threads > 1 else ''} per contender; read bandwidth measured just before "
+              f"each row: {min(reads):.1f}-{max(reads):.1f} GB/s:\n")
         print(format_int4_table(rows))
     all_rows, before, after = [], {}, {}
     for threads in args.threads if args.int4 != "only" else ():

@@ -192,6 +192,23 @@ def test_small_int4_run_checks_every_result():
     assert table.count("\n") == len(rows) + 1 and "% of read bandwidth" in table
 
 
+def test_each_int4_row_is_compared_with_the_bandwidth_measured_just_before_it(monkeypatch):
+    calls = []
+
+    def fake_read(threads=1, mib=256, rounds=5):
+        calls.append((threads, rounds))
+        return 4.0 + len(calls)          # a different bandwidth at each call
+
+    monkeypatch.setattr(bench, "read_bandwidth_gbs", fake_read)
+    rows = bench.run_int4_benchmark(linear=(1,), kn=(64, 64), stack=(2, 64, 64), repeat=1,
+                                    outside=False)
+    assert len(calls) == len(rows) and all(rounds == 3 for _, rounds in calls)
+    assert [r["read_gbs"] for r in rows] == [5.0 + i for i in range(len(rows))]
+    for r in rows:
+        assert r["pct_bw"] == pytest.approx(100 * r["gbs"] / r["read_gbs"])
+    assert "| 5.0 | " in bench.format_int4_table(rows)
+
+
 def test_a_wrong_int4_kernel_is_caught(monkeypatch):
     import qcourse.kernels as kernels
     real = kernels.matmul_w4a8
@@ -223,6 +240,7 @@ def test_cli_prints_the_int4_table(capsys):
                 "--threads", "1", "--int4", "only", "--int4-group", "16", "--int4-stack", "2",
                 "64", "128"])
     out = capsys.readouterr().out
-    assert "int4 weights, groups of 16, 1 thread per contender; measured read bandwidth" in out
+    assert ("int4 weights, groups of 16, 1 thread per contender; read bandwidth measured just "
+            "before each row: ") in out
     assert "| 1 | 1×64×128 ×2 layers | qcourse matmul_w4a8" in out
     assert "| 1 | 2×64×64 | NumPy float32" in out and "NumPy float32 matmul |" not in out

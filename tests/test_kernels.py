@@ -1016,3 +1016,51 @@ def test_matmul_w4a8_bad_arguments_are_named():
         kernels.matmul_w4a8(x, packed, threads=0)
     with pytest.raises(ValueError, match="x_q has K=32"):
         kernels.w4a8_group_sums(np.zeros((1, 32), np.int8), packed)
+
+
+def _vma_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            inside = int(m.group(1), 16) <= address < int(m.group(2), 16)
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_large_packed_weights_get_memory_of_their_own_in_huge_pages():
+    # the M = 1 kernels stream their weights from memory: 2 MiB pages, asked for before the
+    # first touch, keep the hardware prefetcher and the TLB out of the way (see _weight_buffer)
+    import copy
+    import pickle
+
+    from qcourse.kernels.matmul import HUGE_PAGE_MIN_BYTES, _weight_buffer
+
+    rng = np.random.default_rng(11)
+    codes = rng.integers(-8, 8, (2048, 4096), dtype=np.int8)
+    scales = rng.uniform(0.01, 0.1, (2048, 4096 // 32)).astype(np.float32)
+    w4 = kernels.prepack_int4(codes, scales, group_size=32)
+    b = rng.integers(-128, 128, (2048, 2048), dtype=np.int8)
+    w8 = prepack(b)
+    x = rng.normal(0, 1, (3, 4096)).astype(np.float32)
+    a = rng.integers(-128, 128, (3, 2048), dtype=np.int8)
+    small = _weight_buffer(4096)
+    assert small.nbytes == 4096 and small.ctypes.data % 64 == 0
+    for packed in (w4, w8):
+        data = packed.data
+        assert data.nbytes >= HUGE_PAGE_MIN_BYTES and data.ctypes.data % 2**21 == 0
+        assert not data.flags.writeable
+        if sys.platform.startswith("linux") and "[never]" not in Path(
+                "/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+            assert "hg" in _vma_flags(data.ctypes.data)       # madvise(MADV_HUGEPAGE) took
+    want4 = kernels.matmul_w4a8(x, w4)
+    assert np.array_equal(want4, kernels.matmul_w4a8_reference(x, w4))
+    want8 = matmul_int8(a, w8)
+    assert np.array_equal(want8, a.astype(np.int64) @ b.astype(np.int64))
+    for twin4, twin8 in ((copy.deepcopy(w4), copy.deepcopy(w8)),
+                         (pickle.loads(pickle.dumps(w4)), pickle.loads(pickle.dumps(w8)))):
+        assert twin4.data.ctypes.data % 2**21 == 0 and twin8.data.ctypes.data % 2**21 == 0
+        assert np.array_equal(kernels.matmul_w4a8(x, twin4), want4)
+        assert np.array_equal(matmul_int8(a, twin8), want8)

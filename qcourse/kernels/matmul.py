@@ -7,6 +7,7 @@ Re-exported by :mod:`qcourse.kernels`; see the kernels chapter.
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -289,6 +290,36 @@ def _aligned_empty(size: int, dtype, alignment: int = 64) -> np.ndarray:
     return raw[offset:offset + size * itemsize].view(dtype)
 
 
+#: Packed weights of at least this many bytes get memory of their own, backed by 2 MiB pages.
+HUGE_PAGE_MIN_BYTES = 4 * 2**20
+_HUGE_PAGE = 2 * 2**20
+
+
+def _weight_buffer(nbytes: int) -> np.ndarray:
+    """A uint8 array of ``nbytes`` for packed weights, starting on a 64-byte boundary.
+
+    Large ones (``HUGE_PAGE_MIN_BYTES`` or more) are a fresh anonymous mapping starting on a 2 MiB
+    boundary, marked for transparent huge pages before anything touches it (Linux; elsewhere
+    the mark is skipped).  A kernel that streams its weights from memory (M = 1) is limited by
+    how far ahead the hardware fetches, and in 4 KiB pages that stops at every page boundary
+    and costs a TLB miss every 64 lines.  ``np.empty`` cannot promise 2 MiB pages: a large
+    array may reuse heap memory already faulted in as 4 KiB pages (in ``python -m qcourse.bench``
+    one 27 MiB layer of four got 6 MiB of huge pages).  The mapping is freed with the array.
+    """
+    if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):  # (Windows)
+        return _aligned_empty(nbytes, np.uint8)
+    # private: a shared anonymous mapping is shmem, which huge pages do not back by default
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:          # a kernel without transparent huge pages: 4 KiB pages it is
+            pass
+    start = np.frombuffer(region, np.uint8, count=1)
+    offset = -start.ctypes.data % _HUGE_PAGE
+    return np.frombuffer(region, np.uint8, count=nbytes, offset=offset)
+
+
 def _scratch(m: int, n: int) -> np.ndarray:
     """Per-call scratch of the packed kernel: rowsum(A), the k % 4 tail of A, per-column terms."""
     return np.empty(_kernels.scratch_size(m, n), dtype=np.int32)
@@ -303,7 +334,7 @@ def prepack(b: np.ndarray) -> PackedB:
     _check_matrix(b, "b")
     _check_k(b.shape[0], "b")
     k, n = b.shape
-    data = _aligned_empty(_kernels.packed_b_size(k, n), np.uint8)
+    data = _weight_buffer(_kernels.packed_b_size(k, n))
     colsum = np.empty(_kernels.padded_columns(n), dtype=np.int32)
     _kernels.pack_b(np.ascontiguousarray(b), data, colsum)
     return PackedB._from_packing(k, n, data, colsum)

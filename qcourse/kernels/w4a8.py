@@ -10,10 +10,10 @@ import numpy as np
 
 from qcourse import _checks, _kernels
 from qcourse.kernels.matmul import (
-    _aligned_empty,
     _check_matrix,
     _default_threads,
     _path_code,
+    _weight_buffer,
 )
 
 __all__ = [
@@ -189,7 +189,7 @@ def prepack_int4(codes: np.ndarray, scales, *, group_size: int,
                          "overflowed)")
     zp = None if zero_points is None else _check_int4_grid(zero_points, "zero_points",
                                                            (n, k // g))
-    data = _aligned_empty(_kernels.w4_packed_size(k, n, g, zp is not None), np.uint8)
+    data = _weight_buffer(_kernels.w4_packed_size(k, n, g, zp is not None))
     _kernels.w4_pack(np.ascontiguousarray(codes), s32, zp, g, data)
     return PackedInt4._from_packing(n, k, g, zp is not None, data)
 
