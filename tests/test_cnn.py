@@ -267,27 +267,29 @@ def test_adaround_beats_nearest_at_4_bits_and_qat_recovers(data, folded):
 
 
 #: Seeds of the ReLU6-against-ReLU experiment beyond the qat chapter's seed 0: each costs about
-#: 10 s (two networks trained for 10 epochs, then for 2 at 7 bits); QCOURSE_FULL_RUN=1 runs nine.
+#: 14 s (two networks trained twice for 10 epochs, in float and at 7 bits); QCOURSE_FULL_RUN=1
+#: runs nine.
 RELU_SEEDS = tuple(range(1, 10)) if os.environ.get("QCOURSE_FULL_RUN") == "1" else (1,)
 
 
 def _relu_twins_at_7_bits(data, seed):
-    """The qat chapter's experiment: the BN-free course CNN with each activation, trained in
-    float, then quantization-aware at 7 bits (weights per tensor, moving-average activation
-    ranges); per activation, the accuracy drop, the test cross-entropy rise and the widest
-    hidden range."""
+    """The qat chapter's experiment: the BN-free course CNN with each activation, trained from
+    the same initial weights in float and with 7-bit simulated quantization from the start
+    (weights per tensor, moving-average activation ranges); per activation, the float and 7-bit
+    test accuracy, the 7-bit test cross-entropy and the widest hidden range."""
     Xtr, ytr, Xte, yte = data
     out = {}
     for act in ("relu6", "relu"):
         net = course_cnn(act, seed=seed, widths=(8, 16, 32, 32), batch_norm=False)
-        train_cnn(net, Xtr, ytr, epochs=10, lr=2e-2, weight_decay=0.0, seed=seed,
+        train_cnn(net, Xtr, ytr, epochs=10, lr=1e-2, weight_decay=0.0, seed=seed,
                   progress=False)
-        q = qat_cnn(net, Xtr, ytr, _calibration(Xtr, seed), weight_bits=7, act_bits=7,
-                    per_channel=False, epochs=2, seed=seed, act_ranges="ema")
-        rise = softmax_cross_entropy(q(Xte), yte)[0] - softmax_cross_entropy(net(Xte), yte)[0]
+        q = qat_cnn(course_cnn(act, seed=seed, widths=(8, 16, 32, 32), batch_norm=False),
+                    Xtr, ytr, _calibration(Xtr, seed), weight_bits=7, act_bits=7,
+                    per_channel=False, epochs=10, lr=1e-2, seed=seed, act_ranges="ema")
         widest = max(float(qp.scale) * (qp.qmax - qp.qmin)
                      for n, qp in q.activation_qparams.items() if n != "fc")
-        out[act] = (accuracy(net, Xte, yte) - q.accuracy(Xte, yte), rise, widest)
+        out[act] = (accuracy(net, Xte, yte), q.accuracy(Xte, yte),
+                    softmax_cross_entropy(q(Xte), yte)[0], widest)
     return out
 
 
@@ -304,21 +306,21 @@ def test_the_cnn_without_batch_norms_has_biases_and_the_same_filters():
 
 def test_relu6_loses_less_than_relu_when_trained_at_7_bits(data):
     # the qat chapter asserts seed 0; here the other seeds, each ordering counted
-    held = {"ReLU ranges over 5x ReLU6's": 0, "ReLU6 smaller test-loss rise": 0,
-            "ReLU6 smaller accuracy drop": 0, "accuracy drops within 1 point": 0}
+    held = {"ReLU ranges over 5x ReLU6's": 0, "ReLU6 smaller accuracy drop": 0,
+            "ReLU6 more accurate at 7 bits": 0, "ReLU6 lower 7-bit test loss": 0}
     for seed in RELU_SEEDS:
-        (d6, ce6, w6), (d, ce, w) = _relu_twins_at_7_bits(data, seed).values()
-        print(f"seed {seed}: drop ReLU6 {100 * d6:+.1f} ReLU {100 * d:+.1f} points, test loss "
-              f"rise ReLU6 {ce6:+.4f} ReLU {ce:+.4f}, widest range {w6:.1f} / {w:.1f}")
+        (f6, q6, ce6, w6), (f, q, ce, w) = _relu_twins_at_7_bits(data, seed).values()
+        print(f"seed {seed}: float ReLU6 {100 * f6:.1f}% ReLU {100 * f:.1f}%, 7 bits ReLU6 "
+              f"{100 * q6:.1f}% ReLU {100 * q:.1f}%, 7-bit test loss {ce6:.3f} / {ce:.3f}, "
+              f"widest range {w6:.1f} / {w:.1f}")
         held["ReLU ranges over 5x ReLU6's"] += w > 5 * w6
-        held["ReLU6 smaller test-loss rise"] += ce6 < ce
-        held["ReLU6 smaller accuracy drop"] += d6 < d
-        held["accuracy drops within 1 point"] += abs(d6 - d) <= 0.01
+        held["ReLU6 smaller accuracy drop"] += f6 - q6 < f - q
+        held["ReLU6 more accurate at 7 bits"] += q6 > q
+        held["ReLU6 lower 7-bit test loss"] += ce6 < ce
     print(f"held on {len(RELU_SEEDS)} seeds:", held)
-    # what the chapter states for every seed; the accuracy counts are reported, not asserted
-    # (differences of 1 to 5 test images: on seeds 0-9 ReLU6 lost less on 7, and on seed 6
-    # it was ahead by more than a point)
-    for key in ("ReLU ranges over 5x ReLU6's", "ReLU6 smaller test-loss rise"):
+    # asserted on every seed: what held on seeds 0-8 when the experiment was written; the other
+    # two are counted (on seed 4 the ReLU network was 0.2 points ahead at 7 bits, one image)
+    for key in ("ReLU ranges over 5x ReLU6's", "ReLU6 smaller accuracy drop"):
         assert held[key] == len(RELU_SEEDS), held
 
 
