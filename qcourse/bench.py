@@ -776,8 +776,9 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
     each row is timed, after the idle wait and before the warm-up: on a machine shared with
     others the memory's speed changes from one second to the next (here 17-27 GB/s on one
     core), and a row is compared with what memory delivered at the time it ran, not half a
-    minute earlier.  A number uses that bandwidth for every row.  ``skip``: outside kernels whose names contain any of these
-    strings are left out (e.g. ``("float32, torch",)`` for PyTorch's slow float32 variants).
+    minute earlier.  A number uses that bandwidth for every row.  ``skip``: outside kernels
+    whose names contain any of these strings are left out (e.g. ``("float32, torch",)`` for
+    PyTorch's slow float32 variants).
 
     Bounds: the rows M in [1, 8192]; K and N in [1, 32768] with K a multiple of ``group_size``;
     ``stack`` None, empty or (layers, K, N) with at most 2**28 weights in all; ``group_size`` a
