@@ -195,11 +195,12 @@ def test_small_int4_run_checks_every_result():
 def test_each_int4_row_is_compared_with_the_bandwidth_measured_just_before_it(monkeypatch):
     calls = []
 
-    def fake_read(threads=1, mib=256, rounds=5):
+    def fake_read(buf, threads, rounds):
+        assert buf.nbytes == 256 * 2**20
         calls.append((threads, rounds))
         return 4.0 + len(calls)          # a different bandwidth at each call
 
-    monkeypatch.setattr(bench, "read_bandwidth_gbs", fake_read)
+    monkeypatch.setattr(bench, "_read_gbs", fake_read)
     rows = bench.run_int4_benchmark(linear=(1,), kn=(64, 64), stack=(2, 64, 64), repeat=1,
                                     outside=False)
     assert len(calls) == len(rows) and all(rounds == 3 for _, rounds in calls)
