@@ -764,6 +764,21 @@ def _check_int4_shapes(linear, kn, stack, group_size):
     return linear, kn, stack, g
 
 
+def _check_int4_outputs(name: str, shape: str, thunks: list, layers: list,
+                        expected: list, xq: np.ndarray) -> None:
+    """Check one contender's outputs before it is timed: the int8 GEMM exactly against the
+    int64 product of its codes, every int4 kernel within :data:`INT4_TOLERANCE` of the largest
+    float64 output."""
+    for i, (thunk, (codes, _)) in enumerate(zip(thunks, layers, strict=True)):
+        out = np.asarray(thunk(), dtype=np.float64)
+        if "matmul_int8" in name:
+            ok = np.array_equal(out, xq.astype(np.int64) @ codes.T.astype(np.int64))
+        else:
+            ok = np.abs(out - expected[i]).max() <= INT4_TOLERANCE * np.abs(expected[i]).max()
+        if not ok:
+            raise AssertionError(f"{name} gave a wrong result at {shape} (layer {i})")
+
+
 def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 11008),
                        group_size: int = 32, repeat: int = 5, seed: int = 0,
                        outside: bool = True, bandwidth: float | None = None,
@@ -851,15 +866,7 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
                 runs[name] = ([t for t, _ in made], sum(b for _, b in made))
         shape_rows = []
         for name, (thunks, nbytes) in runs.items():
-            for i, (thunk, (codes, _)) in enumerate(zip(thunks, layers, strict=True)):
-                out = np.asarray(thunk(), dtype=np.float64)
-                if "matmul_int8" in name:
-                    ok = np.array_equal(out, xq.astype(np.int64) @ codes.T.astype(np.int64))
-                else:
-                    ok = np.abs(out - expected[i]).max() <= INT4_TOLERANCE * np.abs(
-                        expected[i]).max()
-                if not ok:
-                    raise AssertionError(f"{name} gave a wrong result at {shape} (layer {i})")
+            _check_int4_outputs(name, shape, thunks, layers, expected, xq)
 
             def run_all(thunks=thunks):
                 for thunk in thunks:
