@@ -402,12 +402,22 @@ def _check_rows(rows, keys: frozenset, source: str) -> list:
     return rows
 
 
+def _with_threads_column(rows: list[Result], header: str, align: str,
+                         cells: list[str]) -> list[str]:
+    """The Markdown lines of a table of ``rows``, whose header, alignment row and per-row cells
+    are given without the threads column; the column is added only when the rows were measured
+    at more than one thread count (a table of one count says it in its heading)."""
+    mixed = len({r["threads"] for r in rows}) > 1
+    return ([f"| threads {header}" if mixed else header, f"|---:{align}" if mixed else align]
+            + [f"| {r['threads']} {cell}" if mixed else cell
+               for r, cell in zip(rows, cells, strict=True)])
+
+
 def format_table(rows: list[Result]) -> str:
-    """A Markdown table of :func:`run_benchmark`'s rows."""
+    """A Markdown table of :func:`run_benchmark`'s rows (a threads column when they mix
+    thread counts)."""
     rows = _check_rows(rows, _RESULT_KEYS, "run_benchmark")
-    lines = ["| threads | M×K×N | kernel | GOP/s | % of peak | vs NumPy float32 "
-             "| vs best outside | exact |",
-             "|---:|:---|:---|---:|---:|---:|---:|:---:|"]
+    cells = []
     for r in rows:
         exact = {None: "(float)", True: "yes", "±1": "±1 step"}.get(r["exact"], "NO")
         if r["pct_peak"] is None:
@@ -417,9 +427,11 @@ def format_table(rows: list[Result]) -> str:
         else:
             pct = f"{r['pct_peak']:.0f}%"
         vs_out = "–" if r["vs_best_outside"] is None else f"{r['vs_best_outside']:.2f}x"
-        lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | {r['gops']:.1f} | "
+        cells.append(f"| {r['shape']} | {r['kernel']} | {r['gops']:.1f} | "
                      f"{pct} | {r['vs_numpy_f32']:.2f}x | {vs_out} | {exact} |")
-    return "\n".join(lines)
+    return "\n".join(_with_threads_column(
+        rows, "| M×K×N | kernel | GOP/s | % of peak | vs NumPy float32 | vs best outside | exact |",
+        "|:---|:---|---:|---:|---:|---:|:---:|", cells))
 
 
 # --- the integer CNN against ONNX Runtime ---------------------------------------------------------
@@ -891,21 +903,23 @@ def run_int4_benchmark(linear=(1, 32, 128), kn=(4096, 4096), stack=(4, 4096, 110
 
 
 def format_int4_table(rows: list[Result]) -> str:
-    """A Markdown table of :func:`run_int4_benchmark`'s rows."""
+    """A Markdown table of :func:`run_int4_benchmark`'s rows (a threads column when they mix
+    thread counts)."""
     rows = _check_rows(rows, frozenset(("threads", "shape", "kernel", "seconds", "gops", "gbs",
                                         "read_gbs", "pct_bw", "vs_numpy_f32",
                                         "vs_best_outside")),
                        "run_int4_benchmark")
-    lines = ["| threads | shape | kernel | ms | GOP/s | weight GB/s | read GB/s | "
-             "% of read bandwidth | vs NumPy float32 | vs best outside int4 |",
-             "|---:|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    cells = []
     for r in rows:
         vs_out = "–" if r["vs_best_outside"] is None else f"{r['vs_best_outside']:.2f}x"
-        lines.append(f"| {r['threads']} | {r['shape']} | {r['kernel']} | "
+        cells.append(f"| {r['shape']} | {r['kernel']} | "
                      f"{1e3 * r['seconds']:.3f} | {r['gops']:.1f} | {r['gbs']:.1f} | "
                      f"{r['read_gbs']:.1f} | {r['pct_bw']:.0f}% | "
                      f"{r['vs_numpy_f32']:.2f}x | {vs_out} |")
-    return "\n".join(lines)
+    return "\n".join(_with_threads_column(
+        rows, "| shape | kernel | ms | GOP/s | weight GB/s | read GB/s | % of read GB/s | "
+        "vs NumPy float32 | vs best outside int4 |",
+        "|:---|:---|" + "---:|" * 7, cells))
 
 
 def main(argv=None) -> None:

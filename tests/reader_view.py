@@ -12,6 +12,9 @@ reader would notice, or an empty list. It looks for
 - TeX left as source: ``$``, ``$$``, ``\\(``, ``\\[``, ``\\begin{`` in the text outside code and
   typeset math, math that MathJax did not typeset or reported an error in, and a TeX command
   that MathJax drew as text (``\\_`` inside ``\\text{}``);
+- a table without the book's table style (a bare ``<table>`` from a cell's HTML), or one wider
+  than the room it has, so that its last columns are scrolled out of view (at the test's
+  1280-pixel window);
 - an image without pixels (not found, or not decodable);
 - in a figure made by a cell, an axis with numbers and no label, a legend drawn over data, or
   text smaller than ``MIN_TEXT_PX`` as displayed: read from the figure's PNG, where the book
@@ -29,6 +32,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from browser_support import open_settled
 
 MIN_TEXT_PX = 6.0  # the smallest figure text, in CSS pixels as displayed, that is still read
+TABLE_SLACK_PX = 8  # a table may overhang its column by part of a cell's padding, no more
 FIGURE_KEY = "qcourse-figure"
 
 REPORT = r"""
@@ -71,6 +75,13 @@ REPORT = r"""
     mathTexLeft: Array.from(article.querySelectorAll("mjx-assistive-mml mtext"))
       .map((t) => t.textContent).filter((t) => t.includes("\\")).slice(0, 5),
     tables: article.querySelectorAll("table").length,
+    // every table outside a live widget: its style, and whether its box fits the room it has
+    tableBoxes: Array.from(article.querySelectorAll("table"))
+      .filter((t) => !t.closest(".jupyter-widgets"))
+      .map((t) => ({styled: t.classList.contains("table"), width: t.scrollWidth,
+                    room: t.parentElement.clientWidth,
+                    head: (t.rows[0] ? t.rows[0].innerText : "").replace(/\s+/g, " ")
+                      .trim().slice(0, 60)})),
     images: Array.from(document.images).map((i) => ({
       src: i.getAttribute("src"), ok: i.complete && i.naturalWidth > 0,
       naturalWidth: i.naturalWidth, width: i.getBoundingClientRect().width,
@@ -148,6 +159,13 @@ def problems(report: dict, guard_problems: str, folder: Path, page_rel: str) -> 
             out.append(f"a NumPy repr in the prose: {snippet!r}")
         if RAW_TEX.search(text):
             out.append(f"TeX source left in the text: {snippet!r}")
+    for table in report["tableBoxes"]:
+        if not table["styled"]:
+            out.append(f"a table without the book's table style (a bare <table>): "
+                       f"{table['head']!r}")
+        if table["width"] > table["room"] + TABLE_SLACK_PX:
+            out.append(f"a table wider than the page ({table['width']} px in {table['room']} px: "
+                       f"its last columns are out of view): {table['head']!r}")
     out += [f"math not typeset: {m!r}" for m in report["untypeset"]]
     out += [f"a TeX command shown as text in typeset math: {t!r}" for t in report["mathTexLeft"]]
     if report["mathErrors"]:

@@ -98,8 +98,9 @@ def test_cli_prints_machine_and_table(capsys):
     bench.main(["--sizes", "16", "--linear", "2", "--linear-kn", "8", "8", "--repeat", "1",
                 "--no-outside", "--threads", "1", "2", "--int4", "no"])
     out = capsys.readouterr().out
-    assert "qcourse paths:" in out and "| 1 | 16×16×16 | NumPy float32 matmul |" in out
-    assert "| 2 | 2×8×8 | qcourse matmul_int8_requant" in out and "2 threads per contender" in out
+    one, two = out.split("2 threads per contender")   # a table per thread count, headed by it
+    assert "qcourse paths:" in one and "\n| 16×16×16 | NumPy float32 matmul |" in one
+    assert "\n| 2×8×8 | qcourse matmul_int8_requant" in two and "| threads |" not in out
 
 
 def test_thread_limit_pins_and_restores():
@@ -189,7 +190,7 @@ def test_small_int4_run_checks_every_result():
     f32 = next(r for r in stack if r["kernel"].startswith("NumPy"))
     assert f32["weight_bytes"] == 2 * 64 * 128 * 4 and w4["weight_bytes"] < f32["weight_bytes"] / 6
     table = bench.format_int4_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "% of read bandwidth" in table
+    assert table.count("\n") == len(rows) + 1 and "| % of read GB/s |" in table
 
 
 def test_each_int4_row_is_compared_with_the_bandwidth_measured_just_before_it(monkeypatch):
@@ -243,5 +244,19 @@ def test_cli_prints_the_int4_table(capsys):
     out = capsys.readouterr().out
     assert ("int4 weights, groups of 16, 1 thread per contender; read bandwidth measured just "
             "before each row: ") in out
-    assert "| 1 | 1×64×128 ×2 layers | qcourse matmul_w4a8" in out
-    assert "| 1 | 2×64×64 | NumPy float32" in out and "NumPy float32 matmul |" not in out
+    assert "\n| 1×64×128 ×2 layers | qcourse matmul_w4a8" in out   # one thread count: no column
+    assert "\n| 2×64×64 | NumPy float32" in out and "NumPy float32 matmul |" not in out
+    assert "| threads |" not in out
+
+
+def test_a_table_has_a_threads_column_only_when_its_rows_mix_thread_counts():
+    row = {"threads": 1, "shape": "2×8×8", "kernel": "k", "seconds": 1e-3, "gops": 1.0,
+           "gbs": 2.0, "read_gbs": 4.0, "pct_bw": 50.0, "vs_numpy_f32": 1.0,
+           "vs_best_outside": None, "exact": True, "pct_peak": 10.0}
+    for fmt in (bench.format_table, bench.format_int4_table):
+        one = fmt([row, row]).splitlines()
+        both = fmt([row, {**row, "threads": 2}]).splitlines()
+        assert not one[0].startswith("| threads |") and one[2].startswith("| 2×8×8 | k |")
+        assert both[0].startswith("| threads |") and both[3].startswith("| 2 | 2×8×8 | k |")
+        for table in (one, both):   # every line has the header's number of cells
+            assert len({line.count("|") for line in table}) == 1

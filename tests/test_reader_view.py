@@ -236,6 +236,10 @@ BROKEN_PAGE = """<!DOCTYPE html>
 | fp16 | 16 |</p>
 <p>The layer has np.int64(29) outputs that differ.</p>
 <p>The scale is $S_x$ here, untypeset.</p>
+<table><tr><td>bare</td><td>table</td></tr></table>
+<div style="width: 300px; overflow-x: auto"><table class="table"><tr><td>wide</td>
+<td>a_cell_that_has_no_place_to_break_and_so_pushes_the_table_far_past_its_300_pixels</td>
+</tr></table></div>
 <div class="cell_output"><img src="unlabelled.png" width="400"></div>
 <div class="cell_output"><img src="covered.png" width="400"></div>
 <div class="cell_output"><img src="tiny.png" width="100"></div>
@@ -273,6 +277,9 @@ def test_reader_view_reports_each_kind_of_problem(tmp_path, browser):
         "figure covered.png, axes 1: the legend covers 12 data points",
         "figure tiny.png: its smallest text is 5 pt",
         "figure nometa.png: no measurements in the PNG",
+        "a table without the book's table style (a bare <table>): 'bare table'",
+        "a table wider than the page (",
+        "px in 300 px: its last columns are out of view): 'wide a_cell",
         "an image without pixels: missing.png",
         "console error: deliberate console error",
         "request off 127.0.0.1: https://cdn.example.org/lib.js",
@@ -289,7 +296,7 @@ def test_the_same_checks_pass_a_clean_page(tmp_path, browser):
                                           "min_font_pt": 9, "dpi": 100}))
     (site / "good.html").write_text(
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ok</title></head><body>"
-        "<article><h1>Fine</h1><table><tr><td>fp16</td><td>16</td></tr></table>"
+        "<article><h1>Fine</h1><table class='table'><tr><td>fp16</td><td>16</td></tr></table>"
         "<p>The layer has 29 outputs that differ; |x| is fine in prose.</p>"
         "<div class='cell_output'><img src='good.png' width='400'></div></article></body></html>")
     with StaticServer(site) as server, guarded_page(browser, 1280, 900, 30_000) as page:
