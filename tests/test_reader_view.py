@@ -190,10 +190,12 @@ def test_pdf_has_typeset_math_tables_and_figures(built_book, visited):
     assert re.search(r"scale\s*⋅\s*\(\s*q\s*[−-]\s*zero_point\s*\)", text), "no typeset equation"
     # (code listings may quote TeX in docstrings; prose math must not be left as $$ source)
     assert "$$" not in text, "TeX source '$$' in the PDF"
-    # the floats chapter's table of formats: each format's row laid out in columns on one line
-    layout = pdf_text(path, layout=True)
-    rows = [line for line in layout.splitlines() if re.match(r"\s*fp32\s+8\s+23\s+127\s", line)]
-    assert rows and "|" not in rows[0], "the table of formats is not laid out as a table"
+    # the floats chapter's table of formats (one column per format): its header and its row of
+    # biases each laid out in columns on one line
+    layout = pdf_text(path, layout=True).splitlines()
+    for row in (r"format\s+fp32\s+fp16\s+bf16\s+e4m3fn\s+e5m2", r"bias\s+127\s+15\s+127\s+7\s+15"):
+        lines = [line for line in layout if re.fullmatch(rf"\s*{row}\s*", line)]
+        assert lines, f"the table of formats is not laid out as a table (no line {row!r})"
     # every figure of the chapters is an image in the PDF
     figures = sum(len(re.findall(r'<img[^>]+src="[^"]*_images/',
                                  (built_book / f"{e}.html").read_text()))
