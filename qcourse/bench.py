@@ -407,10 +407,10 @@ def _with_threads_column(rows: list[Result], header: str, align: str,
     """The Markdown lines of a table of ``rows``, whose header, alignment row and per-row cells
     are given without the threads column; the column is added only when the rows were measured
     at more than one thread count (a table of one count says it in its heading)."""
-    mixed = len({r["threads"] for r in rows}) > 1
-    return ([f"| threads {header}" if mixed else header, f"|---:{align}" if mixed else align]
-            + [f"| {r['threads']} {cell}" if mixed else cell
-               for r, cell in zip(rows, cells, strict=True)])
+    if len({r["threads"] for r in rows}) <= 1:
+        return [header, align, *cells]
+    return [f"| threads {header}", f"|---:{align}",
+            *(f"| {r['threads']} {cell}" for r, cell in zip(rows, cells, strict=True))]
 
 
 def format_table(rows: list[Result]) -> str:
