@@ -531,14 +531,16 @@ def test_threads_argument():
 @pytest.mark.parametrize("max_path", ["avx2", "portable"])
 def test_a_cpu_without_the_faster_paths_simulated(max_path):
     # QCOURSE_MAX_PATH hides the paths above the one it names, as if the CPU lacked them: the
-    # whole kernel and integer-matmul suites then run on the default path of such a CPU.
+    # whole kernel, integer-matmul and convolution suites then run on the default path of such a
+    # CPU (test_conv compares QLinearConv with ONNX Runtime itself, on random and tie inputs).
     if max_path not in available_paths():
         pytest.skip(f"this CPU has no {max_path} path to cap at")
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, QCOURSE_MAX_PATH=max_path)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "tests/test_kernels.py", "tests/test_int_matmul.py", "-k", "not simulated"],
+         "tests/test_kernels.py", "tests/test_int_matmul.py", "tests/test_conv.py",
+         "-k", "not simulated"],
         cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout.splitlines()[-1]
