@@ -14,7 +14,8 @@ reader would notice, or an empty list. It looks for
   that MathJax drew as text (``\\_`` inside ``\\text{}``);
 - a table without the book's table style (a bare ``<table>`` from a cell's HTML), or one wider
   than the room it has, so that its last columns are scrolled out of view (at the test's
-  1280-pixel window);
+  1280-pixel window); likewise a displayed equation wider than its column (its right end cut
+  off behind a scroll bar: break it into lines with ``aligned``);
 - an image without pixels (not found, or not decodable);
 - in a figure made by a cell, an axis with numbers and no label, a legend drawn over data, or
   text smaller than ``MIN_TEXT_PX`` as displayed: read from the figure's PNG, where the book
@@ -33,6 +34,7 @@ from browser_support import open_settled
 
 MIN_TEXT_PX = 6.0  # the smallest figure text, in CSS pixels as displayed, that is still read
 TABLE_SLACK_PX = 8  # a table may overhang its column by part of a cell's padding, no more
+MATH_SLACK_PX = 2  # a displayed equation may overhang its column by rounding, no more
 FIGURE_KEY = "qcourse-figure"
 
 REPORT = r"""
@@ -82,6 +84,13 @@ REPORT = r"""
                     room: t.parentElement.clientWidth,
                     head: (t.rows[0] ? t.rows[0].innerText : "").replace(/\s+/g, " ")
                       .trim().slice(0, 60)})),
+    // every displayed equation: the width MathJax typeset it at and the width of its column
+    mathBoxes: Array.from(article.querySelectorAll('mjx-container[display="true"]'))
+      .map((m) => ({width: Math.round((m.querySelector("mjx-math") || m)
+                                        .getBoundingClientRect().width),
+                    room: m.clientWidth,
+                    text: (m.querySelector("mjx-assistive-mml") || m).textContent
+                      .replace(/\s+/g, " ").trim().slice(0, 60)})),
     images: Array.from(document.images).map((i) => ({
       src: i.getAttribute("src"), ok: i.complete && i.naturalWidth > 0,
       naturalWidth: i.naturalWidth, width: i.getBoundingClientRect().width,
@@ -166,6 +175,10 @@ def problems(report: dict, guard_problems: str, folder: Path, page_rel: str) -> 
         if table["width"] > table["room"] + TABLE_SLACK_PX:
             out.append(f"a table wider than the page ({table['width']} px in {table['room']} px: "
                        f"its last columns are out of view): {table['head']!r}")
+    for eq in report["mathBoxes"]:
+        if eq["width"] > eq["room"] + MATH_SLACK_PX:
+            out.append(f"an equation wider than the page ({eq['width']} px in {eq['room']} px: "
+                       f"its right end is out of view): {eq['text']!r}")
     out += [f"math not typeset: {m!r}" for m in report["untypeset"]]
     out += [f"a TeX command shown as text in typeset math: {t!r}" for t in report["mathTexLeft"]]
     if report["mathErrors"]:

@@ -242,6 +242,10 @@ BROKEN_PAGE = """<!DOCTYPE html>
 <div style="width: 300px; overflow-x: auto"><table class="table"><tr><td>wide</td>
 <td>a_cell_that_has_no_place_to_break_and_so_pushes_the_table_far_past_its_300_pixels</td>
 </tr></table></div>
+<div style="width: 300px"><mjx-container display="true" style="display: block; overflow-x: auto">
+<mjx-math style="display: inline-block; width: 900px">y = a + b + c</mjx-math>
+<mjx-assistive-mml style="display: none">y = a + b + c, one long line</mjx-assistive-mml>
+</mjx-container></div>
 <div class="cell_output"><img src="unlabelled.png" width="400"></div>
 <div class="cell_output"><img src="covered.png" width="400"></div>
 <div class="cell_output"><img src="tiny.png" width="100"></div>
@@ -282,6 +286,8 @@ def test_reader_view_reports_each_kind_of_problem(tmp_path, browser):
         "a table without the book's table style (a bare <table>): 'bare table'",
         "a table wider than the page (",
         "px in 300 px: its last columns are out of view): 'wide a_cell",
+        "an equation wider than the page (900 px in 300 px: its right end is out of view): "
+        "'y = a + b + c, one long line'",
         "an image without pixels: missing.png",
         "console error: deliberate console error",
         "request off 127.0.0.1: https://cdn.example.org/lib.js",
@@ -300,10 +306,12 @@ def test_the_same_checks_pass_a_clean_page(tmp_path, browser):
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ok</title></head><body>"
         "<article><h1>Fine</h1><table class='table'><tr><td>fp16</td><td>16</td></tr></table>"
         "<p>The layer has 29 outputs that differ; |x| is fine in prose.</p>"
+        "<mjx-container display='true' style='display: block'><mjx-math style='display: "
+        "inline-block; width: 200px'>y = x</mjx-math></mjx-container>"
         "<div class='cell_output'><img src='good.png' width='400'></div></article></body></html>")
     with StaticServer(site) as server, guarded_page(browser, 1280, 900, 30_000) as page:
         report, problems = read_page(page, server.url + "good.html", site, "good.html")
-    assert problems == [] and report["tables"] == 1
+    assert problems == [] and report["tables"] == 1 and len(report["mathBoxes"]) == 1
 
 
 def test_figure_hook_records_labels_legends_and_font_sizes(tmp_path):
